@@ -1,0 +1,203 @@
+//! CPU SIMD dispatch: the instruction set is detected once at run time and cached; a scalar
+//! path is always built. `NEUROKERNELS_FORCE_SCALAR=1` or [`set_force_scalar`] makes
+//! [`Isa::active`] answer [`Isa::Scalar`], so tests and users can compare the two paths.
+//!
+//! Kernels are written once, generic over a [`Simd`] token, and entered through
+//! [`dispatch`], which calls them inside a `#[target_feature]` function so the generic body
+//! (all `#[inline(always)]`) is compiled for that ISA (the matrixmultiply/gemm pattern).
+
+mod convert;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A CPU instruction set the kernels have a path for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Plain Rust, one lane; always available.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C: 8 f32 lanes.
+    Avx2,
+    /// x86-64 AVX-512F: 16 f32 lanes.
+    Avx512,
+    /// aarch64 NEON: 4 f32 lanes.
+    Neon,
+}
+
+static FORCE_SCALAR: AtomicBool = AtomicBool::new(false);
+
+/// Process-wide switch: when on, [`Isa::active`] is [`Isa::Scalar`] whatever the CPU has.
+/// Same effect as the environment variable `NEUROKERNELS_FORCE_SCALAR=1`.
+pub fn set_force_scalar(on: bool) {
+    FORCE_SCALAR.store(on, Ordering::Relaxed);
+}
+
+fn env_forces_scalar() -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    *ENV.get_or_init(|| {
+        std::env::var("NEUROKERNELS_FORCE_SCALAR")
+            .map(|v| !v.is_empty() && v != "0")
+            .unwrap_or(false)
+    })
+}
+
+impl Isa {
+    /// The best ISA this CPU supports (detected once).
+    pub fn detected() -> Isa {
+        static DETECTED: OnceLock<Isa> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            [Isa::Avx512, Isa::Avx2, Isa::Neon]
+                .into_iter()
+                .find(|isa| isa.is_supported())
+                .unwrap_or(Isa::Scalar)
+        })
+    }
+
+    /// The ISA kernels use: [`Isa::detected`], unless scalar is forced.
+    pub fn active() -> Isa {
+        if FORCE_SCALAR.load(Ordering::Relaxed) || env_forces_scalar() {
+            Isa::Scalar
+        } else {
+            Isa::detected()
+        }
+    }
+
+    /// Every ISA this CPU can run, scalar first.
+    pub fn available() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Neon]
+            .into_iter()
+            .filter(|isa| isa.is_supported())
+            .collect()
+    }
+
+    pub fn is_supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// `Err` if this CPU cannot run `self`.
+    pub fn check(self) -> Result<Isa> {
+        if self.is_supported() {
+            Ok(self)
+        } else {
+            Err(Error::Unsupported(format!(
+                "ISA {} on this CPU",
+                self.name()
+            )))
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+        }
+    }
+}
+
+/// Vector operations of one ISA, as a zero-sized token type. Loads and stores are
+/// unaligned; `*_LANES` elements are read or written per call.
+#[doc(hidden)]
+pub trait Simd: Copy + 'static {
+    type F32: Copy;
+    type F64: Copy;
+    const F32_LANES: usize;
+    const F64_LANES: usize;
+    unsafe fn f32_load(p: *const f32) -> Self::F32;
+    unsafe fn f32_store(p: *mut f32, v: Self::F32);
+    unsafe fn f32_splat(x: f32) -> Self::F32;
+    unsafe fn f32_fma(a: Self::F32, b: Self::F32, c: Self::F32) -> Self::F32;
+    unsafe fn f32_mul(a: Self::F32, b: Self::F32) -> Self::F32;
+    unsafe fn f32_add(a: Self::F32, b: Self::F32) -> Self::F32;
+    unsafe fn f16_load(p: *const f16) -> Self::F32;
+    unsafe fn f16_store(p: *mut f16, v: Self::F32);
+    unsafe fn bf16_load(p: *const bf16) -> Self::F32;
+    unsafe fn bf16_store(p: *mut bf16, v: Self::F32);
+    unsafe fn f64_load(p: *const f64) -> Self::F64;
+    unsafe fn f64_store(p: *mut f64, v: Self::F64);
+    unsafe fn f64_splat(x: f64) -> Self::F64;
+    unsafe fn f64_fma(a: Self::F64, b: Self::F64, c: Self::F64) -> Self::F64;
+    unsafe fn f64_mul(a: Self::F64, b: Self::F64) -> Self::F64;
+    unsafe fn f64_add(a: Self::F64, b: Self::F64) -> Self::F64;
+}
+
+pub(crate) use scalar::Scalar;
+
+/// A kernel body, generic over the ISA. `run` must be `#[inline(always)]` (and so must
+/// everything its hot loops call) so that it compiles inside [`dispatch`]'s
+/// `#[target_feature]` wrappers.
+pub(crate) trait SimdKernel {
+    type Output;
+    fn run<S: Simd>(self) -> Self::Output;
+}
+
+/// Runs `kernel` on `isa`. The caller has checked that the CPU supports `isa`
+/// ([`Isa::check`]); an unsupported one falls back to scalar rather than faulting.
+pub(crate) fn dispatch<K: SimdKernel>(isa: Isa, kernel: K) -> K::Output {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if Isa::Avx2.is_supported() => unsafe { x86::run_avx2(kernel) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if Isa::Avx512.is_supported() => unsafe { x86::run_avx512(kernel) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon if Isa::Neon.is_supported() => unsafe { neon::run_neon(kernel) },
+        _ => kernel.run::<Scalar>(),
+    }
+}
+
+/// A raw pointer that may cross threads. Kernels use it to let parallel tasks write
+/// disjoint, interleaved parts of one output; each use states why the parts are disjoint.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer. A method, not `.0`, so closures capture the whole (Send) wrapper.
+    #[inline(always)]
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// The read-only counterpart of [`SendPtr`].
+#[derive(Clone, Copy)]
+pub(crate) struct SendConstPtr<T>(pub *const T);
+unsafe impl<T> Send for SendConstPtr<T> {}
+unsafe impl<T> Sync for SendConstPtr<T> {}
+
+impl<T> SendConstPtr<T> {
+    /// The pointer (see [`SendPtr::get`]).
+    #[inline(always)]
+    pub fn get(self) -> *const T {
+        self.0
+    }
+}

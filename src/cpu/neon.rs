@@ -1,0 +1,113 @@
+//! aarch64 NEON path: 4 f32 lanes, 2 f64 lanes. f16 goes through the scalar bit-exact
+//! conversions (the NEON f16 vector types are not stable in Rust); bf16 is widened and
+//! rounded with integer vector ops.
+
+use super::convert::{f16_to_f32, f32_to_f16};
+use super::{Simd, SimdKernel};
+use half::{bf16, f16};
+use std::arch::aarch64::*;
+
+#[derive(Clone, Copy)]
+pub struct Neon;
+
+#[target_feature(enable = "neon")]
+pub(super) unsafe fn run_neon<K: SimdKernel>(kernel: K) -> K::Output {
+    kernel.run::<Neon>()
+}
+
+impl Simd for Neon {
+    type F32 = float32x4_t;
+    type F64 = float64x2_t;
+    const F32_LANES: usize = 4;
+    const F64_LANES: usize = 2;
+    #[inline(always)]
+    unsafe fn f32_load(p: *const f32) -> float32x4_t {
+        unsafe { vld1q_f32(p) }
+    }
+    #[inline(always)]
+    unsafe fn f32_store(p: *mut f32, v: float32x4_t) {
+        unsafe { vst1q_f32(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn f32_splat(x: f32) -> float32x4_t {
+        unsafe { vdupq_n_f32(x) }
+    }
+    #[inline(always)]
+    unsafe fn f32_fma(a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
+        unsafe { vfmaq_f32(c, a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f32_mul(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe { vmulq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f32_add(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe { vaddq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f16_load(p: *const f16) -> float32x4_t {
+        unsafe {
+            let lanes = [
+                f16_to_f32(*p),
+                f16_to_f32(*p.add(1)),
+                f16_to_f32(*p.add(2)),
+                f16_to_f32(*p.add(3)),
+            ];
+            vld1q_f32(lanes.as_ptr())
+        }
+    }
+    #[inline(always)]
+    unsafe fn f16_store(p: *mut f16, v: float32x4_t) {
+        unsafe {
+            let mut lanes = [0f32; 4];
+            vst1q_f32(lanes.as_mut_ptr(), v);
+            for (i, x) in lanes.iter().enumerate() {
+                *p.add(i) = f32_to_f16(*x);
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn bf16_load(p: *const bf16) -> float32x4_t {
+        unsafe {
+            let wide = vmovl_u16(vld1_u16(p as *const u16));
+            vreinterpretq_f32_u32(vshlq_n_u32::<16>(wide))
+        }
+    }
+    #[inline(always)]
+    unsafe fn bf16_store(p: *mut bf16, v: float32x4_t) {
+        unsafe {
+            let bits = vreinterpretq_u32_f32(v);
+            let lsb = vandq_u32(vshrq_n_u32::<16>(bits), vdupq_n_u32(1));
+            let bias = vaddq_u32(lsb, vdupq_n_u32(0x7fff));
+            let rounded = vshrq_n_u32::<16>(vaddq_u32(bits, bias));
+            let quiet = vorrq_u32(vshrq_n_u32::<16>(bits), vdupq_n_u32(0x40));
+            let not_nan = vceqq_f32(v, v);
+            let chosen = vbslq_u32(not_nan, rounded, quiet);
+            vst1_u16(p as *mut u16, vmovn_u32(chosen))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_load(p: *const f64) -> float64x2_t {
+        unsafe { vld1q_f64(p) }
+    }
+    #[inline(always)]
+    unsafe fn f64_store(p: *mut f64, v: float64x2_t) {
+        unsafe { vst1q_f64(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn f64_splat(x: f64) -> float64x2_t {
+        unsafe { vdupq_n_f64(x) }
+    }
+    #[inline(always)]
+    unsafe fn f64_fma(a: float64x2_t, b: float64x2_t, c: float64x2_t) -> float64x2_t {
+        unsafe { vfmaq_f64(c, a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f64_mul(a: float64x2_t, b: float64x2_t) -> float64x2_t {
+        unsafe { vmulq_f64(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f64_add(a: float64x2_t, b: float64x2_t) -> float64x2_t {
+        unsafe { vaddq_f64(a, b) }
+    }
+}

@@ -1,0 +1,80 @@
+//! The one-lane "vector" ISA: plain Rust, always built. Multiply-add is unfused here (no FMA
+//! is assumed), so it differs from the SIMD paths by rounding only.
+
+use super::Simd;
+use super::convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+use half::{bf16, f16};
+
+#[derive(Clone, Copy)]
+pub struct Scalar;
+
+impl Simd for Scalar {
+    type F32 = f32;
+    type F64 = f64;
+    const F32_LANES: usize = 1;
+    const F64_LANES: usize = 1;
+    #[inline(always)]
+    unsafe fn f32_load(p: *const f32) -> f32 {
+        unsafe { *p }
+    }
+    #[inline(always)]
+    unsafe fn f32_store(p: *mut f32, v: f32) {
+        unsafe { *p = v }
+    }
+    #[inline(always)]
+    unsafe fn f32_splat(x: f32) -> f32 {
+        x
+    }
+    #[inline(always)]
+    unsafe fn f32_fma(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+    #[inline(always)]
+    unsafe fn f32_mul(a: f32, b: f32) -> f32 {
+        a * b
+    }
+    #[inline(always)]
+    unsafe fn f32_add(a: f32, b: f32) -> f32 {
+        a + b
+    }
+    #[inline(always)]
+    unsafe fn f16_load(p: *const f16) -> f32 {
+        f16_to_f32(unsafe { *p })
+    }
+    #[inline(always)]
+    unsafe fn f16_store(p: *mut f16, v: f32) {
+        unsafe { *p = f32_to_f16(v) }
+    }
+    #[inline(always)]
+    unsafe fn bf16_load(p: *const bf16) -> f32 {
+        bf16_to_f32(unsafe { *p })
+    }
+    #[inline(always)]
+    unsafe fn bf16_store(p: *mut bf16, v: f32) {
+        unsafe { *p = f32_to_bf16(v) }
+    }
+    #[inline(always)]
+    unsafe fn f64_load(p: *const f64) -> f64 {
+        unsafe { *p }
+    }
+    #[inline(always)]
+    unsafe fn f64_store(p: *mut f64, v: f64) {
+        unsafe { *p = v }
+    }
+    #[inline(always)]
+    unsafe fn f64_splat(x: f64) -> f64 {
+        x
+    }
+    #[inline(always)]
+    unsafe fn f64_fma(a: f64, b: f64, c: f64) -> f64 {
+        a * b + c
+    }
+    #[inline(always)]
+    unsafe fn f64_mul(a: f64, b: f64) -> f64 {
+        a * b
+    }
+    #[inline(always)]
+    unsafe fn f64_add(a: f64, b: f64) -> f64 {
+        a + b
+    }
+}

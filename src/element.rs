@@ -1,0 +1,270 @@
+//! The element types kernels accept (f32, f64, f16, bf16) and the accumulator types they
+//! compute in: f32 for f32/f16/bf16, f64 for f64.
+
+use crate::cpu::Simd;
+use half::{bf16, f16};
+use std::fmt::Debug;
+use std::ops::{Add, Mul, Sub};
+
+/// The dtype of a tensor, as named in reference cases and error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F64,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An accumulator type (f32 or f64) and its SIMD vector operations for each ISA.
+pub trait Accum:
+    sealed::Sealed
+    + Copy
+    + Send
+    + Sync
+    + Default
+    + PartialEq
+    + PartialOrd
+    + Debug
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    /// The SIMD vector of this accumulator on ISA `S`.
+    #[doc(hidden)]
+    type V<S: Simd>: Copy;
+    #[doc(hidden)]
+    fn lanes<S: Simd>() -> usize;
+    #[doc(hidden)]
+    unsafe fn vload<S: Simd>(p: *const Self) -> Self::V<S>;
+    #[doc(hidden)]
+    unsafe fn vstore<S: Simd>(p: *mut Self, v: Self::V<S>);
+    #[doc(hidden)]
+    unsafe fn vsplat<S: Simd>(x: Self) -> Self::V<S>;
+    /// a * b + c (fused where the ISA has FMA).
+    #[doc(hidden)]
+    unsafe fn vfma<S: Simd>(a: Self::V<S>, b: Self::V<S>, c: Self::V<S>) -> Self::V<S>;
+    #[doc(hidden)]
+    unsafe fn vmul<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
+    #[doc(hidden)]
+    unsafe fn vadd<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
+    fn to_f64(self) -> f64;
+}
+
+macro_rules! impl_accum {
+    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident) => {
+        impl Accum for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            type V<S: Simd> = S::$v;
+            #[inline(always)]
+            fn lanes<S: Simd>() -> usize {
+                S::$lanes
+            }
+            #[inline(always)]
+            unsafe fn vload<S: Simd>(p: *const Self) -> Self::V<S> {
+                unsafe { S::$load(p) }
+            }
+            #[inline(always)]
+            unsafe fn vstore<S: Simd>(p: *mut Self, v: Self::V<S>) {
+                unsafe { S::$store(p, v) }
+            }
+            #[inline(always)]
+            unsafe fn vsplat<S: Simd>(x: Self) -> Self::V<S> {
+                unsafe { S::$splat(x) }
+            }
+            #[inline(always)]
+            unsafe fn vfma<S: Simd>(a: Self::V<S>, b: Self::V<S>, c: Self::V<S>) -> Self::V<S> {
+                unsafe { S::$fma(a, b, c) }
+            }
+            #[inline(always)]
+            unsafe fn vmul<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S> {
+                unsafe { S::$mul(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn vadd<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S> {
+                unsafe { S::$add(a, b) }
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+        }
+    };
+}
+impl_accum!(
+    f32, F32, F32_LANES, f32_load, f32_store, f32_splat, f32_fma, f32_mul, f32_add
+);
+impl_accum!(
+    f64, F64, F64_LANES, f64_load, f64_store, f64_splat, f64_fma, f64_mul, f64_add
+);
+
+/// A tensor element type: f32, f64, f16 or bf16. Sealed.
+pub trait Element:
+    sealed::Sealed + Copy + Send + Sync + Default + PartialEq + Debug + bytemuck::Pod + 'static
+{
+    /// The type kernels accumulate in.
+    type Acc: Accum;
+    const DTYPE: DType;
+    fn to_acc(self) -> Self::Acc;
+    fn from_acc(x: Self::Acc) -> Self;
+    fn to_f64(self) -> f64;
+    fn from_f64(x: f64) -> Self;
+    /// Loads `Acc::lanes::<S>()` elements, widened to the accumulator.
+    #[doc(hidden)]
+    unsafe fn vload<S: Simd>(p: *const Self) -> <Self::Acc as Accum>::V<S>;
+    /// Stores `Acc::lanes::<S>()` elements, rounded to nearest even.
+    #[doc(hidden)]
+    unsafe fn vstore<S: Simd>(p: *mut Self, v: <Self::Acc as Accum>::V<S>);
+}
+
+impl Element for f32 {
+    type Acc = f32;
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_acc(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    #[inline(always)]
+    unsafe fn vload<S: Simd>(p: *const Self) -> S::F32 {
+        unsafe { S::f32_load(p) }
+    }
+    #[inline(always)]
+    unsafe fn vstore<S: Simd>(p: *mut Self, v: S::F32) {
+        unsafe { S::f32_store(p, v) }
+    }
+}
+
+impl Element for f64 {
+    type Acc = f64;
+    const DTYPE: DType = DType::F64;
+    #[inline(always)]
+    fn to_acc(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_acc(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    #[inline(always)]
+    unsafe fn vload<S: Simd>(p: *const Self) -> S::F64 {
+        unsafe { S::f64_load(p) }
+    }
+    #[inline(always)]
+    unsafe fn vstore<S: Simd>(p: *mut Self, v: S::F64) {
+        unsafe { S::f64_store(p, v) }
+    }
+}
+
+impl Element for f16 {
+    type Acc = f32;
+    const DTYPE: DType = DType::F16;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        crate::cpu::f16_to_f32(self)
+    }
+    #[inline(always)]
+    fn from_acc(x: f32) -> Self {
+        crate::cpu::f32_to_f16(x)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        crate::cpu::f16_to_f32(self) as f64
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        f16::from_f64(x)
+    }
+    #[inline(always)]
+    unsafe fn vload<S: Simd>(p: *const Self) -> S::F32 {
+        unsafe { S::f16_load(p) }
+    }
+    #[inline(always)]
+    unsafe fn vstore<S: Simd>(p: *mut Self, v: S::F32) {
+        unsafe { S::f16_store(p, v) }
+    }
+}
+
+impl Element for bf16 {
+    type Acc = f32;
+    const DTYPE: DType = DType::BF16;
+    #[inline(always)]
+    fn to_acc(self) -> f32 {
+        crate::cpu::bf16_to_f32(self)
+    }
+    #[inline(always)]
+    fn from_acc(x: f32) -> Self {
+        crate::cpu::f32_to_bf16(x)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        crate::cpu::bf16_to_f32(self) as f64
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+    #[inline(always)]
+    unsafe fn vload<S: Simd>(p: *const Self) -> S::F32 {
+        unsafe { S::bf16_load(p) }
+    }
+    #[inline(always)]
+    unsafe fn vstore<S: Simd>(p: *mut Self, v: S::F32) {
+        unsafe { S::bf16_store(p, v) }
+    }
+}

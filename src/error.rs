@@ -1,0 +1,87 @@
+//! The crate's one error type. Every fallible call returns [`Result`].
+
+use std::fmt;
+
+/// Everything that can go wrong in a neurokernels call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Error {
+    /// A tensor has the wrong shape, rank or length.
+    Shape {
+        tensor: String,
+        expected: String,
+        got: String,
+    },
+    /// A parameter or input value is outside what the op accepts.
+    InvalidArgument { name: String, problem: String },
+    /// A shape whose element count or byte size does not fit in `usize` (or in the
+    /// kernel's index type).
+    Overflow { tensor: String, detail: String },
+    /// A dtype the op or the device does not support.
+    Unsupported(String),
+    /// No CUDA device or driver is available (never a panic).
+    NoDevice(String),
+    /// An error reported by the CUDA driver or while loading kernels.
+    Cuda(String),
+    /// A reference case could not be read or is malformed.
+    Case(String),
+    /// A reference case names an op this crate does not implement.
+    OpNotImplemented(String),
+    /// File system errors (reading cases, saving outputs).
+    Io(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn shape(tensor: &str, expected: impl fmt::Display, got: impl fmt::Display) -> Self {
+        Error::Shape {
+            tensor: tensor.to_string(),
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+
+    pub(crate) fn invalid(name: &str, problem: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            name: name.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    pub(crate) fn overflow(tensor: &str, detail: impl Into<String>) -> Self {
+        Error::Overflow {
+            tensor: tensor.to_string(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Shape {
+                tensor,
+                expected,
+                got,
+            } => write!(f, "tensor `{tensor}`: expected {expected}, got {got}"),
+            Error::InvalidArgument { name, problem } => write!(f, "`{name}`: {problem}"),
+            Error::Overflow { tensor, detail } => {
+                write!(f, "tensor `{tensor}`: size overflows: {detail}")
+            }
+            Error::Unsupported(what) => write!(f, "unsupported: {what}"),
+            Error::NoDevice(why) => write!(f, "no CUDA device: {why}"),
+            Error::Cuda(what) => write!(f, "CUDA error: {what}"),
+            Error::Case(what) => write!(f, "reference case: {what}"),
+            Error::OpNotImplemented(op) => write!(f, "op not implemented: {op}"),
+            Error::Io(what) => write!(f, "I/O error: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e.to_string())
+    }
+}

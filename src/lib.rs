@@ -1,0 +1,21 @@
+//! # neurokernels
+//!
+//! Compute kernels for neuro-AI and interpretability research, as hand-written CUDA kernels
+//! compiled at build time (feature `cuda`) and SIMD CPU kernels, behind one safe API.
+//!
+//! Families: linear-recurrence scans ([`scan`]); fused attention, sparse top-k encoding and
+//! batched ridge follow the same layout (see DESIGN.md).
+//!
+//! Every call validates its inputs and returns [`Result`]; bad input is an [`Error`] naming
+//! the tensor, never a panic.
+
+pub mod cases;
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod element;
+pub mod error;
+pub mod scan;
+
+pub use element::{DType, Element};
+pub use error::{Error, Result};

@@ -1,0 +1,643 @@
+//! CPU kernels of `scan.linear` and its backward.
+//!
+//! Work is laid out in *logical* time s = 0..T, the order the recurrence runs in
+//! (t = s forward, t = T-1-s in reverse), so one set of loops serves both directions.
+//!
+//! Two plans, chosen from the shape alone (so results never depend on the thread count):
+//! - channel-parallel: tasks are (batch, channel block) over the whole sequence. For each
+//!   step the task reads one contiguous row segment of `a` and `b`, so a full-width block
+//!   streams memory sequentially; the running state lives in a small buffer in L1.
+//! - time-parallel, when B·D is too small to give enough tasks: time is cut into rounds of
+//!   `TIME_PIECES` pieces sized to stay in L2. Per round: (1) each piece but the last is
+//!   scanned from zero in parallel, keeping its end state and gate product; (2) a short
+//!   sequential pass turns those into each piece's incoming carry; (3) every piece is
+//!   re-scanned from its carry in parallel, writing outputs while its inputs are still in
+//!   cache. DRAM traffic stays one read of each input and one write of each output.
+//!
+//! Backward: with q[s] = a[s]·g[s], g[s] = dh[s] + q[s+1] (g = dL/dh including the future),
+//! so q[s] = a[s]·q[s+1] + a[s]·dh[s] is itself a linear scan in reverse logical time;
+//! db[s] = g[s], da[s] = g[s]·h[s-1] (h[-1] = h0), dh0 = q[0].
+
+use crate::cpu::{Isa, SendConstPtr, SendPtr, Simd, SimdKernel, dispatch};
+use crate::element::{Accum, Element};
+use crate::scan::ScanShape;
+use rayon::prelude::*;
+
+/// Smallest channel block of a channel-parallel task (a 256-byte row segment in f32).
+const MIN_CHANNEL_BLOCK: usize = 64;
+/// Channel-parallel tasks to aim for, enough to balance any core count we meet.
+const TARGET_TASKS: usize = 16;
+/// Pieces per round of the time-parallel plan.
+const TIME_PIECES: usize = 8;
+/// Input bytes (a and b) of one time piece: fits a core's L2 with room to spare.
+const PIECE_BYTES: usize = 192 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Plan {
+    Channels { block: usize },
+    Time { piece_len: usize },
+}
+
+pub(crate) fn plan(shape: ScanShape, elem_bytes: usize) -> Plan {
+    let ScanShape {
+        batch,
+        len,
+        channels,
+    } = shape;
+    let possible_blocks = batch.saturating_mul(channels.div_ceil(MIN_CHANNEL_BLOCK));
+    let piece_len = (PIECE_BYTES / (2 * channels.max(1) * elem_bytes)).max(256);
+    if possible_blocks < TARGET_TASKS / 2 && len >= 2 * TIME_PIECES * piece_len {
+        return Plan::Time { piece_len };
+    }
+    let blocks_per_batch = TARGET_TASKS.div_ceil(batch.max(1));
+    let block = channels
+        .div_ceil(blocks_per_batch)
+        .next_multiple_of(16)
+        .max(MIN_CHANNEL_BLOCK)
+        .min(channels);
+    Plan::Channels { block }
+}
+
+/// Where one task works: per-batch base pointers are added by the caller.
+#[derive(Clone, Copy)]
+struct Span {
+    /// Channels per row (D) and sequence length (T).
+    d: usize,
+    t_len: usize,
+    reverse: bool,
+    /// Channel block [c0, c0 + w).
+    c0: usize,
+    w: usize,
+    /// Logical steps [s0, s1).
+    s0: usize,
+    s1: usize,
+}
+
+impl Span {
+    /// Offset of row `s` (logical), channel c0.
+    #[inline(always)]
+    fn row(&self, s: usize) -> usize {
+        let t = if self.reverse { self.t_len - 1 - s } else { s };
+        t * self.d + self.c0
+    }
+}
+
+/// Forward over a span from the carry in `state` (w values), writing h; leaves the last
+/// state in `state`.
+struct ForwardApply<E: Element> {
+    span: Span,
+    a: *const E,
+    b: *const E,
+    h: *mut E,
+    state: *mut E::Acc,
+}
+
+impl<E: Element> SimdKernel for ForwardApply<E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let Self {
+            span,
+            a,
+            b,
+            h,
+            state,
+        } = self;
+        let lanes = E::Acc::lanes::<S>();
+        // SAFETY: the caller validated that every row offset of the span plus w is in bounds
+        // of a, b and h, and that `state` holds w values.
+        unsafe {
+            for s in span.s0..span.s1 {
+                let row = span.row(s);
+                let (ar, br, hr) = (a.add(row), b.add(row), h.add(row));
+                let mut c = 0;
+                while c + lanes <= span.w {
+                    let prev = E::Acc::vload::<S>(state.add(c));
+                    let next =
+                        E::Acc::vfma::<S>(E::vload::<S>(ar.add(c)), prev, E::vload::<S>(br.add(c)));
+                    E::Acc::vstore::<S>(state.add(c), next);
+                    E::vstore::<S>(hr.add(c), next);
+                    c += lanes;
+                }
+                while c < span.w {
+                    let next = (*ar.add(c)).to_acc() * *state.add(c) + (*br.add(c)).to_acc();
+                    *state.add(c) = next;
+                    *hr.add(c) = E::from_acc(next);
+                    c += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Forward over a span from a zero state, writing nothing: leaves the end state in `end` and
+/// the product of the gates in `prod` (both preset to 0 and 1 by the caller).
+struct ForwardSummary<E: Element> {
+    span: Span,
+    a: *const E,
+    b: *const E,
+    end: *mut E::Acc,
+    prod: *mut E::Acc,
+}
+
+impl<E: Element> SimdKernel for ForwardSummary<E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let Self {
+            span,
+            a,
+            b,
+            end,
+            prod,
+        } = self;
+        let lanes = E::Acc::lanes::<S>();
+        // SAFETY: as ForwardApply; end and prod hold w values.
+        unsafe {
+            for s in span.s0..span.s1 {
+                let row = span.row(s);
+                let (ar, br) = (a.add(row), b.add(row));
+                let mut c = 0;
+                while c + lanes <= span.w {
+                    let av = E::vload::<S>(ar.add(c));
+                    let next = E::Acc::vfma::<S>(
+                        av,
+                        E::Acc::vload::<S>(end.add(c)),
+                        E::vload::<S>(br.add(c)),
+                    );
+                    E::Acc::vstore::<S>(end.add(c), next);
+                    E::Acc::vstore::<S>(
+                        prod.add(c),
+                        E::Acc::vmul::<S>(av, E::Acc::vload::<S>(prod.add(c))),
+                    );
+                    c += lanes;
+                }
+                while c < span.w {
+                    let av = (*ar.add(c)).to_acc();
+                    *end.add(c) = av * *end.add(c) + (*br.add(c)).to_acc();
+                    *prod.add(c) = av * *prod.add(c);
+                    c += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Backward over a span in descending logical time from the carry q in `state`, writing
+/// da and db; leaves q at the span's first step in `state`.
+struct BackwardApply<E: Element> {
+    span: Span,
+    a: *const E,
+    h: *const E,
+    dh: *const E,
+    /// This batch's h0 row (channel 0), or null for a zero initial state.
+    h0: *const E,
+    da: *mut E,
+    db: *mut E,
+    state: *mut E::Acc,
+}
+
+impl<E: Element> SimdKernel for BackwardApply<E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let Self {
+            span,
+            a,
+            h,
+            dh,
+            h0,
+            da,
+            db,
+            state,
+        } = self;
+        let lanes = E::Acc::lanes::<S>();
+        let zero = <E::Acc as Accum>::ZERO;
+        // SAFETY: as ForwardApply; h0 (when not null) holds the batch's D values.
+        unsafe {
+            for s in (span.s0..span.s1).rev() {
+                let row = span.row(s);
+                // h[s-1], the state this step multiplied; h0 (or zero) before the first step
+                let prev = if s > 0 {
+                    h.add(span.row(s - 1))
+                } else if h0.is_null() {
+                    std::ptr::null()
+                } else {
+                    h0.add(span.c0)
+                };
+                let (ar, dhr, dar, dbr) = (a.add(row), dh.add(row), da.add(row), db.add(row));
+                let mut c = 0;
+                while c + lanes <= span.w {
+                    let g = E::Acc::vadd::<S>(
+                        E::vload::<S>(dhr.add(c)),
+                        E::Acc::vload::<S>(state.add(c)),
+                    );
+                    E::vstore::<S>(dbr.add(c), g);
+                    let hp = if prev.is_null() {
+                        E::Acc::vsplat::<S>(zero)
+                    } else {
+                        E::vload::<S>(prev.add(c))
+                    };
+                    E::vstore::<S>(dar.add(c), E::Acc::vmul::<S>(g, hp));
+                    E::Acc::vstore::<S>(
+                        state.add(c),
+                        E::Acc::vmul::<S>(E::vload::<S>(ar.add(c)), g),
+                    );
+                    c += lanes;
+                }
+                while c < span.w {
+                    let g = (*dhr.add(c)).to_acc() + *state.add(c);
+                    *dbr.add(c) = E::from_acc(g);
+                    let hp = if prev.is_null() {
+                        zero
+                    } else {
+                        (*prev.add(c)).to_acc()
+                    };
+                    *dar.add(c) = E::from_acc(g * hp);
+                    *state.add(c) = (*ar.add(c)).to_acc() * g;
+                    c += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Backward summary of a span from q = 0: q = a·(dh + q) in descending logical time, and
+/// the product of the gates.
+struct BackwardSummary<E: Element> {
+    span: Span,
+    a: *const E,
+    dh: *const E,
+    end: *mut E::Acc,
+    prod: *mut E::Acc,
+}
+
+impl<E: Element> SimdKernel for BackwardSummary<E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let Self {
+            span,
+            a,
+            dh,
+            end,
+            prod,
+        } = self;
+        let lanes = E::Acc::lanes::<S>();
+        // SAFETY: as ForwardSummary.
+        unsafe {
+            for s in (span.s0..span.s1).rev() {
+                let row = span.row(s);
+                let (ar, dhr) = (a.add(row), dh.add(row));
+                let mut c = 0;
+                while c + lanes <= span.w {
+                    let av = E::vload::<S>(ar.add(c));
+                    let g = E::Acc::vadd::<S>(
+                        E::vload::<S>(dhr.add(c)),
+                        E::Acc::vload::<S>(end.add(c)),
+                    );
+                    E::Acc::vstore::<S>(end.add(c), E::Acc::vmul::<S>(av, g));
+                    E::Acc::vstore::<S>(
+                        prod.add(c),
+                        E::Acc::vmul::<S>(av, E::Acc::vload::<S>(prod.add(c))),
+                    );
+                    c += lanes;
+                }
+                while c < span.w {
+                    let av = (*ar.add(c)).to_acc();
+                    *end.add(c) = av * ((*dhr.add(c)).to_acc() + *end.add(c));
+                    *prod.add(c) = av * *prod.add(c);
+                    c += 1;
+                }
+            }
+        }
+    }
+}
+
+fn state_from<E: Element>(h0: Option<&[E]>, len: usize) -> Vec<E::Acc> {
+    match h0 {
+        Some(h0) => h0.iter().map(|x| x.to_acc()).collect(),
+        None => vec![<E::Acc as Accum>::ZERO; len],
+    }
+}
+
+/// Channel blocks of every batch, as (batch, c0, w).
+fn channel_tasks(shape: ScanShape, block: usize) -> Vec<(usize, usize, usize)> {
+    let d = shape.channels;
+    (0..shape.batch)
+        .flat_map(|bi| {
+            (0..d)
+                .step_by(block)
+                .map(move |c0| (bi, c0, block.min(d - c0)))
+        })
+        .collect()
+}
+
+/// Logical step range of piece `p` of the round [lo, hi): forward pieces ascend from lo,
+/// backward pieces descend from hi (piece 0 runs first in the recurrence's order).
+fn piece_range(
+    lo: usize,
+    hi: usize,
+    p: usize,
+    piece_len: usize,
+    descending: bool,
+) -> (usize, usize) {
+    if descending {
+        let top = hi.saturating_sub(p * piece_len).max(lo);
+        (top.saturating_sub(piece_len).max(lo), top)
+    } else {
+        let start = (lo + p * piece_len).min(hi);
+        (start, (start + piece_len).min(hi))
+    }
+}
+
+/// carry[p+1] = prod[p]·carry[p] + end[p] for the pieces of one batch, sequentially;
+/// `carries` gets each piece's incoming carry, the first being `carry`.
+fn chain_carries<A: Accum>(carry: &[A], ends: &[A], prods: &[A], carries: &mut [A], d: usize) {
+    carries[..d].copy_from_slice(carry);
+    for p in 1..TIME_PIECES {
+        let (done, rest) = carries.split_at_mut(p * d);
+        let prev = &done[(p - 1) * d..];
+        let (end, prod) = (&ends[(p - 1) * d..p * d], &prods[(p - 1) * d..p * d]);
+        for c in 0..d {
+            rest[c] = prod[c] * prev[c] + end[c];
+        }
+    }
+}
+
+pub(crate) fn forward<E: Element>(
+    isa: Isa,
+    reverse: bool,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+    h: &mut [E],
+) {
+    let ScanShape {
+        batch,
+        len: t_len,
+        channels: d,
+    } = shape;
+    let (ap, bp, hp) = (
+        SendConstPtr(a.as_ptr()),
+        SendConstPtr(b.as_ptr()),
+        SendPtr(h.as_mut_ptr()),
+    );
+    let batch_stride = t_len * d;
+    match plan(shape, E::DTYPE.size_bytes()) {
+        Plan::Channels { block } => {
+            channel_tasks(shape, block)
+                .into_par_iter()
+                .for_each(|(bi, c0, w)| {
+                    let mut state = match h0 {
+                        Some(h0) => state_from(Some(&h0[bi * d + c0..bi * d + c0 + w]), w),
+                        None => state_from::<E>(None, w),
+                    };
+                    let base = bi * batch_stride;
+                    let span = Span {
+                        d,
+                        t_len,
+                        reverse,
+                        c0,
+                        w,
+                        s0: 0,
+                        s1: t_len,
+                    };
+                    // SAFETY: tasks own disjoint (batch, channel block) parts of h.
+                    let kernel = ForwardApply {
+                        span,
+                        a: unsafe { ap.get().add(base) },
+                        b: unsafe { bp.get().add(base) },
+                        h: unsafe { hp.get().add(base) },
+                        state: state.as_mut_ptr(),
+                    };
+                    dispatch(isa, kernel);
+                });
+        }
+        Plan::Time { piece_len } => {
+            let items = batch * TIME_PIECES;
+            let mut carry = state_from(h0, batch * d);
+            let mut ends = vec![<E::Acc as Accum>::ZERO; items * d];
+            let mut prods = vec![<E::Acc as Accum>::ONE; items * d];
+            let mut carries = vec![<E::Acc as Accum>::ZERO; items * d];
+            let round_len = TIME_PIECES * piece_len;
+            for lo in (0..t_len).step_by(round_len) {
+                let hi = (lo + round_len).min(t_len);
+                let span_of = |p: usize| {
+                    let (s0, s1) = piece_range(lo, hi, p, piece_len, false);
+                    Span {
+                        d,
+                        t_len,
+                        reverse,
+                        c0: 0,
+                        w: d,
+                        s0,
+                        s1,
+                    }
+                };
+                ends.par_chunks_mut(d)
+                    .zip(prods.par_chunks_mut(d))
+                    .enumerate()
+                    .for_each(|(i, (end, prod))| {
+                        let (bi, p) = (i / TIME_PIECES, i % TIME_PIECES);
+                        if p + 1 == TIME_PIECES {
+                            return; // the last piece's summary is never needed
+                        }
+                        end.fill(<E::Acc as Accum>::ZERO);
+                        prod.fill(<E::Acc as Accum>::ONE);
+                        let base = bi * batch_stride;
+                        let kernel = ForwardSummary {
+                            span: span_of(p),
+                            a: unsafe { ap.get().add(base) },
+                            b: unsafe { bp.get().add(base) },
+                            end: end.as_mut_ptr(),
+                            prod: prod.as_mut_ptr(),
+                        };
+                        dispatch(isa, kernel);
+                    });
+                for bi in 0..batch {
+                    let r = bi * TIME_PIECES * d..(bi + 1) * TIME_PIECES * d;
+                    chain_carries(
+                        &carry[bi * d..(bi + 1) * d],
+                        &ends[r.clone()],
+                        &prods[r.clone()],
+                        &mut carries[r],
+                        d,
+                    );
+                }
+                carries
+                    .par_chunks_mut(d)
+                    .enumerate()
+                    .for_each(|(i, state)| {
+                        let (bi, p) = (i / TIME_PIECES, i % TIME_PIECES);
+                        let base = bi * batch_stride;
+                        // SAFETY: pieces own disjoint (batch, time range) parts of h.
+                        let kernel = ForwardApply {
+                            span: span_of(p),
+                            a: unsafe { ap.get().add(base) },
+                            b: unsafe { bp.get().add(base) },
+                            h: unsafe { hp.get().add(base) },
+                            state: state.as_mut_ptr(),
+                        };
+                        dispatch(isa, kernel);
+                    });
+                for bi in 0..batch {
+                    let last = (bi * TIME_PIECES + TIME_PIECES - 1) * d;
+                    carry[bi * d..(bi + 1) * d].copy_from_slice(&carries[last..last + d]);
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<E: Element>(
+    isa: Isa,
+    reverse: bool,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
+    da: &mut [E],
+    db: &mut [E],
+    dh0: &mut [E],
+) {
+    let ScanShape {
+        batch,
+        len: t_len,
+        channels: d,
+    } = shape;
+    let (ap, hp, dhp) = (
+        SendConstPtr(a.as_ptr()),
+        SendConstPtr(h.as_ptr()),
+        SendConstPtr(dh.as_ptr()),
+    );
+    let h0p = SendConstPtr(h0.map_or(std::ptr::null(), <[E]>::as_ptr));
+    let (dap, dbp) = (SendPtr(da.as_mut_ptr()), SendPtr(db.as_mut_ptr()));
+    let batch_stride = t_len * d;
+    let h0_row = move |bi: usize| {
+        if h0p.get().is_null() {
+            std::ptr::null()
+        } else {
+            unsafe { h0p.get().add(bi * d) }
+        }
+    };
+    match plan(shape, E::DTYPE.size_bytes()) {
+        Plan::Channels { block } => {
+            let dh0p = SendPtr(dh0.as_mut_ptr());
+            channel_tasks(shape, block)
+                .into_par_iter()
+                .for_each(|(bi, c0, w)| {
+                    let mut state = vec![<E::Acc as Accum>::ZERO; w];
+                    let base = bi * batch_stride;
+                    let span = Span {
+                        d,
+                        t_len,
+                        reverse,
+                        c0,
+                        w,
+                        s0: 0,
+                        s1: t_len,
+                    };
+                    // SAFETY: tasks own disjoint (batch, channel block) parts of da, db and dh0.
+                    let kernel = BackwardApply {
+                        span,
+                        a: unsafe { ap.get().add(base) },
+                        h: unsafe { hp.get().add(base) },
+                        dh: unsafe { dhp.get().add(base) },
+                        h0: h0_row(bi),
+                        da: unsafe { dap.get().add(base) },
+                        db: unsafe { dbp.get().add(base) },
+                        state: state.as_mut_ptr(),
+                    };
+                    dispatch(isa, kernel);
+                    for (c, q) in state.iter().enumerate() {
+                        unsafe { *dh0p.get().add(bi * d + c0 + c) = E::from_acc(*q) };
+                    }
+                });
+        }
+        Plan::Time { piece_len } => {
+            let items = batch * TIME_PIECES;
+            let mut carry = vec![<E::Acc as Accum>::ZERO; batch * d];
+            let mut ends = vec![<E::Acc as Accum>::ZERO; items * d];
+            let mut prods = vec![<E::Acc as Accum>::ONE; items * d];
+            let mut carries = vec![<E::Acc as Accum>::ZERO; items * d];
+            let round_len = TIME_PIECES * piece_len;
+            let mut hi = t_len;
+            while hi > 0 {
+                let lo = hi.saturating_sub(round_len);
+                let span_of = |p: usize| {
+                    let (s0, s1) = piece_range(lo, hi, p, piece_len, true);
+                    Span {
+                        d,
+                        t_len,
+                        reverse,
+                        c0: 0,
+                        w: d,
+                        s0,
+                        s1,
+                    }
+                };
+                ends.par_chunks_mut(d)
+                    .zip(prods.par_chunks_mut(d))
+                    .enumerate()
+                    .for_each(|(i, (end, prod))| {
+                        let (bi, p) = (i / TIME_PIECES, i % TIME_PIECES);
+                        if p + 1 == TIME_PIECES {
+                            return;
+                        }
+                        end.fill(<E::Acc as Accum>::ZERO);
+                        prod.fill(<E::Acc as Accum>::ONE);
+                        let base = bi * batch_stride;
+                        let kernel = BackwardSummary {
+                            span: span_of(p),
+                            a: unsafe { ap.get().add(base) },
+                            dh: unsafe { dhp.get().add(base) },
+                            end: end.as_mut_ptr(),
+                            prod: prod.as_mut_ptr(),
+                        };
+                        dispatch(isa, kernel);
+                    });
+                for bi in 0..batch {
+                    let r = bi * TIME_PIECES * d..(bi + 1) * TIME_PIECES * d;
+                    chain_carries(
+                        &carry[bi * d..(bi + 1) * d],
+                        &ends[r.clone()],
+                        &prods[r.clone()],
+                        &mut carries[r],
+                        d,
+                    );
+                }
+                carries
+                    .par_chunks_mut(d)
+                    .enumerate()
+                    .for_each(|(i, state)| {
+                        let (bi, p) = (i / TIME_PIECES, i % TIME_PIECES);
+                        let base = bi * batch_stride;
+                        // SAFETY: pieces own disjoint (batch, time range) parts of da and db.
+                        let kernel = BackwardApply {
+                            span: span_of(p),
+                            a: unsafe { ap.get().add(base) },
+                            h: unsafe { hp.get().add(base) },
+                            dh: unsafe { dhp.get().add(base) },
+                            h0: h0_row(bi),
+                            da: unsafe { dap.get().add(base) },
+                            db: unsafe { dbp.get().add(base) },
+                            state: state.as_mut_ptr(),
+                        };
+                        dispatch(isa, kernel);
+                    });
+                for bi in 0..batch {
+                    let last = (bi * TIME_PIECES + TIME_PIECES - 1) * d;
+                    carry[bi * d..(bi + 1) * d].copy_from_slice(&carries[last..last + d]);
+                }
+                hi = lo;
+            }
+            for (out, q) in dh0.iter_mut().zip(&carry) {
+                *out = E::from_acc(*q);
+            }
+        }
+    }
+}

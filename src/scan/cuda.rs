@@ -1,0 +1,329 @@
+//! CUDA launches of kernels/scan.cu. Takes device buffers and a stream; never copies to the
+//! host. See the kernel file for the plan; the geometry constants come from kernels/scan.cuh.
+
+use super::{ScanParams, ScanShape};
+use crate::cuda::config::{NK_SCAN_LANES, NK_SCAN_STEPS, NK_SCAN_WARPS};
+use crate::cuda::{CudaElement, Device, check_device_len, read_ptr, scratch, write_ptr};
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+/// Blocks to aim for before time is cut into chunks (a few waves on an H100's 132 SMs).
+const TARGET_BLOCKS: usize = 1024;
+/// Shortest time chunk worth a block of its own.
+const MIN_CHUNK: usize = 1024;
+
+/// (chunks, steps per chunk) for a shape.
+fn chunking(shape: ScanShape) -> (usize, usize) {
+    let groups = shape.channels.div_ceil(NK_SCAN_LANES as usize);
+    let blocks = (shape.batch * groups).max(1);
+    let tile = (NK_SCAN_WARPS * NK_SCAN_STEPS) as usize;
+    let max_chunks = shape.len.div_ceil(MIN_CHUNK).clamp(1, 65_535);
+    let chunks = TARGET_BLOCKS.div_ceil(blocks).clamp(1, max_chunks);
+    let chunk_len = shape.len.div_ceil(chunks).next_multiple_of(tile).max(tile);
+    (shape.len.div_ceil(chunk_len).max(1), chunk_len)
+}
+
+fn grid(shape: ScanShape, chunks: usize) -> Result<LaunchConfig> {
+    let groups = shape.channels.div_ceil(NK_SCAN_LANES as usize);
+    let x = shape.batch * groups;
+    let x = u32::try_from(x)
+        .ok()
+        .filter(|&x| x < i32::MAX as u32)
+        .ok_or_else(|| {
+            Error::overflow(
+                "a",
+                format!("{shape} needs {x} blocks, over the grid limit"),
+            )
+        })?;
+    Ok(LaunchConfig {
+        grid_dim: (x, chunks as u32, 1),
+        block_dim: (NK_SCAN_LANES, NK_SCAN_WARPS, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn carry_grid(states: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (states.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `scan.linear` on the GPU: writes `h [B, T, D]` from `a`, `b` and the optional `h0 [B, D]`,
+/// all on `stream` (which must belong to `device`).
+#[allow(clippy::too_many_arguments)]
+pub fn linear<E: CudaElement>(
+    device: &Device,
+    stream: &Arc<CudaStream>,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &impl DevicePtr<E>,
+    b: &impl DevicePtr<E>,
+    h0: Option<&CudaView<'_, E>>,
+    h: &mut impl DevicePtrMut<E>,
+) -> Result<()> {
+    device.check_stream(stream)?;
+    let (n, states) =
+        super::validate_forward(&shape, a.len(), b.len(), h0.map(|x| x.len()), h.len())?;
+    shape.checked_numel::<E>("a")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (chunks, chunk_len) = chunking(shape);
+    let cfg = grid(shape, chunks)?;
+    let (t_len, d, chunk) = (shape.len as i64, shape.channels as i64, chunk_len as i64);
+    let reverse = params.reverse as i32;
+    let (a_ptr, _a_guard) = read_ptr(a, stream);
+    let (b_ptr, _b_guard) = read_ptr(b, stream);
+    let h0_view = h0.map(|x| read_ptr(x, stream));
+    let h0_ptr = h0_view.as_ref().map_or(0u64, |(p, _)| *p);
+
+    let mut carries = None;
+    if chunks > 1 {
+        let per_chunk = states * chunks;
+        let mut prods = scratch::<E::Acc>(stream, per_chunk)?;
+        let mut ends = scratch::<E::Acc>(stream, per_chunk)?;
+        let mut carry = scratch::<E::Acc>(stream, per_chunk)?;
+        let summary = device.function("scan", &format!("scan_linear_fwd_summary_{}", E::SUFFIX))?;
+        let chain = device.function("scan", &format!("scan_linear_carry_{}", E::SUFFIX))?;
+        let (batch, chunks_i) = (shape.batch as i64, chunks as i64);
+        // SAFETY: argument list and types match the kernels' signatures in kernels/scan.cu;
+        // every buffer holds the element counts validated above.
+        unsafe {
+            stream
+                .launch_builder(&summary)
+                .arg(&a_ptr)
+                .arg(&b_ptr)
+                .arg(&mut prods)
+                .arg(&mut ends)
+                .arg(&t_len)
+                .arg(&d)
+                .arg(&chunk)
+                .arg(&reverse)
+                .launch(cfg)?;
+            stream
+                .launch_builder(&chain)
+                .arg(&prods)
+                .arg(&ends)
+                .arg(&h0_ptr)
+                .arg(&mut carry)
+                .arg(&batch)
+                .arg(&d)
+                .arg(&chunks_i)
+                .launch(carry_grid(states))?;
+        }
+        carries = Some(carry);
+    }
+    let carries_ptr = carries.as_ref().map(|c| read_ptr(c, stream));
+    let carries_raw = carries_ptr.as_ref().map_or(0u64, |(p, _)| *p);
+    let (h_ptr, _h_guard) = write_ptr(h, stream);
+    let main = device.function("scan", &format!("scan_linear_fwd_{}", E::SUFFIX))?;
+    // SAFETY: as above.
+    unsafe {
+        stream
+            .launch_builder(&main)
+            .arg(&a_ptr)
+            .arg(&b_ptr)
+            .arg(&h0_ptr)
+            .arg(&carries_raw)
+            .arg(&h_ptr)
+            .arg(&t_len)
+            .arg(&d)
+            .arg(&chunk)
+            .arg(&reverse)
+            .launch(cfg)?;
+    }
+    Ok(())
+}
+
+/// `scan.linear_backward` on the GPU: writes `da`, `db` (`[B, T, D]`) and `dh0` (`[B, D]`).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward<E: CudaElement>(
+    device: &Device,
+    stream: &Arc<CudaStream>,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &impl DevicePtr<E>,
+    h: &impl DevicePtr<E>,
+    dh: &impl DevicePtr<E>,
+    h0: Option<&CudaView<'_, E>>,
+    da: &mut impl DevicePtrMut<E>,
+    db: &mut impl DevicePtrMut<E>,
+    dh0: &mut impl DevicePtrMut<E>,
+) -> Result<()> {
+    device.check_stream(stream)?;
+    let (n, states) = super::validate_backward(
+        &shape,
+        a.len(),
+        h.len(),
+        dh.len(),
+        h0.map(|x| x.len()),
+        da.len(),
+        db.len(),
+        dh0.len(),
+    )?;
+    shape.checked_numel::<E>("a")?;
+    check_device_len("dh0", dh0.len(), states)?;
+    if shape.len == 0 {
+        stream.memset_zeros(dh0)?;
+        return Ok(());
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let (chunks, chunk_len) = chunking(shape);
+    let cfg = grid(shape, chunks)?;
+    let (t_len, d, chunk) = (shape.len as i64, shape.channels as i64, chunk_len as i64);
+    let reverse = params.reverse as i32;
+    let (a_ptr, _a_guard) = read_ptr(a, stream);
+    let (h_ptr, _h_guard) = read_ptr(h, stream);
+    let (dh_ptr, _dh_guard) = read_ptr(dh, stream);
+    let h0_view = h0.map(|x| read_ptr(x, stream));
+    let h0_ptr = h0_view.as_ref().map_or(0u64, |(p, _)| *p);
+
+    let mut carries = None;
+    if chunks > 1 {
+        let per_chunk = states * chunks;
+        let mut prods = scratch::<E::Acc>(stream, per_chunk)?;
+        let mut ends = scratch::<E::Acc>(stream, per_chunk)?;
+        let mut carry = scratch::<E::Acc>(stream, per_chunk)?;
+        let summary = device.function("scan", &format!("scan_linear_bwd_summary_{}", E::SUFFIX))?;
+        let chain = device.function("scan", &format!("scan_linear_carry_{}", E::SUFFIX))?;
+        let (batch, chunks_i, no_init) = (shape.batch as i64, chunks as i64, 0u64);
+        // SAFETY: as in `linear`.
+        unsafe {
+            stream
+                .launch_builder(&summary)
+                .arg(&a_ptr)
+                .arg(&dh_ptr)
+                .arg(&mut prods)
+                .arg(&mut ends)
+                .arg(&t_len)
+                .arg(&d)
+                .arg(&chunk)
+                .arg(&reverse)
+                .launch(cfg)?;
+            stream
+                .launch_builder(&chain)
+                .arg(&prods)
+                .arg(&ends)
+                .arg(&no_init)
+                .arg(&mut carry)
+                .arg(&batch)
+                .arg(&d)
+                .arg(&chunks_i)
+                .launch(carry_grid(states))?;
+        }
+        carries = Some(carry);
+    }
+    let carries_ptr = carries.as_ref().map(|c| read_ptr(c, stream));
+    let carries_raw = carries_ptr.as_ref().map_or(0u64, |(p, _)| *p);
+    let (da_ptr, _da_guard) = write_ptr(da, stream);
+    let (db_ptr, _db_guard) = write_ptr(db, stream);
+    let (dh0_ptr, _dh0_guard) = write_ptr(dh0, stream);
+    let main = device.function("scan", &format!("scan_linear_bwd_{}", E::SUFFIX))?;
+    // SAFETY: as in `linear`.
+    unsafe {
+        stream
+            .launch_builder(&main)
+            .arg(&a_ptr)
+            .arg(&h_ptr)
+            .arg(&dh_ptr)
+            .arg(&h0_ptr)
+            .arg(&carries_raw)
+            .arg(&da_ptr)
+            .arg(&db_ptr)
+            .arg(&dh0_ptr)
+            .arg(&t_len)
+            .arg(&d)
+            .arg(&chunk)
+            .arg(&reverse)
+            .launch(cfg)?;
+    }
+    Ok(())
+}
+
+/// Allocating convenience: uploads `a`, `b`, `h0`, runs [`linear`] on the device's default
+/// stream and returns `h` on the host.
+pub fn linear_host<E: CudaElement>(
+    device: &Device,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+) -> Result<Vec<E>> {
+    let stream = device.stream();
+    let (n, _) = super::validate_forward(&shape, a.len(), b.len(), h0.map(<[E]>::len), a.len())?;
+    let a_d = stream.clone_htod(a)?;
+    let b_d = stream.clone_htod(b)?;
+    let h0_d = h0.map(|x| stream.clone_htod(x)).transpose()?;
+    let mut h_d = stream.alloc_zeros::<E>(n.max(1))?;
+    let mut h_view = h_d.slice_mut(0..n);
+    linear(
+        device,
+        stream,
+        params,
+        shape,
+        &a_d,
+        &b_d,
+        h0_d.as_ref().map(|x| x.as_view()).as_ref(),
+        &mut h_view,
+    )?;
+    Ok(stream.clone_dtoh(&h_d.slice(0..n))?)
+}
+
+/// Allocating convenience for [`linear_backward`]: host in, host out.
+pub fn linear_backward_host<E: CudaElement>(
+    device: &Device,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
+) -> Result<super::LinearGrads<E>> {
+    let stream = device.stream();
+    let (n, s) = super::validate_backward(
+        &shape,
+        a.len(),
+        h.len(),
+        dh.len(),
+        h0.map(<[E]>::len),
+        a.len(),
+        a.len(),
+        shape.state_numel("dh0")?,
+    )?;
+    let a_d = stream.clone_htod(a)?;
+    let h_d = stream.clone_htod(h)?;
+    let dh_d = stream.clone_htod(dh)?;
+    let h0_d = h0.map(|x| stream.clone_htod(x)).transpose()?;
+    let mut da_d = stream.alloc_zeros::<E>(n.max(1))?;
+    let mut db_d = stream.alloc_zeros::<E>(n.max(1))?;
+    let mut dh0_d = stream.alloc_zeros::<E>(s.max(1))?;
+    {
+        let mut da_v = da_d.slice_mut(0..n);
+        let mut db_v = db_d.slice_mut(0..n);
+        let mut dh0_v = dh0_d.slice_mut(0..s);
+        linear_backward(
+            device,
+            stream,
+            params,
+            shape,
+            &a_d,
+            &h_d,
+            &dh_d,
+            h0_d.as_ref().map(|x| x.as_view()).as_ref(),
+            &mut da_v,
+            &mut db_v,
+            &mut dh0_v,
+        )?;
+    }
+    Ok(super::LinearGrads {
+        da: stream.clone_dtoh(&da_d.slice(0..n))?,
+        db: stream.clone_dtoh(&db_d.slice(0..n))?,
+        dh0: stream.clone_dtoh(&dh0_d.slice(0..s))?,
+    })
+}
