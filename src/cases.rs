@@ -1,1 +1,907 @@
+//! Reference cases (see CASES.md): one `.safetensors` file holding an op's inputs
+//! (`in.NAME`), the outputs a trusted reference produced (`out.NAME`), and metadata (`op`,
+//! `params`, optional `rtol`/`atol`/`source`). This module reads a case, runs it on a
+//! device, and compares with the op's comparator.
 
+use crate::element::{DType, Element};
+use crate::error::{Error, Result};
+use crate::scan::{self, ScanParams, ScanShape};
+use half::{bf16, f16};
+use safetensors::{Dtype as StDtype, SafeTensors};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Every op of the contract in CASES.md; those not in [`IMPLEMENTED_OPS`] fail with
+/// `op not implemented`.
+pub const CONTRACT_OPS: &[&str] = &[
+    "attention.forward",
+    "attention.backward",
+    "attention.top_keys",
+    "scan.linear",
+    "scan.linear_backward",
+    "scan.linear_complex",
+    "scan.selective",
+    "scan.selective_backward",
+    "scan.gla",
+    "scan.gla_backward",
+    "topk.rows",
+    "sae.encode",
+    "sae.encode_batch_topk",
+    "sae.encode_jumprelu",
+    "sae.decode",
+    "sae.backward",
+    "sae.encode_mp",
+    "codebook.nearest",
+    "ridge.solve_batched",
+    "ridge.cv",
+    "ridge.score",
+];
+
+/// The ops this build can run.
+pub const IMPLEMENTED_OPS: &[&str] = &["scan.linear", "scan.linear_backward"];
+
+/// A host tensor's data.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    I32(Vec<i32>),
+}
+
+/// A host tensor: row-major, contiguous.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+/// Element types a case tensor can hold as floats.
+pub trait CaseElement: Element {
+    fn wrap(values: Vec<Self>) -> Data;
+    fn unwrap(data: &Data) -> Option<&[Self]>;
+}
+
+macro_rules! case_element {
+    ($t:ty, $variant:ident) => {
+        impl CaseElement for $t {
+            fn wrap(values: Vec<Self>) -> Data {
+                Data::$variant(values)
+            }
+            fn unwrap(data: &Data) -> Option<&[Self]> {
+                match data {
+                    Data::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+case_element!(f32, F32);
+case_element!(f64, F64);
+case_element!(f16, F16);
+case_element!(bf16, BF16);
+
+impl Tensor {
+    pub fn new<E: CaseElement>(shape: Vec<usize>, values: Vec<E>) -> Self {
+        Self {
+            shape,
+            data: E::wrap(values),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.data {
+            Data::F32(v) => v.len(),
+            Data::F64(v) => v.len(),
+            Data::F16(v) => v.len(),
+            Data::BF16(v) => v.len(),
+            Data::I32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The float dtype, or `None` for an index tensor.
+    pub fn dtype(&self) -> Option<DType> {
+        match &self.data {
+            Data::F32(_) => Some(DType::F32),
+            Data::F64(_) => Some(DType::F64),
+            Data::F16(_) => Some(DType::F16),
+            Data::BF16(_) => Some(DType::BF16),
+            Data::I32(_) => None,
+        }
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        self.dtype().map_or("i32", DType::name)
+    }
+
+    /// Every value widened to f64.
+    pub fn to_f64(&self) -> Vec<f64> {
+        match &self.data {
+            Data::F32(v) => v.iter().map(|x| *x as f64).collect(),
+            Data::F64(v) => v.clone(),
+            Data::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            Data::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            Data::I32(v) => v.iter().map(|x| *x as f64).collect(),
+        }
+    }
+
+    fn bytes(&self) -> Cow<'_, [u8]> {
+        match &self.data {
+            Data::F32(v) => Cow::Borrowed(bytemuck::cast_slice(v)),
+            Data::F64(v) => Cow::Borrowed(bytemuck::cast_slice(v)),
+            Data::F16(v) => Cow::Borrowed(bytemuck::cast_slice(v)),
+            Data::BF16(v) => Cow::Borrowed(bytemuck::cast_slice(v)),
+            Data::I32(v) => Cow::Borrowed(bytemuck::cast_slice(v)),
+        }
+    }
+
+    fn st_dtype(&self) -> StDtype {
+        match &self.data {
+            Data::F32(_) => StDtype::F32,
+            Data::F64(_) => StDtype::F64,
+            Data::F16(_) => StDtype::F16,
+            Data::BF16(_) => StDtype::BF16,
+            Data::I32(_) => StDtype::I32,
+        }
+    }
+}
+
+impl safetensors::View for &Tensor {
+    fn dtype(&self) -> StDtype {
+        self.st_dtype()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        self.bytes()
+    }
+    fn data_len(&self) -> usize {
+        self.bytes().len()
+    }
+}
+
+/// One reference case.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub name: String,
+    pub op: String,
+    pub params: serde_json::Map<String, serde_json::Value>,
+    pub rtol: Option<f64>,
+    pub atol: Option<f64>,
+    pub source: Option<String>,
+    pub inputs: BTreeMap<String, Tensor>,
+    pub outputs: BTreeMap<String, Tensor>,
+}
+
+fn case_err(name: &str, what: impl std::fmt::Display) -> Error {
+    Error::Case(format!("{name}: {what}"))
+}
+
+impl Case {
+    pub fn load(path: &Path) -> Result<Case> {
+        let bytes =
+            std::fs::read(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        Case::from_bytes(&name, &bytes)
+    }
+
+    pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Case> {
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| case_err(name, e))?;
+        let meta: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
+        let op = meta
+            .get("op")
+            .cloned()
+            .ok_or_else(|| case_err(name, "metadata has no `op`"))?;
+        let params = match meta.get("params") {
+            None => serde_json::Map::new(),
+            Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(serde_json::Value::Object(map)) => map,
+                Ok(_) => return Err(case_err(name, "`params` is not a JSON object")),
+                Err(e) => return Err(case_err(name, format!("`params` is not JSON: {e}"))),
+            },
+        };
+        let tolerance = |key: &str| -> Result<Option<f64>> {
+            meta.get(key)
+                .map(|v| {
+                    v.trim()
+                        .parse::<f64>()
+                        .map_err(|_| case_err(name, format!("`{key}` is not a number: {v:?}")))
+                })
+                .transpose()
+        };
+        let (rtol, atol) = (tolerance("rtol")?, tolerance("atol")?);
+        let tensors = SafeTensors::deserialize(bytes).map_err(|e| case_err(name, e))?;
+        let mut inputs = BTreeMap::new();
+        let mut outputs = BTreeMap::new();
+        for (key, view) in tensors.tensors() {
+            let tensor = read_tensor(name, &key, view.dtype(), view.shape(), view.data())?;
+            if let Some(n) = key.strip_prefix("in.") {
+                inputs.insert(n.to_string(), tensor);
+            } else if let Some(n) = key.strip_prefix("out.") {
+                outputs.insert(n.to_string(), tensor);
+            } else {
+                return Err(case_err(
+                    name,
+                    format!("tensor `{key}` is neither `in.` nor `out.`"),
+                ));
+            }
+        }
+        Ok(Case {
+            name: name.to_string(),
+            op,
+            params,
+            rtol,
+            atol,
+            source: meta.get("source").cloned(),
+            inputs,
+            outputs,
+        })
+    }
+
+    fn input(&self, name: &str) -> Result<&Tensor> {
+        self.inputs
+            .get(name)
+            .ok_or_else(|| case_err(&self.name, format!("missing input `in.{name}`")))
+    }
+
+    /// `Err` if the case has an input the op does not take.
+    fn only_inputs(&self, allowed: &[&str]) -> Result<()> {
+        match self.inputs.keys().find(|k| !allowed.contains(&k.as_str())) {
+            Some(k) => Err(case_err(
+                &self.name,
+                format!("unknown input `in.{k}` for {}", self.op),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The dtype tolerances compare with: the first float input's.
+    pub fn dtype(&self) -> Option<DType> {
+        self.inputs.values().find_map(Tensor::dtype)
+    }
+}
+
+fn read_tensor(
+    case: &str,
+    key: &str,
+    dtype: StDtype,
+    shape: &[usize],
+    bytes: &[u8],
+) -> Result<Tensor> {
+    let data = match dtype {
+        StDtype::F32 => Data::F32(bytemuck::pod_collect_to_vec(bytes)),
+        StDtype::F64 => Data::F64(bytemuck::pod_collect_to_vec(bytes)),
+        StDtype::F16 => Data::F16(bytemuck::pod_collect_to_vec(bytes)),
+        StDtype::BF16 => Data::BF16(bytemuck::pod_collect_to_vec(bytes)),
+        StDtype::I32 => Data::I32(bytemuck::pod_collect_to_vec(bytes)),
+        StDtype::I64 => {
+            let wide: Vec<i64> = bytemuck::pod_collect_to_vec(bytes);
+            let narrow = wide
+                .iter()
+                .map(|&v| {
+                    i32::try_from(v).map_err(|_| {
+                        case_err(case, format!("`{key}`: index {v} does not fit in i32"))
+                    })
+                })
+                .collect::<Result<Vec<i32>>>()?;
+            Data::I32(narrow)
+        }
+        other => {
+            return Err(case_err(
+                case,
+                format!("`{key}` has unsupported dtype {other:?}"),
+            ));
+        }
+    };
+    Ok(Tensor {
+        shape: shape.to_vec(),
+        data,
+    })
+}
+
+/// Reads an op's `params`, rejecting unknown keys.
+struct Params<'a> {
+    case: &'a str,
+    map: &'a serde_json::Map<String, serde_json::Value>,
+    known: Vec<&'static str>,
+}
+
+impl<'a> Params<'a> {
+    fn new(case: &'a Case) -> Self {
+        Self {
+            case: &case.name,
+            map: &case.params,
+            known: Vec::new(),
+        }
+    }
+
+    fn bool(&mut self, key: &'static str, default: bool) -> Result<bool> {
+        self.known.push(key);
+        match self.map.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(serde_json::Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(case_err(
+                self.case,
+                format!("param `{key}` must be a bool, got {v}"),
+            )),
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        match self.map.keys().find(|k| !self.known.contains(&k.as_str())) {
+            Some(k) => Err(case_err(self.case, format!("unknown param `{k}`"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where a case runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// Runs cases on one device.
+pub struct Runner {
+    kind: DeviceKind,
+    #[cfg(feature = "cuda")]
+    cuda: Option<crate::cuda::Device>,
+}
+
+impl Runner {
+    pub fn cpu() -> Runner {
+        Runner {
+            kind: DeviceKind::Cpu,
+            #[cfg(feature = "cuda")]
+            cuda: None,
+        }
+    }
+
+    /// A runner on CUDA device 0. `Err(NoDevice)` without a GPU (or without the `cuda`
+    /// feature).
+    pub fn cuda() -> Result<Runner> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(Runner {
+                kind: DeviceKind::Cuda,
+                cuda: Some(crate::cuda::Device::open(0)?),
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(Error::NoDevice("this build has no `cuda` feature".into()))
+        }
+    }
+
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    /// Runs the case's op on its inputs; returns the outputs by name.
+    pub fn run(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
+        if !CONTRACT_OPS.contains(&case.op.as_str()) {
+            return Err(case_err(
+                &case.name,
+                format!("unknown op `{}` (not in the contract)", case.op),
+            ));
+        }
+        match case.op.as_str() {
+            "scan.linear" => self.scan_linear(case),
+            "scan.linear_backward" => self.scan_linear_backward(case),
+            other => Err(Error::OpNotImplemented(other.to_string())),
+        }
+    }
+
+    fn scan_linear(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
+        case.only_inputs(&["a", "b", "h0"])?;
+        let mut p = Params::new(case);
+        let params = ScanParams::new().reverse(p.bool("reverse", false)?);
+        p.finish()?;
+        let a = case.input("a")?;
+        let shape = ScanShape::from_dims("a", &a.shape)?;
+        same_shape(case, "b", &a.shape)?;
+        if let Some(h0) = case.inputs.get("h0") {
+            expect_shape("h0", &h0.shape, &[shape.batch, shape.channels])?;
+        }
+        match a.dtype() {
+            Some(DType::F32) => self.scan_linear_typed::<f32>(case, &params, shape),
+            Some(DType::F64) => self.scan_linear_typed::<f64>(case, &params, shape),
+            Some(DType::F16) => self.scan_linear_typed::<f16>(case, &params, shape),
+            Some(DType::BF16) => self.scan_linear_typed::<bf16>(case, &params, shape),
+            None => Err(case_err(&case.name, "`in.a` must be a float tensor")),
+        }
+    }
+
+    fn scan_linear_typed<E: RunElement>(
+        &self,
+        case: &Case,
+        params: &ScanParams,
+        shape: ScanShape,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let a = typed::<E>(case, "a")?;
+        let b = typed::<E>(case, "b")?;
+        let h0 = optional::<E>(case, "h0")?;
+        let h = match self.kind {
+            DeviceKind::Cpu => scan::linear_alloc(params, shape, a, b, h0)?,
+            DeviceKind::Cuda => E::cuda_scan_linear(self, params, shape, a, b, h0)?,
+        };
+        let dims = vec![shape.batch, shape.len, shape.channels];
+        Ok(BTreeMap::from([("h".to_string(), Tensor::new(dims, h))]))
+    }
+
+    fn scan_linear_backward(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
+        case.only_inputs(&["a", "h", "dh", "h0"])?;
+        let mut p = Params::new(case);
+        let params = ScanParams::new().reverse(p.bool("reverse", false)?);
+        p.finish()?;
+        let a = case.input("a")?;
+        let shape = ScanShape::from_dims("a", &a.shape)?;
+        same_shape(case, "h", &a.shape)?;
+        same_shape(case, "dh", &a.shape)?;
+        if let Some(h0) = case.inputs.get("h0") {
+            expect_shape("h0", &h0.shape, &[shape.batch, shape.channels])?;
+        }
+        match a.dtype() {
+            Some(DType::F32) => self.scan_linear_backward_typed::<f32>(case, &params, shape),
+            Some(DType::F64) => self.scan_linear_backward_typed::<f64>(case, &params, shape),
+            Some(DType::F16) => self.scan_linear_backward_typed::<f16>(case, &params, shape),
+            Some(DType::BF16) => self.scan_linear_backward_typed::<bf16>(case, &params, shape),
+            None => Err(case_err(&case.name, "`in.a` must be a float tensor")),
+        }
+    }
+
+    fn scan_linear_backward_typed<E: RunElement>(
+        &self,
+        case: &Case,
+        params: &ScanParams,
+        shape: ScanShape,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let a = typed::<E>(case, "a")?;
+        let h = typed::<E>(case, "h")?;
+        let dh = typed::<E>(case, "dh")?;
+        let h0 = optional::<E>(case, "h0")?;
+        let grads = match self.kind {
+            DeviceKind::Cpu => scan::linear_backward_alloc(params, shape, a, h, dh, h0)?,
+            DeviceKind::Cuda => E::cuda_scan_linear_backward(self, params, shape, a, h, dh, h0)?,
+        };
+        let dims = vec![shape.batch, shape.len, shape.channels];
+        Ok(BTreeMap::from([
+            ("da".to_string(), Tensor::new(dims.clone(), grads.da)),
+            ("db".to_string(), Tensor::new(dims, grads.db)),
+            (
+                "dh0".to_string(),
+                Tensor::new(vec![shape.batch, shape.channels], grads.dh0),
+            ),
+        ]))
+    }
+}
+
+/// A case element that can also run on CUDA when the feature is on.
+trait RunElement: CaseElement {
+    fn cuda_scan_linear(
+        runner: &Runner,
+        params: &ScanParams,
+        shape: ScanShape,
+        a: &[Self],
+        b: &[Self],
+        h0: Option<&[Self]>,
+    ) -> Result<Vec<Self>>;
+    #[allow(clippy::too_many_arguments)]
+    fn cuda_scan_linear_backward(
+        runner: &Runner,
+        params: &ScanParams,
+        shape: ScanShape,
+        a: &[Self],
+        h: &[Self],
+        dh: &[Self],
+        h0: Option<&[Self]>,
+    ) -> Result<scan::LinearGrads<Self>>;
+}
+
+#[cfg(feature = "cuda")]
+impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
+    fn cuda_scan_linear(
+        runner: &Runner,
+        params: &ScanParams,
+        shape: ScanShape,
+        a: &[E],
+        b: &[E],
+        h0: Option<&[E]>,
+    ) -> Result<Vec<E>> {
+        let device = runner
+            .cuda
+            .as_ref()
+            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        scan::cuda::linear_host(device, params, shape, a, b, h0)
+    }
+    fn cuda_scan_linear_backward(
+        runner: &Runner,
+        params: &ScanParams,
+        shape: ScanShape,
+        a: &[E],
+        h: &[E],
+        dh: &[E],
+        h0: Option<&[E]>,
+    ) -> Result<scan::LinearGrads<E>> {
+        let device = runner
+            .cuda
+            .as_ref()
+            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        scan::cuda::linear_backward_host(device, params, shape, a, h, dh, h0)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+impl<E: CaseElement> RunElement for E {
+    fn cuda_scan_linear(
+        _: &Runner,
+        _: &ScanParams,
+        _: ScanShape,
+        _: &[E],
+        _: &[E],
+        _: Option<&[E]>,
+    ) -> Result<Vec<E>> {
+        Err(Error::NoDevice("this build has no `cuda` feature".into()))
+    }
+    fn cuda_scan_linear_backward(
+        _: &Runner,
+        _: &ScanParams,
+        _: ScanShape,
+        _: &[E],
+        _: &[E],
+        _: &[E],
+        _: Option<&[E]>,
+    ) -> Result<scan::LinearGrads<E>> {
+        Err(Error::NoDevice("this build has no `cuda` feature".into()))
+    }
+}
+
+fn typed<'c, E: CaseElement>(case: &'c Case, name: &str) -> Result<&'c [E]> {
+    let t = case.input(name)?;
+    E::unwrap(&t.data).ok_or_else(|| {
+        case_err(
+            &case.name,
+            format!(
+                "`in.{name}` is {}, expected {} like the other inputs",
+                t.dtype_name(),
+                E::DTYPE
+            ),
+        )
+    })
+}
+
+fn optional<'c, E: CaseElement>(case: &'c Case, name: &str) -> Result<Option<&'c [E]>> {
+    match case.inputs.get(name) {
+        None => Ok(None),
+        Some(_) => typed::<E>(case, name).map(Some),
+    }
+}
+
+fn expect_shape(tensor: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            tensor,
+            format!("{want:?}"),
+            format!("{got:?}"),
+        ))
+    }
+}
+
+fn same_shape(case: &Case, name: &str, want: &[usize]) -> Result<()> {
+    expect_shape(name, &case.input(name)?.shape, want)
+}
+
+/// Default tolerances (rtol, atol) by dtype, as CASES.md gives them.
+pub fn default_tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F64 => (1e-10, 1e-10),
+        DType::F32 => (1e-4, 1e-5),
+        DType::F16 | DType::BF16 => (2e-2, 2e-2),
+    }
+}
+
+/// How one output compared.
+#[derive(Clone, Debug)]
+pub struct OutputCheck {
+    pub name: String,
+    pub max_abs: f64,
+    pub max_rel: f64,
+    pub passed: bool,
+    /// Why it failed, when it did.
+    pub problem: Option<String>,
+}
+
+/// Elementwise: |got - want| <= atol + rtol·|want|; NaN must match NaN, ±inf exactly.
+pub fn compare_elementwise(
+    name: &str,
+    got: &Tensor,
+    want: &Tensor,
+    rtol: f64,
+    atol: f64,
+) -> OutputCheck {
+    let mut check = OutputCheck {
+        name: name.to_string(),
+        max_abs: 0.0,
+        max_rel: 0.0,
+        passed: true,
+        problem: None,
+    };
+    if got.shape != want.shape {
+        check.passed = false;
+        check.problem = Some(format!("shape {:?}, expected {:?}", got.shape, want.shape));
+        return check;
+    }
+    let (g, w) = (got.to_f64(), want.to_f64());
+    for (i, (&x, &y)) in g.iter().zip(&w).enumerate() {
+        let ok = if y.is_nan() || x.is_nan() {
+            x.is_nan() && y.is_nan()
+        } else if y.is_infinite() || x.is_infinite() {
+            x == y
+        } else {
+            let diff = (x - y).abs();
+            check.max_abs = check.max_abs.max(diff);
+            if y != 0.0 {
+                check.max_rel = check.max_rel.max(diff / y.abs());
+            }
+            diff <= atol + rtol * y.abs()
+        };
+        if !ok && check.passed {
+            check.passed = false;
+            check.problem = Some(format!("element {i}: got {x}, expected {y}"));
+        }
+    }
+    check
+}
+
+/// Top-k by meaning: per row, the value lists must match as sorted lists (within the
+/// tolerance), and every returned index must point at its value in the input
+/// (`lookup(row, index)`, `None` when the index is out of range).
+pub fn compare_topk(
+    name: &str,
+    got_values: &[f64],
+    got_indices: &[i32],
+    want_values: &[f64],
+    k: usize,
+    rtol: f64,
+    atol: f64,
+    lookup: impl Fn(usize, i32) -> Option<f64>,
+) -> OutputCheck {
+    let mut check = OutputCheck {
+        name: name.to_string(),
+        max_abs: 0.0,
+        max_rel: 0.0,
+        passed: true,
+        problem: None,
+    };
+    let fail = |check: &mut OutputCheck, why: String| {
+        if check.passed {
+            check.passed = false;
+            check.problem = Some(why);
+        }
+    };
+    if k == 0
+        || got_values.len() != want_values.len()
+        || got_indices.len() != got_values.len()
+        || got_values.len() % k != 0
+    {
+        fail(
+            &mut check,
+            format!(
+                "{} values / {} indices, expected {} values",
+                got_values.len(),
+                got_indices.len(),
+                want_values.len()
+            ),
+        );
+        return check;
+    }
+    let close = |x: f64, y: f64| x == y || (x - y).abs() <= atol + rtol * y.abs();
+    for row in 0..got_values.len() / k {
+        let span = row * k..(row + 1) * k;
+        let mut g = got_values[span.clone()].to_vec();
+        let mut w = want_values[span.clone()].to_vec();
+        g.sort_by(|x, y| y.total_cmp(x));
+        w.sort_by(|x, y| y.total_cmp(x));
+        for (x, y) in g.iter().zip(&w) {
+            let diff = (x - y).abs();
+            if diff.is_finite() {
+                check.max_abs = check.max_abs.max(diff);
+                if *y != 0.0 {
+                    check.max_rel = check.max_rel.max(diff / y.abs());
+                }
+            }
+            if !close(*x, *y) {
+                fail(
+                    &mut check,
+                    format!("row {row}: sorted values differ: got {x}, expected {y}"),
+                );
+            }
+        }
+        for j in span {
+            let idx = got_indices[j];
+            match lookup(row, idx) {
+                Some(v) if close(got_values[j], v) => {}
+                Some(v) => fail(
+                    &mut check,
+                    format!(
+                        "row {row}: index {idx} holds {v}, returned value {}",
+                        got_values[j]
+                    ),
+                ),
+                None => fail(&mut check, format!("row {row}: index {idx} out of range")),
+            }
+        }
+    }
+    check
+}
+
+/// The outcome of one case file.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Passed(Vec<OutputCheck>),
+    Failed(String, Vec<OutputCheck>),
+    Skipped(String),
+}
+
+/// A case's report line.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub file: String,
+    pub op: String,
+    pub device: DeviceKind,
+    pub dtype: String,
+    pub outcome: Outcome,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        matches!(self.outcome, Outcome::Passed(_))
+    }
+
+    /// One line: status, op, device, dtype, file, and max abs / rel error per output.
+    pub fn line(&self) -> String {
+        let (status, checks, why) = match &self.outcome {
+            Outcome::Passed(c) => ("PASS", c.as_slice(), None),
+            Outcome::Failed(why, c) => ("FAIL", c.as_slice(), Some(why.as_str())),
+            Outcome::Skipped(why) => ("SKIP", &[][..], Some(why.as_str())),
+        };
+        let mut line = format!(
+            "{status} {} {} {} {}",
+            self.op,
+            self.device.name(),
+            self.dtype,
+            self.file
+        );
+        for c in checks {
+            line.push_str(&format!(
+                " | {}: max_abs {:.3e} max_rel {:.3e}",
+                c.name, c.max_abs, c.max_rel
+            ));
+        }
+        if let Some(why) = why {
+            line.push_str(&format!(" | {why}"));
+        }
+        line
+    }
+}
+
+/// Loads, runs and compares one case file; `save` (a directory) receives the computed
+/// outputs as `out.NAME` tensors in a file of the same name.
+pub fn check_file(runner: &Runner, path: &Path, save: Option<&Path>) -> Report {
+    let file = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let mut report = Report {
+        file,
+        op: "?".into(),
+        device: runner.kind(),
+        dtype: "?".into(),
+        outcome: Outcome::Skipped(String::new()),
+    };
+    let case = match Case::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            report.outcome = Outcome::Failed(e.to_string(), vec![]);
+            return report;
+        }
+    };
+    report.op = case.op.clone();
+    report.dtype = case.dtype().map_or("?", DType::name).to_string();
+    report.outcome = match runner.run(&case) {
+        Err(Error::NoDevice(why)) => Outcome::Skipped(why),
+        Err(e) => Outcome::Failed(e.to_string(), vec![]),
+        Ok(outputs) => {
+            let mut saved = None;
+            if let Some(dir) = save {
+                saved = save_outputs(dir, &report.file, &outputs).err();
+            }
+            let checks = compare_case(&case, &outputs);
+            match (checks.iter().find(|c| !c.passed), saved) {
+                (_, Some(e)) => Outcome::Failed(format!("saving outputs: {e}"), checks),
+                (Some(bad), None) => {
+                    let why = format!("{}: {}", bad.name, bad.problem.clone().unwrap_or_default());
+                    Outcome::Failed(why, checks)
+                }
+                (None, None) => Outcome::Passed(checks),
+            }
+        }
+    };
+    report
+}
+
+/// Compares computed outputs with every `out.NAME` of the case.
+pub fn compare_case(case: &Case, got: &BTreeMap<String, Tensor>) -> Vec<OutputCheck> {
+    let (drtol, datol) = case.dtype().map_or((1e-4, 1e-5), default_tolerance);
+    let (rtol, atol) = (case.rtol.unwrap_or(drtol), case.atol.unwrap_or(datol));
+    case.outputs
+        .iter()
+        .map(|(name, want)| match got.get(name) {
+            Some(g) => compare_elementwise(name, g, want, rtol, atol),
+            None => OutputCheck {
+                name: name.clone(),
+                max_abs: f64::NAN,
+                max_rel: f64::NAN,
+                passed: false,
+                problem: Some("the op produced no such output".into()),
+            },
+        })
+        .collect()
+}
+
+/// Writes `outputs` to `dir/file` with tensors named `out.NAME`.
+pub fn save_outputs(dir: &Path, file: &str, outputs: &BTreeMap<String, Tensor>) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let named: Vec<(String, &Tensor)> = outputs
+        .iter()
+        .map(|(k, v)| (format!("out.{k}"), v))
+        .collect();
+    safetensors::serialize_to_file(named, None, &dir.join(file))
+        .map_err(|e| Error::Io(e.to_string()))
+}
+
+/// Every `.safetensors` file under the given files and folders, sorted.
+pub fn collect_case_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else if path.is_file() {
+            files.push(path.clone());
+        } else {
+            return Err(Error::Io(format!(
+                "{}: no such file or folder",
+                path.display()
+            )));
+        }
+    }
+    Ok(files)
+}

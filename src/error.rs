@@ -41,6 +41,7 @@ impl Error {
         }
     }
 
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn invalid(name: &str, problem: impl Into<String>) -> Self {
         Error::InvalidArgument {
             name: name.to_string(),

@@ -58,7 +58,7 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn f16_store(p: *mut f16, v: __m256) {
         unsafe {
-            let h = _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
             _mm_storeu_si128(p as *mut __m128i, h)
         }
     }
@@ -147,7 +147,7 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn f16_store(p: *mut f16, v: __m512) {
         unsafe {
-            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
             _mm256_storeu_si256(p as *mut __m256i, h)
         }
     }
