@@ -641,3 +641,54 @@ pub(crate) fn backward<E: Element>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_cover_both_paths_for_the_tested_shapes() {
+        // tests/scan_linear.rs relies on these shapes taking the time-parallel plan
+        for (shape, bytes) in [
+            (ScanShape::new(1, 140_000, 3), 4),
+            (ScanShape::new(2, 70_001, 3), 8),
+            (ScanShape::new(1, 140_000, 3), 8),
+            (ScanShape::new(1, 140_000, 6), 2),
+            (ScanShape::new(1, 262_144, 16), 4),
+        ] {
+            assert!(
+                matches!(plan(shape, bytes), Plan::Time { .. }),
+                "{shape} x {bytes}B"
+            );
+        }
+        assert_eq!(
+            plan(ScanShape::new(8, 4096, 1024), 4),
+            Plan::Channels { block: 512 }
+        );
+        assert_eq!(
+            plan(ScanShape::new(3, 17, 13), 4),
+            Plan::Channels { block: 13 }
+        );
+        assert_eq!(
+            plan(ScanShape::new(64, 100, 1024), 4),
+            Plan::Channels { block: 1024 }
+        );
+    }
+
+    #[test]
+    fn piece_ranges_tile_a_round_in_both_directions() {
+        for (lo, hi, len) in [(0, 100, 16), (32, 40, 16), (0, 128, 16)] {
+            let mut covered = vec![0; hi];
+            for p in 0..TIME_PIECES {
+                for desc in [false, true] {
+                    let (s0, s1) = piece_range(lo, hi, p, len, desc);
+                    assert!(lo <= s0 && s0 <= s1 && s1 <= hi);
+                    for c in &mut covered[s0..s1] {
+                        *c += 1;
+                    }
+                }
+            }
+            assert!(covered[lo..hi].iter().all(|&c| c == 2) || hi - lo > TIME_PIECES * len);
+        }
+    }
+}
