@@ -2,6 +2,8 @@
 //! PyTorch in float64) on the CPU, and on CUDA when a device is present; plus the case
 //! machinery itself: unknown params, unimplemented ops, saving outputs, the comparators.
 
+mod common;
+
 use neurokernels::cases::{self, Case, Outcome, Runner, Tensor, check_file, collect_case_files};
 use std::path::{Path, PathBuf};
 
@@ -38,7 +40,7 @@ fn every_committed_case_passes_on_cuda_when_present() {
     let runner = match Runner::cuda() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("SKIPPED: committed cases on CUDA: {e}");
+            common::say_skipped(&format!("committed cases on CUDA: {e}"));
             return;
         }
     };

@@ -108,7 +108,8 @@ impl Device {
 
     /// `Err` unless `stream` belongs to this device's context.
     pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
-        if Arc::ptr_eq(stream.context(), &self.context) {
+        // compare driver handles: two `Device`s on one GPU share its primary context
+        if stream.context().cu_ctx() == self.context.cu_ctx() {
             Ok(())
         } else {
             Err(Error::invalid(

@@ -99,3 +99,10 @@ pub fn worst_ratio(got: &[f64], want: &[f64], rtol: f64, atol: f64) -> f64 {
         .map(|(g, w)| (g - w).abs() / (atol + rtol * w.abs()))
         .fold(0.0, f64::max)
 }
+
+/// Prints a skip notice past libtest's output capture (which only catches the print
+/// macros), so a test without its device says so in the test log instead of passing silently.
+pub fn say_skipped(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {message}");
+}

@@ -1,0 +1,220 @@
+//! scan.linear on CUDA against the CPU path (itself checked against float64), for every
+//! dtype, both directions, with and without h0, with shapes that take the single-chunk and
+//! the chunked (summary + carry + apply) plans; plus bad device input. Without a GPU each
+//! test prints SKIPPED and returns.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::{Rng, to_f64, worst_ratio};
+use half::{bf16, f16};
+use neurokernels::cuda::{CudaElement, Device};
+use neurokernels::scan::{self, ScanParams, ScanShape};
+use neurokernels::{DType, Element};
+
+fn device_or_skip(test: &str) -> Option<Device> {
+    match Device::open(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            common::say_skipped(&format!("{test}: {e}"));
+            None
+        }
+    }
+}
+
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (3, 17, 13),
+    (2, 333, 37),
+    (4, 64, 130),
+    // few blocks, long sequence: cut into time chunks
+    (1, 100_003, 16),
+    (2, 50_000, 33),
+    // many blocks: one chunk
+    (8, 2048, 1024),
+];
+
+fn tolerance<E: Element>() -> (f64, f64) {
+    match E::DTYPE {
+        DType::F64 => (1e-9, 1e-11),
+        DType::F32 => (2e-4, 2e-5),
+        _ => (2e-2, 2e-2),
+    }
+}
+
+fn check<E: CudaElement>(device: &Device, seed: u64) {
+    let (rtol, atol) = tolerance::<E>();
+    for (k, &(bsz, t, d)) in SHAPES.iter().enumerate() {
+        let n = bsz * t * d;
+        let shape = ScanShape::new(bsz, t, d);
+        let mut rng = Rng::new(seed + k as u64);
+        let a: Vec<E> = rng.vec(n, 0.5, 1.0);
+        let b: Vec<E> = rng.vec(n, -1.0, 1.0);
+        let h0: Vec<E> = rng.vec(bsz * d, -1.0, 1.0);
+        let dh: Vec<E> = rng.vec(n, -1.0, 1.0);
+        for reverse in [false, true] {
+            for with_h0 in [false, true] {
+                let what = format!("{} {shape} reverse={reverse} h0={with_h0}", E::DTYPE);
+                let p = ScanParams::new().reverse(reverse);
+                let h0_opt = with_h0.then_some(h0.as_slice());
+                let want = scan::linear_alloc(&p, shape, &a, &b, h0_opt).unwrap();
+                let got = scan::cuda::linear_host(device, &p, shape, &a, &b, h0_opt).unwrap();
+                let r = worst_ratio(&to_f64(&got), &to_f64(&want), rtol, atol);
+                assert!(r <= 1.0, "cuda forward {what}: {r} x tolerance");
+
+                let want = scan::linear_backward_alloc(&p, shape, &a, &want, &dh, h0_opt).unwrap();
+                let got =
+                    scan::cuda::linear_backward_host(device, &p, shape, &a, &got, &dh, h0_opt)
+                        .unwrap();
+                for (name, g, w) in [
+                    ("da", &got.da, &want.da),
+                    ("db", &got.db, &want.db),
+                    ("dh0", &got.dh0, &want.dh0),
+                ] {
+                    let r = worst_ratio(&to_f64(g), &to_f64(w), rtol, atol);
+                    assert!(r <= 1.0, "cuda backward {name} {what}: {r} x tolerance");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_matches_cpu_f32() {
+    if let Some(dev) = device_or_skip("cuda_matches_cpu_f32") {
+        check::<f32>(&dev, 10);
+    }
+}
+
+#[test]
+fn cuda_matches_cpu_f64() {
+    if let Some(dev) = device_or_skip("cuda_matches_cpu_f64") {
+        check::<f64>(&dev, 20);
+    }
+}
+
+#[test]
+fn cuda_matches_cpu_f16() {
+    if let Some(dev) = device_or_skip("cuda_matches_cpu_f16") {
+        check::<f16>(&dev, 30);
+    }
+}
+
+#[test]
+fn cuda_matches_cpu_bf16() {
+    if let Some(dev) = device_or_skip("cuda_matches_cpu_bf16") {
+        check::<bf16>(&dev, 40);
+    }
+}
+
+#[test]
+fn cuda_writes_every_output_element_and_is_deterministic() {
+    let Some(dev) = device_or_skip("cuda_writes_every_output_element") else {
+        return;
+    };
+    let stream = dev.stream().clone();
+    let shape = ScanShape::new(2, 50_000, 33);
+    let n = 2 * 50_000 * 33;
+    let mut rng = Rng::new(77);
+    let a: Vec<f32> = rng.vec(n, 0.5, 1.0);
+    let b: Vec<f32> = rng.vec(n, -1.0, 1.0);
+    let a_d = stream.clone_htod(&a).unwrap();
+    let b_d = stream.clone_htod(&b).unwrap();
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        // poison the output first
+        let mut h_d = stream.clone_htod(&vec![f32::NAN; n]).unwrap();
+        scan::cuda::linear(
+            &dev,
+            &stream,
+            &ScanParams::new(),
+            shape,
+            &a_d,
+            &b_d,
+            None,
+            &mut h_d,
+        )
+        .unwrap();
+        let h = stream.clone_dtoh(&h_d).unwrap();
+        assert!(
+            h.iter().all(|x| x.is_finite()),
+            "an output element was not written"
+        );
+        runs.push(h);
+    }
+    assert!(runs[0] == runs[1], "two runs differ");
+}
+
+#[test]
+fn cuda_bad_input_is_an_error() {
+    let Some(dev) = device_or_skip("cuda_bad_input_is_an_error") else {
+        return;
+    };
+    let stream = dev.stream().clone();
+    let shape = ScanShape::new(2, 3, 4);
+    let p = ScanParams::new();
+    let ok = stream.alloc_zeros::<f32>(24).unwrap();
+    let short = stream.alloc_zeros::<f32>(23).unwrap();
+    let mut out = stream.alloc_zeros::<f32>(24).unwrap();
+    let mut out_short = stream.alloc_zeros::<f32>(10).unwrap();
+    let h0_short = stream.alloc_zeros::<f32>(7).unwrap();
+    let name = |r: neurokernels::Result<()>| r.unwrap_err().to_string();
+    assert!(
+        name(scan::cuda::linear(
+            &dev, &stream, &p, shape, &short, &ok, None, &mut out
+        ))
+        .contains("`a`")
+    );
+    assert!(
+        name(scan::cuda::linear(
+            &dev, &stream, &p, shape, &ok, &short, None, &mut out
+        ))
+        .contains("`b`")
+    );
+    assert!(
+        name(scan::cuda::linear(
+            &dev,
+            &stream,
+            &p,
+            shape,
+            &ok,
+            &ok,
+            None,
+            &mut out_short
+        ))
+        .contains("`h`")
+    );
+    assert!(
+        name(scan::cuda::linear(
+            &dev,
+            &stream,
+            &p,
+            shape,
+            &ok,
+            &ok,
+            Some(&h0_short.as_view()),
+            &mut out
+        ))
+        .contains("`h0`")
+    );
+    // a second Device on the same GPU shares its primary context: its streams are accepted
+    let other = Device::open(0).unwrap();
+    let shared = other.stream().clone();
+    scan::cuda::linear(&dev, &shared, &p, shape, &ok, &ok, None, &mut out).unwrap();
+    // empty batch: Ok, nothing launched
+    let empty = stream.alloc_zeros::<f32>(1).unwrap();
+    let mut empty_out = stream.alloc_zeros::<f32>(1).unwrap();
+    let e = empty.slice(0..0);
+    let mut eo = empty_out.slice_mut(0..0);
+    scan::cuda::linear(
+        &dev,
+        &stream,
+        &p,
+        ScanShape::new(0, 3, 4),
+        &e,
+        &e,
+        None,
+        &mut eo,
+    )
+    .unwrap();
+}
