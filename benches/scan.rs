@@ -1,1 +1,225 @@
-fn main() {}
+//! Criterion benches of scan.linear. The scan is memory-bound, so each group also times a
+//! multi-threaded copy moving the same number of bytes: that copy is the ceiling, and
+//! `scan / copy` throughput is the fraction of it reached.
+//!
+//! Bytes counted: forward reads a, b and writes h (3 tensors); backward reads a, h, dh and
+//! writes da, db (5 tensors; dh0 is negligible).
+//!
+//!     cargo bench --bench scan                 # all
+//!     cargo bench --bench scan -- B8_T4096     # one size
+//!
+//! With `--features cuda` and a GPU, the same sizes also run on the device against a
+//! device-to-device copy of the same bytes.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use neurokernels::cpu::Isa;
+use neurokernels::scan::{self, ScanParams, ScanShape};
+use rayon::prelude::*;
+use std::hint::black_box;
+use std::time::Duration;
+
+/// (label, B, T, D): the standard size, and a long sequence on few channels where the
+/// parallelism must come from the time axis.
+const SIZES: &[(&str, usize, usize, usize)] = &[
+    ("B8_T4096_D1024", 8, 4096, 1024),
+    ("B1_T262144_D16", 1, 262_144, 16),
+];
+
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            0.5 + (x >> 8) as f32 / (1u32 << 25) as f32
+        })
+        .collect()
+}
+
+/// Copies src to dst on every rayon thread, in 1 MiB pieces.
+fn parallel_copy(src: &[f32], dst: &mut [f32]) {
+    const PIECE: usize = 1 << 18;
+    dst.par_chunks_mut(PIECE)
+        .zip(src.par_chunks(PIECE))
+        .for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+fn bench_cpu(c: &mut Criterion) {
+    for &(label, bsz, t, d) in SIZES {
+        let n = bsz * t * d;
+        let shape = ScanShape::new(bsz, t, d);
+        let (a, b) = (data(n, 1), data(n, 2));
+        let mut h = vec![0f32; n];
+        let mut group = c.benchmark_group(format!("scan_linear_cpu/{label}"));
+        group
+            .sample_size(20)
+            .measurement_time(Duration::from_secs(4))
+            .warm_up_time(Duration::from_secs(1));
+
+        let fwd_bytes = (3 * n * 4) as u64;
+        group.throughput(Throughput::Bytes(fwd_bytes));
+        let copy_src = data(3 * n / 2, 3);
+        let mut copy_dst = vec![0f32; copy_src.len()];
+        group.bench_function("copy_same_bytes_as_forward", |bench| {
+            bench.iter(|| parallel_copy(black_box(&copy_src), &mut copy_dst))
+        });
+        for isa in Isa::available() {
+            let p = ScanParams::new();
+            group.bench_function(BenchmarkId::new("forward_f32", isa.name()), |bench| {
+                bench.iter(|| {
+                    scan::linear_on(isa, &p, shape, black_box(&a), black_box(&b), None, &mut h)
+                        .unwrap()
+                })
+            });
+        }
+        let (ah, bh): (Vec<half::bf16>, Vec<half::bf16>) = (
+            a.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+            b.iter().map(|&x| half::bf16::from_f32(x)).collect(),
+        );
+        let mut hh = vec![half::bf16::ZERO; n];
+        group.throughput(Throughput::Bytes((3 * n * 2) as u64));
+        group.bench_function(
+            BenchmarkId::new("forward_bf16", Isa::detected().name()),
+            |bench| {
+                bench.iter(|| {
+                    scan::linear(
+                        &ScanParams::new(),
+                        shape,
+                        black_box(&ah),
+                        black_box(&bh),
+                        None,
+                        &mut hh,
+                    )
+                    .unwrap()
+                })
+            },
+        );
+
+        let bwd_bytes = (5 * n * 4) as u64;
+        group.throughput(Throughput::Bytes(bwd_bytes));
+        let copy_src = data(5 * n / 2, 4);
+        let mut copy_dst = vec![0f32; copy_src.len()];
+        group.bench_function("copy_same_bytes_as_backward", |bench| {
+            bench.iter(|| parallel_copy(black_box(&copy_src), &mut copy_dst))
+        });
+        scan::linear(&ScanParams::new(), shape, &a, &b, None, &mut h).unwrap();
+        let (mut da, mut db, mut dh0) = (vec![0f32; n], vec![0f32; n], vec![0f32; bsz * d]);
+        group.bench_function(
+            BenchmarkId::new("backward_f32", Isa::detected().name()),
+            |bench| {
+                bench.iter(|| {
+                    scan::linear_backward(
+                        &ScanParams::new(),
+                        shape,
+                        black_box(&a),
+                        &h,
+                        black_box(&b),
+                        None,
+                        &mut da,
+                        &mut db,
+                        &mut dh0,
+                    )
+                    .unwrap()
+                })
+            },
+        );
+        group.finish();
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn bench_cuda(c: &mut Criterion) {
+    use neurokernels::cuda::Device;
+    let device = match Device::open(0) {
+        Ok(d) => d,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED CUDA benches: {e}");
+            return;
+        }
+    };
+    let stream = device.stream().clone();
+    // times `iters` runs of `f` between two synchronizations
+    let timed = |iters: u64, f: &mut dyn FnMut()| {
+        stream.synchronize().unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        stream.synchronize().unwrap();
+        start.elapsed()
+    };
+    for &(label, bsz, t, d) in SIZES.iter().chain(&[("B64_T4096_D1024", 64, 4096, 1024)]) {
+        let n = bsz * t * d;
+        let shape = ScanShape::new(bsz, t, d);
+        let a = stream.clone_htod(&data(n, 1)).unwrap();
+        let b = stream.clone_htod(&data(n, 2)).unwrap();
+        let mut h = stream.alloc_zeros::<f32>(n).unwrap();
+        let copy_src = stream.alloc_zeros::<f32>(3 * n / 2).unwrap();
+        let mut copy_dst = stream.alloc_zeros::<f32>(3 * n / 2).unwrap();
+        let mut group = c.benchmark_group(format!("scan_linear_cuda/{label}"));
+        group
+            .sample_size(20)
+            .measurement_time(Duration::from_secs(2))
+            .warm_up_time(Duration::from_millis(500));
+        group.throughput(Throughput::Bytes((3 * n * 4) as u64));
+        group.bench_function("copy_same_bytes_as_forward", |bench| {
+            bench.iter_custom(|iters| {
+                timed(iters, &mut || {
+                    stream.memcpy_dtod(&copy_src, &mut copy_dst).unwrap()
+                })
+            })
+        });
+        group.bench_function("forward_f32", |bench| {
+            bench.iter_custom(|iters| {
+                timed(iters, &mut || {
+                    scan::cuda::linear(
+                        &device,
+                        &stream,
+                        &ScanParams::new(),
+                        shape,
+                        &a,
+                        &b,
+                        None,
+                        &mut h,
+                    )
+                    .unwrap()
+                })
+            })
+        });
+        group.throughput(Throughput::Bytes((5 * n * 4) as u64));
+        let (mut da, mut db) = (
+            stream.alloc_zeros::<f32>(n).unwrap(),
+            stream.alloc_zeros::<f32>(n).unwrap(),
+        );
+        let mut dh0 = stream.alloc_zeros::<f32>(bsz * d).unwrap();
+        group.bench_function("backward_f32", |bench| {
+            bench.iter_custom(|iters| {
+                timed(iters, &mut || {
+                    scan::cuda::linear_backward(
+                        &device,
+                        &stream,
+                        &ScanParams::new(),
+                        shape,
+                        &a,
+                        &h,
+                        &b,
+                        None,
+                        &mut da,
+                        &mut db,
+                        &mut dh0,
+                    )
+                    .unwrap()
+                })
+            })
+        });
+        group.finish();
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(_: &mut Criterion) {}
+
+criterion_group!(benches, bench_cpu, bench_cuda);
+criterion_main!(benches);
