@@ -10,14 +10,19 @@ use neurokernels::cpu::Isa;
 use neurokernels::scan::{self, ScanParams, ScanShape};
 use neurokernels::{Element, Error};
 
-/// Shapes: tiny and odd ones, one that is not a multiple of any vector width, and (the last
-/// three) long sequences on few channels, which take the time-parallel plan.
+/// Shapes: tiny and odd ones, ones that are not a multiple of any vector width, narrow rows
+/// held in registers, and (the last three) long sequences on few channels, which take the
+/// time-parallel plan.
 const SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
     (3, 17, 13),
     (2, 33, 37),
     (4, 64, 130),
     (1, 5, 300),
+    // rows of 1 to 4 vectors: the state lives in registers
+    (2, 40, 8),
+    (3, 29, 16),
+    (1, 50, 32),
     (1, 140_000, 3),
     (2, 70_001, 3),
     (1, 140_000, 6),

@@ -206,9 +206,9 @@ unsafe fn backward_apply_registers<S: Simd, E: Element, const N: usize>(k: Backw
             *v = E::Acc::vload::<S>(k.state.add(i * lanes));
         }
         for s in (k.span.s0..k.span.s1).rev() {
-            // h[s-1] sits one row "behind" in the recurrence's direction: row - step
+            // h[s-1] is the next row of this descending walk
             let prev = if s > 0 {
-                k.h.offset(row - step)
+                k.h.offset(row + step)
             } else if k.h0.is_null() {
                 std::ptr::null()
             } else {
