@@ -614,12 +614,26 @@ fn same_shape(case: &Case, name: &str, want: &[usize]) -> Result<()> {
     expect_shape(name, &case.input(name)?.shape, want)
 }
 
-/// Default tolerances (rtol, atol) by dtype, as CASES.md gives them.
-pub fn default_tolerance(dtype: DType) -> (f64, f64) {
-    match dtype {
-        DType::F64 => (1e-10, 1e-10),
-        DType::F32 => (1e-4, 1e-5),
-        DType::F16 | DType::BF16 => (2e-2, 2e-2),
+/// An elementwise tolerance: |got - want| <= atol + rtol·|want|.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    pub rtol: f64,
+    pub atol: f64,
+}
+
+impl Tolerance {
+    /// The defaults by dtype, as CASES.md gives them.
+    pub fn default_for(dtype: DType) -> Tolerance {
+        let (rtol, atol) = match dtype {
+            DType::F64 => (1e-10, 1e-10),
+            DType::F32 => (1e-4, 1e-5),
+            DType::F16 | DType::BF16 => (2e-2, 2e-2),
+        };
+        Tolerance { rtol, atol }
+    }
+
+    pub fn accepts(&self, got: f64, want: f64) -> bool {
+        got == want || (got - want).abs() <= self.atol + self.rtol * want.abs()
     }
 }
 
@@ -635,13 +649,7 @@ pub struct OutputCheck {
 }
 
 /// Elementwise: |got - want| <= atol + rtol·|want|; NaN must match NaN, ±inf exactly.
-pub fn compare_elementwise(
-    name: &str,
-    got: &Tensor,
-    want: &Tensor,
-    rtol: f64,
-    atol: f64,
-) -> OutputCheck {
+pub fn compare_elementwise(name: &str, got: &Tensor, want: &Tensor, tol: Tolerance) -> OutputCheck {
     let mut check = OutputCheck {
         name: name.to_string(),
         max_abs: 0.0,
@@ -666,7 +674,7 @@ pub fn compare_elementwise(
             if y != 0.0 {
                 check.max_rel = check.max_rel.max(diff / y.abs());
             }
-            diff <= atol + rtol * y.abs()
+            tol.accepts(x, y)
         };
         if !ok && check.passed {
             check.passed = false;
@@ -685,8 +693,7 @@ pub fn compare_topk(
     got_indices: &[i32],
     want_values: &[f64],
     k: usize,
-    rtol: f64,
-    atol: f64,
+    tol: Tolerance,
     lookup: impl Fn(usize, i32) -> Option<f64>,
 ) -> OutputCheck {
     let mut check = OutputCheck {
@@ -705,7 +712,7 @@ pub fn compare_topk(
     if k == 0
         || got_values.len() != want_values.len()
         || got_indices.len() != got_values.len()
-        || got_values.len() % k != 0
+        || !got_values.len().is_multiple_of(k)
     {
         fail(
             &mut check,
@@ -718,7 +725,7 @@ pub fn compare_topk(
         );
         return check;
     }
-    let close = |x: f64, y: f64| x == y || (x - y).abs() <= atol + rtol * y.abs();
+    let close = |x: f64, y: f64| tol.accepts(x, y);
     for row in 0..got_values.len() / k {
         let span = row * k..(row + 1) * k;
         let mut g = got_values[span.clone()].to_vec();
@@ -855,12 +862,15 @@ pub fn check_file(runner: &Runner, path: &Path, save: Option<&Path>) -> Report {
 
 /// Compares computed outputs with every `out.NAME` of the case.
 pub fn compare_case(case: &Case, got: &BTreeMap<String, Tensor>) -> Vec<OutputCheck> {
-    let (drtol, datol) = case.dtype().map_or((1e-4, 1e-5), default_tolerance);
-    let (rtol, atol) = (case.rtol.unwrap_or(drtol), case.atol.unwrap_or(datol));
+    let default = Tolerance::default_for(case.dtype().unwrap_or(DType::F32));
+    let tol = Tolerance {
+        rtol: case.rtol.unwrap_or(default.rtol),
+        atol: case.atol.unwrap_or(default.atol),
+    };
     case.outputs
         .iter()
         .map(|(name, want)| match got.get(name) {
-            Some(g) => compare_elementwise(name, g, want, rtol, atol),
+            Some(g) => compare_elementwise(name, g, want, tol),
             None => OutputCheck {
                 name: name.clone(),
                 max_abs: f64::NAN,

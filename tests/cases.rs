@@ -4,7 +4,18 @@
 
 mod common;
 
-use neurokernels::cases::{self, Case, Outcome, Runner, Tensor, check_file, collect_case_files};
+use neurokernels::cases::{
+    self, Case, Outcome, Runner, Tensor, Tolerance, check_file, collect_case_files,
+};
+
+const TOL: Tolerance = Tolerance {
+    rtol: 1e-4,
+    atol: 1e-5,
+};
+const TOPK_TOL: Tolerance = Tolerance {
+    rtol: 1e-6,
+    atol: 0.0,
+};
 use std::path::{Path, PathBuf};
 
 fn committed_cases() -> Vec<PathBuf> {
@@ -187,7 +198,7 @@ fn an_unimplemented_op_fails_rather_than_skips() {
 #[test]
 fn a_case_without_op_is_an_error() {
     let dir = temp_dir("noop");
-    let named = vec![("in.a".to_string(), Tensor::new(vec![1], vec![1.0f32]))];
+    let named = [("in.a".to_string(), Tensor::new(vec![1], vec![1.0f32]))];
     let path = dir.join("x.safetensors");
     safetensors::serialize_to_file(named.iter().map(|(k, t)| (k.clone(), t)), None, &path).unwrap();
     assert!(
@@ -202,13 +213,13 @@ fn a_case_without_op_is_an_error() {
 fn elementwise_comparator_handles_nan_inf_and_tolerance() {
     let want = Tensor::new(vec![4], vec![1.0f32, f32::NAN, f32::INFINITY, 100.0]);
     let ok = Tensor::new(vec![4], vec![1.00001f32, f32::NAN, f32::INFINITY, 100.009]);
-    assert!(cases::compare_elementwise("x", &ok, &want, 1e-4, 1e-5).passed);
+    assert!(cases::compare_elementwise("x", &ok, &want, TOL).passed);
     let nan_vs_num = Tensor::new(vec![4], vec![1.0f32, 0.0, f32::INFINITY, 100.0]);
-    assert!(!cases::compare_elementwise("x", &nan_vs_num, &want, 1e-4, 1e-5).passed);
+    assert!(!cases::compare_elementwise("x", &nan_vs_num, &want, TOL).passed);
     let inf_sign = Tensor::new(vec![4], vec![1.0f32, f32::NAN, f32::NEG_INFINITY, 100.0]);
-    assert!(!cases::compare_elementwise("x", &inf_sign, &want, 1e-4, 1e-5).passed);
+    assert!(!cases::compare_elementwise("x", &inf_sign, &want, TOL).passed);
     let too_far = Tensor::new(vec![4], vec![1.0f32, f32::NAN, f32::INFINITY, 100.02]);
-    assert!(!cases::compare_elementwise("x", &too_far, &want, 1e-4, 1e-5).passed);
+    assert!(!cases::compare_elementwise("x", &too_far, &want, TOL).passed);
 }
 
 #[test]
@@ -217,12 +228,12 @@ fn topk_comparator_accepts_ties_in_any_order_and_checks_indices() {
     let x = [5.0, 3.0, 5.0, 1.0];
     let lookup = |_: usize, i: i32| x.get(i as usize).copied();
     let want = [5.0, 5.0];
-    assert!(cases::compare_topk("v", &[5.0, 5.0], &[2, 0], &want, 2, 1e-6, 0.0, lookup).passed);
-    assert!(cases::compare_topk("v", &[5.0, 5.0], &[0, 2], &want, 2, 1e-6, 0.0, lookup).passed);
+    assert!(cases::compare_topk("v", &[5.0, 5.0], &[2, 0], &want, 2, TOPK_TOL, lookup).passed);
+    assert!(cases::compare_topk("v", &[5.0, 5.0], &[0, 2], &want, 2, TOPK_TOL, lookup).passed);
     // an index that does not point at its value
-    assert!(!cases::compare_topk("v", &[5.0, 5.0], &[0, 1], &want, 2, 1e-6, 0.0, lookup).passed);
+    assert!(!cases::compare_topk("v", &[5.0, 5.0], &[0, 1], &want, 2, TOPK_TOL, lookup).passed);
     // out of range
-    assert!(!cases::compare_topk("v", &[5.0, 5.0], &[0, 9], &want, 2, 1e-6, 0.0, lookup).passed);
+    assert!(!cases::compare_topk("v", &[5.0, 5.0], &[0, 9], &want, 2, TOPK_TOL, lookup).passed);
     // wrong values
-    assert!(!cases::compare_topk("v", &[5.0, 3.0], &[0, 1], &want, 2, 1e-6, 0.0, lookup).passed);
+    assert!(!cases::compare_topk("v", &[5.0, 3.0], &[0, 1], &want, 2, TOPK_TOL, lookup).passed);
 }

@@ -205,7 +205,7 @@ fn expect_tensor_error<T: std::fmt::Debug>(result: Result<T, Error>, tensor: &st
 fn bad_input_is_an_error_naming_the_tensor() {
     let shape = ScanShape::new(2, 3, 4);
     let ok = vec![0.5f32; 24];
-    let state = vec![0f32; 8];
+    let state = [0f32; 8];
     let mut out = vec![0f32; 24];
     let p = ScanParams::new();
     // wrong rank

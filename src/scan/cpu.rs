@@ -99,7 +99,7 @@ const MAX_REGISTER_VECTORS: usize = 4;
 /// live in registers.
 #[inline(always)]
 fn register_vectors(w: usize, lanes: usize) -> Option<usize> {
-    (w % lanes == 0 && w / lanes <= MAX_REGISTER_VECTORS && w > 0).then_some(w / lanes)
+    (w.is_multiple_of(lanes) && w / lanes <= MAX_REGISTER_VECTORS && w > 0).then_some(w / lanes)
 }
 
 /// Signed element step between consecutive logical rows, and the first row's offset.
