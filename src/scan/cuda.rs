@@ -354,7 +354,7 @@ mod tests {
         ] {
             let shape = ScanShape::new(b, t, d);
             let (chunks, len) = chunking(shape);
-            assert!(chunks >= 1 && chunks <= 65_535, "{shape}");
+            assert!((1..=65_535).contains(&chunks), "{shape}");
             assert!(
                 chunks * len >= t && (chunks - 1) * len < t,
                 "{shape}: {chunks} x {len}"
