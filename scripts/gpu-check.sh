@@ -17,26 +17,29 @@ stage=.gpu
 rm -rf "$stage"
 mkdir -p "$stage/bin"
 
-build_json=$(mktemp)
-cargo test --release --features cuda --no-run --message-format=json > "$build_json"
-cargo bench --features cuda --no-run --message-format=json >> "$build_json"
+tests_json=$(mktemp)
+benches_json=$(mktemp)
+cargo test --release --features cuda --no-run --message-format=json > "$tests_json"
+cargo bench --features cuda --no-run --message-format=json > "$benches_json"
 cargo build --release --features cuda --examples
-python3 - "$build_json" "$stage/bin" <<'PY'
+# the test harness binaries (lib unit tests and tests/*.rs) and the criterion bench binaries
+python3 - "$tests_json" "$benches_json" "$stage/bin" <<'PY'
 import json, shutil, sys, os
-out = sys.argv[2]
-for line in open(sys.argv[1]):
-    try:
-        msg = json.loads(line)
-    except ValueError:
-        continue
-    exe = msg.get("executable")
-    if msg.get("reason") == "compiler-artifact" and exe and msg["target"]["kind"] != ["bin"]:
-        kind = "bench" if "bench" in msg["target"]["kind"] else "test"
-        name = f'{kind}-{msg["target"]["name"]}'
-        shutil.copy2(exe, os.path.join(out, name))
-        print("staged", name)
+def artifacts(path, kinds):
+    for line in open(path):
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable") and msg["target"]["kind"][0] in kinds:
+            yield msg["target"]["name"], msg["executable"]
+out = sys.argv[3]
+for prefix, path, kinds in [("test", sys.argv[1], ("lib", "test")), ("bench", sys.argv[2], ("bench",))]:
+    for name, exe in artifacts(path, kinds):
+        shutil.copy2(exe, os.path.join(out, f"{prefix}-{name}"))
+        print("staged", f"{prefix}-{name}")
 PY
-rm -f "$build_json"
+rm -f "$tests_json" "$benches_json"
 cp target/release/examples/check_cases target/release/examples/tour "$stage/bin/"
 if [ -f ../shared/anchors/gpu.py ]; then
   cp ../shared/anchors/gpu.py "$stage/gpu.py"
