@@ -530,16 +530,82 @@ fn piece_range(
     }
 }
 
-/// carry[p+1] = prod[p]·carry[p] + end[p] for the pieces of one batch, sequentially;
-/// `carries` gets each piece's incoming carry, the first being `carry`.
-fn chain_carries<A: Accum>(carry: &[A], ends: &[A], prods: &[A], carries: &mut [A], d: usize) {
-    carries[..d].copy_from_slice(carry);
-    for p in 1..TIME_PIECES {
-        let (done, rest) = carries.split_at_mut(p * d);
-        let prev = &done[(p - 1) * d..];
-        let (end, prod) = (&ends[(p - 1) * d..p * d], &prods[(p - 1) * d..p * d]);
-        for c in 0..d {
-            rest[c] = prod[c] * prev[c] + end[c];
+/// The time-parallel plan for either direction. Rounds of TIME_PIECES pieces run in the
+/// recurrence's order; `summary(batch, s0, s1, end, prod)` reduces a piece from a zero state,
+/// `apply(batch, s0, s1, state)` runs it from its carry (left in `state`). Each round is one
+/// parallel phase: every piece is applied and, in the same task, the piece of the next round
+/// is summarized (its inputs then wait in cache for the next phase). Between phases a short
+/// sequential pass chains the carries: carry[p+1] = prod[p]·carry[p] + end[p].
+/// `carry` holds the state entering the first round and is left with the final state.
+fn time_parallel<A: Accum>(
+    shape: ScanShape,
+    piece_len: usize,
+    descending: bool,
+    carry: &mut [A],
+    summary: impl Fn(usize, usize, usize, &mut [A], &mut [A]) + Sync,
+    apply: impl Fn(usize, usize, usize, &mut [A]) + Sync,
+) {
+    let (batch, t_len, d) = (shape.batch, shape.len, shape.channels);
+    let round_len = TIME_PIECES * piece_len;
+    let rounds: Vec<(usize, usize)> = (0..t_len.div_ceil(round_len))
+        .map(|r| {
+            if descending {
+                let hi = t_len - r * round_len;
+                (hi.saturating_sub(round_len), hi)
+            } else {
+                (r * round_len, ((r + 1) * round_len).min(t_len))
+            }
+        })
+        .collect();
+    let pieces = |round: usize, p: usize| {
+        let (lo, hi) = rounds[round];
+        piece_range(lo, hi, p, piece_len, descending)
+    };
+    let items = batch * TIME_PIECES;
+    let mut ends = vec![A::ZERO; items * d];
+    let mut prods = vec![A::ONE; items * d];
+    let mut states = vec![A::ZERO; items * d];
+    // summaries of the first round (the last piece's is never needed)
+    let summarize = |round: usize, i: usize, end: &mut [A], prod: &mut [A]| {
+        let (bi, p) = (i / TIME_PIECES, i % TIME_PIECES);
+        if p + 1 < TIME_PIECES {
+            end.fill(A::ZERO);
+            prod.fill(A::ONE);
+            let (s0, s1) = pieces(round, p);
+            summary(bi, s0, s1, end, prod);
+        }
+    };
+    ends.par_chunks_mut(d)
+        .zip(prods.par_chunks_mut(d))
+        .enumerate()
+        .for_each(|(i, (end, prod))| summarize(0, i, end, prod));
+    for round in 0..rounds.len() {
+        for bi in 0..batch {
+            let first = bi * TIME_PIECES * d;
+            states[first..first + d].copy_from_slice(&carry[bi * d..(bi + 1) * d]);
+            for p in 1..TIME_PIECES {
+                let (prev, next) = (first + (p - 1) * d, first + p * d);
+                for c in 0..d {
+                    states[next + c] = prods[prev + c] * states[prev + c] + ends[prev + c];
+                }
+            }
+        }
+        let next_round = round + 1 < rounds.len();
+        states
+            .par_chunks_mut(d)
+            .zip(ends.par_chunks_mut(d))
+            .zip(prods.par_chunks_mut(d))
+            .enumerate()
+            .for_each(|(i, ((state, end), prod))| {
+                let (s0, s1) = pieces(round, i % TIME_PIECES);
+                apply(i / TIME_PIECES, s0, s1, state);
+                if next_round {
+                    summarize(round + 1, i, end, prod);
+                }
+            });
+        for bi in 0..batch {
+            let last = (bi * TIME_PIECES + TIME_PIECES - 1) * d;
+            carry[bi * d..(bi + 1) * d].copy_from_slice(&states[last..last + d]);
         }
     }
 }
@@ -595,77 +661,45 @@ pub(crate) fn forward<E: Element>(
                 });
         }
         Plan::Time { piece_len } => {
-            let items = batch * TIME_PIECES;
             let mut carry = state_from(h0, batch * d);
-            let mut ends = vec![<E::Acc as Accum>::ZERO; items * d];
-            let mut prods = vec![<E::Acc as Accum>::ONE; items * d];
-            let mut carries = vec![<E::Acc as Accum>::ZERO; items * d];
-            let round_len = TIME_PIECES * piece_len;
-            for lo in (0..t_len).step_by(round_len) {
-                let hi = (lo + round_len).min(t_len);
-                let span_of = |p: usize| {
-                    let (s0, s1) = piece_range(lo, hi, p, piece_len, false);
-                    Span {
-                        d,
-                        t_len,
-                        reverse,
-                        c0: 0,
-                        w: d,
-                        s0,
-                        s1,
-                    }
-                };
-                ends.par_chunks_mut(d)
-                    .zip(prods.par_chunks_mut(d))
-                    .enumerate()
-                    .for_each(|(i, (end, prod))| {
-                        let (bi, p) = (i / TIME_PIECES, i % TIME_PIECES);
-                        if p + 1 == TIME_PIECES {
-                            return; // the last piece's summary is never needed
-                        }
-                        end.fill(<E::Acc as Accum>::ZERO);
-                        prod.fill(<E::Acc as Accum>::ONE);
-                        let base = bi * batch_stride;
-                        let kernel = ForwardSummary {
-                            span: span_of(p),
-                            a: unsafe { ap.get().add(base) },
-                            b: unsafe { bp.get().add(base) },
-                            end: end.as_mut_ptr(),
-                            prod: prod.as_mut_ptr(),
-                        };
-                        dispatch(isa, kernel);
-                    });
-                for bi in 0..batch {
-                    let r = bi * TIME_PIECES * d..(bi + 1) * TIME_PIECES * d;
-                    chain_carries(
-                        &carry[bi * d..(bi + 1) * d],
-                        &ends[r.clone()],
-                        &prods[r.clone()],
-                        &mut carries[r],
-                        d,
-                    );
-                }
-                carries
-                    .par_chunks_mut(d)
-                    .enumerate()
-                    .for_each(|(i, state)| {
-                        let (bi, p) = (i / TIME_PIECES, i % TIME_PIECES);
-                        let base = bi * batch_stride;
-                        // SAFETY: pieces own disjoint (batch, time range) parts of h.
-                        let kernel = ForwardApply {
-                            span: span_of(p),
-                            a: unsafe { ap.get().add(base) },
-                            b: unsafe { bp.get().add(base) },
-                            h: unsafe { hp.get().add(base) },
-                            state: state.as_mut_ptr(),
-                        };
-                        dispatch(isa, kernel);
-                    });
-                for bi in 0..batch {
-                    let last = (bi * TIME_PIECES + TIME_PIECES - 1) * d;
-                    carry[bi * d..(bi + 1) * d].copy_from_slice(&carries[last..last + d]);
-                }
-            }
+            let span = Span {
+                d,
+                t_len,
+                reverse,
+                c0: 0,
+                w: d,
+                s0: 0,
+                s1: 0,
+            };
+            time_parallel(
+                shape,
+                piece_len,
+                false,
+                &mut carry,
+                |bi, s0, s1, end: &mut [E::Acc], prod: &mut [E::Acc]| {
+                    let base = bi * batch_stride;
+                    let kernel = ForwardSummary {
+                        span: Span { s0, s1, ..span },
+                        a: unsafe { ap.get().add(base) },
+                        b: unsafe { bp.get().add(base) },
+                        end: end.as_mut_ptr(),
+                        prod: prod.as_mut_ptr(),
+                    };
+                    dispatch(isa, kernel);
+                },
+                |bi, s0, s1, state: &mut [E::Acc]| {
+                    let base = bi * batch_stride;
+                    // SAFETY: pieces own disjoint (batch, time range) parts of h.
+                    let kernel = ForwardApply {
+                        span: Span { s0, s1, ..span },
+                        a: unsafe { ap.get().add(base) },
+                        b: unsafe { bp.get().add(base) },
+                        h: unsafe { hp.get().add(base) },
+                        state: state.as_mut_ptr(),
+                    };
+                    dispatch(isa, kernel);
+                },
+            );
         }
     }
 }
@@ -738,82 +772,48 @@ pub(crate) fn backward<E: Element>(
                 });
         }
         Plan::Time { piece_len } => {
-            let items = batch * TIME_PIECES;
             let mut carry = vec![<E::Acc as Accum>::ZERO; batch * d];
-            let mut ends = vec![<E::Acc as Accum>::ZERO; items * d];
-            let mut prods = vec![<E::Acc as Accum>::ONE; items * d];
-            let mut carries = vec![<E::Acc as Accum>::ZERO; items * d];
-            let round_len = TIME_PIECES * piece_len;
-            let mut hi = t_len;
-            while hi > 0 {
-                let lo = hi.saturating_sub(round_len);
-                let span_of = |p: usize| {
-                    let (s0, s1) = piece_range(lo, hi, p, piece_len, true);
-                    Span {
-                        d,
-                        t_len,
-                        reverse,
-                        c0: 0,
-                        w: d,
-                        s0,
-                        s1,
-                    }
-                };
-                ends.par_chunks_mut(d)
-                    .zip(prods.par_chunks_mut(d))
-                    .enumerate()
-                    .for_each(|(i, (end, prod))| {
-                        let (bi, p) = (i / TIME_PIECES, i % TIME_PIECES);
-                        if p + 1 == TIME_PIECES {
-                            return;
-                        }
-                        end.fill(<E::Acc as Accum>::ZERO);
-                        prod.fill(<E::Acc as Accum>::ONE);
-                        let base = bi * batch_stride;
-                        let kernel = BackwardSummary {
-                            span: span_of(p),
-                            a: unsafe { ap.get().add(base) },
-                            dh: unsafe { dhp.get().add(base) },
-                            end: end.as_mut_ptr(),
-                            prod: prod.as_mut_ptr(),
-                        };
-                        dispatch(isa, kernel);
-                    });
-                for bi in 0..batch {
-                    let r = bi * TIME_PIECES * d..(bi + 1) * TIME_PIECES * d;
-                    chain_carries(
-                        &carry[bi * d..(bi + 1) * d],
-                        &ends[r.clone()],
-                        &prods[r.clone()],
-                        &mut carries[r],
-                        d,
-                    );
-                }
-                carries
-                    .par_chunks_mut(d)
-                    .enumerate()
-                    .for_each(|(i, state)| {
-                        let (bi, p) = (i / TIME_PIECES, i % TIME_PIECES);
-                        let base = bi * batch_stride;
-                        // SAFETY: pieces own disjoint (batch, time range) parts of da and db.
-                        let kernel = BackwardApply {
-                            span: span_of(p),
-                            a: unsafe { ap.get().add(base) },
-                            h: unsafe { hp.get().add(base) },
-                            dh: unsafe { dhp.get().add(base) },
-                            h0: h0_row(bi),
-                            da: unsafe { dap.get().add(base) },
-                            db: unsafe { dbp.get().add(base) },
-                            state: state.as_mut_ptr(),
-                        };
-                        dispatch(isa, kernel);
-                    });
-                for bi in 0..batch {
-                    let last = (bi * TIME_PIECES + TIME_PIECES - 1) * d;
-                    carry[bi * d..(bi + 1) * d].copy_from_slice(&carries[last..last + d]);
-                }
-                hi = lo;
-            }
+            let span = Span {
+                d,
+                t_len,
+                reverse,
+                c0: 0,
+                w: d,
+                s0: 0,
+                s1: 0,
+            };
+            time_parallel(
+                shape,
+                piece_len,
+                true,
+                &mut carry,
+                |bi, s0, s1, end: &mut [E::Acc], prod: &mut [E::Acc]| {
+                    let base = bi * batch_stride;
+                    let kernel = BackwardSummary {
+                        span: Span { s0, s1, ..span },
+                        a: unsafe { ap.get().add(base) },
+                        dh: unsafe { dhp.get().add(base) },
+                        end: end.as_mut_ptr(),
+                        prod: prod.as_mut_ptr(),
+                    };
+                    dispatch(isa, kernel);
+                },
+                |bi, s0, s1, state: &mut [E::Acc]| {
+                    let base = bi * batch_stride;
+                    // SAFETY: pieces own disjoint (batch, time range) parts of da and db.
+                    let kernel = BackwardApply {
+                        span: Span { s0, s1, ..span },
+                        a: unsafe { ap.get().add(base) },
+                        h: unsafe { hp.get().add(base) },
+                        dh: unsafe { dhp.get().add(base) },
+                        h0: h0_row(bi),
+                        da: unsafe { dap.get().add(base) },
+                        db: unsafe { dbp.get().add(base) },
+                        state: state.as_mut_ptr(),
+                    };
+                    dispatch(isa, kernel);
+                },
+            );
             for (out, q) in dh0.iter_mut().zip(&carry) {
                 *out = E::from_acc(*q);
             }
