@@ -266,9 +266,15 @@ impl Case {
         }
     }
 
-    /// The dtype tolerances compare with: the first float input's.
+    /// The dtype the case computes in, which sets its default tolerance: the least precise
+    /// float input (a bf16 `u` beside an f32 `A` in a selective scan is a bf16 case).
     pub fn dtype(&self) -> Option<DType> {
-        self.inputs.values().find_map(Tensor::dtype)
+        let precision = |d: &DType| match d {
+            DType::F16 | DType::BF16 => 0,
+            DType::F32 => 1,
+            DType::F64 => 2,
+        };
+        self.inputs.values().filter_map(Tensor::dtype).min_by_key(precision)
     }
 }
 
