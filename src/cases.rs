@@ -274,7 +274,10 @@ impl Case {
             DType::F32 => 1,
             DType::F64 => 2,
         };
-        self.inputs.values().filter_map(Tensor::dtype).min_by_key(precision)
+        self.inputs
+            .values()
+            .filter_map(Tensor::dtype)
+            .min_by_key(precision)
     }
 }
 

@@ -150,19 +150,6 @@ impl Device {
     }
 }
 
-/// `Err` naming `tensor` unless a device buffer holds exactly `expected` elements.
-pub(crate) fn check_device_len(tensor: &str, got: usize, expected: usize) -> Result<()> {
-    if got == expected {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            tensor,
-            format!("a device buffer of {expected} elements"),
-            format!("{got} elements"),
-        ))
-    }
-}
-
 /// Zeroed scratch of accumulators on `stream`.
 pub(crate) fn scratch<A: Accum + DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,

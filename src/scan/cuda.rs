@@ -3,9 +3,11 @@
 
 use super::{ScanParams, ScanShape};
 use crate::cuda::config::{NK_SCAN_LANES, NK_SCAN_STEPS, NK_SCAN_WARPS};
-use crate::cuda::{CudaElement, Device, check_device_len, read_ptr, scratch, write_ptr};
+use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use std::sync::Arc;
 
 /// With this many (batch, channel group) blocks the single pass keeps enough loads in flight
@@ -61,6 +63,70 @@ fn carry_grid(states: usize) -> LaunchConfig {
     }
 }
 
+/// What every launch of one call shares.
+struct Launch<'a> {
+    device: &'a Device,
+    stream: &'a Arc<CudaStream>,
+    cfg: LaunchConfig,
+    shape: ScanShape,
+    chunks: usize,
+    t_len: i64,
+    d: i64,
+    chunk: i64,
+    reverse: i32,
+}
+
+impl Launch<'_> {
+    /// The carry entering every time chunk, `[B, chunks, D]`: chunk summaries
+    /// (`scan_linear_<pass>_summary`, reading the gates and `beta` — b forward, dh backward),
+    /// then the sequential chain over chunks from `init` (h0, or 0 for none).
+    fn chunk_carries<E: CudaElement>(
+        &self,
+        pass: &str,
+        a: u64,
+        beta: u64,
+        init: u64,
+    ) -> Result<CudaSlice<E::Acc>> {
+        let per_chunk = self.shape.batch * self.shape.channels * self.chunks;
+        let mut prods = scratch::<E::Acc>(self.stream, per_chunk)?;
+        let mut ends = scratch::<E::Acc>(self.stream, per_chunk)?;
+        let mut carries = scratch::<E::Acc>(self.stream, per_chunk)?;
+        let summary = self
+            .device
+            .function("scan", &format!("scan_linear_{pass}_summary_{}", E::SUFFIX))?;
+        let chain = self
+            .device
+            .function("scan", &format!("scan_linear_carry_{}", E::SUFFIX))?;
+        let (batch, chunks) = (self.shape.batch as i64, self.chunks as i64);
+        // SAFETY: argument lists and types match the kernels in kernels/scan.cu; every buffer
+        // holds the element counts the caller validated.
+        unsafe {
+            self.stream
+                .launch_builder(&summary)
+                .arg(&a)
+                .arg(&beta)
+                .arg(&mut prods)
+                .arg(&mut ends)
+                .arg(&self.t_len)
+                .arg(&self.d)
+                .arg(&self.chunk)
+                .arg(&self.reverse)
+                .launch(self.cfg)?;
+            self.stream
+                .launch_builder(&chain)
+                .arg(&prods)
+                .arg(&ends)
+                .arg(&init)
+                .arg(&mut carries)
+                .arg(&batch)
+                .arg(&self.d)
+                .arg(&chunks)
+                .launch(carry_grid(self.shape.batch * self.shape.channels))?;
+        }
+        Ok(carries)
+    }
+}
+
 /// `scan.linear` on the GPU: writes `h [B, T, D]` from `a`, `b` and the optional `h0 [B, D]`,
 /// all on `stream` (which must belong to `device`).
 #[allow(clippy::too_many_arguments)]
@@ -75,8 +141,7 @@ pub fn linear<E: CudaElement>(
     h: &mut impl DevicePtrMut<E>,
 ) -> Result<()> {
     device.check_stream(stream)?;
-    let (n, states) =
-        super::validate_forward(&shape, a.len(), b.len(), h0.map(|x| x.len()), h.len())?;
+    let (n, _) = super::validate_forward(&shape, a.len(), b.len(), h0.map(|x| x.len()), h.len())?;
     shape.checked_numel::<E>("a")?;
     if n == 0 {
         return Ok(());
@@ -90,42 +155,22 @@ pub fn linear<E: CudaElement>(
     let h0_view = h0.map(|x| read_ptr(x, stream));
     let h0_ptr = h0_view.as_ref().map_or(0u64, |(p, _)| *p);
 
-    let mut carries = None;
-    if chunks > 1 {
-        let per_chunk = states * chunks;
-        let mut prods = scratch::<E::Acc>(stream, per_chunk)?;
-        let mut ends = scratch::<E::Acc>(stream, per_chunk)?;
-        let mut carry = scratch::<E::Acc>(stream, per_chunk)?;
-        let summary = device.function("scan", &format!("scan_linear_fwd_summary_{}", E::SUFFIX))?;
-        let chain = device.function("scan", &format!("scan_linear_carry_{}", E::SUFFIX))?;
-        let (batch, chunks_i) = (shape.batch as i64, chunks as i64);
-        // SAFETY: argument list and types match the kernels' signatures in kernels/scan.cu;
-        // every buffer holds the element counts validated above.
-        unsafe {
-            stream
-                .launch_builder(&summary)
-                .arg(&a_ptr)
-                .arg(&b_ptr)
-                .arg(&mut prods)
-                .arg(&mut ends)
-                .arg(&t_len)
-                .arg(&d)
-                .arg(&chunk)
-                .arg(&reverse)
-                .launch(cfg)?;
-            stream
-                .launch_builder(&chain)
-                .arg(&prods)
-                .arg(&ends)
-                .arg(&h0_ptr)
-                .arg(&mut carry)
-                .arg(&batch)
-                .arg(&d)
-                .arg(&chunks_i)
-                .launch(carry_grid(states))?;
-        }
-        carries = Some(carry);
-    }
+    let launch = Launch {
+        device,
+        stream,
+        cfg,
+        shape,
+        chunks,
+        t_len,
+        d,
+        chunk,
+        reverse,
+    };
+    let carries = if chunks > 1 {
+        Some(launch.chunk_carries::<E>("fwd", a_ptr, b_ptr, h0_ptr)?)
+    } else {
+        None
+    };
     let carries_ptr = carries.as_ref().map(|c| read_ptr(c, stream));
     let carries_raw = carries_ptr.as_ref().map_or(0u64, |(p, _)| *p);
     let (h_ptr, _h_guard) = write_ptr(h, stream);
@@ -164,7 +209,7 @@ pub fn linear_backward<E: CudaElement>(
     dh0: &mut impl DevicePtrMut<E>,
 ) -> Result<()> {
     device.check_stream(stream)?;
-    let (n, states) = super::validate_backward(
+    let (n, _) = super::validate_backward(
         &shape,
         a.len(),
         h.len(),
@@ -175,7 +220,6 @@ pub fn linear_backward<E: CudaElement>(
         dh0.len(),
     )?;
     shape.checked_numel::<E>("a")?;
-    check_device_len("dh0", dh0.len(), states)?;
     if shape.len == 0 {
         stream.memset_zeros(dh0)?;
         return Ok(());
@@ -193,41 +237,22 @@ pub fn linear_backward<E: CudaElement>(
     let h0_view = h0.map(|x| read_ptr(x, stream));
     let h0_ptr = h0_view.as_ref().map_or(0u64, |(p, _)| *p);
 
-    let mut carries = None;
-    if chunks > 1 {
-        let per_chunk = states * chunks;
-        let mut prods = scratch::<E::Acc>(stream, per_chunk)?;
-        let mut ends = scratch::<E::Acc>(stream, per_chunk)?;
-        let mut carry = scratch::<E::Acc>(stream, per_chunk)?;
-        let summary = device.function("scan", &format!("scan_linear_bwd_summary_{}", E::SUFFIX))?;
-        let chain = device.function("scan", &format!("scan_linear_carry_{}", E::SUFFIX))?;
-        let (batch, chunks_i, no_init) = (shape.batch as i64, chunks as i64, 0u64);
-        // SAFETY: as in `linear`.
-        unsafe {
-            stream
-                .launch_builder(&summary)
-                .arg(&a_ptr)
-                .arg(&dh_ptr)
-                .arg(&mut prods)
-                .arg(&mut ends)
-                .arg(&t_len)
-                .arg(&d)
-                .arg(&chunk)
-                .arg(&reverse)
-                .launch(cfg)?;
-            stream
-                .launch_builder(&chain)
-                .arg(&prods)
-                .arg(&ends)
-                .arg(&no_init)
-                .arg(&mut carry)
-                .arg(&batch)
-                .arg(&d)
-                .arg(&chunks_i)
-                .launch(carry_grid(states))?;
-        }
-        carries = Some(carry);
-    }
+    let launch = Launch {
+        device,
+        stream,
+        cfg,
+        shape,
+        chunks,
+        t_len,
+        d,
+        chunk,
+        reverse,
+    };
+    let carries = if chunks > 1 {
+        Some(launch.chunk_carries::<E>("bwd", a_ptr, dh_ptr, 0)?)
+    } else {
+        None
+    };
     let carries_ptr = carries.as_ref().map(|c| read_ptr(c, stream));
     let carries_raw = carries_ptr.as_ref().map_or(0u64, |(p, _)| *p);
     let (da_ptr, _da_guard) = write_ptr(da, stream);
