@@ -5,7 +5,7 @@
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::scan::{self, ScanParams, ScanShape};
+use crate::scan::{self, Numbers, ScanParams, ScanShape};
 use half::{bf16, f16};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::borrow::Cow;
@@ -38,8 +38,17 @@ pub const CONTRACT_OPS: &[&str] = &[
     "ridge.score",
 ];
 
+/// Ops this crate adds beside the contract (proposed for CASES.md): the backward of the
+/// complex scan, with PyTorch's convention for complex gradients.
+pub const EXTENSION_OPS: &[&str] = &["scan.linear_complex_backward"];
+
 /// The ops this build can run.
-pub const IMPLEMENTED_OPS: &[&str] = &["scan.linear", "scan.linear_backward"];
+pub const IMPLEMENTED_OPS: &[&str] = &[
+    "scan.linear",
+    "scan.linear_backward",
+    "scan.linear_complex",
+    "scan.linear_complex_backward",
+];
 
 /// A host tensor's data.
 #[derive(Clone, Debug, PartialEq)]
@@ -409,100 +418,182 @@ impl Runner {
 
     /// Runs the case's op on its inputs; returns the outputs by name.
     pub fn run(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
-        if !CONTRACT_OPS.contains(&case.op.as_str()) {
+        if !CONTRACT_OPS.contains(&case.op.as_str()) && !EXTENSION_OPS.contains(&case.op.as_str()) {
             return Err(case_err(
                 &case.name,
                 format!("unknown op `{}` (not in the contract)", case.op),
             ));
         }
         match case.op.as_str() {
-            "scan.linear" => self.scan_linear(case),
-            "scan.linear_backward" => self.scan_linear_backward(case),
+            "scan.linear" => self.scan_linear(case, Numbers::Real),
+            "scan.linear_backward" => self.scan_linear_backward(case, Numbers::Real),
+            "scan.linear_complex" => self.scan_linear(case, Numbers::Complex),
+            "scan.linear_complex_backward" => self.scan_linear_backward(case, Numbers::Complex),
             other => Err(Error::OpNotImplemented(other.to_string())),
         }
     }
 
-    fn scan_linear(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
+    fn scan_linear(&self, case: &Case, numbers: Numbers) -> Result<BTreeMap<String, Tensor>> {
         case.only_inputs(&["a", "b", "h0"])?;
-        let mut p = Params::new(case);
-        let params = ScanParams::new().reverse(p.bool("reverse", false)?);
-        p.finish()?;
-        let a = case.input("a")?;
-        let shape = ScanShape::from_dims("a", &a.shape)?;
-        same_shape(case, "b", &a.shape)?;
+        let params = scan_params(case)?;
+        let (shape, dims, state_dims) = scan_shapes(case, numbers)?;
+        same_shape(case, "b", &dims)?;
         if let Some(h0) = case.inputs.get("h0") {
-            expect_shape("h0", &h0.shape, &[shape.batch, shape.channels])?;
+            expect_shape("h0", &h0.shape, &state_dims)?;
         }
-        match a.dtype() {
-            Some(DType::F32) => self.scan_linear_typed::<f32>(case, &params, shape),
-            Some(DType::F64) => self.scan_linear_typed::<f64>(case, &params, shape),
-            Some(DType::F16) => self.scan_linear_typed::<f16>(case, &params, shape),
-            Some(DType::BF16) => self.scan_linear_typed::<bf16>(case, &params, shape),
-            None => Err(case_err(&case.name, "`in.a` must be a float tensor")),
-        }
+        let run = ScanCall {
+            runner: self,
+            case,
+            params,
+            shape,
+            numbers,
+        };
+        let h = match case.input("a")?.dtype() {
+            Some(DType::F32) => run.forward::<f32>()?,
+            Some(DType::F64) => run.forward::<f64>()?,
+            Some(DType::F16) => run.forward::<f16>()?,
+            Some(DType::BF16) => run.forward::<bf16>()?,
+            None => return Err(case_err(&case.name, "`in.a` must be a float tensor")),
+        };
+        Ok(BTreeMap::from([(
+            "h".to_string(),
+            Tensor {
+                shape: dims,
+                data: h,
+            },
+        )]))
     }
 
-    fn scan_linear_typed<E: RunElement>(
+    fn scan_linear_backward(
         &self,
         case: &Case,
-        params: &ScanParams,
-        shape: ScanShape,
+        numbers: Numbers,
     ) -> Result<BTreeMap<String, Tensor>> {
-        let a = typed::<E>(case, "a")?;
-        let b = typed::<E>(case, "b")?;
-        let h0 = optional::<E>(case, "h0")?;
-        let h = match self.kind {
-            DeviceKind::Cpu => scan::linear_alloc(params, shape, a, b, h0)?,
-            DeviceKind::Cuda => E::cuda_scan_linear(self, params, shape, a, b, h0)?,
-        };
-        let dims = vec![shape.batch, shape.len, shape.channels];
-        Ok(BTreeMap::from([("h".to_string(), Tensor::new(dims, h))]))
-    }
-
-    fn scan_linear_backward(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
         case.only_inputs(&["a", "h", "dh", "h0"])?;
-        let mut p = Params::new(case);
-        let params = ScanParams::new().reverse(p.bool("reverse", false)?);
-        p.finish()?;
-        let a = case.input("a")?;
-        let shape = ScanShape::from_dims("a", &a.shape)?;
-        same_shape(case, "h", &a.shape)?;
-        same_shape(case, "dh", &a.shape)?;
+        let params = scan_params(case)?;
+        let (shape, dims, state_dims) = scan_shapes(case, numbers)?;
+        same_shape(case, "h", &dims)?;
+        same_shape(case, "dh", &dims)?;
         if let Some(h0) = case.inputs.get("h0") {
-            expect_shape("h0", &h0.shape, &[shape.batch, shape.channels])?;
+            expect_shape("h0", &h0.shape, &state_dims)?;
         }
-        match a.dtype() {
-            Some(DType::F32) => self.scan_linear_backward_typed::<f32>(case, &params, shape),
-            Some(DType::F64) => self.scan_linear_backward_typed::<f64>(case, &params, shape),
-            Some(DType::F16) => self.scan_linear_backward_typed::<f16>(case, &params, shape),
-            Some(DType::BF16) => self.scan_linear_backward_typed::<bf16>(case, &params, shape),
-            None => Err(case_err(&case.name, "`in.a` must be a float tensor")),
-        }
-    }
-
-    fn scan_linear_backward_typed<E: RunElement>(
-        &self,
-        case: &Case,
-        params: &ScanParams,
-        shape: ScanShape,
-    ) -> Result<BTreeMap<String, Tensor>> {
-        let a = typed::<E>(case, "a")?;
-        let h = typed::<E>(case, "h")?;
-        let dh = typed::<E>(case, "dh")?;
-        let h0 = optional::<E>(case, "h0")?;
-        let grads = match self.kind {
-            DeviceKind::Cpu => scan::linear_backward_alloc(params, shape, a, h, dh, h0)?,
-            DeviceKind::Cuda => E::cuda_scan_linear_backward(self, params, shape, a, h, dh, h0)?,
+        let run = ScanCall {
+            runner: self,
+            case,
+            params,
+            shape,
+            numbers,
         };
-        let dims = vec![shape.batch, shape.len, shape.channels];
+        let (da, db, dh0) = match case.input("a")?.dtype() {
+            Some(DType::F32) => run.backward::<f32>()?,
+            Some(DType::F64) => run.backward::<f64>()?,
+            Some(DType::F16) => run.backward::<f16>()?,
+            Some(DType::BF16) => run.backward::<bf16>()?,
+            None => return Err(case_err(&case.name, "`in.a` must be a float tensor")),
+        };
         Ok(BTreeMap::from([
-            ("da".to_string(), Tensor::new(dims.clone(), grads.da)),
-            ("db".to_string(), Tensor::new(dims, grads.db)),
+            (
+                "da".to_string(),
+                Tensor {
+                    shape: dims.clone(),
+                    data: da,
+                },
+            ),
+            (
+                "db".to_string(),
+                Tensor {
+                    shape: dims,
+                    data: db,
+                },
+            ),
             (
                 "dh0".to_string(),
-                Tensor::new(vec![shape.batch, shape.channels], grads.dh0),
+                Tensor {
+                    shape: state_dims,
+                    data: dh0,
+                },
             ),
         ]))
+    }
+}
+
+fn scan_params(case: &Case) -> Result<ScanParams> {
+    let mut p = Params::new(case);
+    let params = ScanParams::new().reverse(p.bool("reverse", false)?);
+    p.finish()?;
+    Ok(params)
+}
+
+/// The scan shape of `in.a`, with the dims of the sequence tensors and of the state.
+fn scan_shapes(case: &Case, numbers: Numbers) -> Result<(ScanShape, Vec<usize>, Vec<usize>)> {
+    let a = case.input("a")?;
+    Ok(match numbers {
+        Numbers::Real => {
+            let s = ScanShape::from_dims("a", &a.shape)?;
+            (
+                s,
+                vec![s.batch, s.len, s.channels],
+                vec![s.batch, s.channels],
+            )
+        }
+        Numbers::Complex => {
+            let s = ScanShape::from_complex_dims("a", &a.shape)?;
+            (
+                s,
+                vec![s.batch, s.len, s.channels, 2],
+                vec![s.batch, s.channels, 2],
+            )
+        }
+    })
+}
+
+/// One scan case being run: its inputs are read as `E` once the dtype is known.
+struct ScanCall<'a> {
+    runner: &'a Runner,
+    case: &'a Case,
+    params: ScanParams,
+    shape: ScanShape,
+    numbers: Numbers,
+}
+
+impl ScanCall<'_> {
+    fn forward<E: RunElement>(&self) -> Result<Data> {
+        let (case, p, shape) = (self.case, &self.params, self.shape);
+        let (a, b, h0) = (
+            typed::<E>(case, "a")?,
+            typed::<E>(case, "b")?,
+            optional::<E>(case, "h0")?,
+        );
+        let h = match (self.runner.kind, self.numbers) {
+            (DeviceKind::Cpu, Numbers::Real) => scan::linear_alloc(p, shape, a, b, h0)?,
+            (DeviceKind::Cpu, Numbers::Complex) => scan::linear_complex_alloc(p, shape, a, b, h0)?,
+            (DeviceKind::Cuda, numbers) => {
+                E::cuda_scan_linear(self.runner, numbers, p, shape, a, b, h0)?
+            }
+        };
+        Ok(E::wrap(h))
+    }
+
+    fn backward<E: RunElement>(&self) -> Result<(Data, Data, Data)> {
+        let (case, p, shape) = (self.case, &self.params, self.shape);
+        let (a, h, dh) = (
+            typed::<E>(case, "a")?,
+            typed::<E>(case, "h")?,
+            typed::<E>(case, "dh")?,
+        );
+        let h0 = optional::<E>(case, "h0")?;
+        let g = match (self.runner.kind, self.numbers) {
+            (DeviceKind::Cpu, Numbers::Real) => {
+                scan::linear_backward_alloc(p, shape, a, h, dh, h0)?
+            }
+            (DeviceKind::Cpu, Numbers::Complex) => {
+                scan::linear_complex_backward_alloc(p, shape, a, h, dh, h0)?
+            }
+            (DeviceKind::Cuda, numbers) => {
+                E::cuda_scan_linear_backward(self.runner, numbers, p, shape, a, h, dh, h0)?
+            }
+        };
+        Ok((E::wrap(g.da), E::wrap(g.db), E::wrap(g.dh0)))
     }
 }
 
@@ -510,6 +601,7 @@ impl Runner {
 trait RunElement: CaseElement {
     fn cuda_scan_linear(
         runner: &Runner,
+        numbers: Numbers,
         params: &ScanParams,
         shape: ScanShape,
         a: &[Self],
@@ -519,6 +611,7 @@ trait RunElement: CaseElement {
     #[allow(clippy::too_many_arguments)]
     fn cuda_scan_linear_backward(
         runner: &Runner,
+        numbers: Numbers,
         params: &ScanParams,
         shape: ScanShape,
         a: &[Self],
@@ -532,6 +625,7 @@ trait RunElement: CaseElement {
 impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
     fn cuda_scan_linear(
         runner: &Runner,
+        numbers: Numbers,
         params: &ScanParams,
         shape: ScanShape,
         a: &[E],
@@ -542,10 +636,14 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
             .cuda
             .as_ref()
             .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
-        scan::cuda::linear_host(device, params, shape, a, b, h0)
+        match numbers {
+            Numbers::Real => scan::cuda::linear_host(device, params, shape, a, b, h0),
+            Numbers::Complex => scan::cuda::linear_complex_host(device, params, shape, a, b, h0),
+        }
     }
     fn cuda_scan_linear_backward(
         runner: &Runner,
+        numbers: Numbers,
         params: &ScanParams,
         shape: ScanShape,
         a: &[E],
@@ -557,7 +655,12 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
             .cuda
             .as_ref()
             .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
-        scan::cuda::linear_backward_host(device, params, shape, a, h, dh, h0)
+        match numbers {
+            Numbers::Real => scan::cuda::linear_backward_host(device, params, shape, a, h, dh, h0),
+            Numbers::Complex => {
+                scan::cuda::linear_complex_backward_host(device, params, shape, a, h, dh, h0)
+            }
+        }
     }
 }
 
@@ -565,6 +668,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
 impl<E: CaseElement> RunElement for E {
     fn cuda_scan_linear(
         _: &Runner,
+        _: Numbers,
         _: &ScanParams,
         _: ScanShape,
         _: &[E],
@@ -575,6 +679,7 @@ impl<E: CaseElement> RunElement for E {
     }
     fn cuda_scan_linear_backward(
         _: &Runner,
+        _: Numbers,
         _: &ScanParams,
         _: ScanShape,
         _: &[E],

@@ -83,11 +83,17 @@ pub trait Accum:
     unsafe fn vmul<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
     #[doc(hidden)]
     unsafe fn vadd<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
+    /// a·x on interleaved complex pairs.
+    #[doc(hidden)]
+    unsafe fn vcmul<S: Simd>(a: Self::V<S>, x: Self::V<S>) -> Self::V<S>;
+    /// conj(a)·x on interleaved complex pairs.
+    #[doc(hidden)]
+    unsafe fn vcmul_conj<S: Simd>(a: Self::V<S>, x: Self::V<S>) -> Self::V<S>;
     fn to_f64(self) -> f64;
 }
 
 macro_rules! impl_accum {
-    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident) => {
+    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident) => {
         impl Accum for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -121,6 +127,14 @@ macro_rules! impl_accum {
                 unsafe { S::$add(a, b) }
             }
             #[inline(always)]
+            unsafe fn vcmul<S: Simd>(a: Self::V<S>, x: Self::V<S>) -> Self::V<S> {
+                unsafe { S::$cmul(a, x) }
+            }
+            #[inline(always)]
+            unsafe fn vcmul_conj<S: Simd>(a: Self::V<S>, x: Self::V<S>) -> Self::V<S> {
+                unsafe { S::$cmulc(a, x) }
+            }
+            #[inline(always)]
             fn to_f64(self) -> f64 {
                 self as f64
             }
@@ -128,10 +142,30 @@ macro_rules! impl_accum {
     };
 }
 impl_accum!(
-    f32, F32, F32_LANES, f32_load, f32_store, f32_splat, f32_fma, f32_mul, f32_add
+    f32,
+    F32,
+    F32_LANES,
+    f32_load,
+    f32_store,
+    f32_splat,
+    f32_fma,
+    f32_mul,
+    f32_add,
+    f32_cmul,
+    f32_cmul_conj
 );
 impl_accum!(
-    f64, F64, F64_LANES, f64_load, f64_store, f64_splat, f64_fma, f64_mul, f64_add
+    f64,
+    F64,
+    F64_LANES,
+    f64_load,
+    f64_store,
+    f64_splat,
+    f64_fma,
+    f64_mul,
+    f64_add,
+    f64_cmul,
+    f64_cmul_conj
 );
 
 /// A tensor element type: f32, f64, f16 or bf16. Sealed.

@@ -147,6 +147,13 @@ pub trait Simd: Copy + 'static {
     unsafe fn f64_fma(a: Self::F64, b: Self::F64, c: Self::F64) -> Self::F64;
     unsafe fn f64_mul(a: Self::F64, b: Self::F64) -> Self::F64;
     unsafe fn f64_add(a: Self::F64, b: Self::F64) -> Self::F64;
+    /// Complex products on interleaved (re, im) lane pairs: a·x and conj(a)·x. Only used
+    /// where a vector holds whole pairs (F32_LANES/F64_LANES >= 2); the one-lane scalar ISA
+    /// handles complex numbers in its channel loop instead.
+    unsafe fn f32_cmul(a: Self::F32, x: Self::F32) -> Self::F32;
+    unsafe fn f32_cmul_conj(a: Self::F32, x: Self::F32) -> Self::F32;
+    unsafe fn f64_cmul(a: Self::F64, x: Self::F64) -> Self::F64;
+    unsafe fn f64_cmul_conj(a: Self::F64, x: Self::F64) -> Self::F64;
 }
 
 pub(crate) use scalar::Scalar;

@@ -110,4 +110,44 @@ impl Simd for Neon {
     unsafe fn f64_add(a: float64x2_t, b: float64x2_t) -> float64x2_t {
         unsafe { vaddq_f64(a, b) }
     }
+    // Complex pairs: re parts duplicated (trn1), im parts duplicated (trn2), x with re/im
+    // swapped (rev64); the sign vector subtracts in even lanes.
+    #[inline(always)]
+    unsafe fn f32_cmul(a: float32x4_t, x: float32x4_t) -> float32x4_t {
+        unsafe {
+            let sign = vld1q_f32([-1.0f32, 1.0, -1.0, 1.0].as_ptr());
+            let cross = vmulq_f32(vmulq_f32(vtrn2q_f32(a, a), vrev64q_f32(x)), sign);
+            vfmaq_f32(cross, vtrn1q_f32(a, a), x)
+        }
+    }
+    #[inline(always)]
+    unsafe fn f32_cmul_conj(a: float32x4_t, x: float32x4_t) -> float32x4_t {
+        unsafe {
+            let sign = vld1q_f32([1.0f32, -1.0, 1.0, -1.0].as_ptr());
+            let cross = vmulq_f32(vmulq_f32(vtrn2q_f32(a, a), vrev64q_f32(x)), sign);
+            vfmaq_f32(cross, vtrn1q_f32(a, a), x)
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_cmul(a: float64x2_t, x: float64x2_t) -> float64x2_t {
+        unsafe {
+            let sign = vld1q_f64([-1.0f64, 1.0].as_ptr());
+            let cross = vmulq_f64(
+                vmulq_f64(vdupq_laneq_f64::<1>(a), vextq_f64::<1>(x, x)),
+                sign,
+            );
+            vfmaq_f64(cross, vdupq_laneq_f64::<0>(a), x)
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_cmul_conj(a: float64x2_t, x: float64x2_t) -> float64x2_t {
+        unsafe {
+            let sign = vld1q_f64([1.0f64, -1.0].as_ptr());
+            let cross = vmulq_f64(
+                vmulq_f64(vdupq_laneq_f64::<1>(a), vextq_f64::<1>(x, x)),
+                sign,
+            );
+            vfmaq_f64(cross, vdupq_laneq_f64::<0>(a), x)
+        }
+    }
 }

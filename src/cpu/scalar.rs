@@ -77,4 +77,22 @@ impl Simd for Scalar {
     unsafe fn f64_add(a: f64, b: f64) -> f64 {
         a + b
     }
+    // One lane holds no complex pair: complex kernels never take the vector path on this
+    // ISA (they check lanes >= 2), so these are the real products and are not called.
+    #[inline(always)]
+    unsafe fn f32_cmul(a: f32, x: f32) -> f32 {
+        a * x
+    }
+    #[inline(always)]
+    unsafe fn f32_cmul_conj(a: f32, x: f32) -> f32 {
+        a * x
+    }
+    #[inline(always)]
+    unsafe fn f64_cmul(a: f64, x: f64) -> f64 {
+        a * x
+    }
+    #[inline(always)]
+    unsafe fn f64_cmul_conj(a: f64, x: f64) -> f64 {
+        a * x
+    }
 }

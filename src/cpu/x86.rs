@@ -109,6 +109,46 @@ impl Simd for Avx2 {
     unsafe fn f64_add(a: __m256d, b: __m256d) -> __m256d {
         unsafe { _mm256_add_pd(a, b) }
     }
+    // (a.re·x.re − a.im·x.im, a.re·x.im + a.im·x.re) per pair: fmaddsub subtracts in even
+    // lanes and adds in odd ones; conj(a)·x flips both signs with fmsubadd.
+    #[inline(always)]
+    unsafe fn f32_cmul(a: __m256, x: __m256) -> __m256 {
+        unsafe {
+            let swapped = _mm256_permute_ps::<0b1011_0001>(x);
+            _mm256_fmaddsub_ps(
+                _mm256_moveldup_ps(a),
+                x,
+                _mm256_mul_ps(_mm256_movehdup_ps(a), swapped),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn f32_cmul_conj(a: __m256, x: __m256) -> __m256 {
+        unsafe {
+            let swapped = _mm256_permute_ps::<0b1011_0001>(x);
+            _mm256_fmsubadd_ps(
+                _mm256_moveldup_ps(a),
+                x,
+                _mm256_mul_ps(_mm256_movehdup_ps(a), swapped),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_cmul(a: __m256d, x: __m256d) -> __m256d {
+        unsafe {
+            let swapped = _mm256_permute_pd::<0b0101>(x);
+            let im = _mm256_permute_pd::<0b1111>(a);
+            _mm256_fmaddsub_pd(_mm256_movedup_pd(a), x, _mm256_mul_pd(im, swapped))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_cmul_conj(a: __m256d, x: __m256d) -> __m256d {
+        unsafe {
+            let swapped = _mm256_permute_pd::<0b0101>(x);
+            let im = _mm256_permute_pd::<0b1111>(a);
+            _mm256_fmsubadd_pd(_mm256_movedup_pd(a), x, _mm256_mul_pd(im, swapped))
+        }
+    }
 }
 
 impl Simd for Avx512 {
@@ -194,5 +234,43 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn f64_add(a: __m512d, b: __m512d) -> __m512d {
         unsafe { _mm512_add_pd(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f32_cmul(a: __m512, x: __m512) -> __m512 {
+        unsafe {
+            let swapped = _mm512_permute_ps::<0b1011_0001>(x);
+            _mm512_fmaddsub_ps(
+                _mm512_moveldup_ps(a),
+                x,
+                _mm512_mul_ps(_mm512_movehdup_ps(a), swapped),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn f32_cmul_conj(a: __m512, x: __m512) -> __m512 {
+        unsafe {
+            let swapped = _mm512_permute_ps::<0b1011_0001>(x);
+            _mm512_fmsubadd_ps(
+                _mm512_moveldup_ps(a),
+                x,
+                _mm512_mul_ps(_mm512_movehdup_ps(a), swapped),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_cmul(a: __m512d, x: __m512d) -> __m512d {
+        unsafe {
+            let swapped = _mm512_permute_pd::<0b0101_0101>(x);
+            let im = _mm512_permute_pd::<0b1111_1111>(a);
+            _mm512_fmaddsub_pd(_mm512_movedup_pd(a), x, _mm512_mul_pd(im, swapped))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_cmul_conj(a: __m512d, x: __m512d) -> __m512d {
+        unsafe {
+            let swapped = _mm512_permute_pd::<0b0101_0101>(x);
+            let im = _mm512_permute_pd::<0b1111_1111>(a);
+            _mm512_fmsubadd_pd(_mm512_movedup_pd(a), x, _mm512_mul_pd(im, swapped))
+        }
     }
 }

@@ -1,7 +1,9 @@
-//! CPU kernels of `scan.linear` and its backward.
+//! CPU kernels of `scan.linear`, `scan.linear_complex` and their backward passes.
 //!
 //! Work is laid out in *logical* time s = 0..T, the order the recurrence runs in
-//! (t = s forward, t = T-1-s in reverse), so one set of loops serves both directions.
+//! (t = s forward, t = T-1-s in reverse), so one set of loops serves both directions. The
+//! kernels are generic over an [`Algebra`]: real numbers (one float per channel) or complex
+//! numbers (interleaved re/im pairs, two floats per channel); spans and rows count floats.
 //!
 //! Two plans, chosen from the shape alone (so results never depend on the thread count):
 //! - channel-parallel: tasks are (batch, channel block) over the whole sequence. For each
@@ -14,9 +16,10 @@
 //!   re-scanned from its carry in parallel, writing outputs while its inputs are still in
 //!   cache. DRAM traffic stays one read of each input and one write of each output.
 //!
-//! Backward: with q[s] = a[s]·g[s], g[s] = dh[s] + q[s+1] (g = dL/dh including the future),
-//! so q[s] = a[s]·q[s+1] + a[s]·dh[s] is itself a linear scan in reverse logical time;
-//! db[s] = g[s], da[s] = g[s]·h[s-1] (h[-1] = h0), dh0 = q[0].
+//! Backward: with q[s] = conj(a[s])·g[s], g[s] = dh[s] + q[s+1] (g = dL/dh including the
+//! future, as dL/dRe + i·dL/dIm for complex), q[s] = conj(a[s])·(q[s+1] + dh[s]) is itself a
+//! linear scan in reverse logical time; db[s] = g[s], da[s] = conj(h[s-1])·g[s]
+//! (h[-1] = h0), dh0 = q[0]. For real numbers conj is the identity.
 
 use crate::cpu::{Isa, SendConstPtr, SendPtr, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element};
@@ -91,15 +94,164 @@ impl Span {
     }
 }
 
+/// The numbers a scan runs over. Vector operations act on whole channels (a vector holds
+/// `lanes / WIDTH` of them); the per-channel operations serve row tails and ISAs whose
+/// vectors are narrower than one channel.
+pub(crate) trait Algebra: Copy + Send + Sync + 'static {
+    /// Floats per channel.
+    const WIDTH: usize;
+    /// The same, as the API's shape bookkeeping names it.
+    const NUMBERS: crate::scan::Numbers;
+    /// a·x + b.
+    unsafe fn vmul_add<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>, b: A::V<S>) -> A::V<S>;
+    unsafe fn vmul<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>) -> A::V<S>;
+    /// conj(a)·x.
+    unsafe fn vmul_conj<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>) -> A::V<S>;
+    fn mul<A: Accum>(a: [A; 2], x: [A; 2]) -> [A; 2];
+    fn mul_conj<A: Accum>(a: [A; 2], x: [A; 2]) -> [A; 2];
+    /// The multiplicative identity, for products of gates.
+    fn one<A: Accum>() -> [A; 2];
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct Real;
+
+#[derive(Clone, Copy)]
+pub(crate) struct Complex;
+
+impl Algebra for Real {
+    const WIDTH: usize = 1;
+    const NUMBERS: crate::scan::Numbers = crate::scan::Numbers::Real;
+    #[inline(always)]
+    unsafe fn vmul_add<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>, b: A::V<S>) -> A::V<S> {
+        unsafe { A::vfma::<S>(a, x, b) }
+    }
+    #[inline(always)]
+    unsafe fn vmul<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>) -> A::V<S> {
+        unsafe { A::vmul::<S>(a, x) }
+    }
+    #[inline(always)]
+    unsafe fn vmul_conj<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>) -> A::V<S> {
+        unsafe { A::vmul::<S>(a, x) }
+    }
+    #[inline(always)]
+    fn mul<A: Accum>(a: [A; 2], x: [A; 2]) -> [A; 2] {
+        [a[0] * x[0], A::ZERO]
+    }
+    #[inline(always)]
+    fn mul_conj<A: Accum>(a: [A; 2], x: [A; 2]) -> [A; 2] {
+        [a[0] * x[0], A::ZERO]
+    }
+    #[inline(always)]
+    fn one<A: Accum>() -> [A; 2] {
+        [A::ONE, A::ZERO]
+    }
+}
+
+impl Algebra for Complex {
+    const WIDTH: usize = 2;
+    const NUMBERS: crate::scan::Numbers = crate::scan::Numbers::Complex;
+    #[inline(always)]
+    unsafe fn vmul_add<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>, b: A::V<S>) -> A::V<S> {
+        unsafe { A::vadd::<S>(A::vcmul::<S>(a, x), b) }
+    }
+    #[inline(always)]
+    unsafe fn vmul<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>) -> A::V<S> {
+        unsafe { A::vcmul::<S>(a, x) }
+    }
+    #[inline(always)]
+    unsafe fn vmul_conj<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>) -> A::V<S> {
+        unsafe { A::vcmul_conj::<S>(a, x) }
+    }
+    #[inline(always)]
+    fn mul<A: Accum>(a: [A; 2], x: [A; 2]) -> [A; 2] {
+        [a[0] * x[0] - a[1] * x[1], a[0] * x[1] + a[1] * x[0]]
+    }
+    #[inline(always)]
+    fn mul_conj<A: Accum>(a: [A; 2], x: [A; 2]) -> [A; 2] {
+        [a[0] * x[0] + a[1] * x[1], a[0] * x[1] - a[1] * x[0]]
+    }
+    #[inline(always)]
+    fn one<A: Accum>() -> [A; 2] {
+        [A::ONE, A::ZERO]
+    }
+}
+
+#[inline(always)]
+fn add2<A: Accum>(x: [A; 2], y: [A; 2]) -> [A; 2] {
+    [x[0] + y[0], x[1] + y[1]]
+}
+
+/// Reads one channel (F::WIDTH values) as accumulators.
+#[inline(always)]
+unsafe fn load_channel<E: Element, F: Algebra>(p: *const E) -> [E::Acc; 2] {
+    unsafe {
+        let mut v = [<E::Acc as Accum>::ZERO; 2];
+        for (i, x) in v.iter_mut().take(F::WIDTH).enumerate() {
+            *x = (*p.add(i)).to_acc();
+        }
+        v
+    }
+}
+
+#[inline(always)]
+unsafe fn store_channel<E: Element, F: Algebra>(p: *mut E, v: [E::Acc; 2]) {
+    unsafe {
+        for (i, x) in v.iter().take(F::WIDTH).enumerate() {
+            *p.add(i) = E::from_acc(*x);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn load_state<A: Accum, F: Algebra>(p: *const A) -> [A; 2] {
+    unsafe {
+        let mut v = [A::ZERO; 2];
+        for (i, x) in v.iter_mut().take(F::WIDTH).enumerate() {
+            *x = *p.add(i);
+        }
+        v
+    }
+}
+
+#[inline(always)]
+unsafe fn store_state<A: Accum, F: Algebra>(p: *mut A, v: [A; 2]) {
+    unsafe {
+        for (i, x) in v.iter().take(F::WIDTH).enumerate() {
+            *p.add(i) = *x;
+        }
+    }
+}
+
+/// Floats the vector loop covers of a w-float span: whole vectors, and only when a vector
+/// holds whole channels (a one-lane ISA runs complex numbers in the channel loop).
+#[inline(always)]
+fn vector_floats<F: Algebra>(w: usize, lanes: usize) -> usize {
+    if lanes >= F::WIDTH && lanes.is_multiple_of(F::WIDTH) {
+        w - w % lanes
+    } else {
+        0
+    }
+}
+
+/// Fills a buffer of states with the multiplicative identity.
+fn fill_one<A: Accum, F: Algebra>(buf: &mut [A]) {
+    let one = F::one::<A>();
+    for chunk in buf.chunks_mut(F::WIDTH) {
+        chunk.copy_from_slice(&one[..F::WIDTH]);
+    }
+}
+
 /// Widest row span (in vectors) kept in registers for the whole span. Narrow rows do little
 /// work per step, so per-step loads and stores of the state would dominate them.
 const MAX_REGISTER_VECTORS: usize = 4;
 
-/// How many vectors of `lanes` cover a w-channel span exactly, if it is narrow enough to
-/// live in registers.
+/// How many vectors of `lanes` cover a w-float span exactly, if it is narrow enough to live
+/// in registers and the vectors hold whole channels.
 #[inline(always)]
-fn register_vectors(w: usize, lanes: usize) -> Option<usize> {
-    (w.is_multiple_of(lanes) && w / lanes <= MAX_REGISTER_VECTORS && w > 0).then_some(w / lanes)
+fn register_vectors<F: Algebra>(w: usize, lanes: usize) -> Option<usize> {
+    (vector_floats::<F>(w, lanes) == w && w / lanes <= MAX_REGISTER_VECTORS && w > 0)
+        .then_some(w / lanes)
 }
 
 /// Signed element step between consecutive logical rows, and the first row's offset.
@@ -117,7 +269,9 @@ fn row_walk(span: &Span, descending: bool) -> (isize, isize) {
 
 /// ForwardApply with the state of N vectors held in registers.
 #[inline(always)]
-unsafe fn forward_apply_registers<S: Simd, E: Element, const N: usize>(k: ForwardApply<E>) {
+unsafe fn forward_apply_registers<S: Simd, E: Element, F: Algebra, const N: usize>(
+    k: ForwardApply<E, F>,
+) {
     let lanes = E::Acc::lanes::<S>();
     let (step, mut row) = row_walk(&k.span, false);
     unsafe {
@@ -128,7 +282,7 @@ unsafe fn forward_apply_registers<S: Simd, E: Element, const N: usize>(k: Forwar
         for _ in k.span.s0..k.span.s1 {
             let (ar, br, hr) = (k.a.offset(row), k.b.offset(row), k.h.offset(row));
             for (i, v) in st.iter_mut().enumerate() {
-                *v = E::Acc::vfma::<S>(
+                *v = F::vmul_add::<S, E::Acc>(
                     E::vload::<S>(ar.add(i * lanes)),
                     *v,
                     E::vload::<S>(br.add(i * lanes)),
@@ -145,18 +299,24 @@ unsafe fn forward_apply_registers<S: Simd, E: Element, const N: usize>(k: Forwar
 
 /// ForwardSummary with end state and gate product in registers.
 #[inline(always)]
-unsafe fn forward_summary_registers<S: Simd, E: Element, const N: usize>(k: ForwardSummary<E>) {
+unsafe fn forward_summary_registers<S: Simd, E: Element, F: Algebra, const N: usize>(
+    k: ForwardSummary<E, F>,
+) {
     let lanes = E::Acc::lanes::<S>();
     let (step, mut row) = row_walk(&k.span, false);
     unsafe {
         let mut end = [E::Acc::vsplat::<S>(<E::Acc as Accum>::ZERO); N];
-        let mut prod = [E::Acc::vsplat::<S>(<E::Acc as Accum>::ONE); N];
+        let mut prod = end;
+        for i in 0..N {
+            end[i] = E::Acc::vload::<S>(k.end.add(i * lanes));
+            prod[i] = E::Acc::vload::<S>(k.prod.add(i * lanes));
+        }
         for _ in k.span.s0..k.span.s1 {
             let (ar, br) = (k.a.offset(row), k.b.offset(row));
             for i in 0..N {
                 let av = E::vload::<S>(ar.add(i * lanes));
-                end[i] = E::Acc::vfma::<S>(av, end[i], E::vload::<S>(br.add(i * lanes)));
-                prod[i] = E::Acc::vmul::<S>(av, prod[i]);
+                end[i] = F::vmul_add::<S, E::Acc>(av, end[i], E::vload::<S>(br.add(i * lanes)));
+                prod[i] = F::vmul::<S, E::Acc>(av, prod[i]);
             }
             row += step;
         }
@@ -169,21 +329,25 @@ unsafe fn forward_summary_registers<S: Simd, E: Element, const N: usize>(k: Forw
 
 /// BackwardSummary with q and the gate product in registers.
 #[inline(always)]
-unsafe fn backward_summary_registers<S: Simd, E: Element, const N: usize>(k: BackwardSummary<E>) {
+unsafe fn backward_summary_registers<S: Simd, E: Element, F: Algebra, const N: usize>(
+    k: BackwardSummary<E, F>,
+) {
     let lanes = E::Acc::lanes::<S>();
     let (step, mut row) = row_walk(&k.span, true);
     unsafe {
         let mut end = [E::Acc::vsplat::<S>(<E::Acc as Accum>::ZERO); N];
-        let mut prod = [E::Acc::vsplat::<S>(<E::Acc as Accum>::ONE); N];
+        let mut prod = end;
+        for i in 0..N {
+            end[i] = E::Acc::vload::<S>(k.end.add(i * lanes));
+            prod[i] = E::Acc::vload::<S>(k.prod.add(i * lanes));
+        }
         for _ in k.span.s0..k.span.s1 {
             let (ar, dhr) = (k.a.offset(row), k.dh.offset(row));
             for i in 0..N {
                 let av = E::vload::<S>(ar.add(i * lanes));
-                end[i] = E::Acc::vmul::<S>(
-                    av,
-                    E::Acc::vadd::<S>(E::vload::<S>(dhr.add(i * lanes)), end[i]),
-                );
-                prod[i] = E::Acc::vmul::<S>(av, prod[i]);
+                let g = E::Acc::vadd::<S>(E::vload::<S>(dhr.add(i * lanes)), end[i]);
+                end[i] = F::vmul_conj::<S, E::Acc>(av, g);
+                prod[i] = F::vmul_conj::<S, E::Acc>(av, prod[i]);
             }
             row += step;
         }
@@ -196,7 +360,9 @@ unsafe fn backward_summary_registers<S: Simd, E: Element, const N: usize>(k: Bac
 
 /// BackwardApply with q in registers (h[s-1] is read from memory as in the general loop).
 #[inline(always)]
-unsafe fn backward_apply_registers<S: Simd, E: Element, const N: usize>(k: BackwardApply<E>) {
+unsafe fn backward_apply_registers<S: Simd, E: Element, F: Algebra, const N: usize>(
+    k: BackwardApply<E, F>,
+) {
     let lanes = E::Acc::lanes::<S>();
     let zero = <E::Acc as Accum>::ZERO;
     let (step, mut row) = row_walk(&k.span, true);
@@ -207,13 +373,7 @@ unsafe fn backward_apply_registers<S: Simd, E: Element, const N: usize>(k: Backw
         }
         for s in (k.span.s0..k.span.s1).rev() {
             // h[s-1] is the next row of this descending walk
-            let prev = if s > 0 {
-                k.h.offset(row + step)
-            } else if k.h0.is_null() {
-                std::ptr::null()
-            } else {
-                k.h0.add(k.span.c0)
-            };
+            let prev = k.prev_row(s, row + step);
             let (ar, dhr, dar, dbr) = (
                 k.a.offset(row),
                 k.dh.offset(row),
@@ -228,8 +388,8 @@ unsafe fn backward_apply_registers<S: Simd, E: Element, const N: usize>(k: Backw
                 } else {
                     E::vload::<S>(prev.add(i * lanes))
                 };
-                E::vstore::<S>(dar.add(i * lanes), E::Acc::vmul::<S>(g, hp));
-                *v = E::Acc::vmul::<S>(E::vload::<S>(ar.add(i * lanes)), g);
+                E::vstore::<S>(dar.add(i * lanes), F::vmul_conj::<S, E::Acc>(hp, g));
+                *v = F::vmul_conj::<S, E::Acc>(E::vload::<S>(ar.add(i * lanes)), g);
             }
             row += step;
         }
@@ -241,42 +401,45 @@ unsafe fn backward_apply_registers<S: Simd, E: Element, const N: usize>(k: Backw
 
 /// Runs `$kernel` through its register variant when the span is narrow enough.
 macro_rules! try_registers {
-    ($kernel:ident, $self:ident, $S:ident, $E:ident) => {
-        match register_vectors($self.span.w, $E::Acc::lanes::<$S>()) {
+    ($kernel:ident, $self:ident, $S:ident, $E:ident, $F:ident) => {
+        match register_vectors::<$F>($self.span.w, $E::Acc::lanes::<$S>()) {
             // SAFETY: same bounds as the general loop, which the caller validated.
-            Some(1) => return unsafe { $kernel::<$S, $E, 1>($self) },
-            Some(2) => return unsafe { $kernel::<$S, $E, 2>($self) },
-            Some(3) => return unsafe { $kernel::<$S, $E, 3>($self) },
-            Some(4) => return unsafe { $kernel::<$S, $E, 4>($self) },
+            Some(1) => return unsafe { $kernel::<$S, $E, $F, 1>($self) },
+            Some(2) => return unsafe { $kernel::<$S, $E, $F, 2>($self) },
+            Some(3) => return unsafe { $kernel::<$S, $E, $F, 3>($self) },
+            Some(4) => return unsafe { $kernel::<$S, $E, $F, 4>($self) },
             _ => {}
         }
     };
 }
 
-/// Forward over a span from the carry in `state` (w values), writing h; leaves the last
+/// Forward over a span from the carry in `state` (w floats), writing h; leaves the last
 /// state in `state`.
 #[derive(Clone, Copy)]
-struct ForwardApply<E: Element> {
+struct ForwardApply<E: Element, F: Algebra> {
     span: Span,
     a: *const E,
     b: *const E,
     h: *mut E,
     state: *mut E::Acc,
+    algebra: std::marker::PhantomData<F>,
 }
 
-impl<E: Element> SimdKernel for ForwardApply<E> {
+impl<E: Element, F: Algebra> SimdKernel for ForwardApply<E, F> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
-        try_registers!(forward_apply_registers, self, S, E);
+        try_registers!(forward_apply_registers, self, S, E, F);
         let Self {
             span,
             a,
             b,
             h,
             state,
+            ..
         } = self;
         let lanes = E::Acc::lanes::<S>();
+        let vec_end = vector_floats::<F>(span.w, lanes);
         // SAFETY: the caller validated that every row offset of the span plus w is in bounds
         // of a, b and h, and that `state` holds w values.
         unsafe {
@@ -284,19 +447,26 @@ impl<E: Element> SimdKernel for ForwardApply<E> {
                 let row = span.row(s);
                 let (ar, br, hr) = (a.add(row), b.add(row), h.add(row));
                 let mut c = 0;
-                while c + lanes <= span.w {
+                while c < vec_end {
                     let prev = E::Acc::vload::<S>(state.add(c));
-                    let next =
-                        E::Acc::vfma::<S>(E::vload::<S>(ar.add(c)), prev, E::vload::<S>(br.add(c)));
+                    let next = F::vmul_add::<S, E::Acc>(
+                        E::vload::<S>(ar.add(c)),
+                        prev,
+                        E::vload::<S>(br.add(c)),
+                    );
                     E::Acc::vstore::<S>(state.add(c), next);
                     E::vstore::<S>(hr.add(c), next);
                     c += lanes;
                 }
                 while c < span.w {
-                    let next = (*ar.add(c)).to_acc() * *state.add(c) + (*br.add(c)).to_acc();
-                    *state.add(c) = next;
-                    *hr.add(c) = E::from_acc(next);
-                    c += 1;
+                    let x = load_state::<E::Acc, F>(state.add(c));
+                    let next = add2(
+                        F::mul(load_channel::<E, F>(ar.add(c)), x),
+                        load_channel::<E, F>(br.add(c)),
+                    );
+                    store_state::<E::Acc, F>(state.add(c), next);
+                    store_channel::<E, F>(hr.add(c), next);
+                    c += F::WIDTH;
                 }
             }
         }
@@ -304,54 +474,64 @@ impl<E: Element> SimdKernel for ForwardApply<E> {
 }
 
 /// Forward over a span from a zero state, writing nothing: leaves the end state in `end` and
-/// the product of the gates in `prod` (both preset to 0 and 1 by the caller).
+/// the product of the gates in `prod` (preset to zero and one by the caller).
 #[derive(Clone, Copy)]
-struct ForwardSummary<E: Element> {
+struct ForwardSummary<E: Element, F: Algebra> {
     span: Span,
     a: *const E,
     b: *const E,
     end: *mut E::Acc,
     prod: *mut E::Acc,
+    algebra: std::marker::PhantomData<F>,
 }
 
-impl<E: Element> SimdKernel for ForwardSummary<E> {
+impl<E: Element, F: Algebra> SimdKernel for ForwardSummary<E, F> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
-        try_registers!(forward_summary_registers, self, S, E);
+        try_registers!(forward_summary_registers, self, S, E, F);
         let Self {
             span,
             a,
             b,
             end,
             prod,
+            ..
         } = self;
         let lanes = E::Acc::lanes::<S>();
+        let vec_end = vector_floats::<F>(span.w, lanes);
         // SAFETY: as ForwardApply; end and prod hold w values.
         unsafe {
             for s in span.s0..span.s1 {
                 let row = span.row(s);
                 let (ar, br) = (a.add(row), b.add(row));
                 let mut c = 0;
-                while c + lanes <= span.w {
+                while c < vec_end {
                     let av = E::vload::<S>(ar.add(c));
-                    let next = E::Acc::vfma::<S>(
+                    let e = F::vmul_add::<S, E::Acc>(
                         av,
                         E::Acc::vload::<S>(end.add(c)),
                         E::vload::<S>(br.add(c)),
                     );
-                    E::Acc::vstore::<S>(end.add(c), next);
+                    E::Acc::vstore::<S>(end.add(c), e);
                     E::Acc::vstore::<S>(
                         prod.add(c),
-                        E::Acc::vmul::<S>(av, E::Acc::vload::<S>(prod.add(c))),
+                        F::vmul::<S, E::Acc>(av, E::Acc::vload::<S>(prod.add(c))),
                     );
                     c += lanes;
                 }
                 while c < span.w {
-                    let av = (*ar.add(c)).to_acc();
-                    *end.add(c) = av * *end.add(c) + (*br.add(c)).to_acc();
-                    *prod.add(c) = av * *prod.add(c);
-                    c += 1;
+                    let av = load_channel::<E, F>(ar.add(c));
+                    let e = add2(
+                        F::mul(av, load_state::<E::Acc, F>(end.add(c))),
+                        load_channel::<E, F>(br.add(c)),
+                    );
+                    store_state::<E::Acc, F>(end.add(c), e);
+                    store_state::<E::Acc, F>(
+                        prod.add(c),
+                        F::mul(av, load_state::<E::Acc, F>(prod.add(c))),
+                    );
+                    c += F::WIDTH;
                 }
             }
         }
@@ -361,7 +541,7 @@ impl<E: Element> SimdKernel for ForwardSummary<E> {
 /// Backward over a span in descending logical time from the carry q in `state`, writing
 /// da and db; leaves q at the span's first step in `state`.
 #[derive(Clone, Copy)]
-struct BackwardApply<E: Element> {
+struct BackwardApply<E: Element, F: Algebra> {
     span: Span,
     a: *const E,
     h: *const E,
@@ -371,40 +551,55 @@ struct BackwardApply<E: Element> {
     da: *mut E,
     db: *mut E,
     state: *mut E::Acc,
+    algebra: std::marker::PhantomData<F>,
 }
 
-impl<E: Element> SimdKernel for BackwardApply<E> {
+impl<E: Element, F: Algebra> BackwardApply<E, F> {
+    /// h[s-1] at this span's first channel (row `prev_row` of h), h0 for s = 0, or null for
+    /// a zero initial state.
+    #[inline(always)]
+    unsafe fn prev_row(&self, s: usize, prev_row: isize) -> *const E {
+        unsafe {
+            if s > 0 {
+                self.h.offset(prev_row)
+            } else if self.h0.is_null() {
+                std::ptr::null()
+            } else {
+                self.h0.add(self.span.c0)
+            }
+        }
+    }
+}
+
+impl<E: Element, F: Algebra> SimdKernel for BackwardApply<E, F> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
-        try_registers!(backward_apply_registers, self, S, E);
+        try_registers!(backward_apply_registers, self, S, E, F);
+        let span = self.span;
         let Self {
-            span,
             a,
-            h,
             dh,
-            h0,
             da,
             db,
             state,
+            ..
         } = self;
         let lanes = E::Acc::lanes::<S>();
         let zero = <E::Acc as Accum>::ZERO;
-        // SAFETY: as ForwardApply; h0 (when not null) holds the batch's D values.
+        let vec_end = vector_floats::<F>(span.w, lanes);
+        // SAFETY: as ForwardApply; h0 (when not null) holds the batch's row.
         unsafe {
             for s in (span.s0..span.s1).rev() {
                 let row = span.row(s);
-                // h[s-1], the state this step multiplied; h0 (or zero) before the first step
                 let prev = if s > 0 {
-                    h.add(span.row(s - 1))
-                } else if h0.is_null() {
-                    std::ptr::null()
+                    self.prev_row(s, span.row(s - 1) as isize)
                 } else {
-                    h0.add(span.c0)
+                    self.prev_row(0, 0)
                 };
                 let (ar, dhr, dar, dbr) = (a.add(row), dh.add(row), da.add(row), db.add(row));
                 let mut c = 0;
-                while c + lanes <= span.w {
+                while c < vec_end {
                     let g = E::Acc::vadd::<S>(
                         E::vload::<S>(dhr.add(c)),
                         E::Acc::vload::<S>(state.add(c)),
@@ -415,78 +610,94 @@ impl<E: Element> SimdKernel for BackwardApply<E> {
                     } else {
                         E::vload::<S>(prev.add(c))
                     };
-                    E::vstore::<S>(dar.add(c), E::Acc::vmul::<S>(g, hp));
+                    E::vstore::<S>(dar.add(c), F::vmul_conj::<S, E::Acc>(hp, g));
                     E::Acc::vstore::<S>(
                         state.add(c),
-                        E::Acc::vmul::<S>(E::vload::<S>(ar.add(c)), g),
+                        F::vmul_conj::<S, E::Acc>(E::vload::<S>(ar.add(c)), g),
                     );
                     c += lanes;
                 }
                 while c < span.w {
-                    let g = (*dhr.add(c)).to_acc() + *state.add(c);
-                    *dbr.add(c) = E::from_acc(g);
+                    let g = add2(
+                        load_channel::<E, F>(dhr.add(c)),
+                        load_state::<E::Acc, F>(state.add(c)),
+                    );
+                    store_channel::<E, F>(dbr.add(c), g);
                     let hp = if prev.is_null() {
-                        zero
+                        [zero; 2]
                     } else {
-                        (*prev.add(c)).to_acc()
+                        load_channel::<E, F>(prev.add(c))
                     };
-                    *dar.add(c) = E::from_acc(g * hp);
-                    *state.add(c) = (*ar.add(c)).to_acc() * g;
-                    c += 1;
+                    store_channel::<E, F>(dar.add(c), F::mul_conj(hp, g));
+                    store_state::<E::Acc, F>(
+                        state.add(c),
+                        F::mul_conj(load_channel::<E, F>(ar.add(c)), g),
+                    );
+                    c += F::WIDTH;
                 }
             }
         }
     }
 }
 
-/// Backward summary of a span from q = 0: q = a·(dh + q) in descending logical time, and
-/// the product of the gates.
+/// Backward summary of a span from q = 0: q = conj(a)·(dh + q) in descending logical time,
+/// and the product of conj(a).
 #[derive(Clone, Copy)]
-struct BackwardSummary<E: Element> {
+struct BackwardSummary<E: Element, F: Algebra> {
     span: Span,
     a: *const E,
     dh: *const E,
     end: *mut E::Acc,
     prod: *mut E::Acc,
+    algebra: std::marker::PhantomData<F>,
 }
 
-impl<E: Element> SimdKernel for BackwardSummary<E> {
+impl<E: Element, F: Algebra> SimdKernel for BackwardSummary<E, F> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
-        try_registers!(backward_summary_registers, self, S, E);
+        try_registers!(backward_summary_registers, self, S, E, F);
         let Self {
             span,
             a,
             dh,
             end,
             prod,
+            ..
         } = self;
         let lanes = E::Acc::lanes::<S>();
+        let vec_end = vector_floats::<F>(span.w, lanes);
         // SAFETY: as ForwardSummary.
         unsafe {
             for s in (span.s0..span.s1).rev() {
                 let row = span.row(s);
                 let (ar, dhr) = (a.add(row), dh.add(row));
                 let mut c = 0;
-                while c + lanes <= span.w {
+                while c < vec_end {
                     let av = E::vload::<S>(ar.add(c));
                     let g = E::Acc::vadd::<S>(
                         E::vload::<S>(dhr.add(c)),
                         E::Acc::vload::<S>(end.add(c)),
                     );
-                    E::Acc::vstore::<S>(end.add(c), E::Acc::vmul::<S>(av, g));
+                    E::Acc::vstore::<S>(end.add(c), F::vmul_conj::<S, E::Acc>(av, g));
                     E::Acc::vstore::<S>(
                         prod.add(c),
-                        E::Acc::vmul::<S>(av, E::Acc::vload::<S>(prod.add(c))),
+                        F::vmul_conj::<S, E::Acc>(av, E::Acc::vload::<S>(prod.add(c))),
                     );
                     c += lanes;
                 }
                 while c < span.w {
-                    let av = (*ar.add(c)).to_acc();
-                    *end.add(c) = av * ((*dhr.add(c)).to_acc() + *end.add(c));
-                    *prod.add(c) = av * *prod.add(c);
-                    c += 1;
+                    let av = load_channel::<E, F>(ar.add(c));
+                    let g = add2(
+                        load_channel::<E, F>(dhr.add(c)),
+                        load_state::<E::Acc, F>(end.add(c)),
+                    );
+                    store_state::<E::Acc, F>(end.add(c), F::mul_conj(av, g));
+                    store_state::<E::Acc, F>(
+                        prod.add(c),
+                        F::mul_conj(av, load_state::<E::Acc, F>(prod.add(c))),
+                    );
+                    c += F::WIDTH;
                 }
             }
         }
@@ -537,7 +748,7 @@ fn piece_range(
 /// is summarized (its inputs then wait in cache for the next phase). Between phases a short
 /// sequential pass chains the carries: carry[p+1] = prod[p]·carry[p] + end[p].
 /// `carry` holds the state entering the first round and is left with the final state.
-fn time_parallel<A: Accum>(
+fn time_parallel<A: Accum, F: Algebra>(
     shape: ScanShape,
     piece_len: usize,
     descending: bool,
@@ -563,14 +774,15 @@ fn time_parallel<A: Accum>(
     };
     let items = batch * TIME_PIECES;
     let mut ends = vec![A::ZERO; items * d];
-    let mut prods = vec![A::ONE; items * d];
+    let mut prods = vec![A::ZERO; items * d];
+    fill_one::<A, F>(&mut prods);
     let mut states = vec![A::ZERO; items * d];
     // summaries of the first round (the last piece's is never needed)
     let summarize = |round: usize, i: usize, end: &mut [A], prod: &mut [A]| {
         let (bi, p) = (i / TIME_PIECES, i % TIME_PIECES);
         if p + 1 < TIME_PIECES {
             end.fill(A::ZERO);
-            prod.fill(A::ONE);
+            fill_one::<A, F>(prod);
             let (s0, s1) = pieces(round, p);
             summary(bi, s0, s1, end, prod);
         }
@@ -585,8 +797,19 @@ fn time_parallel<A: Accum>(
             states[first..first + d].copy_from_slice(&carry[bi * d..(bi + 1) * d]);
             for p in 1..TIME_PIECES {
                 let (prev, next) = (first + (p - 1) * d, first + p * d);
-                for c in 0..d {
-                    states[next + c] = prods[prev + c] * states[prev + c] + ends[prev + c];
+                for c in (0..d).step_by(F::WIDTH) {
+                    let (i, j) = (prev + c, next + c);
+                    // SAFETY: i and j index whole channels inside `states`, `prods`, `ends`.
+                    let carried = unsafe {
+                        add2(
+                            F::mul(
+                                load_state::<A, F>(&prods[i]),
+                                load_state::<A, F>(&states[i]),
+                            ),
+                            load_state::<A, F>(&ends[i]),
+                        )
+                    };
+                    unsafe { store_state::<A, F>(&mut states[j], carried) };
                 }
             }
         }
@@ -610,7 +833,7 @@ fn time_parallel<A: Accum>(
     }
 }
 
-pub(crate) fn forward<E: Element>(
+pub(crate) fn forward<E: Element, F: Algebra>(
     isa: Isa,
     reverse: bool,
     shape: ScanShape,
@@ -656,6 +879,7 @@ pub(crate) fn forward<E: Element>(
                         b: unsafe { bp.get().add(base) },
                         h: unsafe { hp.get().add(base) },
                         state: state.as_mut_ptr(),
+                        algebra: std::marker::PhantomData::<F>,
                     };
                     dispatch(isa, kernel);
                 });
@@ -671,7 +895,7 @@ pub(crate) fn forward<E: Element>(
                 s0: 0,
                 s1: 0,
             };
-            time_parallel(
+            time_parallel::<E::Acc, F>(
                 shape,
                 piece_len,
                 false,
@@ -684,6 +908,7 @@ pub(crate) fn forward<E: Element>(
                         b: unsafe { bp.get().add(base) },
                         end: end.as_mut_ptr(),
                         prod: prod.as_mut_ptr(),
+                        algebra: std::marker::PhantomData::<F>,
                     };
                     dispatch(isa, kernel);
                 },
@@ -696,6 +921,7 @@ pub(crate) fn forward<E: Element>(
                         b: unsafe { bp.get().add(base) },
                         h: unsafe { hp.get().add(base) },
                         state: state.as_mut_ptr(),
+                        algebra: std::marker::PhantomData::<F>,
                     };
                     dispatch(isa, kernel);
                 },
@@ -705,7 +931,7 @@ pub(crate) fn forward<E: Element>(
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward<E: Element>(
+pub(crate) fn backward<E: Element, F: Algebra>(
     isa: Isa,
     reverse: bool,
     shape: ScanShape,
@@ -764,6 +990,7 @@ pub(crate) fn backward<E: Element>(
                         da: unsafe { dap.get().add(base) },
                         db: unsafe { dbp.get().add(base) },
                         state: state.as_mut_ptr(),
+                        algebra: std::marker::PhantomData::<F>,
                     };
                     dispatch(isa, kernel);
                     for (c, q) in state.iter().enumerate() {
@@ -782,7 +1009,7 @@ pub(crate) fn backward<E: Element>(
                 s0: 0,
                 s1: 0,
             };
-            time_parallel(
+            time_parallel::<E::Acc, F>(
                 shape,
                 piece_len,
                 true,
@@ -795,6 +1022,7 @@ pub(crate) fn backward<E: Element>(
                         dh: unsafe { dhp.get().add(base) },
                         end: end.as_mut_ptr(),
                         prod: prod.as_mut_ptr(),
+                        algebra: std::marker::PhantomData::<F>,
                     };
                     dispatch(isa, kernel);
                 },
@@ -810,6 +1038,7 @@ pub(crate) fn backward<E: Element>(
                         da: unsafe { dap.get().add(base) },
                         db: unsafe { dbp.get().add(base) },
                         state: state.as_mut_ptr(),
+                        algebra: std::marker::PhantomData::<F>,
                     };
                     dispatch(isa, kernel);
                 },

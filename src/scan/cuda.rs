@@ -141,7 +141,14 @@ pub fn linear<E: CudaElement>(
     h: &mut impl DevicePtrMut<E>,
 ) -> Result<()> {
     device.check_stream(stream)?;
-    let (n, _) = super::validate_forward(&shape, a.len(), b.len(), h0.map(|x| x.len()), h.len())?;
+    let (n, _) = super::validate_forward(
+        super::Numbers::Real,
+        &shape,
+        a.len(),
+        b.len(),
+        h0.map(|x| x.len()),
+        h.len(),
+    )?;
     shape.checked_numel::<E>("a")?;
     if n == 0 {
         return Ok(());
@@ -210,6 +217,7 @@ pub fn linear_backward<E: CudaElement>(
 ) -> Result<()> {
     device.check_stream(stream)?;
     let (n, _) = super::validate_backward(
+        super::Numbers::Real,
         &shape,
         a.len(),
         h.len(),
@@ -291,7 +299,14 @@ pub fn linear_host<E: CudaElement>(
     h0: Option<&[E]>,
 ) -> Result<Vec<E>> {
     let stream = device.stream();
-    let (n, _) = super::validate_forward(&shape, a.len(), b.len(), h0.map(<[E]>::len), a.len())?;
+    let (n, _) = super::validate_forward(
+        super::Numbers::Real,
+        &shape,
+        a.len(),
+        b.len(),
+        h0.map(<[E]>::len),
+        a.len(),
+    )?;
     let a_d = stream.clone_htod(a)?;
     let b_d = stream.clone_htod(b)?;
     let h0_d = h0.map(|x| stream.clone_htod(x)).transpose()?;
@@ -322,6 +337,7 @@ pub fn linear_backward_host<E: CudaElement>(
 ) -> Result<super::LinearGrads<E>> {
     let stream = device.stream();
     let (n, s) = super::validate_backward(
+        super::Numbers::Real,
         &shape,
         a.len(),
         h.len(),

@@ -109,26 +109,58 @@ pub(crate) fn check_len(tensor: &str, got: usize, expected: usize, shape: &str) 
     }
 }
 
-/// Sizes checked once for a forward call: (B·T·D, B·D).
+/// Real or complex scans; a complex channel is two interleaved floats (re, im).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Numbers {
+    Real,
+    Complex,
+}
+
+impl Numbers {
+    pub(crate) fn width(self) -> usize {
+        match self {
+            Numbers::Real => 1,
+            Numbers::Complex => 2,
+        }
+    }
+
+    fn dims(self, shape: &ScanShape) -> (String, String) {
+        let (b, t, d) = (shape.batch, shape.len, shape.channels);
+        match self {
+            Numbers::Real => (format!("[{b}, {t}, {d}]"), format!("[{b}, {d}]")),
+            Numbers::Complex => (format!("[{b}, {t}, {d}, 2]"), format!("[{b}, {d}, 2]")),
+        }
+    }
+
+    /// (elements of a [B, T, D(, 2)] tensor, elements of a [B, D(, 2)] state), checked.
+    fn sizes(self, shape: &ScanShape) -> Result<(usize, usize)> {
+        let n = shape.numel("a")?.checked_mul(self.width());
+        let s = shape.state_numel("h0")?.checked_mul(self.width());
+        n.zip(s)
+            .ok_or_else(|| Error::overflow("a", format!("{shape} complex overflows")))
+    }
+
+    /// The shape the CPU kernels walk: rows of D·width floats (validated sizes only).
+    pub(crate) fn float_shape(self, shape: ScanShape) -> ScanShape {
+        ScanShape::new(shape.batch, shape.len, shape.channels * self.width())
+    }
+}
+
+/// Sizes checked once for a forward call: (elements of a, elements of h0).
 pub(crate) fn validate_forward(
+    numbers: Numbers,
     shape: &ScanShape,
     a: usize,
     b: usize,
     h0: Option<usize>,
     h: usize,
 ) -> Result<(usize, usize)> {
-    let n = shape.numel("a")?;
-    let s = shape.state_numel("h0")?;
-    let dims = shape.to_string();
+    let (n, s) = numbers.sizes(shape)?;
+    let (dims, state_dims) = numbers.dims(shape);
     check_len("a", a, n, &dims)?;
     check_len("b", b, n, &dims)?;
     if let Some(h0) = h0 {
-        check_len(
-            "h0",
-            h0,
-            s,
-            &format!("[{}, {}]", shape.batch, shape.channels),
-        )?;
+        check_len("h0", h0, s, &state_dims)?;
     }
     check_len("h", h, n, &dims)?;
     Ok((n, s))
@@ -137,6 +169,7 @@ pub(crate) fn validate_forward(
 /// Sizes checked once for a backward call.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn validate_backward(
+    numbers: Numbers,
     shape: &ScanShape,
     a: usize,
     h: usize,
@@ -146,10 +179,8 @@ pub(crate) fn validate_backward(
     db: usize,
     dh0: usize,
 ) -> Result<(usize, usize)> {
-    let n = shape.numel("a")?;
-    let s = shape.state_numel("dh0")?;
-    let dims = shape.to_string();
-    let state_dims = format!("[{}, {}]", shape.batch, shape.channels);
+    let (n, s) = numbers.sizes(shape)?;
+    let (dims, state_dims) = numbers.dims(shape);
     check_len("a", a, n, &dims)?;
     check_len("h", h, n, &dims)?;
     check_len("dh", dh, n, &dims)?;
@@ -188,13 +219,34 @@ pub fn linear_on<E: Element>(
     h0: Option<&[E]>,
     h: &mut [E],
 ) -> Result<()> {
+    forward_on::<E, cpu::Real>(isa, params, shape, a, b, h0, h)
+}
+
+/// The CPU forward for either kind of number, validated.
+fn forward_on<E: Element, F: cpu::Algebra>(
+    isa: Isa,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+    h: &mut [E],
+) -> Result<()> {
     isa.check()?;
-    validate_forward(&shape, a.len(), b.len(), h0.map(<[E]>::len), h.len())?;
-    shape.checked_numel::<E>("a")?;
+    let numbers = F::NUMBERS;
+    validate_forward(
+        numbers,
+        &shape,
+        a.len(),
+        b.len(),
+        h0.map(<[E]>::len),
+        h.len(),
+    )?;
+    numbers.float_shape(shape).checked_numel::<E>("a")?;
     if h.is_empty() {
         return Ok(());
     }
-    cpu::forward(isa, params.reverse, shape, a, b, h0, h);
+    cpu::forward::<E, F>(isa, params.reverse, numbers.float_shape(shape), a, b, h0, h);
     Ok(())
 }
 
@@ -252,18 +304,38 @@ pub fn linear_backward_on<E: Element>(
     db: &mut [E],
     dh0: &mut [E],
 ) -> Result<()> {
+    backward_on::<E, cpu::Real>(isa, params, shape, a, h, dh, h0, da, db, dh0)
+}
+
+/// The CPU backward for either kind of number, validated.
+#[allow(clippy::too_many_arguments)]
+fn backward_on<E: Element, F: cpu::Algebra>(
+    isa: Isa,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
+    da: &mut [E],
+    db: &mut [E],
+    dh0: &mut [E],
+) -> Result<()> {
     isa.check()?;
+    let numbers = F::NUMBERS;
+    let lens = (a.len(), h.len(), dh.len(), h0.map(<[E]>::len));
     validate_backward(
+        numbers,
         &shape,
-        a.len(),
-        h.len(),
-        dh.len(),
-        h0.map(<[E]>::len),
+        lens.0,
+        lens.1,
+        lens.2,
+        lens.3,
         da.len(),
         db.len(),
         dh0.len(),
     )?;
-    shape.checked_numel::<E>("a")?;
+    numbers.float_shape(shape).checked_numel::<E>("a")?;
     if shape.len == 0 {
         // no step: the initial state reaches no output
         dh0.fill(E::from_acc(<E::Acc as Accum>::ZERO));
@@ -272,7 +344,18 @@ pub fn linear_backward_on<E: Element>(
     if da.is_empty() {
         return Ok(());
     }
-    cpu::backward(isa, params.reverse, shape, a, h, dh, h0, da, db, dh0);
+    cpu::backward::<E, F>(
+        isa,
+        params.reverse,
+        numbers.float_shape(shape),
+        a,
+        h,
+        dh,
+        h0,
+        da,
+        db,
+        dh0,
+    );
     Ok(())
 }
 
@@ -293,6 +376,132 @@ pub fn linear_backward_alloc<E: Element>(
         dh0: vec![E::default(); s],
     };
     linear_backward(
+        params,
+        shape,
+        a,
+        h,
+        dh,
+        h0,
+        &mut grads.da,
+        &mut grads.db,
+        &mut grads.dh0,
+    )?;
+    Ok(grads)
+}
+
+/// A shape from a complex tensor's dims, which must be `[B, T, D, 2]`.
+impl ScanShape {
+    pub fn from_complex_dims(tensor: &str, dims: &[usize]) -> Result<Self> {
+        match *dims {
+            [batch, len, channels, 2] => Ok(Self::new(batch, len, channels)),
+            _ => Err(Error::shape(
+                tensor,
+                "rank 4 [B, T, D, 2] (real, imaginary last)",
+                format!("{dims:?}"),
+            )),
+        }
+    }
+}
+
+/// `scan.linear_complex` on the CPU, in place: the same recurrence over complex numbers,
+/// h[t] = a[t]·h[t-1] + b[t], with `a`, `b`, `h` laid out `[B, T, D, 2]` (real, imaginary
+/// interleaved) and `h0` `[B, D, 2]`. Accumulates in f32 (f64 for f64).
+pub fn linear_complex<E: Element>(
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+    h: &mut [E],
+) -> Result<()> {
+    linear_complex_on(Isa::active(), params, shape, a, b, h0, h)
+}
+
+/// [`linear_complex`] on a chosen instruction set.
+pub fn linear_complex_on<E: Element>(
+    isa: Isa,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+    h: &mut [E],
+) -> Result<()> {
+    forward_on::<E, cpu::Complex>(isa, params, shape, a, b, h0, h)
+}
+
+/// Allocating convenience for [`linear_complex`]: returns `h [B, T, D, 2]`.
+pub fn linear_complex_alloc<E: Element>(
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+) -> Result<Vec<E>> {
+    let (n, _) = Numbers::Complex.sizes(&shape)?;
+    Numbers::Complex
+        .float_shape(shape)
+        .checked_numel::<E>("a")?;
+    let mut h = vec![E::default(); n];
+    linear_complex(params, shape, a, b, h0, &mut h)?;
+    Ok(h)
+}
+
+/// Backward of [`linear_complex`]. Gradients follow PyTorch's convention for a real loss L:
+/// the gradient of a complex z is dL/dRe(z) + i·dL/dIm(z). With g the gradient of h including
+/// the future: g[s] = dh[s] + conj(a[s+1])·g[s+1], db = g, da = g·conj(h[s-1]),
+/// dh0 = conj(a[0])·g[0].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_complex_backward<E: Element>(
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
+    da: &mut [E],
+    db: &mut [E],
+    dh0: &mut [E],
+) -> Result<()> {
+    linear_complex_backward_on(Isa::active(), params, shape, a, h, dh, h0, da, db, dh0)
+}
+
+/// [`linear_complex_backward`] on a chosen instruction set.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_complex_backward_on<E: Element>(
+    isa: Isa,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
+    da: &mut [E],
+    db: &mut [E],
+    dh0: &mut [E],
+) -> Result<()> {
+    backward_on::<E, cpu::Complex>(isa, params, shape, a, h, dh, h0, da, db, dh0)
+}
+
+/// Allocating convenience for [`linear_complex_backward`].
+pub fn linear_complex_backward_alloc<E: Element>(
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
+) -> Result<LinearGrads<E>> {
+    let (n, s) = Numbers::Complex.sizes(&shape)?;
+    Numbers::Complex
+        .float_shape(shape)
+        .checked_numel::<E>("a")?;
+    let mut grads = LinearGrads {
+        da: vec![E::default(); n],
+        db: vec![E::default(); n],
+        dh0: vec![E::default(); s],
+    };
+    linear_complex_backward(
         params,
         shape,
         a,

@@ -106,3 +106,101 @@ pub fn say_skipped(message: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIPPED {message}");
 }
+
+fn cmul(a: [f64; 2], x: [f64; 2]) -> [f64; 2] {
+    [a[0] * x[0] - a[1] * x[1], a[0] * x[1] + a[1] * x[0]]
+}
+
+fn conj(a: [f64; 2]) -> [f64; 2] {
+    [a[0], -a[1]]
+}
+
+fn at(v: &[f64], i: usize) -> [f64; 2] {
+    [v[2 * i], v[2 * i + 1]]
+}
+
+fn put(v: &mut [f64], i: usize, x: [f64; 2]) {
+    v[2 * i] = x[0];
+    v[2 * i + 1] = x[1];
+}
+
+/// Naive float64 `scan.linear_complex` on interleaved [B, T, D, 2] data.
+pub fn complex_forward_f64(
+    b_: usize,
+    t_: usize,
+    d_: usize,
+    a: &[f64],
+    b: &[f64],
+    h0: Option<&[f64]>,
+    reverse: bool,
+) -> Vec<f64> {
+    let mut h = vec![0.0; a.len()];
+    for bi in 0..b_ {
+        for c in 0..d_ {
+            let mut s = h0.map_or([0.0; 2], |h0| at(h0, bi * d_ + c));
+            for i in 0..t_ {
+                let t = if reverse { t_ - 1 - i } else { i };
+                let k = (bi * t_ + t) * d_ + c;
+                let m = cmul(at(a, k), s);
+                s = [m[0] + at(b, k)[0], m[1] + at(b, k)[1]];
+                put(&mut h, k, s);
+            }
+        }
+    }
+    h
+}
+
+/// Naive float64 backward of the complex scan (PyTorch's convention for complex gradients):
+/// (da, db, dh0).
+#[allow(clippy::too_many_arguments)]
+pub fn complex_backward_f64(
+    b_: usize,
+    t_: usize,
+    d_: usize,
+    a: &[f64],
+    h: &[f64],
+    dh: &[f64],
+    h0: Option<&[f64]>,
+    reverse: bool,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut da, mut db, mut dh0) = (
+        vec![0.0; a.len()],
+        vec![0.0; a.len()],
+        vec![0.0; 2 * b_ * d_],
+    );
+    for bi in 0..b_ {
+        for c in 0..d_ {
+            let mut q = [0.0; 2]; // conj(a[s+1]) g[s+1]
+            for i in (0..t_).rev() {
+                let t = if reverse { t_ - 1 - i } else { i };
+                let k = (bi * t_ + t) * d_ + c;
+                let g = [at(dh, k)[0] + q[0], at(dh, k)[1] + q[1]];
+                put(&mut db, k, g);
+                let prev = if i == 0 {
+                    h0.map_or([0.0; 2], |h0| at(h0, bi * d_ + c))
+                } else {
+                    let tp = if reverse { t + 1 } else { t - 1 };
+                    at(h, (bi * t_ + tp) * d_ + c)
+                };
+                put(&mut da, k, cmul(conj(prev), g));
+                q = cmul(conj(at(a, k)), g);
+            }
+            put(&mut dh0, bi * d_ + c, q);
+        }
+    }
+    (da, db, dh0)
+}
+
+/// Complex gates with |a| in [lo, hi) and a random phase, interleaved.
+pub fn complex_gates<E: Element>(rng: &mut Rng, channels: usize, lo: f64, hi: f64) -> Vec<E> {
+    let mut v = Vec::with_capacity(2 * channels);
+    for _ in 0..channels {
+        let (r, phase) = (
+            rng.uniform(lo, hi),
+            rng.uniform(-std::f64::consts::PI, std::f64::consts::PI),
+        );
+        v.push(E::from_f64(r * phase.cos()));
+        v.push(E::from_f64(r * phase.sin()));
+    }
+    v
+}
