@@ -1,10 +1,12 @@
-// scan.linear and its backward: h[t] = a[t] * h[t-1] + b[t] over [B, T, D] (D contiguous).
+// scan.linear, scan.linear_complex and their backward passes: h[t] = a[t] * h[t-1] + b[t]
+// over [B, T, D] (D contiguous; complex: [B, T, D, 2], re/im interleaved).
 //
 // Plan. Everything runs in *processing order* i = 0..T-1, the order the recurrence
 // consumes steps: forward logical time for the forward pass, reversed for the backward
 // pass, each possibly flipped again by `reverse`. In that order both passes are the
-// first-order scan  state = a * state + beta  with beta = b (forward) or a * dh (backward,
-// where state is q[s] = a[s] * g[s] and g = dL/dh including the future).
+// first-order scan  state = gate * state + beta: forward gate = a, beta = b; backward
+// gate = conj(a), beta = conj(a) * dh, where state is q[s] = conj(a[s]) * g[s] and g is
+// dL/dh including the future (conj is the identity for real numbers).
 //
 // A block owns 32 channels (x: lanes, one channel each, coalesced across the warp) of one
 // batch row and one time chunk; its NK_SCAN_WARPS warps split each tile of
@@ -26,6 +28,47 @@
 #include "scan.cuh"
 
 namespace {
+
+// The numbers a scan runs over, as traits: `V` is one channel's value in the accumulator
+// type A. Loads and stores take the channel index; a complex channel is two interleaved
+// values (re, im). For the scratch buffers (T = A) the same loads apply.
+template <typename A>
+struct RealNum {
+  using V = A;
+  static __device__ __forceinline__ V zero() { return A(0); }
+  static __device__ __forceinline__ V one() { return A(1); }
+  static __device__ __forceinline__ V add(V a, V b) { return a + b; }
+  static __device__ __forceinline__ V mul(V a, V x) { return a * x; }
+  static __device__ __forceinline__ V conj(V a) { return a; }
+  template <typename T>
+  static __device__ __forceinline__ V load(const T* p, long long i) { return to_acc(p[i]); }
+  template <typename T>
+  static __device__ __forceinline__ void store(T* p, long long i, V v) { p[i] = from_acc<T>(v); }
+};
+
+template <typename A>
+struct Cplx {
+  A re, im;
+};
+
+template <typename A>
+struct ComplexNum {
+  using V = Cplx<A>;
+  static __device__ __forceinline__ V zero() { return {A(0), A(0)}; }
+  static __device__ __forceinline__ V one() { return {A(1), A(0)}; }
+  static __device__ __forceinline__ V add(V a, V b) { return {a.re + b.re, a.im + b.im}; }
+  static __device__ __forceinline__ V mul(V a, V x) {
+    return {a.re * x.re - a.im * x.im, a.re * x.im + a.im * x.re};
+  }
+  static __device__ __forceinline__ V conj(V a) { return {a.re, -a.im}; }
+  template <typename T>
+  static __device__ __forceinline__ V load(const T* p, long long i) { return {to_acc(p[2 * i]), to_acc(p[2 * i + 1])}; }
+  template <typename T>
+  static __device__ __forceinline__ void store(T* p, long long i, V v) {
+    p[2 * i] = from_acc<T>(v.re);
+    p[2 * i + 1] = from_acc<T>(v.im);
+  }
+};
 
 constexpr int kLanes = NK_SCAN_LANES;
 constexpr int kWarps = NK_SCAN_WARPS;
@@ -58,36 +101,38 @@ __device__ __forceinline__ BlockPlace place(const Geometry& g) {
 }
 
 // Folds (prod, end) pairs of warps [0, upto) onto carry.
-template <typename A>
-__device__ __forceinline__ A fold(const A (*prod)[kLanes], const A (*end)[kLanes], int upto, A carry) {
-  for (int w = 0; w < upto; ++w) carry = prod[w][threadIdx.x] * carry + end[w][threadIdx.x];
+template <typename N>
+__device__ __forceinline__ typename N::V fold(const typename N::V (*prod)[kLanes], const typename N::V (*end)[kLanes],
+                                              int upto, typename N::V carry) {
+  for (int w = 0; w < upto; ++w) carry = N::add(N::mul(prod[w][threadIdx.x], carry), end[w][threadIdx.x]);
   return carry;
 }
 
 // Runs the tiles of [i0, i1) for one block. `load` fills a step's registers (gate, beta and
 // an auxiliary value the apply step may need); `apply` advances the state by one step and
 // writes that step's outputs. Returns the state after i1.
-template <typename A, typename Loader, typename Apply>
-__device__ __forceinline__ A run_tiles(const BlockPlace& p, A carry, Loader load, Apply apply) {
-  __shared__ A prod_s[kWarps][kLanes];
-  __shared__ A end_s[kWarps][kLanes];
+template <typename N, typename Loader, typename Apply>
+__device__ __forceinline__ typename N::V run_tiles(const BlockPlace& p, typename N::V carry, Loader load, Apply apply) {
+  using V = typename N::V;
+  __shared__ V prod_s[kWarps][kLanes];
+  __shared__ V end_s[kWarps][kLanes];
   const int warp = threadIdx.y;
   for (long long tile = p.i0; tile < p.i1; tile += kTile) {
     const long long first = tile + (long long)warp * kSteps;
-    A gate[kSteps], beta[kSteps], aux[kSteps];
+    V gate[kSteps], beta[kSteps], aux[kSteps];
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) load(first + k, p.active && first + k < p.i1, gate[k], beta[k], aux[k]);
-    A prod = A(1), end = A(0);
+    V prod = N::one(), end = N::zero();
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) {
-      end = gate[k] * end + beta[k];
-      prod = gate[k] * prod;
+      end = N::add(N::mul(gate[k], end), beta[k]);
+      prod = N::mul(gate[k], prod);
     }
     prod_s[warp][threadIdx.x] = prod;
     end_s[warp][threadIdx.x] = end;
     __syncthreads();
-    A state = fold<A>(prod_s, end_s, warp, carry);
-    carry = fold<A>(prod_s + warp, end_s + warp, kWarps - warp, state);
+    V state = fold<N>(prod_s, end_s, warp, carry);
+    carry = fold<N>(prod_s + warp, end_s + warp, kWarps - warp, state);
     __syncthreads();  // shared pairs are rewritten by the next tile
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) {
@@ -98,70 +143,74 @@ __device__ __forceinline__ A run_tiles(const BlockPlace& p, A carry, Loader load
 }
 
 // Masked-out steps load the identity pair (gate 1, beta 0).
-template <typename T, typename A>
+template <typename T, typename N>
 struct ForwardLoad {
+  using V = typename N::V;
   const T* a;
   const T* b;
   Geometry g;
-  long long row0;  // offset of (batch, t = 0, channel)
-  __device__ __forceinline__ void operator()(long long i, bool ok, A& gate, A& beta, A&) const {
+  long long row0;  // channel index of (batch, t = 0, channel)
+  __device__ __forceinline__ void operator()(long long i, bool ok, V& gate, V& beta, V&) const {
     const long long off = row0 + g.time_of(i) * g.D;
-    gate = ok ? to_acc(a[off]) : A(1);
-    beta = ok ? to_acc(b[off]) : A(0);
+    gate = ok ? N::load(a, off) : N::one();
+    beta = ok ? N::load(b, off) : N::zero();
   }
 };
 
-template <typename T, typename A>
+template <typename T, typename N>
 struct ForwardApply {
+  using V = typename N::V;
   T* h;
   Geometry g;
   long long row0;
-  __device__ __forceinline__ A operator()(long long i, A gate, A beta, A, A state) const {
-    state = gate * state + beta;
-    h[row0 + g.time_of(i) * g.D] = from_acc<T>(state);
+  __device__ __forceinline__ V operator()(long long i, V gate, V beta, V, V state) const {
+    state = N::add(N::mul(gate, state), beta);
+    N::store(h, row0 + g.time_of(i) * g.D, state);
     return state;
   }
 };
 
-// Backward: beta = a * dh; dh itself is kept (aux) for g = dh + q.
-template <typename T, typename A>
+// Backward runs q = conj(a)·(dh + q): the gate is conj(a), beta = conj(a)·dh, and dh itself
+// is kept (aux) for g = dh + q.
+template <typename T, typename N>
 struct BackwardLoad {
+  using V = typename N::V;
   const T* a;
   const T* dh;
   Geometry g;
   long long row0;
-  __device__ __forceinline__ void operator()(long long i, bool ok, A& gate, A& beta, A& dh_i) const {
+  __device__ __forceinline__ void operator()(long long i, bool ok, V& gate, V& beta, V& dh_i) const {
     const long long off = row0 + g.time_of(i) * g.D;
-    dh_i = ok ? to_acc(dh[off]) : A(0);
-    gate = ok ? to_acc(a[off]) : A(1);
-    beta = gate * dh_i;
+    dh_i = ok ? N::load(dh, off) : N::zero();
+    gate = ok ? N::conj(N::load(a, off)) : N::one();
+    beta = N::mul(gate, dh_i);
   }
 };
 
-template <typename T, typename A>
+template <typename T, typename N>
 struct BackwardApply {
+  using V = typename N::V;
   const T* h;
-  const T* h0;  // this batch row's h0 at `channel`, or null
+  const T* h0;  // null for a zero initial state
   T* da;
   T* db;
   Geometry g;
   long long row0;
   long long h0_off;
-  __device__ __forceinline__ A operator()(long long i, A gate, A, A dh_i, A state) const {
+  __device__ __forceinline__ V operator()(long long i, V gate, V, V dh_i, V state) const {
     const long long off = row0 + g.time_of(i) * g.D;
-    const A grad = dh_i + state;
-    // h at the step the recurrence ran just before this one: processing i + 1
-    const bool first_step = i + 1 == g.T;  // logical step 0: its h[-1] is h0
-    const T* prev_src = first_step ? h0 : h + row0 + g.time_of(i + 1) * g.D;
-    const long long prev_off = first_step ? h0_off : 0;
-    const A prev = prev_src ? to_acc(prev_src[prev_off]) : A(0);
-    db[off] = from_acc<T>(grad);
-    da[off] = from_acc<T>(grad * prev);
-    return gate * grad;
+    const V grad = N::add(dh_i, state);
+    // h at the step the recurrence ran just before this one (processing i + 1); h0 there
+    const bool first_step = i + 1 == g.T;
+    const T* prev_src = first_step ? h0 : h;
+    const long long prev_off = first_step ? h0_off : row0 + g.time_of(i + 1) * g.D;
+    const V prev = prev_src ? N::load(prev_src, prev_off) : N::zero();
+    N::store(db, off, grad);
+    N::store(da, off, N::mul(N::conj(prev), grad));
+    return N::mul(gate, grad);
   }
 };
 
-template <typename T>
 __device__ __forceinline__ Geometry geometry(long long T_, long long D, long long chunk, bool flip) {
   Geometry g;
   g.T = T_;
@@ -174,71 +223,70 @@ __device__ __forceinline__ Geometry geometry(long long T_, long long D, long lon
 
 // The carry entering this block's chunk: from the carry buffer [B, chunks, D] when the
 // sequence was cut into chunks, else the initial state.
-template <typename T, typename A>
-__device__ __forceinline__ A carry_in(const BlockPlace& p, const Geometry& g, const A* carries, const T* init) {
-  if (!p.active) return A(0);
-  if (carries) return carries[(p.batch * gridDim.y + blockIdx.y) * g.D + p.channel];
-  return init ? to_acc(init[p.batch * g.D + p.channel]) : A(0);
+template <typename T, typename N, typename A>
+__device__ __forceinline__ typename N::V carry_in(const BlockPlace& p, const Geometry& g, const A* carries,
+                                                  const T* init) {
+  if (!p.active) return N::zero();
+  if (carries) return N::load(carries, (p.batch * gridDim.y + blockIdx.y) * g.D + p.channel);
+  return init ? N::load(init, p.batch * g.D + p.channel) : N::zero();
 }
 
-template <typename T>
+template <typename T, typename N>
 __device__ void forward(const T* a, const T* b, const T* h0, const typename Acc<T>::type* carries, T* h,
                         long long T_, long long D, long long chunk, int reverse) {
-  using A = typename Acc<T>::type;
-  const Geometry g = geometry<T>(T_, D, chunk, reverse != 0);
+  const Geometry g = geometry(T_, D, chunk, reverse != 0);
   const BlockPlace p = place(g);
   const long long row0 = p.batch * T_ * D + p.channel;
-  const A init = carry_in<T, A>(p, g, carries, h0);
-  run_tiles<A>(p, init, ForwardLoad<T, A>{a, b, g, row0}, ForwardApply<T, A>{h, g, row0});
+  const typename N::V init = carry_in<T, N>(p, g, carries, h0);
+  run_tiles<N>(p, init, ForwardLoad<T, N>{a, b, g, row0}, ForwardApply<T, N>{h, g, row0});
 }
 
-template <typename T>
+template <typename T, typename N>
 __device__ void backward(const T* a, const T* h, const T* dh, const T* h0, const typename Acc<T>::type* carries,
                          T* da, T* db, T* dh0, long long T_, long long D, long long chunk, int reverse) {
-  using A = typename Acc<T>::type;
   // backward runs logical time backwards: flipped unless the forward was reversed
-  const Geometry g = geometry<T>(T_, D, chunk, reverse == 0);
+  const Geometry g = geometry(T_, D, chunk, reverse == 0);
   const BlockPlace p = place(g);
   const long long row0 = p.batch * T_ * D + p.channel;
-  const A init = carry_in<T, A>(p, g, carries, (const T*)nullptr);
-  const A q = run_tiles<A>(p, init, BackwardLoad<T, A>{a, dh, g, row0},
-                           BackwardApply<T, A>{h, h0, da, db, g, row0, p.batch * D + p.channel});
+  const typename N::V init = carry_in<T, N>(p, g, carries, (const T*)nullptr);
+  const typename N::V q = run_tiles<N>(p, init, BackwardLoad<T, N>{a, dh, g, row0},
+                                       BackwardApply<T, N>{h, h0, da, db, g, row0, p.batch * D + p.channel});
   // the chunk holding the last processing step holds q at logical step 0: dh0
-  if (p.active && threadIdx.y == 0 && p.i1 == g.T) dh0[p.batch * D + p.channel] = from_acc<T>(q);
+  if (p.active && threadIdx.y == 0 && p.i1 == g.T) N::store(dh0, p.batch * D + p.channel, q);
 }
 
 // Chunk summaries: (prod, end) of each chunk from a zero state, in [B, chunks, D].
-template <typename T, bool Backward>
+template <typename T, typename N, bool Backward>
 __device__ void summary(const T* a, const T* beta_src, typename Acc<T>::type* prods, typename Acc<T>::type* ends,
                         long long T_, long long D, long long chunk, int reverse) {
-  using A = typename Acc<T>::type;
-  const Geometry g = geometry<T>(T_, D, chunk, Backward ? reverse == 0 : reverse != 0);
+  using V = typename N::V;
+  const Geometry g = geometry(T_, D, chunk, Backward ? reverse == 0 : reverse != 0);
   const BlockPlace p = place(g);
   const long long row0 = p.batch * T_ * D + p.channel;
-  A prod = A(1), end = A(0);
-  // per-thread strided walk: thread y takes every kWarps-th step run; warp pairs are then
-  // combined in order through shared memory
-  __shared__ A prod_s[kWarps][kLanes];
-  __shared__ A end_s[kWarps][kLanes];
+  V prod = N::one(), end = N::zero();
+  // warp y takes a contiguous run of the chunk; runs are then combined in order
+  __shared__ V prod_s[kWarps][kLanes];
+  __shared__ V end_s[kWarps][kLanes];
   const long long span = p.i1 - p.i0;
   const long long per_warp = (span + kWarps - 1) / kWarps;
   const long long w0 = p.i0 + threadIdx.y * per_warp;
   const long long w1 = min(w0 + per_warp, p.i1);
   if (p.active) {
     for (long long i = w0; i < w1; i += kSteps) {
-      A gate[kSteps], beta[kSteps];
+      V gate[kSteps], beta[kSteps];
 #pragma unroll
       for (int k = 0; k < kSteps; ++k) {
         const bool ok = i + k < w1;
         const long long off = row0 + g.time_of(i + k) * g.D;
-        gate[k] = ok ? to_acc(a[off]) : A(1);
-        const A src = ok ? to_acc(beta_src[off]) : A(0);
-        beta[k] = Backward ? gate[k] * src : src;
+        const V a_k = ok ? N::load(a, off) : N::one();
+        gate[k] = Backward ? N::conj(a_k) : a_k;
+        const V src = ok ? N::load(beta_src, off) : N::zero();
+        beta[k] = Backward ? N::mul(gate[k], src) : src;
       }
 #pragma unroll
       for (int k = 0; k < kSteps; ++k) {
-        end = gate[k] * end + beta[k];
-        prod = gate[k] * prod;
+        end = N::add(N::mul(gate[k], end), beta[k]);
+        prod = N::mul(gate[k], prod);
       }
     }
   }
@@ -246,63 +294,67 @@ __device__ void summary(const T* a, const T* beta_src, typename Acc<T>::type* pr
   end_s[threadIdx.y][threadIdx.x] = end;
   __syncthreads();
   if (threadIdx.y == 0 && p.active) {
-    A P = A(1), E = A(0);
+    V P = N::one(), E = N::zero();
     for (int w = 0; w < kWarps; ++w) {
-      E = prod_s[w][threadIdx.x] * E + end_s[w][threadIdx.x];
-      P = prod_s[w][threadIdx.x] * P;
+      E = N::add(N::mul(prod_s[w][threadIdx.x], E), end_s[w][threadIdx.x]);
+      P = N::mul(prod_s[w][threadIdx.x], P);
     }
     const long long out = (p.batch * gridDim.y + blockIdx.y) * g.D + p.channel;
-    prods[out] = P;
-    ends[out] = E;
+    N::store(prods, out, P);
+    N::store(ends, out, E);
   }
 }
 
 // Chains chunk summaries per (batch, channel): carries[c] = state entering chunk c.
-template <typename T>
+template <typename T, typename N>
 __device__ void carry(const typename Acc<T>::type* prods, const typename Acc<T>::type* ends, const T* init,
                       typename Acc<T>::type* carries, long long B, long long D, long long chunks) {
-  using A = typename Acc<T>::type;
   const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= B * D) return;
   const long long batch = idx / D, channel = idx % D;
-  A state = init ? to_acc(init[idx]) : A(0);
+  typename N::V state = init ? N::load(init, idx) : N::zero();
   for (long long c = 0; c < chunks; ++c) {
     const long long at = (batch * chunks + c) * D + channel;
-    carries[at] = state;
-    state = prods[at] * state + ends[at];
+    N::store(carries, at, state);
+    state = N::add(N::mul(N::load(prods, at), state), N::load(ends, at));
   }
 }
 
 }  // namespace
 
-#define NK_SCAN_ENTRY_POINTS(T, NAME)                                                                           \
+// Entry points `<prefix>_<pass>_<dtype>`: prefix scan_linear (real) or scan_linear_complex.
+#define NK_SCAN_ENTRY_POINTS(T, NAME, NUM, PREFIX)                                                              \
   extern "C" __global__ void __launch_bounds__(kLanes* kWarps)                                                  \
-      scan_linear_fwd_##NAME(const T* a, const T* b, const T* h0, const Acc<T>::type* carries, T* h,           \
-                             long long T_, long long D, long long chunk, int reverse) {                         \
-    forward<T>(a, b, h0, carries, h, T_, D, chunk, reverse);                                                    \
+      PREFIX##_fwd_##NAME(const T* a, const T* b, const T* h0, const Acc<T>::type* carries, T* h, long long T_, \
+                          long long D, long long chunk, int reverse) {                                          \
+    forward<T, NUM<Acc<T>::type>>(a, b, h0, carries, h, T_, D, chunk, reverse);                                 \
   }                                                                                                             \
   extern "C" __global__ void __launch_bounds__(kLanes* kWarps)                                                  \
-      scan_linear_bwd_##NAME(const T* a, const T* h, const T* dh, const T* h0, const Acc<T>::type* carries,    \
-                             T* da, T* db, T* dh0, long long T_, long long D, long long chunk, int reverse) {   \
-    backward<T>(a, h, dh, h0, carries, da, db, dh0, T_, D, chunk, reverse);                                     \
+      PREFIX##_bwd_##NAME(const T* a, const T* h, const T* dh, const T* h0, const Acc<T>::type* carries,       \
+                          T* da, T* db, T* dh0, long long T_, long long D, long long chunk, int reverse) {      \
+    backward<T, NUM<Acc<T>::type>>(a, h, dh, h0, carries, da, db, dh0, T_, D, chunk, reverse);                  \
   }                                                                                                             \
   extern "C" __global__ void __launch_bounds__(kLanes* kWarps)                                                  \
-      scan_linear_fwd_summary_##NAME(const T* a, const T* b, Acc<T>::type* prods, Acc<T>::type* ends,          \
-                                     long long T_, long long D, long long chunk, int reverse) {                 \
-    summary<T, false>(a, b, prods, ends, T_, D, chunk, reverse);                                                \
+      PREFIX##_fwd_summary_##NAME(const T* a, const T* b, Acc<T>::type* prods, Acc<T>::type* ends,             \
+                                  long long T_, long long D, long long chunk, int reverse) {                    \
+    summary<T, NUM<Acc<T>::type>, false>(a, b, prods, ends, T_, D, chunk, reverse);                             \
   }                                                                                                             \
   extern "C" __global__ void __launch_bounds__(kLanes* kWarps)                                                  \
-      scan_linear_bwd_summary_##NAME(const T* a, const T* dh, Acc<T>::type* prods, Acc<T>::type* ends,         \
-                                     long long T_, long long D, long long chunk, int reverse) {                 \
-    summary<T, true>(a, dh, prods, ends, T_, D, chunk, reverse);                                                \
+      PREFIX##_bwd_summary_##NAME(const T* a, const T* dh, Acc<T>::type* prods, Acc<T>::type* ends,            \
+                                  long long T_, long long D, long long chunk, int reverse) {                    \
+    summary<T, NUM<Acc<T>::type>, true>(a, dh, prods, ends, T_, D, chunk, reverse);                             \
   }                                                                                                             \
-  extern "C" __global__ void scan_linear_carry_##NAME(const Acc<T>::type* prods, const Acc<T>::type* ends,      \
-                                                      const T* init, Acc<T>::type* carries, long long B,        \
-                                                      long long D, long long chunks) {                          \
-    carry<T>(prods, ends, init, carries, B, D, chunks);                                                         \
+  extern "C" __global__ void PREFIX##_carry_##NAME(const Acc<T>::type* prods, const Acc<T>::type* ends,         \
+                                                   const T* init, Acc<T>::type* carries, long long B,           \
+                                                   long long D, long long chunks) {                             \
+    carry<T, NUM<Acc<T>::type>>(prods, ends, init, carries, B, D, chunks);                                      \
   }
 
-NK_SCAN_ENTRY_POINTS(float, f32)
-NK_SCAN_ENTRY_POINTS(double, f64)
-NK_SCAN_ENTRY_POINTS(__half, f16)
-NK_SCAN_ENTRY_POINTS(__nv_bfloat16, bf16)
+NK_SCAN_ENTRY_POINTS(float, f32, RealNum, scan_linear)
+NK_SCAN_ENTRY_POINTS(double, f64, RealNum, scan_linear)
+NK_SCAN_ENTRY_POINTS(__half, f16, RealNum, scan_linear)
+NK_SCAN_ENTRY_POINTS(__nv_bfloat16, bf16, RealNum, scan_linear)
+NK_SCAN_ENTRY_POINTS(float, f32, ComplexNum, scan_linear_complex)
+NK_SCAN_ENTRY_POINTS(double, f64, ComplexNum, scan_linear_complex)
+NK_SCAN_ENTRY_POINTS(__half, f16, ComplexNum, scan_linear_complex)
+NK_SCAN_ENTRY_POINTS(__nv_bfloat16, bf16, ComplexNum, scan_linear_complex)

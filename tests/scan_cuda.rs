@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Rng, to_f64, worst_ratio};
+use common::{Rng, complex_gates, to_f64, worst_ratio};
 use half::{bf16, f16};
 use neurokernels::cuda::{CudaElement, Device};
 use neurokernels::scan::{self, ScanParams, ScanShape};
@@ -76,6 +76,62 @@ fn check<E: CudaElement>(device: &Device, seed: u64) {
                 }
             }
         }
+    }
+}
+
+/// The complex scan on the GPU against the CPU, single-pass and chunked shapes.
+fn check_complex<E: CudaElement>(device: &Device, seed: u64) {
+    let (rtol, atol) = tolerance::<E>();
+    for (k, &(bsz, t, d)) in [(3, 17, 13), (2, 333, 37), (1, 100_003, 16), (8, 2048, 1024)]
+        .iter()
+        .enumerate()
+    {
+        let n = 2 * bsz * t * d;
+        let shape = ScanShape::new(bsz, t, d);
+        let mut rng = Rng::new(seed + k as u64);
+        let a: Vec<E> = complex_gates(&mut rng, n / 2, 0.5, 1.0);
+        let b: Vec<E> = rng.vec(n, -1.0, 1.0);
+        let h0: Vec<E> = rng.vec(2 * bsz * d, -1.0, 1.0);
+        let dh: Vec<E> = rng.vec(n, -1.0, 1.0);
+        for reverse in [false, true] {
+            for h0_opt in [None, Some(h0.as_slice())] {
+                let what = format!(
+                    "complex {} {shape} reverse={reverse} h0={}",
+                    E::DTYPE,
+                    h0_opt.is_some()
+                );
+                let p = ScanParams::new().reverse(reverse);
+                let want = scan::linear_complex_alloc(&p, shape, &a, &b, h0_opt).unwrap();
+                let got =
+                    scan::cuda::linear_complex_host(device, &p, shape, &a, &b, h0_opt).unwrap();
+                let r = worst_ratio(&to_f64(&got), &to_f64(&want), rtol, atol);
+                assert!(r <= 1.0, "cuda forward {what}: {r} x tolerance");
+                let want =
+                    scan::linear_complex_backward_alloc(&p, shape, &a, &want, &dh, h0_opt).unwrap();
+                let got = scan::cuda::linear_complex_backward_host(
+                    device, &p, shape, &a, &got, &dh, h0_opt,
+                )
+                .unwrap();
+                for (name, g, w) in [
+                    ("da", &got.da, &want.da),
+                    ("db", &got.db, &want.db),
+                    ("dh0", &got.dh0, &want.dh0),
+                ] {
+                    let r = worst_ratio(&to_f64(g), &to_f64(w), rtol, atol);
+                    assert!(r <= 1.0, "cuda backward {name} {what}: {r} x tolerance");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_complex_matches_cpu_every_dtype() {
+    if let Some(dev) = device_or_skip("cuda_complex_matches_cpu_every_dtype") {
+        check_complex::<f32>(&dev, 50);
+        check_complex::<f64>(&dev, 60);
+        check_complex::<f16>(&dev, 70);
+        check_complex::<bf16>(&dev, 80);
     }
 }
 

@@ -1,7 +1,7 @@
 //! CUDA launches of kernels/scan.cu. Takes device buffers and a stream; never copies to the
 //! host. See the kernel file for the plan; the geometry constants come from kernels/scan.cuh.
 
-use super::{ScanParams, ScanShape};
+use super::{LinearGrads, Numbers, ScanParams, ScanShape};
 use crate::cuda::config::{NK_SCAN_LANES, NK_SCAN_STEPS, NK_SCAN_WARPS};
 use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
 use crate::error::{Error, Result};
@@ -65,6 +65,10 @@ fn carry_grid(states: usize) -> LaunchConfig {
 
 /// What every launch of one call shares.
 struct Launch<'a> {
+    /// Entry-point prefix: `scan_linear` or `scan_linear_complex`.
+    prefix: &'static str,
+    /// Accumulators per channel state (1 real, 2 complex).
+    width: usize,
     device: &'a Device,
     stream: &'a Arc<CudaStream>,
     cfg: LaunchConfig,
@@ -87,16 +91,17 @@ impl Launch<'_> {
         beta: u64,
         init: u64,
     ) -> Result<CudaSlice<E::Acc>> {
-        let per_chunk = self.shape.batch * self.shape.channels * self.chunks;
+        let per_chunk = self.shape.batch * self.shape.channels * self.chunks * self.width;
         let mut prods = scratch::<E::Acc>(self.stream, per_chunk)?;
         let mut ends = scratch::<E::Acc>(self.stream, per_chunk)?;
         let mut carries = scratch::<E::Acc>(self.stream, per_chunk)?;
-        let summary = self
-            .device
-            .function("scan", &format!("scan_linear_{pass}_summary_{}", E::SUFFIX))?;
+        let summary = self.device.function(
+            "scan",
+            &format!("{}_{pass}_summary_{}", self.prefix, E::SUFFIX),
+        )?;
         let chain = self
             .device
-            .function("scan", &format!("scan_linear_carry_{}", E::SUFFIX))?;
+            .function("scan", &format!("{}_carry_{}", self.prefix, E::SUFFIX))?;
         let (batch, chunks) = (self.shape.batch as i64, self.chunks as i64);
         // SAFETY: argument lists and types match the kernels in kernels/scan.cu; every buffer
         // holds the element counts the caller validated.
@@ -127,6 +132,13 @@ impl Launch<'_> {
     }
 }
 
+fn prefix(numbers: Numbers) -> &'static str {
+    match numbers {
+        Numbers::Real => "scan_linear",
+        Numbers::Complex => "scan_linear_complex",
+    }
+}
+
 /// `scan.linear` on the GPU: writes `h [B, T, D]` from `a`, `b` and the optional `h0 [B, D]`,
 /// all on `stream` (which must belong to `device`).
 #[allow(clippy::too_many_arguments)]
@@ -140,16 +152,161 @@ pub fn linear<E: CudaElement>(
     h0: Option<&CudaView<'_, E>>,
     h: &mut impl DevicePtrMut<E>,
 ) -> Result<()> {
+    forward(Numbers::Real, device, stream, params, shape, a, b, h0, h)
+}
+
+/// `scan.linear_complex` on the GPU: `a`, `b`, `h` are `[B, T, D, 2]` (re, im interleaved),
+/// `h0` is `[B, D, 2]`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_complex<E: CudaElement>(
+    device: &Device,
+    stream: &Arc<CudaStream>,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &impl DevicePtr<E>,
+    b: &impl DevicePtr<E>,
+    h0: Option<&CudaView<'_, E>>,
+    h: &mut impl DevicePtrMut<E>,
+) -> Result<()> {
+    forward(Numbers::Complex, device, stream, params, shape, a, b, h0, h)
+}
+
+/// `scan.linear_backward` on the GPU: writes `da`, `db` (`[B, T, D]`) and `dh0` (`[B, D]`).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward<E: CudaElement>(
+    device: &Device,
+    stream: &Arc<CudaStream>,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &impl DevicePtr<E>,
+    h: &impl DevicePtr<E>,
+    dh: &impl DevicePtr<E>,
+    h0: Option<&CudaView<'_, E>>,
+    da: &mut impl DevicePtrMut<E>,
+    db: &mut impl DevicePtrMut<E>,
+    dh0: &mut impl DevicePtrMut<E>,
+) -> Result<()> {
+    backward(
+        Numbers::Real,
+        device,
+        stream,
+        params,
+        shape,
+        a,
+        h,
+        dh,
+        h0,
+        da,
+        db,
+        dh0,
+    )
+}
+
+/// Backward of [`linear_complex`] (gradients as dL/dRe + i·dL/dIm, like PyTorch).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_complex_backward<E: CudaElement>(
+    device: &Device,
+    stream: &Arc<CudaStream>,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &impl DevicePtr<E>,
+    h: &impl DevicePtr<E>,
+    dh: &impl DevicePtr<E>,
+    h0: Option<&CudaView<'_, E>>,
+    da: &mut impl DevicePtrMut<E>,
+    db: &mut impl DevicePtrMut<E>,
+    dh0: &mut impl DevicePtrMut<E>,
+) -> Result<()> {
+    backward(
+        Numbers::Complex,
+        device,
+        stream,
+        params,
+        shape,
+        a,
+        h,
+        dh,
+        h0,
+        da,
+        db,
+        dh0,
+    )
+}
+
+/// Allocating convenience: uploads the inputs, runs [`linear`] on the device's default
+/// stream and returns `h` on the host.
+pub fn linear_host<E: CudaElement>(
+    device: &Device,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+) -> Result<Vec<E>> {
+    forward_host(Numbers::Real, device, params, shape, a, b, h0)
+}
+
+/// Allocating convenience for [`linear_complex`].
+pub fn linear_complex_host<E: CudaElement>(
+    device: &Device,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+) -> Result<Vec<E>> {
+    forward_host(Numbers::Complex, device, params, shape, a, b, h0)
+}
+
+/// Allocating convenience for [`linear_backward`]: host in, host out.
+pub fn linear_backward_host<E: CudaElement>(
+    device: &Device,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
+) -> Result<LinearGrads<E>> {
+    backward_host(Numbers::Real, device, params, shape, a, h, dh, h0)
+}
+
+/// Allocating convenience for [`linear_complex_backward`].
+pub fn linear_complex_backward_host<E: CudaElement>(
+    device: &Device,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
+) -> Result<LinearGrads<E>> {
+    backward_host(Numbers::Complex, device, params, shape, a, h, dh, h0)
+}
+
+/// The forward launches for real or complex numbers.
+#[allow(clippy::too_many_arguments)]
+fn forward<E: CudaElement>(
+    numbers: Numbers,
+    device: &Device,
+    stream: &Arc<CudaStream>,
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &impl DevicePtr<E>,
+    b: &impl DevicePtr<E>,
+    h0: Option<&CudaView<'_, E>>,
+    h: &mut impl DevicePtrMut<E>,
+) -> Result<()> {
     device.check_stream(stream)?;
     let (n, _) = super::validate_forward(
-        super::Numbers::Real,
+        numbers,
         &shape,
         a.len(),
         b.len(),
         h0.map(|x| x.len()),
         h.len(),
     )?;
-    shape.checked_numel::<E>("a")?;
+    numbers.float_shape(shape).checked_numel::<E>("a")?;
     if n == 0 {
         return Ok(());
     }
@@ -163,6 +320,8 @@ pub fn linear<E: CudaElement>(
     let h0_ptr = h0_view.as_ref().map_or(0u64, |(p, _)| *p);
 
     let launch = Launch {
+        prefix: prefix(numbers),
+        width: numbers.width(),
         device,
         stream,
         cfg,
@@ -181,7 +340,7 @@ pub fn linear<E: CudaElement>(
     let carries_ptr = carries.as_ref().map(|c| read_ptr(c, stream));
     let carries_raw = carries_ptr.as_ref().map_or(0u64, |(p, _)| *p);
     let (h_ptr, _h_guard) = write_ptr(h, stream);
-    let main = device.function("scan", &format!("scan_linear_fwd_{}", E::SUFFIX))?;
+    let main = device.function("scan", &format!("{}_fwd_{}", prefix(numbers), E::SUFFIX))?;
     // SAFETY: as above.
     unsafe {
         stream
@@ -200,9 +359,10 @@ pub fn linear<E: CudaElement>(
     Ok(())
 }
 
-/// `scan.linear_backward` on the GPU: writes `da`, `db` (`[B, T, D]`) and `dh0` (`[B, D]`).
+/// The backward launches for real or complex numbers.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_backward<E: CudaElement>(
+fn backward<E: CudaElement>(
+    numbers: Numbers,
     device: &Device,
     stream: &Arc<CudaStream>,
     params: &ScanParams,
@@ -216,18 +376,19 @@ pub fn linear_backward<E: CudaElement>(
     dh0: &mut impl DevicePtrMut<E>,
 ) -> Result<()> {
     device.check_stream(stream)?;
+    let lens = (a.len(), h.len(), dh.len(), h0.map(|x| x.len()));
     let (n, _) = super::validate_backward(
-        super::Numbers::Real,
+        numbers,
         &shape,
-        a.len(),
-        h.len(),
-        dh.len(),
-        h0.map(|x| x.len()),
+        lens.0,
+        lens.1,
+        lens.2,
+        lens.3,
         da.len(),
         db.len(),
         dh0.len(),
     )?;
-    shape.checked_numel::<E>("a")?;
+    numbers.float_shape(shape).checked_numel::<E>("a")?;
     if shape.len == 0 {
         stream.memset_zeros(dh0)?;
         return Ok(());
@@ -246,6 +407,8 @@ pub fn linear_backward<E: CudaElement>(
     let h0_ptr = h0_view.as_ref().map_or(0u64, |(p, _)| *p);
 
     let launch = Launch {
+        prefix: prefix(numbers),
+        width: numbers.width(),
         device,
         stream,
         cfg,
@@ -266,8 +429,8 @@ pub fn linear_backward<E: CudaElement>(
     let (da_ptr, _da_guard) = write_ptr(da, stream);
     let (db_ptr, _db_guard) = write_ptr(db, stream);
     let (dh0_ptr, _dh0_guard) = write_ptr(dh0, stream);
-    let main = device.function("scan", &format!("scan_linear_bwd_{}", E::SUFFIX))?;
-    // SAFETY: as in `linear`.
+    let main = device.function("scan", &format!("{}_bwd_{}", prefix(numbers), E::SUFFIX))?;
+    // SAFETY: as in `forward`.
     unsafe {
         stream
             .launch_builder(&main)
@@ -288,9 +451,9 @@ pub fn linear_backward<E: CudaElement>(
     Ok(())
 }
 
-/// Allocating convenience: uploads `a`, `b`, `h0`, runs [`linear`] on the device's default
-/// stream and returns `h` on the host.
-pub fn linear_host<E: CudaElement>(
+/// Host in, host out, on the device's default stream.
+fn forward_host<E: CudaElement>(
+    numbers: Numbers,
     device: &Device,
     params: &ScanParams,
     shape: ScanShape,
@@ -300,7 +463,7 @@ pub fn linear_host<E: CudaElement>(
 ) -> Result<Vec<E>> {
     let stream = device.stream();
     let (n, _) = super::validate_forward(
-        super::Numbers::Real,
+        numbers,
         &shape,
         a.len(),
         b.len(),
@@ -312,7 +475,8 @@ pub fn linear_host<E: CudaElement>(
     let h0_d = h0.map(|x| stream.clone_htod(x)).transpose()?;
     let mut h_d = stream.alloc_zeros::<E>(n.max(1))?;
     let mut h_view = h_d.slice_mut(0..n);
-    linear(
+    forward(
+        numbers,
         device,
         stream,
         params,
@@ -325,8 +489,10 @@ pub fn linear_host<E: CudaElement>(
     Ok(stream.clone_dtoh(&h_d.slice(0..n))?)
 }
 
-/// Allocating convenience for [`linear_backward`]: host in, host out.
-pub fn linear_backward_host<E: CudaElement>(
+/// Host in, host out, on the device's default stream.
+#[allow(clippy::too_many_arguments)]
+fn backward_host<E: CudaElement>(
+    numbers: Numbers,
     device: &Device,
     params: &ScanParams,
     shape: ScanShape,
@@ -334,18 +500,21 @@ pub fn linear_backward_host<E: CudaElement>(
     h: &[E],
     dh: &[E],
     h0: Option<&[E]>,
-) -> Result<super::LinearGrads<E>> {
+) -> Result<LinearGrads<E>> {
     let stream = device.stream();
+    let states = shape.state_numel("dh0")?.checked_mul(numbers.width());
+    let states = states.ok_or_else(|| crate::Error::overflow("dh0", "[B, D] overflows"))?;
+    let lens = (a.len(), h.len(), dh.len(), h0.map(<[E]>::len));
     let (n, s) = super::validate_backward(
-        super::Numbers::Real,
+        numbers,
         &shape,
+        lens.0,
+        lens.1,
+        lens.2,
+        lens.3,
         a.len(),
-        h.len(),
-        dh.len(),
-        h0.map(<[E]>::len),
         a.len(),
-        a.len(),
-        shape.state_numel("dh0")?,
+        states,
     )?;
     let a_d = stream.clone_htod(a)?;
     let h_d = stream.clone_htod(h)?;
@@ -358,7 +527,8 @@ pub fn linear_backward_host<E: CudaElement>(
         let mut da_v = da_d.slice_mut(0..n);
         let mut db_v = db_d.slice_mut(0..n);
         let mut dh0_v = dh0_d.slice_mut(0..s);
-        linear_backward(
+        backward(
+            numbers,
             device,
             stream,
             params,
@@ -372,7 +542,7 @@ pub fn linear_backward_host<E: CudaElement>(
             &mut dh0_v,
         )?;
     }
-    Ok(super::LinearGrads {
+    Ok(LinearGrads {
         da: stream.clone_dtoh(&da_d.slice(0..n))?,
         db: stream.clone_dtoh(&db_d.slice(0..n))?,
         dh0: stream.clone_dtoh(&dh0_d.slice(0..s))?,
