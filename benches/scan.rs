@@ -128,6 +128,47 @@ fn bench_cpu(c: &mut Criterion) {
     }
 }
 
+/// The complex scan at the standard size's bytes: B8 T4096 D512 complex channels.
+fn bench_cpu_complex(c: &mut Criterion) {
+    let (bsz, t, d) = (8, 4096, 512);
+    let n = 2 * bsz * t * d;
+    let shape = ScanShape::new(bsz, t, d);
+    // gates of modulus below one: the phase comes from the data's own mix of signs
+    let (a, b) = (
+        data(n, 5).iter().map(|x| x - 0.75).collect::<Vec<f32>>(),
+        data(n, 6),
+    );
+    let mut h = vec![0f32; n];
+    let mut group = c.benchmark_group("scan_linear_complex_cpu/B8_T4096_D512");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Bytes((3 * n * 4) as u64));
+    let copy_src = data(3 * n / 2, 7);
+    let mut copy_dst = vec![0f32; copy_src.len()];
+    group.bench_function("copy_same_bytes_as_forward", |bench| {
+        bench.iter(|| parallel_copy(black_box(&copy_src), &mut copy_dst))
+    });
+    for isa in Isa::available() {
+        group.bench_function(BenchmarkId::new("forward_f32", isa.name()), |bench| {
+            bench.iter(|| {
+                scan::linear_complex_on(
+                    isa,
+                    &ScanParams::new(),
+                    shape,
+                    black_box(&a),
+                    black_box(&b),
+                    None,
+                    &mut h,
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
 #[cfg(feature = "cuda")]
 fn bench_cuda(c: &mut Criterion) {
     use neurokernels::cuda::Device;
@@ -221,5 +262,5 @@ fn bench_cuda(c: &mut Criterion) {
 #[cfg(not(feature = "cuda"))]
 fn bench_cuda(_: &mut Criterion) {}
 
-criterion_group!(benches, bench_cpu, bench_cuda);
+criterion_group!(benches, bench_cpu, bench_cpu_complex, bench_cuda);
 criterion_main!(benches);

@@ -89,6 +89,49 @@ fn reference_db(shape: ScanShape, a: &[f64], dh: &[f64]) -> Vec<f64> {
     db
 }
 
+/// The complex scan: gates of modulus < 1 with random phases, checked against a float64 loop.
+fn complex_rows(rows: &mut Vec<Row>, shape: ScanShape) -> Result<()> {
+    let n = 2 * shape.numel("a")?;
+    let mut a: Vec<f32> = data(n, 7, -1.0, 1.0);
+    for pair in a.chunks_mut(2) {
+        let norm = (pair[0] * pair[0] + pair[1] * pair[1]).sqrt().max(1e-3);
+        let modulus = 0.5 + 0.5 * (pair[0].abs() % 1.0);
+        pair[0] *= modulus / norm;
+        pair[1] *= modulus / norm;
+    }
+    let b: Vec<f32> = data(n, 8, -1.0, 1.0);
+    let (af, bf) = (to_f64(&a), to_f64(&b));
+    let (t_len, d) = (shape.len, shape.channels);
+    let mut want = vec![0.0; n];
+    for bi in 0..shape.batch {
+        for c in 0..d {
+            let (mut re, mut im) = (0.0, 0.0);
+            for t in 0..t_len {
+                let k = 2 * ((bi * t_len + t) * d + c);
+                (re, im) = (
+                    af[k] * re - af[k + 1] * im + bf[k],
+                    af[k] * im + af[k + 1] * re + bf[k + 1],
+                );
+                (want[k], want[k + 1]) = (re, im);
+            }
+        }
+    }
+    let mut h = vec![0f32; n];
+    let ms = median_ms(5, || {
+        scan::linear_complex(&ScanParams::new(), shape, &a, &b, None, &mut h)
+    })?;
+    rows.push(Row {
+        op: "scan.linear_complex",
+        device: format!("cpu ({})", Isa::active().name()),
+        dtype: "f32",
+        shape: format!("{shape} x2"),
+        ms,
+        gbps: 3.0 * (n * 4) as f64 / ms / 1e6,
+        max_err: max_error(&h, &want),
+    });
+    Ok(())
+}
+
 fn to_f64<E: Element>(x: &[E]) -> Vec<f64> {
     x.iter().map(|v| v.to_f64()).collect()
 }
@@ -265,6 +308,7 @@ fn main() -> Result<()> {
         scan_rows::<f32>(&mut rows, shape, &cuda)?;
         scan_rows::<bf16>(&mut rows, shape, &cuda)?;
     }
+    complex_rows(&mut rows, ScanShape::new(4, 2048, 256))?;
     println!("neurokernels tour: each result checked against a naive float64 reference");
     println!(
         "(max error = max |got - ref| / max(1, |ref|); throughput counts each tensor read or written once)\n"
