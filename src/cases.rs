@@ -5,6 +5,7 @@
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
+use crate::scan::selective::{SelectiveInputs, SelectiveParams, SelectiveShape, selective_alloc};
 use crate::scan::{self, Numbers, ScanParams, ScanShape};
 use half::{bf16, f16};
 use safetensors::{Dtype as StDtype, SafeTensors};
@@ -42,12 +43,16 @@ pub const CONTRACT_OPS: &[&str] = &[
 /// complex scan, with PyTorch's convention for complex gradients.
 pub const EXTENSION_OPS: &[&str] = &["scan.linear_complex_backward"];
 
+/// Ops that run on the CPU only so far: on CUDA their cases fail with `op not implemented`.
+pub const CPU_ONLY_OPS: &[&str] = &["scan.selective"];
+
 /// The ops this build can run.
 pub const IMPLEMENTED_OPS: &[&str] = &[
     "scan.linear",
     "scan.linear_backward",
     "scan.linear_complex",
     "scan.linear_complex_backward",
+    "scan.selective",
 ];
 
 /// A host tensor's data.
@@ -429,6 +434,7 @@ impl Runner {
             "scan.linear_backward" => self.scan_linear_backward(case, Numbers::Real),
             "scan.linear_complex" => self.scan_linear(case, Numbers::Complex),
             "scan.linear_complex_backward" => self.scan_linear_backward(case, Numbers::Complex),
+            "scan.selective" => self.scan_selective(case),
             other => Err(Error::OpNotImplemented(other.to_string())),
         }
     }
@@ -515,6 +521,94 @@ impl Runner {
             ),
         ]))
     }
+}
+
+impl Runner {
+    fn scan_selective(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
+        case.only_inputs(&[
+            "u",
+            "delta",
+            "A",
+            "Bm",
+            "Cm",
+            "Dskip",
+            "z",
+            "delta_bias",
+            "h0",
+        ])?;
+        let mut p = Params::new(case);
+        let params = SelectiveParams::new().delta_softplus(p.bool("delta_softplus", false)?);
+        p.finish()?;
+        let shape = SelectiveShape::from_dims(&case.input("u")?.shape, &case.input("A")?.shape)?;
+        let (b, t, d, n) = (shape.batch, shape.len, shape.channels, shape.state);
+        for (name, dims) in [
+            ("delta", vec![b, t, d]),
+            ("Bm", vec![b, t, n]),
+            ("Cm", vec![b, t, n]),
+        ] {
+            same_shape(case, name, &dims)?;
+        }
+        for (name, dims) in [
+            ("Dskip", vec![d]),
+            ("z", vec![b, t, d]),
+            ("delta_bias", vec![d]),
+            ("h0", vec![b, d, n]),
+        ] {
+            if let Some(x) = case.inputs.get(name) {
+                expect_shape(name, &x.shape, &dims)?;
+            }
+        }
+        if self.kind == DeviceKind::Cuda {
+            return Err(Error::OpNotImplemented("scan.selective on cuda".into()));
+        }
+        let (y, h_last) = match case.input("u")?.dtype() {
+            Some(DType::F32) => selective_typed::<f32>(case, &params, shape)?,
+            Some(DType::F64) => selective_typed::<f64>(case, &params, shape)?,
+            Some(DType::F16) => selective_typed::<f16>(case, &params, shape)?,
+            Some(DType::BF16) => selective_typed::<bf16>(case, &params, shape)?,
+            None => return Err(case_err(&case.name, "`in.u` must be a float tensor")),
+        };
+        Ok(BTreeMap::from([
+            (
+                "y".to_string(),
+                Tensor {
+                    shape: vec![b, t, d],
+                    data: y,
+                },
+            ),
+            (
+                "h_last".to_string(),
+                Tensor {
+                    shape: vec![b, d, n],
+                    data: h_last,
+                },
+            ),
+        ]))
+    }
+}
+
+/// Runs `scan.selective` with sequences in `E` and parameters in its accumulator type.
+fn selective_typed<E: CaseElement>(
+    case: &Case,
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+) -> Result<(Data, Data)>
+where
+    E::Acc: CaseElement,
+{
+    let inputs = SelectiveInputs::<E> {
+        u: typed::<E>(case, "u")?,
+        delta: typed::<E>(case, "delta")?,
+        a: typed::<E::Acc>(case, "A")?,
+        bm: typed::<E>(case, "Bm")?,
+        cm: typed::<E>(case, "Cm")?,
+        dskip: optional::<E::Acc>(case, "Dskip")?,
+        z: optional::<E>(case, "z")?,
+        delta_bias: optional::<E::Acc>(case, "delta_bias")?,
+        h0: optional::<E::Acc>(case, "h0")?,
+    };
+    let (y, h_last) = selective_alloc(params, shape, &inputs)?;
+    Ok((E::wrap(y), <E::Acc as CaseElement>::wrap(h_last)))
 }
 
 fn scan_params(case: &Case) -> Result<ScanParams> {

@@ -89,11 +89,17 @@ pub trait Accum:
     /// conj(a)·x on interleaved complex pairs.
     #[doc(hidden)]
     unsafe fn vcmul_conj<S: Simd>(a: Self::V<S>, x: Self::V<S>) -> Self::V<S>;
+    /// e^x per lane (see [`Simd::f32_exp`]).
+    #[doc(hidden)]
+    unsafe fn vexp<S: Simd>(x: Self::V<S>) -> Self::V<S>;
+    /// The scalar e^x matching `vexp`.
+    fn exp(self) -> Self;
+    fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
 }
 
 macro_rules! impl_accum {
-    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident) => {
+    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr) => {
         impl Accum for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -135,6 +141,18 @@ macro_rules! impl_accum {
                 unsafe { S::$cmulc(a, x) }
             }
             #[inline(always)]
+            unsafe fn vexp<S: Simd>(x: Self::V<S>) -> Self::V<S> {
+                unsafe { S::$exp(x) }
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                $sexp(self)
+            }
+            #[inline(always)]
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            #[inline(always)]
             fn to_f64(self) -> f64 {
                 self as f64
             }
@@ -152,7 +170,9 @@ impl_accum!(
     f32_mul,
     f32_add,
     f32_cmul,
-    f32_cmul_conj
+    f32_cmul_conj,
+    f32_exp,
+    crate::cpu::exp_f32
 );
 impl_accum!(
     f64,
@@ -165,7 +185,9 @@ impl_accum!(
     f64_mul,
     f64_add,
     f64_cmul,
-    f64_cmul_conj
+    f64_cmul_conj,
+    f64_exp,
+    f64::exp
 );
 
 /// A tensor element type: f32, f64, f16 or bf16. Sealed.

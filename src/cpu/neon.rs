@@ -150,4 +150,23 @@ impl Simd for Neon {
             vfmaq_f64(cross, vdupq_laneq_f64::<0>(a), x)
         }
     }
+    #[inline(always)]
+    unsafe fn f32_exp(x: float32x4_t) -> float32x4_t {
+        use super::{EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO};
+        unsafe {
+            let x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(EXP_LO)), vdupq_n_f32(EXP_HI));
+            let k = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(std::f32::consts::LOG2_E)));
+            let r = vfmsq_f32(vfmsq_f32(x, k, vdupq_n_f32(LN2_HI)), k, vdupq_n_f32(LN2_LO));
+            let mut p = vdupq_n_f32(EXP_POLY[0]);
+            for c in &EXP_POLY[1..] {
+                p = vfmaq_f32(vdupq_n_f32(*c), p, r);
+            }
+            let scale = vshlq_n_s32::<23>(vaddq_s32(vcvtnq_s32_f32(k), vdupq_n_s32(127)));
+            vmulq_f32(p, vreinterpretq_f32_s32(scale))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_exp(x: float64x2_t) -> float64x2_t {
+        unsafe { vld1q_f64([vgetq_lane_f64::<0>(x).exp(), vgetq_lane_f64::<1>(x).exp()].as_ptr()) }
+    }
 }

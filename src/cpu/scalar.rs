@@ -95,4 +95,12 @@ impl Simd for Scalar {
     unsafe fn f64_cmul_conj(a: f64, x: f64) -> f64 {
         a * x
     }
+    #[inline(always)]
+    unsafe fn f32_exp(x: f32) -> f32 {
+        super::exp_f32(x)
+    }
+    #[inline(always)]
+    unsafe fn f64_exp(x: f64) -> f64 {
+        x.exp()
+    }
 }

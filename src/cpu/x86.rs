@@ -149,6 +149,44 @@ impl Simd for Avx2 {
             _mm256_fmsubadd_pd(_mm256_movedup_pd(a), x, _mm256_mul_pd(im, swapped))
         }
     }
+    #[inline(always)]
+    unsafe fn f32_exp(x: __m256) -> __m256 {
+        use super::{EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO};
+        unsafe {
+            let x = _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(EXP_LO)),
+                _mm256_set1_ps(EXP_HI),
+            );
+            let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            );
+            let r = _mm256_fnmadd_ps(
+                k,
+                _mm256_set1_ps(LN2_LO),
+                _mm256_fnmadd_ps(k, _mm256_set1_ps(LN2_HI), x),
+            );
+            let mut p = _mm256_set1_ps(EXP_POLY[0]);
+            for c in &EXP_POLY[1..] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+            }
+            let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(k),
+                _mm256_set1_epi32(127),
+            ));
+            _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_exp(x: __m256d) -> __m256d {
+        unsafe {
+            let mut lanes = [0f64; 4];
+            _mm256_storeu_pd(lanes.as_mut_ptr(), x);
+            for v in &mut lanes {
+                *v = v.exp();
+            }
+            _mm256_loadu_pd(lanes.as_ptr())
+        }
+    }
 }
 
 impl Simd for Avx512 {
@@ -271,6 +309,44 @@ impl Simd for Avx512 {
             let swapped = _mm512_permute_pd::<0b0101_0101>(x);
             let im = _mm512_permute_pd::<0b1111_1111>(a);
             _mm512_fmsubadd_pd(_mm512_movedup_pd(a), x, _mm512_mul_pd(im, swapped))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f32_exp(x: __m512) -> __m512 {
+        use super::{EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO};
+        unsafe {
+            let x = _mm512_min_ps(
+                _mm512_max_ps(x, _mm512_set1_ps(EXP_LO)),
+                _mm512_set1_ps(EXP_HI),
+            );
+            let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+            );
+            let r = _mm512_fnmadd_ps(
+                k,
+                _mm512_set1_ps(LN2_LO),
+                _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_HI), x),
+            );
+            let mut p = _mm512_set1_ps(EXP_POLY[0]);
+            for c in &EXP_POLY[1..] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+            }
+            let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+                _mm512_cvtps_epi32(k),
+                _mm512_set1_epi32(127),
+            ));
+            _mm512_mul_ps(p, _mm512_castsi512_ps(scale))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_exp(x: __m512d) -> __m512d {
+        unsafe {
+            let mut lanes = [0f64; 8];
+            _mm512_storeu_pd(lanes.as_mut_ptr(), x);
+            for v in &mut lanes {
+                *v = v.exp();
+            }
+            _mm512_loadu_pd(lanes.as_ptr())
         }
     }
 }
