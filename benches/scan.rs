@@ -169,6 +169,63 @@ fn bench_cpu_complex(c: &mut Criterion) {
     group.finish();
 }
 
+/// Mamba-1's selective scan at the anchor's size (B2 T2048 D1536 N16, softplus, D skip, z
+/// gate). Compute-bound: B·T·D·N exponentials. Throughput in channel-steps (B·T·D).
+fn bench_cpu_selective(c: &mut Criterion) {
+    use neurokernels::scan::selective::{self, SelectiveInputs, SelectiveParams, SelectiveShape};
+    let (b, t, d, n) = (2, 2048, 1536, 16);
+    let shape = SelectiveShape::new(b, t, d, n);
+    let seq = b * t * d;
+    let centered = |v: Vec<f32>| {
+        v.into_iter()
+            .map(|x| 4.0 * (x - 0.75))
+            .collect::<Vec<f32>>()
+    };
+    let (u, delta, z) = (
+        centered(data(seq, 11)),
+        centered(data(seq, 12)),
+        centered(data(seq, 13)),
+    );
+    let a: Vec<f32> = data(d * n, 14).iter().map(|x| -2.0 * x).collect();
+    let (bm, cm) = (centered(data(b * t * n, 15)), centered(data(b * t * n, 16)));
+    let dskip = centered(data(d, 17));
+    let inputs = SelectiveInputs {
+        u: &u,
+        delta: &delta,
+        a: &a,
+        bm: &bm,
+        cm: &cm,
+        dskip: Some(&dskip),
+        z: Some(&z),
+        delta_bias: None,
+        h0: None,
+    };
+    let (mut y, mut h_last) = (vec![0f32; seq], vec![0f32; b * d * n]);
+    let params = SelectiveParams::new().delta_softplus(true);
+    let mut group = c.benchmark_group("scan_selective_cpu/B2_T2048_D1536_N16");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(seq as u64));
+    for isa in Isa::available() {
+        group.bench_function(BenchmarkId::new("forward_f32", isa.name()), |bench| {
+            bench.iter(|| {
+                selective::selective_on(
+                    isa,
+                    &params,
+                    shape,
+                    black_box(&inputs),
+                    &mut y,
+                    &mut h_last,
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
 #[cfg(feature = "cuda")]
 fn bench_cuda(c: &mut Criterion) {
     use neurokernels::cuda::Device;
@@ -262,5 +319,11 @@ fn bench_cuda(c: &mut Criterion) {
 #[cfg(not(feature = "cuda"))]
 fn bench_cuda(_: &mut Criterion) {}
 
-criterion_group!(benches, bench_cpu, bench_cpu_complex, bench_cuda);
+criterion_group!(
+    benches,
+    bench_cpu,
+    bench_cpu_complex,
+    bench_cpu_selective,
+    bench_cuda
+);
 criterion_main!(benches);

@@ -92,6 +92,12 @@ pub trait Accum:
     /// e^x per lane (see [`Simd::f32_exp`]).
     #[doc(hidden)]
     unsafe fn vexp<S: Simd>(x: Self::V<S>) -> Self::V<S>;
+    #[doc(hidden)]
+    unsafe fn vdiv<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
+    #[doc(hidden)]
+    unsafe fn vmax<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
+    #[doc(hidden)]
+    unsafe fn vmin<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
     /// The scalar e^x matching `vexp`.
     fn exp(self) -> Self;
     fn from_f64(x: f64) -> Self;
@@ -99,7 +105,7 @@ pub trait Accum:
 }
 
 macro_rules! impl_accum {
-    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr) => {
+    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr, $div:ident, $max:ident, $min:ident) => {
         impl Accum for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -145,6 +151,18 @@ macro_rules! impl_accum {
                 unsafe { S::$exp(x) }
             }
             #[inline(always)]
+            unsafe fn vdiv<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S> {
+                unsafe { S::$div(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn vmax<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S> {
+                unsafe { S::$max(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn vmin<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S> {
+                unsafe { S::$min(a, b) }
+            }
+            #[inline(always)]
             fn exp(self) -> Self {
                 $sexp(self)
             }
@@ -172,7 +190,10 @@ impl_accum!(
     f32_cmul,
     f32_cmul_conj,
     f32_exp,
-    crate::cpu::exp_f32
+    crate::cpu::exp_f32,
+    f32_div,
+    f32_max,
+    f32_min
 );
 impl_accum!(
     f64,
@@ -187,7 +208,10 @@ impl_accum!(
     f64_cmul,
     f64_cmul_conj,
     f64_exp,
-    f64::exp
+    f64::exp,
+    f64_div,
+    f64_max,
+    f64_min
 );
 
 /// A tensor element type: f32, f64, f16 or bf16. Sealed.

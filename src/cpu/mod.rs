@@ -159,6 +159,12 @@ pub trait Simd: Copy + 'static {
     /// 88.7 are clamped. f64 lanes use the scalar `f64::exp`.
     unsafe fn f32_exp(x: Self::F32) -> Self::F32;
     unsafe fn f64_exp(x: Self::F64) -> Self::F64;
+    unsafe fn f32_div(a: Self::F32, b: Self::F32) -> Self::F32;
+    unsafe fn f64_div(a: Self::F64, b: Self::F64) -> Self::F64;
+    unsafe fn f32_max(a: Self::F32, b: Self::F32) -> Self::F32;
+    unsafe fn f64_max(a: Self::F64, b: Self::F64) -> Self::F64;
+    unsafe fn f32_min(a: Self::F32, b: Self::F32) -> Self::F32;
+    unsafe fn f64_min(a: Self::F64, b: Self::F64) -> Self::F64;
 }
 
 /// Coefficients of e^r ≈ 1 + r + r²/2 + … + r⁶/720 on |r| <= ln2/2, highest first.

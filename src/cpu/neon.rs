@@ -169,4 +169,28 @@ impl Simd for Neon {
     unsafe fn f64_exp(x: float64x2_t) -> float64x2_t {
         unsafe { vld1q_f64([vgetq_lane_f64::<0>(x).exp(), vgetq_lane_f64::<1>(x).exp()].as_ptr()) }
     }
+    #[inline(always)]
+    unsafe fn f32_div(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe { vdivq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f64_div(a: float64x2_t, b: float64x2_t) -> float64x2_t {
+        unsafe { vdivq_f64(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f32_max(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe { vmaxq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f64_max(a: float64x2_t, b: float64x2_t) -> float64x2_t {
+        unsafe { vmaxq_f64(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f32_min(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        unsafe { vminq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f64_min(a: float64x2_t, b: float64x2_t) -> float64x2_t {
+        unsafe { vminq_f64(a, b) }
+    }
 }

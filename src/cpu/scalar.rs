@@ -103,4 +103,28 @@ impl Simd for Scalar {
     unsafe fn f64_exp(x: f64) -> f64 {
         x.exp()
     }
+    #[inline(always)]
+    unsafe fn f32_div(a: f32, b: f32) -> f32 {
+        a / b
+    }
+    #[inline(always)]
+    unsafe fn f64_div(a: f64, b: f64) -> f64 {
+        a / b
+    }
+    #[inline(always)]
+    unsafe fn f32_max(a: f32, b: f32) -> f32 {
+        a.max(b)
+    }
+    #[inline(always)]
+    unsafe fn f64_max(a: f64, b: f64) -> f64 {
+        a.max(b)
+    }
+    #[inline(always)]
+    unsafe fn f32_min(a: f32, b: f32) -> f32 {
+        a.min(b)
+    }
+    #[inline(always)]
+    unsafe fn f64_min(a: f64, b: f64) -> f64 {
+        a.min(b)
+    }
 }
