@@ -5,7 +5,9 @@
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::scan::selective::{SelectiveInputs, SelectiveParams, SelectiveShape, selective_alloc};
+use crate::scan::selective::{
+    SelectiveInputs, SelectiveParams, SelectiveShape, selective_alloc, selective_backward,
+};
 use crate::scan::{self, Numbers, ScanParams, ScanShape};
 use half::{bf16, f16};
 use safetensors::{Dtype as StDtype, SafeTensors};
@@ -44,7 +46,7 @@ pub const CONTRACT_OPS: &[&str] = &[
 pub const EXTENSION_OPS: &[&str] = &["scan.linear_complex_backward"];
 
 /// Ops that run on the CPU only so far: on CUDA their cases fail with `op not implemented`.
-pub const CPU_ONLY_OPS: &[&str] = &["scan.selective"];
+pub const CPU_ONLY_OPS: &[&str] = &["scan.selective", "scan.selective_backward"];
 
 /// The ops this build can run.
 pub const IMPLEMENTED_OPS: &[&str] = &[
@@ -53,6 +55,7 @@ pub const IMPLEMENTED_OPS: &[&str] = &[
     "scan.linear_complex",
     "scan.linear_complex_backward",
     "scan.selective",
+    "scan.selective_backward",
 ];
 
 /// A host tensor's data.
@@ -434,7 +437,8 @@ impl Runner {
             "scan.linear_backward" => self.scan_linear_backward(case, Numbers::Real),
             "scan.linear_complex" => self.scan_linear(case, Numbers::Complex),
             "scan.linear_complex_backward" => self.scan_linear_backward(case, Numbers::Complex),
-            "scan.selective" => self.scan_selective(case),
+            "scan.selective" => self.scan_selective(case, false),
+            "scan.selective_backward" => self.scan_selective(case, true),
             other => Err(Error::OpNotImplemented(other.to_string())),
         }
     }
@@ -524,8 +528,8 @@ impl Runner {
 }
 
 impl Runner {
-    fn scan_selective(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
-        case.only_inputs(&[
+    fn scan_selective(&self, case: &Case, backward: bool) -> Result<BTreeMap<String, Tensor>> {
+        let mut allowed = vec![
             "u",
             "delta",
             "A",
@@ -535,17 +539,25 @@ impl Runner {
             "z",
             "delta_bias",
             "h0",
-        ])?;
+        ];
+        if backward {
+            allowed.push("dy");
+        }
+        case.only_inputs(&allowed)?;
         let mut p = Params::new(case);
         let params = SelectiveParams::new().delta_softplus(p.bool("delta_softplus", false)?);
         p.finish()?;
         let shape = SelectiveShape::from_dims(&case.input("u")?.shape, &case.input("A")?.shape)?;
         let (b, t, d, n) = (shape.batch, shape.len, shape.channels, shape.state);
-        for (name, dims) in [
+        let mut required = vec![
             ("delta", vec![b, t, d]),
             ("Bm", vec![b, t, n]),
             ("Cm", vec![b, t, n]),
-        ] {
+        ];
+        if backward {
+            required.push(("dy", vec![b, t, d]));
+        }
+        for (name, dims) in required {
             same_shape(case, name, &dims)?;
         }
         for (name, dims) in [
@@ -559,40 +571,27 @@ impl Runner {
             }
         }
         if self.kind == DeviceKind::Cuda {
-            return Err(Error::OpNotImplemented("scan.selective on cuda".into()));
+            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
         }
-        let (y, h_last) = match case.input("u")?.dtype() {
-            Some(DType::F32) => selective_typed::<f32>(case, &params, shape)?,
-            Some(DType::F64) => selective_typed::<f64>(case, &params, shape)?,
-            Some(DType::F16) => selective_typed::<f16>(case, &params, shape)?,
-            Some(DType::BF16) => selective_typed::<bf16>(case, &params, shape)?,
+        let outputs = match case.input("u")?.dtype() {
+            Some(DType::F32) => selective_typed::<f32>(case, &params, shape, backward)?,
+            Some(DType::F64) => selective_typed::<f64>(case, &params, shape, backward)?,
+            Some(DType::F16) => selective_typed::<f16>(case, &params, shape, backward)?,
+            Some(DType::BF16) => selective_typed::<bf16>(case, &params, shape, backward)?,
             None => return Err(case_err(&case.name, "`in.u` must be a float tensor")),
         };
-        Ok(BTreeMap::from([
-            (
-                "y".to_string(),
-                Tensor {
-                    shape: vec![b, t, d],
-                    data: y,
-                },
-            ),
-            (
-                "h_last".to_string(),
-                Tensor {
-                    shape: vec![b, d, n],
-                    data: h_last,
-                },
-            ),
-        ]))
+        Ok(outputs)
     }
 }
 
-/// Runs `scan.selective` with sequences in `E` and parameters in its accumulator type.
+/// Runs `scan.selective` (or its backward) with sequences in `E` and parameters in its
+/// accumulator type.
 fn selective_typed<E: CaseElement>(
     case: &Case,
     params: &SelectiveParams,
     shape: SelectiveShape,
-) -> Result<(Data, Data)>
+    backward: bool,
+) -> Result<BTreeMap<String, Tensor>>
 where
     E::Acc: CaseElement,
 {
@@ -607,8 +606,41 @@ where
         delta_bias: optional::<E::Acc>(case, "delta_bias")?,
         h0: optional::<E::Acc>(case, "h0")?,
     };
-    let (y, h_last) = selective_alloc(params, shape, &inputs)?;
-    Ok((E::wrap(y), <E::Acc as CaseElement>::wrap(h_last)))
+    let (b, t, d, n) = (shape.batch, shape.len, shape.channels, shape.state);
+    let seq = || vec![b, t, d];
+    let mut out = BTreeMap::new();
+    let mut put = |name: &str, dims: Vec<usize>, data: Data| {
+        out.insert(name.to_string(), Tensor { shape: dims, data });
+    };
+    if !backward {
+        let (y, h_last) = selective_alloc(params, shape, &inputs)?;
+        put("y", seq(), E::wrap(y));
+        put(
+            "h_last",
+            vec![b, d, n],
+            <E::Acc as CaseElement>::wrap(h_last),
+        );
+        return Ok(out);
+    }
+    let g = selective_backward(params, shape, &inputs, typed::<E>(case, "dy")?)?;
+    put("du", seq(), E::wrap(g.du));
+    put("ddelta", seq(), E::wrap(g.ddelta));
+    put("dA", vec![d, n], <E::Acc as CaseElement>::wrap(g.da));
+    put("dBm", vec![b, t, n], E::wrap(g.dbm));
+    put("dCm", vec![b, t, n], E::wrap(g.dcm));
+    if let Some(v) = g.ddskip {
+        put("dDskip", vec![d], <E::Acc as CaseElement>::wrap(v));
+    }
+    if let Some(v) = g.dz {
+        put("dz", seq(), E::wrap(v));
+    }
+    if let Some(v) = g.ddelta_bias {
+        put("ddelta_bias", vec![d], <E::Acc as CaseElement>::wrap(v));
+    }
+    if let Some(v) = g.dh0 {
+        put("dh0", vec![b, d, n], <E::Acc as CaseElement>::wrap(v));
+    }
+    Ok(out)
 }
 
 fn scan_params(case: &Case) -> Result<ScanParams> {

@@ -329,3 +329,189 @@ fn bad_input_is_an_error_naming_the_tensor() {
         (vec![], vec![])
     );
 }
+
+/// Σ y·dy of the f64 kernel, for finite differences.
+fn loss(
+    s: SelectiveShape,
+    inputs: &SelectiveInputs<'_, f64>,
+    p: &SelectiveParams,
+    dy: &[f64],
+) -> f64 {
+    let (y, _) = selective::selective_alloc(p, s, inputs).unwrap();
+    y.iter().zip(dy).map(|(a, b)| a * b).sum()
+}
+
+#[test]
+fn backward_matches_finite_differences() {
+    let s = SelectiveShape::new(2, 7, 5, 3);
+    for (softplus, all) in [(false, false), (true, true), (false, true)] {
+        let d = data::<f64>(s, 21);
+        let dy: Vec<f64> = Rng::new(22).vec(2 * 7 * 5, -1.0, 1.0);
+        let p = SelectiveParams::new().delta_softplus(softplus);
+        // every input as one flat list of tensors we can perturb
+        let mut tensors: Vec<(&str, Vec<f64>)> = vec![
+            ("u", d.u.clone()),
+            ("delta", d.delta.clone()),
+            ("A", d.a.clone()),
+            ("Bm", d.bm.clone()),
+            ("Cm", d.cm.clone()),
+            ("Dskip", d.dskip.clone()),
+            ("z", d.z.clone()),
+            ("delta_bias", d.bias.clone()),
+            ("h0", d.h0.clone()),
+        ];
+        let build = |t: &[(&str, Vec<f64>)]| -> Vec<Vec<f64>> {
+            t.iter().map(|(_, v)| v.clone()).collect()
+        };
+        let make = |v: &[Vec<f64>]| -> f64 {
+            let inputs = SelectiveInputs {
+                u: &v[0],
+                delta: &v[1],
+                a: &v[2],
+                bm: &v[3],
+                cm: &v[4],
+                dskip: all.then_some(v[5].as_slice()),
+                z: all.then_some(v[6].as_slice()),
+                delta_bias: all.then_some(v[7].as_slice()),
+                h0: all.then_some(v[8].as_slice()),
+            };
+            loss(s, &inputs, &p, &dy)
+        };
+        let base = build(&tensors);
+        let inputs = SelectiveInputs {
+            u: &base[0],
+            delta: &base[1],
+            a: &base[2],
+            bm: &base[3],
+            cm: &base[4],
+            dskip: all.then_some(base[5].as_slice()),
+            z: all.then_some(base[6].as_slice()),
+            delta_bias: all.then_some(base[7].as_slice()),
+            h0: all.then_some(base[8].as_slice()),
+        };
+        let g = selective::selective_backward(&p, s, &inputs, &dy).unwrap();
+        let analytic: Vec<Option<Vec<f64>>> = vec![
+            Some(g.du.clone()),
+            Some(g.ddelta.clone()),
+            Some(g.da.clone()),
+            Some(g.dbm.clone()),
+            Some(g.dcm.clone()),
+            g.ddskip.clone(),
+            g.dz.clone(),
+            g.ddelta_bias.clone(),
+            g.dh0.clone(),
+        ];
+        for (ti, want) in analytic.iter().enumerate() {
+            let Some(want) = want else {
+                assert!(!all || ti < 5, "{} missing", tensors[ti].0);
+                continue;
+            };
+            for (i, analytic) in want.iter().enumerate() {
+                let h = 1e-6;
+                let orig = tensors[ti].1[i];
+                tensors[ti].1[i] = orig + h;
+                let up = make(&build(&tensors));
+                tensors[ti].1[i] = orig - h;
+                let down = make(&build(&tensors));
+                tensors[ti].1[i] = orig;
+                let numeric = (up - down) / (2.0 * h);
+                let err = (numeric - analytic).abs() / (1e-6 + numeric.abs());
+                assert!(
+                    err < 1e-5,
+                    "{} [{i}] softplus={softplus}: analytic {analytic} vs numeric {numeric}",
+                    tensors[ti].0
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_low_precision_matches_f64() {
+    // the f32 kernel against the f64 one on a longer sequence (several checkpoint chunks)
+    let s = SelectiveShape::new(2, 200, 70, 8);
+    let d32 = data::<f32>(s, 31);
+    let up = |v: &[f32]| v.iter().map(|x| *x as f64).collect::<Vec<f64>>();
+    let (u, delta, a, bm, cm, dskip, z, bias, h0) = (
+        up(&d32.u),
+        up(&d32.delta),
+        up(&d32.a),
+        up(&d32.bm),
+        up(&d32.cm),
+        up(&d32.dskip),
+        up(&d32.z),
+        up(&d32.bias),
+        up(&d32.h0),
+    );
+    let dy32: Vec<f32> = Rng::new(32).vec(2 * 200 * 70, -1.0, 1.0);
+    let p = SelectiveParams::new().delta_softplus(true);
+    let i32_ = SelectiveInputs {
+        u: &d32.u,
+        delta: &d32.delta,
+        a: &d32.a,
+        bm: &d32.bm,
+        cm: &d32.cm,
+        dskip: Some(&d32.dskip),
+        z: Some(&d32.z),
+        delta_bias: Some(&d32.bias),
+        h0: Some(&d32.h0),
+    };
+    let i64_ = SelectiveInputs {
+        u: &u,
+        delta: &delta,
+        a: &a,
+        bm: &bm,
+        cm: &cm,
+        dskip: Some(&dskip),
+        z: Some(&z),
+        delta_bias: Some(&bias),
+        h0: Some(&h0),
+    };
+    let g32 = selective::selective_backward(&p, s, &i32_, &dy32).unwrap();
+    let g64 = selective::selective_backward(&p, s, &i64_, &up(&dy32)).unwrap();
+    let pairs: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+        ("du", up(&g32.du), g64.du.clone()),
+        ("ddelta", up(&g32.ddelta), g64.ddelta.clone()),
+        ("dA", up(&g32.da), g64.da.clone()),
+        ("dBm", up(&g32.dbm), g64.dbm.clone()),
+        ("dCm", up(&g32.dcm), g64.dcm.clone()),
+        ("dz", up(g32.dz.as_ref().unwrap()), g64.dz.clone().unwrap()),
+        (
+            "dh0",
+            up(g32.dh0.as_ref().unwrap()),
+            g64.dh0.clone().unwrap(),
+        ),
+        (
+            "dDskip",
+            up(g32.ddskip.as_ref().unwrap()),
+            g64.ddskip.clone().unwrap(),
+        ),
+        (
+            "ddelta_bias",
+            up(g32.ddelta_bias.as_ref().unwrap()),
+            g64.ddelta_bias.clone().unwrap(),
+        ),
+    ];
+    for (name, got, want) in pairs {
+        // sums over many terms: scale the absolute tolerance by the largest magnitude
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let r = worst_ratio(&got, &want, 1e-3, 1e-5 * scale.max(1.0));
+        assert!(r <= 1.0, "{name}: {r}");
+    }
+    // and deterministic across thread counts
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| selective::selective_backward(&p, s, &i32_, &dy32).unwrap())
+    };
+    assert!(run(1) == run(3));
+    // dy of the wrong length
+    assert!(
+        selective::selective_backward(&p, s, &i32_, &dy32[1..])
+            .unwrap_err()
+            .to_string()
+            .contains("`dy`")
+    );
+}

@@ -432,3 +432,281 @@ impl<E: Element> SimdKernel for SelectiveBlock<'_, E> {
         }
     }
 }
+
+/// Gradients of `scan.selective`: `None` where the input was not given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SelectiveGrads<E: Element> {
+    /// `[B, T, D]`
+    pub du: Vec<E>,
+    /// `[B, T, D]`
+    pub ddelta: Vec<E>,
+    /// `[D, N]`
+    pub da: Vec<E::Acc>,
+    /// `[B, T, N]`
+    pub dbm: Vec<E>,
+    /// `[B, T, N]`
+    pub dcm: Vec<E>,
+    pub ddskip: Option<Vec<E::Acc>>,
+    pub dz: Option<Vec<E>>,
+    pub ddelta_bias: Option<Vec<E::Acc>>,
+    pub dh0: Option<Vec<E::Acc>>,
+}
+
+/// Steps between stored states in the backward: the forward is re-run chunk by chunk from
+/// these checkpoints instead of keeping all B·T·D·N states.
+const CHECKPOINT_STEPS: usize = 64;
+/// Channels per backward task.
+const BACKWARD_BLOCK: usize = 64;
+
+/// `scan.selective_backward` on the CPU: the gradients of Σ y·dy (no gradient flows into
+/// h_last). Tasks are (batch, channel block); each re-runs its forward in chunks of
+/// CHECKPOINT_STEPS from stored states and walks them in reverse:
+/// gx[t] = Cm[t]·dy'[t] + exp(dt[t+1]·A)·gx[t+1] with dy' = dy·silu(z) (dy without z).
+/// Sums over channels (dBm, dCm) and over batch and time (dA, dDskip, ddelta_bias) are
+/// taken per task and reduced in a fixed order: the result does not depend on the thread
+/// count. Uses the scalar ISA-independent loops (the forward is the vectorized hot path).
+pub fn selective_backward<E: Element>(
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+    dy: &[E],
+) -> Result<SelectiveGrads<E>> {
+    let sizes = inputs.validate(&shape)?;
+    let (b, t_len, d, n) = (shape.batch, shape.len, shape.channels, shape.state);
+    check_len("dy", dy.len(), sizes.seq, &format!("[{b}, {t_len}, {d}]"))?;
+    let zero = <E::Acc as Accum>::ZERO;
+    let blocks = d.div_ceil(BACKWARD_BLOCK);
+    let tasks: Vec<(usize, usize)> = (0..b)
+        .flat_map(|bi| (0..blocks).map(move |k| (bi, k)))
+        .collect();
+    let partials: Vec<TaskGrads<E>> = tasks
+        .into_par_iter()
+        .map(|(bi, k)| {
+            let d0 = k * BACKWARD_BLOCK;
+            backward_task(
+                params,
+                shape,
+                inputs,
+                dy,
+                bi,
+                d0,
+                BACKWARD_BLOCK.min(d - d0),
+            )
+        })
+        .collect();
+
+    // scatter the per-task pieces; reductions in task order (batch-major, then block)
+    let mut g = SelectiveGrads {
+        du: vec![E::default(); sizes.seq],
+        ddelta: vec![E::default(); sizes.seq],
+        da: vec![zero; sizes.a],
+        dbm: vec![E::default(); sizes.bc],
+        dcm: vec![E::default(); sizes.bc],
+        ddskip: inputs.dskip.map(|_| vec![zero; d]),
+        dz: inputs.z.map(|_| vec![E::default(); sizes.seq]),
+        ddelta_bias: inputs.delta_bias.map(|_| vec![zero; d]),
+        dh0: inputs.h0.map(|_| vec![zero; sizes.states]),
+    };
+    let mut dbm = vec![zero; sizes.bc];
+    let mut dcm = vec![zero; sizes.bc];
+    for (i, part) in partials.iter().enumerate() {
+        let (bi, d0) = (i / blocks, (i % blocks) * BACKWARD_BLOCK);
+        let w = part.w;
+        for t in 0..t_len {
+            let (src, dst) = (t * w, (bi * t_len + t) * d + d0);
+            g.du[dst..dst + w].copy_from_slice(&part.du[src..src + w]);
+            g.ddelta[dst..dst + w].copy_from_slice(&part.ddelta[src..src + w]);
+            if let Some(dz) = &mut g.dz {
+                dz[dst..dst + w].copy_from_slice(&part.dz[src..src + w]);
+            }
+            let row = (bi * t_len + t) * n;
+            for j in 0..n {
+                dbm[row + j] = dbm[row + j] + part.dbm[t * n + j];
+                dcm[row + j] = dcm[row + j] + part.dcm[t * n + j];
+            }
+        }
+        for (x, y) in g.da[d0 * n..(d0 + w) * n].iter_mut().zip(&part.da) {
+            *x = *x + *y;
+        }
+        for c in 0..w {
+            if let Some(v) = &mut g.ddskip {
+                v[d0 + c] = v[d0 + c] + part.ddskip[c];
+            }
+            if let Some(v) = &mut g.ddelta_bias {
+                v[d0 + c] = v[d0 + c] + part.ddelta_bias[c];
+            }
+        }
+        if let Some(dh0) = &mut g.dh0 {
+            let at = (bi * d + d0) * n;
+            dh0[at..at + w * n].copy_from_slice(&part.dh0);
+        }
+    }
+    g.dbm = dbm.into_iter().map(E::from_acc).collect();
+    g.dcm = dcm.into_iter().map(E::from_acc).collect();
+    Ok(g)
+}
+
+/// One backward task's results: its own rows ([T, w] and [w, N]) and its partial sums.
+struct TaskGrads<E: Element> {
+    w: usize,
+    du: Vec<E>,
+    ddelta: Vec<E>,
+    dz: Vec<E>,
+    /// [T, N], summed over this block's channels
+    dbm: Vec<E::Acc>,
+    dcm: Vec<E::Acc>,
+    /// [w, N], summed over time
+    da: Vec<E::Acc>,
+    ddskip: Vec<E::Acc>,
+    ddelta_bias: Vec<E::Acc>,
+    /// [w, N]
+    dh0: Vec<E::Acc>,
+}
+
+fn sigmoid<A: Accum>(x: A) -> A {
+    A::from_f64(1.0 / (1.0 + (-x.to_f64()).exp()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_task<E: Element>(
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+    dy: &[E],
+    bi: usize,
+    d0: usize,
+    w: usize,
+) -> TaskGrads<E> {
+    let (t_len, d, n) = (shape.len, shape.channels, shape.state);
+    let zero = <E::Acc as Accum>::ZERO;
+    let one = <E::Acc as Accum>::ONE;
+    let at = |t: usize, c: usize| (bi * t_len + t) * d + d0 + c;
+    let bc = |t: usize, j: usize| (bi * t_len + t) * n + j;
+    let a = |c: usize, j: usize| inputs.a[(d0 + c) * n + j];
+
+    // dt for every step, and d(dt)/d(delta) (the softplus slope)
+    let mut dt = vec![zero; t_len * w];
+    let mut slope = vec![one; t_len * w];
+    for t in 0..t_len {
+        for c in 0..w {
+            let mut v = inputs.delta[at(t, c)].to_acc();
+            if let Some(bias) = inputs.delta_bias {
+                v = v + bias[d0 + c];
+            }
+            if params.delta_softplus {
+                slope[t * w + c] = sigmoid(v);
+                v = softplus(v);
+            }
+            dt[t * w + c] = v;
+        }
+    }
+    // forward once, keeping the state at the start of every chunk
+    let chunks = t_len.div_ceil(CHECKPOINT_STEPS);
+    let mut checkpoints = vec![zero; (chunks + 1) * w * n];
+    let mut x = vec![zero; w * n];
+    if let Some(h0) = inputs.h0 {
+        for c in 0..w {
+            for j in 0..n {
+                x[c * n + j] = h0[(bi * d + d0 + c) * n + j];
+            }
+        }
+    }
+    let step = |x: &mut [E::Acc], t: usize| {
+        for c in 0..w {
+            let (dtc, u) = (dt[t * w + c], inputs.u[at(t, c)].to_acc());
+            for j in 0..n {
+                let k = c * n + j;
+                x[k] = (dtc * a(c, j)).exp() * x[k] + dtc * inputs.bm[bc(t, j)].to_acc() * u;
+            }
+        }
+    };
+    for k in 0..chunks {
+        checkpoints[k * w * n..(k + 1) * w * n].copy_from_slice(&x);
+        for t in k * CHECKPOINT_STEPS..((k + 1) * CHECKPOINT_STEPS).min(t_len) {
+            step(&mut x, t);
+        }
+    }
+
+    let mut out = TaskGrads::<E> {
+        w,
+        du: vec![E::default(); t_len * w],
+        ddelta: vec![E::default(); t_len * w],
+        dz: vec![E::default(); if inputs.z.is_some() { t_len * w } else { 0 }],
+        dbm: vec![zero; t_len * n],
+        dcm: vec![zero; t_len * n],
+        da: vec![zero; w * n],
+        ddskip: vec![zero; w],
+        ddelta_bias: vec![zero; w],
+        dh0: vec![zero; if inputs.h0.is_some() { w * n } else { 0 }],
+    };
+    // gx_next = exp(dt[t+1]·A)·gx[t+1], the state gradient flowing back into step t
+    let mut gx_next = vec![zero; w * n];
+    // states of one chunk: states[i] is x before step t0 + i, states[len] after the last
+    let mut states = vec![zero; (CHECKPOINT_STEPS + 1) * w * n];
+    for k in (0..chunks).rev() {
+        let (t0, t1) = (
+            k * CHECKPOINT_STEPS,
+            ((k + 1) * CHECKPOINT_STEPS).min(t_len),
+        );
+        states[..w * n].copy_from_slice(&checkpoints[k * w * n..(k + 1) * w * n]);
+        for t in t0..t1 {
+            let i = t - t0;
+            let (before, after) = states.split_at_mut((i + 1) * w * n);
+            after[..w * n].copy_from_slice(&before[i * w * n..]);
+            step(&mut after[..w * n], t);
+        }
+        for t in (t0..t1).rev() {
+            let i = t - t0;
+            let (x_prev, x_now) = (
+                &states[i * w * n..(i + 1) * w * n],
+                &states[(i + 1) * w * n..(i + 2) * w * n],
+            );
+            for c in 0..w {
+                let e = at(t, c);
+                let (u, dtc) = (inputs.u[e].to_acc(), dt[t * w + c]);
+                let mut y = zero;
+                for j in 0..n {
+                    y = y + inputs.cm[bc(t, j)].to_acc() * x_now[c * n + j];
+                }
+                if let Some(dskip) = inputs.dskip {
+                    y = y + dskip[d0 + c] * u;
+                }
+                // gradient of the pre-gate output
+                let mut g = dy[e].to_acc();
+                if let Some(z) = inputs.z {
+                    let zv = z[e].to_acc();
+                    let s = sigmoid(zv);
+                    out.dz[t * w + c] = E::from_acc(g * y * s * (one + zv * (one - s)));
+                    g = g * silu(zv);
+                }
+                let mut du = zero;
+                let mut ddt = zero;
+                if let Some(dskip) = inputs.dskip {
+                    du = g * dskip[d0 + c];
+                    out.ddskip[c] = out.ddskip[c] + g * u;
+                }
+                for j in 0..n {
+                    let k = c * n + j;
+                    let (bj, cj) = (inputs.bm[bc(t, j)].to_acc(), inputs.cm[bc(t, j)].to_acc());
+                    let decay = (dtc * a(c, j)).exp();
+                    let gx = cj * g + gx_next[k];
+                    out.dcm[t * n + j] = out.dcm[t * n + j] + g * x_now[k];
+                    out.dbm[t * n + j] = out.dbm[t * n + j] + gx * dtc * u;
+                    du = du + gx * dtc * bj;
+                    let through_decay = gx * x_prev[k] * decay;
+                    ddt = ddt + gx * bj * u + through_decay * a(c, j);
+                    out.da[k] = out.da[k] + through_decay * dtc;
+                    gx_next[k] = decay * gx;
+                }
+                out.du[t * w + c] = E::from_acc(du);
+                let dd = ddt * slope[t * w + c];
+                out.ddelta[t * w + c] = E::from_acc(dd);
+                out.ddelta_bias[c] = out.ddelta_bias[c] + dd;
+            }
+        }
+    }
+    if inputs.h0.is_some() {
+        out.dh0.copy_from_slice(&gx_next);
+    }
+    out
+}

@@ -748,7 +748,7 @@ def canonicalize_header(path):
 
 # Ops whose cases are ready but whose Rust implementation has not landed yet: their files
 # are written only with --pending (tests/cases must hold only cases the crate can run).
-PENDING_OPS = {"scan.selective_backward"}
+PENDING_OPS: set = set()
 
 
 def main(argv=None):
