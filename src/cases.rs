@@ -5,6 +5,7 @@
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
+use crate::scan::gla::{GlaInputs, GlaParams, GlaShape, gla, gla_backward};
 use crate::scan::selective::{
     SelectiveInputs, SelectiveParams, SelectiveShape, selective_alloc, selective_backward,
 };
@@ -46,7 +47,12 @@ pub const CONTRACT_OPS: &[&str] = &[
 pub const EXTENSION_OPS: &[&str] = &["scan.linear_complex_backward"];
 
 /// Ops that run on the CPU only so far: on CUDA their cases fail with `op not implemented`.
-pub const CPU_ONLY_OPS: &[&str] = &["scan.selective", "scan.selective_backward"];
+pub const CPU_ONLY_OPS: &[&str] = &[
+    "scan.selective",
+    "scan.selective_backward",
+    "scan.gla",
+    "scan.gla_backward",
+];
 
 /// The ops this build can run.
 pub const IMPLEMENTED_OPS: &[&str] = &[
@@ -56,6 +62,8 @@ pub const IMPLEMENTED_OPS: &[&str] = &[
     "scan.linear_complex_backward",
     "scan.selective",
     "scan.selective_backward",
+    "scan.gla",
+    "scan.gla_backward",
 ];
 
 /// A host tensor's data.
@@ -364,6 +372,20 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// A number, or null / absent for `None`.
+    fn optional_number(&mut self, key: &'static str) -> Result<Option<f64>> {
+        self.known.push(key);
+        match self.map.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                case_err(
+                    self.case,
+                    format!("param `{key}` must be a number or null, got {v}"),
+                )
+            }),
+        }
+    }
+
     fn finish(self) -> Result<()> {
         match self.map.keys().find(|k| !self.known.contains(&k.as_str())) {
             Some(k) => Err(case_err(self.case, format!("unknown param `{k}`"))),
@@ -439,6 +461,8 @@ impl Runner {
             "scan.linear_complex_backward" => self.scan_linear_backward(case, Numbers::Complex),
             "scan.selective" => self.scan_selective(case, false),
             "scan.selective_backward" => self.scan_selective(case, true),
+            "scan.gla" => self.scan_gla(case, false),
+            "scan.gla_backward" => self.scan_gla(case, true),
             other => Err(Error::OpNotImplemented(other.to_string())),
         }
     }
@@ -639,6 +663,123 @@ where
     }
     if let Some(v) = g.dh0 {
         put("dh0", vec![b, d, n], <E::Acc as CaseElement>::wrap(v));
+    }
+    Ok(out)
+}
+
+impl Runner {
+    fn scan_gla(&self, case: &Case, backward: bool) -> Result<BTreeMap<String, Tensor>> {
+        let mut allowed = vec!["q", "k", "v", "g", "h0"];
+        if backward {
+            allowed.extend(["do", "dh_last"]);
+        }
+        case.only_inputs(&allowed)?;
+        let mut p = Params::new(case);
+        let params = GlaParams::new().scale(p.optional_number("scale")?);
+        p.finish()?;
+        let shape = GlaShape::from_dims(&case.input("q")?.shape, &case.input("v")?.shape)?;
+        let (b, t, h, k, v) = (
+            shape.batch,
+            shape.len,
+            shape.heads,
+            shape.key_dim,
+            shape.value_dim,
+        );
+        same_shape(case, "k", &[b, t, h, k])?;
+        same_shape(case, "g", &[b, t, h, k])?;
+        if backward {
+            same_shape(case, "do", &[b, t, h, v])?;
+        }
+        for name in ["h0", "dh_last"] {
+            if let Some(x) = case.inputs.get(name) {
+                expect_shape(name, &x.shape, &[b, h, k, v])?;
+            }
+        }
+        if self.kind == DeviceKind::Cuda {
+            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
+        }
+        match case.input("q")?.dtype() {
+            Some(DType::F32) => gla_typed::<f32>(case, &params, shape, backward),
+            Some(DType::F64) => gla_typed::<f64>(case, &params, shape, backward),
+            Some(DType::F16) => gla_typed::<f16>(case, &params, shape, backward),
+            Some(DType::BF16) => gla_typed::<bf16>(case, &params, shape, backward),
+            None => Err(case_err(&case.name, "`in.q` must be a float tensor")),
+        }
+    }
+}
+
+/// Runs `scan.gla` (or its backward) with inputs in `E` and states in its accumulator type.
+fn gla_typed<E: CaseElement>(
+    case: &Case,
+    params: &GlaParams,
+    shape: GlaShape,
+    backward: bool,
+) -> Result<BTreeMap<String, Tensor>>
+where
+    E::Acc: CaseElement,
+{
+    let inputs = GlaInputs::<E> {
+        q: typed::<E>(case, "q")?,
+        k: typed::<E>(case, "k")?,
+        v: typed::<E>(case, "v")?,
+        g: typed::<E>(case, "g")?,
+        h0: optional::<E::Acc>(case, "h0")?,
+    };
+    let (b, t, h, k, v) = (
+        shape.batch,
+        shape.len,
+        shape.heads,
+        shape.key_dim,
+        shape.value_dim,
+    );
+    let mut out = BTreeMap::new();
+    if !backward {
+        let (o, h_last) = gla(params, shape, &inputs)?;
+        out.insert(
+            "o".to_string(),
+            Tensor {
+                shape: vec![b, t, h, v],
+                data: E::wrap(o),
+            },
+        );
+        out.insert(
+            "h_last".to_string(),
+            Tensor {
+                shape: vec![b, h, k, v],
+                data: <E::Acc as CaseElement>::wrap(h_last),
+            },
+        );
+        return Ok(out);
+    }
+    let g = gla_backward(
+        params,
+        shape,
+        &inputs,
+        typed::<E>(case, "do")?,
+        optional::<E::Acc>(case, "dh_last")?,
+    )?;
+    for (name, data, dims) in [
+        ("dq", g.dq, k),
+        ("dk", g.dk, k),
+        ("dv", g.dv, v),
+        ("dg", g.dg, k),
+    ] {
+        out.insert(
+            name.to_string(),
+            Tensor {
+                shape: vec![b, t, h, dims],
+                data: E::wrap(data),
+            },
+        );
+    }
+    if let Some(dh0) = g.dh0 {
+        out.insert(
+            "dh0".to_string(),
+            Tensor {
+                shape: vec![b, h, k, v],
+                data: <E::Acc as CaseElement>::wrap(dh0),
+            },
+        );
     }
     Ok(out)
 }

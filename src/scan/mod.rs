@@ -7,6 +7,7 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod gla;
 pub mod selective;
 
 use crate::cpu::Isa;

@@ -3,7 +3,7 @@
 
 Usage::
 
-    python tests/reference/generate.py [--out tests/cases] [--only PREFIX]
+    python tests/reference/generate.py [--out tests/cases] [--only PREFIX] [--pending]
 
 Every case is a safetensors file in the format described in CASES.md: inputs
 ``in.NAME``, expected outputs ``out.NAME`` and header metadata ``op``,
@@ -30,6 +30,12 @@ in float64:
   of CASES.md (softplus computed exactly, as logaddexp(x, 0)).
 * ``scan.selective_backward``: torch autograd (float64) of ``sum(y * dy)``
   through that loop (no gradient into ``h_last``).
+* ``scan.gla``: a float64 step-by-step loop of gated linear attention,
+  ``S[t] = diag(exp(g[t])) S[t-1] + k[t]^T v[t]``, ``o[t] = scale q[t] S[t]``.
+* ``scan.gla_backward``: torch autograd (float64) of ``sum(o * do)`` plus
+  ``sum(h_last * dh_last)`` where ``dh_last`` is given. The hand-written
+  backward of the self-check is also run in float64 and asserted equal to the
+  autograd result (see ``emu_gla_backward``).
 
 Inputs are drawn in float64 from fixed per-case seeds (numpy PCG64), rounded to
 the case dtype first, and the reference is computed in float64 from the
@@ -38,13 +44,14 @@ throughout). Gates ``a`` are uniform in (0.5, 1) (or in (-1, 1) for the
 ``neg`` cases); ``b``, ``dh`` and ``h0`` are standard normal times 0.5.
 Complex gates have modulus uniform in (0.5, 1) and a uniform phase. For the
 selective scan see ``draw_selective_inputs``; its ``A``, ``Dskip``,
-``delta_bias`` and ``h0`` are F32 in every case but the F64 ones.
+``delta_bias`` and ``h0`` are F32 in every case but the F64 ones. For GLA see
+``draw_gla_inputs``; its ``h0`` and ``dh_last`` are F32 (F64 in F64 cases).
 
 As a self-check the script also runs an emulation of the implementation
 (sequential loop and a chunked "time-parallel" scan; hand-written backward
 formulas from the stored inputs; in float32 for F32/F16/BF16 inputs, float64
 for F64, cast to the case dtype) and asserts that it passes the case's
-tolerance (the CASES.md default of the case dtype, i.e. of ``a`` or ``u``); it
+tolerance (the CASES.md default of the case dtype, i.e. of ``a``, ``u`` or ``q``); it
 prints the worst error ratio per case (``|got - want| / (atol + rtol *
 |want|)``, must be <= 1) and, at the end, the worst per op and dtype.
 """
@@ -129,6 +136,7 @@ def _cases():
     both("bf16_b1_t2053_d3", "bf16", 1, 2053, 3)
     cases.update(_complex_cases())
     cases.update(_selective_cases())
+    cases.update(_gla_cases())
     return cases
 
 
@@ -711,12 +719,227 @@ def build_selective(name, spec):
     return tensors, meta, checks
 
 
+# ==========================================================================
+# scan.gla and scan.gla_backward (gated linear attention, matrix state).
+# ==========================================================================
+# name -> spec with `family` = "gla", sizes B, T, H, K, V, flags `h0` and
+# `dhl` (in.dh_last, backward only), the gate draw `gates` ("typ":
+# logsigmoid(randn + 3), gates near 1; "strong": logsigmoid(randn - 2), gates
+# near 0; "zero": g = 0, pure linear attention; "neg30": "typ" with some
+# entries set to -30, see draw_gla_inputs), `scale` ("omit": no `params` key;
+# "null": {"scale": null}; a float: {"scale": x}) and `seed` = "gla:<desc>"
+# (a forward and a backward case with the same description see the same
+# inputs).
+def _gla(op, dtype, B, T, H, K, V, h0=False, dhl=False, gates="typ", scale="omit"):
+    return dict(family="gla", op=op, dtype=dtype, B=B, T=T, H=H, K=K, V=V, h0=h0,
+                dhl=dhl, gates=gates, scale=scale)
+
+
+def _gla_cases():
+    cases = {}
+
+    def fwd(desc, *args, **kw):
+        cases["scan_gla_" + desc] = dict(_gla("scan.gla", *args, **kw), seed="gla:" + desc)
+
+    def bwd(desc, *args, **kw):
+        cases["scan_gla_backward_" + desc] = dict(
+            _gla("scan.gla_backward", *args, **kw), seed="gla:" + desc)
+
+    # Forward.
+    fwd("f32_b1_t1_h1_k1_v1", "f32", 1, 1, 1, 1, 1)
+    fwd("f32_b2_t33_h3_k8_v5", "f32", 2, 33, 3, 8, 5, scale=0.3)
+    fwd("f32_b1_t70_h2_k16_v16_h0", "f32", 1, 70, 2, 16, 16, h0=True, scale="null")
+    fwd("f32_b1_t200_h1_k64_v64_h0", "f32", 1, 200, 1, 64, 64, h0=True)
+    fwd("f32_strong_b2_t33_h3_k8_v5_h0", "f32", 2, 33, 3, 8, 5, h0=True, gates="strong")
+    fwd("f32_zero_b2_t50_h2_k8_v12", "f32", 2, 50, 2, 8, 12, gates="zero")
+    fwd("f32_neg30_b1_t40_h2_k8_v8_h0", "f32", 1, 40, 2, 8, 8, h0=True, gates="neg30",
+        scale=1.0)
+    fwd("f64_b2_t33_h3_k8_v5_h0", "f64", 2, 33, 3, 8, 5, h0=True, scale=0.3)
+    fwd("f16_strong_b2_t48_h2_k16_v8", "f16", 2, 48, 2, 16, 8, gates="strong")
+    fwd("bf16_b1_t70_h2_k16_v16_h0", "bf16", 1, 70, 2, 16, 16, h0=True)
+    # Backward.
+    bwd("f32_b1_t1_h1_k1_v1_h0_dhl", "f32", 1, 1, 1, 1, 1, h0=True, dhl=True)
+    bwd("f32_b2_t33_h3_k8_v5", "f32", 2, 33, 3, 8, 5, scale=0.3)
+    bwd("f32_b1_t70_h2_k16_v16_h0_dhl", "f32", 1, 70, 2, 16, 16, h0=True, dhl=True,
+        scale="null")
+    # (V = 32 in the long backward to keep tests/cases small)
+    bwd("f32_b1_t200_h1_k64_v32_h0", "f32", 1, 200, 1, 64, 32, h0=True)
+    bwd("f32_strong_b2_t33_h3_k8_v5_h0", "f32", 2, 33, 3, 8, 5, h0=True, gates="strong")
+    bwd("f32_zero_b2_t50_h2_k8_v12", "f32", 2, 50, 2, 8, 12, gates="zero")
+    bwd("f32_neg30_b1_t40_h2_k8_v8_h0_dhl", "f32", 1, 40, 2, 8, 8, h0=True, dhl=True,
+        gates="neg30", scale=1.0)
+    bwd("f64_b2_t33_h3_k8_v5_h0_dhl", "f64", 2, 33, 3, 8, 5, h0=True, dhl=True, scale=0.3)
+    bwd("f16_strong_b2_t48_h2_k16_v8", "f16", 2, 48, 2, 16, 8, gates="strong")
+    bwd("bf16_b1_t70_h2_k16_v16_h0", "bf16", 1, 70, 2, 16, 16, h0=True)
+    return cases
+
+
+def _logsigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def draw_gla_inputs(spec):
+    """q, k, do standard normal times 0.5; v standard normal; h0, dh_last
+    standard normal times 0.5; g as the spec's `gates` says ("neg30": the
+    "typ" gates, then g = -30 where a uniform draw is below 0.03, in every
+    head and batch row at t = 0 for key channel 0 (h0 is forgotten there), and
+    in batch 0, head 0, channel 0 for three consecutive steps t = 5, 6, 7 (a
+    cumulative log-gate of -90, whose exp(+90) overflows float32)).
+    All are drawn (in this order) whether the case uses them or not.
+    q, k, v, g, do have the case dtype; h0 and dh_last are F32 (F64 in F64
+    cases)."""
+    rng = _rng_key(spec["seed"])
+    B, T, H, K, V = spec["B"], spec["T"], spec["H"], spec["K"], spec["V"]
+    x = {}
+    x["q"] = 0.5 * rng.standard_normal((B, T, H, K))
+    x["k"] = 0.5 * rng.standard_normal((B, T, H, K))
+    x["v"] = rng.standard_normal((B, T, H, V))
+    graw = rng.standard_normal((B, T, H, K))
+    mask = rng.uniform(0.0, 1.0, (B, T, H, K))
+    x["h0"] = 0.5 * rng.standard_normal((B, H, K, V))
+    x["do"] = 0.5 * rng.standard_normal((B, T, H, V))
+    x["dh_last"] = 0.5 * rng.standard_normal((B, H, K, V))
+    gates = spec["gates"]
+    if gates == "typ":
+        g = _logsigmoid(graw + 3.0)
+    elif gates == "strong":
+        g = _logsigmoid(graw - 2.0)
+    elif gates == "zero":
+        g = np.zeros_like(graw)
+    else:
+        assert gates == "neg30" and T >= 8, spec
+        g = _logsigmoid(graw + 3.0)
+        g[mask < 0.03] = -30.0
+        g[:, 0, :, 0] = -30.0
+        g[0, 5:8, 0, 0] = -30.0
+    x["g"] = g
+    dt = spec["dtype"]
+    pdt = "f64" if dt == "f64" else "f32"
+    out = {}
+    for name in ("q", "k", "v", "g", "h0", "do", "dh_last"):
+        if (name == "h0" and not spec["h0"]) or (name == "dh_last" and not spec["dhl"]):
+            out[name] = None
+        else:
+            out[name] = _round(x[name], pdt if name in ("h0", "dh_last") else dt)
+    return out
+
+
+def _gla_scale(spec):
+    return 1.0 / np.sqrt(spec["K"]) if spec["scale"] in ("omit", "null") else spec["scale"]
+
+
+def gla_forward(q, k, v, g, h0, scale):
+    """Step-by-step loop in the dtype of the inputs: S[t] = diag(exp(g[t]))
+    S[t-1] + k[t]^T v[t] (S[-1] = h0 or zeros), o[t] = scale q[t] S[t].
+    Returns o [B, T, H, V] and the states [S[-1], S[0], ..., S[T-1]]."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S = h0 if h0 is not None else torch.zeros(B, H, K, V, dtype=q.dtype)
+    states, os_ = [S], []
+    for t in range(T):
+        S = torch.exp(g[:, t])[..., None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        states.append(S)
+        os_.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(os_, dim=1), states
+
+
+GLA_GRAD_INPUTS = ("q", "k", "v", "g", "h0")
+
+
+def ref_gla_backward(p, scale):
+    """float64 autograd of sum(o * do) + sum(h_last * dh_last) (the second
+    term only where dh_last is given); no gradient w.r.t. an absent h0."""
+    q = {n: p[n].to(torch.float64).clone().requires_grad_(True)
+         for n in GLA_GRAD_INPUTS if p[n] is not None}
+    o, states = gla_forward(q["q"], q["k"], q["v"], q["g"], q.get("h0"), scale)
+    loss = (o * p["do"].to(torch.float64)).sum()
+    if p["dh_last"] is not None:
+        loss = loss + (states[-1] * p["dh_last"].to(torch.float64)).sum()
+    loss.backward()
+    return {n: t.grad for n, t in q.items()}
+
+
+def emu_gla_backward(p, scale):
+    """The backward of the implementation, in the dtype of `p`: recompute the
+    states, then walk back with dS (from dh_last, or zeros):
+        dS += scale q[t]^T do[t];  dq[t] = scale S[t] do[t]
+        dk[t] = dS v[t];  dv[t] = dS^T k[t]
+        dg[t] = exp(g[t]) * rowsum(dS * S[t-1]);  dS = diag(exp(g[t])) dS
+    and dh0 = dS at the end (only where h0 is given)."""
+    q, k, v, g, do = p["q"], p["k"], p["v"], p["g"], p["do"]
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    _, states = gla_forward(q, k, v, g, p["h0"], scale)
+    dS = p["dh_last"] if p["dh_last"] is not None else torch.zeros(B, H, K, V, dtype=q.dtype)
+    dq, dk, dv, dg = (torch.zeros_like(x) for x in (q, k, v, g))
+    for t in range(T - 1, -1, -1):
+        dS = dS + scale * q[:, t, :, :, None] * do[:, t, :, None, :]
+        dq[:, t] = scale * torch.einsum("bhkv,bhv->bhk", states[t + 1], do[:, t])
+        dk[:, t] = torch.einsum("bhkv,bhv->bhk", dS, v[:, t])
+        dv[:, t] = torch.einsum("bhkv,bhk->bhv", dS, k[:, t])
+        eg = torch.exp(g[:, t])
+        dg[:, t] = eg * (dS * states[t]).sum(-1)
+        dS = eg[..., None] * dS
+    grads = dict(q=dq, k=dk, v=dv, g=dg)
+    if p["h0"] is not None:
+        grads["h0"] = dS
+    return grads
+
+
+def build_gla(name, spec):
+    dt = spec["dtype"]
+    acc = _acc_dtype(dt)
+    inp = draw_gla_inputs(spec)
+    meta = {"op": spec["op"]}
+    if spec["scale"] == "null":
+        meta["params"] = json.dumps({"scale": None})
+    elif spec["scale"] != "omit":
+        meta["params"] = json.dumps({"scale": spec["scale"]})
+    scale = _gla_scale(spec)
+    tv = torch.__version__.split("+")[0]
+    pdt = TORCH_DTYPE["f64" if dt == "f64" else "f32"]
+
+    names = ("q", "k", "v", "g", "h0")
+    if spec["op"] == "scan.gla_backward":
+        names += ("do", "dh_last")
+    tensors = {"in." + n: inp[n] for n in names if inp[n] is not None}
+    p64 = {n: (v.to(torch.float64) if v is not None else None) for n, v in inp.items()}
+    pacc = {n: (v.to(acc) if v is not None else None) for n, v in inp.items()}
+    checks = []
+    if spec["op"] == "scan.gla":
+        o, states = gla_forward(p64["q"], p64["k"], p64["v"], p64["g"], p64["h0"], scale)
+        tensors["out.o"] = o.to(TORCH_DTYPE[dt])
+        tensors["out.h_last"] = states[-1].to(pdt)
+        meta["source"] = f"torch {tv} float64 loop"
+        eo, est = gla_forward(pacc["q"], pacc["k"], pacc["v"], pacc["g"], pacc["h0"], scale)
+        checks += [("o", eo.to(TORCH_DTYPE[dt]), tensors["out.o"]),
+                   ("h_last", est[-1].to(pdt), tensors["out.h_last"])]
+    else:
+        grads = ref_gla_backward(p64, scale)
+        # The hand-written formulas must be the autograd gradient: in float64
+        # they agree to rounding (checked here far below the F64 tolerance).
+        emu64 = emu_gla_backward(p64, scale)
+        assert sorted(grads) == sorted(emu64), (sorted(grads), sorted(emu64))
+        for n in grads:
+            assert err_ratio(emu64[n], grads[n], 1e-12, 1e-12) <= 1.0, (name, n)
+        emu = emu_gla_backward(pacc, scale)
+        for n in GLA_GRAD_INPUTS:
+            if n in grads:
+                odt = inp[n].dtype  # each gradient has its input's dtype
+                tensors["out.d" + n] = grads[n].to(odt)
+                checks.append(("d" + n, emu[n].to(odt), tensors["out.d" + n]))
+        meta["source"] = f"torch {tv} autograd float64"
+    return tensors, meta, checks
+
+
 def build(name, spec):
     family = spec.get("family", "linear")
     if family == "linear":
         return build_linear(name, spec)
     if family == "complex":
         tensors, meta, checks = build_complex(name, spec)
+    elif family == "gla":
+        tensors, meta, checks = build_gla(name, spec)
     else:
         tensors, meta, checks = build_selective(name, spec)
     # Tolerances are the CASES.md defaults of the case dtype; no override is

@@ -1,0 +1,518 @@
+//! `scan.gla`: gated linear attention with a matrix-valued state, on the CPU.
+//!
+//! Per (batch, head): S[t] = diag(exp(g[t]))·S[t-1] + k[t]ᵀ·v[t] (S is K×V, S[-1] = h0 or
+//! zeros), o[t] = scale·q[t]·S[t]. Log-gates g <= 0 enter only through exp(g) <= 1, so no
+//! exponential of a large positive number is ever formed, however long the sequence.
+//!
+//! Plan: the CPU runs the recurrence step by step, vectorized along V, with S (K×V, 16 KiB
+//! at K = V = 64) in L1: 2·K·V multiply-adds per step. The chunked form (intra-chunk masked
+//! products plus an inter-chunk state recurrence) costs about twice those flops and pays off
+//! on matrix units; on this CPU the recurrence is the faster exact form. Tasks are
+//! (batch, head), each walked in time order: deterministic whatever the thread count. The
+//! inner loops are plain slices, compiled per ISA through [`dispatch`].
+//!
+//! Backward (with upstream do and optional dh_last): walking back with dS (from dh_last),
+//! dS += scale·q[t]ᵀ·do[t]; dq[t] = scale·S[t]·do[t]; dk[t] = dS·v[t]; dv[t] = dSᵀ·k[t];
+//! dg[t] = exp(g[t]) ∘ rowsum(dS ∘ S[t-1]); dS = diag(exp(g[t]))·dS; dh0 = dS at the end.
+//! The states are recomputed chunk by chunk from checkpoints, never stored for all steps.
+
+use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
+use crate::element::{Accum, Element};
+use crate::error::{Error, Result};
+use crate::scan::check_len;
+use rayon::prelude::*;
+
+/// Steps between stored states in the backward (a chunk of states stays in L2).
+const CHECKPOINT_STEPS: usize = 16;
+
+/// Parameters of `scan.gla`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GlaParams {
+    /// Output scale; `None` = 1/sqrt(K).
+    pub scale: Option<f64>,
+}
+
+impl GlaParams {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn scale(mut self, scale: Option<f64>) -> Self {
+        self.scale = scale;
+        self
+    }
+}
+
+/// `[B, T, H, K]` queries/keys/gates and `[B, T, H, V]` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GlaShape {
+    pub batch: usize,
+    pub len: usize,
+    pub heads: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+}
+
+impl GlaShape {
+    pub fn new(batch: usize, len: usize, heads: usize, key_dim: usize, value_dim: usize) -> Self {
+        Self {
+            batch,
+            len,
+            heads,
+            key_dim,
+            value_dim,
+        }
+    }
+
+    /// From the dims of `q [B, T, H, K]` and `v [B, T, H, V]`.
+    pub fn from_dims(q: &[usize], v: &[usize]) -> Result<Self> {
+        let [b, t, h, k] = *q else {
+            return Err(Error::shape("q", "rank 4 [B, T, H, K]", format!("{q:?}")));
+        };
+        match *v {
+            [vb, vt, vh, vd] if (vb, vt, vh) == (b, t, h) => Ok(Self::new(b, t, h, k, vd)),
+            _ => Err(Error::shape(
+                "v",
+                format!("[{b}, {t}, {h}, V]"),
+                format!("{v:?}"),
+            )),
+        }
+    }
+
+    /// (B·T·H·K, B·T·H·V, B·H·K·V), checked.
+    fn sizes(&self) -> Result<(usize, usize, usize)> {
+        let over = || Error::overflow("q", format!("{self:?} overflows"));
+        let bth = self
+            .batch
+            .checked_mul(self.len)
+            .and_then(|x| x.checked_mul(self.heads))
+            .ok_or_else(over)?;
+        let qk = bth.checked_mul(self.key_dim).ok_or_else(over)?;
+        let vv = bth.checked_mul(self.value_dim).ok_or_else(over)?;
+        let state = self
+            .batch
+            .checked_mul(self.heads)
+            .and_then(|x| x.checked_mul(self.key_dim))
+            .and_then(|x| x.checked_mul(self.value_dim))
+            .ok_or_else(over)?;
+        if [qk, vv, state].iter().any(|n| n.checked_mul(8).is_none()) {
+            return Err(over());
+        }
+        Ok((qk, vv, state))
+    }
+
+    fn scale(&self, params: &GlaParams) -> f64 {
+        params
+            .scale
+            .unwrap_or(1.0 / (self.key_dim.max(1) as f64).sqrt())
+    }
+}
+
+/// The inputs of `scan.gla`; `h0` is in the accumulator type (f32, f64 for f64).
+#[derive(Clone, Copy, Debug)]
+pub struct GlaInputs<'a, E: Element> {
+    pub q: &'a [E],
+    pub k: &'a [E],
+    pub v: &'a [E],
+    /// Log-gates, <= 0 (positive ones are accepted and used as given; they grow the state).
+    pub g: &'a [E],
+    /// `[B, H, K, V]`
+    pub h0: Option<&'a [E::Acc]>,
+}
+
+impl<E: Element> GlaInputs<'_, E> {
+    fn validate(&self, shape: &GlaShape) -> Result<(usize, usize, usize)> {
+        let (qk, vv, state) = shape.sizes()?;
+        let GlaShape {
+            batch: b,
+            len: t,
+            heads: h,
+            key_dim: k,
+            value_dim: v,
+        } = *shape;
+        let keys = format!("[{b}, {t}, {h}, {k}]");
+        check_len("q", self.q.len(), qk, &keys)?;
+        check_len("k", self.k.len(), qk, &keys)?;
+        check_len("g", self.g.len(), qk, &keys)?;
+        check_len("v", self.v.len(), vv, &format!("[{b}, {t}, {h}, {v}]"))?;
+        if let Some(h0) = self.h0 {
+            check_len("h0", h0.len(), state, &format!("[{b}, {h}, {k}, {v}]"))?;
+        }
+        Ok((qk, vv, state))
+    }
+}
+
+/// `scan.gla` on the CPU: returns `(o [B, T, H, V], h_last [B, H, K, V])`.
+pub fn gla<E: Element>(
+    params: &GlaParams,
+    shape: GlaShape,
+    inputs: &GlaInputs<'_, E>,
+) -> Result<(Vec<E>, Vec<E::Acc>)> {
+    gla_on(Isa::active(), params, shape, inputs)
+}
+
+/// [`gla`] on a chosen instruction set.
+pub fn gla_on<E: Element>(
+    isa: Isa,
+    params: &GlaParams,
+    shape: GlaShape,
+    inputs: &GlaInputs<'_, E>,
+) -> Result<(Vec<E>, Vec<E::Acc>)> {
+    isa.check()?;
+    let (_, vv, state) = inputs.validate(&shape)?;
+    let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
+    let (t_len, kd, vd) = (shape.len, shape.key_dim, shape.value_dim);
+    let heads: Vec<(Vec<E>, Vec<E::Acc>)> = (0..shape.batch * shape.heads)
+        .into_par_iter()
+        .map(|bh| {
+            dispatch(
+                isa,
+                ForwardHead {
+                    shape,
+                    inputs,
+                    bh,
+                    scale,
+                },
+            )
+        })
+        .collect();
+    let mut o = vec![E::default(); vv];
+    let mut h_last = vec![<E::Acc as Accum>::ZERO; state];
+    for (bh, (head_o, head_s)) in heads.into_iter().enumerate() {
+        let (bi, hi) = (bh / shape.heads, bh % shape.heads);
+        for t in 0..t_len {
+            let at = ((bi * t_len + t) * shape.heads + hi) * vd;
+            o[at..at + vd].copy_from_slice(&head_o[t * vd..(t + 1) * vd]);
+        }
+        h_last[bh * kd * vd..(bh + 1) * kd * vd].copy_from_slice(&head_s);
+    }
+    Ok((o, h_last))
+}
+
+/// Row `t` of head (bi, hi) of a `[B, T, H, X]` tensor, widened.
+#[inline(always)]
+fn row<E: Element>(
+    x: &[E],
+    shape: &GlaShape,
+    bh: usize,
+    t: usize,
+    width: usize,
+    out: &mut [E::Acc],
+) {
+    let (bi, hi) = (bh / shape.heads, bh % shape.heads);
+    let at = ((bi * shape.len + t) * shape.heads + hi) * width;
+    for (o, v) in out.iter_mut().zip(&x[at..at + width]) {
+        *o = v.to_acc();
+    }
+}
+
+/// One step of the recurrence: S = diag(decay)·S + kᵀ·v, in place.
+#[inline(always)]
+fn advance<A: Accum>(state: &mut [A], decay: &[A], k: &[A], v: &[A]) {
+    let vd = v.len();
+    for ((s_row, d), kk) in state.chunks_exact_mut(vd).zip(decay).zip(k) {
+        for (s, vv) in s_row.iter_mut().zip(v) {
+            *s = *d * *s + *kk * *vv;
+        }
+    }
+}
+
+/// Σ x·y in eight interleaved partial sums: a fixed order, so every ISA gives the same bits.
+#[inline(always)]
+fn dot<A: Accum>(x: &[A], y: &[A]) -> A {
+    let mut parts = [A::ZERO; 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (a, b) in xc.zip(yc) {
+        for i in 0..8 {
+            parts[i] = parts[i] + a[i] * b[i];
+        }
+    }
+    let mut total = A::ZERO;
+    for p in parts {
+        total = total + p;
+    }
+    for (a, b) in xr.iter().zip(yr) {
+        total = total + *a * *b;
+    }
+    total
+}
+
+struct ForwardHead<'a, E: Element> {
+    shape: GlaShape,
+    inputs: &'a GlaInputs<'a, E>,
+    bh: usize,
+    scale: E::Acc,
+}
+
+impl<E: Element> SimdKernel for ForwardHead<'_, E> {
+    type Output = (Vec<E>, Vec<E::Acc>);
+    #[inline(always)]
+    fn run<S: Simd>(self) -> Self::Output {
+        let Self {
+            shape,
+            inputs,
+            bh,
+            scale,
+        } = self;
+        let (t_len, kd, vd) = (shape.len, shape.key_dim, shape.value_dim);
+        let zero = <E::Acc as Accum>::ZERO;
+        let mut state = match inputs.h0 {
+            Some(h0) => h0[bh * kd * vd..(bh + 1) * kd * vd].to_vec(),
+            None => vec![zero; kd * vd],
+        };
+        let (mut q, mut k, mut g, mut v, mut o) = (
+            vec![zero; kd],
+            vec![zero; kd],
+            vec![zero; kd],
+            vec![zero; vd],
+            vec![zero; vd],
+        );
+        let mut out = vec![E::default(); t_len * vd];
+        for t in 0..t_len {
+            row(inputs.q, &shape, bh, t, kd, &mut q);
+            row(inputs.k, &shape, bh, t, kd, &mut k);
+            row(inputs.g, &shape, bh, t, kd, &mut g);
+            row(inputs.v, &shape, bh, t, vd, &mut v);
+            for x in &mut g {
+                *x = x.exp();
+            }
+            advance(&mut state, &g, &k, &v);
+            o.fill(zero);
+            for (s_row, qk) in state.chunks_exact(vd).zip(&q) {
+                let w = scale * *qk;
+                for (acc, s) in o.iter_mut().zip(s_row) {
+                    *acc = *acc + w * *s;
+                }
+            }
+            for (dst, x) in out[t * vd..(t + 1) * vd].iter_mut().zip(&o) {
+                *dst = E::from_acc(*x);
+            }
+        }
+        (out, state)
+    }
+}
+
+/// Gradients of `scan.gla`; `dh0` only where h0 was given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GlaGrads<E: Element> {
+    pub dq: Vec<E>,
+    pub dk: Vec<E>,
+    pub dv: Vec<E>,
+    pub dg: Vec<E>,
+    pub dh0: Option<Vec<E::Acc>>,
+}
+
+/// `scan.gla_backward` on the CPU: gradients of Σ o·do (+ Σ h_last·dh_last when given).
+pub fn gla_backward<E: Element>(
+    params: &GlaParams,
+    shape: GlaShape,
+    inputs: &GlaInputs<'_, E>,
+    d_o: &[E],
+    dh_last: Option<&[E::Acc]>,
+) -> Result<GlaGrads<E>> {
+    gla_backward_on(Isa::active(), params, shape, inputs, d_o, dh_last)
+}
+
+/// [`gla_backward`] on a chosen instruction set.
+pub fn gla_backward_on<E: Element>(
+    isa: Isa,
+    params: &GlaParams,
+    shape: GlaShape,
+    inputs: &GlaInputs<'_, E>,
+    d_o: &[E],
+    dh_last: Option<&[E::Acc]>,
+) -> Result<GlaGrads<E>> {
+    isa.check()?;
+    let (qk, vv, state) = inputs.validate(&shape)?;
+    let GlaShape {
+        batch: b,
+        len: t_len,
+        heads: h,
+        key_dim: kd,
+        value_dim: vd,
+    } = shape;
+    check_len("do", d_o.len(), vv, &format!("[{b}, {t_len}, {h}, {vd}]"))?;
+    if let Some(x) = dh_last {
+        check_len(
+            "dh_last",
+            x.len(),
+            state,
+            &format!("[{b}, {h}, {kd}, {vd}]"),
+        )?;
+    }
+    let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
+    let heads: Vec<HeadGrads<E>> = (0..b * h)
+        .into_par_iter()
+        .map(|bh| {
+            dispatch(
+                isa,
+                BackwardHead {
+                    shape,
+                    inputs,
+                    d_o,
+                    dh_last,
+                    bh,
+                    scale,
+                },
+            )
+        })
+        .collect();
+    let mut grads = GlaGrads {
+        dq: vec![E::default(); qk],
+        dk: vec![E::default(); qk],
+        dv: vec![E::default(); vv],
+        dg: vec![E::default(); qk],
+        dh0: inputs.h0.map(|_| vec![<E::Acc as Accum>::ZERO; state]),
+    };
+    for (bh, head) in heads.into_iter().enumerate() {
+        let (bi, hi) = (bh / h, bh % h);
+        for t in 0..t_len {
+            let base = (bi * t_len + t) * h + hi;
+            let (kq, kv) = (base * kd, base * vd);
+            grads.dq[kq..kq + kd].copy_from_slice(&head.dq[t * kd..(t + 1) * kd]);
+            grads.dk[kq..kq + kd].copy_from_slice(&head.dk[t * kd..(t + 1) * kd]);
+            grads.dg[kq..kq + kd].copy_from_slice(&head.dg[t * kd..(t + 1) * kd]);
+            grads.dv[kv..kv + vd].copy_from_slice(&head.dv[t * vd..(t + 1) * vd]);
+        }
+        if let Some(dh0) = &mut grads.dh0 {
+            dh0[bh * kd * vd..(bh + 1) * kd * vd].copy_from_slice(&head.ds);
+        }
+    }
+    Ok(grads)
+}
+
+struct HeadGrads<E: Element> {
+    /// [T, K] and [T, V] rows of this head
+    dq: Vec<E>,
+    dk: Vec<E>,
+    dg: Vec<E>,
+    dv: Vec<E>,
+    /// dS before the first step: dh0
+    ds: Vec<E::Acc>,
+}
+
+struct BackwardHead<'a, E: Element> {
+    shape: GlaShape,
+    inputs: &'a GlaInputs<'a, E>,
+    d_o: &'a [E],
+    dh_last: Option<&'a [E::Acc]>,
+    bh: usize,
+    scale: E::Acc,
+}
+
+impl<E: Element> SimdKernel for BackwardHead<'_, E> {
+    type Output = HeadGrads<E>;
+    #[inline(always)]
+    fn run<S: Simd>(self) -> HeadGrads<E> {
+        let Self {
+            shape,
+            inputs,
+            d_o,
+            dh_last,
+            bh,
+            scale,
+        } = self;
+        let (t_len, kd, vd) = (shape.len, shape.key_dim, shape.value_dim);
+        let zero = <E::Acc as Accum>::ZERO;
+        let size = kd * vd;
+        // forward once, keeping the state before every chunk
+        let chunks = t_len.div_ceil(CHECKPOINT_STEPS);
+        let mut checkpoints = vec![zero; chunks.max(1) * size];
+        let mut state = match inputs.h0 {
+            Some(h0) => h0[bh * size..(bh + 1) * size].to_vec(),
+            None => vec![zero; size],
+        };
+        let (mut q, mut k, mut g, mut v, mut dov) = (
+            vec![zero; kd],
+            vec![zero; kd],
+            vec![zero; kd],
+            vec![zero; vd],
+            vec![zero; vd],
+        );
+        for c in 0..chunks {
+            checkpoints[c * size..(c + 1) * size].copy_from_slice(&state);
+            for t in c * CHECKPOINT_STEPS..((c + 1) * CHECKPOINT_STEPS).min(t_len) {
+                row(inputs.k, &shape, bh, t, kd, &mut k);
+                row(inputs.g, &shape, bh, t, kd, &mut g);
+                row(inputs.v, &shape, bh, t, vd, &mut v);
+                for x in &mut g {
+                    *x = x.exp();
+                }
+                advance(&mut state, &g, &k, &v);
+            }
+        }
+        let mut out = HeadGrads {
+            dq: vec![E::default(); t_len * kd],
+            dk: vec![E::default(); t_len * kd],
+            dg: vec![E::default(); t_len * kd],
+            dv: vec![E::default(); t_len * vd],
+            ds: match dh_last {
+                Some(x) => x[bh * size..(bh + 1) * size].to_vec(),
+                None => vec![zero; size],
+            },
+        };
+        // states[i] = S before step t0 + i; states[len] = after the chunk's last step
+        let mut states = vec![zero; (CHECKPOINT_STEPS + 1) * size];
+        let mut dv_acc = vec![zero; vd];
+        for c in (0..chunks).rev() {
+            let (t0, t1) = (
+                c * CHECKPOINT_STEPS,
+                ((c + 1) * CHECKPOINT_STEPS).min(t_len),
+            );
+            states[..size].copy_from_slice(&checkpoints[c * size..(c + 1) * size]);
+            for t in t0..t1 {
+                let i = t - t0;
+                let (before, after) = states.split_at_mut((i + 1) * size);
+                after[..size].copy_from_slice(&before[i * size..]);
+                row(inputs.k, &shape, bh, t, kd, &mut k);
+                row(inputs.g, &shape, bh, t, kd, &mut g);
+                row(inputs.v, &shape, bh, t, vd, &mut v);
+                for x in &mut g {
+                    *x = x.exp();
+                }
+                advance(&mut after[..size], &g, &k, &v);
+            }
+            for t in (t0..t1).rev() {
+                let i = t - t0;
+                let (prev, now) = (
+                    &states[i * size..(i + 1) * size],
+                    &states[(i + 1) * size..(i + 2) * size],
+                );
+                row(inputs.q, &shape, bh, t, kd, &mut q);
+                row(inputs.k, &shape, bh, t, kd, &mut k);
+                row(inputs.g, &shape, bh, t, kd, &mut g);
+                row(inputs.v, &shape, bh, t, vd, &mut v);
+                row(d_o, &shape, bh, t, vd, &mut dov);
+                dv_acc.fill(zero);
+                let ds = &mut out.ds;
+                for kk in 0..kd {
+                    let (ds_row, s_now, s_prev) = (
+                        &mut ds[kk * vd..(kk + 1) * vd],
+                        &now[kk * vd..(kk + 1) * vd],
+                        &prev[kk * vd..(kk + 1) * vd],
+                    );
+                    // dS += scale·q[t]ᵀ·do[t]
+                    let w = scale * q[kk];
+                    for (d, x) in ds_row.iter_mut().zip(&dov) {
+                        *d = *d + w * *x;
+                    }
+                    out.dq[t * kd + kk] = E::from_acc(scale * dot(s_now, &dov));
+                    out.dk[t * kd + kk] = E::from_acc(dot(ds_row, &v));
+                    let decay = g[kk].exp();
+                    out.dg[t * kd + kk] = E::from_acc(decay * dot(ds_row, s_prev));
+                    for (acc, d) in dv_acc.iter_mut().zip(ds_row.iter()) {
+                        *acc = *acc + k[kk] * *d;
+                    }
+                    for d in ds_row.iter_mut() {
+                        *d = decay * *d;
+                    }
+                }
+                for (dst, x) in out.dv[t * vd..(t + 1) * vd].iter_mut().zip(&dv_acc) {
+                    *dst = E::from_acc(*x);
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,382 @@
+//! scan.gla (gated linear attention, matrix-valued state) on the CPU: every ISA and dtype
+//! against a naive float64 recurrence, g = 0 against causal linear attention, gates near zero
+//! and very negative log-gates stay finite, the backward against finite differences, and
+//! bad input.
+
+mod common;
+
+use common::{Rng, to_f64, worst_ratio};
+use half::{bf16, f16};
+use neurokernels::cpu::Isa;
+use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
+use neurokernels::{DType, Element};
+
+struct Data<E: Element> {
+    q: Vec<E>,
+    k: Vec<E>,
+    v: Vec<E>,
+    g: Vec<E>,
+    h0: Vec<E::Acc>,
+}
+
+fn data<E: Element>(s: GlaShape, seed: u64, gate_lo: f64) -> Data<E> {
+    let mut rng = Rng::new(seed);
+    let (qk, vv) = (
+        s.batch * s.len * s.heads * s.key_dim,
+        s.batch * s.len * s.heads * s.value_dim,
+    );
+    Data {
+        q: rng.vec(qk, -1.0, 1.0),
+        k: rng.vec(qk, -1.0, 1.0),
+        v: rng.vec(vv, -1.0, 1.0),
+        g: rng.vec(qk, gate_lo, 0.0),
+        h0: rng
+            .vec::<E>(s.batch * s.heads * s.key_dim * s.value_dim, -1.0, 1.0)
+            .iter()
+            .map(|x| x.to_acc())
+            .collect(),
+    }
+}
+
+fn f<A: Copy + Into<f64>>(x: &[A]) -> Vec<f64> {
+    x.iter().map(|v| (*v).into()).collect()
+}
+
+/// Naive float64 recurrence: (o, h_last).
+fn reference(
+    s: GlaShape,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    g: &[f64],
+    h0: Option<&[f64]>,
+    scale: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let (b, t_len, h, kd, vd) = (s.batch, s.len, s.heads, s.key_dim, s.value_dim);
+    let mut o = vec![0.0; b * t_len * h * vd];
+    let mut last = vec![0.0; b * h * kd * vd];
+    for bi in 0..b {
+        for hi in 0..h {
+            let base = (bi * h + hi) * kd * vd;
+            let mut st: Vec<f64> =
+                h0.map_or(vec![0.0; kd * vd], |h0| h0[base..base + kd * vd].to_vec());
+            for t in 0..t_len {
+                let r = (bi * t_len + t) * h + hi;
+                for i in 0..kd {
+                    for j in 0..vd {
+                        st[i * vd + j] =
+                            g[r * kd + i].exp() * st[i * vd + j] + k[r * kd + i] * v[r * vd + j];
+                    }
+                }
+                for j in 0..vd {
+                    o[r * vd + j] =
+                        scale * (0..kd).map(|i| q[r * kd + i] * st[i * vd + j]).sum::<f64>();
+                }
+            }
+            last[base..base + kd * vd].copy_from_slice(&st);
+        }
+    }
+    (o, last)
+}
+
+fn check<E: Element>(seed: u64)
+where
+    E::Acc: Into<f64>,
+{
+    let (rtol, atol) = match E::DTYPE {
+        DType::F64 => (1e-10, 1e-12),
+        DType::F32 => (2e-4, 2e-5),
+        _ => (2e-2, 2e-2),
+    };
+    for (i, &(b, t, h, kd, vd)) in [
+        (1, 1, 1, 1, 1),
+        (2, 33, 3, 8, 5),
+        (1, 70, 2, 16, 16),
+        (1, 50, 1, 64, 64),
+        (2, 20, 2, 7, 19),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = GlaShape::new(b, t, h, kd, vd);
+        let d = data::<E>(s, seed + i as u64, -0.5);
+        for (with_h0, scale) in [(false, None), (true, Some(0.3))] {
+            let inputs = GlaInputs {
+                q: &d.q,
+                k: &d.k,
+                v: &d.v,
+                g: &d.g,
+                h0: with_h0.then_some(d.h0.as_slice()),
+            };
+            let h0f = f(&d.h0);
+            let sc = scale.unwrap_or(1.0 / (kd as f64).sqrt());
+            let (want_o, want_h) = reference(
+                s,
+                &to_f64(&d.q),
+                &to_f64(&d.k),
+                &to_f64(&d.v),
+                &to_f64(&d.g),
+                with_h0.then_some(h0f.as_slice()),
+                sc,
+            );
+            for isa in Isa::available() {
+                let (o, hl) = gla::gla_on(isa, &GlaParams::new().scale(scale), s, &inputs).unwrap();
+                let what = format!("{} {isa:?} {s:?} h0={with_h0}", E::DTYPE);
+                let r = worst_ratio(&to_f64(&o), &want_o, rtol, atol);
+                assert!(r <= 1.0, "o {what}: {r} x tolerance");
+                let (hr, ha) = if E::DTYPE == DType::F64 {
+                    (rtol, atol)
+                } else {
+                    (2e-4, 2e-5)
+                };
+                let r = worst_ratio(&f(&hl), &want_h, hr, ha);
+                assert!(r <= 1.0, "h_last {what}: {r} x tolerance");
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_matches_f64_reference() {
+    check::<f32>(1);
+}
+
+#[test]
+fn f64_matches_f64_reference() {
+    check::<f64>(2);
+}
+
+#[test]
+fn f16_matches_f64_reference() {
+    check::<f16>(3);
+}
+
+#[test]
+fn bf16_matches_f64_reference() {
+    check::<bf16>(4);
+}
+
+#[test]
+fn zero_gates_give_causal_linear_attention() {
+    let s = GlaShape::new(1, 40, 2, 8, 6);
+    let mut d = data::<f64>(s, 5, -1.0);
+    d.g.fill(0.0);
+    let inputs = GlaInputs {
+        q: &d.q,
+        k: &d.k,
+        v: &d.v,
+        g: &d.g,
+        h0: None,
+    };
+    let (o, _) = gla::gla(&GlaParams::new().scale(Some(1.0)), s, &inputs).unwrap();
+    let (h, kd, vd) = (2, 8, 6);
+    for t in 0..40 {
+        for hi in 0..h {
+            let r = t * h + hi;
+            for j in 0..vd {
+                // o[t] = Σ_{τ<=t} (q[t]·k[τ]) v[τ]
+                let want: f64 = (0..=t)
+                    .map(|tau| {
+                        let rt = tau * h + hi;
+                        let score: f64 = (0..kd).map(|i| d.q[r * kd + i] * d.k[rt * kd + i]).sum();
+                        score * d.v[rt * vd + j]
+                    })
+                    .sum();
+                assert!(
+                    (o[r * vd + j] - want).abs() < 1e-10 * (1.0 + want.abs()),
+                    "t {t} h {hi} v {j}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn extreme_gates_stay_finite() {
+    // gates near zero and a log-gate of -1000 (exp underflows to 0): no NaN or inf, ever
+    let s = GlaShape::new(1, 5000, 1, 16, 16);
+    let mut d = data::<f32>(s, 6, -40.0);
+    d.g[100] = -1000.0;
+    d.g[101] = f32::NEG_INFINITY;
+    let inputs = GlaInputs {
+        q: &d.q,
+        k: &d.k,
+        v: &d.v,
+        g: &d.g,
+        h0: None,
+    };
+    let (o, h) = gla::gla(&GlaParams::new(), s, &inputs).unwrap();
+    assert!(o.iter().chain(&h).all(|x| x.is_finite()));
+    let dout: Vec<f32> = Rng::new(7).vec(5000 * 16, -1.0, 1.0);
+    let g = gla::gla_backward(&GlaParams::new(), s, &inputs, &dout, None).unwrap();
+    assert!(g.dq.iter().chain(&g.dk).chain(&g.dv).all(|x| x.is_finite()));
+    // the -inf gate has zero slope: its gradient is 0 · (finite) = 0
+    assert!(
+        g.dg.iter()
+            .enumerate()
+            .all(|(i, x)| x.is_finite() || i == 101)
+    );
+}
+
+#[test]
+fn backward_matches_finite_differences() {
+    let s = GlaShape::new(2, 21, 2, 5, 4);
+    for (with_h0, with_dh_last) in [(false, false), (true, true), (true, false)] {
+        let d = data::<f64>(s, 8, -1.0);
+        let dout: Vec<f64> = Rng::new(9).vec(2 * 21 * 2 * 4, -1.0, 1.0);
+        let dh_last: Vec<f64> = Rng::new(10).vec(2 * 2 * 5 * 4, -1.0, 1.0);
+        let p = GlaParams::new().scale(Some(0.7));
+        let loss = |t: &[Vec<f64>]| -> f64 {
+            let inputs = GlaInputs {
+                q: &t[0],
+                k: &t[1],
+                v: &t[2],
+                g: &t[3],
+                h0: with_h0.then_some(t[4].as_slice()),
+            };
+            let (o, h) = gla::gla(&p, s, &inputs).unwrap();
+            let mut l: f64 = o.iter().zip(&dout).map(|(a, b)| a * b).sum();
+            if with_dh_last {
+                l += h.iter().zip(&dh_last).map(|(a, b)| a * b).sum::<f64>();
+            }
+            l
+        };
+        let mut tensors = vec![
+            d.q.clone(),
+            d.k.clone(),
+            d.v.clone(),
+            d.g.clone(),
+            d.h0.clone(),
+        ];
+        let inputs = GlaInputs {
+            q: &d.q,
+            k: &d.k,
+            v: &d.v,
+            g: &d.g,
+            h0: with_h0.then_some(d.h0.as_slice()),
+        };
+        let grads = gla::gla_backward(
+            &p,
+            s,
+            &inputs,
+            &dout,
+            with_dh_last.then_some(dh_last.as_slice()),
+        )
+        .unwrap();
+        let analytic = [
+            Some(grads.dq),
+            Some(grads.dk),
+            Some(grads.dv),
+            Some(grads.dg),
+            grads.dh0,
+        ];
+        assert_eq!(analytic[4].is_some(), with_h0);
+        for (ti, want) in analytic.iter().enumerate() {
+            let Some(want) = want else { continue };
+            for (i, a) in want.iter().enumerate() {
+                let orig = tensors[ti][i];
+                tensors[ti][i] = orig + 1e-6;
+                let up = loss(&tensors);
+                tensors[ti][i] = orig - 1e-6;
+                let down = loss(&tensors);
+                tensors[ti][i] = orig;
+                let numeric = (up - down) / 2e-6;
+                assert!(
+                    (numeric - a).abs() < 1e-6 * (1.0 + numeric.abs()),
+                    "tensor {ti} [{i}]: analytic {a} vs numeric {numeric}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn backward_is_deterministic_and_agrees_across_isas() {
+    let s = GlaShape::new(2, 100, 3, 16, 24);
+    let d = data::<f32>(s, 11, -0.3);
+    let dout: Vec<f32> = Rng::new(12).vec(2 * 100 * 3 * 24, -1.0, 1.0);
+    let inputs = GlaInputs {
+        q: &d.q,
+        k: &d.k,
+        v: &d.v,
+        g: &d.g,
+        h0: Some(&d.h0),
+    };
+    let run = |threads: usize, isa: Isa| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                gla::gla_backward_on(isa, &GlaParams::new(), s, &inputs, &dout, None).unwrap()
+            })
+    };
+    let base = run(1, Isa::Scalar);
+    for isa in Isa::available() {
+        assert!(run(3, isa) == base, "{isa:?}");
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_naming_the_tensor() {
+    let s = GlaShape::new(2, 3, 2, 4, 5);
+    let d = data::<f32>(s, 13, -1.0);
+    let ok = GlaInputs {
+        q: &d.q,
+        k: &d.k,
+        v: &d.v,
+        g: &d.g,
+        h0: None,
+    };
+    let p = GlaParams::new();
+    let err = |i: GlaInputs<'_, f32>| gla::gla(&p, s, &i).unwrap_err().to_string();
+    assert!(err(GlaInputs { q: &d.q[1..], ..ok }).contains("`q`"));
+    assert!(err(GlaInputs { k: &d.k[1..], ..ok }).contains("`k`"));
+    assert!(err(GlaInputs { v: &d.v[1..], ..ok }).contains("`v`"));
+    assert!(err(GlaInputs { g: &d.g[1..], ..ok }).contains("`g`"));
+    assert!(
+        err(GlaInputs {
+            h0: Some(&d.h0[1..]),
+            ..ok
+        })
+        .contains("`h0`")
+    );
+    let dout = vec![0f32; 60];
+    assert!(
+        gla::gla_backward(&p, s, &ok, &dout[1..], None)
+            .unwrap_err()
+            .to_string()
+            .contains("`do`")
+    );
+    assert!(
+        gla::gla_backward(&p, s, &ok, &dout, Some(&d.h0[1..]))
+            .unwrap_err()
+            .to_string()
+            .contains("`dh_last`")
+    );
+    assert!(
+        GlaShape::from_dims(&[2, 3, 2], &[2, 3, 2, 5])
+            .unwrap_err()
+            .to_string()
+            .contains("`q`")
+    );
+    assert!(
+        GlaShape::from_dims(&[2, 3, 2, 4], &[2, 4, 2, 5])
+            .unwrap_err()
+            .to_string()
+            .contains("`v`")
+    );
+    assert!(gla::gla(&p, GlaShape::new(usize::MAX / 2, 2, 2, 2, 2), &ok).is_err());
+    // an empty batch is an Ok no-op
+    let none = GlaInputs::<f32> {
+        q: &[],
+        k: &[],
+        v: &[],
+        g: &[],
+        h0: None,
+    };
+    assert_eq!(
+        gla::gla(&p, GlaShape::new(0, 3, 2, 4, 5), &none).unwrap(),
+        (vec![], vec![])
+    );
+}
