@@ -226,6 +226,54 @@ fn bench_cpu_selective(c: &mut Criterion) {
     group.finish();
 }
 
+/// Gated linear attention at the anchor's size (B1 T2048 H8 K64 V64). Throughput in
+/// head-steps; the recurrence does 4·K·V flops per head-step (state update and readout).
+fn bench_cpu_gla(c: &mut Criterion) {
+    use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
+    let (b, t, h, k, v) = (1, 2048, 8, 64, 64);
+    let shape = GlaShape::new(b, t, h, k, v);
+    let centered = |x: Vec<f32>| {
+        x.into_iter()
+            .map(|y| 4.0 * (y - 0.75))
+            .collect::<Vec<f32>>()
+    };
+    let (q, kk, vv) = (
+        centered(data(b * t * h * k, 21)),
+        centered(data(b * t * h * k, 22)),
+        centered(data(b * t * h * v, 23)),
+    );
+    // log-gates near 0 (gates near 1), as logsigmoid(randn + 3) gives
+    let g: Vec<f32> = data(b * t * h * k, 24).iter().map(|x| -0.1 * x).collect();
+    let inputs = GlaInputs {
+        q: &q,
+        k: &kk,
+        v: &vv,
+        g: &g,
+        h0: None,
+    };
+    let d_o = centered(data(b * t * h * v, 25));
+    let mut group = c.benchmark_group("scan_gla_cpu/B1_T2048_H8_K64_V64");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements((b * t * h) as u64));
+    for isa in Isa::available() {
+        group.bench_function(BenchmarkId::new("forward_f32", isa.name()), |bench| {
+            bench.iter(|| gla::gla_on(isa, &GlaParams::new(), shape, black_box(&inputs)).unwrap())
+        });
+    }
+    group.bench_function(
+        BenchmarkId::new("backward_f32", Isa::detected().name()),
+        |bench| {
+            bench.iter(|| {
+                gla::gla_backward(&GlaParams::new(), shape, black_box(&inputs), &d_o, None).unwrap()
+            })
+        },
+    );
+    group.finish();
+}
+
 #[cfg(feature = "cuda")]
 fn bench_cuda(c: &mut Criterion) {
     use neurokernels::cuda::Device;
@@ -324,6 +372,7 @@ criterion_group!(
     bench_cpu,
     bench_cpu_complex,
     bench_cpu_selective,
+    bench_cpu_gla,
     bench_cuda
 );
 criterion_main!(benches);
