@@ -363,8 +363,8 @@ impl<E: Element> SimdKernel for ForwardHead<'_, E> {
                         }
                         E::Acc::vstore::<S>(cell, s);
                     }
-                    for j in 0..steps {
-                        E::Acc::vstore::<S>(o.as_mut_ptr().add(j * vd + c), acc[j]);
+                    for (j, a) in acc.iter().enumerate().take(steps) {
+                        E::Acc::vstore::<S>(o.as_mut_ptr().add(j * vd + c), *a);
                     }
                     c += lanes;
                 }
