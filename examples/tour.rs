@@ -16,7 +16,7 @@ struct Row {
     dtype: &'static str,
     shape: String,
     ms: f64,
-    gbps: f64,
+    throughput: f64,
     max_err: f64,
 }
 
@@ -126,8 +126,127 @@ fn complex_rows(rows: &mut Vec<Row>, shape: ScanShape) -> Result<()> {
         dtype: "f32",
         shape: format!("{shape} x2"),
         ms,
-        gbps: 3.0 * (n * 4) as f64 / ms / 1e6,
+        throughput: 3.0 * (n * 4) as f64 / ms / 1e6,
         max_err: max_error(&h, &want),
+    });
+    Ok(())
+}
+
+/// Mamba's selective scan (softplus, D skip, z gate) against a float64 loop.
+fn selective_rows(rows: &mut Vec<Row>) -> Result<()> {
+    use neurokernels::scan::selective::{self, SelectiveInputs, SelectiveParams, SelectiveShape};
+    let (b, t, d, n) = (2, 512, 384, 16);
+    let shape = SelectiveShape::new(b, t, d, n);
+    let (u, delta, z): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        data(b * t * d, 11, -1.0, 1.0),
+        data(b * t * d, 12, -1.0, 1.0),
+        data(b * t * d, 13, -2.0, 2.0),
+    );
+    let a: Vec<f32> = data(d * n, 14, -2.0, -0.2);
+    let (bm, cm): (Vec<f32>, Vec<f32>) = (
+        data(b * t * n, 15, -1.0, 1.0),
+        data(b * t * n, 16, -1.0, 1.0),
+    );
+    let dskip: Vec<f32> = data(d, 17, -1.0, 1.0);
+    let inputs = SelectiveInputs {
+        u: &u,
+        delta: &delta,
+        a: &a,
+        bm: &bm,
+        cm: &cm,
+        dskip: Some(&dskip),
+        z: Some(&z),
+        delta_bias: None,
+        h0: None,
+    };
+    let params = SelectiveParams::new().delta_softplus(true);
+    let mut y = vec![0f32; b * t * d];
+    let mut h_last = vec![0f32; b * d * n];
+    let ms = median_ms(3, || {
+        selective::selective(&params, shape, &inputs, &mut y, &mut h_last)
+    })?;
+    let mut want = vec![0.0; b * t * d];
+    for bi in 0..b {
+        for c in 0..d {
+            let mut x = vec![0.0f64; n];
+            for ti in 0..t {
+                let k = (bi * t + ti) * d + c;
+                let dt = (delta[k] as f64).exp().ln_1p();
+                let mut out = 0.0;
+                for j in 0..n {
+                    let r = (bi * t + ti) * n + j;
+                    x[j] =
+                        (dt * a[c * n + j] as f64).exp() * x[j] + dt * bm[r] as f64 * u[k] as f64;
+                    out += cm[r] as f64 * x[j];
+                }
+                let zk = z[k] as f64;
+                want[k] = (out + dskip[c] as f64 * u[k] as f64) * zk / (1.0 + (-zk).exp());
+            }
+        }
+    }
+    rows.push(Row {
+        op: "scan.selective",
+        device: format!("cpu ({})", Isa::active().name()),
+        dtype: "f32",
+        shape: format!("[{b}, {t}, {d}] N{n}"),
+        ms,
+        throughput: (b * t * d) as f64 / ms / 1e3, // M channel-steps/s
+        max_err: max_error(&y, &want),
+    });
+    Ok(())
+}
+
+/// Gated linear attention against a float64 recurrence.
+fn gla_rows(rows: &mut Vec<Row>) -> Result<()> {
+    use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
+    let (b, t, h, k, v) = (1, 1024, 4, 64, 64);
+    let shape = GlaShape::new(b, t, h, k, v);
+    let (q, kk, vv): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        data(b * t * h * k, 21, -1.0, 1.0),
+        data(b * t * h * k, 22, -1.0, 1.0),
+        data(b * t * h * v, 23, -1.0, 1.0),
+    );
+    let g: Vec<f32> = data(b * t * h * k, 24, -0.2, 0.0);
+    let inputs = GlaInputs {
+        q: &q,
+        k: &kk,
+        v: &vv,
+        g: &g,
+        h0: None,
+    };
+    let mut o = Vec::new();
+    let ms = median_ms(3, || {
+        o = gla::gla(&GlaParams::new(), shape, &inputs)?.0;
+        Ok(())
+    })?;
+    let scale = 1.0 / (k as f64).sqrt();
+    let mut want = vec![0.0; b * t * h * v];
+    for hi in 0..h {
+        let mut st = vec![0.0f64; k * v];
+        for ti in 0..t {
+            let r = ti * h + hi;
+            for i in 0..k {
+                for j in 0..v {
+                    st[i * v + j] = (g[r * k + i] as f64).exp() * st[i * v + j]
+                        + kk[r * k + i] as f64 * vv[r * v + j] as f64;
+                }
+            }
+            for j in 0..v {
+                want[r * v + j] = scale
+                    * (0..k)
+                        .map(|i| q[r * k + i] as f64 * st[i * v + j])
+                        .sum::<f64>();
+            }
+        }
+    }
+    rows.push(Row {
+        op: "scan.gla",
+        device: format!("cpu ({})", Isa::active().name()),
+        dtype: "f32",
+        shape: format!("T{t} H{h} K{k} V{v}"),
+        ms,
+        throughput: (b * t * h) as f64 * 4.0 * (k * v) as f64 / ms / 1e6, // GFLOP/s
+        max_err: max_error(&o, &want),
     });
     Ok(())
 }
@@ -163,7 +282,7 @@ fn scan_rows<E: Element + MaybeCuda>(
         dtype,
         shape: shape.to_string(),
         ms,
-        gbps: 3.0 * bytes / ms / 1e6,
+        throughput: 3.0 * bytes / ms / 1e6,
         max_err: max_error(&h, &want_h),
     });
     let (mut da, mut db, mut dh0) = (
@@ -180,7 +299,7 @@ fn scan_rows<E: Element + MaybeCuda>(
         dtype,
         shape: shape.to_string(),
         ms,
-        gbps: 5.0 * bytes / ms / 1e6,
+        throughput: 5.0 * bytes / ms / 1e6,
         max_err: max_error(&db, &want_db),
     });
     E::cuda_rows(rows, cuda, shape, &a, &b, &dh, &want_h, &want_db)
@@ -243,7 +362,7 @@ impl<E: neurokernels::cuda::CudaElement> MaybeCuda for E {
             dtype: E::DTYPE.name(),
             shape: shape.to_string(),
             ms,
-            gbps: 3.0 * bytes / ms / 1e6,
+            throughput: 3.0 * bytes / ms / 1e6,
             max_err: max_error(&h, want_h),
         });
         let ms = median_ms(20, || {
@@ -260,7 +379,7 @@ impl<E: neurokernels::cuda::CudaElement> MaybeCuda for E {
             dtype: E::DTYPE.name(),
             shape: shape.to_string(),
             ms,
-            gbps: 5.0 * bytes / ms / 1e6,
+            throughput: 5.0 * bytes / ms / 1e6,
             max_err: max_error(&db, want_db),
         });
         Ok(())
@@ -309,18 +428,21 @@ fn main() -> Result<()> {
         scan_rows::<bf16>(&mut rows, shape, &cuda)?;
     }
     complex_rows(&mut rows, ScanShape::new(4, 2048, 256))?;
+    selective_rows(&mut rows)?;
+    gla_rows(&mut rows)?;
     println!("neurokernels tour: each result checked against a naive float64 reference");
     println!(
-        "(max error = max |got - ref| / max(1, |ref|); throughput counts each tensor read or written once)\n"
+        "(max error = max |got - ref| / max(1, |ref|); throughput: GB/s for the memory-bound scans,\n \
+         each tensor read or written once; M channel-steps/s for scan.selective; GFLOP/s for scan.gla)\n"
     );
     println!(
-        "{:<22} {:<22} {:<5} {:<20} {:>9} {:>9} {:>10}",
-        "op", "device", "dtype", "shape [B,T,D]", "ms", "GB/s", "max error"
+        "{:<22} {:<22} {:<5} {:<20} {:>9} {:>11} {:>10}",
+        "op", "device", "dtype", "shape", "ms", "throughput", "max error"
     );
     for r in &rows {
         println!(
-            "{:<22} {:<22} {:<5} {:<20} {:>9.3} {:>9.2} {:>10.2e}",
-            r.op, r.device, r.dtype, r.shape, r.ms, r.gbps, r.max_err
+            "{:<22} {:<22} {:<5} {:<20} {:>9.3} {:>11.2} {:>10.2e}",
+            r.op, r.device, r.dtype, r.shape, r.ms, r.throughput, r.max_err
         );
     }
     if !cuda_note.is_empty() {
