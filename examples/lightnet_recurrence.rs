@@ -2,8 +2,8 @@
 //!
 //! 1. LightNet's additive recurrence ("You Only Scan Once") over a 2-D grid: an H×W feature
 //!    map is flattened row-major into one sequence, and every position attends to all
-//!    positions before it with weights normalized along each key channel:
-//!        o[t] = scale · Σ_i q[t,i] · Σ_{τ<=t} softmax_{τ'<=t}(k[τ',i])[τ] · v[τ].
+//!    positions before it with weights normalized along each key channel,
+//!    o[t] = scale · Σ_i q[t,i] · Σ_{τ<=t} softmax_{τ'<=t}(k[τ',i])[τ] · v[τ].
 //!    Through `scan.gla`: z = logcumsumexp(k) along time, k' = exp(k − z),
 //!    g = z[t−1] − z[t] (<= 0), then gated linear attention on (q, k', v, g). Direct: the
 //!    double sum with explicit prefix normalizers, in float64.
