@@ -258,9 +258,20 @@ fn bench_cpu_gla(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3))
         .warm_up_time(Duration::from_secs(1));
     group.throughput(Throughput::Elements((b * t * h) as u64));
+    let (mut o, mut h_last) = (vec![0f32; b * t * h * v], vec![0f32; b * h * k * v]);
     for isa in Isa::available() {
         group.bench_function(BenchmarkId::new("forward_f32", isa.name()), |bench| {
-            bench.iter(|| gla::gla_on(isa, &GlaParams::new(), shape, black_box(&inputs)).unwrap())
+            bench.iter(|| {
+                gla::gla_into_on(
+                    isa,
+                    &GlaParams::new(),
+                    shape,
+                    black_box(&inputs),
+                    &mut o,
+                    &mut h_last,
+                )
+                .unwrap()
+            })
         });
     }
     group.bench_function(

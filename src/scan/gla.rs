@@ -18,7 +18,7 @@
 //! dg[t] = exp(g[t]) ∘ rowsum(dS ∘ S[t-1]); dS = diag(exp(g[t]))·dS; dh0 = dS at the end.
 //! The states are recomputed chunk by chunk from checkpoints, never stored for all steps.
 
-use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
+use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element};
 use crate::error::{Error, Result};
 use crate::scan::check_len;
@@ -160,35 +160,66 @@ pub fn gla_on<E: Element>(
     shape: GlaShape,
     inputs: &GlaInputs<'_, E>,
 ) -> Result<(Vec<E>, Vec<E::Acc>)> {
-    isa.check()?;
     let (_, vv, state) = inputs.validate(&shape)?;
-    let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
-    let (t_len, kd, vd) = (shape.len, shape.key_dim, shape.value_dim);
-    let heads: Vec<(Vec<E>, Vec<E::Acc>)> = (0..shape.batch * shape.heads)
-        .into_par_iter()
-        .map(|bh| {
-            dispatch(
-                isa,
-                ForwardHead {
-                    shape,
-                    inputs,
-                    bh,
-                    scale,
-                },
-            )
-        })
-        .collect();
     let mut o = vec![E::default(); vv];
     let mut h_last = vec![<E::Acc as Accum>::ZERO; state];
-    for (bh, (head_o, head_s)) in heads.into_iter().enumerate() {
-        let (bi, hi) = (bh / shape.heads, bh % shape.heads);
-        for t in 0..t_len {
-            let at = ((bi * t_len + t) * shape.heads + hi) * vd;
-            o[at..at + vd].copy_from_slice(&head_o[t * vd..(t + 1) * vd]);
-        }
-        h_last[bh * kd * vd..(bh + 1) * kd * vd].copy_from_slice(&head_s);
-    }
+    gla_into_on(isa, params, shape, inputs, &mut o, &mut h_last)?;
     Ok((o, h_last))
+}
+
+/// `scan.gla` in place: writes `o [B, T, H, V]` and `h_last [B, H, K, V]`.
+pub fn gla_into<E: Element>(
+    params: &GlaParams,
+    shape: GlaShape,
+    inputs: &GlaInputs<'_, E>,
+    o: &mut [E],
+    h_last: &mut [E::Acc],
+) -> Result<()> {
+    gla_into_on(Isa::active(), params, shape, inputs, o, h_last)
+}
+
+/// [`gla_into`] on a chosen instruction set.
+pub fn gla_into_on<E: Element>(
+    isa: Isa,
+    params: &GlaParams,
+    shape: GlaShape,
+    inputs: &GlaInputs<'_, E>,
+    o: &mut [E],
+    h_last: &mut [E::Acc],
+) -> Result<()> {
+    isa.check()?;
+    let (_, vv, state) = inputs.validate(&shape)?;
+    let (b, t, h, k, v) = (
+        shape.batch,
+        shape.len,
+        shape.heads,
+        shape.key_dim,
+        shape.value_dim,
+    );
+    check_len("o", o.len(), vv, &format!("[{b}, {t}, {h}, {v}]"))?;
+    check_len(
+        "h_last",
+        h_last.len(),
+        state,
+        &format!("[{b}, {h}, {k}, {v}]"),
+    )?;
+    let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
+    let (op, hp) = (SendPtr(o.as_mut_ptr()), SendPtr(h_last.as_mut_ptr()));
+    (0..b * h).into_par_iter().for_each(|bh| {
+        // SAFETY: head bh writes only its own rows of o and its own block of h_last.
+        dispatch(
+            isa,
+            ForwardHead {
+                shape,
+                inputs,
+                bh,
+                scale,
+                o: op,
+                h_last: hp,
+            },
+        );
+    });
+    Ok(())
 }
 
 /// Row `t` of head (bi, hi) of a `[B, T, H, X]` tensor, widened.
@@ -264,6 +295,8 @@ struct ForwardHead<'a, E: Element> {
     inputs: &'a GlaInputs<'a, E>,
     bh: usize,
     scale: E::Acc,
+    o: SendPtr<E>,
+    h_last: SendPtr<E::Acc>,
 }
 
 /// A row stride (in elements) of at least `len` whose byte size is not a multiple of 512, so
@@ -281,14 +314,16 @@ fn padded_stride(len: usize) -> usize {
 const FORWARD_STEPS: usize = 4;
 
 impl<E: Element> SimdKernel for ForwardHead<'_, E> {
-    type Output = (Vec<E>, Vec<E::Acc>);
+    type Output = ();
     #[inline(always)]
-    fn run<S: Simd>(self) -> Self::Output {
+    fn run<S: Simd>(self) {
         let Self {
             shape,
             inputs,
             bh,
             scale,
+            o: o_out,
+            h_last,
         } = self;
         let (t_len, kd, vd) = (shape.len, shape.key_dim, shape.value_dim);
         let zero = <E::Acc as Accum>::ZERO;
@@ -314,8 +349,8 @@ impl<E: Element> SimdKernel for ForwardHead<'_, E> {
             vec![zero; FORWARD_STEPS * vd],
             vec![zero; FORWARD_STEPS * vd],
         );
-        let mut out = vec![E::default(); t_len * vd];
         let vec_end = vd - vd % lanes;
+        let (bi, hi) = (bh / shape.heads, bh % shape.heads);
         let mut t0 = 0;
         while t0 < t_len {
             let steps = FORWARD_STEPS.min(t_len - t0);
@@ -352,7 +387,34 @@ impl<E: Element> SimdKernel for ForwardHead<'_, E> {
                     for (j, val) in vals.iter_mut().enumerate() {
                         *val = E::Acc::vload::<S>(v.as_ptr().add(j * vd + c));
                     }
-                    for kk in 0..kd {
+                    // two rows at a time: their state chains (multiply, then multiply-add,
+                    // per step) are independent, so the two interleave (the sums into acc keep
+                    // the row order, so results do not change)
+                    let mut kk = 0;
+                    while kk + 2 <= kd {
+                        let cell0 = state.as_mut_ptr().add(kk * stride + c);
+                        let cell1 = cell0.add(stride);
+                        let (mut s0, mut s1) =
+                            (E::Acc::vload::<S>(cell0), E::Acc::vload::<S>(cell1));
+                        for j in 0..FORWARD_STEPS {
+                            let at = j * kd + kk;
+                            let carried0 = E::Acc::vmul::<S>(E::Acc::vsplat::<S>(decay[at]), s0);
+                            let carried1 =
+                                E::Acc::vmul::<S>(E::Acc::vsplat::<S>(decay[at + 1]), s1);
+                            s0 = E::Acc::vfma::<S>(E::Acc::vsplat::<S>(k[at]), vals[j], carried0);
+                            s1 = E::Acc::vfma::<S>(
+                                E::Acc::vsplat::<S>(k[at + 1]),
+                                vals[j],
+                                carried1,
+                            );
+                            acc[j] = E::Acc::vfma::<S>(E::Acc::vsplat::<S>(qs[at]), s0, acc[j]);
+                            acc[j] = E::Acc::vfma::<S>(E::Acc::vsplat::<S>(qs[at + 1]), s1, acc[j]);
+                        }
+                        E::Acc::vstore::<S>(cell0, s0);
+                        E::Acc::vstore::<S>(cell1, s1);
+                        kk += 2;
+                    }
+                    if kk < kd {
                         let cell = state.as_mut_ptr().add(kk * stride + c);
                         let mut s = E::Acc::vload::<S>(cell);
                         for j in 0..FORWARD_STEPS {
@@ -385,21 +447,20 @@ impl<E: Element> SimdKernel for ForwardHead<'_, E> {
                 }
             }
             for j in 0..steps {
-                let t = t0 + j;
-                for (dst, x) in out[t * vd..(t + 1) * vd]
-                    .iter_mut()
-                    .zip(&o[j * vd..(j + 1) * vd])
-                {
-                    *dst = E::from_acc(*x);
+                let at = ((bi * t_len + t0 + j) * shape.heads + hi) * vd;
+                for (c, x) in o[j * vd..(j + 1) * vd].iter().enumerate() {
+                    // SAFETY: row (bi, t, hi) of o belongs to this head (see gla_into_on).
+                    unsafe { *o_out.get().add(at + c) = E::from_acc(*x) };
                 }
             }
             t0 += steps;
         }
-        let h_last = state
-            .chunks_exact(stride)
-            .flat_map(|r| r[..vd].iter().copied())
-            .collect();
-        (out, h_last)
+        for (kk, r) in state.chunks_exact(stride).enumerate() {
+            for (c, x) in r[..vd].iter().enumerate() {
+                // SAFETY: this head's own block of h_last.
+                unsafe { *h_last.get().add((bh * kd + kk) * vd + c) = *x };
+            }
+        }
     }
 }
 
