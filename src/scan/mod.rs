@@ -79,7 +79,8 @@ impl ScanShape {
             .ok_or_else(|| Error::overflow(tensor, format!("[B, D] of {self} overflows")))
     }
 
-    /// Checks that the element count fits in `E`'s byte size and in an i64 (kernel index).
+    /// Checks that the byte size fits in `isize` (so also every element index in an i64, the
+    /// CUDA kernels' index type).
     pub(crate) fn checked_numel<E: Element>(&self, tensor: &str) -> Result<usize> {
         let n = self.numel(tensor)?;
         let bytes = n.checked_mul(E::DTYPE.size_bytes());
