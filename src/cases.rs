@@ -594,14 +594,14 @@ impl Runner {
                 expect_shape(name, &x.shape, &dims)?;
             }
         }
-        if self.kind == DeviceKind::Cuda {
+        if self.kind == DeviceKind::Cuda && backward {
             return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
         }
         let outputs = match case.input("u")?.dtype() {
-            Some(DType::F32) => selective_typed::<f32>(case, &params, shape, backward)?,
-            Some(DType::F64) => selective_typed::<f64>(case, &params, shape, backward)?,
-            Some(DType::F16) => selective_typed::<f16>(case, &params, shape, backward)?,
-            Some(DType::BF16) => selective_typed::<bf16>(case, &params, shape, backward)?,
+            Some(DType::F32) => selective_typed::<f32>(self, case, &params, shape, backward)?,
+            Some(DType::F64) => selective_typed::<f64>(self, case, &params, shape, backward)?,
+            Some(DType::F16) => selective_typed::<f16>(self, case, &params, shape, backward)?,
+            Some(DType::BF16) => selective_typed::<bf16>(self, case, &params, shape, backward)?,
             None => return Err(case_err(&case.name, "`in.u` must be a float tensor")),
         };
         Ok(outputs)
@@ -610,7 +610,8 @@ impl Runner {
 
 /// Runs `scan.selective` (or its backward) with sequences in `E` and parameters in its
 /// accumulator type.
-fn selective_typed<E: CaseElement>(
+fn selective_typed<E: RunElement>(
+    runner: &Runner,
     case: &Case,
     params: &SelectiveParams,
     shape: SelectiveShape,
@@ -637,7 +638,10 @@ where
         out.insert(name.to_string(), Tensor { shape: dims, data });
     };
     if !backward {
-        let (y, h_last) = selective_alloc(params, shape, &inputs)?;
+        let (y, h_last) = match runner.kind {
+            DeviceKind::Cpu => selective_alloc(params, shape, &inputs)?,
+            DeviceKind::Cuda => E::cuda_selective(runner, params, shape, &inputs)?,
+        };
         put("y", seq(), E::wrap(y));
         put(
             "h_last",
@@ -866,6 +870,12 @@ impl ScanCall<'_> {
 
 /// A case element that can also run on CUDA when the feature is on.
 trait RunElement: CaseElement {
+    fn cuda_selective(
+        runner: &Runner,
+        params: &SelectiveParams,
+        shape: SelectiveShape,
+        inputs: &SelectiveInputs<'_, Self>,
+    ) -> Result<(Vec<Self>, Vec<Self::Acc>)>;
     fn cuda_scan_linear(
         runner: &Runner,
         numbers: Numbers,
@@ -890,6 +900,18 @@ trait RunElement: CaseElement {
 
 #[cfg(feature = "cuda")]
 impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
+    fn cuda_selective(
+        runner: &Runner,
+        params: &SelectiveParams,
+        shape: SelectiveShape,
+        inputs: &SelectiveInputs<'_, E>,
+    ) -> Result<(Vec<E>, Vec<E::Acc>)> {
+        let device = runner
+            .cuda
+            .as_ref()
+            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        crate::scan::selective::cuda::selective_host(device, params, shape, inputs)
+    }
     fn cuda_scan_linear(
         runner: &Runner,
         numbers: Numbers,
@@ -933,6 +955,14 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
 
 #[cfg(not(feature = "cuda"))]
 impl<E: CaseElement> RunElement for E {
+    fn cuda_selective(
+        _: &Runner,
+        _: &SelectiveParams,
+        _: SelectiveShape,
+        _: &SelectiveInputs<'_, E>,
+    ) -> Result<(Vec<E>, Vec<E::Acc>)> {
+        Err(Error::NoDevice("this build has no `cuda` feature".into()))
+    }
     fn cuda_scan_linear(
         _: &Runner,
         _: Numbers,

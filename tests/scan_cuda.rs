@@ -274,3 +274,102 @@ fn cuda_bad_input_is_an_error() {
     )
     .unwrap();
 }
+
+/// The selective scan on the GPU against the CPU: every dtype, every state-size instantiation
+/// (N = 1, 16, 33 and 64; f64 up to 32), all optional inputs, softplus on and off.
+fn check_selective<E: CudaElement>(device: &Device, seed: u64) {
+    use neurokernels::scan::selective::{self, SelectiveInputs, SelectiveParams, SelectiveShape};
+    let (rtol, atol) = tolerance::<E>();
+    let states: &[usize] = if E::DTYPE == DType::F64 {
+        &[1, 16, 32]
+    } else {
+        &[1, 16, 33, 64]
+    };
+    for (i, &n) in states.iter().enumerate() {
+        let s = SelectiveShape::new(2, 150, 70, n);
+        let mut rng = Rng::new(seed + i as u64);
+        let seq = 2 * 150 * 70;
+        let acc = |rng: &mut Rng, len: usize, lo: f64, hi: f64| -> Vec<E::Acc> {
+            rng.vec::<E>(len, lo, hi)
+                .iter()
+                .map(|x| x.to_acc())
+                .collect()
+        };
+        let (u, delta, z): (Vec<E>, Vec<E>, Vec<E>) = (
+            rng.vec(seq, -1.0, 1.0),
+            rng.vec(seq, 0.05, 1.0),
+            rng.vec(seq, -2.0, 2.0),
+        );
+        let a = acc(&mut rng, 70 * n, -2.0, -0.3);
+        let (bm, cm): (Vec<E>, Vec<E>) = (
+            rng.vec(2 * 150 * n, -1.0, 1.0),
+            rng.vec(2 * 150 * n, -1.0, 1.0),
+        );
+        let (dskip, bias, h0) = (
+            acc(&mut rng, 70, -1.0, 1.0),
+            acc(&mut rng, 70, 0.2, 0.8),
+            acc(&mut rng, 2 * 70 * n, -1.0, 1.0),
+        );
+        for all in [false, true] {
+            let inputs = SelectiveInputs {
+                u: &u,
+                delta: &delta,
+                a: &a,
+                bm: &bm,
+                cm: &cm,
+                dskip: all.then_some(dskip.as_slice()),
+                z: all.then_some(z.as_slice()),
+                delta_bias: all.then_some(bias.as_slice()),
+                h0: all.then_some(h0.as_slice()),
+            };
+            let p = SelectiveParams::new().delta_softplus(all);
+            let (want_y, want_h) = selective::selective_alloc(&p, s, &inputs).unwrap();
+            let (got_y, got_h) = selective::cuda::selective_host(device, &p, s, &inputs).unwrap();
+            let what = format!("selective {} N={n} optional inputs={all}", E::DTYPE);
+            let r = worst_ratio(&to_f64(&got_y), &to_f64(&want_y), rtol, atol);
+            assert!(r <= 1.0, "cuda y {what}: {r} x tolerance");
+            let acc64 = |v: &[E::Acc]| {
+                v.iter()
+                    .map(|x| neurokernels::element::Accum::to_f64(*x))
+                    .collect::<Vec<f64>>()
+            };
+            let r = worst_ratio(&acc64(&got_h), &acc64(&want_h), 2e-4, 2e-5);
+            assert!(r <= 1.0, "cuda h_last {what}: {r} x tolerance");
+        }
+    }
+}
+
+#[test]
+fn cuda_selective_matches_cpu_every_dtype() {
+    if let Some(dev) = device_or_skip("cuda_selective_matches_cpu_every_dtype") {
+        check_selective::<f32>(&dev, 90);
+        check_selective::<f64>(&dev, 91);
+        check_selective::<f16>(&dev, 92);
+        check_selective::<bf16>(&dev, 93);
+    }
+}
+
+#[test]
+fn cuda_selective_rejects_a_state_too_large() {
+    use neurokernels::scan::selective::{self, SelectiveInputs, SelectiveParams, SelectiveShape};
+    let Some(dev) = device_or_skip("cuda_selective_rejects_a_state_too_large") else {
+        return;
+    };
+    let s = SelectiveShape::new(1, 2, 3, 65);
+    let (x, a) = (vec![0.5f32; 6], vec![-1.0f32; 3 * 65]);
+    let bc = vec![0.5f32; 2 * 65];
+    let inputs = SelectiveInputs {
+        u: &x,
+        delta: &x,
+        a: &a,
+        bm: &bc,
+        cm: &bc,
+        dskip: None,
+        z: None,
+        delta_bias: None,
+        h0: None,
+    };
+    let err =
+        selective::cuda::selective_host(&dev, &SelectiveParams::new(), s, &inputs).unwrap_err();
+    assert!(err.to_string().contains("N = 65"), "{err}");
+}

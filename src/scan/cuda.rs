@@ -516,6 +516,15 @@ fn backward_host<E: CudaElement>(
         a.len(),
         states,
     )?;
+    if n == 0 {
+        // nothing to launch; with no step the initial state reaches no output
+        let zero = <E::Acc as crate::element::Accum>::ZERO;
+        return Ok(LinearGrads {
+            da: Vec::new(),
+            db: Vec::new(),
+            dh0: vec![E::from_acc(zero); s],
+        });
+    }
     let a_d = stream.clone_htod(a)?;
     let h_d = stream.clone_htod(h)?;
     let dh_d = stream.clone_htod(dh)?;

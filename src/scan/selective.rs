@@ -128,6 +128,36 @@ pub struct SelectiveInputs<'a, E: Element> {
 
 impl<E: Element> SelectiveInputs<'_, E> {
     fn validate(&self, shape: &SelectiveShape) -> Result<Sizes> {
+        Lengths {
+            u: self.u.len(),
+            delta: self.delta.len(),
+            a: self.a.len(),
+            bm: self.bm.len(),
+            cm: self.cm.len(),
+            dskip: self.dskip.map(<[_]>::len),
+            z: self.z.map(<[_]>::len),
+            delta_bias: self.delta_bias.map(<[_]>::len),
+            h0: self.h0.map(<[_]>::len),
+        }
+        .validate(shape)
+    }
+}
+
+/// The element counts of the inputs, host or device alike.
+struct Lengths {
+    u: usize,
+    delta: usize,
+    a: usize,
+    bm: usize,
+    cm: usize,
+    dskip: Option<usize>,
+    z: Option<usize>,
+    delta_bias: Option<usize>,
+    h0: Option<usize>,
+}
+
+impl Lengths {
+    fn validate(&self, shape: &SelectiveShape) -> Result<Sizes> {
         let sizes = shape.sizes()?;
         let SelectiveShape {
             batch: b,
@@ -136,22 +166,22 @@ impl<E: Element> SelectiveInputs<'_, E> {
             state: n,
         } = *shape;
         let seq = format!("[{b}, {t}, {d}]");
-        check_len("u", self.u.len(), sizes.seq, &seq)?;
-        check_len("delta", self.delta.len(), sizes.seq, &seq)?;
-        check_len("A", self.a.len(), sizes.a, &format!("[{d}, {n}]"))?;
-        check_len("Bm", self.bm.len(), sizes.bc, &format!("[{b}, {t}, {n}]"))?;
-        check_len("Cm", self.cm.len(), sizes.bc, &format!("[{b}, {t}, {n}]"))?;
+        check_len("u", self.u, sizes.seq, &seq)?;
+        check_len("delta", self.delta, sizes.seq, &seq)?;
+        check_len("A", self.a, sizes.a, &format!("[{d}, {n}]"))?;
+        check_len("Bm", self.bm, sizes.bc, &format!("[{b}, {t}, {n}]"))?;
+        check_len("Cm", self.cm, sizes.bc, &format!("[{b}, {t}, {n}]"))?;
         if let Some(x) = self.dskip {
-            check_len("Dskip", x.len(), d, &format!("[{d}]"))?;
+            check_len("Dskip", x, d, &format!("[{d}]"))?;
         }
         if let Some(x) = self.z {
-            check_len("z", x.len(), sizes.seq, &seq)?;
+            check_len("z", x, sizes.seq, &seq)?;
         }
         if let Some(x) = self.delta_bias {
-            check_len("delta_bias", x.len(), d, &format!("[{d}]"))?;
+            check_len("delta_bias", x, d, &format!("[{d}]"))?;
         }
         if let Some(x) = self.h0 {
-            check_len("h0", x.len(), sizes.states, &format!("[{b}, {d}, {n}]"))?;
+            check_len("h0", x, sizes.states, &format!("[{b}, {d}, {n}]"))?;
         }
         Ok(sizes)
     }
@@ -709,4 +739,214 @@ fn backward_task<E: Element>(
         out.dh0.copy_from_slice(&gx_next);
     }
     out
+}
+
+/// The CUDA forward (feature `cuda`): kernels/selective.cu, one thread per (batch, channel)
+/// with its states in registers. The backward has no CUDA kernel yet.
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    use super::{Lengths, SelectiveInputs, SelectiveParams, SelectiveShape};
+    use crate::cuda::config::{
+        NK_SELECTIVE_MAX_STATE, NK_SELECTIVE_MAX_STATE_F64, NK_SELECTIVE_THREADS,
+    };
+    use crate::cuda::{CudaElement, Device, read_ptr, write_ptr};
+    use crate::element::DType;
+    use crate::error::{Error, Result};
+    use crate::scan::check_len;
+    use cudarc::driver::{CudaStream, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg};
+    use std::sync::Arc;
+
+    /// The inputs on the device; parameters (A, Dskip, delta_bias, h0) in the accumulator type.
+    pub struct DeviceInputs<'a, E: CudaElement> {
+        pub u: CudaView<'a, E>,
+        pub delta: CudaView<'a, E>,
+        pub a: CudaView<'a, E::Acc>,
+        pub bm: CudaView<'a, E>,
+        pub cm: CudaView<'a, E>,
+        pub dskip: Option<CudaView<'a, E::Acc>>,
+        pub z: Option<CudaView<'a, E>>,
+        pub delta_bias: Option<CudaView<'a, E::Acc>>,
+        pub h0: Option<CudaView<'a, E::Acc>>,
+    }
+
+    /// The instantiation holding N states: the smallest of 4, 16 and the dtype's maximum.
+    fn state_bucket<E: CudaElement>(n: usize) -> Result<u32> {
+        let max = if E::DTYPE == DType::F64 {
+            NK_SELECTIVE_MAX_STATE_F64
+        } else {
+            NK_SELECTIVE_MAX_STATE
+        };
+        match n {
+            0..=4 => Ok(4),
+            5..=16 => Ok(16),
+            _ if n <= max as usize => Ok(max),
+            _ => Err(Error::Unsupported(format!(
+                "scan.selective on CUDA with N = {n} (at most {max} for {})",
+                E::DTYPE
+            ))),
+        }
+    }
+
+    /// `scan.selective` on the GPU: writes `y [B, T, D]` and `h_last [B, D, N]` on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn selective<E: CudaElement>(
+        device: &Device,
+        stream: &Arc<CudaStream>,
+        params: &SelectiveParams,
+        shape: SelectiveShape,
+        inputs: &DeviceInputs<'_, E>,
+        y: &mut impl DevicePtrMut<E>,
+        h_last: &mut impl DevicePtrMut<E::Acc>,
+    ) -> Result<()> {
+        device.check_stream(stream)?;
+        let sizes = Lengths {
+            u: inputs.u.len(),
+            delta: inputs.delta.len(),
+            a: inputs.a.len(),
+            bm: inputs.bm.len(),
+            cm: inputs.cm.len(),
+            dskip: inputs.dskip.as_ref().map(|x| x.len()),
+            z: inputs.z.as_ref().map(|x| x.len()),
+            delta_bias: inputs.delta_bias.as_ref().map(|x| x.len()),
+            h0: inputs.h0.as_ref().map(|x| x.len()),
+        }
+        .validate(&shape)?;
+        let (b, t, d, n) = (shape.batch, shape.len, shape.channels, shape.state);
+        check_len("y", y.len(), sizes.seq, &format!("[{b}, {t}, {d}]"))?;
+        check_len(
+            "h_last",
+            h_last.len(),
+            sizes.states,
+            &format!("[{b}, {d}, {n}]"),
+        )?;
+        if b == 0 || d == 0 {
+            return Ok(());
+        }
+        let bucket = state_bucket::<E>(n)?;
+        let threads = (b * d) as u64;
+        let blocks = u32::try_from(threads.div_ceil(NK_SELECTIVE_THREADS as u64))
+            .map_err(|_| Error::overflow("u", format!("{shape:?} needs too many blocks")))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (NK_SELECTIVE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = device.function(
+            "selective",
+            &format!("scan_selective_fwd_n{bucket}_{}", E::SUFFIX),
+        )?;
+        let optional = |x: &Option<(u64, cudarc::driver::SyncOnDrop<'_>)>| {
+            x.as_ref().map_or(0u64, |(p, _)| *p)
+        };
+        let (u, _gu) = read_ptr(&inputs.u, stream);
+        let (delta, _gd) = read_ptr(&inputs.delta, stream);
+        let (a, _ga) = read_ptr(&inputs.a, stream);
+        let (bm, _gb) = read_ptr(&inputs.bm, stream);
+        let (cm, _gc) = read_ptr(&inputs.cm, stream);
+        let dskip = inputs.dskip.as_ref().map(|x| read_ptr(x, stream));
+        let z = inputs.z.as_ref().map(|x| read_ptr(x, stream));
+        let bias = inputs.delta_bias.as_ref().map(|x| read_ptr(x, stream));
+        let h0 = inputs.h0.as_ref().map(|x| read_ptr(x, stream));
+        let (dskip_p, z_p, bias_p, h0_p) = (
+            optional(&dskip),
+            optional(&z),
+            optional(&bias),
+            optional(&h0),
+        );
+        let (y_p, _gy) = write_ptr(y, stream);
+        let (h_p, _gh) = write_ptr(h_last, stream);
+        let (bb, tt, dd, nn, sp) = (
+            b as i64,
+            t as i64,
+            d as i64,
+            n as i32,
+            params.delta_softplus as i32,
+        );
+        // SAFETY: arguments match scan_selective_fwd_n*_* in kernels/selective.cu; every
+        // buffer holds the element counts validated above.
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(&u)
+                .arg(&delta)
+                .arg(&a)
+                .arg(&bm)
+                .arg(&cm)
+                .arg(&dskip_p)
+                .arg(&z_p)
+                .arg(&bias_p)
+                .arg(&h0_p)
+                .arg(&y_p)
+                .arg(&h_p)
+                .arg(&bb)
+                .arg(&tt)
+                .arg(&dd)
+                .arg(&nn)
+                .arg(&sp)
+                .launch(cfg)?;
+        }
+        Ok(())
+    }
+
+    /// Host in, host out on the device's default stream: `(y, h_last)`.
+    pub fn selective_host<E: CudaElement>(
+        device: &Device,
+        params: &SelectiveParams,
+        shape: SelectiveShape,
+        inputs: &SelectiveInputs<'_, E>,
+    ) -> Result<(Vec<E>, Vec<E::Acc>)> {
+        let sizes = inputs.validate(&shape)?;
+        if sizes.seq == 0 {
+            // no step to run (and no zero-length device allocations): h_last is h0
+            let h_last = inputs.h0.map_or_else(
+                || vec![<E::Acc as crate::element::Accum>::ZERO; sizes.states],
+                <[_]>::to_vec,
+            );
+            return Ok((Vec::new(), h_last));
+        }
+        let stream = device.stream();
+        let up = |x: &[E]| stream.clone_htod(x);
+        let up_acc = |x: &[E::Acc]| stream.clone_htod(x);
+        let (u, delta, a, bm, cm) = (
+            up(inputs.u)?,
+            up(inputs.delta)?,
+            up_acc(inputs.a)?,
+            up(inputs.bm)?,
+            up(inputs.cm)?,
+        );
+        let dskip = inputs.dskip.map(up_acc).transpose()?;
+        let z = inputs.z.map(up).transpose()?;
+        let bias = inputs.delta_bias.map(up_acc).transpose()?;
+        let h0 = inputs.h0.map(up_acc).transpose()?;
+        let mut y = stream.alloc_zeros::<E>(sizes.seq.max(1))?;
+        let mut h_last = stream.alloc_zeros::<E::Acc>(sizes.states.max(1))?;
+        {
+            let device_inputs = DeviceInputs {
+                u: u.as_view(),
+                delta: delta.as_view(),
+                a: a.as_view(),
+                bm: bm.as_view(),
+                cm: cm.as_view(),
+                dskip: dskip.as_ref().map(|x| x.as_view()),
+                z: z.as_ref().map(|x| x.as_view()),
+                delta_bias: bias.as_ref().map(|x| x.as_view()),
+                h0: h0.as_ref().map(|x| x.as_view()),
+            };
+            let mut y_view = y.slice_mut(0..sizes.seq);
+            let mut h_view = h_last.slice_mut(0..sizes.states);
+            selective(
+                device,
+                stream,
+                params,
+                shape,
+                &device_inputs,
+                &mut y_view,
+                &mut h_view,
+            )?;
+        }
+        Ok((
+            stream.clone_dtoh(&y.slice(0..sizes.seq))?,
+            stream.clone_dtoh(&h_last.slice(0..sizes.states))?,
+        ))
+    }
 }
