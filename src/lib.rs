@@ -3,8 +3,10 @@
 //! Compute kernels for neuro-AI and interpretability research, as hand-written CUDA kernels
 //! compiled at build time (feature `cuda`) and SIMD CPU kernels, behind one safe API.
 //!
-//! Families: linear-recurrence scans ([`scan`]); fused attention, sparse top-k encoding and
-//! batched ridge follow the same layout (see DESIGN.md).
+//! Families: linear-recurrence scans ([`scan`]: `scan.linear`, `scan.linear_complex`,
+//! Mamba's selective scan in [`scan::selective`], gated linear attention in [`scan::gla`],
+//! each with its backward); fused attention, sparse top-k encoding and batched ridge follow
+//! the same layout (see DESIGN.md). [`cases`] runs reference cases in the format of CASES.md.
 //!
 //! Every call validates its inputs and returns [`Result`]; bad input is an [`Error`] naming
 //! the tensor, never a panic.
