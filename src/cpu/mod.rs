@@ -3,7 +3,7 @@
 //! [`Isa::active`] answer [`Isa::Scalar`], so tests and users can compare the two paths.
 //!
 //! Kernels are written once, generic over a [`Simd`] token, and entered through
-//! [`dispatch`], which calls them inside a `#[target_feature]` function so the generic body
+//! `dispatch`, which calls them inside a `#[target_feature]` function so the generic body
 //! (all `#[inline(always)]`) is compiled for that ISA (the matrixmultiply/gemm pattern).
 
 mod convert;

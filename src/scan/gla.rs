@@ -11,7 +11,7 @@
 //! products plus an inter-chunk state recurrence) costs about twice those flops and pays off
 //! on matrix units; on this CPU the recurrence is the faster exact form. Tasks are
 //! (batch, head), each walked in time order: deterministic whatever the thread count. The
-//! inner loops are plain slices, compiled per ISA through [`dispatch`].
+//! inner loops are plain slices, compiled per ISA through `cpu::dispatch`.
 //!
 //! Backward (with upstream do and optional dh_last): walking back with dS (from dh_last),
 //! dS += scale·q[t]ᵀ·do[t]; dq[t] = scale·S[t]·do[t]; dk[t] = dS·v[t]; dv[t] = dSᵀ·k[t];
