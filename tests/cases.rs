@@ -50,6 +50,22 @@ fn every_committed_case_passes_on_cpu() {
 }
 
 #[test]
+fn the_implemented_ops_are_exactly_those_with_committed_cases() {
+    let mut ops: Vec<String> = committed_cases()
+        .iter()
+        .map(|f| Case::load(f).unwrap().op)
+        .collect();
+    ops.sort();
+    ops.dedup();
+    let mut implemented: Vec<String> = cases::IMPLEMENTED_OPS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    implemented.sort();
+    assert_eq!(ops, implemented);
+}
+
+#[test]
 fn every_committed_case_passes_on_cuda_when_present() {
     let runner = match Runner::cuda() {
         Ok(r) => r,

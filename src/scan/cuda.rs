@@ -298,7 +298,7 @@ fn forward<E: CudaElement>(
     h: &mut impl DevicePtrMut<E>,
 ) -> Result<()> {
     device.check_stream(stream)?;
-    let (n, _) = super::validate_forward(
+    let (n, _) = super::validate_forward::<E>(
         numbers,
         &shape,
         a.len(),
@@ -306,7 +306,6 @@ fn forward<E: CudaElement>(
         h0.map(|x| x.len()),
         h.len(),
     )?;
-    numbers.float_shape(shape).checked_numel::<E>("a")?;
     if n == 0 {
         return Ok(());
     }
@@ -377,7 +376,7 @@ fn backward<E: CudaElement>(
 ) -> Result<()> {
     device.check_stream(stream)?;
     let lens = (a.len(), h.len(), dh.len(), h0.map(|x| x.len()));
-    let (n, _) = super::validate_backward(
+    let (n, _) = super::validate_backward::<E>(
         numbers,
         &shape,
         lens.0,
@@ -388,7 +387,6 @@ fn backward<E: CudaElement>(
         db.len(),
         dh0.len(),
     )?;
-    numbers.float_shape(shape).checked_numel::<E>("a")?;
     if shape.len == 0 {
         stream.memset_zeros(dh0)?;
         return Ok(());
@@ -462,7 +460,7 @@ fn forward_host<E: CudaElement>(
     h0: Option<&[E]>,
 ) -> Result<Vec<E>> {
     let stream = device.stream();
-    let (n, _) = super::validate_forward(
+    let (n, _) = super::validate_forward::<E>(
         numbers,
         &shape,
         a.len(),
@@ -502,10 +500,9 @@ fn backward_host<E: CudaElement>(
     h0: Option<&[E]>,
 ) -> Result<LinearGrads<E>> {
     let stream = device.stream();
-    let states = shape.state_numel("dh0")?.checked_mul(numbers.width());
-    let states = states.ok_or_else(|| crate::Error::overflow("dh0", "[B, D] overflows"))?;
+    let (_, states) = numbers.sizes::<E>(&shape)?;
     let lens = (a.len(), h.len(), dh.len(), h0.map(<[E]>::len));
-    let (n, s) = super::validate_backward(
+    let (n, s) = super::validate_backward::<E>(
         numbers,
         &shape,
         lens.0,

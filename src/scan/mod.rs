@@ -78,20 +78,6 @@ impl ScanShape {
             .checked_mul(self.channels)
             .ok_or_else(|| Error::overflow(tensor, format!("[B, D] of {self} overflows")))
     }
-
-    /// Checks that the byte size fits in `isize` (so also every element index in an i64, the
-    /// CUDA kernels' index type).
-    pub(crate) fn checked_numel<E: Element>(&self, tensor: &str) -> Result<usize> {
-        let n = self.numel(tensor)?;
-        let bytes = n.checked_mul(E::DTYPE.size_bytes());
-        if bytes.is_none_or(|b| b > isize::MAX as usize) {
-            return Err(Error::overflow(
-                tensor,
-                format!("{self} of {} exceeds isize::MAX bytes", E::DTYPE),
-            ));
-        }
-        Ok(n)
-    }
 }
 
 impl std::fmt::Display for ScanShape {
@@ -135,12 +121,22 @@ impl Numbers {
         }
     }
 
-    /// (elements of a [B, T, D(, 2)] tensor, elements of a [B, D(, 2)] state), checked.
-    fn sizes(self, shape: &ScanShape) -> Result<(usize, usize)> {
+    /// (elements of a [B, T, D(, 2)] tensor, elements of a [B, D(, 2)] state), checked to
+    /// fit in `isize` bytes of `E` (so every element index also fits the CUDA kernels' i64).
+    pub(crate) fn sizes<E: Element>(self, shape: &ScanShape) -> Result<(usize, usize)> {
         let n = shape.numel("a")?.checked_mul(self.width());
         let s = shape.state_numel("h0")?.checked_mul(self.width());
-        n.zip(s)
-            .ok_or_else(|| Error::overflow("a", format!("{shape} complex overflows")))
+        let fits = |x: usize| {
+            x.checked_mul(E::DTYPE.size_bytes())
+                .is_some_and(|b| b <= isize::MAX as usize)
+        };
+        match n.zip(s) {
+            Some((n, s)) if fits(n) && fits(s) => Ok((n, s)),
+            _ => Err(Error::overflow(
+                "a",
+                format!("{shape} of {} exceeds isize::MAX bytes", E::DTYPE),
+            )),
+        }
     }
 
     /// The shape the CPU kernels walk: rows of D·width floats (validated sizes only).
@@ -150,7 +146,7 @@ impl Numbers {
 }
 
 /// Sizes checked once for a forward call: (elements of a, elements of h0).
-pub(crate) fn validate_forward(
+pub(crate) fn validate_forward<E: Element>(
     numbers: Numbers,
     shape: &ScanShape,
     a: usize,
@@ -158,7 +154,7 @@ pub(crate) fn validate_forward(
     h0: Option<usize>,
     h: usize,
 ) -> Result<(usize, usize)> {
-    let (n, s) = numbers.sizes(shape)?;
+    let (n, s) = numbers.sizes::<E>(shape)?;
     let (dims, state_dims) = numbers.dims(shape);
     check_len("a", a, n, &dims)?;
     check_len("b", b, n, &dims)?;
@@ -171,7 +167,7 @@ pub(crate) fn validate_forward(
 
 /// Sizes checked once for a backward call.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn validate_backward(
+pub(crate) fn validate_backward<E: Element>(
     numbers: Numbers,
     shape: &ScanShape,
     a: usize,
@@ -182,7 +178,7 @@ pub(crate) fn validate_backward(
     db: usize,
     dh0: usize,
 ) -> Result<(usize, usize)> {
-    let (n, s) = numbers.sizes(shape)?;
+    let (n, s) = numbers.sizes::<E>(shape)?;
     let (dims, state_dims) = numbers.dims(shape);
     check_len("a", a, n, &dims)?;
     check_len("h", h, n, &dims)?;
@@ -237,7 +233,7 @@ fn forward_on<E: Element, F: cpu::Algebra>(
 ) -> Result<()> {
     isa.check()?;
     let numbers = F::NUMBERS;
-    validate_forward(
+    validate_forward::<E>(
         numbers,
         &shape,
         a.len(),
@@ -245,7 +241,6 @@ fn forward_on<E: Element, F: cpu::Algebra>(
         h0.map(<[E]>::len),
         h.len(),
     )?;
-    numbers.float_shape(shape).checked_numel::<E>("a")?;
     if h.is_empty() {
         return Ok(());
     }
@@ -261,9 +256,20 @@ pub fn linear_alloc<E: Element>(
     b: &[E],
     h0: Option<&[E]>,
 ) -> Result<Vec<E>> {
-    let n = shape.checked_numel::<E>("a")?;
+    forward_alloc::<E, cpu::Real>(params, shape, a, b, h0)
+}
+
+/// The allocating forward for either kind of number.
+fn forward_alloc<E: Element, F: cpu::Algebra>(
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+) -> Result<Vec<E>> {
+    let (n, _) = F::NUMBERS.sizes::<E>(&shape)?;
     let mut h = vec![E::default(); n];
-    linear(params, shape, a, b, h0, &mut h)?;
+    forward_on::<E, F>(Isa::active(), params, shape, a, b, h0, &mut h)?;
     Ok(h)
 }
 
@@ -327,7 +333,7 @@ fn backward_on<E: Element, F: cpu::Algebra>(
     isa.check()?;
     let numbers = F::NUMBERS;
     let lens = (a.len(), h.len(), dh.len(), h0.map(<[E]>::len));
-    validate_backward(
+    validate_backward::<E>(
         numbers,
         &shape,
         lens.0,
@@ -338,7 +344,6 @@ fn backward_on<E: Element, F: cpu::Algebra>(
         db.len(),
         dh0.len(),
     )?;
-    numbers.float_shape(shape).checked_numel::<E>("a")?;
     if shape.len == 0 {
         // no step: the initial state reaches no output
         dh0.fill(E::from_acc(<E::Acc as Accum>::ZERO));
@@ -371,25 +376,37 @@ pub fn linear_backward_alloc<E: Element>(
     dh: &[E],
     h0: Option<&[E]>,
 ) -> Result<LinearGrads<E>> {
-    let n = shape.checked_numel::<E>("a")?;
-    let s = shape.state_numel("dh0")?;
-    let mut grads = LinearGrads {
+    backward_alloc::<E, cpu::Real>(params, shape, a, h, dh, h0)
+}
+
+/// The allocating backward for either kind of number.
+fn backward_alloc<E: Element, F: cpu::Algebra>(
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
+) -> Result<LinearGrads<E>> {
+    let (n, s) = F::NUMBERS.sizes::<E>(&shape)?;
+    let mut g = LinearGrads {
         da: vec![E::default(); n],
         db: vec![E::default(); n],
         dh0: vec![E::default(); s],
     };
-    linear_backward(
+    backward_on::<E, F>(
+        Isa::active(),
         params,
         shape,
         a,
         h,
         dh,
         h0,
-        &mut grads.da,
-        &mut grads.db,
-        &mut grads.dh0,
+        &mut g.da,
+        &mut g.db,
+        &mut g.dh0,
     )?;
-    Ok(grads)
+    Ok(g)
 }
 
 /// A shape from a complex tensor's dims, which must be `[B, T, D, 2]`.
@@ -441,13 +458,7 @@ pub fn linear_complex_alloc<E: Element>(
     b: &[E],
     h0: Option<&[E]>,
 ) -> Result<Vec<E>> {
-    let (n, _) = Numbers::Complex.sizes(&shape)?;
-    Numbers::Complex
-        .float_shape(shape)
-        .checked_numel::<E>("a")?;
-    let mut h = vec![E::default(); n];
-    linear_complex(params, shape, a, b, h0, &mut h)?;
-    Ok(h)
+    forward_alloc::<E, cpu::Complex>(params, shape, a, b, h0)
 }
 
 /// Backward of [`linear_complex`]. Gradients follow PyTorch's convention for a real loss L:
@@ -495,25 +506,5 @@ pub fn linear_complex_backward_alloc<E: Element>(
     dh: &[E],
     h0: Option<&[E]>,
 ) -> Result<LinearGrads<E>> {
-    let (n, s) = Numbers::Complex.sizes(&shape)?;
-    Numbers::Complex
-        .float_shape(shape)
-        .checked_numel::<E>("a")?;
-    let mut grads = LinearGrads {
-        da: vec![E::default(); n],
-        db: vec![E::default(); n],
-        dh0: vec![E::default(); s],
-    };
-    linear_complex_backward(
-        params,
-        shape,
-        a,
-        h,
-        dh,
-        h0,
-        &mut grads.da,
-        &mut grads.db,
-        &mut grads.dh0,
-    )?;
-    Ok(grads)
+    backward_alloc::<E, cpu::Complex>(params, shape, a, h, dh, h0)
 }
