@@ -229,7 +229,7 @@ fn bench_cpu_selective(c: &mut Criterion) {
 /// Gated linear attention at the anchor's size (B1 T2048 H8 K64 V64). Throughput in
 /// head-steps; the recurrence does 4·K·V flops per head-step (state update and readout).
 fn bench_cpu_gla(c: &mut Criterion) {
-    use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
+    use neurokernels::scan::gla::{self, GlaForm, GlaInputs, GlaParams, GlaShape};
     let (b, t, h, k, v) = (1, 2048, 8, 64, 64);
     let shape = GlaShape::new(b, t, h, k, v);
     let centered = |x: Vec<f32>| {
@@ -260,19 +260,24 @@ fn bench_cpu_gla(c: &mut Criterion) {
     group.throughput(Throughput::Elements((b * t * h) as u64));
     let (mut o, mut h_last) = (vec![0f32; b * t * h * v], vec![0f32; b * h * k * v]);
     for isa in Isa::available() {
-        group.bench_function(BenchmarkId::new("forward_f32", isa.name()), |bench| {
-            bench.iter(|| {
-                gla::gla_into_on(
-                    isa,
-                    &GlaParams::new(),
-                    shape,
-                    black_box(&inputs),
-                    &mut o,
-                    &mut h_last,
-                )
-                .unwrap()
-            })
-        });
+        for (form, name) in [
+            (GlaForm::Chunked, "forward_f32"),
+            (GlaForm::Recurrent, "forward_recurrent_f32"),
+        ] {
+            group.bench_function(BenchmarkId::new(name, isa.name()), |bench| {
+                bench.iter(|| {
+                    gla::gla_into_on(
+                        isa,
+                        &GlaParams::new().form(form),
+                        shape,
+                        black_box(&inputs),
+                        &mut o,
+                        &mut h_last,
+                    )
+                    .unwrap()
+                })
+            });
+        }
     }
     group.bench_function(
         BenchmarkId::new("backward_f32", Isa::detected().name()),

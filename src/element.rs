@@ -4,7 +4,7 @@
 use crate::cpu::Simd;
 use half::{bf16, f16};
 use std::fmt::Debug;
-use std::ops::{Add, Mul, Sub};
+use std::ops::{Add, Div, Mul, Sub};
 
 /// The dtype of a tensor, as named in reference cases and error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,6 +61,7 @@ pub trait Accum:
     + Add<Output = Self>
     + Sub<Output = Self>
     + Mul<Output = Self>
+    + Div<Output = Self>
     + 'static
 {
     const ZERO: Self;

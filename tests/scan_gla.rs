@@ -8,7 +8,7 @@ mod common;
 use common::{Rng, to_f64, worst_ratio};
 use half::{bf16, f16};
 use neurokernels::cpu::Isa;
-use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
+use neurokernels::scan::gla::{self, GlaForm, GlaInputs, GlaParams, GlaShape};
 use neurokernels::{DType, Element};
 
 struct Data<E: Element> {
@@ -154,6 +154,93 @@ fn f16_matches_f64_reference() {
 #[test]
 fn bf16_matches_f64_reference() {
     check::<bf16>(4);
+}
+
+/// The chunked form (default) equals the step-by-step recurrence, on every ISA, for chunk
+/// boundaries anywhere, gates near 1 (the factored intra-chunk product), strong gates and
+/// -inf gates (the direct one), and both paths mixed within one head.
+fn chunked_matches_recurrent<E: Element>(seed: u64, rtol: f64, atol: f64)
+where
+    E::Acc: Into<f64>,
+{
+    for (i, &(b, t, h, kd, vd, gate_lo)) in [
+        (1, 15, 1, 4, 3, -0.1),
+        (2, 16, 2, 8, 8, -0.5),
+        (1, 17, 1, 64, 64, -0.05),
+        (2, 67, 3, 9, 21, -1.0),
+        (1, 100, 2, 16, 40, -8.0),
+        (1, 48, 1, 33, 17, 0.0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = GlaShape::new(b, t, h, kd, vd);
+        let mut d = data::<E>(s, seed + i as u64, gate_lo);
+        if i == 3 {
+            // one chunk of a head with a -inf and a -60 gate: the direct path beside factored ones
+            d.g[20 * kd + 1] = E::from_f64(f64::NEG_INFINITY);
+            d.g[40 * kd * h + 2] = E::from_f64(-60.0);
+        }
+        let inputs = GlaInputs {
+            q: &d.q,
+            k: &d.k,
+            v: &d.v,
+            g: &d.g,
+            h0: Some(&d.h0),
+        };
+        for isa in Isa::available() {
+            let run = |form| gla::gla_on(isa, &GlaParams::new().form(form), s, &inputs).unwrap();
+            let (o_c, h_c) = run(GlaForm::Chunked);
+            let (o_r, h_r) = run(GlaForm::Recurrent);
+            let what = format!("{} {isa:?} {s:?} gates >= {gate_lo}", E::DTYPE);
+            let r = worst_ratio(&to_f64(&o_c), &to_f64(&o_r), rtol, atol);
+            assert!(r <= 1.0, "o {what}: {r} x tolerance");
+            let r = worst_ratio(&f(&h_c), &f(&h_r), rtol, atol);
+            assert!(r <= 1.0, "h_last {what}: {r} x tolerance");
+        }
+    }
+}
+
+#[test]
+fn forward_does_not_depend_on_thread_count() {
+    // tasks group heads by the thread count; each head's arithmetic must not change
+    let s = GlaShape::new(2, 45, 5, 16, 12);
+    let d = data::<f32>(s, 21, -0.3);
+    let inputs = GlaInputs {
+        q: &d.q,
+        k: &d.k,
+        v: &d.v,
+        g: &d.g,
+        h0: Some(&d.h0),
+    };
+    let run = |threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| gla::gla(&GlaParams::new(), s, &inputs).unwrap())
+    };
+    let base = run(1);
+    for threads in [2, 3, 7, 16] {
+        assert!(run(threads) == base, "{threads} threads");
+    }
+}
+
+#[test]
+fn chunked_equals_step_by_step_f64() {
+    chunked_matches_recurrent::<f64>(11, 1e-12, 1e-13);
+}
+
+#[test]
+fn chunked_equals_step_by_step_f32() {
+    chunked_matches_recurrent::<f32>(12, 1e-5, 1e-6);
+}
+
+#[test]
+fn chunked_equals_step_by_step_bf16() {
+    // both accumulate in f32 from the same bf16 inputs; outputs rounded to bf16 may differ by
+    // one unit in the last place
+    chunked_matches_recurrent::<bf16>(13, 8e-3, 1e-3);
 }
 
 #[test]

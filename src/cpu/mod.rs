@@ -7,6 +7,7 @@
 //! (all `#[inline(always)]`) is compiled for that ISA (the matrixmultiply/gemm pattern).
 
 mod convert;
+pub(crate) mod gemm;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod scalar;
@@ -197,6 +198,27 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 }
 
 pub(crate) use scalar::Scalar;
+
+/// Asks the cache hierarchy for the bytes `[p, p + len)` ahead of use (a hint: no effect on
+/// results, never faults). Used where a kernel walks rows far apart in memory, a pattern the
+/// hardware prefetchers do not follow.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let bytes = len * size_of::<T>();
+        let mut at = 0;
+        while at < bytes {
+            // SAFETY: prefetch is a hint and does not access memory architecturally; the
+            // address is formed with wrapping arithmetic and never dereferenced.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(at)) };
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
+}
 
 /// A kernel body, generic over the ISA. `run` must be `#[inline(always)]` (and so must
 /// everything its hot loops call) so that it compiles inside [`dispatch`]'s

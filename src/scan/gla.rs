@@ -4,14 +4,15 @@
 //! zeros), o[t] = scale·q[t]·S[t]. Log-gates g <= 0 enter only through exp(g) <= 1, so no
 //! exponential of a large positive number is ever formed, however long the sequence.
 //!
-//! Plan: the CPU runs the recurrence step by step, vectorized along V, with S (K×V, 16 KiB
-//! at K = V = 64) in L1: 2·K·V multiply-adds per step. The forward advances FORWARD_STEPS
-//! steps per pass over S, so S is loaded and stored once per pass and each step's output
-//! stays in a register across the K rows (compute-bound instead of L1-bound). The chunked form (intra-chunk masked
-//! products plus an inter-chunk state recurrence) costs about twice those flops and pays off
-//! on matrix units; on this CPU the recurrence is the faster exact form. Tasks are
-//! (batch, head), each walked in time order: deterministic whatever the thread count. The
-//! inner loops are plain slices, compiled per ISA through `cpu::dispatch`.
+//! Two forms compute the forward (chosen by [`GlaForm`], both exact):
+//! - chunked (the default; see `chunked`): chunks of 16 steps, each a few small
+//!   register-tiled matrix products on L1-resident blocks, with the log-gates entering only
+//!   through differences within the chunk;
+//! - recurrent: the recurrence step by step, vectorized along V, with S (K×V, 16 KiB at
+//!   K = V = 64) in L1: 2·K·V multiply-adds per step, FORWARD_STEPS steps per pass over S.
+//!
+//! Tasks are (batch, head), each walked in time order: deterministic whatever the thread
+//! count. The inner loops are plain slices, compiled per ISA through `cpu::dispatch`.
 //!
 //! Backward (with upstream do and optional dh_last): walking back with dS (from dh_last),
 //! dS += scale·q[t]ᵀ·do[t]; dq[t] = scale·S[t]·do[t]; dk[t] = dS·v[t]; dv[t] = dSᵀ·k[t];
@@ -24,14 +25,28 @@ use crate::error::{Error, Result};
 use crate::scan::check_len;
 use rayon::prelude::*;
 
+mod chunked;
+
 /// Steps between stored states in the backward (a chunk of states stays in L2).
 const CHECKPOINT_STEPS: usize = 16;
+
+/// Which exact evaluation order the CPU forward uses; the two agree to rounding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GlaForm {
+    /// Chunks of 16 steps as small matrix products (the faster one).
+    #[default]
+    Chunked,
+    /// One rank-1 state update per step.
+    Recurrent,
+}
 
 /// Parameters of `scan.gla`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct GlaParams {
     /// Output scale; `None` = 1/sqrt(K).
     pub scale: Option<f64>,
+    /// The CPU forward's evaluation order (not a contract parameter).
+    pub form: GlaForm,
 }
 
 impl GlaParams {
@@ -41,6 +56,11 @@ impl GlaParams {
 
     pub fn scale(mut self, scale: Option<f64>) -> Self {
         self.scale = scale;
+        self
+    }
+
+    pub fn form(mut self, form: GlaForm) -> Self {
+        self.form = form;
         self
     }
 }
@@ -205,20 +225,49 @@ pub fn gla_into_on<E: Element>(
     )?;
     let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
     let (op, hp) = (SendPtr(o.as_mut_ptr()), SendPtr(h_last.as_mut_ptr()));
-    (0..b * h).into_par_iter().for_each(|bh| {
-        // SAFETY: head bh writes only its own rows of o and its own block of h_last.
-        dispatch(
-            isa,
-            ForwardHead {
-                shape,
-                inputs,
-                bh,
-                scale,
-                o: op,
-                h_last: hp,
-            },
-        );
-    });
+    match params.form {
+        GlaForm::Chunked => {
+            // groups of adjacent heads (see `chunked`): as many tasks as threads where the
+            // batch alone gives fewer
+            let groups = rayon::current_num_threads()
+                .div_ceil(b.max(1))
+                .clamp(1, h.max(1));
+            let per_group = h.div_ceil(groups).max(1);
+            (0..b * h.div_ceil(per_group))
+                .into_par_iter()
+                .for_each(|task| {
+                    let (bi, group) = (task / h.div_ceil(per_group), task % h.div_ceil(per_group));
+                    let heads = group * per_group..((group + 1) * per_group).min(h);
+                    // SAFETY: a task writes only its heads' rows of o and blocks of h_last.
+                    dispatch(
+                        isa,
+                        chunked::ChunkedHeads {
+                            shape,
+                            inputs,
+                            batch: bi,
+                            heads,
+                            scale,
+                            o: op,
+                            h_last: hp,
+                        },
+                    )
+                });
+        }
+        GlaForm::Recurrent => (0..b * h).into_par_iter().for_each(|bh| {
+            // SAFETY: head bh writes only its own rows of o and its own block of h_last.
+            dispatch(
+                isa,
+                ForwardHead {
+                    shape,
+                    inputs,
+                    bh,
+                    scale,
+                    o: op,
+                    h_last: hp,
+                },
+            )
+        }),
+    }
     Ok(())
 }
 
