@@ -6,3 +6,7 @@
 // f64: 4, 16, 32).
 #define NK_SELECTIVE_MAX_STATE 64
 #define NK_SELECTIVE_MAX_STATE_F64 32
+// The backward (kernels/selective_backward.cu): steps between stored states, and the largest
+// N it holds in registers (instantiations: 4, 16; five N-arrays per thread).
+#define NK_SELECTIVE_BWD_CHUNK 64
+#define NK_SELECTIVE_BWD_MAX_STATE 16

@@ -7,7 +7,8 @@ use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::scan::gla::{GlaInputs, GlaParams, GlaShape, gla, gla_backward};
 use crate::scan::selective::{
-    SelectiveInputs, SelectiveParams, SelectiveShape, selective_alloc, selective_backward,
+    SelectiveGrads, SelectiveInputs, SelectiveParams, SelectiveShape, selective_alloc,
+    selective_backward,
 };
 use crate::scan::{self, Numbers, ScanParams, ScanShape};
 use half::{bf16, f16};
@@ -47,12 +48,7 @@ pub const CONTRACT_OPS: &[&str] = &[
 pub const EXTENSION_OPS: &[&str] = &["scan.linear_complex_backward"];
 
 /// Ops that run on the CPU only so far: on CUDA their cases fail with `op not implemented`.
-pub const CPU_ONLY_OPS: &[&str] = &[
-    "scan.selective",
-    "scan.selective_backward",
-    "scan.gla",
-    "scan.gla_backward",
-];
+pub const CPU_ONLY_OPS: &[&str] = &["scan.gla", "scan.gla_backward"];
 
 /// The ops this build can run.
 pub const IMPLEMENTED_OPS: &[&str] = &[
@@ -594,9 +590,6 @@ impl Runner {
                 expect_shape(name, &x.shape, &dims)?;
             }
         }
-        if self.kind == DeviceKind::Cuda && backward {
-            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
-        }
         let outputs = match case.input("u")?.dtype() {
             Some(DType::F32) => selective_typed::<f32>(self, case, &params, shape, backward)?,
             Some(DType::F64) => selective_typed::<f64>(self, case, &params, shape, backward)?,
@@ -650,7 +643,11 @@ where
         );
         return Ok(out);
     }
-    let g = selective_backward(params, shape, &inputs, typed::<E>(case, "dy")?)?;
+    let dy = typed::<E>(case, "dy")?;
+    let g = match runner.kind {
+        DeviceKind::Cpu => selective_backward(params, shape, &inputs, dy)?,
+        DeviceKind::Cuda => E::cuda_selective_backward(runner, params, shape, &inputs, dy)?,
+    };
     put("du", seq(), E::wrap(g.du));
     put("ddelta", seq(), E::wrap(g.ddelta));
     put("dA", vec![d, n], <E::Acc as CaseElement>::wrap(g.da));
@@ -876,6 +873,13 @@ trait RunElement: CaseElement {
         shape: SelectiveShape,
         inputs: &SelectiveInputs<'_, Self>,
     ) -> Result<(Vec<Self>, Vec<Self::Acc>)>;
+    fn cuda_selective_backward(
+        runner: &Runner,
+        params: &SelectiveParams,
+        shape: SelectiveShape,
+        inputs: &SelectiveInputs<'_, Self>,
+        dy: &[Self],
+    ) -> Result<SelectiveGrads<Self>>;
     fn cuda_scan_linear(
         runner: &Runner,
         numbers: Numbers,
@@ -911,6 +915,19 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
             .as_ref()
             .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
         crate::scan::selective::cuda::selective_host(device, params, shape, inputs)
+    }
+    fn cuda_selective_backward(
+        runner: &Runner,
+        params: &SelectiveParams,
+        shape: SelectiveShape,
+        inputs: &SelectiveInputs<'_, E>,
+        dy: &[E],
+    ) -> Result<SelectiveGrads<E>> {
+        let device = runner
+            .cuda
+            .as_ref()
+            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        crate::scan::selective::cuda::selective_backward_host(device, params, shape, inputs, dy)
     }
     fn cuda_scan_linear(
         runner: &Runner,
@@ -961,6 +978,15 @@ impl<E: CaseElement> RunElement for E {
         _: SelectiveShape,
         _: &SelectiveInputs<'_, E>,
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
+        Err(Error::NoDevice("this build has no `cuda` feature".into()))
+    }
+    fn cuda_selective_backward(
+        _: &Runner,
+        _: &SelectiveParams,
+        _: SelectiveShape,
+        _: &SelectiveInputs<'_, E>,
+        _: &[E],
+    ) -> Result<SelectiveGrads<E>> {
         Err(Error::NoDevice("this build has no `cuda` feature".into()))
     }
     fn cuda_scan_linear(

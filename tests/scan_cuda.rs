@@ -339,6 +339,120 @@ fn check_selective<E: CudaElement>(device: &Device, seed: u64) {
     }
 }
 
+/// The selective backward on the GPU against the CPU's: every dtype, N = 3 and 16, T across
+/// several checkpoint chunks, D across two channel blocks, with and without the optional
+/// inputs; run twice to check it is deterministic.
+fn check_selective_backward<E: CudaElement>(device: &Device, seed: u64) {
+    use neurokernels::element::Accum;
+    use neurokernels::scan::selective::{self, SelectiveInputs, SelectiveParams, SelectiveShape};
+    let (rtol, atol) = tolerance::<E>();
+    for (i, &n) in [3usize, 16].iter().enumerate() {
+        let (b, t, d) = (2, 150, 130);
+        let s = SelectiveShape::new(b, t, d, n);
+        let mut rng = Rng::new(seed + i as u64);
+        let seq = b * t * d;
+        let acc = |rng: &mut Rng, len: usize, lo: f64, hi: f64| -> Vec<E::Acc> {
+            rng.vec::<E>(len, lo, hi)
+                .iter()
+                .map(|x| x.to_acc())
+                .collect()
+        };
+        let (u, delta, z, dy): (Vec<E>, Vec<E>, Vec<E>, Vec<E>) = (
+            rng.vec(seq, -1.0, 1.0),
+            rng.vec(seq, 0.05, 1.0),
+            rng.vec(seq, -2.0, 2.0),
+            rng.vec(seq, -1.0, 1.0),
+        );
+        let a = acc(&mut rng, d * n, -2.0, -0.3);
+        let (bm, cm): (Vec<E>, Vec<E>) =
+            (rng.vec(b * t * n, -1.0, 1.0), rng.vec(b * t * n, -1.0, 1.0));
+        let (dskip, bias, h0) = (
+            acc(&mut rng, d, -1.0, 1.0),
+            acc(&mut rng, d, 0.2, 0.8),
+            acc(&mut rng, b * d * n, -1.0, 1.0),
+        );
+        for all in [false, true] {
+            let inputs = SelectiveInputs {
+                u: &u,
+                delta: &delta,
+                a: &a,
+                bm: &bm,
+                cm: &cm,
+                dskip: all.then_some(dskip.as_slice()),
+                z: all.then_some(z.as_slice()),
+                delta_bias: all.then_some(bias.as_slice()),
+                h0: all.then_some(h0.as_slice()),
+            };
+            let p = SelectiveParams::new().delta_softplus(all);
+            let want = selective::selective_backward(&p, s, &inputs, &dy).unwrap();
+            let got =
+                selective::cuda::selective_backward_host(device, &p, s, &inputs, &dy).unwrap();
+            let again =
+                selective::cuda::selective_backward_host(device, &p, s, &inputs, &dy).unwrap();
+            assert!(
+                got == again,
+                "selective backward {} is not deterministic",
+                E::DTYPE
+            );
+            let what = format!(
+                "selective backward {} N={n} optional inputs={all}",
+                E::DTYPE
+            );
+            let acc64 = |v: &[E::Acc]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
+            // sums over batch, time or channels: looser for the half types' f32 partials
+            let (srtol, satol) = if E::DTYPE == DType::F64 {
+                (1e-9, 1e-9)
+            } else {
+                (1e-3, 1e-3)
+            };
+            for (name, g, w) in [
+                ("du", &got.du, &want.du),
+                ("ddelta", &got.ddelta, &want.ddelta),
+                ("dBm", &got.dbm, &want.dbm),
+                ("dCm", &got.dcm, &want.dcm),
+            ] {
+                let r = worst_ratio(&to_f64(g), &to_f64(w), rtol.max(srtol), atol.max(satol));
+                assert!(r <= 1.0, "cuda {name} {what}: {r} x tolerance");
+            }
+            if all {
+                let r = worst_ratio(
+                    &to_f64(got.dz.as_ref().unwrap()),
+                    &to_f64(want.dz.as_ref().unwrap()),
+                    rtol,
+                    atol,
+                );
+                assert!(r <= 1.0, "cuda dz {what}: {r} x tolerance");
+            }
+            for (name, g, w) in [
+                ("dA", Some(&got.da), Some(&want.da)),
+                ("dDskip", got.ddskip.as_ref(), want.ddskip.as_ref()),
+                (
+                    "ddelta_bias",
+                    got.ddelta_bias.as_ref(),
+                    want.ddelta_bias.as_ref(),
+                ),
+                ("dh0", got.dh0.as_ref(), want.dh0.as_ref()),
+            ] {
+                assert_eq!(g.is_some(), w.is_some(), "{name} {what}");
+                if let (Some(g), Some(w)) = (g, w) {
+                    let r = worst_ratio(&acc64(g), &acc64(w), srtol, satol);
+                    assert!(r <= 1.0, "cuda {name} {what}: {r} x tolerance");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_selective_backward_matches_cpu_every_dtype() {
+    if let Some(dev) = device_or_skip("cuda_selective_backward_matches_cpu_every_dtype") {
+        check_selective_backward::<f32>(&dev, 95);
+        check_selective_backward::<f64>(&dev, 96);
+        check_selective_backward::<f16>(&dev, 97);
+        check_selective_backward::<bf16>(&dev, 98);
+    }
+}
+
 #[test]
 fn cuda_selective_matches_cpu_every_dtype() {
     if let Some(dev) = device_or_skip("cuda_selective_matches_cpu_every_dtype") {

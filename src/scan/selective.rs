@@ -741,18 +741,22 @@ fn backward_task<E: Element>(
     out
 }
 
-/// The CUDA forward (feature `cuda`): kernels/selective.cu, one thread per (batch, channel)
-/// with its states in registers. The backward has no CUDA kernel yet.
+/// The CUDA forward and backward (feature `cuda`): kernels/selective.cu and
+/// kernels/selective_backward.cu, one thread per (batch, channel) with its states in
+/// registers; the backward re-runs the forward chunk by chunk from stored states.
 #[cfg(feature = "cuda")]
 pub mod cuda {
+    use super::SelectiveGrads;
     use super::{Lengths, SelectiveInputs, SelectiveParams, SelectiveShape};
     use crate::cuda::config::{
-        NK_SELECTIVE_MAX_STATE, NK_SELECTIVE_MAX_STATE_F64, NK_SELECTIVE_THREADS,
+        NK_SELECTIVE_BWD_CHUNK, NK_SELECTIVE_BWD_MAX_STATE, NK_SELECTIVE_MAX_STATE,
+        NK_SELECTIVE_MAX_STATE_F64, NK_SELECTIVE_THREADS,
     };
-    use crate::cuda::{CudaElement, Device, read_ptr, write_ptr};
+    use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
     use crate::element::DType;
     use crate::error::{Error, Result};
     use crate::scan::check_len;
+    use cudarc::driver::{CudaSlice, CudaView as View};
     use cudarc::driver::{CudaStream, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg};
     use std::sync::Arc;
 
@@ -948,5 +952,346 @@ pub mod cuda {
             stream.clone_dtoh(&y.slice(0..sizes.seq))?,
             stream.clone_dtoh(&h_last.slice(0..sizes.states))?,
         ))
+    }
+
+    /// Gradients of `scan.selective` on the device (`None` where the input was not given).
+    pub struct DeviceGrads<E: CudaElement> {
+        pub du: CudaSlice<E>,
+        pub ddelta: CudaSlice<E>,
+        pub da: CudaSlice<E::Acc>,
+        pub dbm: CudaSlice<E>,
+        pub dcm: CudaSlice<E>,
+        pub ddskip: Option<CudaSlice<E::Acc>>,
+        pub dz: Option<CudaSlice<E>>,
+        pub ddelta_bias: Option<CudaSlice<E::Acc>>,
+        pub dh0: Option<CudaSlice<E::Acc>>,
+    }
+
+    /// `scan.selective_backward` on the GPU, on `stream`: the gradients of Σ y·dy, in new
+    /// device buffers. Deterministic: every sum over channels, batch or time is taken in a
+    /// fixed order. N up to NK_SELECTIVE_BWD_MAX_STATE (16); larger N is `Err(Unsupported)`.
+    /// Scratch: B·D·N·(⌈T/64⌉ + 64 + 1) + B·T·⌈D/128⌉·N·2 accumulators.
+    pub fn selective_backward<E: CudaElement>(
+        device: &Device,
+        stream: &Arc<CudaStream>,
+        params: &SelectiveParams,
+        shape: SelectiveShape,
+        inputs: &DeviceInputs<'_, E>,
+        dy: &View<'_, E>,
+    ) -> Result<DeviceGrads<E>> {
+        device.check_stream(stream)?;
+        let sizes = Lengths {
+            u: inputs.u.len(),
+            delta: inputs.delta.len(),
+            a: inputs.a.len(),
+            bm: inputs.bm.len(),
+            cm: inputs.cm.len(),
+            dskip: inputs.dskip.as_ref().map(|x| x.len()),
+            z: inputs.z.as_ref().map(|x| x.len()),
+            delta_bias: inputs.delta_bias.as_ref().map(|x| x.len()),
+            h0: inputs.h0.as_ref().map(|x| x.len()),
+        }
+        .validate(&shape)?;
+        let (b, t, d, n) = (shape.batch, shape.len, shape.channels, shape.state);
+        check_len("dy", dy.len(), sizes.seq, &format!("[{b}, {t}, {d}]"))?;
+        if n > NK_SELECTIVE_BWD_MAX_STATE as usize {
+            return Err(Error::Unsupported(format!(
+                "scan.selective_backward on CUDA with N = {n} (at most {NK_SELECTIVE_BWD_MAX_STATE})"
+            )));
+        }
+        let bucket = if n <= 4 { 4 } else { 16 };
+        let blocks_d = d.div_ceil(NK_SELECTIVE_THREADS as usize);
+        let chunks = t.div_ceil(NK_SELECTIVE_BWD_CHUNK as usize);
+        let over = || Error::overflow("u", format!("{shape:?}: backward scratch overflows"));
+        let bdn = sizes.states;
+        let checkpoint_len = bdn.checked_mul(chunks).ok_or_else(over)?;
+        let steps_len = bdn
+            .checked_mul(NK_SELECTIVE_BWD_CHUNK as usize)
+            .ok_or_else(over)?;
+        let parts_len = (b * t)
+            .checked_mul(blocks_d)
+            .and_then(|x| x.checked_mul(n))
+            .ok_or_else(over)?;
+        let grid_x = u32::try_from(blocks_d).map_err(|_| over())?;
+        let grid_y = u32::try_from(b).map_err(|_| over())?;
+
+        let zeros =
+            |len: usize| -> Result<CudaSlice<E>> { Ok(stream.alloc_zeros::<E>(len.max(1))?) };
+        let mut g = DeviceGrads {
+            du: zeros(sizes.seq)?,
+            ddelta: zeros(sizes.seq)?,
+            da: scratch::<E::Acc>(stream, sizes.a)?,
+            dbm: zeros(sizes.bc)?,
+            dcm: zeros(sizes.bc)?,
+            ddskip: inputs
+                .dskip
+                .as_ref()
+                .map(|_| scratch::<E::Acc>(stream, d))
+                .transpose()?,
+            dz: inputs.z.as_ref().map(|_| zeros(sizes.seq)).transpose()?,
+            ddelta_bias: inputs
+                .delta_bias
+                .as_ref()
+                .map(|_| scratch::<E::Acc>(stream, d))
+                .transpose()?,
+            dh0: inputs
+                .h0
+                .as_ref()
+                .map(|_| scratch::<E::Acc>(stream, bdn))
+                .transpose()?,
+        };
+        if b == 0 || d == 0 || t == 0 {
+            // no step: every gradient is zero, dh0 included (dy never reaches h0)
+            return Ok(g);
+        }
+        let mut checkpoints = scratch::<E::Acc>(stream, checkpoint_len)?;
+        let mut steps = scratch::<E::Acc>(stream, steps_len)?;
+        let mut dbm_part = scratch::<E::Acc>(stream, parts_len)?;
+        let mut dcm_part = scratch::<E::Acc>(stream, parts_len)?;
+        let mut da_part = scratch::<E::Acc>(stream, bdn)?;
+        let mut dskip_part = scratch::<E::Acc>(stream, b * d)?;
+        let mut dbias_part = scratch::<E::Acc>(stream, b * d)?;
+
+        let f = device.function(
+            "selective_backward",
+            &format!("scan_selective_bwd_n{bucket}_{}", E::SUFFIX),
+        )?;
+        let optional = |x: &Option<(u64, cudarc::driver::SyncOnDrop<'_>)>| {
+            x.as_ref().map_or(0u64, |(p, _)| *p)
+        };
+        {
+            let (u, _gu) = read_ptr(&inputs.u, stream);
+            let (delta, _gd) = read_ptr(&inputs.delta, stream);
+            let (a, _ga) = read_ptr(&inputs.a, stream);
+            let (bm, _gb) = read_ptr(&inputs.bm, stream);
+            let (cm, _gc) = read_ptr(&inputs.cm, stream);
+            let dskip = inputs.dskip.as_ref().map(|x| read_ptr(x, stream));
+            let z = inputs.z.as_ref().map(|x| read_ptr(x, stream));
+            let bias = inputs.delta_bias.as_ref().map(|x| read_ptr(x, stream));
+            let h0 = inputs.h0.as_ref().map(|x| read_ptr(x, stream));
+            let (dy_p, _gdy) = read_ptr(dy, stream);
+            let (du, _w1) = write_ptr(&mut g.du, stream);
+            let (ddelta, _w2) = write_ptr(&mut g.ddelta, stream);
+            let dz = g.dz.as_mut().map(|x| write_ptr(x, stream));
+            let dh0 = g.dh0.as_mut().map(|x| write_ptr(x, stream));
+            let (ck, _w3) = write_ptr(&mut checkpoints, stream);
+            let (st, _w4) = write_ptr(&mut steps, stream);
+            let (pb, _w5) = write_ptr(&mut dbm_part, stream);
+            let (pc, _w6) = write_ptr(&mut dcm_part, stream);
+            let (pa, _w7) = write_ptr(&mut da_part, stream);
+            let (ps, _w8) = write_ptr(&mut dskip_part, stream);
+            let (pd, _w9) = write_ptr(&mut dbias_part, stream);
+            let (dskip_p, z_p, bias_p, h0_p, dz_p, dh0_p) = (
+                optional(&dskip),
+                optional(&z),
+                optional(&bias),
+                optional(&h0),
+                optional(&dz),
+                optional(&dh0),
+            );
+            let (bb, tt, dd, nn, sp) = (
+                b as i64,
+                t as i64,
+                d as i64,
+                n as i32,
+                params.delta_softplus as i32,
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (grid_x, grid_y, 1),
+                block_dim: (NK_SELECTIVE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match scan_selective_bwd_n*_* in kernels/selective_backward.cu;
+            // inputs were validated above and every scratch buffer has the size the kernel
+            // indexes (checkpoints chunks·B·D·N, steps 64·B·D·N, partials B·T·blocks·N, B·D·N,
+            // B·D).
+            unsafe {
+                stream
+                    .launch_builder(&f)
+                    .arg(&u)
+                    .arg(&delta)
+                    .arg(&a)
+                    .arg(&bm)
+                    .arg(&cm)
+                    .arg(&dskip_p)
+                    .arg(&z_p)
+                    .arg(&bias_p)
+                    .arg(&h0_p)
+                    .arg(&dy_p)
+                    .arg(&du)
+                    .arg(&ddelta)
+                    .arg(&dz_p)
+                    .arg(&dh0_p)
+                    .arg(&ck)
+                    .arg(&st)
+                    .arg(&pb)
+                    .arg(&pc)
+                    .arg(&pa)
+                    .arg(&ps)
+                    .arg(&pd)
+                    .arg(&bb)
+                    .arg(&tt)
+                    .arg(&dd)
+                    .arg(&nn)
+                    .arg(&sp)
+                    .launch(cfg)?;
+            }
+        }
+        // fixed-order sums of the partials: dBm/dCm over channel blocks, the rest over batch
+        let acc_suffix = if E::DTYPE == DType::F64 { "f64" } else { "f32" };
+        sum_parts(
+            device,
+            stream,
+            E::SUFFIX,
+            &dbm_part,
+            &mut g.dbm,
+            b * t,
+            blocks_d,
+            n,
+        )?;
+        sum_parts(
+            device,
+            stream,
+            E::SUFFIX,
+            &dcm_part,
+            &mut g.dcm,
+            b * t,
+            blocks_d,
+            n,
+        )?;
+        sum_parts(device, stream, acc_suffix, &da_part, &mut g.da, 1, b, d * n)?;
+        if let Some(out) = &mut g.ddskip {
+            sum_parts(device, stream, acc_suffix, &dskip_part, out, 1, b, d)?;
+        }
+        if let Some(out) = &mut g.ddelta_bias {
+            sum_parts(device, stream, acc_suffix, &dbias_part, out, 1, b, d)?;
+        }
+        Ok(g)
+    }
+
+    /// out[o, r] = Σ_p input[o, p, r] in order of p (kernel `scan_selective_sum_parts_*`).
+    #[allow(clippy::too_many_arguments)]
+    fn sum_parts<A, T>(
+        device: &Device,
+        stream: &Arc<CudaStream>,
+        suffix: &str,
+        input: &CudaSlice<A>,
+        out: &mut CudaSlice<T>,
+        outer: usize,
+        parts: usize,
+        inner: usize,
+    ) -> Result<()> {
+        let total = outer * inner;
+        if total == 0 {
+            return Ok(());
+        }
+        let f = device.function(
+            "selective_backward",
+            &format!("scan_selective_sum_parts_{suffix}"),
+        )?;
+        let blocks = u32::try_from(total.div_ceil(256))
+            .map_err(|_| Error::overflow("u", "backward reduction needs too many blocks"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (i, _gi) = read_ptr(input, stream);
+        let (o, _go) = write_ptr(out, stream);
+        let (oo, pp, ii) = (outer as i64, parts as i64, inner as i64);
+        // SAFETY: input holds outer·parts·inner accumulators and out outer·inner values of the
+        // suffix's type (the callers pair them so).
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(&i)
+                .arg(&o)
+                .arg(&oo)
+                .arg(&pp)
+                .arg(&ii)
+                .launch(cfg)?;
+        }
+        Ok(())
+    }
+
+    /// Host in, host out on the device's default stream.
+    pub fn selective_backward_host<E: CudaElement>(
+        device: &Device,
+        params: &SelectiveParams,
+        shape: SelectiveShape,
+        inputs: &SelectiveInputs<'_, E>,
+        dy: &[E],
+    ) -> Result<SelectiveGrads<E>> {
+        let sizes = inputs.validate(&shape)?;
+        let (b, t, d) = (shape.batch, shape.len, shape.channels);
+        check_len("dy", dy.len(), sizes.seq, &format!("[{b}, {t}, {d}]"))?;
+        let stream = device.stream();
+        // empty tensors travel as one-element buffers (no zero-length device allocations)
+        let up = |x: &[E]| -> Result<CudaSlice<E>> {
+            if x.is_empty() {
+                Ok(stream.alloc_zeros::<E>(1)?)
+            } else {
+                Ok(stream.clone_htod(x)?)
+            }
+        };
+        let up_acc = |x: &[E::Acc]| -> Result<CudaSlice<E::Acc>> {
+            if x.is_empty() {
+                Ok(scratch::<E::Acc>(stream, 1)?)
+            } else {
+                Ok(stream.clone_htod(x)?)
+            }
+        };
+        let (u, delta, a, bm, cm, dyd) = (
+            up(inputs.u)?,
+            up(inputs.delta)?,
+            up_acc(inputs.a)?,
+            up(inputs.bm)?,
+            up(inputs.cm)?,
+            up(dy)?,
+        );
+        let dskip = inputs.dskip.map(up_acc).transpose()?;
+        let z = inputs.z.map(up).transpose()?;
+        let bias = inputs.delta_bias.map(up_acc).transpose()?;
+        let h0 = inputs.h0.map(up_acc).transpose()?;
+        let device_inputs = DeviceInputs {
+            u: u.slice(0..sizes.seq),
+            delta: delta.slice(0..sizes.seq),
+            a: a.slice(0..sizes.a),
+            bm: bm.slice(0..sizes.bc),
+            cm: cm.slice(0..sizes.bc),
+            dskip: dskip.as_ref().map(|x| x.slice(0..d)),
+            z: z.as_ref().map(|x| x.slice(0..sizes.seq)),
+            delta_bias: bias.as_ref().map(|x| x.slice(0..d)),
+            h0: h0.as_ref().map(|x| x.slice(0..sizes.states)),
+        };
+        let g = selective_backward(
+            device,
+            stream,
+            params,
+            shape,
+            &device_inputs,
+            &dyd.slice(0..sizes.seq),
+        )?;
+        let down = |x: &CudaSlice<E>, len: usize| -> Result<Vec<E>> {
+            Ok(stream.clone_dtoh(&x.slice(0..len))?)
+        };
+        let down_acc = |x: &CudaSlice<E::Acc>, len: usize| -> Result<Vec<E::Acc>> {
+            Ok(stream.clone_dtoh(&x.slice(0..len))?)
+        };
+        Ok(SelectiveGrads {
+            du: down(&g.du, sizes.seq)?,
+            ddelta: down(&g.ddelta, sizes.seq)?,
+            da: down_acc(&g.da, sizes.a)?,
+            dbm: down(&g.dbm, sizes.bc)?,
+            dcm: down(&g.dcm, sizes.bc)?,
+            ddskip: g.ddskip.as_ref().map(|x| down_acc(x, d)).transpose()?,
+            dz: g.dz.as_ref().map(|x| down(x, sizes.seq)).transpose()?,
+            ddelta_bias: g.ddelta_bias.as_ref().map(|x| down_acc(x, d)).transpose()?,
+            dh0: g
+                .dh0
+                .as_ref()
+                .map(|x| down_acc(x, sizes.states))
+                .transpose()?,
+        })
     }
 }
