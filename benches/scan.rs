@@ -378,6 +378,122 @@ fn bench_cuda(c: &mut Criterion) {
         });
         group.finish();
     }
+
+    // the selective scan, forward and backward, at the size
+    {
+        use neurokernels::scan::selective::{self, SelectiveParams, SelectiveShape};
+        let (b, t, d, n) = (2, 2048, 1536, 16);
+        let shape = SelectiveShape::new(b, t, d, n);
+        let seq = b * t * d;
+        let up = |x: Vec<f32>| stream.clone_htod(&x).unwrap();
+        let (u, delta, dy) = (up(data(seq, 31)), up(data(seq, 32)), up(data(seq, 33)));
+        let a = up(data(d * n, 34).iter().map(|x| -2.0 * x).collect());
+        let (bm, cm) = (up(data(b * t * n, 35)), up(data(b * t * n, 36)));
+        let inputs = selective::cuda::DeviceInputs {
+            u: u.as_view(),
+            delta: delta.as_view(),
+            a: a.as_view(),
+            bm: bm.as_view(),
+            cm: cm.as_view(),
+            dskip: None,
+            z: None,
+            delta_bias: None,
+            h0: None,
+        };
+        let (mut y, mut h_last) = (
+            stream.alloc_zeros::<f32>(seq).unwrap(),
+            stream.alloc_zeros::<f32>(b * d * n).unwrap(),
+        );
+        let p = SelectiveParams::new();
+        let mut group = c.benchmark_group("scan_selective_cuda/B2_T2048_D1536_N16");
+        group
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(2))
+            .warm_up_time(Duration::from_millis(500));
+        group.throughput(Throughput::Elements(seq as u64));
+        group.bench_function("forward_f32", |bench| {
+            bench.iter_custom(|iters| {
+                timed(iters, &mut || {
+                    selective::cuda::selective(
+                        &device,
+                        &stream,
+                        &p,
+                        shape,
+                        &inputs,
+                        &mut y,
+                        &mut h_last,
+                    )
+                    .unwrap()
+                })
+            })
+        });
+        // (includes allocating the gradients and the scratch on the stream)
+        group.bench_function("backward_f32", |bench| {
+            bench.iter_custom(|iters| {
+                timed(iters, &mut || {
+                    selective::cuda::selective_backward(
+                        &device,
+                        &stream,
+                        &p,
+                        shape,
+                        &inputs,
+                        &dy.as_view(),
+                    )
+                    .map(drop)
+                    .unwrap()
+                })
+            })
+        });
+        group.finish();
+    }
+
+    // GLA forward at the size
+    {
+        use neurokernels::scan::gla::{self, GlaParams, GlaShape};
+        let (b, t, h, k, v) = (1, 2048, 8, 64, 64);
+        let shape = GlaShape::new(b, t, h, k, v);
+        let up = |x: Vec<f32>| stream.clone_htod(&x).unwrap();
+        let (q, kk, vv) = (
+            up(data(b * t * h * k, 41)),
+            up(data(b * t * h * k, 42)),
+            up(data(b * t * h * v, 43)),
+        );
+        let g = up(data(b * t * h * k, 44).iter().map(|x| -0.1 * x).collect());
+        let inputs = gla::cuda::DeviceInputs {
+            q: q.as_view(),
+            k: kk.as_view(),
+            v: vv.as_view(),
+            g: g.as_view(),
+            h0: None,
+        };
+        let (mut o, mut h_last) = (
+            stream.alloc_zeros::<f32>(b * t * h * v).unwrap(),
+            stream.alloc_zeros::<f32>(b * h * k * v).unwrap(),
+        );
+        let mut group = c.benchmark_group("scan_gla_cuda/B1_T2048_H8_K64_V64");
+        group
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(2))
+            .warm_up_time(Duration::from_millis(500));
+        group.throughput(Throughput::Elements((b * t * h) as u64));
+        group.bench_function("forward_f32", |bench| {
+            bench.iter_custom(|iters| {
+                timed(iters, &mut || {
+                    gla::cuda::gla(
+                        &device,
+                        &stream,
+                        &GlaParams::new(),
+                        shape,
+                        &inputs,
+                        &mut o,
+                        &mut h_last,
+                    )
+                    .unwrap()
+                })
+            })
+        });
+        group.finish();
+    }
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -696,21 +696,22 @@ impl Runner {
                 expect_shape(name, &x.shape, &[b, h, k, v])?;
             }
         }
-        if self.kind == DeviceKind::Cuda {
+        if self.kind == DeviceKind::Cuda && backward {
             return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
         }
         match case.input("q")?.dtype() {
-            Some(DType::F32) => gla_typed::<f32>(case, &params, shape, backward),
-            Some(DType::F64) => gla_typed::<f64>(case, &params, shape, backward),
-            Some(DType::F16) => gla_typed::<f16>(case, &params, shape, backward),
-            Some(DType::BF16) => gla_typed::<bf16>(case, &params, shape, backward),
+            Some(DType::F32) => gla_typed::<f32>(self, case, &params, shape, backward),
+            Some(DType::F64) => gla_typed::<f64>(self, case, &params, shape, backward),
+            Some(DType::F16) => gla_typed::<f16>(self, case, &params, shape, backward),
+            Some(DType::BF16) => gla_typed::<bf16>(self, case, &params, shape, backward),
             None => Err(case_err(&case.name, "`in.q` must be a float tensor")),
         }
     }
 }
 
 /// Runs `scan.gla` (or its backward) with inputs in `E` and states in its accumulator type.
-fn gla_typed<E: CaseElement>(
+fn gla_typed<E: RunElement>(
+    runner: &Runner,
     case: &Case,
     params: &GlaParams,
     shape: GlaShape,
@@ -735,7 +736,10 @@ where
     );
     let mut out = BTreeMap::new();
     if !backward {
-        let (o, h_last) = gla(params, shape, &inputs)?;
+        let (o, h_last) = match runner.kind {
+            DeviceKind::Cpu => gla(params, shape, &inputs)?,
+            DeviceKind::Cuda => E::cuda_gla(runner, params, shape, &inputs)?,
+        };
         out.insert(
             "o".to_string(),
             Tensor {
@@ -880,6 +884,12 @@ trait RunElement: CaseElement {
         inputs: &SelectiveInputs<'_, Self>,
         dy: &[Self],
     ) -> Result<SelectiveGrads<Self>>;
+    fn cuda_gla(
+        runner: &Runner,
+        params: &GlaParams,
+        shape: GlaShape,
+        inputs: &GlaInputs<'_, Self>,
+    ) -> Result<(Vec<Self>, Vec<Self::Acc>)>;
     fn cuda_scan_linear(
         runner: &Runner,
         numbers: Numbers,
@@ -928,6 +938,18 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
             .as_ref()
             .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
         crate::scan::selective::cuda::selective_backward_host(device, params, shape, inputs, dy)
+    }
+    fn cuda_gla(
+        runner: &Runner,
+        params: &GlaParams,
+        shape: GlaShape,
+        inputs: &GlaInputs<'_, E>,
+    ) -> Result<(Vec<E>, Vec<E::Acc>)> {
+        let device = runner
+            .cuda
+            .as_ref()
+            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        crate::scan::gla::cuda::gla_host(device, params, shape, inputs)
     }
     fn cuda_scan_linear(
         runner: &Runner,
@@ -987,6 +1009,14 @@ impl<E: CaseElement> RunElement for E {
         _: &SelectiveInputs<'_, E>,
         _: &[E],
     ) -> Result<SelectiveGrads<E>> {
+        Err(Error::NoDevice("this build has no `cuda` feature".into()))
+    }
+    fn cuda_gla(
+        _: &Runner,
+        _: &GlaParams,
+        _: GlaShape,
+        _: &GlaInputs<'_, E>,
+    ) -> Result<(Vec<E>, Vec<E::Acc>)> {
         Err(Error::NoDevice("this build has no `cuda` feature".into()))
     }
     fn cuda_scan_linear(

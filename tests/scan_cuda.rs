@@ -453,6 +453,95 @@ fn cuda_selective_backward_matches_cpu_every_dtype() {
     }
 }
 
+/// scan.gla on the GPU against the CPU's chunked form: every dtype, K up to the kernel's
+/// limit, V not a multiple of the 32-column tile, T not a multiple of the chunk, h0, gates
+/// near 1, strong gates and -inf gates (the direct intra-chunk path).
+fn check_gla<E: CudaElement>(device: &Device, seed: u64) {
+    use neurokernels::element::Accum;
+    use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
+    let (rtol, atol) = tolerance::<E>();
+    let max_key = if E::DTYPE == DType::F64 { 64 } else { 128 };
+    for (i, &(b, t, h, kd, vd, gate_lo)) in [
+        (1, 1, 1, 1, 1, -0.1),
+        (2, 37, 3, 16, 40, -0.2),
+        (1, 70, 2, max_key, 33, -0.05),
+        (2, 29, 2, 8, 64, -9.0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = GlaShape::new(b, t, h, kd, vd);
+        let mut rng = Rng::new(seed + i as u64);
+        let (qk, vv) = (b * t * h * kd, b * t * h * vd);
+        let (q, k, v): (Vec<E>, Vec<E>, Vec<E>) = (
+            rng.vec(qk, -1.0, 1.0),
+            rng.vec(qk, -1.0, 1.0),
+            rng.vec(vv, -1.0, 1.0),
+        );
+        let mut g: Vec<E> = rng.vec(qk, gate_lo, 0.0);
+        if i == 3 {
+            g[5 * kd + 1] = E::from_f64(f64::NEG_INFINITY);
+        }
+        let h0: Vec<E::Acc> = rng
+            .vec::<E>(b * h * kd * vd, -1.0, 1.0)
+            .iter()
+            .map(|x| x.to_acc())
+            .collect();
+        for with_h0 in [false, true] {
+            let inputs = GlaInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                g: &g,
+                h0: with_h0.then_some(h0.as_slice()),
+            };
+            let p = GlaParams::new().scale(Some(0.4));
+            let (want_o, want_h) = gla::gla(&p, s, &inputs).unwrap();
+            let (got_o, got_h) = gla::cuda::gla_host(device, &p, s, &inputs).unwrap();
+            let what = format!("gla {} {s:?} h0={with_h0}", E::DTYPE);
+            let r = worst_ratio(&to_f64(&got_o), &to_f64(&want_o), rtol, atol);
+            assert!(r <= 1.0, "cuda o {what}: {r} x tolerance");
+            let acc64 = |v: &[E::Acc]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
+            let r = worst_ratio(
+                &acc64(&got_h),
+                &acc64(&want_h),
+                rtol.max(2e-4),
+                atol.max(2e-5),
+            );
+            assert!(r <= 1.0, "cuda h_last {what}: {r} x tolerance");
+        }
+    }
+}
+
+#[test]
+fn cuda_gla_matches_cpu_every_dtype() {
+    if let Some(dev) = device_or_skip("cuda_gla_matches_cpu_every_dtype") {
+        check_gla::<f32>(&dev, 110);
+        check_gla::<f64>(&dev, 111);
+        check_gla::<f16>(&dev, 112);
+        check_gla::<bf16>(&dev, 113);
+    }
+}
+
+#[test]
+fn cuda_gla_rejects_a_key_dim_too_large() {
+    use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
+    let Some(dev) = device_or_skip("cuda_gla_rejects_a_key_dim_too_large") else {
+        return;
+    };
+    let s = GlaShape::new(1, 2, 1, 129, 4);
+    let (x, v) = (vec![0.5f32; 2 * 129], vec![0.5f32; 8]);
+    let inputs = GlaInputs {
+        q: &x,
+        k: &x,
+        v: &v,
+        g: &x,
+        h0: None,
+    };
+    let err = gla::cuda::gla_host(&dev, &GlaParams::new(), s, &inputs).unwrap_err();
+    assert!(err.to_string().contains("K = 129"), "{err}");
+}
+
 #[test]
 fn cuda_selective_matches_cpu_every_dtype() {
     if let Some(dev) = device_or_skip("cuda_selective_matches_cpu_every_dtype") {

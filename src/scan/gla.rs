@@ -736,3 +736,171 @@ impl<E: Element> SimdKernel for BackwardHead<'_, E> {
         out
     }
 }
+
+/// The CUDA forward (feature `cuda`): kernels/gla.cu, one block per (value tile of 32
+/// columns, head, batch) walking time in chunks of 8 steps with its state slice in shared
+/// memory. K up to 128 (f64: 64); larger K is `Err(Unsupported)`. The backward has no CUDA
+/// kernel yet.
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    use super::{GlaInputs, GlaParams, GlaShape};
+    use crate::cuda::config::{
+        NK_GLA_MAX_KEY, NK_GLA_MAX_KEY_F64, NK_GLA_THREADS, NK_GLA_VALUE_TILE,
+    };
+    use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
+    use crate::element::{Accum, DType};
+    use crate::error::{Error, Result};
+    use crate::scan::check_len;
+    use cudarc::driver::{
+        CudaSlice, CudaStream, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg,
+    };
+    use std::sync::Arc;
+
+    /// The inputs on the device; `h0` in the accumulator type.
+    pub struct DeviceInputs<'a, E: CudaElement> {
+        pub q: CudaView<'a, E>,
+        pub k: CudaView<'a, E>,
+        pub v: CudaView<'a, E>,
+        pub g: CudaView<'a, E>,
+        pub h0: Option<CudaView<'a, E::Acc>>,
+    }
+
+    /// `scan.gla` on the GPU: writes `o [B, T, H, V]` and `h_last [B, H, K, V]` on `stream`.
+    pub fn gla<E: CudaElement>(
+        device: &Device,
+        stream: &Arc<CudaStream>,
+        params: &GlaParams,
+        shape: GlaShape,
+        inputs: &DeviceInputs<'_, E>,
+        o: &mut impl DevicePtrMut<E>,
+        h_last: &mut impl DevicePtrMut<E::Acc>,
+    ) -> Result<()> {
+        device.check_stream(stream)?;
+        let (qk, vv, state) = shape.sizes()?;
+        let GlaShape {
+            batch: b,
+            len: t,
+            heads: h,
+            key_dim: kd,
+            value_dim: vd,
+        } = shape;
+        let keys = format!("[{b}, {t}, {h}, {kd}]");
+        let values = format!("[{b}, {t}, {h}, {vd}]");
+        let states = format!("[{b}, {h}, {kd}, {vd}]");
+        check_len("q", inputs.q.len(), qk, &keys)?;
+        check_len("k", inputs.k.len(), qk, &keys)?;
+        check_len("g", inputs.g.len(), qk, &keys)?;
+        check_len("v", inputs.v.len(), vv, &values)?;
+        if let Some(h0) = &inputs.h0 {
+            check_len("h0", h0.len(), state, &states)?;
+        }
+        check_len("o", o.len(), vv, &values)?;
+        check_len("h_last", h_last.len(), state, &states)?;
+        let max_key = if E::DTYPE == DType::F64 {
+            NK_GLA_MAX_KEY_F64
+        } else {
+            NK_GLA_MAX_KEY
+        };
+        if kd > max_key as usize {
+            return Err(Error::Unsupported(format!(
+                "scan.gla on CUDA with K = {kd} (at most {max_key} for {})",
+                E::DTYPE
+            )));
+        }
+        if b == 0 || h == 0 || vd == 0 || kd == 0 {
+            return Ok(());
+        }
+        let over = || Error::overflow("q", format!("{shape:?} needs too many blocks"));
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(vd.div_ceil(NK_GLA_VALUE_TILE as usize)).map_err(|_| over())?,
+                u32::try_from(h).map_err(|_| over())?,
+                u32::try_from(b).map_err(|_| over())?,
+            ),
+            block_dim: (NK_GLA_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = device.function("gla", &format!("scan_gla_fwd_{}", E::SUFFIX))?;
+        let (q, _g1) = read_ptr(&inputs.q, stream);
+        let (k, _g2) = read_ptr(&inputs.k, stream);
+        let (v, _g3) = read_ptr(&inputs.v, stream);
+        let (g, _g4) = read_ptr(&inputs.g, stream);
+        let h0 = inputs.h0.as_ref().map(|x| read_ptr(x, stream));
+        let h0_p = h0.as_ref().map_or(0u64, |(p, _)| *p);
+        let (o_p, _g5) = write_ptr(o, stream);
+        let (hl_p, _g6) = write_ptr(h_last, stream);
+        let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
+        let (bb, tt, hh, kk, vv32) = (b as i64, t as i64, h as i32, kd as i32, vd as i32);
+        // SAFETY: arguments match scan_gla_fwd_* in kernels/gla.cu; every buffer holds the
+        // element counts validated above and K fits the kernel's shared rows.
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(&q)
+                .arg(&k)
+                .arg(&v)
+                .arg(&g)
+                .arg(&h0_p)
+                .arg(&o_p)
+                .arg(&hl_p)
+                .arg(&bb)
+                .arg(&tt)
+                .arg(&hh)
+                .arg(&kk)
+                .arg(&vv32)
+                .arg(&scale)
+                .launch(cfg)?;
+        }
+        Ok(())
+    }
+
+    /// Host in, host out on the device's default stream: `(o, h_last)`.
+    pub fn gla_host<E: CudaElement>(
+        device: &Device,
+        params: &GlaParams,
+        shape: GlaShape,
+        inputs: &GlaInputs<'_, E>,
+    ) -> Result<(Vec<E>, Vec<E::Acc>)> {
+        let (qk, vv, state) = inputs.validate(&shape)?;
+        if vv == 0 || qk == 0 {
+            // no step or no column to compute (and no zero-length device allocations):
+            // o is empty or all zeros, h_last is h0
+            let h_last = inputs
+                .h0
+                .map_or_else(|| vec![<E::Acc as Accum>::ZERO; state], <[_]>::to_vec);
+            return Ok((vec![E::default(); vv], h_last));
+        }
+        let stream = device.stream();
+        let up = |x: &[E]| -> Result<CudaSlice<E>> { Ok(stream.clone_htod(x)?) };
+        let (q, k, v, g) = (up(inputs.q)?, up(inputs.k)?, up(inputs.v)?, up(inputs.g)?);
+        let h0 = match inputs.h0 {
+            Some(x) if !x.is_empty() => Some(stream.clone_htod(x)?),
+            _ => None,
+        };
+        let mut o = stream.alloc_zeros::<E>(vv)?;
+        let mut h_last = scratch::<E::Acc>(stream, state)?;
+        {
+            let device_inputs = DeviceInputs {
+                q: q.as_view(),
+                k: k.as_view(),
+                v: v.as_view(),
+                g: g.as_view(),
+                h0: h0.as_ref().map(|x| x.as_view()),
+            };
+            let mut h_view = h_last.slice_mut(0..state);
+            gla(
+                device,
+                stream,
+                params,
+                shape,
+                &device_inputs,
+                &mut o,
+                &mut h_view,
+            )?;
+        }
+        Ok((
+            stream.clone_dtoh(&o)?,
+            stream.clone_dtoh(&h_last.slice(0..state))?,
+        ))
+    }
+}
