@@ -5,6 +5,7 @@
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
+use crate::ridge;
 use crate::scan::gla::{GlaInputs, GlaParams, GlaShape, gla, gla_backward};
 use crate::scan::selective::{
     SelectiveGrads, SelectiveInputs, SelectiveParams, SelectiveShape, selective_alloc,
@@ -60,6 +61,9 @@ pub const IMPLEMENTED_OPS: &[&str] = &[
     "scan.selective_backward",
     "scan.gla",
     "scan.gla_backward",
+    "ridge.cv",
+    "ridge.solve_batched",
+    "ridge.score",
 ];
 
 /// A host tensor's data.
@@ -368,6 +372,28 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// One of `choices` (the first is the default when absent or null).
+    fn choice(&mut self, key: &'static str, choices: &[&'static str]) -> Result<&'static str> {
+        self.known.push(key);
+        match self.map.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(choices[0]),
+            Some(serde_json::Value::String(v)) => choices
+                .iter()
+                .find(|c| **c == v.as_str())
+                .copied()
+                .ok_or_else(|| {
+                    case_err(
+                        self.case,
+                        format!("param `{key}` must be one of {choices:?}, got {v:?}"),
+                    )
+                }),
+            Some(v) => Err(case_err(
+                self.case,
+                format!("param `{key}` must be a string, got {v}"),
+            )),
+        }
+    }
+
     /// A number, or null / absent for `None`.
     fn optional_number(&mut self, key: &'static str) -> Result<Option<f64>> {
         self.known.push(key);
@@ -459,6 +485,9 @@ impl Runner {
             "scan.selective_backward" => self.scan_selective(case, true),
             "scan.gla" => self.scan_gla(case, false),
             "scan.gla_backward" => self.scan_gla(case, true),
+            "ridge.cv" => self.ridge_cv(case),
+            "ridge.solve_batched" => self.ridge_solve_batched(case),
+            "ridge.score" => self.ridge_score(case),
             other => Err(Error::OpNotImplemented(other.to_string())),
         }
     }
@@ -787,6 +816,175 @@ where
         );
     }
     Ok(out)
+}
+
+impl Runner {
+    fn ridge_cv(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
+        case.only_inputs(&["x", "y", "alphas", "folds"])?;
+        let mut p = Params::new(case);
+        let score = match p.choice("score", &["r2", "pearson"])? {
+            "pearson" => ridge::CvScore::Pearson,
+            _ => ridge::CvScore::R2,
+        };
+        let center = p.bool("center", true)?;
+        p.finish()?;
+        let params = ridge::CvParams::new().score(score).center(center);
+        let [n, features] = case.input("x")?.shape[..] else {
+            return Err(Error::shape(
+                "x",
+                "rank 2 [n, p]",
+                format!("{:?}", case.input("x")?.shape),
+            ));
+        };
+        let y_shape = case.input("y")?.shape.clone();
+        let targets = match y_shape[..] {
+            [yn, t] if yn == n => t,
+            _ => {
+                return Err(Error::shape(
+                    "y",
+                    format!("[{n}, t]"),
+                    format!("{y_shape:?}"),
+                ));
+            }
+        };
+        let alphas = case.input("alphas")?.shape.clone();
+        let [n_alphas] = alphas[..] else {
+            return Err(Error::shape("alphas", "rank 1 [A]", format!("{alphas:?}")));
+        };
+        same_shape(case, "folds", &[n])?;
+        let folds = match &case.input("folds")?.data {
+            Data::I32(v) => v.as_slice(),
+            _ => return Err(case_err(&case.name, "`in.folds` must be an index tensor")),
+        };
+        if self.kind == DeviceKind::Cuda {
+            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
+        }
+        fn run<E: CaseElement + ridge::cv::RidgeReal>(
+            case: &Case,
+            params: &ridge::CvParams,
+            (n, p, t): (usize, usize, usize),
+            folds: &[i32],
+        ) -> Result<[Data; 4]> {
+            let inputs = ridge::CvInputs {
+                x: typed::<E>(case, "x")?,
+                y: typed::<E>(case, "y")?,
+                alphas: typed::<E>(case, "alphas")?,
+                folds,
+            };
+            let fit = ridge::cv(params, n, p, t, &inputs, None)?;
+            Ok([
+                E::wrap(fit.cv_scores),
+                E::wrap(fit.best_alpha),
+                E::wrap(fit.w),
+                E::wrap(fit.intercept),
+            ])
+        }
+        let dims = (n, features, targets);
+        let [cv_scores, best_alpha, w, intercept] = match case.input("x")?.dtype() {
+            Some(DType::F32) => run::<f32>(case, &params, dims, folds)?,
+            Some(DType::F64) => run::<f64>(case, &params, dims, folds)?,
+            _ => return Err(case_err(&case.name, "`in.x` must be F32 or F64")),
+        };
+        let mut out = BTreeMap::new();
+        for (name, shape, data) in [
+            ("cv_scores", vec![n_alphas, targets], cv_scores),
+            ("best_alpha", vec![targets], best_alpha),
+            ("w", vec![features, targets], w),
+            ("intercept", vec![targets], intercept),
+        ] {
+            out.insert(name.to_string(), Tensor { shape, data });
+        }
+        Ok(out)
+    }
+
+    fn ridge_solve_batched(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
+        case.only_inputs(&["x", "y", "alpha"])?;
+        Params::new(case).finish()?;
+        let [g, n, p] = case.input("x")?.shape[..] else {
+            return Err(Error::shape(
+                "x",
+                "rank 3 [G, n, p]",
+                format!("{:?}", case.input("x")?.shape),
+            ));
+        };
+        let y_shape = &case.input("y")?.shape;
+        let t = match y_shape[..] {
+            [yg, yn, t] if (yg, yn) == (g, n) => t,
+            _ => {
+                return Err(Error::shape(
+                    "y",
+                    format!("[{g}, {n}, t]"),
+                    format!("{y_shape:?}"),
+                ));
+            }
+        };
+        same_shape(case, "alpha", &[g])?;
+        if self.kind == DeviceKind::Cuda {
+            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
+        }
+        let shape = ridge::BatchedShape::new(g, n, p, t);
+        fn run<E: CaseElement>(case: &Case, shape: ridge::BatchedShape) -> Result<Data> {
+            let w = ridge::solve_batched(
+                shape,
+                typed::<E>(case, "x")?,
+                typed::<E>(case, "y")?,
+                typed::<E>(case, "alpha")?,
+            )?;
+            Ok(E::wrap(w))
+        }
+        let data = match case.input("x")?.dtype() {
+            Some(DType::F32) => run::<f32>(case, shape)?,
+            Some(DType::F64) => run::<f64>(case, shape)?,
+            _ => return Err(case_err(&case.name, "`in.x` must be F32 or F64")),
+        };
+        let mut out = BTreeMap::new();
+        out.insert(
+            "w".to_string(),
+            Tensor {
+                shape: vec![g, p, t],
+                data,
+            },
+        );
+        Ok(out)
+    }
+
+    fn ridge_score(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
+        case.only_inputs(&["y_true", "y_pred"])?;
+        Params::new(case).finish()?;
+        let dims = case.input("y_true")?.shape.clone();
+        let [n, t] = dims[..] else {
+            return Err(Error::shape("y_true", "rank 2 [n, t]", format!("{dims:?}")));
+        };
+        same_shape(case, "y_pred", &dims)?;
+        if self.kind == DeviceKind::Cuda {
+            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
+        }
+        fn run<E: CaseElement>(case: &Case, n: usize, t: usize) -> Result<(Data, Data)> {
+            let (r2, pearson) = ridge::score(
+                n,
+                t,
+                typed::<E>(case, "y_true")?,
+                typed::<E>(case, "y_pred")?,
+            )?;
+            Ok((E::wrap(r2), E::wrap(pearson)))
+        }
+        let (r2, pearson) = match case.input("y_true")?.dtype() {
+            Some(DType::F32) => run::<f32>(case, n, t)?,
+            Some(DType::F64) => run::<f64>(case, n, t)?,
+            _ => return Err(case_err(&case.name, "`in.y_true` must be F32 or F64")),
+        };
+        let mut out = BTreeMap::new();
+        for (name, data) in [("r2", r2), ("pearson", pearson)] {
+            out.insert(
+                name.to_string(),
+                Tensor {
+                    shape: vec![t],
+                    data,
+                },
+            );
+        }
+        Ok(out)
+    }
 }
 
 fn scan_params(case: &Case) -> Result<ScanParams> {
@@ -1327,6 +1525,53 @@ pub fn check_file(runner: &Runner, path: &Path, save: Option<&Path>) -> Report {
     report
 }
 
+/// `best_alpha` of `ridge.cv` by meaning: a target whose chosen alpha differs from the
+/// reference's passes only where the reference's mean CV scores of the two alphas differ by
+/// less than the tolerance (a tie within rounding).
+fn compare_best_alpha(case: &Case, got: &Tensor, want: &Tensor, tol: Tolerance) -> OutputCheck {
+    let fail = |problem: String| OutputCheck {
+        name: "best_alpha".into(),
+        max_abs: f64::NAN,
+        max_rel: f64::NAN,
+        passed: false,
+        problem: Some(problem),
+    };
+    let (g, w) = (got.to_f64(), want.to_f64());
+    let scores = case.outputs.get("cv_scores").map(Tensor::to_f64);
+    let alphas = case.inputs.get("alphas").map(Tensor::to_f64);
+    let (Some(scores), Some(alphas)) = (scores, alphas) else {
+        return fail("the case has no out.cv_scores or in.alphas to compare by".into());
+    };
+    if g.len() != w.len() || scores.len() != alphas.len() * w.len() {
+        return fail(format!("{} values, expected {}", g.len(), w.len()));
+    }
+    let t = w.len();
+    let index = |a: f64| alphas.iter().position(|x| *x == a);
+    for (c, (ga, wa)) in g.iter().zip(&w).enumerate() {
+        if ga == wa {
+            continue;
+        }
+        let (Some(gi), Some(wi)) = (index(*ga), index(*wa)) else {
+            return fail(format!(
+                "target {c}: alpha {ga} is not one of the case's alphas"
+            ));
+        };
+        let (sg, sw) = (scores[gi * t + c], scores[wi * t + c]);
+        if (sg - sw).abs() > tol.atol + tol.rtol * sw.abs() {
+            return fail(format!(
+                "target {c}: chose alpha {ga} (mean score {sg}) where the reference chose {wa} ({sw})"
+            ));
+        }
+    }
+    OutputCheck {
+        name: "best_alpha".into(),
+        max_abs: 0.0,
+        max_rel: 0.0,
+        passed: true,
+        problem: None,
+    }
+}
+
 /// Compares computed outputs with every `out.NAME` of the case.
 pub fn compare_case(case: &Case, got: &BTreeMap<String, Tensor>) -> Vec<OutputCheck> {
     let default = Tolerance::default_for(case.dtype().unwrap_or(DType::F32));
@@ -1337,6 +1582,9 @@ pub fn compare_case(case: &Case, got: &BTreeMap<String, Tensor>) -> Vec<OutputCh
     case.outputs
         .iter()
         .map(|(name, want)| match got.get(name) {
+            Some(g) if case.op == "ridge.cv" && name == "best_alpha" => {
+                compare_best_alpha(case, g, want, tol)
+            }
             Some(g) => compare_elementwise(name, g, want, tol),
             None => OutputCheck {
                 name: name.clone(),

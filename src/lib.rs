@@ -5,8 +5,9 @@
 //!
 //! Families: linear-recurrence scans ([`scan`]: `scan.linear`, `scan.linear_complex`,
 //! Mamba's selective scan in [`scan::selective`], gated linear attention in [`scan::gla`],
-//! each with its backward); fused attention, sparse top-k encoding and batched ridge follow
-//! the same layout (see DESIGN.md). [`cases`] runs reference cases in the format of CASES.md.
+//! each with its backward); batched ridge in [`ridge`] (`ridge.solve_batched`, `ridge.score`;
+//! `ridge.cv` not yet); fused attention and sparse top-k encoding follow the same layout (see
+//! DESIGN.md). [`cases`] runs reference cases in the format of CASES.md.
 //!
 //! Every call validates its inputs and returns [`Result`]; bad input is an [`Error`] naming
 //! the tensor, never a panic.
@@ -20,6 +21,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod element;
 pub mod error;
+pub mod ridge;
 pub mod scan;
 
 pub use element::{DType, Element};

@@ -201,14 +201,14 @@ fn an_unimplemented_op_fails_rather_than_skips() {
     let path = write_case(
         &dir,
         "t.safetensors",
-        "ridge.score",
+        "topk.rows",
         "",
-        &[("in.y_true", Tensor::new(vec![1, 1], vec![1.0f64]))],
+        &[("in.x", Tensor::new(vec![1, 1], vec![1.0f64]))],
     );
     let report = check_file(&Runner::cpu(), &path, None);
     assert!(matches!(report.outcome, Outcome::Failed(..)));
     assert!(
-        report.line().contains("op not implemented: ridge.score"),
+        report.line().contains("op not implemented: topk.rows"),
         "{}",
         report.line()
     );

@@ -1,7 +1,6 @@
 """Reference cases of the batched-ridge family: ``ridge.cv``,
 ``ridge.solve_batched`` and ``ridge.score`` (loaded by ``generate.py``, see
-FAMILY_MODULES there; all three ops are in ``PENDING`` until the Rust side
-lands, so their files are written only with ``--pending``).
+FAMILY_MODULES there; all three ops have landed, so ``PENDING`` is empty).
 
 Usage::
 
@@ -154,7 +153,7 @@ import zlib
 import numpy as np
 import torch
 
-PENDING = {"ridge.cv", "ridge.solve_batched", "ridge.score"}
+PENDING: set = set()
 
 _TORCH_DTYPE = {"f32": torch.float32, "f64": torch.float64}
 _NP_DTYPE = {"f32": np.float32, "f64": np.float64}
