@@ -171,7 +171,7 @@ pub fn cv<E: RidgeReal>(
     let mut sums = vec![0.0f64; n_alphas * t];
     for (f, test) in fold_rows.iter().enumerate() {
         let train: Vec<usize> = (0..n).filter(|i| inputs.folds[*i] as usize != f).collect();
-        let fold = Fold::new(params, p, inputs.x, &train, test)?;
+        let fold = Fold::new(params, p, t, inputs, &train, test)?;
         let batch = params.target_batch.max(1);
         let mut t0 = 0;
         while t0 < t {
@@ -282,6 +282,31 @@ fn gather<E: RidgeReal>(
     })
 }
 
+/// The given rows of a row-major matrix, columns [c0, c0 + w), minus `offset` (per column),
+/// as a row-major buffer (contiguous copies: the rows of y are long).
+fn rows_of<E: RidgeReal>(
+    data: &[E],
+    width: usize,
+    rows: &[usize],
+    c0: usize,
+    w: usize,
+    offset: Option<&[f64]>,
+) -> Vec<E> {
+    let mut out = Vec::with_capacity(rows.len() * w);
+    for r in rows {
+        let src = &data[r * width + c0..r * width + c0 + w];
+        match offset {
+            Some(o) => out.extend(
+                src.iter()
+                    .zip(&o[c0..c0 + w])
+                    .map(|(v, m)| cast::<E>(widen(*v) - m)),
+            ),
+            None => out.extend_from_slice(src),
+        }
+    }
+    out
+}
+
 /// Eigendecomposition of a symmetric matrix: (vectors, values clamped at 0).
 fn eigh<E: RidgeReal>(gram: &Mat<E>, what: &str) -> Result<(Mat<E>, Vec<f64>)> {
     let eig = gram
@@ -297,8 +322,8 @@ fn eigh<E: RidgeReal>(gram: &Mat<E>, what: &str) -> Result<(Mat<E>, Vec<f64>)> {
 /// One fold's decomposition: the held-out rows projected so that each alpha's prediction is
 /// one product `proj · diag(1/(s + α)) · Z`.
 struct Fold<E: RidgeReal> {
-    /// The training rows' means of x (centered fits).
-    x_mean: Option<Vec<f64>>,
+    /// The training rows' means of y (centered fits), all targets.
+    y_mean: Option<Vec<f64>>,
     /// Primal: Xᵀ of the centered training rows is needed for Z = Vᵀ Xᵀ Y.
     x_train: Mat<E>,
     /// Eigenvectors of the Gram matrix (V or U).
@@ -310,8 +335,17 @@ struct Fold<E: RidgeReal> {
 }
 
 impl<E: RidgeReal> Fold<E> {
-    fn new(params: &CvParams, p: usize, x: &[E], train: &[usize], test: &[usize]) -> Result<Self> {
+    fn new(
+        params: &CvParams,
+        p: usize,
+        t: usize,
+        inputs: &CvInputs<'_, E>,
+        train: &[usize],
+        test: &[usize],
+    ) -> Result<Self> {
+        let x = inputs.x;
         let x_mean = params.center.then(|| means(x, p, train));
+        let y_mean = params.center.then(|| means(inputs.y, t, train));
         let x_train = gather(x, p, train, 0, p, x_mean.as_deref());
         let x_test = gather(x, p, test, 0, p, x_mean.as_deref());
         let primal = train.len() >= p;
@@ -328,7 +362,7 @@ impl<E: RidgeReal> Fold<E> {
             (u, l, proj)
         };
         Ok(Self {
-            x_mean,
+            y_mean,
             x_train,
             vectors,
             values,
@@ -350,29 +384,31 @@ impl<E: RidgeReal> Fold<E> {
         test: &[usize],
         sums: &mut [f64],
     ) -> Result<()> {
-        let _ = &self.x_mean;
-        let y_mean = params.center.then(|| means(inputs.y, t, train));
-        let y_train = gather(inputs.y, t, train, t0, tb, y_mean.as_deref());
+        let y_mean = self.y_mean.as_deref();
+        let y_train = rows_of(inputs.y, t, train, t0, tb, y_mean);
+        let y_train = MatRef::from_row_major_slice(&y_train, train.len(), tb);
         let z = if self.primal {
-            let xty = product(self.x_train.transpose(), y_train.as_ref());
+            let xty = product(self.x_train.transpose(), y_train);
             product(self.vectors.transpose(), xty.as_ref())
         } else {
-            product(self.vectors.transpose(), y_train.as_ref())
+            product(self.vectors.transpose(), y_train)
         };
-        let y_test = gather(inputs.y, t, test, t0, tb, None);
+        let y_test = rows_of(inputs.y, t, test, t0, tb, None);
+        // per held-out target: its centered values (the alpha-independent half of the score)
+        let y_stats: Vec<TargetStats> = (0..tb)
+            .into_par_iter()
+            .map(|c| TargetStats::new(y_test.iter().skip(c).step_by(tb).copied()))
+            .collect();
         let rank = self.values.len();
         let mut scaled = Mat::<E>::zeros(test.len(), rank);
         let mut pred = Mat::<E>::zeros(test.len(), tb);
         for (a, alpha) in inputs.alphas.iter().enumerate() {
             let alpha = widen(*alpha);
-            let inv: Vec<E> = self
-                .values
-                .iter()
-                .map(|s| cast(1.0 / (s + alpha)))
-                .collect();
-            for j in 0..rank {
-                for i in 0..test.len() {
-                    scaled[(i, j)] = self.proj[(i, j)] * inv[j];
+            for (j, s) in self.values.iter().enumerate() {
+                let inv = cast::<E>(1.0 / (s + alpha));
+                let (src, dst) = (self.proj.col_as_slice(j), scaled.col_as_slice_mut(j));
+                for (d, x) in dst.iter_mut().zip(src) {
+                    *d = *x * inv;
                 }
             }
             matmul(
@@ -384,49 +420,67 @@ impl<E: RidgeReal> Fold<E> {
                 par(),
             );
             let row = &mut sums[a * t + t0..a * t + t0 + tb];
+            let pred = &pred;
             row.par_iter_mut().enumerate().for_each(|(c, acc)| {
-                let offset = y_mean.as_ref().map_or(0.0, |m| m[t0 + c]);
-                *acc += held_out_score(
-                    params.score,
-                    (0..test.len()).map(|i| (widen(y_test[(i, c)]), widen(pred[(i, c)]) + offset)),
-                    test.len(),
-                );
+                let offset = y_mean.map_or(0.0, |m| m[t0 + c]);
+                *acc += y_stats[c].score(params.score, pred.col_as_slice(c), offset);
             });
         }
         Ok(())
     }
 }
 
-/// R² or Pearson of (target, prediction) pairs, in f64, two passes over the pairs.
-fn held_out_score(
-    score: CvScore,
-    pairs: impl Iterator<Item = (f64, f64)> + Clone,
-    count: usize,
-) -> f64 {
-    let inv = 1.0 / count.max(1) as f64;
-    let (sum_y, sum_p) = pairs
-        .clone()
-        .fold((0.0, 0.0), |(a, b), (y, q)| (a + y, b + q));
-    let (mean_y, mean_p) = (sum_y * inv, sum_p * inv);
-    let (mut ss_tot, mut ss_res, mut ss_pred, mut cross) = (0.0, 0.0, 0.0, 0.0);
-    for (y, q) in pairs {
-        let (a, b) = (y - mean_y, q - mean_p);
-        ss_tot += a * a;
-        ss_res += (y - q) * (y - q);
-        ss_pred += b * b;
-        cross += a * b;
-    }
-    match score {
-        CvScore::R2 => {
-            if ss_tot == 0.0 {
-                0.0
-            } else {
-                1.0 - ss_res / ss_tot
-            }
+/// A held-out target column, centered on its own mean, for scoring many predictions of it.
+struct TargetStats {
+    mean: f64,
+    centered: Vec<f64>,
+    ss_tot: f64,
+}
+
+impl TargetStats {
+    fn new<E: Element>(y: impl Iterator<Item = E>) -> Self {
+        let y: Vec<f64> = y.map(widen).collect();
+        let mean = y.iter().sum::<f64>() / y.len().max(1) as f64;
+        let centered: Vec<f64> = y.iter().map(|v| v - mean).collect();
+        let ss_tot = centered.iter().map(|a| a * a).sum();
+        Self {
+            mean,
+            centered,
+            ss_tot,
         }
-        CvScore::Pearson => {
-            let denom = (ss_tot * ss_pred).sqrt();
-            if denom == 0.0 { 0.0 } else { cross / denom }
+    }
+
+    /// R² or Pearson of `pred + offset` against this target, in f64. With ŷ = pred + offset
+    /// and b = ŷ − mean(ŷ): SS_res = Σ(a − b − m)² where m = mean(ŷ) − mean(y); the sums
+    /// Σa·b, Σb² and Σb are taken in one pass with b centered at the running first value to
+    /// keep the f64 sums well conditioned.
+    fn score<E: Element>(&self, kind: CvScore, pred: &[E], offset: f64) -> f64 {
+        let count = pred.len().max(1) as f64;
+        let shift = pred.first().map_or(0.0, |v| widen(*v));
+        let (mut sb, mut sbb, mut sab) = (0.0, 0.0, 0.0);
+        for (a, q) in self.centered.iter().zip(pred) {
+            let b = widen(*q) - shift;
+            sb += b;
+            sbb += b * b;
+            sab += a * b;
+        }
+        // Σa = 0, so Σa·(b − b̄) = Σa·b; Σ(b − b̄)² = Σb² − (Σb)²/n
+        let ss_pred = (sbb - sb * sb / count).max(0.0);
+        match kind {
+            CvScore::R2 => {
+                if self.ss_tot == 0.0 {
+                    return 0.0;
+                }
+                // y − ŷ = a − (b − b̄) − m, m = mean(ŷ) − mean(y); Σ over rows:
+                // SS_res = SS_tot − 2Σab + SS_pred + n·m²
+                let mean_pred = shift + sb / count + offset;
+                let m = mean_pred - self.mean;
+                1.0 - (self.ss_tot - 2.0 * sab + ss_pred + count * m * m) / self.ss_tot
+            }
+            CvScore::Pearson => {
+                let denom = (self.ss_tot * ss_pred).sqrt();
+                if denom == 0.0 { 0.0 } else { sab / denom }
+            }
         }
     }
 }
@@ -470,14 +524,12 @@ fn refit<E: RidgeReal>(
     let mut t0 = 0;
     while t0 < t {
         let tb = batch.min(t - t0);
-        let yc = gather(inputs.y, t, &all, t0, tb, y_mean.as_deref());
+        let yc = rows_of(inputs.y, t, &all, t0, tb, y_mean.as_deref());
+        let yc = MatRef::from_row_major_slice(&yc, n, tb);
         let mut z = if primal {
-            product(
-                vectors.transpose(),
-                product(xc.transpose(), yc.as_ref()).as_ref(),
-            )
+            product(vectors.transpose(), product(xc.transpose(), yc).as_ref())
         } else {
-            product(vectors.transpose(), yc.as_ref())
+            product(vectors.transpose(), yc)
         };
         for c in 0..tb {
             let alpha = chosen[t0 + c];

@@ -2,13 +2,15 @@
 //! target by cross-validation; see [`cv`]), `ridge.solve_batched` (many independent small
 //! problems) and `ridge.score` (R² and Pearson per target).
 //!
-//! Small problems are solved in f64 whatever the element type (the factorizations are a
-//! few hundred values on a side, so f64 costs little and keeps f32 results at f32
-//! precision even for poorly conditioned X): a Cholesky factorization of XᵀX + αI when
-//! n ≥ p, of the dual XXᵀ + αI when n < p (then w = Xᵀ(XXᵀ + αI)⁻¹Y), one task per problem.
-//! Results do not depend on the thread count.
+//! Small problems: the products (XᵀX or XXᵀ, XᵀY) run in the accumulator type (f32, f64 for
+//! f64) on the SIMD register tiles of `cpu::gemm`; the Cholesky factorization of XᵀX + αI
+//! (n ≥ p) or of the dual XXᵀ + αI (n < p, then w = Xᵀ(XXᵀ + αI)⁻¹Y) and the triangular
+//! solves run in f64 (p³/3 against the products' n·p², and f64 keeps them stable). One task
+//! per problem: results do not depend on the thread count.
 
-use crate::element::Element;
+use crate::cpu::gemm::{Strided, gemm_acc};
+use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
+use crate::element::{Accum, Element};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -126,7 +128,9 @@ pub fn solve_batched<E: Element>(
     Ok(w)
 }
 
-/// One problem in f64: returns w [p, t] (row-major).
+/// One problem: the products (Gram matrix, right-hand sides, back-projection) in the
+/// accumulator type with the register-tiled SIMD kernels of `cpu::gemm`, the factorization
+/// and the triangular solves in f64. Returns w [p, t] (row-major, f64).
 fn solve_one<E: Element>(
     n: usize,
     p: usize,
@@ -135,71 +139,149 @@ fn solve_one<E: Element>(
     y: &[E],
     alpha: f64,
 ) -> std::result::Result<Vec<f64>, String> {
-    let xf: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
-    let yf: Vec<f64> = y.iter().map(|v| v.to_f64()).collect();
-    if n >= p {
-        // (XᵀX + αI) w = XᵀY
-        let mut gram = vec![0.0; p * p];
-        let mut rhs = vec![0.0; p * t];
-        for i in 0..n {
-            let (row, yr) = (&xf[i * p..(i + 1) * p], &yf[i * t..(i + 1) * t]);
+    dispatch(
+        Isa::active(),
+        Problem {
+            n,
+            p,
+            t,
+            x,
+            y,
+            alpha,
+        },
+    )
+}
+
+struct Problem<'a, E: Element> {
+    n: usize,
+    p: usize,
+    t: usize,
+    x: &'a [E],
+    y: &'a [E],
+    alpha: f64,
+}
+
+impl<E: Element> SimdKernel for Problem<'_, E> {
+    type Output = std::result::Result<Vec<f64>, String>;
+    #[inline(always)]
+    fn run<S: Simd>(self) -> Self::Output {
+        let Self {
+            n,
+            p,
+            t,
+            x,
+            y,
+            alpha,
+        } = self;
+        let zero = <E::Acc as Accum>::ZERO;
+        let xa: Vec<E::Acc> = x.iter().map(|v| v.to_acc()).collect();
+        let ya: Vec<E::Acc> = y.iter().map(|v| v.to_acc()).collect();
+        // Xᵀ read through strides: element (i, k) of Xᵀ is x[k][i]
+        let xt = Strided {
+            ptr: xa.as_ptr(),
+            row_stride: 1,
+            inner_stride: p,
+        };
+        let widen = |v: &[E::Acc]| v.iter().map(|a| a.to_f64()).collect::<Vec<f64>>();
+        if n >= p {
+            // (XᵀX + αI) w = XᵀY
+            let (mut gram, mut rhs) = (vec![zero; p * p], vec![zero; p * t]);
+            // SAFETY: xa is n×p, ya n×t, gram p×p and rhs p×t, all live and disjoint.
+            unsafe {
+                // the lower triangle only (what the factorization reads), in blocks of rows
+                const BLOCK: usize = 16;
+                let mut r0 = 0;
+                while r0 < p {
+                    let rows = BLOCK.min(p - r0);
+                    let block_a = Strided {
+                        ptr: xt.ptr.add(r0),
+                        ..xt
+                    };
+                    let cols = r0 + rows;
+                    gemm_acc::<S, E::Acc>(
+                        rows,
+                        cols,
+                        n,
+                        block_a,
+                        xa.as_ptr(),
+                        p,
+                        gram.as_mut_ptr().add(r0 * p),
+                        p,
+                        false,
+                    );
+                    r0 += rows;
+                }
+                gemm_acc::<S, E::Acc>(p, t, n, xt, ya.as_ptr(), t, rhs.as_mut_ptr(), t, false);
+            }
+            let mut gram = widen(&gram);
             for a in 0..p {
-                let xa = row[a];
-                for (gv, xb) in gram[a * p..a * p + a + 1].iter_mut().zip(row) {
-                    *gv += xa * xb;
-                }
-                for (r, yv) in rhs[a * t..(a + 1) * t].iter_mut().zip(yr) {
-                    *r += xa * yv;
-                }
+                gram[a * p + a] += alpha;
             }
-        }
-        for a in 0..p {
-            gram[a * p + a] += alpha;
-        }
-        cholesky_solve(&mut gram, p, &mut rhs, t)?;
-        Ok(rhs)
-    } else {
-        // w = Xᵀ (XXᵀ + αI)⁻¹ Y
-        let mut kernel = vec![0.0; n * n];
-        for i in 0..n {
-            for j in 0..=i {
-                let dot: f64 = xf[i * p..(i + 1) * p]
-                    .iter()
-                    .zip(&xf[j * p..(j + 1) * p])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                kernel[i * n + j] = dot;
-            }
-            kernel[i * n + i] += alpha;
-        }
-        let mut coef = yf;
-        cholesky_solve(&mut kernel, n, &mut coef, t)?;
-        let mut w = vec![0.0; p * t];
-        for i in 0..n {
-            let (row, cr) = (&xf[i * p..(i + 1) * p], &coef[i * t..(i + 1) * t]);
-            for a in 0..p {
-                for (wv, c) in w[a * t..(a + 1) * t].iter_mut().zip(cr) {
-                    *wv += row[a] * c;
+            let mut w = widen(&rhs);
+            cholesky_solve(&mut gram, p, &mut w, t)?;
+            Ok(w)
+        } else {
+            // w = Xᵀ (XXᵀ + αI)⁻¹ Y
+            let mut x_transposed = vec![zero; p * n];
+            for i in 0..n {
+                for k in 0..p {
+                    x_transposed[k * n + i] = xa[i * p + k];
                 }
             }
+            let mut kernel = vec![zero; n * n];
+            let rows = Strided {
+                ptr: xa.as_ptr(),
+                row_stride: p,
+                inner_stride: 1,
+            };
+            // SAFETY: xa is n×p, x_transposed p×n, kernel n×n, all live and disjoint.
+            unsafe {
+                gemm_acc::<S, E::Acc>(
+                    n,
+                    n,
+                    p,
+                    rows,
+                    x_transposed.as_ptr(),
+                    n,
+                    kernel.as_mut_ptr(),
+                    n,
+                    false,
+                );
+            }
+            let mut kernel = widen(&kernel);
+            for i in 0..n {
+                kernel[i * n + i] += alpha;
+            }
+            let mut coef = widen(&ya);
+            cholesky_solve(&mut kernel, n, &mut coef, t)?;
+            let coef: Vec<E::Acc> = coef
+                .iter()
+                .map(|v| <E::Acc as Accum>::from_f64(*v))
+                .collect();
+            let mut w = vec![zero; p * t];
+            // SAFETY: xa is n×p (read as Xᵀ), coef n×t, w p×t, all live and disjoint.
+            unsafe {
+                gemm_acc::<S, E::Acc>(p, t, n, xt, coef.as_ptr(), t, w.as_mut_ptr(), t, false);
+            }
+            Ok(widen(&w))
         }
-        Ok(w)
     }
 }
 
 /// Solves A·X = B in place for a symmetric positive definite A (m×m, its lower triangle
-/// read; overwritten by the Cholesky factor) and B (m×t, overwritten by X).
+/// read; overwritten by the Cholesky factor) and B (m×t, overwritten by X). Right-looking, so
+/// every inner loop is a row update (axpy) that vectorizes where it is inlined into a SIMD
+/// kernel; the summation order is fixed.
+#[inline(always)]
 fn cholesky_solve(
     a: &mut [f64],
     m: usize,
     b: &mut [f64],
     t: usize,
 ) -> std::result::Result<(), String> {
+    let mut col = vec![0.0; m];
     for j in 0..m {
-        let mut d = a[j * m + j];
-        for k in 0..j {
-            d -= a[j * m + k] * a[j * m + k];
-        }
+        let d = a[j * m + j];
         if d.is_nan() || d <= 0.0 {
             return Err(format!(
                 "the regularized Gram matrix is not positive definite (pivot {j}: {d})"
@@ -207,38 +289,46 @@ fn cholesky_solve(
         }
         let d = d.sqrt();
         a[j * m + j] = d;
+        let inv = 1.0 / d;
         for i in j + 1..m {
-            let mut s = a[i * m + j];
-            for k in 0..j {
-                s -= a[i * m + k] * a[j * m + k];
+            a[i * m + j] *= inv;
+            col[i] = a[i * m + j];
+        }
+        // trailing update of the lower triangle: row i -= l_i · l[j+1..=i]
+        for i in j + 1..m {
+            let li = col[i];
+            let row = &mut a[i * m + j + 1..i * m + i + 1];
+            for (x, l) in row.iter_mut().zip(&col[j + 1..=i]) {
+                *x -= li * l;
             }
-            a[i * m + j] = s / d;
         }
     }
-    // L z = b, then Lᵀ x = z, each right-hand side column at once along t
+    // L z = b, then Lᵀ x = z: each step updates whole rows of B (t right-hand sides)
     for i in 0..m {
+        let d = a[i * m + i];
+        let (done, rest) = b.split_at_mut(i * t);
+        let row = &mut rest[..t];
         for k in 0..i {
             let l = a[i * m + k];
-            for c in 0..t {
-                b[i * t + c] -= l * b[k * t + c];
+            for (x, z) in row.iter_mut().zip(&done[k * t..(k + 1) * t]) {
+                *x -= l * z;
             }
         }
-        let d = a[i * m + i];
-        for c in 0..t {
-            b[i * t + c] /= d;
-        }
+        let inv = 1.0 / d;
+        row.iter_mut().for_each(|x| *x *= inv);
     }
     for i in (0..m).rev() {
+        let d = a[i * m + i];
+        let (head, tail) = b.split_at_mut((i + 1) * t);
+        let row = &mut head[i * t..];
         for k in i + 1..m {
             let l = a[k * m + i];
-            for c in 0..t {
-                b[i * t + c] -= l * b[k * t + c];
+            for (x, z) in row.iter_mut().zip(&tail[(k - i - 1) * t..(k - i) * t]) {
+                *x -= l * z;
             }
         }
-        let d = a[i * m + i];
-        for c in 0..t {
-            b[i * t + c] /= d;
-        }
+        let inv = 1.0 / d;
+        row.iter_mut().for_each(|x| *x *= inv);
     }
     Ok(())
 }
