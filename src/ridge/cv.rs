@@ -7,10 +7,14 @@
 //!   primal: XᵀX = V diag(s) Vᵀ, Z = Vᵀ Xᵀ Y, pred_α = (X_te V) diag(1/(s+α)) Z;
 //!   dual:   XXᵀ = U diag(λ) Uᵀ, Z = Uᵀ Y,    pred_α = (X_te Xᵀ U) diag(1/(λ+α)) Z;
 //! (plus the training mean of y when centered). Targets stream in batches of
-//! `target_batch`; for each alpha the held-out predictions of one batch live in one
-//! n_te × batch buffer whose scores are taken at once, so [alphas × held-out rows × targets] is
-//! never stored. The refit on all rows uses one decomposition of the full Gram matrix and
-//! scales Z column by column with each target's chosen alpha: W = V (Z ∘ 1/(s + α_target)).
+//! `target_batch`. The held-out predictions are never formed: with proj = X_te V (or
+//! X_te Xᵀ U) = Q·R (one QR per fold) and d = diag(1/(s+α)) Z, the score needs only
+//! Σŷ = 1ᵀproj·d, Σa·ŷ = (projᵀa)·d (a: the centered held-out targets, projᵀa once per
+//! batch) and |ŷ|² = |R·d|², so each alpha costs one triangular product R·d
+//! (rank²/2 · batch multiply-adds against n_te · rank · batch for forming ŷ) and
+//! [alphas × held-out rows × targets] is never stored. The refit on all rows uses one
+//! decomposition of the full Gram matrix and scales Z column by column with each target's
+//! chosen alpha: W = V (Z ∘ 1/(s + α_target)).
 //!
 //! The dense products and the eigendecompositions are faer's (parallel over the rayon
 //! pool); the centering, the batching, the scaling and the scoring are ours. Scores are
@@ -22,6 +26,7 @@ use super::check_finite;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatRef, Par, Side};
 use rayon::prelude::*;
 
@@ -331,6 +336,11 @@ struct Fold<E: RidgeReal> {
     values: Vec<f64>,
     /// X_te V (primal) or X_te Xᵀ U (dual): n_te × rank.
     proj: Mat<E>,
+    /// R of proj = Q·R (min(n_te, rank) × rank, upper triangular when square):
+    /// |proj·d|² = |R·d|², so the held-out predictions never need forming.
+    r_factor: Mat<E>,
+    /// Column sums of proj (over the held-out rows), in f64.
+    proj_sums: Vec<f64>,
     primal: bool,
 }
 
@@ -361,12 +371,18 @@ impl<E: RidgeReal> Fold<E> {
             let proj = product(cross.as_ref(), u.as_ref());
             (u, l, proj)
         };
+        let r_factor = proj.qr().thin_R().to_owned();
+        let proj_sums = (0..proj.ncols())
+            .map(|j| proj.col_as_slice(j).iter().map(|v| widen(*v)).sum())
+            .collect();
         Ok(Self {
             y_mean,
             x_train,
             vectors,
             values,
             proj,
+            r_factor,
+            proj_sums,
             primal,
         })
     }
@@ -393,94 +409,136 @@ impl<E: RidgeReal> Fold<E> {
         } else {
             product(self.vectors.transpose(), y_train)
         };
-        let y_test = rows_of(inputs.y, t, test, t0, tb, None);
-        // per held-out target: its centered values (the alpha-independent half of the score)
-        let y_stats: Vec<TargetStats> = (0..tb)
-            .into_par_iter()
-            .map(|c| TargetStats::new(y_test.iter().skip(c).step_by(tb).copied()))
-            .collect();
-        let rank = self.values.len();
-        let mut scaled = Mat::<E>::zeros(test.len(), rank);
-        let mut pred = Mat::<E>::zeros(test.len(), tb);
+        // held-out targets, centered on their own means: a (n_te × tb), SS_tot per target
+        let n_te = test.len();
+        let mut held_out = rows_of(inputs.y, t, test, t0, tb, None);
+        let y_te_mean = means(&held_out, tb, &(0..n_te).collect::<Vec<_>>());
+        for row in held_out.chunks_exact_mut(tb) {
+            for (v, m) in row.iter_mut().zip(&y_te_mean) {
+                *v = cast(widen(*v) - m);
+            }
+        }
+        let centered = MatRef::from_row_major_slice(&held_out, n_te, tb);
+        let mut ss_tot = vec![0.0f64; tb];
+        for row in held_out.chunks_exact(tb) {
+            for (acc, v) in ss_tot.iter_mut().zip(row) {
+                *acc += widen(*v).powi(2);
+            }
+        }
+        // projᵀ·a: the cross terms Σ a·ŷ of every alpha come from it
+        let cross = product(self.proj.transpose(), centered);
+        // Σŷ and Σa·ŷ of every (target, alpha) at once, in f64:
+        // Σ_j u_j z_jc / (s_j + α) and Σ_j cross_jc z_jc / (s_j + α)
+        let (rank, n_alphas) = (self.values.len(), inputs.alphas.len());
+        let inv_all = Mat::<f64>::from_fn(rank, n_alphas, |j, a| {
+            1.0 / (self.values[j] + widen(inputs.alphas[a]))
+        });
+        let weighted_sums =
+            Mat::<f64>::from_fn(tb, rank, |c, j| self.proj_sums[j] * widen(z[(j, c)]));
+        let weighted_cross =
+            Mat::<f64>::from_fn(tb, rank, |c, j| widen(cross[(j, c)]) * widen(z[(j, c)]));
+        let mut sum_pred_all = Mat::<f64>::zeros(tb, n_alphas);
+        let mut sum_cross_all = Mat::<f64>::zeros(tb, n_alphas);
+        matmul(
+            sum_pred_all.as_mut(),
+            Accum::Replace,
+            weighted_sums.as_ref(),
+            inv_all.as_ref(),
+            1.0,
+            par(),
+        );
+        matmul(
+            sum_cross_all.as_mut(),
+            Accum::Replace,
+            weighted_cross.as_ref(),
+            inv_all.as_ref(),
+            1.0,
+            par(),
+        );
+        let square = self.r_factor.nrows() == rank;
+        let mut scaled = Mat::<E>::zeros(rank, tb);
+        let mut reduced = Mat::<E>::zeros(self.r_factor.nrows(), tb);
         for (a, alpha) in inputs.alphas.iter().enumerate() {
             let alpha = widen(*alpha);
-            for (j, s) in self.values.iter().enumerate() {
-                let inv = cast::<E>(1.0 / (s + alpha));
-                let (src, dst) = (self.proj.col_as_slice(j), scaled.col_as_slice_mut(j));
-                for (d, x) in dst.iter_mut().zip(src) {
-                    *d = *x * inv;
+            let inv: Vec<E> = self
+                .values
+                .iter()
+                .map(|s| cast(1.0 / (s + alpha)))
+                .collect();
+            for c in 0..tb {
+                for ((d, x), i) in scaled
+                    .col_as_slice_mut(c)
+                    .iter_mut()
+                    .zip(z.col_as_slice(c))
+                    .zip(&inv)
+                {
+                    *d = *x * *i;
                 }
             }
-            matmul(
-                pred.as_mut(),
+            // R·(D z): |ŷ − offset|² per target without forming ŷ
+            triangular::matmul(
+                reduced.as_mut(),
+                BlockStructure::Rectangular,
                 Accum::Replace,
+                self.r_factor.as_ref(),
+                if square {
+                    BlockStructure::TriangularUpper
+                } else {
+                    BlockStructure::Rectangular
+                },
                 scaled.as_ref(),
-                z.as_ref(),
+                BlockStructure::Rectangular,
                 cast::<E>(1.0),
                 par(),
             );
             let row = &mut sums[a * t + t0..a * t + t0 + tb];
-            let pred = &pred;
+            let reduced = &reduced;
+            let (sum_pred_all, sum_cross_all) = (&sum_pred_all, &sum_cross_all);
             row.par_iter_mut().enumerate().for_each(|(c, acc)| {
+                let (sum_pred, sum_cross) = (sum_pred_all[(c, a)], sum_cross_all[(c, a)]);
+                let sum_sq: f64 = reduced
+                    .col_as_slice(c)
+                    .iter()
+                    .map(|v| widen(*v).powi(2))
+                    .sum();
                 let offset = y_mean.map_or(0.0, |m| m[t0 + c]);
-                *acc += y_stats[c].score(params.score, pred.col_as_slice(c), offset);
+                *acc += held_out_score(
+                    params.score,
+                    n_te,
+                    ss_tot[c],
+                    sum_cross,
+                    (sum_sq - sum_pred * sum_pred / n_te as f64).max(0.0),
+                    (sum_pred / n_te as f64 + offset) - y_te_mean[c],
+                );
             });
         }
         Ok(())
     }
 }
 
-/// A held-out target column, centered on its own mean, for scoring many predictions of it.
-struct TargetStats {
-    mean: f64,
-    centered: Vec<f64>,
+/// R² or Pearson from the sums of one target's held-out rows (a = y − ȳ, ŷ the prediction):
+/// ss_tot = Σa², cross = Σa·ŷ, ss_pred = Σ(ŷ − mean ŷ)², shift = mean ŷ − ȳ. Then
+/// SS_res = Σ(a − (ŷ − ȳ))² = ss_tot − 2·cross + ss_pred + n·shift² (Σa = 0).
+fn held_out_score(
+    kind: CvScore,
+    count: usize,
     ss_tot: f64,
-}
-
-impl TargetStats {
-    fn new<E: Element>(y: impl Iterator<Item = E>) -> Self {
-        let y: Vec<f64> = y.map(widen).collect();
-        let mean = y.iter().sum::<f64>() / y.len().max(1) as f64;
-        let centered: Vec<f64> = y.iter().map(|v| v - mean).collect();
-        let ss_tot = centered.iter().map(|a| a * a).sum();
-        Self {
-            mean,
-            centered,
-            ss_tot,
-        }
-    }
-
-    /// R² or Pearson of `pred + offset` against this target, in f64. With ŷ = pred + offset
-    /// and b = ŷ − mean(ŷ): SS_res = Σ(a − b − m)² where m = mean(ŷ) − mean(y); the sums
-    /// Σa·b, Σb² and Σb are taken in one pass with b centered at the running first value to
-    /// keep the f64 sums well conditioned.
-    fn score<E: Element>(&self, kind: CvScore, pred: &[E], offset: f64) -> f64 {
-        let count = pred.len().max(1) as f64;
-        let shift = pred.first().map_or(0.0, |v| widen(*v));
-        let (mut sb, mut sbb, mut sab) = (0.0, 0.0, 0.0);
-        for (a, q) in self.centered.iter().zip(pred) {
-            let b = widen(*q) - shift;
-            sb += b;
-            sbb += b * b;
-            sab += a * b;
-        }
-        // Σa = 0, so Σa·(b − b̄) = Σa·b; Σ(b − b̄)² = Σb² − (Σb)²/n
-        let ss_pred = (sbb - sb * sb / count).max(0.0);
-        match kind {
-            CvScore::R2 => {
-                if self.ss_tot == 0.0 {
-                    return 0.0;
-                }
-                // y − ŷ = a − (b − b̄) − m, m = mean(ŷ) − mean(y); Σ over rows:
-                // SS_res = SS_tot − 2Σab + SS_pred + n·m²
-                let mean_pred = shift + sb / count + offset;
-                let m = mean_pred - self.mean;
-                1.0 - (self.ss_tot - 2.0 * sab + ss_pred + count * m * m) / self.ss_tot
+    cross: f64,
+    ss_pred: f64,
+    shift: f64,
+) -> f64 {
+    match kind {
+        CvScore::R2 => {
+            if ss_tot == 0.0 {
+                0.0
+            } else {
+                let ss_res = ss_tot - 2.0 * cross + ss_pred + count as f64 * shift * shift;
+                1.0 - ss_res / ss_tot
             }
-            CvScore::Pearson => {
-                let denom = (self.ss_tot * ss_pred).sqrt();
-                if denom == 0.0 { 0.0 } else { sab / denom }
-            }
+        }
+        CvScore::Pearson => {
+            let denom = (ss_tot * ss_pred).sqrt();
+            if denom == 0.0 { 0.0 } else { cross / denom }
         }
     }
 }
