@@ -919,22 +919,26 @@ impl Runner {
             }
         };
         same_shape(case, "alpha", &[g])?;
-        if self.kind == DeviceKind::Cuda {
-            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
-        }
         let shape = ridge::BatchedShape::new(g, n, p, t);
-        fn run<E: CaseElement>(case: &Case, shape: ridge::BatchedShape) -> Result<Data> {
-            let w = ridge::solve_batched(
-                shape,
+        fn run<E: RunElement>(
+            runner: &Runner,
+            case: &Case,
+            shape: ridge::BatchedShape,
+        ) -> Result<Data> {
+            let (x, y, alpha) = (
                 typed::<E>(case, "x")?,
                 typed::<E>(case, "y")?,
                 typed::<E>(case, "alpha")?,
-            )?;
+            );
+            let w = match runner.kind {
+                DeviceKind::Cpu => ridge::solve_batched(shape, x, y, alpha)?,
+                DeviceKind::Cuda => E::cuda_ridge_solve_batched(runner, shape, x, y, alpha)?,
+            };
             Ok(E::wrap(w))
         }
         let data = match case.input("x")?.dtype() {
-            Some(DType::F32) => run::<f32>(case, shape)?,
-            Some(DType::F64) => run::<f64>(case, shape)?,
+            Some(DType::F32) => run::<f32>(self, case, shape)?,
+            Some(DType::F64) => run::<f64>(self, case, shape)?,
             _ => return Err(case_err(&case.name, "`in.x` must be F32 or F64")),
         };
         let mut out = BTreeMap::new();
@@ -1088,6 +1092,13 @@ trait RunElement: CaseElement {
         shape: GlaShape,
         inputs: &GlaInputs<'_, Self>,
     ) -> Result<(Vec<Self>, Vec<Self::Acc>)>;
+    fn cuda_ridge_solve_batched(
+        runner: &Runner,
+        shape: ridge::BatchedShape,
+        x: &[Self],
+        y: &[Self],
+        alpha: &[Self],
+    ) -> Result<Vec<Self>>;
     fn cuda_scan_linear(
         runner: &Runner,
         numbers: Numbers,
@@ -1148,6 +1159,19 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
             .as_ref()
             .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
         crate::scan::gla::cuda::gla_host(device, params, shape, inputs)
+    }
+    fn cuda_ridge_solve_batched(
+        runner: &Runner,
+        shape: ridge::BatchedShape,
+        x: &[E],
+        y: &[E],
+        alpha: &[E],
+    ) -> Result<Vec<E>> {
+        let device = runner
+            .cuda
+            .as_ref()
+            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        ridge::cuda::solve_batched_host(device, shape, x, y, alpha)
     }
     fn cuda_scan_linear(
         runner: &Runner,
@@ -1215,6 +1239,15 @@ impl<E: CaseElement> RunElement for E {
         _: GlaShape,
         _: &GlaInputs<'_, E>,
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
+        Err(Error::NoDevice("this build has no `cuda` feature".into()))
+    }
+    fn cuda_ridge_solve_batched(
+        _: &Runner,
+        _: ridge::BatchedShape,
+        _: &[E],
+        _: &[E],
+        _: &[E],
+    ) -> Result<Vec<E>> {
         Err(Error::NoDevice("this build has no `cuda` feature".into()))
     }
     fn cuda_scan_linear(

@@ -14,6 +14,8 @@ use crate::element::{Accum, Element};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod cv;
 pub use cv::{CvFit, CvInputs, CvParams, CvProgress, CvScore, cv};
 
@@ -65,6 +67,21 @@ fn check_len(name: &str, got: usize, want: usize, shape: &str) -> Result<()> {
     }
 }
 
+/// Every alpha finite and > 0, or an `Err` naming the problem.
+fn check_alpha<E: Element>(alpha: &[E]) -> Result<()> {
+    let usable = |a: f64| a.is_finite() && a > 0.0;
+    match alpha.iter().position(|a| !usable(a.to_f64())) {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(
+            "alpha",
+            format!(
+                "must be finite and > 0 (problem {i} has {})",
+                alpha[i].to_f64()
+            ),
+        )),
+    }
+}
+
 fn check_finite<E: Element>(name: &str, x: &[E]) -> Result<()> {
     match x.iter().position(|v| !v.to_f64().is_finite()) {
         None => Ok(()),
@@ -99,16 +116,7 @@ pub fn solve_batched<E: Element>(
     check_len("alpha", alpha.len(), g, &format!("[{g}]"))?;
     check_finite("x", x)?;
     check_finite("y", y)?;
-    let usable = |a: f64| a.is_finite() && a > 0.0;
-    if let Some(i) = alpha.iter().position(|a| !usable(a.to_f64())) {
-        return Err(Error::invalid(
-            "alpha",
-            format!(
-                "must be finite and > 0 (problem {i} has {})",
-                alpha[i].to_f64()
-            ),
-        ));
-    }
+    check_alpha(alpha)?;
     let mut w = vec![E::default(); ws];
     if ws == 0 {
         return Ok(w);
