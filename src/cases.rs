@@ -468,6 +468,14 @@ impl Runner {
         self.kind
     }
 
+    /// The runner's CUDA device, or `Err(NoDevice)`.
+    #[cfg(feature = "cuda")]
+    fn device(&self) -> Result<&crate::cuda::Device> {
+        self.cuda
+            .as_ref()
+            .ok_or_else(|| Error::NoDevice("runner has no device".into()))
+    }
+
     /// Runs the case's op on its inputs; returns the outputs by name.
     pub fn run(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
         if !CONTRACT_OPS.contains(&case.op.as_str()) && !EXTENSION_OPS.contains(&case.op.as_str()) {
@@ -1129,10 +1137,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
         shape: SelectiveShape,
         inputs: &SelectiveInputs<'_, E>,
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
-        let device = runner
-            .cuda
-            .as_ref()
-            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        let device = runner.device()?;
         crate::scan::selective::cuda::selective_host(device, params, shape, inputs)
     }
     fn cuda_selective_backward(
@@ -1142,10 +1147,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
         inputs: &SelectiveInputs<'_, E>,
         dy: &[E],
     ) -> Result<SelectiveGrads<E>> {
-        let device = runner
-            .cuda
-            .as_ref()
-            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        let device = runner.device()?;
         crate::scan::selective::cuda::selective_backward_host(device, params, shape, inputs, dy)
     }
     fn cuda_gla(
@@ -1154,10 +1156,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
         shape: GlaShape,
         inputs: &GlaInputs<'_, E>,
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
-        let device = runner
-            .cuda
-            .as_ref()
-            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        let device = runner.device()?;
         crate::scan::gla::cuda::gla_host(device, params, shape, inputs)
     }
     fn cuda_ridge_solve_batched(
@@ -1167,10 +1166,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
         y: &[E],
         alpha: &[E],
     ) -> Result<Vec<E>> {
-        let device = runner
-            .cuda
-            .as_ref()
-            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        let device = runner.device()?;
         ridge::cuda::solve_batched_host(device, shape, x, y, alpha)
     }
     fn cuda_scan_linear(
@@ -1182,10 +1178,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
         b: &[E],
         h0: Option<&[E]>,
     ) -> Result<Vec<E>> {
-        let device = runner
-            .cuda
-            .as_ref()
-            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        let device = runner.device()?;
         match numbers {
             Numbers::Real => scan::cuda::linear_host(device, params, shape, a, b, h0),
             Numbers::Complex => scan::cuda::linear_complex_host(device, params, shape, a, b, h0),
@@ -1201,10 +1194,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
         dh: &[E],
         h0: Option<&[E]>,
     ) -> Result<scan::LinearGrads<E>> {
-        let device = runner
-            .cuda
-            .as_ref()
-            .ok_or_else(|| Error::NoDevice("runner has no device".into()))?;
+        let device = runner.device()?;
         match numbers {
             Numbers::Real => scan::cuda::linear_backward_host(device, params, shape, a, h, dh, h0),
             Numbers::Complex => {

@@ -86,3 +86,16 @@ impl From<std::io::Error> for Error {
         Error::Io(e.to_string())
     }
 }
+
+/// `Err(Shape)` naming `tensor` unless it holds `expected` elements (`shape` says which dims).
+pub(crate) fn check_len(tensor: &str, got: usize, expected: usize, shape: &str) -> Result<()> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            tensor,
+            format!("{expected} elements ({shape})"),
+            format!("{got} elements"),
+        ))
+    }
+}

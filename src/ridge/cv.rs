@@ -458,19 +458,16 @@ impl<E: RidgeReal> Fold<E> {
         let square = self.r_factor.nrows() == rank;
         let mut scaled = Mat::<E>::zeros(rank, tb);
         let mut reduced = Mat::<E>::zeros(self.r_factor.nrows(), tb);
-        for (a, alpha) in inputs.alphas.iter().enumerate() {
-            let alpha = widen(*alpha);
-            let inv: Vec<E> = self
-                .values
-                .iter()
-                .map(|s| cast(1.0 / (s + alpha)))
-                .collect();
+        // the element-type copy of inv_all, reused by every pass over the alphas
+        let inv_elem = Mat::<E>::from_fn(rank, n_alphas, |j, a| cast(inv_all[(j, a)]));
+        for a in 0..n_alphas {
+            let inv = inv_elem.col_as_slice(a);
             for c in 0..tb {
                 for ((d, x), i) in scaled
                     .col_as_slice_mut(c)
                     .iter_mut()
                     .zip(z.col_as_slice(c))
-                    .zip(&inv)
+                    .zip(inv)
                 {
                     *d = *x * *i;
                 }

@@ -11,7 +11,7 @@
 use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
@@ -51,18 +51,6 @@ impl BatchedShape {
             prod(g, self.samples, self.features).ok_or_else(over)?,
             prod(g, self.samples, self.targets).ok_or_else(over)?,
             prod(g, self.features, self.targets).ok_or_else(over)?,
-        ))
-    }
-}
-
-fn check_len(name: &str, got: usize, want: usize, shape: &str) -> Result<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            name,
-            format!("{shape} ({want} values)"),
-            format!("{got} values"),
         ))
     }
 }

@@ -86,17 +86,7 @@ impl std::fmt::Display for ScanShape {
     }
 }
 
-pub(crate) fn check_len(tensor: &str, got: usize, expected: usize, shape: &str) -> Result<()> {
-    if got == expected {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            tensor,
-            format!("{expected} elements ({shape})"),
-            format!("{got} elements"),
-        ))
-    }
-}
+pub(crate) use crate::error::check_len;
 
 /// Real or complex scans; a complex channel is two interleaved floats (re, im).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

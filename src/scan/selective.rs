@@ -773,6 +773,24 @@ pub mod cuda {
         pub h0: Option<CudaView<'a, E::Acc>>,
     }
 
+    impl<E: CudaElement> DeviceInputs<'_, E> {
+        /// The lengths checks of the host inputs, on the device views.
+        fn validate(&self, shape: &SelectiveShape) -> Result<super::Sizes> {
+            Lengths {
+                u: self.u.len(),
+                delta: self.delta.len(),
+                a: self.a.len(),
+                bm: self.bm.len(),
+                cm: self.cm.len(),
+                dskip: self.dskip.as_ref().map(|x| x.len()),
+                z: self.z.as_ref().map(|x| x.len()),
+                delta_bias: self.delta_bias.as_ref().map(|x| x.len()),
+                h0: self.h0.as_ref().map(|x| x.len()),
+            }
+            .validate(shape)
+        }
+    }
+
     /// The instantiation holding N states: the smallest of 4, 16 and the dtype's maximum.
     fn state_bucket<E: CudaElement>(n: usize) -> Result<u32> {
         let max = if E::DTYPE == DType::F64 {
@@ -803,18 +821,7 @@ pub mod cuda {
         h_last: &mut impl DevicePtrMut<E::Acc>,
     ) -> Result<()> {
         device.check_stream(stream)?;
-        let sizes = Lengths {
-            u: inputs.u.len(),
-            delta: inputs.delta.len(),
-            a: inputs.a.len(),
-            bm: inputs.bm.len(),
-            cm: inputs.cm.len(),
-            dskip: inputs.dskip.as_ref().map(|x| x.len()),
-            z: inputs.z.as_ref().map(|x| x.len()),
-            delta_bias: inputs.delta_bias.as_ref().map(|x| x.len()),
-            h0: inputs.h0.as_ref().map(|x| x.len()),
-        }
-        .validate(&shape)?;
+        let sizes = inputs.validate(&shape)?;
         let (b, t, d, n) = (shape.batch, shape.len, shape.channels, shape.state);
         check_len("y", y.len(), sizes.seq, &format!("[{b}, {t}, {d}]"))?;
         check_len(
@@ -980,18 +987,7 @@ pub mod cuda {
         dy: &View<'_, E>,
     ) -> Result<DeviceGrads<E>> {
         device.check_stream(stream)?;
-        let sizes = Lengths {
-            u: inputs.u.len(),
-            delta: inputs.delta.len(),
-            a: inputs.a.len(),
-            bm: inputs.bm.len(),
-            cm: inputs.cm.len(),
-            dskip: inputs.dskip.as_ref().map(|x| x.len()),
-            z: inputs.z.as_ref().map(|x| x.len()),
-            delta_bias: inputs.delta_bias.as_ref().map(|x| x.len()),
-            h0: inputs.h0.as_ref().map(|x| x.len()),
-        }
-        .validate(&shape)?;
+        let sizes = inputs.validate(&shape)?;
         let (b, t, d, n) = (shape.batch, shape.len, shape.channels, shape.state);
         check_len("dy", dy.len(), sizes.seq, &format!("[{b}, {t}, {d}]"))?;
         if n > NK_SELECTIVE_BWD_MAX_STATE as usize {

@@ -23,7 +23,7 @@
 //! alone touches a new page every row or two (measured: a third of the time went to those
 //! loads at H = 8); the heads of a group share their pages and cache lines.
 
-use super::{GlaInputs, GlaShape, exp_in_place, padded_stride};
+use super::{GlaInputs, GlaShape, exp_in_place, padded_stride, row};
 use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{SendPtr, Simd, SimdKernel, prefetch};
 use crate::element::{Accum, Element};
@@ -186,21 +186,37 @@ impl<A: Accum> Workspace<A> {
         j: usize,
     ) {
         let (kd, vd) = (self.kd, self.vd);
-        let (qk_at, v_at) = (rows.at(t, kd), rows.at(t, vd));
-        widen(
-            &inputs.q[qk_at..qk_at + kd],
+        let (shape, bh) = (rows.shape, rows.batch * rows.shape.heads + rows.head);
+        row(
+            inputs.q,
+            shape,
+            bh,
+            t,
+            kd,
             &mut self.q[j * kd..(j + 1) * kd],
         );
-        widen(
-            &inputs.k[qk_at..qk_at + kd],
+        row(
+            inputs.k,
+            shape,
+            bh,
+            t,
+            kd,
             &mut self.k[j * kd..(j + 1) * kd],
         );
-        widen(
-            &inputs.g[qk_at..qk_at + kd],
+        row(
+            inputs.g,
+            shape,
+            bh,
+            t,
+            kd,
             &mut self.gates[j * kd..(j + 1) * kd],
         );
-        widen(
-            &inputs.v[v_at..v_at + vd],
+        row(
+            inputs.v,
+            shape,
+            bh,
+            t,
+            vd,
             &mut self.v[j * vd..(j + 1) * vd],
         );
     }
@@ -345,13 +361,6 @@ impl<A: Accum> Workspace<A> {
                 false,
             );
         }
-    }
-}
-
-#[inline(always)]
-fn widen<E: Element>(src: &[E], dst: &mut [E::Acc]) {
-    for (d, x) in dst.iter_mut().zip(src) {
-        *d = x.to_acc();
     }
 }
 
