@@ -18,6 +18,8 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+mod topk_ops;
+
 /// Every op of the contract in CASES.md; those not in [`IMPLEMENTED_OPS`] fail with
 /// `op not implemented`.
 pub const CONTRACT_OPS: &[&str] = &[
@@ -49,7 +51,19 @@ pub const CONTRACT_OPS: &[&str] = &[
 pub const EXTENSION_OPS: &[&str] = &["scan.linear_complex_backward"];
 
 /// Ops that run on the CPU only so far: on CUDA their cases fail with `op not implemented`.
-pub const CPU_ONLY_OPS: &[&str] = &["scan.gla", "scan.gla_backward"];
+pub const CPU_ONLY_OPS: &[&str] = &[
+    "scan.gla_backward",
+    "ridge.cv",
+    "ridge.score",
+    "topk.rows",
+    "sae.encode",
+    "sae.encode_batch_topk",
+    "sae.encode_jumprelu",
+    "sae.decode",
+    "sae.backward",
+    "sae.encode_mp",
+    "codebook.nearest",
+];
 
 /// The ops this build can run.
 pub const IMPLEMENTED_OPS: &[&str] = &[
@@ -64,6 +78,14 @@ pub const IMPLEMENTED_OPS: &[&str] = &[
     "ridge.cv",
     "ridge.solve_batched",
     "ridge.score",
+    "topk.rows",
+    "sae.encode",
+    "sae.encode_batch_topk",
+    "sae.encode_jumprelu",
+    "sae.decode",
+    "sae.backward",
+    "sae.encode_mp",
+    "codebook.nearest",
 ];
 
 /// A host tensor's data.
@@ -496,6 +518,12 @@ impl Runner {
             "ridge.cv" => self.ridge_cv(case),
             "ridge.solve_batched" => self.ridge_solve_batched(case),
             "ridge.score" => self.ridge_score(case),
+            "topk.rows" => self.topk_rows(case),
+            "sae.encode" | "sae.encode_batch_topk" | "sae.encode_jumprelu" => self.sae_encode(case),
+            "sae.decode" => self.sae_decode(case),
+            "sae.backward" => self.sae_backward(case),
+            "sae.encode_mp" => self.sae_encode_mp(case),
+            "codebook.nearest" => self.codebook_nearest(case),
             other => Err(Error::OpNotImplemented(other.to_string())),
         }
     }
@@ -1602,6 +1630,9 @@ pub fn compare_case(case: &Case, got: &BTreeMap<String, Tensor>) -> Vec<OutputCh
         rtol: case.rtol.unwrap_or(default.rtol),
         atol: case.atol.unwrap_or(default.atol),
     };
+    if let Some(checks) = topk_ops::compare(case, got, tol) {
+        return checks;
+    }
     case.outputs
         .iter()
         .map(|(name, want)| match got.get(name) {

@@ -99,6 +99,12 @@ pub trait Accum:
     unsafe fn vmax<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
     #[doc(hidden)]
     unsafe fn vmin<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
+    /// Lane bits of a > b (ordered: NaN gives 0).
+    #[doc(hidden)]
+    unsafe fn vmask_gt<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> u32;
+    /// Lane bits of !(a <= b) (NaN on either side gives 1).
+    #[doc(hidden)]
+    unsafe fn vmask_nle<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> u32;
     /// The scalar e^x matching `vexp`.
     fn exp(self) -> Self;
     fn from_f64(x: f64) -> Self;
@@ -106,7 +112,7 @@ pub trait Accum:
 }
 
 macro_rules! impl_accum {
-    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr, $div:ident, $max:ident, $min:ident) => {
+    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr, $div:ident, $max:ident, $min:ident, $gt:ident, $nle:ident) => {
         impl Accum for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -164,6 +170,14 @@ macro_rules! impl_accum {
                 unsafe { S::$min(a, b) }
             }
             #[inline(always)]
+            unsafe fn vmask_gt<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> u32 {
+                unsafe { S::$gt(a, b) }
+            }
+            #[inline(always)]
+            unsafe fn vmask_nle<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> u32 {
+                unsafe { S::$nle(a, b) }
+            }
+            #[inline(always)]
             fn exp(self) -> Self {
                 $sexp(self)
             }
@@ -194,7 +208,9 @@ impl_accum!(
     crate::cpu::exp_f32,
     f32_div,
     f32_max,
-    f32_min
+    f32_min,
+    f32_mask_gt,
+    f32_mask_nle
 );
 impl_accum!(
     f64,
@@ -212,7 +228,9 @@ impl_accum!(
     f64::exp,
     f64_div,
     f64_max,
-    f64_min
+    f64_min,
+    f64_mask_gt,
+    f64_mask_nle
 );
 
 /// A tensor element type: f32, f64, f16 or bf16. Sealed.

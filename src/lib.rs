@@ -23,6 +23,7 @@ pub mod element;
 pub mod error;
 pub mod ridge;
 pub mod scan;
+pub mod topk;
 
 pub use element::{DType, Element};
 pub use error::{Error, Result};

@@ -166,6 +166,13 @@ pub trait Simd: Copy + 'static {
     unsafe fn f64_max(a: Self::F64, b: Self::F64) -> Self::F64;
     unsafe fn f32_min(a: Self::F32, b: Self::F32) -> Self::F32;
     unsafe fn f64_min(a: Self::F64, b: Self::F64) -> Self::F64;
+    /// Bit i set where lane i of `a` > lane i of `b` (false where either is NaN).
+    unsafe fn f32_mask_gt(a: Self::F32, b: Self::F32) -> u32;
+    unsafe fn f64_mask_gt(a: Self::F64, b: Self::F64) -> u32;
+    /// Bit i set where !(a[i] <= b[i]): greater, or either is NaN (a filter that lets NaN
+    /// through, and lets everything through against a NaN threshold).
+    unsafe fn f32_mask_nle(a: Self::F32, b: Self::F32) -> u32;
+    unsafe fn f64_mask_nle(a: Self::F64, b: Self::F64) -> u32;
 }
 
 /// Coefficients of e^r ≈ 1 + r + r²/2 + … + r⁶/720 on |r| <= ln2/2, highest first.

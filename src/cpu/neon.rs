@@ -193,4 +193,35 @@ impl Simd for Neon {
     unsafe fn f64_min(a: float64x2_t, b: float64x2_t) -> float64x2_t {
         unsafe { vminq_f64(a, b) }
     }
+    // NEON has no movemask: the comparison lanes (all ones or zero) are masked with each
+    // lane's bit and summed across.
+    #[inline(always)]
+    unsafe fn f32_mask_gt(a: float32x4_t, b: float32x4_t) -> u32 {
+        unsafe { f32_bits(vcgtq_f32(a, b)) }
+    }
+    #[inline(always)]
+    unsafe fn f64_mask_gt(a: float64x2_t, b: float64x2_t) -> u32 {
+        unsafe { f64_bits(vcgtq_f64(a, b)) }
+    }
+    #[inline(always)]
+    unsafe fn f32_mask_nle(a: float32x4_t, b: float32x4_t) -> u32 {
+        unsafe { f32_bits(vmvnq_u32(vcleq_f32(a, b))) }
+    }
+    #[inline(always)]
+    unsafe fn f64_mask_nle(a: float64x2_t, b: float64x2_t) -> u32 {
+        unsafe { f64_bits(veorq_u64(vcleq_f64(a, b), vdupq_n_u64(u64::MAX))) }
+    }
+}
+
+/// Lane i's comparison result (all ones or zero) as bit i.
+#[inline(always)]
+unsafe fn f32_bits(m: uint32x4_t) -> u32 {
+    const BITS: [u32; 4] = [1, 2, 4, 8];
+    unsafe { vaddvq_u32(vandq_u32(m, vld1q_u32(BITS.as_ptr()))) }
+}
+
+#[inline(always)]
+unsafe fn f64_bits(m: uint64x2_t) -> u32 {
+    const BITS: [u64; 2] = [1, 2];
+    unsafe { vaddvq_u64(vandq_u64(m, vld1q_u64(BITS.as_ptr()))) as u32 }
 }

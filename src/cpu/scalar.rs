@@ -4,6 +4,7 @@
 use super::Simd;
 use super::convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 use half::{bf16, f16};
+use std::cmp::Ordering;
 
 #[derive(Clone, Copy)]
 pub struct Scalar;
@@ -126,5 +127,23 @@ impl Simd for Scalar {
     #[inline(always)]
     unsafe fn f64_min(a: f64, b: f64) -> f64 {
         a.min(b)
+    }
+    #[inline(always)]
+    unsafe fn f32_mask_gt(a: f32, b: f32) -> u32 {
+        (a > b) as u32
+    }
+    #[inline(always)]
+    unsafe fn f64_mask_gt(a: f64, b: f64) -> u32 {
+        (a > b) as u32
+    }
+    #[inline(always)]
+    unsafe fn f32_mask_nle(a: f32, b: f32) -> u32 {
+        // not (a <= b): true for NaN on either side
+        !matches!(a.partial_cmp(&b), Some(Ordering::Less | Ordering::Equal)) as u32
+    }
+    #[inline(always)]
+    unsafe fn f64_mask_nle(a: f64, b: f64) -> u32 {
+        // not (a <= b): true for NaN on either side
+        !matches!(a.partial_cmp(&b), Some(Ordering::Less | Ordering::Equal)) as u32
     }
 }

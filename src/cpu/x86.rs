@@ -211,6 +211,22 @@ impl Simd for Avx2 {
     unsafe fn f64_min(a: __m256d, b: __m256d) -> __m256d {
         unsafe { _mm256_min_pd(a, b) }
     }
+    #[inline(always)]
+    unsafe fn f32_mask_gt(a: __m256, b: __m256) -> u32 {
+        unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b)) as u32 }
+    }
+    #[inline(always)]
+    unsafe fn f64_mask_gt(a: __m256d, b: __m256d) -> u32 {
+        unsafe { _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(a, b)) as u32 }
+    }
+    #[inline(always)]
+    unsafe fn f32_mask_nle(a: __m256, b: __m256) -> u32 {
+        unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(a, b)) as u32 }
+    }
+    #[inline(always)]
+    unsafe fn f64_mask_nle(a: __m256d, b: __m256d) -> u32 {
+        unsafe { _mm256_movemask_pd(_mm256_cmp_pd::<_CMP_NLE_UQ>(a, b)) as u32 }
+    }
 }
 
 impl Simd for Avx512 {
@@ -396,5 +412,21 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn f64_min(a: __m512d, b: __m512d) -> __m512d {
         unsafe { _mm512_min_pd(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f32_mask_gt(a: __m512, b: __m512) -> u32 {
+        unsafe { _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b) as u32 }
+    }
+    #[inline(always)]
+    unsafe fn f64_mask_gt(a: __m512d, b: __m512d) -> u32 {
+        unsafe { _mm512_cmp_pd_mask::<_CMP_GT_OQ>(a, b) as u32 }
+    }
+    #[inline(always)]
+    unsafe fn f32_mask_nle(a: __m512, b: __m512) -> u32 {
+        unsafe { _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(a, b) as u32 }
+    }
+    #[inline(always)]
+    unsafe fn f64_mask_nle(a: __m512d, b: __m512d) -> u32 {
+        unsafe { _mm512_cmp_pd_mask::<_CMP_NLE_UQ>(a, b) as u32 }
     }
 }

@@ -1,0 +1,581 @@
+//! Sparse top-k encoding (CPU): `topk.rows`, the sparse-autoencoder ops `sae.encode`,
+//! `sae.encode_batch_topk`, `sae.encode_jumprelu`, `sae.decode`, `sae.backward`,
+//! `sae.encode_mp` (matching pursuit) and `codebook.nearest`, as CASES.md specifies them.
+//!
+//! The encoders never materialize the [B, L] pre-activations: scores are computed in
+//! register tiles and selected on the fly ([`encode`] module docs). Element types f32, f16,
+//! bf16 (accumulating in f32) and f64.
+//!
+//! Order and ties everywhere: larger first, and the lower index first among equal values.
+//! NaN: `topk.rows` ranks NaN above every number (as torch.topk does: first with `largest`,
+//! last without); `sae.encode` keeps NaN pre-activations (ReLU(NaN) = NaN, ranked first), so
+//! a NaN row of `x` returns NaN values; the CSR encoders (`batch_topk`, `jumprelu`) never
+//! keep a NaN; `codebook.nearest` ranks a NaN score first.
+//!
+//! Determinism: results are bit-identical whatever the thread count (exact selection under a
+//! total order; the backward groups its sparse updates by latent and sums them in a fixed
+//! order, no atomics).
+
+mod encode;
+mod select;
+mod sparse;
+
+pub use select::{RowsParams, rows, rows_on};
+pub use sparse::{BackwardInputs, SaeGrads, backward, backward_on, decode, decode_on};
+
+use crate::cpu::Isa;
+use crate::element::{Accum, Element};
+use crate::error::{Error, Result, check_len};
+use encode::{Collect, Encoder};
+use select::rank;
+
+/// Sizes of the SAE ops: `batch` rows of `dm` features against `latents` dictionary rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SaeShape {
+    pub batch: usize,
+    pub dm: usize,
+    pub latents: usize,
+}
+
+impl SaeShape {
+    pub fn new(batch: usize, dm: usize, latents: usize) -> Self {
+        Self { batch, dm, latents }
+    }
+
+    /// (B·Dm, L·Dm), checked; L must fit the i32 indices.
+    fn sizes(&self) -> Result<(usize, usize)> {
+        check_index_range("w", self.latents)?;
+        let over = |t: &str| Error::overflow(t, format!("{self:?} overflows"));
+        let bx = self
+            .batch
+            .checked_mul(self.dm)
+            .filter(|n| n.checked_mul(8).is_some())
+            .ok_or_else(|| over("x"))?;
+        let lw = self
+            .latents
+            .checked_mul(self.dm)
+            .filter(|n| n.checked_mul(8).is_some())
+            .ok_or_else(|| over("w"))?;
+        Ok((bx, lw))
+    }
+}
+
+/// A sparse [B, L] matrix in compressed rows: row b holds `indices[indptr[b]..indptr[b+1]]`
+/// with their `values`, in descending value order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Csr<E> {
+    pub indptr: Vec<i32>,
+    pub indices: Vec<i32>,
+    pub values: Vec<E>,
+}
+
+/// The inputs of the SAE encoders: `x [B, Dm]`, `w_enc [L, Dm]`, `b_enc [L]`, optional
+/// `b_dec [Dm]` (subtracted from x first).
+#[derive(Clone, Copy, Debug)]
+pub struct EncoderInputs<'a, E> {
+    pub x: &'a [E],
+    pub w_enc: &'a [E],
+    pub b_enc: &'a [E],
+    pub b_dec: Option<&'a [E]>,
+}
+
+/// `k` in 1..=n, or an `Err` naming `k`.
+pub(crate) fn check_k(name: &str, k: usize, n: usize, what: &str) -> Result<()> {
+    if k == 0 || k > n {
+        return Err(Error::invalid(
+            name,
+            format!("must be in 1..={n} ({what}), got {k}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Positions along an axis of length n must fit the i32 index outputs.
+pub(crate) fn check_index_range(tensor: &str, n: usize) -> Result<()> {
+    if n > i32::MAX as usize {
+        return Err(Error::overflow(
+            tensor,
+            format!("{n} entries along the indexed axis do not fit i32 indices"),
+        ));
+    }
+    Ok(())
+}
+
+fn widen<E: Element>(v: &[E]) -> Vec<E::Acc> {
+    v.iter().map(|x| x.to_acc()).collect()
+}
+
+impl<E: Element> EncoderInputs<'_, E> {
+    fn validate(&self, shape: SaeShape) -> Result<()> {
+        let (bx, lw) = shape.sizes()?;
+        let SaeShape { batch, dm, latents } = shape;
+        check_len("x", self.x.len(), bx, &format!("[{batch}, {dm}]"))?;
+        check_len("w_enc", self.w_enc.len(), lw, &format!("[{latents}, {dm}]"))?;
+        check_len("b_enc", self.b_enc.len(), latents, &format!("[{latents}]"))?;
+        if let Some(b) = self.b_dec {
+            check_len("b_dec", b.len(), dm, &format!("[{dm}]"))?;
+        }
+        Ok(())
+    }
+
+    fn encoder<'s>(
+        &'s self,
+        shape: SaeShape,
+        b_dec: &'s Option<Vec<E::Acc>>,
+        b_enc: &'s [E::Acc],
+    ) -> Encoder<'s, E, E> {
+        Encoder {
+            x: self.x,
+            rows: shape.batch,
+            dm: shape.dm,
+            offset: b_dec.as_deref(),
+            row_scale: None,
+            w: self.w_enc,
+            latents: shape.latents,
+            scale: None,
+            shift: Some(b_enc),
+        }
+    }
+}
+
+/// `sae.encode`: per row, the `k` largest of ReLU((x − b_dec)·W_encᵀ + b_enc), descending,
+/// with their latent indices (`values [B, k]`, `indices [B, k]`). Where fewer than k are
+/// positive the rest are zeros at the lowest latents with a non-positive pre-activation.
+pub fn encode<E: Element>(
+    shape: SaeShape,
+    inputs: EncoderInputs<'_, E>,
+    k: usize,
+) -> Result<(Vec<E>, Vec<i32>)> {
+    encode_on(Isa::active(), shape, inputs, k)
+}
+
+/// [`encode`] on a chosen ISA.
+pub fn encode_on<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    inputs: EncoderInputs<'_, E>,
+    k: usize,
+) -> Result<(Vec<E>, Vec<i32>)> {
+    isa.check()?;
+    inputs.validate(shape)?;
+    check_k("k", k, shape.latents, "the number of latents L")?;
+    let b_dec = inputs.b_dec.map(widen);
+    let b_enc = widen(inputs.b_enc);
+    let enc = inputs.encoder(shape, &b_dec, &b_enc);
+    let picked = enc.run(isa, Collect::TopK { k, relu: true });
+    Ok(dense_topk::<E>(&picked, shape.batch, k, |v| v))
+}
+
+/// Per-row selections (each exactly k long) as `values [rows, k]`, `indices [rows, k]`.
+fn dense_topk<E: Element>(
+    picked: &[Vec<(E::Acc, u32)>],
+    rows: usize,
+    k: usize,
+    map: impl Fn(E::Acc) -> E::Acc,
+) -> (Vec<E>, Vec<i32>) {
+    let mut values = vec![E::default(); rows * k];
+    let mut indices = vec![0i32; rows * k];
+    for (b, row) in picked.iter().enumerate() {
+        for (j, &(v, i)) in row.iter().take(k).enumerate() {
+            values[b * k + j] = E::from_acc(map(v));
+            indices[b * k + j] = i as i32;
+        }
+    }
+    (values, indices)
+}
+
+fn csr<E: Element>(rows: &[Vec<(E::Acc, u32)>]) -> Result<Csr<E>> {
+    let nnz: usize = rows.iter().map(Vec::len).sum();
+    check_index_range("indices", nnz)?;
+    let mut out = Csr {
+        indptr: Vec::with_capacity(rows.len() + 1),
+        indices: Vec::with_capacity(nnz),
+        values: Vec::with_capacity(nnz),
+    };
+    out.indptr.push(0);
+    for row in rows {
+        for &(v, i) in row {
+            out.indices.push(i as i32);
+            out.values.push(E::from_acc(v));
+        }
+        out.indptr.push(out.indices.len() as i32);
+    }
+    Ok(out)
+}
+
+/// `sae.encode_batch_topk`: the B·k largest ReLU pre-activations over the whole batch (ties:
+/// lower flat index b·L + l first), of which the strictly positive are kept; CSR out, each
+/// row descending. NaN pre-activations are never kept.
+pub fn encode_batch_topk<E: Element>(
+    shape: SaeShape,
+    inputs: EncoderInputs<'_, E>,
+    k: usize,
+) -> Result<Csr<E>> {
+    encode_batch_topk_on(Isa::active(), shape, inputs, k)
+}
+
+/// [`encode_batch_topk`] on a chosen ISA.
+///
+/// A global threshold by selection without the dense matrix: each row first keeps its best
+/// m = 2k (exact per-row lists from the fused encoder); the (B·k)-th best positive entry of
+/// that pool is the candidate threshold. A row whose m-th kept entry still ranks above the
+/// threshold may hide more winners, so only such rows are encoded again with m doubled,
+/// until none is left (m reaches L at worst). The result is exact.
+pub fn encode_batch_topk_on<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    inputs: EncoderInputs<'_, E>,
+    k: usize,
+) -> Result<Csr<E>> {
+    isa.check()?;
+    inputs.validate(shape)?;
+    check_k("k", k, shape.latents, "the number of latents L")?;
+    let SaeShape { batch, dm, latents } = shape;
+    let budget = batch
+        .checked_mul(k)
+        .ok_or_else(|| Error::overflow("k", "B·k overflows"))?;
+    let b_dec = inputs.b_dec.map(widen);
+    let b_enc = widen(inputs.b_enc);
+    // positives only: NaN and non-positive values can never be kept
+    let positive = |row: Vec<(E::Acc, u32)>| -> Vec<(E::Acc, u32)> {
+        row.into_iter().filter(|(v, _)| *v > E::Acc::ZERO).collect()
+    };
+    let mut m = (2 * k).min(latents);
+    let mut kept: Vec<Vec<(E::Acc, u32)>> = inputs
+        .encoder(shape, &b_dec, &b_enc)
+        .run(isa, Collect::TopK { k: m, relu: true })
+        .into_iter()
+        .map(positive)
+        .collect();
+    let mut depth = vec![m; batch]; // how many each row's list was allowed to hold
+    loop {
+        let threshold = batch_threshold(&kept, budget);
+        // rows whose list was full of positives ranking above the threshold
+        let open: Vec<usize> = (0..batch)
+            .filter(|&b| {
+                depth[b] < latents
+                    && kept[b].len() == depth[b]
+                    && kept[b]
+                        .last()
+                        .is_some_and(|&(v, l)| threshold.is_none_or(|t| beats((v, b, l), t)))
+            })
+            .collect();
+        if open.is_empty() {
+            let Some(t) = threshold else {
+                return csr::<E>(&kept);
+            };
+            let rows: Vec<Vec<(E::Acc, u32)>> = kept
+                .into_iter()
+                .enumerate()
+                .map(|(b, row)| {
+                    row.into_iter()
+                        .filter(|&(v, l)| !beats(t, (v, b, l)))
+                        .collect()
+                })
+                .collect();
+            return csr::<E>(&rows);
+        }
+        m = (2 * m).min(latents);
+        let x: Vec<E> = open
+            .iter()
+            .flat_map(|&b| inputs.x[b * dm..(b + 1) * dm].iter().copied())
+            .collect();
+        let sub = EncoderInputs { x: &x, ..inputs };
+        let again = sub
+            .encoder(SaeShape::new(open.len(), dm, latents), &b_dec, &b_enc)
+            .run(isa, Collect::TopK { k: m, relu: true });
+        for (&b, row) in open.iter().zip(again) {
+            kept[b] = positive(row);
+            depth[b] = m;
+        }
+    }
+}
+
+/// Strict order of batch entries (value, row, latent): larger value, then lower flat index.
+fn beats<A: Accum>(a: (A, usize, u32), b: (A, usize, u32)) -> bool {
+    match rank((a.0, 0), (b.0, 0)) {
+        std::cmp::Ordering::Equal => (a.1, a.2) < (b.1, b.2),
+        o => o == std::cmp::Ordering::Greater,
+    }
+}
+
+/// The `budget`-th best entry of the pool, or `None` when the pool is smaller.
+fn batch_threshold<A: Accum>(kept: &[Vec<(A, u32)>], budget: usize) -> Option<(A, usize, u32)> {
+    let mut pool: Vec<(A, usize, u32)> = kept
+        .iter()
+        .enumerate()
+        .flat_map(|(b, row)| row.iter().map(move |&(v, l)| (v, b, l)))
+        .collect();
+    if pool.len() < budget || budget == 0 {
+        return None;
+    }
+    let order = |a: &(A, usize, u32), b: &(A, usize, u32)| {
+        if beats(*a, *b) {
+            std::cmp::Ordering::Less
+        } else if beats(*b, *a) {
+            std::cmp::Ordering::Greater
+        } else {
+            std::cmp::Ordering::Equal
+        }
+    };
+    let (_, t, _) = pool.select_nth_unstable_by(budget - 1, order);
+    Some(*t)
+}
+
+/// `sae.encode_jumprelu`: keeps pre[b, l] where pre > threshold[l] (strictly), the value kept
+/// being the pre-activation; CSR out, each row descending. A NaN pre-activation is never
+/// kept; a NaN threshold is an error.
+pub fn encode_jumprelu<E: Element>(
+    shape: SaeShape,
+    inputs: EncoderInputs<'_, E>,
+    threshold: &[E],
+) -> Result<Csr<E>> {
+    encode_jumprelu_on(Isa::active(), shape, inputs, threshold)
+}
+
+/// [`encode_jumprelu`] on a chosen ISA.
+pub fn encode_jumprelu_on<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    inputs: EncoderInputs<'_, E>,
+    threshold: &[E],
+) -> Result<Csr<E>> {
+    isa.check()?;
+    inputs.validate(shape)?;
+    let l = shape.latents;
+    check_len("threshold", threshold.len(), l, &format!("[{l}]"))?;
+    if let Some(i) = threshold.iter().position(|t| t.to_f64().is_nan()) {
+        return Err(Error::invalid("threshold", format!("is NaN at latent {i}")));
+    }
+    let b_dec = inputs.b_dec.map(widen);
+    let b_enc = widen(inputs.b_enc);
+    let theta = widen(threshold);
+    let picked = inputs
+        .encoder(shape, &b_dec, &b_enc)
+        .run(isa, Collect::Above { threshold: &theta });
+    csr::<E>(&picked)
+}
+
+/// The outputs of `sae.encode_mp`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatchingPursuit<E> {
+    /// `[B, k]`: the coefficient of each step, in selection order.
+    pub values: Vec<E>,
+    /// `[B, k]`: the atom of each step.
+    pub indices: Vec<i32>,
+    /// `[B, Dm]`: what is left of x − b_dec.
+    pub residual: Vec<E>,
+}
+
+/// `sae.encode_mp`: matching pursuit over the atoms `w_dec [L, Dm]` (assumed unit-norm, used
+/// as given): r = x − b_dec; k times j = argmax_l r·w_dec[l] (the signed dot; lowest index
+/// among ties), c = r·w_dec[j], r −= c·w_dec[j].
+///
+/// Each step is one pass of the fused encoder (top-1 per row, the scores never stored):
+/// 2·B·L·Dm flops and one read of w_dec per block of rows, then an O(B·Dm) residual update
+/// that reads only the chosen atoms. The residual stays in the accumulator type between
+/// steps.
+pub fn encode_mp<E: Element>(
+    shape: SaeShape,
+    x: &[E],
+    w_dec: &[E],
+    b_dec: Option<&[E]>,
+    k: usize,
+) -> Result<MatchingPursuit<E>>
+where
+    E::Acc: Element<Acc = E::Acc>,
+{
+    encode_mp_on(Isa::active(), shape, x, w_dec, b_dec, k)
+}
+
+/// [`encode_mp`] on a chosen ISA.
+pub fn encode_mp_on<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    x: &[E],
+    w_dec: &[E],
+    b_dec: Option<&[E]>,
+    k: usize,
+) -> Result<MatchingPursuit<E>>
+where
+    E::Acc: Element<Acc = E::Acc>,
+{
+    isa.check()?;
+    let (bx, lw) = shape.sizes()?;
+    let SaeShape { batch, dm, latents } = shape;
+    check_len("x", x.len(), bx, &format!("[{batch}, {dm}]"))?;
+    check_len("w_dec", w_dec.len(), lw, &format!("[{latents}, {dm}]"))?;
+    if let Some(b) = b_dec {
+        check_len("b_dec", b.len(), dm, &format!("[{dm}]"))?;
+    }
+    check_k("k", k, latents.max(1), "the number of steps")?;
+    if latents == 0 {
+        return Err(Error::invalid("w_dec", "has no atoms (L = 0)"));
+    }
+    let mut residual: Vec<E::Acc> = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match b_dec {
+            Some(b) => v.to_acc() - b[i % dm.max(1)].to_acc(),
+            None => v.to_acc(),
+        })
+        .collect();
+    let mut values = vec![E::default(); batch * k];
+    let mut indices = vec![0i32; batch * k];
+    for step in 0..k {
+        let best = Encoder::<E::Acc, E> {
+            x: &residual,
+            rows: batch,
+            dm,
+            offset: None,
+            row_scale: None,
+            w: w_dec,
+            latents,
+            scale: None,
+            shift: None,
+        }
+        .run(isa, Collect::TopK { k: 1, relu: false });
+        for (b, pick) in best.iter().enumerate() {
+            let Some(&(c, j)) = pick.first() else {
+                continue;
+            };
+            values[b * k + step] = E::from_acc(c);
+            indices[b * k + step] = j as i32;
+            let atom = &w_dec[j as usize * dm..(j as usize + 1) * dm];
+            for (r, a) in residual[b * dm..(b + 1) * dm].iter_mut().zip(atom) {
+                *r = *r - c * a.to_acc();
+            }
+        }
+    }
+    Ok(MatchingPursuit {
+        values,
+        indices,
+        residual: residual.into_iter().map(E::from_acc).collect(),
+    })
+}
+
+/// The score of `codebook.nearest`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Metric {
+    /// x·c, largest first.
+    #[default]
+    Dot,
+    /// x·c / (|x| |c|), largest first (a zero vector has cosine 0 with everything).
+    Cosine,
+    /// |x − c|², smallest first (computed as |x|² + |c|² − 2x·c, norms once, clamped at 0).
+    L2,
+}
+
+impl Metric {
+    pub fn parse(name: &str) -> Result<Metric> {
+        match name {
+            "dot" => Ok(Metric::Dot),
+            "cosine" => Ok(Metric::Cosine),
+            "l2" => Ok(Metric::L2),
+            other => Err(Error::invalid(
+                "metric",
+                format!("must be \"dot\", \"cosine\" or \"l2\", got {other:?}"),
+            )),
+        }
+    }
+}
+
+/// `codebook.nearest`: per row of `x [B, Dm]`, the `k` best codebook rows (`codebook [L,
+/// Dm]`) by `metric`: `scores [B, k]` best first and `indices [B, k]`.
+pub fn nearest<E: Element>(
+    shape: SaeShape,
+    x: &[E],
+    codebook: &[E],
+    k: usize,
+    metric: Metric,
+) -> Result<(Vec<E>, Vec<i32>)> {
+    nearest_on(Isa::active(), shape, x, codebook, k, metric)
+}
+
+/// [`nearest`] on a chosen ISA.
+pub fn nearest_on<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    x: &[E],
+    codebook: &[E],
+    k: usize,
+    metric: Metric,
+) -> Result<(Vec<E>, Vec<i32>)> {
+    isa.check()?;
+    let (bx, lw) = shape.sizes()?;
+    let SaeShape { batch, dm, latents } = shape;
+    check_len("x", x.len(), bx, &format!("[{batch}, {dm}]"))?;
+    check_len(
+        "codebook",
+        codebook.len(),
+        lw,
+        &format!("[{latents}, {dm}]"),
+    )?;
+    check_k("k", k, latents, "the number of codebook rows L")?;
+    let sq_norms = |m: &[E], rows: usize| -> Vec<E::Acc> {
+        (0..rows)
+            .map(|r| {
+                m[r * dm..(r + 1) * dm]
+                    .iter()
+                    .fold(E::Acc::ZERO, |s, v| s + v.to_acc() * v.to_acc())
+            })
+            .collect()
+    };
+    let inverse = |n: Vec<E::Acc>| -> Vec<E::Acc> {
+        n.into_iter()
+            .map(|s| {
+                let norm = E::Acc::from_f64(s.to_f64().sqrt());
+                if norm > E::Acc::ZERO {
+                    E::Acc::ONE / norm
+                } else {
+                    E::Acc::ZERO
+                }
+            })
+            .collect()
+    };
+    let mut enc = Encoder::<E, E> {
+        x,
+        rows: batch,
+        dm,
+        offset: None,
+        row_scale: None,
+        w: codebook,
+        latents,
+        scale: None,
+        shift: None,
+    };
+    let collect = Collect::TopK { k, relu: false };
+    match metric {
+        Metric::Dot => Ok(dense_topk::<E>(&enc.run(isa, collect), batch, k, |v| v)),
+        Metric::Cosine => {
+            let row_scale = inverse(sq_norms(x, batch));
+            let scale = inverse(sq_norms(codebook, latents));
+            enc.row_scale = Some(&row_scale);
+            enc.scale = Some(&scale);
+            Ok(dense_topk::<E>(&enc.run(isa, collect), batch, k, |v| v))
+        }
+        Metric::L2 => {
+            // ranking by 2x·c − |c|² is ranking by −|x − c|²
+            let x_norms = sq_norms(x, batch);
+            let two = vec![E::Acc::from_f64(2.0); latents];
+            let shift: Vec<E::Acc> = sq_norms(codebook, latents)
+                .into_iter()
+                .map(|n| E::Acc::ZERO - n)
+                .collect();
+            enc.scale = Some(&two);
+            enc.shift = Some(&shift);
+            let picked = enc.run(isa, collect);
+            let mut scores = vec![E::default(); batch * k];
+            let mut indices = vec![0i32; batch * k];
+            for (b, row) in picked.iter().enumerate() {
+                for (j, &(s, i)) in row.iter().take(k).enumerate() {
+                    let d = x_norms[b] - s;
+                    let d = if d < E::Acc::ZERO { E::Acc::ZERO } else { d };
+                    scores[b * k + j] = E::from_acc(d);
+                    indices[b * k + j] = i as i32;
+                }
+            }
+            Ok((scores, indices))
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Per-row top-k selection: a candidate list with a running threshold, and `topk.rows`.
+//!
+//! The order everywhere is "larger value first, lower index first among equal values", with
+//! NaN above every number (as torch.topk ranks it) and -0.0 equal to 0.0. Under this strict
+//! total order on (value, index) the top k of a set is unique, so lists built over any split
+//! of the input and merged in any order give the same result: the kernels split work by
+//! thread count freely and stay deterministic.
+//!
+//! A [`TopList`] collects up to 2k candidates and then compacts to the best k
+//! (`select_nth_unstable`, O(k)), after which its threshold is the k-th best value. Scans
+//! visit indices in ascending order, so a later value equal to the threshold loses the tie
+//! and a candidate needs to be strictly better: `!(v <= threshold)`, which also lets NaN
+//! through. Until the first compaction the threshold is NaN, which lets everything through.
+
+use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
+use crate::element::{Accum, Element};
+use crate::error::{Error, Result, check_len};
+use rayon::prelude::*;
+use std::cmp::Ordering;
+
+/// The order of selection: `Greater` means `a` ranks before `b`.
+#[inline(always)]
+pub(crate) fn rank<A: Accum>(a: (A, u32), b: (A, u32)) -> Ordering {
+    #[allow(clippy::eq_op)]
+    let nan = |x: A| x != x;
+    let by_value = match (nan(a.0), nan(b.0)) {
+        (true, true) => Ordering::Equal,
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+        (false, false) => a.0.partial_cmp(&b.0).unwrap_or(Ordering::Equal),
+    };
+    by_value.then(b.1.cmp(&a.1))
+}
+
+/// The best `k` (value, index) pairs seen so far, unsorted, with the threshold a new
+/// candidate must beat.
+#[derive(Clone, Debug)]
+pub(crate) struct TopList<A> {
+    k: usize,
+    items: Vec<(A, u32)>,
+    /// NaN while fewer than k are held (accept all), else the k-th best value.
+    threshold: A,
+}
+
+impl<A: Accum> TopList<A> {
+    pub fn new(k: usize) -> Self {
+        Self {
+            k,
+            items: Vec::with_capacity(2 * k),
+            threshold: A::from_f64(f64::NAN),
+        }
+    }
+
+    #[inline(always)]
+    pub fn threshold(&self) -> A {
+        self.threshold
+    }
+
+    /// Adds a candidate (the caller may skip values with `v <= threshold` first).
+    #[inline(always)]
+    pub fn push(&mut self, value: A, index: u32) {
+        self.items.push((value, index));
+        if self.items.len() >= 2 * self.k {
+            self.compact();
+        }
+    }
+
+    /// Keeps the best k (after which the k-th best sits at k−1: its value is the threshold).
+    fn compact(&mut self) {
+        let k = self.k;
+        self.items
+            .select_nth_unstable_by(k - 1, |a, b| rank(*b, *a));
+        self.items.truncate(k);
+        self.threshold = self.items[k - 1].0;
+    }
+
+    /// Adds every candidate of `other` (a list over another part of the same row).
+    pub fn merge(&mut self, other: &TopList<A>) {
+        for &(v, i) in &other.items {
+            self.push(v, i);
+        }
+    }
+
+    /// The best min(k, seen) pairs, best first.
+    pub fn into_sorted(mut self) -> Vec<(A, u32)> {
+        self.items.sort_unstable_by(|a, b| rank(*b, *a));
+        self.items.truncate(self.k);
+        self.items
+    }
+}
+
+/// Parameters of `topk.rows`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowsParams {
+    pub k: usize,
+    /// The largest values (default) or the smallest.
+    pub largest: bool,
+}
+
+impl RowsParams {
+    pub fn new(k: usize) -> Self {
+        Self { k, largest: true }
+    }
+    pub fn largest(mut self, largest: bool) -> Self {
+        self.largest = largest;
+        self
+    }
+}
+
+/// `topk.rows`: the `k` largest (or smallest) entries of each row of `x [rows, n]`:
+/// `values [rows, k]` best first and their column `indices [rows, k]`. Ties go to the lower
+/// index; NaN ranks above every number (first with `largest`, last without, as torch.topk).
+pub fn rows<E: Element>(
+    rows: usize,
+    n: usize,
+    x: &[E],
+    params: RowsParams,
+) -> Result<(Vec<E>, Vec<i32>)> {
+    rows_on(Isa::active(), rows, n, x, params)
+}
+
+/// [`rows`] on a chosen ISA (tests compare every ISA with the scalar path).
+pub fn rows_on<E: Element>(
+    isa: Isa,
+    rows: usize,
+    n: usize,
+    x: &[E],
+    params: RowsParams,
+) -> Result<(Vec<E>, Vec<i32>)> {
+    isa.check()?;
+    let k = params.k;
+    super::check_k("k", k, n, "the row length N")?;
+    super::check_index_range("x", n)?;
+    let total = rows
+        .checked_mul(n)
+        .ok_or_else(|| Error::overflow("x", format!("[{rows}, {n}] overflows")))?;
+    check_len("x", x.len(), total, &format!("[{rows}, {n}]"))?;
+    let out_len = rows * k;
+    let mut values = vec![E::default(); out_len];
+    let mut indices = vec![0i32; out_len];
+    if out_len == 0 {
+        return Ok((values, indices));
+    }
+    // Few long rows: split each row into column chunks (merged exactly, see the module doc).
+    let threads = rayon::current_num_threads();
+    let chunks = if rows >= 4 * threads {
+        1
+    } else {
+        (4 * threads).div_ceil(rows).min(n.div_ceil(8192)).max(1)
+    };
+    let chunk_len = n.div_ceil(chunks);
+    let sign = if params.largest { 1.0 } else { -1.0 };
+    values
+        .par_chunks_mut(k)
+        .zip(indices.par_chunks_mut(k))
+        .enumerate()
+        .for_each(|(r, (vals, idxs))| {
+            let row = &x[r * n..(r + 1) * n];
+            let lists: Vec<TopList<E::Acc>> = (0..chunks)
+                .into_par_iter()
+                .map(|c| {
+                    let start = (c * chunk_len).min(n);
+                    let end = ((c + 1) * chunk_len).min(n);
+                    dispatch(
+                        isa,
+                        ScanRow {
+                            row: &row[start..end],
+                            first_index: start as u32,
+                            k,
+                            sign: E::Acc::from_f64(sign),
+                        },
+                    )
+                })
+                .collect();
+            let mut lists = lists.into_iter();
+            let mut best = lists.next().unwrap_or_else(|| TopList::new(k));
+            for other in lists {
+                best.merge(&other);
+            }
+            for (j, (v, i)) in best.into_sorted().into_iter().enumerate() {
+                vals[j] = E::from_acc(v * E::Acc::from_f64(sign));
+                idxs[j] = i as i32;
+            }
+        });
+    Ok((values, indices))
+}
+
+/// One row (or part of one) into a [`TopList`], values multiplied by `sign` (−1 selects the
+/// smallest). The vector loop compares four vectors at once with the threshold and touches
+/// the list only where a lane passes.
+struct ScanRow<'a, E: Element> {
+    row: &'a [E],
+    first_index: u32,
+    k: usize,
+    sign: E::Acc,
+}
+
+impl<E: Element> SimdKernel for ScanRow<'_, E> {
+    type Output = TopList<E::Acc>;
+    #[inline(always)]
+    fn run<S: Simd>(self) -> TopList<E::Acc> {
+        type A<E> = <E as Element>::Acc;
+        let lanes = A::<E>::lanes::<S>();
+        let n = self.row.len();
+        let mut list = TopList::new(self.k);
+        let p = self.row.as_ptr();
+        let mut j = 0;
+        // SAFETY: every load reads lanes elements inside the row (j + 4·lanes <= n).
+        unsafe {
+            let sign = A::<E>::vsplat::<S>(self.sign);
+            let mut thr = A::<E>::vsplat::<S>(list.threshold());
+            let mut buf = [A::<E>::ZERO; 64];
+            while j + 4 * lanes <= n {
+                let v: [_; 4] = std::array::from_fn(|u| {
+                    A::<E>::vmul::<S>(E::vload::<S>(p.add(j + u * lanes)), sign)
+                });
+                let m: [u32; 4] = std::array::from_fn(|u| A::<E>::vmask_nle::<S>(v[u], thr));
+                if m[0] | m[1] | m[2] | m[3] != 0 {
+                    for u in 0..4 {
+                        if m[u] == 0 {
+                            continue;
+                        }
+                        A::<E>::vstore::<S>(buf.as_mut_ptr(), v[u]);
+                        let mut bits = m[u];
+                        while bits != 0 {
+                            let lane = bits.trailing_zeros() as usize;
+                            bits &= bits - 1;
+                            let val = buf[lane];
+                            // the threshold may have risen since the vector compare
+                            #[allow(clippy::neg_cmp_op_on_partial_ord)]
+                            if !(val <= list.threshold()) {
+                                list.push(val, self.first_index + (j + u * lanes + lane) as u32);
+                            }
+                        }
+                    }
+                    thr = A::<E>::vsplat::<S>(list.threshold());
+                }
+                j += 4 * lanes;
+            }
+        }
+        for (t, e) in self.row.iter().enumerate().skip(j) {
+            let val = e.to_acc() * self.sign;
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
+            if !(val <= list.threshold()) {
+                list.push(val, self.first_index + t as u32);
+            }
+        }
+        list
+    }
+}

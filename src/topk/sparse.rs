@@ -1,0 +1,418 @@
+//! The sparse side of a top-k SAE: `sae.decode` (a gather-and-sum over the selected rows of
+//! w_dec) and `sae.backward` (gradients through the selected latents only).
+//!
+//! Decode is bound by the gathers: B·k rows of Dm elements from anywhere in w_dec. One task
+//! per block of rows; each output row accumulates in registers-sized chunks of Dm, and the
+//! next selected row is prefetched while the current one is summed, so several gathers are
+//! in flight at once.
+//!
+//! Backward, deterministically: the per-(b, j) coefficients first (parallel over rows);
+//! then the sparse row updates of dw_dec and dw_enc grouped by latent — a counting sort of
+//! the B·k selections by latent, each latent's contributions summed in (b, j) order by the
+//! one task that owns the latent — instead of racing atomics; dx parallel over rows; db_dec
+//! as fixed-order column sums.
+
+use crate::cpu::{Isa, Simd, SimdKernel, dispatch, prefetch};
+use crate::element::{Accum, Element};
+use crate::error::{Error, Result, check_len};
+use rayon::prelude::*;
+
+use super::SaeShape;
+
+/// Every index in 0..latents, or an `Err` naming `indices`.
+fn check_indices(indices: &[i32], latents: usize) -> Result<()> {
+    match indices.iter().position(|&i| i < 0 || i as usize >= latents) {
+        None => Ok(()),
+        Some(p) => Err(Error::invalid(
+            "indices",
+            format!(
+                "entry {p} is {}, outside 0..{latents} (the latents of the dictionary)",
+                indices[p]
+            ),
+        )),
+    }
+}
+
+/// Checks the common inputs of decode and backward: `indices`, `values [B, k]`,
+/// `w_dec [L, Dm]`, `[b_dec [Dm]]`.
+fn check_sparse<E: Element>(
+    shape: SaeShape,
+    k: usize,
+    indices: &[i32],
+    values: &[E],
+    w_dec: &[E],
+    b_dec: Option<&[E]>,
+) -> Result<()> {
+    let (_, lw) = shape.sizes()?;
+    let SaeShape { batch, dm, latents } = shape;
+    let bk = batch
+        .checked_mul(k)
+        .ok_or_else(|| Error::overflow("indices", "B·k overflows"))?;
+    check_len("indices", indices.len(), bk, &format!("[{batch}, {k}]"))?;
+    check_len("values", values.len(), bk, &format!("[{batch}, {k}]"))?;
+    check_len("w_dec", w_dec.len(), lw, &format!("[{latents}, {dm}]"))?;
+    if let Some(b) = b_dec {
+        check_len("b_dec", b.len(), dm, &format!("[{dm}]"))?;
+    }
+    check_indices(indices, latents)
+}
+
+/// `sae.decode`: x_hat[b] = Σ_j values[b, j]·w_dec[indices[b, j]] + b_dec (repeated indices
+/// add up); returns `x_hat [B, Dm]`. `k` is the width of `indices`/`values`.
+pub fn decode<E: Element>(
+    shape: SaeShape,
+    k: usize,
+    indices: &[i32],
+    values: &[E],
+    w_dec: &[E],
+    b_dec: Option<&[E]>,
+) -> Result<Vec<E>> {
+    decode_on(Isa::active(), shape, k, indices, values, w_dec, b_dec)
+}
+
+/// [`decode`] on a chosen ISA.
+pub fn decode_on<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    k: usize,
+    indices: &[i32],
+    values: &[E],
+    w_dec: &[E],
+    b_dec: Option<&[E]>,
+) -> Result<Vec<E>> {
+    isa.check()?;
+    check_sparse(shape, k, indices, values, w_dec, b_dec)?;
+    let dm = shape.dm;
+    let mut out = vec![E::default(); shape.batch * dm];
+    if out.is_empty() {
+        return Ok(out);
+    }
+    let coef: Vec<E::Acc> = values.iter().map(|v| v.to_acc()).collect();
+    let bias: Option<Vec<E::Acc>> = b_dec.map(|b| b.iter().map(|v| v.to_acc()).collect());
+    let rows_per_task = 16;
+    out.par_chunks_mut(rows_per_task * dm)
+        .enumerate()
+        .for_each(|(t, block)| {
+            let b0 = t * rows_per_task;
+            let n = block.len() / dm;
+            dispatch(
+                isa,
+                Gather {
+                    dm,
+                    rows: &indices[b0 * k..(b0 + n) * k],
+                    coef: &coef[b0 * k..(b0 + n) * k],
+                    matrix: w_dec,
+                    bias: bias.as_deref(),
+                    out: block,
+                },
+            )
+        });
+    Ok(out)
+}
+
+/// out[b] = Σ_j coef[b, j]·matrix[rows[b, j]] (+ bias), for a block of output rows; the
+/// accumulation in the accumulator type over column chunks of up to 256 elements.
+struct Gather<'a, E: Element> {
+    dm: usize,
+    rows: &'a [i32],
+    coef: &'a [E::Acc],
+    matrix: &'a [E],
+    bias: Option<&'a [E::Acc]>,
+    out: &'a mut [E],
+}
+
+impl<E: Element> SimdKernel for Gather<'_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let dm = self.dm;
+        let n = self.out.len() / dm;
+        let k = self.rows.len() / n.max(1);
+        let mut acc = vec![E::Acc::ZERO; dm];
+        for b in 0..n {
+            match self.bias {
+                Some(bias) => acc.copy_from_slice(bias),
+                None => acc.fill(E::Acc::ZERO),
+            }
+            let picks = &self.rows[b * k..(b + 1) * k];
+            let coefs = &self.coef[b * k..(b + 1) * k];
+            for (j, (&row, &c)) in picks.iter().zip(coefs).enumerate() {
+                // the next gathered row (or the next output row's first) on its way
+                let next = picks
+                    .get(j + 1)
+                    .or_else(|| self.rows.get((b + 1) * k))
+                    .copied();
+                if let Some(next) = next {
+                    prefetch(self.matrix[next as usize * dm..].as_ptr(), dm);
+                }
+                let src = &self.matrix[row as usize * dm..(row as usize + 1) * dm];
+                // SAFETY: src and acc both hold dm elements.
+                unsafe { axpy::<S, E>(c, src, &mut acc) };
+            }
+            let dst = &mut self.out[b * dm..(b + 1) * dm];
+            for (o, a) in dst.iter_mut().zip(&acc) {
+                *o = E::from_acc(*a);
+            }
+        }
+    }
+}
+
+/// acc += c·src (src widened to the accumulator).
+#[inline(always)]
+unsafe fn axpy<S: Simd, E: Element>(c: E::Acc, src: &[E], acc: &mut [E::Acc]) {
+    let lanes = E::Acc::lanes::<S>();
+    let n = src.len().min(acc.len());
+    let mut d = 0;
+    unsafe {
+        let cv = E::Acc::vsplat::<S>(c);
+        while d + 2 * lanes <= n {
+            let a0 = E::Acc::vload::<S>(acc.as_ptr().add(d));
+            let a1 = E::Acc::vload::<S>(acc.as_ptr().add(d + lanes));
+            let s0 = E::vload::<S>(src.as_ptr().add(d));
+            let s1 = E::vload::<S>(src.as_ptr().add(d + lanes));
+            E::Acc::vstore::<S>(acc.as_mut_ptr().add(d), E::Acc::vfma::<S>(cv, s0, a0));
+            E::Acc::vstore::<S>(
+                acc.as_mut_ptr().add(d + lanes),
+                E::Acc::vfma::<S>(cv, s1, a1),
+            );
+            d += 2 * lanes;
+        }
+        while d + lanes <= n {
+            let a0 = E::Acc::vload::<S>(acc.as_ptr().add(d));
+            let s0 = E::vload::<S>(src.as_ptr().add(d));
+            E::Acc::vstore::<S>(acc.as_mut_ptr().add(d), E::Acc::vfma::<S>(cv, s0, a0));
+            d += lanes;
+        }
+    }
+    for i in d..n {
+        acc[i] = acc[i] + c * src[i].to_acc();
+    }
+}
+
+/// dot(a, b) in the accumulator type, in a fixed order (lane-wise, then lanes in order).
+#[inline(always)]
+unsafe fn dot<S: Simd, E: Element>(a: &[E], b: &[E]) -> E::Acc {
+    let lanes = E::Acc::lanes::<S>();
+    let n = a.len().min(b.len());
+    let mut d = 0;
+    let mut total = E::Acc::ZERO;
+    unsafe {
+        let mut acc = E::Acc::vsplat::<S>(E::Acc::ZERO);
+        while d + lanes <= n {
+            acc = E::Acc::vfma::<S>(
+                E::vload::<S>(a.as_ptr().add(d)),
+                E::vload::<S>(b.as_ptr().add(d)),
+                acc,
+            );
+            d += lanes;
+        }
+        let mut buf = [E::Acc::ZERO; 64];
+        E::Acc::vstore::<S>(buf.as_mut_ptr(), acc);
+        for v in &buf[..lanes] {
+            total = total + *v;
+        }
+    }
+    for i in d..n {
+        total = total + a[i].to_acc() * b[i].to_acc();
+    }
+    total
+}
+
+/// The gradients of `sae.backward`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SaeGrads<E> {
+    pub dw_dec: Vec<E>,
+    pub db_dec: Vec<E>,
+    pub dw_enc: Vec<E>,
+    pub db_enc: Vec<E>,
+    pub dx: Vec<E>,
+}
+
+/// The inputs of `sae.backward`: the encoder's (`x`, `w_enc`, `b_enc`, `b_dec`), the
+/// decoder's `w_dec`, the selection (`indices`, `values [B, k]`) and `d_xhat [B, Dm]`.
+#[derive(Clone, Copy, Debug)]
+pub struct BackwardInputs<'a, E> {
+    pub x: &'a [E],
+    pub w_enc: &'a [E],
+    pub b_enc: &'a [E],
+    pub b_dec: Option<&'a [E]>,
+    pub w_dec: &'a [E],
+    pub indices: &'a [i32],
+    pub values: &'a [E],
+    pub d_xhat: &'a [E],
+}
+
+/// `sae.backward`: gradients of sum(x_hat·d_xhat) where x_hat = decode(indices, values) and
+/// the values come from the encoder, v[b, j] = ReLU(pre[b, indices[b, j]]) with the ReLU's
+/// mask read from the given values (values > 0). With dpre[b, j] = (d_xhat[b]·w_dec[idx])·
+/// [v > 0]: dw_dec[l] = Σ v·d_xhat[b], db_enc[l] = Σ dpre, dw_enc[l] = Σ dpre·(x[b] − b_dec),
+/// dx[b] = Σ_j dpre·w_enc[idx], db_dec = Σ_b d_xhat[b] − Σ_b dx[b] (always returned; without
+/// `b_dec` it is the gradient at b_dec = 0). Latents never selected get zero rows.
+pub fn backward<E: Element>(
+    shape: SaeShape,
+    k: usize,
+    inputs: BackwardInputs<'_, E>,
+) -> Result<SaeGrads<E>> {
+    backward_on(Isa::active(), shape, k, inputs)
+}
+
+/// [`backward`] on a chosen ISA.
+pub fn backward_on<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    k: usize,
+    inputs: BackwardInputs<'_, E>,
+) -> Result<SaeGrads<E>> {
+    isa.check()?;
+    let BackwardInputs {
+        x,
+        w_enc,
+        b_enc,
+        b_dec,
+        w_dec,
+        indices,
+        values,
+        d_xhat,
+    } = inputs;
+    check_sparse(shape, k, indices, values, w_dec, b_dec)?;
+    let (bx, lw) = shape.sizes()?;
+    let SaeShape { batch, dm, latents } = shape;
+    check_len("x", x.len(), bx, &format!("[{batch}, {dm}]"))?;
+    check_len("w_enc", w_enc.len(), lw, &format!("[{latents}, {dm}]"))?;
+    check_len("b_enc", b_enc.len(), latents, &format!("[{latents}]"))?;
+    check_len("d_xhat", d_xhat.len(), bx, &format!("[{batch}, {dm}]"))?;
+    let zero = E::Acc::ZERO;
+
+    // dpre[b, j], parallel over rows
+    let mut dpre = vec![zero; batch * k];
+    if k > 0 {
+        dpre.par_chunks_mut(k).enumerate().for_each(|(b, row)| {
+            let g = &d_xhat[b * dm..(b + 1) * dm];
+            for (j, out) in row.iter_mut().enumerate() {
+                if values[b * k + j].to_acc() > zero {
+                    let l = indices[b * k + j] as usize;
+                    *out = dispatch(isa, Dot(g, &w_dec[l * dm..(l + 1) * dm]));
+                }
+            }
+        });
+    }
+
+    // the selections grouped by latent (counting sort; (b, j) order within a latent)
+    let mut start = vec![0usize; latents + 1];
+    for &l in indices {
+        start[l as usize + 1] += 1;
+    }
+    for l in 0..latents {
+        start[l + 1] += start[l];
+    }
+    let mut fill = start.clone();
+    let mut by_latent = vec![0usize; indices.len()];
+    for (flat, &l) in indices.iter().enumerate() {
+        by_latent[fill[l as usize]] = flat;
+        fill[l as usize] += 1;
+    }
+
+    let centered: Option<Vec<E::Acc>> = b_dec.map(|b| b.iter().map(|v| v.to_acc()).collect());
+    let mut dw_dec = vec![E::default(); lw];
+    let mut dw_enc = vec![E::default(); lw];
+    let mut db_enc = vec![E::default(); latents];
+    if dm > 0 {
+        dw_dec
+            .par_chunks_mut(dm)
+            .zip(dw_enc.par_chunks_mut(dm))
+            .zip(db_enc.par_iter_mut())
+            .enumerate()
+            .with_min_len(64)
+            .for_each(|(l, ((dwd, dwe), dbe))| {
+                let picks = &by_latent[start[l]..start[l + 1]];
+                if picks.is_empty() {
+                    return;
+                }
+                let mut acc_dec = vec![zero; dm];
+                let mut acc_enc = vec![zero; dm];
+                let mut bias = zero;
+                for &flat in picks {
+                    let b = flat / k;
+                    let dp = dpre[flat];
+                    bias = bias + dp;
+                    let rows = b * dm..(b + 1) * dm;
+                    dispatch(
+                        isa,
+                        Axpy(values[flat].to_acc(), &d_xhat[rows.clone()], &mut acc_dec),
+                    );
+                    dispatch(isa, Axpy(dp, &x[rows], &mut acc_enc));
+                }
+                // Σ dp·(x − b_dec) = Σ dp·x − (Σ dp)·b_dec
+                let offset = centered.as_deref();
+                for d in 0..dm {
+                    dwd[d] = E::from_acc(acc_dec[d]);
+                    let enc = match offset {
+                        Some(c) => acc_enc[d] - bias * c[d],
+                        None => acc_enc[d],
+                    };
+                    dwe[d] = E::from_acc(enc);
+                }
+                *dbe = E::from_acc(bias);
+            });
+    } else {
+        for (l, dbe) in db_enc.iter_mut().enumerate() {
+            let sum = by_latent[start[l]..start[l + 1]]
+                .iter()
+                .fold(zero, |s, &f| s + dpre[f]);
+            *dbe = E::from_acc(sum);
+        }
+    }
+
+    // dx[b] = Σ_j dpre·w_enc[idx], in the accumulator type
+    let mut dx_acc = vec![zero; bx];
+    if dm > 0 {
+        dx_acc.par_chunks_mut(dm).enumerate().for_each(|(b, acc)| {
+            for j in 0..k {
+                let dp = dpre[b * k + j];
+                if dp != zero {
+                    let l = indices[b * k + j] as usize;
+                    dispatch(isa, Axpy(dp, &w_enc[l * dm..(l + 1) * dm], acc));
+                }
+            }
+        });
+    }
+
+    // db_dec = Σ_b (d_xhat[b] − dx[b]), column by column in row order
+    let db_dec: Vec<E> = (0..dm)
+        .into_par_iter()
+        .map(|d| {
+            let mut s = zero;
+            for b in 0..batch {
+                s = s + (d_xhat[b * dm + d].to_acc() - dx_acc[b * dm + d]);
+            }
+            E::from_acc(s)
+        })
+        .collect();
+    Ok(SaeGrads {
+        dw_dec,
+        db_dec,
+        dw_enc,
+        db_enc,
+        dx: dx_acc.into_iter().map(E::from_acc).collect(),
+    })
+}
+
+struct Dot<'a, E>(&'a [E], &'a [E]);
+impl<E: Element> SimdKernel for Dot<'_, E> {
+    type Output = E::Acc;
+    #[inline(always)]
+    fn run<S: Simd>(self) -> E::Acc {
+        // SAFETY: dot reads within both slices.
+        unsafe { dot::<S, E>(self.0, self.1) }
+    }
+}
+
+struct Axpy<'a, E: Element>(E::Acc, &'a [E], &'a mut [E::Acc]);
+impl<E: Element> SimdKernel for Axpy<'_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        // SAFETY: axpy reads and writes within both slices.
+        unsafe { axpy::<S, E>(self.0, self.1, self.2) }
+    }
+}
