@@ -18,6 +18,13 @@ use crate::error::{Error, Result, check_len};
 use rayon::prelude::*;
 use std::cmp::Ordering;
 
+/// Index flag of a NaN in a smallest-first scan. There NaN must rank after every number,
+/// +inf included, so it enters the list as −inf (the negated values' bottom) with this bit
+/// set in its index: among −inf entries the flagged ones then rank last. A list whose k-th
+/// entry is such a stand-in reports a NaN threshold (accept all), since a later −inf (an
+/// original +inf) still beats it.
+pub(crate) const NAN_LAST: u32 = 1 << 31;
+
 /// The order of selection: `Greater` means `a` ranks before `b`.
 #[inline(always)]
 pub(crate) fn rank<A: Accum>(a: (A, u32), b: (A, u32)) -> Ordering {
@@ -168,6 +175,7 @@ pub fn rows_on<E: Element>(
                             first_index: start as u32,
                             k,
                             sign: E::Acc::from_f64(sign),
+                            nan_last: !params.largest,
                         },
                     )
                 })
@@ -178,11 +186,31 @@ pub fn rows_on<E: Element>(
                 best.merge(&other);
             }
             for (j, (v, i)) in best.into_sorted().into_iter().enumerate() {
-                vals[j] = E::from_acc(v * E::Acc::from_f64(sign));
-                idxs[j] = i as i32;
+                vals[j] = if i & NAN_LAST != 0 {
+                    E::from_f64(f64::NAN)
+                } else {
+                    E::from_acc(v * E::Acc::from_f64(sign))
+                };
+                idxs[j] = (i & !NAN_LAST) as i32;
             }
         });
     Ok((values, indices))
+}
+
+/// Pushes `value` if it beats the list's threshold; with `nan_last`, a NaN enters as the
+/// flagged −inf stand-in of [`NAN_LAST`].
+#[inline(always)]
+fn offer<A: Accum>(list: &mut TopList<A>, value: A, index: u32, nan_last: bool) {
+    #[allow(clippy::eq_op)]
+    if nan_last && value != value {
+        list.push(A::from_f64(f64::NEG_INFINITY), index | NAN_LAST);
+        return;
+    }
+    // the threshold may have risen since a vector compare let this value through
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    if !(value <= list.threshold()) {
+        list.push(value, index);
+    }
 }
 
 /// One row (or part of one) into a [`TopList`], values multiplied by `sign` (−1 selects the
@@ -193,6 +221,8 @@ struct ScanRow<'a, E: Element> {
     first_index: u32,
     k: usize,
     sign: E::Acc,
+    /// Smallest-first: NaN ranks last (see [`NAN_LAST`]).
+    nan_last: bool,
 }
 
 impl<E: Element> SimdKernel for ScanRow<'_, E> {
@@ -225,12 +255,8 @@ impl<E: Element> SimdKernel for ScanRow<'_, E> {
                         while bits != 0 {
                             let lane = bits.trailing_zeros() as usize;
                             bits &= bits - 1;
-                            let val = buf[lane];
-                            // the threshold may have risen since the vector compare
-                            #[allow(clippy::neg_cmp_op_on_partial_ord)]
-                            if !(val <= list.threshold()) {
-                                list.push(val, self.first_index + (j + u * lanes + lane) as u32);
-                            }
+                            let at = self.first_index + (j + u * lanes + lane) as u32;
+                            offer(&mut list, buf[lane], at, self.nan_last);
                         }
                     }
                     thr = A::<E>::vsplat::<S>(list.threshold());
@@ -239,11 +265,8 @@ impl<E: Element> SimdKernel for ScanRow<'_, E> {
             }
         }
         for (t, e) in self.row.iter().enumerate().skip(j) {
-            let val = e.to_acc() * self.sign;
-            #[allow(clippy::neg_cmp_op_on_partial_ord)]
-            if !(val <= list.threshold()) {
-                list.push(val, self.first_index + t as u32);
-            }
+            let at = self.first_index + t as u32;
+            offer(&mut list, e.to_acc() * self.sign, at, self.nan_last);
         }
         list
     }
