@@ -110,8 +110,12 @@ pub fn decode_on<E: Element>(
     Ok(out)
 }
 
-/// out[b] = Σ_j coef[b, j]·matrix[rows[b, j]] (+ bias), for a block of output rows; the
-/// accumulation in the accumulator type over column chunks of up to 256 elements.
+/// out[b] = Σ_j coef[b, j]·matrix[rows[b, j]] (+ bias), for a block of output rows.
+///
+/// Column block by column block (8 vectors, kept in registers) over all k gathered rows, so
+/// the k rows are read side by side: k independent streams in flight instead of one row at
+/// a time. While a column block of row b is summed, the same block of row b + 1's sources
+/// is prefetched, a whole output row ahead of its use.
 struct Gather<'a, E: Element> {
     dm: usize,
     rows: &'a [i32],
@@ -121,6 +125,9 @@ struct Gather<'a, E: Element> {
     out: &'a mut [E],
 }
 
+/// Vectors per column block of [`Gather`].
+const GATHER_VECTORS: usize = 8;
+
 impl<E: Element> SimdKernel for Gather<'_, E> {
     type Output = ();
     #[inline(always)]
@@ -128,30 +135,52 @@ impl<E: Element> SimdKernel for Gather<'_, E> {
         let dm = self.dm;
         let n = self.out.len() / dm;
         let k = self.rows.len() / n.max(1);
-        let mut acc = vec![E::Acc::ZERO; dm];
+        let lanes = E::Acc::lanes::<S>();
+        let block = GATHER_VECTORS * lanes;
+        let base = self.matrix.as_ptr();
         for b in 0..n {
-            match self.bias {
-                Some(bias) => acc.copy_from_slice(bias),
-                None => acc.fill(E::Acc::ZERO),
-            }
             let picks = &self.rows[b * k..(b + 1) * k];
+            let next = self.rows.get((b + 1) * k..(b + 2) * k);
             let coefs = &self.coef[b * k..(b + 1) * k];
-            for (j, (&row, &c)) in picks.iter().zip(coefs).enumerate() {
-                // the next gathered row (or the next output row's first) on its way
-                let next = picks
-                    .get(j + 1)
-                    .or_else(|| self.rows.get((b + 1) * k))
-                    .copied();
-                if let Some(next) = next {
-                    prefetch(self.matrix[next as usize * dm..].as_ptr(), dm);
-                }
-                let src = &self.matrix[row as usize * dm..(row as usize + 1) * dm];
-                // SAFETY: src and acc both hold dm elements.
-                unsafe { axpy::<S, E>(c, src, &mut acc) };
-            }
             let dst = &mut self.out[b * dm..(b + 1) * dm];
-            for (o, a) in dst.iter_mut().zip(&acc) {
-                *o = E::from_acc(*a);
+            let mut col = 0;
+            while col < dm {
+                let width = (dm - col).min(block);
+                if let Some(next) = next {
+                    for &r in next {
+                        prefetch(base.wrapping_add(r as usize * dm + col), width);
+                    }
+                }
+                if width == block {
+                    // SAFETY: every row index was checked < L, and col + block <= dm.
+                    unsafe {
+                        let mut acc = [E::Acc::vsplat::<S>(E::Acc::ZERO); GATHER_VECTORS];
+                        if let Some(bias) = self.bias {
+                            for (v, a) in acc.iter_mut().enumerate() {
+                                *a = E::Acc::vload::<S>(bias.as_ptr().add(col + v * lanes));
+                            }
+                        }
+                        for (&r, &c) in picks.iter().zip(coefs) {
+                            let src = base.add(r as usize * dm + col);
+                            let cv = E::Acc::vsplat::<S>(c);
+                            for (v, a) in acc.iter_mut().enumerate() {
+                                *a = E::Acc::vfma::<S>(cv, E::vload::<S>(src.add(v * lanes)), *a);
+                            }
+                        }
+                        for (v, a) in acc.iter().enumerate() {
+                            E::vstore::<S>(dst.as_mut_ptr().add(col + v * lanes), *a);
+                        }
+                    }
+                } else {
+                    for (i, o) in dst[col..col + width].iter_mut().enumerate() {
+                        let mut acc = self.bias.map_or(E::Acc::ZERO, |bias| bias[col + i]);
+                        for (&r, &c) in picks.iter().zip(coefs) {
+                            acc = acc + c * self.matrix[r as usize * dm + col + i].to_acc();
+                        }
+                        *o = E::from_acc(acc);
+                    }
+                }
+                col += width;
             }
         }
     }
@@ -165,22 +194,10 @@ unsafe fn axpy<S: Simd, E: Element>(c: E::Acc, src: &[E], acc: &mut [E::Acc]) {
     let mut d = 0;
     unsafe {
         let cv = E::Acc::vsplat::<S>(c);
-        while d + 2 * lanes <= n {
-            let a0 = E::Acc::vload::<S>(acc.as_ptr().add(d));
-            let a1 = E::Acc::vload::<S>(acc.as_ptr().add(d + lanes));
-            let s0 = E::vload::<S>(src.as_ptr().add(d));
-            let s1 = E::vload::<S>(src.as_ptr().add(d + lanes));
-            E::Acc::vstore::<S>(acc.as_mut_ptr().add(d), E::Acc::vfma::<S>(cv, s0, a0));
-            E::Acc::vstore::<S>(
-                acc.as_mut_ptr().add(d + lanes),
-                E::Acc::vfma::<S>(cv, s1, a1),
-            );
-            d += 2 * lanes;
-        }
         while d + lanes <= n {
-            let a0 = E::Acc::vload::<S>(acc.as_ptr().add(d));
-            let s0 = E::vload::<S>(src.as_ptr().add(d));
-            E::Acc::vstore::<S>(acc.as_mut_ptr().add(d), E::Acc::vfma::<S>(cv, s0, a0));
+            let a = E::Acc::vload::<S>(acc.as_ptr().add(d));
+            let x = E::vload::<S>(src.as_ptr().add(d));
+            E::Acc::vstore::<S>(acc.as_mut_ptr().add(d), E::Acc::vfma::<S>(cv, x, a));
             d += lanes;
         }
     }
