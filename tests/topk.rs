@@ -606,8 +606,8 @@ fn matching_pursuit_and_codebook_match_references() {
                     *v -= c * atoms[j * dm + i];
                 }
             }
-            for c in 0..dm {
-                assert!((mp.residual[r * dm + c] - res[c]).abs() < 1e-10);
+            for (got, want) in mp.residual[r * dm..(r + 1) * dm].iter().zip(&res) {
+                assert!((got - want).abs() < 1e-10);
             }
         }
         for metric in [Metric::Dot, Metric::Cosine, Metric::L2] {
