@@ -105,6 +105,16 @@ pub trait Accum:
     /// Lane bits of !(a <= b) (NaN on either side gives 1).
     #[doc(hidden)]
     unsafe fn vmask_nle<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> u32;
+    /// A value and an index as one unsigned integer ordered as selection ranks them: larger
+    /// value first (NaN canonical and above every number, -0.0 equal to 0.0), then lower
+    /// index first; the value's bits made monotonic above the complemented index.
+    #[doc(hidden)]
+    type OrderKey: Ord + Copy + Send + Sync + Debug;
+    #[doc(hidden)]
+    fn order_key(self, index: u32) -> Self::OrderKey;
+    /// The inverse of `order_key` (NaN comes back canonical, -0.0 as 0.0).
+    #[doc(hidden)]
+    fn from_order_key(key: Self::OrderKey) -> (Self, u32);
     /// The scalar e^x matching `vexp`.
     fn exp(self) -> Self;
     fn from_f64(x: f64) -> Self;
@@ -112,7 +122,7 @@ pub trait Accum:
 }
 
 macro_rules! impl_accum {
-    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr, $div:ident, $max:ident, $min:ident, $gt:ident, $nle:ident) => {
+    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr, $div:ident, $max:ident, $min:ident, $gt:ident, $nle:ident, $key:ty, $bits:ty) => {
         impl Accum for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -177,6 +187,33 @@ macro_rules! impl_accum {
             unsafe fn vmask_nle<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> u32 {
                 unsafe { S::$nle(a, b) }
             }
+            type OrderKey = $key;
+            #[inline(always)]
+            fn order_key(self, index: u32) -> $key {
+                const TOP: u32 = <$bits>::BITS - 1;
+                let bits = (self + 0.0).to_bits(); // -0.0 + 0.0 = +0.0
+                let order: $bits = if self.is_nan() {
+                    <$bits>::MAX
+                } else if bits >> TOP == 1 {
+                    !bits
+                } else {
+                    bits | 1 << TOP
+                };
+                (order as $key) << 32 | (!index) as $key
+            }
+            #[inline(always)]
+            fn from_order_key(key: $key) -> (Self, u32) {
+                const TOP: u32 = <$bits>::BITS - 1;
+                let order = (key >> 32) as $bits;
+                let value = if order == <$bits>::MAX {
+                    <$t>::NAN
+                } else if order >> TOP == 1 {
+                    <$t>::from_bits(order & !(1 << TOP))
+                } else {
+                    <$t>::from_bits(!order)
+                };
+                (value, !(key as u32))
+            }
             #[inline(always)]
             fn exp(self) -> Self {
                 $sexp(self)
@@ -210,7 +247,9 @@ impl_accum!(
     f32_max,
     f32_min,
     f32_mask_gt,
-    f32_mask_nle
+    f32_mask_nle,
+    u64,
+    u32
 );
 impl_accum!(
     f64,
@@ -230,7 +269,9 @@ impl_accum!(
     f64_max,
     f64_min,
     f64_mask_gt,
-    f64_mask_nle
+    f64_mask_nle,
+    u128,
+    u64
 );
 
 /// A tensor element type: f32, f64, f16 or bf16. Sealed.

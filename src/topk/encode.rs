@@ -129,7 +129,7 @@ impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
 }
 
 /// Per-row state of a collection over one range of rows (indexed from the range start).
-pub(crate) struct Sink<'a, A> {
+pub(crate) struct Sink<'a, A: Accum> {
     collect: Collect<'a, A>,
     lists: Vec<TopList<A>>,
     above: Vec<Vec<(A, u32)>>,

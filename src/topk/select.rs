@@ -39,12 +39,12 @@ pub(crate) fn rank<A: Accum>(a: (A, u32), b: (A, u32)) -> Ordering {
     by_value.then(b.1.cmp(&a.1))
 }
 
-/// The best `k` (value, index) pairs seen so far, unsorted, with the threshold a new
-/// candidate must beat.
+/// The best `k` (value, index) pairs seen so far, as unsorted order keys, with the
+/// threshold a new candidate must beat.
 #[derive(Clone, Debug)]
-pub(crate) struct TopList<A> {
+pub(crate) struct TopList<A: Accum> {
     k: usize,
-    items: Vec<(A, u32)>,
+    keys: Vec<A::OrderKey>,
     /// NaN while fewer than k are held (accept all), else the k-th best value.
     threshold: A,
 }
@@ -53,7 +53,7 @@ impl<A: Accum> TopList<A> {
     pub fn new(k: usize) -> Self {
         Self {
             k,
-            items: Vec::with_capacity(2 * k),
+            keys: Vec::with_capacity(2 * k),
             threshold: A::from_f64(f64::NAN),
         }
     }
@@ -66,33 +66,42 @@ impl<A: Accum> TopList<A> {
     /// Adds a candidate (the caller may skip values with `v <= threshold` first).
     #[inline(always)]
     pub fn push(&mut self, value: A, index: u32) {
-        self.items.push((value, index));
-        if self.items.len() >= 2 * self.k {
+        self.keys.push(value.order_key(index));
+        if self.keys.len() >= 2 * self.k {
             self.compact();
         }
     }
 
-    /// Keeps the best k (after which the k-th best sits at k−1: its value is the threshold).
+    /// Keeps the best k, after which the k-th best sits at k−1 and gives the threshold (a
+    /// NaN stand-in of a smallest-first scan there keeps the threshold open, see
+    /// [`NAN_LAST`]).
     fn compact(&mut self) {
         let k = self.k;
-        self.items
-            .select_nth_unstable_by(k - 1, |a, b| rank(*b, *a));
-        self.items.truncate(k);
-        self.threshold = self.items[k - 1].0;
+        self.keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+        self.keys.truncate(k);
+        let (value, index) = A::from_order_key(self.keys[k - 1]);
+        self.threshold = if index & NAN_LAST != 0 {
+            A::from_f64(f64::NAN)
+        } else {
+            value
+        };
     }
 
     /// Adds every candidate of `other` (a list over another part of the same row).
     pub fn merge(&mut self, other: &TopList<A>) {
-        for &(v, i) in &other.items {
-            self.push(v, i);
+        for &key in &other.keys {
+            self.keys.push(key);
+            if self.keys.len() >= 2 * self.k {
+                self.compact();
+            }
         }
     }
 
     /// The best min(k, seen) pairs, best first.
     pub fn into_sorted(mut self) -> Vec<(A, u32)> {
-        self.items.sort_unstable_by(|a, b| rank(*b, *a));
-        self.items.truncate(self.k);
-        self.items
+        self.keys.sort_unstable_by(|a, b| b.cmp(a));
+        self.keys.truncate(self.k);
+        self.keys.into_iter().map(A::from_order_key).collect()
     }
 }
 
@@ -269,5 +278,49 @@ impl<E: Element> SimdKernel for ScanRow<'_, E> {
             offer(&mut list, e.to_acc() * self.sign, at, self.nan_last);
         }
         list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Order keys compare exactly as `rank`, and decode to the value (NaN stays NaN, -0.0
+    /// comes back as 0.0) and the index.
+    #[test]
+    fn order_keys_follow_rank() {
+        fn check<A: Accum>(values: &[A]) {
+            for (i, &a) in values.iter().enumerate() {
+                for (j, &b) in values.iter().enumerate() {
+                    let (ia, ib) = (i as u32 * 7, j as u32 * 5 + 1);
+                    assert_eq!(
+                        a.order_key(ia).cmp(&b.order_key(ib)),
+                        rank((a, ia), (b, ib)),
+                        "{a:?}@{ia} vs {b:?}@{ib}"
+                    );
+                }
+                let (v, idx) = A::from_order_key(a.order_key(i as u32));
+                assert_eq!(idx, i as u32);
+                #[allow(clippy::eq_op)]
+                let nan = a != a;
+                assert!(if nan { v != v } else { v == a }, "{a:?} -> {v:?}");
+            }
+        }
+        let f: Vec<f64> = vec![
+            0.0,
+            -0.0,
+            1.5,
+            -1.5,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            -f64::NAN,
+            1e-310,
+            -1e-310,
+            f64::MAX,
+            f64::MIN,
+        ];
+        check::<f64>(&f);
+        check::<f32>(&f.iter().map(|v| *v as f32).collect::<Vec<_>>());
     }
 }
