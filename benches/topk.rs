@@ -138,5 +138,108 @@ fn bench_decode_backward(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_rows, bench_encode, bench_decode_backward);
+/// With `--features cuda` and a GPU: sae.encode in bf16 at B4096 D768 L131072 k32 (the
+/// issue's GPU size; gpu.py's anchor), and topk.rows / sae.decode at the CPU sizes.
+#[cfg(feature = "cuda")]
+fn bench_cuda(c: &mut Criterion) {
+    use half::bf16;
+    use neurokernels::cuda::Device;
+    use neurokernels::topk::cuda::{self as tc, EncoderViews};
+    let device = match Device::open(0) {
+        Ok(d) => d,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED CUDA benches: {e}");
+            return;
+        }
+    };
+    let stream = device.stream().clone();
+    let timed = |iters: u64, f: &mut dyn FnMut()| {
+        stream.synchronize().unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        stream.synchronize().unwrap();
+        start.elapsed()
+    };
+    let l = 131_072;
+    let s = SaeShape::new(B, DM, l);
+    let to_bf16 = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
+    let x = stream.clone_htod(&to_bf16(data(B * DM, 2, 3.4))).unwrap();
+    let w = stream
+        .clone_htod(&to_bf16(data(l * DM, 3, 3.4 / (DM as f32).sqrt())))
+        .unwrap();
+    let b = stream.alloc_zeros::<bf16>(l).unwrap();
+    let mut values = stream.alloc_zeros::<bf16>(B * K).unwrap();
+    let mut indices = stream.alloc_zeros::<i32>(B * K).unwrap();
+    let mut group = c.benchmark_group("sae_encode_cuda/B4096_D768_L131072_k32");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
+    group.throughput(Throughput::Elements((2 * B * l * DM) as u64));
+    group.bench_function("bf16_simt", |bench| {
+        bench.iter_custom(|iters| {
+            timed(iters, &mut || {
+                tc::encode(
+                    &device,
+                    &stream,
+                    s,
+                    EncoderViews {
+                        x: &x.slice(..),
+                        w_enc: &w.slice(..),
+                        b_enc: &b.slice(..),
+                        b_dec: None,
+                    },
+                    K,
+                    &mut values,
+                    &mut indices,
+                )
+                .unwrap()
+            })
+        })
+    });
+    group.finish();
+
+    let (r, n) = (4096, 131_072); // gpu.py's topk_rows size
+    let xr = stream.clone_htod(&data(r * n, 1, 2.0)).unwrap();
+    let mut v = stream.alloc_zeros::<f32>(r * K).unwrap();
+    let mut i = stream.alloc_zeros::<i32>(r * K).unwrap();
+    let mut group = c.benchmark_group("topk_rows_cuda/R4096_N131072_k32");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
+    group.throughput(Throughput::Bytes((r * n * 4) as u64));
+    group.bench_function("f32", |bench| {
+        bench.iter_custom(|iters| {
+            timed(iters, &mut || {
+                tc::rows(
+                    &device,
+                    &stream,
+                    r,
+                    n,
+                    &xr.slice(..),
+                    RowsParams::new(K),
+                    &mut v,
+                    &mut i,
+                )
+                .unwrap()
+            })
+        })
+    });
+    group.finish();
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda(_: &mut Criterion) {}
+
+criterion_group!(
+    benches,
+    bench_rows,
+    bench_encode,
+    bench_decode_backward,
+    bench_cuda
+);
 criterion_main!(benches);

@@ -71,10 +71,11 @@ section "tour"
 .gpu/bin/tour 2>&1 | tee "$OUT/tour.log" | tail -n 14 | tee -a "$OUT/summary.txt"
 section "benches (criterion, CUDA groups)"
 .gpu/bin/bench-scan --bench '_cuda/' > "$OUT/bench.log" 2>&1 || status=1
-grep -E '^scan_.*_cuda|thrpt:' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+.gpu/bin/bench-topk --bench '_cuda/' >> "$OUT/bench.log" 2>&1 || status=1
+grep -E '^(scan|topk|sae)_.*_cuda|thrpt:' "$OUT/bench.log" | tee -a "$OUT/summary.txt"
 section "anchors (PyTorch, same card)"
 if [ -f .gpu/gpu.py ]; then
-  timeout 240 python3 .gpu/gpu.py copy scan_linear 2>&1 | tee "$OUT/anchors.log" | tee -a "$OUT/summary.txt"
+  timeout 240 python3 .gpu/gpu.py copy scan_linear sae_encode topk 2>&1 | tee "$OUT/anchors.log" | tee -a "$OUT/summary.txt"
 fi
 section "status $status"
 exit $status

@@ -55,15 +55,16 @@ pub const CPU_ONLY_OPS: &[&str] = &[
     "scan.gla_backward",
     "ridge.cv",
     "ridge.score",
-    "topk.rows",
-    "sae.encode",
     "sae.encode_batch_topk",
     "sae.encode_jumprelu",
-    "sae.decode",
     "sae.backward",
     "sae.encode_mp",
     "codebook.nearest",
 ];
+
+/// Ops whose CUDA path takes f32, f16 and bf16 but not f64 (their F64 cases run on the CPU
+/// only; on CUDA they are `Unsupported`).
+pub const CUDA_NO_F64_OPS: &[&str] = &["topk.rows", "sae.encode", "sae.decode"];
 
 /// The ops this build can run.
 pub const IMPLEMENTED_OPS: &[&str] = &[

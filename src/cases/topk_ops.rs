@@ -14,6 +14,98 @@ use std::collections::BTreeMap;
 
 type Outputs = BTreeMap<String, Tensor>;
 
+/// The family's CUDA entry points as the runner calls them (host in, host out); without
+/// the `cuda` feature every call is `NoDevice`.
+trait TopkDevice: CaseElement {
+    fn cuda_rows(
+        runner: &Runner,
+        r: usize,
+        n: usize,
+        x: &[Self],
+        p: topk::RowsParams,
+    ) -> Result<(Vec<Self>, Vec<i32>)>;
+    fn cuda_encode(
+        runner: &Runner,
+        shape: SaeShape,
+        inputs: EncoderInputs<'_, Self>,
+        k: usize,
+    ) -> Result<(Vec<Self>, Vec<i32>)>;
+    #[allow(clippy::too_many_arguments)]
+    fn cuda_decode(
+        runner: &Runner,
+        shape: SaeShape,
+        k: usize,
+        indices: &[i32],
+        values: &[Self],
+        w_dec: &[Self],
+        b_dec: Option<&[Self]>,
+    ) -> Result<Vec<Self>>;
+}
+
+#[cfg(feature = "cuda")]
+impl<E: CaseElement + crate::cuda::CudaElement> TopkDevice for E {
+    fn cuda_rows(
+        runner: &Runner,
+        r: usize,
+        n: usize,
+        x: &[E],
+        p: topk::RowsParams,
+    ) -> Result<(Vec<E>, Vec<i32>)> {
+        topk::cuda::rows_host(runner.device()?, r, n, x, p)
+    }
+    fn cuda_encode(
+        runner: &Runner,
+        shape: SaeShape,
+        inputs: EncoderInputs<'_, E>,
+        k: usize,
+    ) -> Result<(Vec<E>, Vec<i32>)> {
+        topk::cuda::encode_host(runner.device()?, shape, inputs, k)
+    }
+    fn cuda_decode(
+        runner: &Runner,
+        shape: SaeShape,
+        k: usize,
+        indices: &[i32],
+        values: &[E],
+        w_dec: &[E],
+        b_dec: Option<&[E]>,
+    ) -> Result<Vec<E>> {
+        topk::cuda::decode_host(runner.device()?, shape, k, indices, values, w_dec, b_dec)
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+impl<E: CaseElement> TopkDevice for E {
+    fn cuda_rows(
+        _: &Runner,
+        _: usize,
+        _: usize,
+        _: &[E],
+        _: topk::RowsParams,
+    ) -> Result<(Vec<E>, Vec<i32>)> {
+        Err(Error::NoDevice("this build has no `cuda` feature".into()))
+    }
+    fn cuda_encode(
+        _: &Runner,
+        _: SaeShape,
+        _: EncoderInputs<'_, E>,
+        _: usize,
+    ) -> Result<(Vec<E>, Vec<i32>)> {
+        Err(Error::NoDevice("this build has no `cuda` feature".into()))
+    }
+    fn cuda_decode(
+        _: &Runner,
+        _: SaeShape,
+        _: usize,
+        _: &[i32],
+        _: &[E],
+        _: &[E],
+        _: Option<&[E]>,
+    ) -> Result<Vec<E>> {
+        Err(Error::NoDevice("this build has no `cuda` feature".into()))
+    }
+}
+
 fn put(out: &mut Outputs, name: &str, shape: Vec<usize>, data: Data) {
     out.insert(name.to_string(), Tensor { shape, data });
 }
@@ -82,9 +174,9 @@ impl Runner {
         let k = p.count("k")?;
         let largest = p.bool("largest", true)?;
         p.finish()?;
-        self.cpu_only(case)?;
         let (r, n) = dims2(case, "x")?;
-        fn run<E: CaseElement>(
+        fn run<E: TopkDevice>(
+            runner: &Runner,
             case: &Case,
             r: usize,
             n: usize,
@@ -92,13 +184,17 @@ impl Runner {
             largest: bool,
         ) -> Result<Outputs> {
             let params = topk::RowsParams::new(k).largest(largest);
-            let (v, i) = topk::rows(r, n, typed::<E>(case, "x")?, params)?;
+            let x = typed::<E>(case, "x")?;
+            let (v, i) = match runner.kind {
+                DeviceKind::Cpu => topk::rows(r, n, x, params)?,
+                DeviceKind::Cuda => E::cuda_rows(runner, r, n, x, params)?,
+            };
             let mut out = Outputs::new();
             put(&mut out, "values", vec![r, k], E::wrap(v));
             put(&mut out, "indices", vec![r, k], Data::I32(i));
             Ok(out)
         }
-        by_dtype!(case, "x", run(case, r, n, k, largest))
+        by_dtype!(case, "x", run(self, case, r, n, k, largest))
     }
 
     /// `sae.encode`, `sae.encode_batch_topk` and `sae.encode_jumprelu`.
@@ -112,7 +208,9 @@ impl Runner {
         let mut p = Params::new(case);
         let k = if jumprelu { 0 } else { p.count("k")? };
         p.finish()?;
-        self.cpu_only(case)?;
+        if case.op != "sae.encode" {
+            self.cpu_only(case)?;
+        }
         let shape = sae_shape(case, "x", "w_enc")?;
         same_shape(case, "b_enc", &[shape.latents])?;
         if case.inputs.contains_key("b_dec") {
@@ -121,7 +219,12 @@ impl Runner {
         if jumprelu {
             same_shape(case, "threshold", &[shape.latents])?;
         }
-        fn run<E: CaseElement>(case: &Case, shape: SaeShape, k: usize) -> Result<Outputs> {
+        fn run<E: TopkDevice>(
+            runner: &Runner,
+            case: &Case,
+            shape: SaeShape,
+            k: usize,
+        ) -> Result<Outputs> {
             let inputs = EncoderInputs {
                 x: typed::<E>(case, "x")?,
                 w_enc: typed::<E>(case, "w_enc")?,
@@ -131,7 +234,10 @@ impl Runner {
             let mut out = Outputs::new();
             match case.op.as_str() {
                 "sae.encode" => {
-                    let (v, i) = topk::encode(shape, inputs, k)?;
+                    let (v, i) = match runner.kind {
+                        DeviceKind::Cpu => topk::encode(shape, inputs, k)?,
+                        DeviceKind::Cuda => E::cuda_encode(runner, shape, inputs, k)?,
+                    };
                     put(&mut out, "values", vec![shape.batch, k], E::wrap(v));
                     put(&mut out, "indices", vec![shape.batch, k], Data::I32(i));
                 }
@@ -145,13 +251,12 @@ impl Runner {
             }
             Ok(out)
         }
-        by_dtype!(case, "x", run(case, shape, k))
+        by_dtype!(case, "x", run(self, case, shape, k))
     }
 
     pub(super) fn sae_decode(&self, case: &Case) -> Result<Outputs> {
         case.only_inputs(&["indices", "values", "w_dec", "b_dec"])?;
         Params::new(case).finish()?;
-        self.cpu_only(case)?;
         let (b, k) = dims2(case, "indices")?;
         let (l, dm) = dims2(case, "w_dec")?;
         same_shape(case, "values", &[b, k])?;
@@ -159,15 +264,24 @@ impl Runner {
             same_shape(case, "b_dec", &[dm])?;
         }
         let shape = SaeShape::new(b, dm, l);
-        fn run<E: CaseElement>(case: &Case, shape: SaeShape, k: usize) -> Result<Outputs> {
-            let x_hat = topk::decode(
-                shape,
-                k,
+        fn run<E: TopkDevice>(
+            runner: &Runner,
+            case: &Case,
+            shape: SaeShape,
+            k: usize,
+        ) -> Result<Outputs> {
+            let (indices, values, w_dec, b_dec) = (
                 indices_of(case, "indices")?,
                 typed::<E>(case, "values")?,
                 typed::<E>(case, "w_dec")?,
                 optional::<E>(case, "b_dec")?,
-            )?;
+            );
+            let x_hat = match runner.kind {
+                DeviceKind::Cpu => topk::decode(shape, k, indices, values, w_dec, b_dec)?,
+                DeviceKind::Cuda => {
+                    E::cuda_decode(runner, shape, k, indices, values, w_dec, b_dec)?
+                }
+            };
             let mut out = Outputs::new();
             put(
                 &mut out,
@@ -177,7 +291,7 @@ impl Runner {
             );
             Ok(out)
         }
-        by_dtype!(case, "values", run(case, shape, k))
+        by_dtype!(case, "values", run(self, case, shape, k))
     }
 
     pub(super) fn sae_backward(&self, case: &Case) -> Result<Outputs> {

@@ -16,6 +16,8 @@
 //! total order; the backward groups its sparse updates by latent and sums them in a fixed
 //! order, no atomics).
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod encode;
 mod select;
 mod sparse;

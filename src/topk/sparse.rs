@@ -35,7 +35,7 @@ fn check_indices(indices: &[i32], latents: usize) -> Result<()> {
 
 /// Checks the common inputs of decode and backward: `indices`, `values [B, k]`,
 /// `w_dec [L, Dm]`, `[b_dec [Dm]]`.
-fn check_sparse<E: Element>(
+pub(super) fn check_sparse<E: Element>(
     shape: SaeShape,
     k: usize,
     indices: &[i32],
