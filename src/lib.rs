@@ -5,9 +5,10 @@
 //!
 //! Families: linear-recurrence scans ([`scan`]: `scan.linear`, `scan.linear_complex`,
 //! Mamba's selective scan in [`scan::selective`], gated linear attention in [`scan::gla`],
-//! each with its backward); batched ridge in [`ridge`] (`ridge.solve_batched`, `ridge.score`;
-//! `ridge.cv` not yet); fused attention and sparse top-k encoding follow the same layout (see
-//! DESIGN.md). [`cases`] runs reference cases in the format of CASES.md.
+//! each with its backward); batched ridge in [`ridge`] (`ridge.cv`, `ridge.solve_batched`,
+//! `ridge.score`); sparse top-k encoding in [`topk`] (`topk.rows`, the SAE encoders, decode
+//! and backward, matching pursuit, `codebook.nearest`); fused attention follows the same
+//! layout (see DESIGN.md). [`cases`] runs reference cases in the format of CASES.md.
 //!
 //! Every call validates its inputs and returns [`Result`]; bad input is an [`Error`] naming
 //! the tensor, never a panic.
