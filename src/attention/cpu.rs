@@ -29,7 +29,7 @@
 use super::{
     AttentionGrads, AttentionInputs, AttentionParams, AttentionShape, Bias, Segment, Sizes, SplitKv,
 };
-use crate::cpu::gemm::{Strided, gemm_acc};
+use crate::cpu::gemm::Strided;
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, DType, Element};
 use rayon::prelude::*;
@@ -370,23 +370,184 @@ fn scale_row<S: Simd, A: Accum>(x: &mut [A], c: A) {
     }
 }
 
-/// C[rows × n] (stride `c_stride`) = 0, then += A·B.
+/// Rows per register tile of [`matmul`].
+const MR: usize = 6;
+
+/// C = A·B over `m × n` with inner dimension `k`, or C += A·B with `accumulate`. A is read
+/// through its strides once and packed into `pack` as strips of MR rows, p-major (element
+/// (i, p) at (i / MR)·MR·k + p·MR + i % MR), so the register tiles broadcast from consecutive
+/// addresses with one pointer bump per step (the layout of BLAS micro-kernels); B rows are
+/// `b_stride` apart. Tiles of MR rows × 2 vectors (12 accumulators); the sum over p runs in
+/// order, so a given ISA always gives the same bits.
+///
+/// # Safety
+/// A (m × k through its strides), B (k rows of n at `b_stride`) and C (m rows of n at
+/// `c_stride`) must be valid, and C must not overlap A, B or `pack`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn product<S: Simd, A: Accum>(
-    rows: usize,
+unsafe fn matmul<S: Simd, A: Accum>(
+    m: usize,
     n: usize,
     k: usize,
     a: Strided<A>,
     b: *const A,
     b_stride: usize,
-    c: &mut [A],
+    c: *mut A,
     c_stride: usize,
+    accumulate: bool,
+    pack: &mut Vec<A>,
 ) {
-    for r in 0..rows {
-        c[r * c_stride..r * c_stride + n].fill(A::ZERO);
+    unsafe {
+        pack_rows(m, k, a, pack);
+        matmul_packed::<S, A>(m, n, k, pack, b, b_stride, c, c_stride, accumulate)
     }
-    unsafe { gemm_acc::<S, A>(rows, n, k, a, b, b_stride, c.as_mut_ptr(), c_stride, false) };
+}
+
+/// Packs A (m × k through its strides) as [`matmul`] reads it. Rows past m in the last
+/// strip are left as they are (the tiles of a short strip never read them).
+///
+/// # Safety
+/// A must be valid for m × k through its strides.
+#[inline(always)]
+unsafe fn pack_rows<A: Accum>(m: usize, k: usize, a: Strided<A>, pack: &mut Vec<A>) {
+    let strips = m.div_ceil(MR);
+    if pack.len() < strips * MR * k {
+        pack.resize(strips * MR * k, A::ZERO);
+    }
+    for strip in 0..strips {
+        let rows = MR.min(m - strip * MR);
+        let dst = &mut pack[strip * MR * k..(strip + 1) * MR * k];
+        let first = unsafe { a.ptr.add(strip * MR * a.row_stride) };
+        for (p, out) in dst.chunks_exact_mut(MR).enumerate() {
+            let col = unsafe { first.add(p * a.inner_stride) };
+            for (r, x) in out[..rows].iter_mut().enumerate() {
+                *x = unsafe { *col.add(r * a.row_stride) };
+            }
+        }
+    }
+}
+
+/// [`matmul`] with A already packed.
+///
+/// # Safety
+/// As [`matmul`], with `pack` holding m × k packed values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_packed<S: Simd, A: Accum>(
+    m: usize,
+    n: usize,
+    k: usize,
+    pack: &[A],
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    accumulate: bool,
+) {
+    let strips = m.div_ceil(MR);
+    debug_assert!(pack.len() >= strips * MR * k);
+    for strip in 0..strips {
+        let rows = MR.min(m - strip * MR);
+        let (ap, cp) = unsafe {
+            (
+                pack.as_ptr().add(strip * MR * k),
+                c.add(strip * MR * c_stride),
+            )
+        };
+        unsafe {
+            match rows {
+                6 => strip_product::<S, A, 6>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+                5 => strip_product::<S, A, 5>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+                4 => strip_product::<S, A, 4>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+                3 => strip_product::<S, A, 3>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+                2 => strip_product::<S, A, 2>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+                _ => strip_product::<S, A, 1>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+            }
+        }
+    }
+}
+
+/// One strip of R packed rows of A against all n columns of B.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn strip_product<S: Simd, A: Accum, const R: usize>(
+    n: usize,
+    k: usize,
+    ap: *const A,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    accumulate: bool,
+) {
+    let lanes = A::lanes::<S>();
+    let mut j = 0;
+    unsafe {
+        while j + 2 * lanes <= n {
+            micro::<S, A, R, 2>(k, ap, b.add(j), b_stride, c.add(j), c_stride, accumulate);
+            j += 2 * lanes;
+        }
+        if j + lanes <= n {
+            micro::<S, A, R, 1>(k, ap, b.add(j), b_stride, c.add(j), c_stride, accumulate);
+            j += lanes;
+        }
+        // columns past the last whole vector, one at a time (same order over p)
+        for col in j..n {
+            for r in 0..R {
+                let out = c.add(r * c_stride + col);
+                let mut acc = if accumulate { *out } else { A::ZERO };
+                for p in 0..k {
+                    acc = acc + *ap.add(p * MR + r) * *b.add(p * b_stride + col);
+                }
+                *out = acc;
+            }
+        }
+    }
+}
+
+/// The register tile: R rows × NV vectors of C over the packed strip.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro<S: Simd, A: Accum, const R: usize, const NV: usize>(
+    k: usize,
+    ap: *const A,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    accumulate: bool,
+) {
+    let lanes = A::lanes::<S>();
+    unsafe {
+        let mut acc = [[A::vsplat::<S>(A::ZERO); NV]; R];
+        if accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = A::vload::<S>(c.add(r * c_stride + v * lanes));
+                }
+            }
+        }
+        let (mut a_at, mut b_at) = (ap, b);
+        for _ in 0..k {
+            let mut bv = [A::vsplat::<S>(A::ZERO); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = A::vload::<S>(b_at.add(v * lanes));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = A::vsplat::<S>(*a_at.add(r));
+                for (v, y) in row.iter_mut().enumerate() {
+                    *y = A::vfma::<S>(x, bv[v], *y);
+                }
+            }
+            a_at = a_at.add(MR);
+            b_at = b_at.add(b_stride);
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                A::vstore::<S>(c.add(r * c_stride + v * lanes), *x);
+            }
+        }
+    }
 }
 
 /// One online-softmax step for one row: the block's scores (masked to −inf outside `[a, z)`)
@@ -568,6 +729,22 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
         let mut l = vec![zero; rows];
         let mut acc = vec![zero; rows * dv];
         let mut s = vec![zero; rows * BLOCK_K];
+        let mut pack = Vec::new();
+        // the queries are the A operand of every score tile: packed once
+        let mut qpack = Vec::new();
+        // SAFETY: qbuf is rows × d.
+        unsafe {
+            pack_rows(
+                rows,
+                d,
+                Strided {
+                    ptr: qbuf.as_ptr(),
+                    row_stride: d,
+                    inner_stride: 1,
+                },
+                &mut qpack,
+            )
+        };
         let (lo, hi) = union(&vis);
         let mut j0 = lo - lo % BLOCK_K;
         while j0 < hi {
@@ -575,19 +752,16 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
             let panel = &ctx.kt[panel_at(sh, d, &seg, hk, j0)..];
             // SAFETY: qbuf is rows × d, the panel d × w, s rows × BLOCK_K.
             unsafe {
-                product::<S, E::Acc>(
+                matmul_packed::<S, E::Acc>(
                     rows,
                     w,
                     d,
-                    Strided {
-                        ptr: qbuf.as_ptr(),
-                        row_stride: d,
-                        inner_stride: 1,
-                    },
+                    &qpack,
                     panel.as_ptr(),
                     w,
-                    &mut s,
+                    s.as_mut_ptr(),
                     BLOCK_K,
+                    false,
                 )
             };
             for r in 0..rows {
@@ -605,7 +779,7 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
             }
             // SAFETY: s is rows × w (stride BLOCK_K), the value rows exist, acc is rows × dv.
             unsafe {
-                gemm_acc::<S, E::Acc>(
+                matmul::<S, E::Acc>(
                     rows,
                     dv,
                     w,
@@ -618,7 +792,8 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
                     ctx.v.stride(),
                     acc.as_mut_ptr(),
                     dv,
-                    false,
+                    true,
+                    &mut pack,
                 )
             };
             j0 += w;
@@ -696,18 +871,19 @@ fn split_kv<E: Element>(
     lse: SendPtr<E::Acc>,
 ) {
     let sh = &ctx.shape;
-    let (g, dv) = (sh.group(), sh.value_dim);
+    let (g, dv, hk_n) = (sh.group(), sh.value_dim, sh.heads_kv);
     let rows_max = segments.iter().map(|s| s.q_len * g).max().unwrap_or(0);
-    // (segment, KV head, chunk), chunk-major within a (segment, head) for the merge
+    // one task per (segment, chunk of keys), over every KV head: the chunk's rows of K and V
+    // are then read front to back (the rows of one head alone are Hk·D apart, a new page
+    // every few rows, which the hardware prefetchers do not follow)
     let chunks = |s: &Segment| s.k_len.div_ceil(SPLIT_CHUNK).max(1);
-    let tasks: Vec<(usize, usize, usize)> = segments
+    let tasks: Vec<(usize, usize)> = segments
         .iter()
         .enumerate()
-        .flat_map(|(si, s)| {
-            (0..sh.heads_kv).flat_map(move |h| (0..chunks(s)).map(move |c| (si, h, c)))
-        })
+        .flat_map(|(si, s)| (0..chunks(s)).map(move |c| (si, c)))
         .collect();
-    let per = rows_max * (dv + 2);
+    let per_head = rows_max * (dv + 2);
+    let per = hk_n * per_head;
     if per == 0 {
         return;
     }
@@ -715,7 +891,7 @@ fn split_kv<E: Element>(
     partial
         .par_chunks_mut(per)
         .zip(tasks.par_iter())
-        .for_each(|(part, &(si, hk, c))| {
+        .for_each(|(part, &(si, c))| {
             let seg = segments[si];
             let k0 = c * SPLIT_CHUNK;
             dispatch(
@@ -723,8 +899,8 @@ fn split_kv<E: Element>(
                 KvChunk {
                     ctx,
                     seg,
-                    hk,
                     keys: (k0, (k0 + SPLIT_CHUNK).min(seg.k_len)),
+                    rows_max,
                     part,
                 },
             )
@@ -734,11 +910,10 @@ fn split_kv<E: Element>(
     let groups: Vec<(usize, usize, usize, usize)> = segments
         .iter()
         .enumerate()
-        .flat_map(|(si, s)| (0..sh.heads_kv).map(move |h| (si, h, chunks(s))))
-        .map(|(si, h, n)| {
-            let at = first;
+        .flat_map(|(si, s)| {
+            let (at, n) = (first, chunks(s));
             first += n;
-            (si, h, at, n)
+            (0..hk_n).map(move |h| (si, h, at, n))
         })
         .collect();
     groups.into_par_iter().for_each(|(si, hk, at, n)| {
@@ -747,7 +922,10 @@ fn split_kv<E: Element>(
         let zero = <E::Acc as Accum>::ZERO;
         let mut acc = vec![zero; dv];
         for r in 0..rows {
-            let part = |c: usize| &partial[(at + c) * per..(at + c + 1) * per];
+            let part = |c: usize| {
+                let start = (at + c) * per + hk * per_head;
+                &partial[start..start + per_head]
+            };
             let m_of = |c: usize| part(c)[rows_max * dv + r];
             let l_of = |c: usize| part(c)[rows_max * dv + rows_max + r];
             let mut m = neg_inf::<E::Acc>();
@@ -784,13 +962,18 @@ fn split_kv<E: Element>(
     });
 }
 
-/// Every query row of the heads sharing KV head `hk` against the keys `keys` of `seg`:
-/// writes the unnormalized O (`[rows_max × Dv]`), then m and l (`rows_max` each) to `part`.
+/// Keys per block of the split-KV path: the block's K and V rows of every KV head are copied
+/// (read front to back, widened) into buffers that stay in L2 while each head uses them.
+const DECODE_BLOCK: usize = 32;
+
+/// Every query row of every head against the keys `keys` of `seg`: for each KV head hk,
+/// writes its unnormalized O (`[rows_max × Dv]`), then m and l (`rows_max` each) to its part
+/// of `part`. Row r of head hk is query head hk·G + r / Sq, query r % Sq.
 struct KvChunk<'a, E: Element> {
     ctx: &'a Forward<'a, E>,
     seg: Segment,
-    hk: usize,
     keys: (usize, usize),
+    rows_max: usize,
     part: &'a mut [E::Acc],
 }
 
@@ -801,131 +984,156 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
         let Self {
             ctx,
             seg,
-            hk,
             keys,
+            rows_max,
             part,
         } = self;
         let sh = &ctx.shape;
-        let (d, dv, g) = (sh.head_dim, sh.value_dim, sh.group());
+        let (d, dv, g, hk_n) = (sh.head_dim, sh.value_dim, sh.group(), sh.heads_kv);
         let rows = seg.q_len * g;
-        let rows_max = part.len() / (dv + 2);
+        let per_head = rows_max * (dv + 2);
         let zero = <E::Acc as Accum>::ZERO;
-        // row r = (query head hk·g + r / q_len, query r % q_len)
-        let mut qbuf = Vec::with_capacity(rows * d);
-        let mut heads = Vec::with_capacity(rows);
-        let mut vis = Vec::with_capacity(rows);
-        for gi in 0..g {
-            let hq = hk * g + gi;
+        // queries of every head, [Hk][rows × D], scaled
+        let mut qbuf = Vec::with_capacity(hk_n * rows * d);
+        for hq in 0..sh.heads_q {
             qbuf.extend(load_queries(ctx.q, sh, &seg, hq, 0, seg.q_len, ctx.scale));
-            for i in 0..seg.q_len {
-                heads.push(hq);
-                vis.push(ctx.rules.visible(&seg, i));
-            }
         }
-        let (acc, rest) = part.split_at_mut(rows_max * dv);
-        let (m, l) = rest.split_at_mut(rows_max);
-        m.fill(neg_inf::<E::Acc>());
-        let mut s = vec![zero; rows * BLOCK_K];
+        let vis: Vec<(usize, usize)> = (0..rows)
+            .map(|r| ctx.rules.visible(&seg, r % seg.q_len))
+            .collect();
+        for h in 0..hk_n {
+            part[h * per_head + rows_max * dv..h * per_head + rows_max * dv + rows_max]
+                .fill(neg_inf::<E::Acc>());
+        }
+        let mut kbuf = vec![zero; DECODE_BLOCK * hk_n * d];
+        let mut vbuf = vec![zero; DECODE_BLOCK * hk_n * dv];
+        let mut s = vec![zero; rows * DECODE_BLOCK];
+        let mut pack = Vec::new();
         let lanes = <E::Acc as Accum>::lanes::<S>();
-        let key_stride = sh.heads_kv * d;
         let mut j0 = keys.0;
         while j0 < keys.1 {
-            let w = BLOCK_K.min(keys.1 - j0);
-            if !vis.iter().any(|&v| {
-                ScoreRules::<E::Acc>::columns(j0, w, v).0
-                    < ScoreRules::<E::Acc>::columns(j0, w, v).1
-            }) {
+            let w = DECODE_BLOCK.min(keys.1 - j0);
+            let cols: Vec<(usize, usize)> = vis
+                .iter()
+                .map(|&v| ScoreRules::<E::Acc>::columns(j0, w, v))
+                .collect();
+            if cols.iter().all(|c| c.0 >= c.1) {
                 j0 += w;
                 continue;
             }
-            let k_first = ((seg.batch * sh.len_k + seg.k_start + j0) * sh.heads_kv + hk) * d;
-            let kblock = &ctx.k[k_first..k_first + (w - 1) * key_stride + d];
-            // scores by dot products, four rows at a time sharing each loaded key vector
+            // the block's rows of every head, in memory order, widened: [Hk][w][D]
             for c in 0..w {
-                let krow = &kblock[c * key_stride..c * key_stride + d];
-                let mut r0 = 0;
-                while r0 < rows {
-                    let nr = 4.min(rows - r0);
-                    let mut accs = [[unsafe { <E::Acc as Accum>::vsplat::<S>(zero) }; 2]; 4];
-                    let mut p = 0;
-                    // SAFETY: p + lanes <= d for every vector load of krow and the q rows.
-                    unsafe {
-                        while p + 2 * lanes <= d {
-                            let k1 = E::vload::<S>(krow.as_ptr().add(p));
-                            let k2 = E::vload::<S>(krow.as_ptr().add(p + lanes));
-                            for (rr, a) in accs.iter_mut().enumerate().take(nr) {
-                                let qp = qbuf.as_ptr().add((r0 + rr) * d + p);
-                                a[0] = <E::Acc as Accum>::vfma::<S>(
-                                    <E::Acc as Accum>::vload::<S>(qp),
-                                    k1,
-                                    a[0],
-                                );
-                                a[1] = <E::Acc as Accum>::vfma::<S>(
-                                    <E::Acc as Accum>::vload::<S>(qp.add(lanes)),
-                                    k2,
-                                    a[1],
-                                );
-                            }
-                            p += 2 * lanes;
-                        }
-                        while p + lanes <= d {
-                            let k1 = E::vload::<S>(krow.as_ptr().add(p));
-                            for (rr, a) in accs.iter_mut().enumerate().take(nr) {
-                                let qp = qbuf.as_ptr().add((r0 + rr) * d + p);
-                                a[0] = <E::Acc as Accum>::vfma::<S>(
-                                    <E::Acc as Accum>::vload::<S>(qp),
-                                    k1,
-                                    a[0],
-                                );
-                            }
-                            p += lanes;
-                        }
+                let key = seg.k_start + j0 + c;
+                let kat = (seg.batch * sh.len_k + key) * hk_n * d;
+                let vat = (seg.batch * sh.len_k + key) * hk_n * dv;
+                for h in 0..hk_n {
+                    let dst = &mut kbuf[(h * DECODE_BLOCK + c) * d..][..d];
+                    for (y, x) in dst.iter_mut().zip(&ctx.k[kat + h * d..kat + (h + 1) * d]) {
+                        *y = x.to_acc();
                     }
-                    for (rr, a) in accs.iter().enumerate().take(nr) {
-                        // SAFETY: plain vector adds and a lane sum.
-                        let mut t =
-                            unsafe { hsum::<S, E::Acc>(<E::Acc as Accum>::vadd::<S>(a[0], a[1])) };
-                        let qrow = &qbuf[(r0 + rr) * d..(r0 + rr + 1) * d];
-                        for pp in p..d {
-                            t = t + qrow[pp] * krow[pp].to_acc();
-                        }
-                        s[(r0 + rr) * BLOCK_K + c] = t;
+                    let dst = &mut vbuf[(h * DECODE_BLOCK + c) * dv..][..dv];
+                    let src = ctx.v.data;
+                    if !src.is_empty() {
+                        dst.copy_from_slice(&src[vat + h * dv..vat + (h + 1) * dv]);
                     }
-                    r0 += nr;
                 }
             }
-            for r in 0..rows {
-                let row = &mut s[r * BLOCK_K..r * BLOCK_K + w];
-                let cols = ScoreRules::<E::Acc>::columns(j0, w, vis[r]);
-                if cols.0 >= cols.1 {
-                    row.fill(zero);
-                    continue;
+            for hk in 0..hk_n {
+                let qh = &qbuf[hk * g * seg.q_len * d..(hk + 1) * g * seg.q_len * d];
+                let kh = &kbuf[hk * DECODE_BLOCK * d..(hk + 1) * DECODE_BLOCK * d];
+                // scores by dot products, four rows at a time sharing each loaded key vector
+                for c in 0..w {
+                    let krow = &kh[c * d..(c + 1) * d];
+                    let mut r0 = 0;
+                    while r0 < rows {
+                        let nr = 4.min(rows - r0);
+                        // SAFETY: p + lanes <= d for every vector load of krow and the q rows.
+                        unsafe {
+                            let mut accs = [[<E::Acc as Accum>::vsplat::<S>(zero); 2]; 4];
+                            let mut p = 0;
+                            while p + 2 * lanes <= d {
+                                let k1 = <E::Acc as Accum>::vload::<S>(krow.as_ptr().add(p));
+                                let k2 =
+                                    <E::Acc as Accum>::vload::<S>(krow.as_ptr().add(p + lanes));
+                                for (rr, a) in accs.iter_mut().enumerate().take(nr) {
+                                    let qp = qh.as_ptr().add((r0 + rr) * d + p);
+                                    a[0] = <E::Acc as Accum>::vfma::<S>(
+                                        <E::Acc as Accum>::vload::<S>(qp),
+                                        k1,
+                                        a[0],
+                                    );
+                                    a[1] = <E::Acc as Accum>::vfma::<S>(
+                                        <E::Acc as Accum>::vload::<S>(qp.add(lanes)),
+                                        k2,
+                                        a[1],
+                                    );
+                                }
+                                p += 2 * lanes;
+                            }
+                            while p + lanes <= d {
+                                let k1 = <E::Acc as Accum>::vload::<S>(krow.as_ptr().add(p));
+                                for (rr, a) in accs.iter_mut().enumerate().take(nr) {
+                                    let qp = qh.as_ptr().add((r0 + rr) * d + p);
+                                    a[0] = <E::Acc as Accum>::vfma::<S>(
+                                        <E::Acc as Accum>::vload::<S>(qp),
+                                        k1,
+                                        a[0],
+                                    );
+                                }
+                                p += lanes;
+                            }
+                            for (rr, a) in accs.iter().enumerate().take(nr) {
+                                let mut t =
+                                    hsum::<S, E::Acc>(<E::Acc as Accum>::vadd::<S>(a[0], a[1]));
+                                let qrow = &qh[(r0 + rr) * d..(r0 + rr + 1) * d];
+                                for pp in p..d {
+                                    t = t + qrow[pp] * krow[pp];
+                                }
+                                s[(r0 + rr) * DECODE_BLOCK + c] = t;
+                            }
+                        }
+                        r0 += nr;
+                    }
                 }
-                ctx.rules
-                    .apply(row, &seg, r % seg.q_len, heads[r], j0, cols, None);
-                let alpha = online_step::<S, E::Acc>(row, cols, &mut m[r], &mut l[r]);
-                if alpha != <E::Acc as Accum>::ONE {
-                    scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
+                let (acc, rest) =
+                    part[hk * per_head..(hk + 1) * per_head].split_at_mut(rows_max * dv);
+                let (m, l) = rest.split_at_mut(rows_max);
+                for r in 0..rows {
+                    let row = &mut s[r * DECODE_BLOCK..r * DECODE_BLOCK + w];
+                    let cols = cols[r];
+                    if cols.0 >= cols.1 {
+                        row.fill(zero);
+                        continue;
+                    }
+                    let hq = hk * g + r / seg.q_len;
+                    ctx.rules
+                        .apply(row, &seg, r % seg.q_len, hq, j0, cols, None);
+                    let alpha = online_step::<S, E::Acc>(row, cols, &mut m[r], &mut l[r]);
+                    if alpha != <E::Acc as Accum>::ONE {
+                        scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
+                    }
                 }
+                // SAFETY: s is rows × w (stride DECODE_BLOCK), vbuf's head part w × dv, acc
+                // rows × dv.
+                unsafe {
+                    matmul::<S, E::Acc>(
+                        rows,
+                        dv,
+                        w,
+                        Strided {
+                            ptr: s.as_ptr(),
+                            row_stride: DECODE_BLOCK,
+                            inner_stride: 1,
+                        },
+                        vbuf[hk * DECODE_BLOCK * dv..].as_ptr(),
+                        dv,
+                        acc.as_mut_ptr(),
+                        dv,
+                        true,
+                        &mut pack,
+                    )
+                };
             }
-            // SAFETY: s is rows × w (stride BLOCK_K), the value rows exist, acc rows × dv.
-            unsafe {
-                gemm_acc::<S, E::Acc>(
-                    rows,
-                    dv,
-                    w,
-                    Strided {
-                        ptr: s.as_ptr(),
-                        row_stride: BLOCK_K,
-                        inner_stride: 1,
-                    },
-                    ctx.v.ptr(seg.batch, seg.k_start + j0, hk),
-                    ctx.v.stride(),
-                    acc.as_mut_ptr(),
-                    dv,
-                    false,
-                )
-            };
             j0 += w;
         }
     }
@@ -1074,6 +1282,7 @@ impl<E: Element> Backward<'_, E> {
         p: &mut [E::Acc],
         ds: &mut [E::Acc],
         capd: &mut [E::Acc],
+        pack: &mut Vec<E::Acc>,
     ) -> bool {
         let sh = &self.shape;
         let (d, dv) = (sh.head_dim, sh.value_dim);
@@ -1097,7 +1306,7 @@ impl<E: Element> Backward<'_, E> {
         let q_first = seg.q_start + row0;
         // SAFETY: the q and dO rows and the panels exist; p and ds are rows × BLOCK_K.
         unsafe {
-            product::<S, E::Acc>(
+            matmul::<S, E::Acc>(
                 rows,
                 w,
                 d,
@@ -1108,10 +1317,12 @@ impl<E: Element> Backward<'_, E> {
                 },
                 self.kt[panel_at(sh, d, seg, hk, j0)..].as_ptr(),
                 w,
-                p,
+                p.as_mut_ptr(),
                 BLOCK_K,
+                false,
+                pack,
             );
-            product::<S, E::Acc>(
+            matmul::<S, E::Acc>(
                 rows,
                 w,
                 dv,
@@ -1122,8 +1333,10 @@ impl<E: Element> Backward<'_, E> {
                 },
                 self.vt[panel_at(sh, dv, seg, hk, j0)..].as_ptr(),
                 w,
-                ds,
+                ds.as_mut_ptr(),
                 BLOCK_K,
+                false,
+                pack,
             );
         }
         let softcap = self.rules.softcap != zero;
@@ -1195,6 +1408,7 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
         let mut p = vec![zero; BLOCK_Q * BLOCK_K];
         let mut ds = vec![zero; BLOCK_Q * BLOCK_K];
         let mut capd = vec![zero; BLOCK_K];
+        let mut pack = Vec::new();
         for hq in hk * g..(hk + 1) * g {
             let mut row0 = 0;
             while row0 < seg.q_len {
@@ -1204,14 +1418,15 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
                     c.0 < c.1
                 });
                 if sees
-                    && ctx
-                        .probs_and_ds::<S>(&seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd)
+                    && ctx.probs_and_ds::<S>(
+                        &seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd, &mut pack,
+                    )
                 {
                     let q_first = seg.q_start + row0;
                     // SAFETY: p and ds are rows × w (stride BLOCK_K), read transposed; the
                     // dO and q rows exist; dv_acc is w × Dv, dk_acc w × D.
                     unsafe {
-                        gemm_acc::<S, E::Acc>(
+                        matmul::<S, E::Acc>(
                             w,
                             dvd,
                             rows,
@@ -1224,9 +1439,10 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
                             ctx.d_o.stride(),
                             dv_acc.as_mut_ptr(),
                             dvd,
-                            false,
+                            true,
+                            &mut pack,
                         );
-                        gemm_acc::<S, E::Acc>(
+                        matmul::<S, E::Acc>(
                             w,
                             d,
                             rows,
@@ -1239,7 +1455,8 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
                             ctx.q.stride(),
                             dk_acc.as_mut_ptr(),
                             d,
-                            false,
+                            true,
+                            &mut pack,
                         );
                     }
                 }
@@ -1291,6 +1508,7 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
         let mut p = vec![zero; rows * BLOCK_K];
         let mut ds = vec![zero; rows * BLOCK_K];
         let mut capd = vec![zero; BLOCK_K];
+        let mut pack = Vec::new();
         let vis: Vec<(usize, usize)> = (0..rows)
             .map(|r| ctx.rules.visible(&seg, row0 + r))
             .collect();
@@ -1298,10 +1516,12 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
         let mut j0 = lo - lo % BLOCK_K;
         while j0 < hi {
             let w = BLOCK_K.min(seg.k_len - j0);
-            if ctx.probs_and_ds::<S>(&seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd) {
+            if ctx.probs_and_ds::<S>(
+                &seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd, &mut pack,
+            ) {
                 // SAFETY: ds is rows × w (stride BLOCK_K); the key rows exist; dq_acc rows × D.
                 unsafe {
-                    gemm_acc::<S, E::Acc>(
+                    matmul::<S, E::Acc>(
                         rows,
                         d,
                         w,
@@ -1314,7 +1534,8 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
                         ctx.k.stride(),
                         dq_acc.as_mut_ptr(),
                         d,
-                        false,
+                        true,
+                        &mut pack,
                     )
                 };
             }
@@ -1447,25 +1668,38 @@ impl<E: Element> SimdKernel for TopBlock<'_, E> {
             .map(|&(lo, hi)| Vec::with_capacity(ctx.top.min(hi - lo)))
             .collect();
         let mut s = vec![zero; rows * BLOCK_K];
+
+        // the queries are the A operand of every score tile: packed once
+        let mut qpack = Vec::new();
+        // SAFETY: qbuf is rows × d.
+        unsafe {
+            pack_rows(
+                rows,
+                d,
+                Strided {
+                    ptr: qbuf.as_ptr(),
+                    row_stride: d,
+                    inner_stride: 1,
+                },
+                &mut qpack,
+            )
+        };
         let (lo, hi) = union(&vis);
         let mut j0 = lo - lo % BLOCK_K;
         while j0 < hi {
             let w = BLOCK_K.min(seg.k_len - j0);
             // SAFETY: qbuf rows × d, the panel d × w, s rows × BLOCK_K.
             unsafe {
-                product::<S, E::Acc>(
+                matmul_packed::<S, E::Acc>(
                     rows,
                     w,
                     d,
-                    Strided {
-                        ptr: qbuf.as_ptr(),
-                        row_stride: d,
-                        inner_stride: 1,
-                    },
+                    &qpack,
                     ctx.kt[panel_at(sh, d, &seg, hk, j0)..].as_ptr(),
                     w,
-                    &mut s,
+                    s.as_mut_ptr(),
                     BLOCK_K,
+                    false,
                 )
             };
             for (r, list) in lists.iter_mut().enumerate() {
