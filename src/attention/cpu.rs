@@ -2,23 +2,25 @@
 //!
 //! Plan (FlashAttention-2 on cache-resident blocks):
 //! - Keys are transposed once per (batch, KV head) into panels of BLOCK_K keys (`[D × w]`,
-//!   contiguous, in the accumulator type), so a score tile S = Q·Kᵀ is one register-tiled
-//!   product (`cpu::gemm::gemm_acc`: 6 rows × 2 vectors per register tile). Values are read in
-//!   place (f32/f64) or from one widened copy (f16/bf16).
+//!   contiguous, in the accumulator type); each query block is packed once into 6-row strips
+//!   (`pack_rows`), so a score tile S = Q·Kᵀ is one register-tiled product
+//!   (`matmul_packed`: 6 rows × 2 vectors, broadcasts from consecutive addresses). Values are
+//!   copied once to head-major rows (each head's rows contiguous) in the accumulator type.
 //! - Forward: a task owns (sequence, query head, block of BLOCK_Q rows) and walks only the
 //!   key blocks some row of it can see (causal/window masks are per-row key intervals, so
 //!   masked-out blocks are skipped entirely); per row an online softmax (running max m and
-//!   sum l, vector exp), then O += P·V as another register-tiled product. o = O / l,
-//!   lse = m + ln l; a row that saw no key gives o = 0, lse = −inf.
-//! - Decode (split-KV): a task owns (sequence, KV head, chunk of SPLIT_CHUNK keys) and all
-//!   query rows of the heads sharing that KV head (each key is read from memory once), with
-//!   scores as dot products on the keys in place; the chunks' (O, m, l) are merged in chunk
-//!   order through their log-sum-exps.
-//! - Backward: D = rowsum(dO∘O); pass 1 owns (sequence, KV head, key block) and sums dK, dV
-//!   over every query head of the group and every query block that sees the keys
-//!   (P = e^(S − lse), dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − D), dK += dSᵀ·Q); pass 2 owns
-//!   (sequence, query head, query block) and accumulates dQ += dS·K. Every output element is
-//!   written by one task, in a fixed order: the bits do not depend on the thread count.
+//!   sum l, vector exp), then O += P·V (`cpu::gemm::gemm_acc`, P read in place at a constant
+//!   stride). o = O / l, lse = m + ln l; a row that saw no key gives o = 0, lse = −inf.
+//! - Decode (split-KV): a task owns (sequence, chunk of SPLIT_CHUNK keys) and every query row
+//!   of every head; block by block it copies the K and V rows of all KV heads in memory order
+//!   (each key is read from memory once, front to back), scores by dot products, and keeps
+//!   (O, m, l) per head; the chunks are merged in chunk order through their log-sum-exps.
+//! - Backward: D = rowsum(dO∘O); q and dO query blocks are packed once. Pass 1 owns
+//!   (sequence, KV head, key block) and sums dK, dV over every query head of the group and
+//!   every query block that sees the keys (P = e^(S − lse), dV += Pᵀ·dO, dP = dO·Vᵀ,
+//!   dS = P∘(dP − D) (∘ 1 − tanh² with softcap), dK += dSᵀ·Q); pass 2 owns (sequence, query
+//!   head, query block) and accumulates dQ += dS·K. Every output element is written by one
+//!   task, in a fixed order: the bits do not depend on the thread count.
 //! - top_keys: pass 1 is the forward without values (lse only); pass 2 recomputes score
 //!   blocks and keeps each row's `top` largest scores in a sorted list (one compare rejects
 //!   most keys), then writes p = e^(s − lse).
@@ -29,7 +31,7 @@
 use super::{
     AttentionGrads, AttentionInputs, AttentionParams, AttentionShape, Bias, Segment, Sizes, SplitKv,
 };
-use crate::cpu::gemm::Strided;
+use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, DType, Element};
 use rayon::prelude::*;
@@ -370,40 +372,12 @@ fn scale_row<S: Simd, A: Accum>(x: &mut [A], c: A) {
     }
 }
 
-/// Rows per register tile of [`matmul`].
+/// Rows per register tile of [`matmul_packed`].
 const MR: usize = 6;
 
-/// C = A·B over `m × n` with inner dimension `k`, or C += A·B with `accumulate`. A is read
-/// through its strides once and packed into `pack` as strips of MR rows, p-major (element
-/// (i, p) at (i / MR)·MR·k + p·MR + i % MR), so the register tiles broadcast from consecutive
-/// addresses with one pointer bump per step (the layout of BLAS micro-kernels); B rows are
-/// `b_stride` apart. Tiles of MR rows × 2 vectors (12 accumulators); the sum over p runs in
-/// order, so a given ISA always gives the same bits.
-///
-/// # Safety
-/// A (m × k through its strides), B (k rows of n at `b_stride`) and C (m rows of n at
-/// `c_stride`) must be valid, and C must not overlap A, B or `pack`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul<S: Simd, A: Accum>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Strided<A>,
-    b: *const A,
-    b_stride: usize,
-    c: *mut A,
-    c_stride: usize,
-    accumulate: bool,
-    pack: &mut Vec<A>,
-) {
-    unsafe {
-        pack_rows(m, k, a, pack);
-        matmul_packed::<S, A>(m, n, k, pack, b, b_stride, c, c_stride, accumulate)
-    }
-}
-
-/// Packs A (m × k through its strides) as [`matmul`] reads it. Rows past m in the last
+/// Packs A (m × k through its strides) for [`matmul_packed`]: strips of MR rows, p-major
+/// (element (i, p) at (i / MR)·MR·k + p·MR + i % MR), so the register tiles broadcast from
+/// consecutive addresses with one pointer bump per step (the layout of BLAS micro-kernels). Rows past m in the last
 /// strip are left as they are (the tiles of a short strip never read them).
 ///
 /// # Safety
@@ -427,10 +401,13 @@ unsafe fn pack_rows<A: Accum>(m: usize, k: usize, a: Strided<A>, pack: &mut Vec<
     }
 }
 
-/// [`matmul`] with A already packed.
+/// C = A·B over `m × n` with inner dimension `k` (C += A·B with `accumulate`), A packed by
+/// [`pack_rows`], B rows `b_stride` apart. Tiles of MR rows × 2 vectors (12 accumulators);
+/// the sum over p runs in order, so a given ISA always gives the same bits.
 ///
 /// # Safety
-/// As [`matmul`], with `pack` holding m × k packed values.
+/// `pack` holds the packed m × k values of A; B (k rows of n at `b_stride`) and C (m rows of
+/// n at `c_stride`) must be valid, and C must not overlap B or `pack`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul_packed<S: Simd, A: Accum>(
@@ -729,7 +706,6 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
         let mut l = vec![zero; rows];
         let mut acc = vec![zero; rows * dv];
         let mut s = vec![zero; rows * BLOCK_K];
-        let mut pack = Vec::new();
         // the queries are the A operand of every score tile: packed once
         let mut qpack = Vec::new();
         // SAFETY: qbuf is rows × d.
@@ -778,8 +754,10 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
                 }
             }
             // SAFETY: s is rows × w (stride BLOCK_K), the value rows exist, acc is rows × dv.
+            // (P is read in place: its row stride is a constant, so the tile's broadcasts need
+            // no packing.)
             unsafe {
-                matmul::<S, E::Acc>(
+                gemm_acc::<S, E::Acc>(
                     rows,
                     dv,
                     w,
@@ -792,8 +770,7 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
                     ctx.v.stride(),
                     acc.as_mut_ptr(),
                     dv,
-                    true,
-                    &mut pack,
+                    false,
                 )
             };
             j0 += w;
@@ -1008,7 +985,6 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
         let mut kbuf = vec![zero; DECODE_BLOCK * hk_n * d];
         let mut vbuf = vec![zero; DECODE_BLOCK * hk_n * dv];
         let mut s = vec![zero; rows * DECODE_BLOCK];
-        let mut pack = Vec::new();
         let lanes = <E::Acc as Accum>::lanes::<S>();
         let mut j0 = keys.0;
         while j0 < keys.1 {
@@ -1116,7 +1092,7 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
                 // SAFETY: s is rows × w (stride DECODE_BLOCK), vbuf's head part w × dv, acc
                 // rows × dv.
                 unsafe {
-                    matmul::<S, E::Acc>(
+                    gemm_acc::<S, E::Acc>(
                         rows,
                         dv,
                         w,
@@ -1129,8 +1105,7 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
                         dv,
                         acc.as_mut_ptr(),
                         dv,
-                        true,
-                        &mut pack,
+                        false,
                     )
                 };
             }
@@ -1156,6 +1131,64 @@ struct Backward<'a, E: Element> {
     lse: &'a [E::Acc],
     /// rowsum(dO∘O), `[B, Hq, Sq]` as lse.
     delta: &'a [E::Acc],
+    /// Every query block of q and of dO, packed once as the A operand of S and dP.
+    q_blocks: &'a PackedBlocks<E::Acc>,
+    do_blocks: &'a PackedBlocks<E::Acc>,
+}
+
+/// The query blocks (BLOCK_Q rows of one sequence and head) of a head-major tensor, each
+/// packed as [`matmul_packed`] reads it, in the order (sequence, head, block).
+struct PackedBlocks<A> {
+    data: Vec<A>,
+    /// Start of each block in `data`, and one past the last.
+    offsets: Vec<usize>,
+    /// Index of each sequence's first block, and its blocks per head.
+    first: Vec<(usize, usize)>,
+}
+
+impl<A: Accum> PackedBlocks<A> {
+    fn new(rows: &Rows<'_, A>, segments: &[Segment]) -> Self {
+        let dim = rows.dim;
+        let (mut data, mut offsets, mut first) = (Vec::new(), vec![0], Vec::new());
+        let mut pack = Vec::new();
+        for seg in segments {
+            let blocks = seg.q_len.div_ceil(BLOCK_Q);
+            first.push((offsets.len() - 1, blocks));
+            for h in 0..rows.heads {
+                for b in 0..blocks {
+                    let row0 = b * BLOCK_Q;
+                    let n = BLOCK_Q.min(seg.q_len - row0);
+                    // SAFETY: rows row0..row0 + n of (seg, h) exist in `rows`.
+                    unsafe {
+                        pack_rows(
+                            n,
+                            dim,
+                            Strided {
+                                ptr: rows.ptr(seg.batch, seg.q_start + row0, h),
+                                row_stride: rows.stride(),
+                                inner_stride: 1,
+                            },
+                            &mut pack,
+                        )
+                    };
+                    let len = n.div_ceil(MR) * MR * dim;
+                    data.extend_from_slice(&pack[..len]);
+                    offsets.push(data.len());
+                }
+            }
+        }
+        Self {
+            data,
+            offsets,
+            first,
+        }
+    }
+
+    fn block(&self, si: usize, head: usize, row0: usize) -> &[A] {
+        let (first, blocks) = self.first[si];
+        let id = first + head * blocks + row0 / BLOCK_Q;
+        &self.data[self.offsets[id]..self.offsets[id + 1]]
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1203,6 +1236,8 @@ pub(super) fn backward<E: Element>(
         dim,
         head_major: true,
     };
+    let q_blocks = PackedBlocks::new(&rows(&q, sh.len_q, sh.heads_q, d), segments);
+    let do_blocks = PackedBlocks::new(&rows(&dov, sh.len_q, sh.heads_q, dv), segments);
     let ctx = Backward {
         shape: *sh,
         rules: ScoreRules::new(params, sh, inputs),
@@ -1214,6 +1249,8 @@ pub(super) fn backward<E: Element>(
         vt: &vt,
         lse,
         delta: &delta,
+        q_blocks: &q_blocks,
+        do_blocks: &do_blocks,
     };
     let (dkp, dvp) = (
         SendPtr(grads.dk.as_mut_ptr()),
@@ -1233,6 +1270,7 @@ pub(super) fn backward<E: Element>(
             isa,
             KeyBlockGrads {
                 ctx: &ctx,
+                si,
                 seg: segments[si],
                 hk,
                 j0,
@@ -1256,6 +1294,7 @@ pub(super) fn backward<E: Element>(
             isa,
             QueryBlockGrads {
                 ctx: &ctx,
+                si,
                 seg: segments[si],
                 hq,
                 row0,
@@ -1273,6 +1312,7 @@ impl<E: Element> Backward<'_, E> {
     #[inline(always)]
     fn probs_and_ds<S: Simd>(
         &self,
+        si: usize,
         seg: &Segment,
         hq: usize,
         row0: usize,
@@ -1282,7 +1322,6 @@ impl<E: Element> Backward<'_, E> {
         p: &mut [E::Acc],
         ds: &mut [E::Acc],
         capd: &mut [E::Acc],
-        pack: &mut Vec<E::Acc>,
     ) -> bool {
         let sh = &self.shape;
         let (d, dv) = (sh.head_dim, sh.value_dim);
@@ -1303,40 +1342,34 @@ impl<E: Element> Backward<'_, E> {
         if cols.iter().all(|c| c.0 >= c.1) {
             return false;
         }
-        let q_first = seg.q_start + row0;
-        // SAFETY: the q and dO rows and the panels exist; p and ds are rows × BLOCK_K.
+        let (qb, dob) = (
+            self.q_blocks.block(si, hq, row0),
+            self.do_blocks.block(si, hq, row0),
+        );
+        // SAFETY: the packed blocks hold rows × D and rows × Dv; the panels exist; p and ds
+        // are rows × BLOCK_K.
         unsafe {
-            matmul::<S, E::Acc>(
+            matmul_packed::<S, E::Acc>(
                 rows,
                 w,
                 d,
-                Strided {
-                    ptr: self.q.ptr(seg.batch, q_first, hq),
-                    row_stride: self.q.stride(),
-                    inner_stride: 1,
-                },
+                qb,
                 self.kt[panel_at(sh, d, seg, hk, j0)..].as_ptr(),
                 w,
                 p.as_mut_ptr(),
                 BLOCK_K,
                 false,
-                pack,
             );
-            matmul::<S, E::Acc>(
+            matmul_packed::<S, E::Acc>(
                 rows,
                 w,
                 dv,
-                Strided {
-                    ptr: self.d_o.ptr(seg.batch, q_first, hq),
-                    row_stride: self.d_o.stride(),
-                    inner_stride: 1,
-                },
+                dob,
                 self.vt[panel_at(sh, dv, seg, hk, j0)..].as_ptr(),
                 w,
                 ds.as_mut_ptr(),
                 BLOCK_K,
                 false,
-                pack,
             );
         }
         let softcap = self.rules.softcap != zero;
@@ -1364,12 +1397,15 @@ impl<E: Element> Backward<'_, E> {
             prow[..a].fill(zero);
             prow[z..].fill(zero);
             let delta = self.delta[lse_at + r];
-            for c in 0..w {
-                let mut x = prow[c] * (dsrow[c] - delta);
-                if softcap {
-                    x = if c >= a && c < z { x * capd[c] } else { zero };
+            for (x, p) in dsrow.iter_mut().zip(prow.iter()) {
+                *x = *p * (*x - delta);
+            }
+            if softcap {
+                // the chain rule through softcap·tanh(s / softcap), on the visible keys (the
+                // others have p = 0)
+                for (x, t) in dsrow[a..z].iter_mut().zip(&capd[a..z]) {
+                    *x = *x * *t;
                 }
-                dsrow[c] = x;
             }
         }
         true
@@ -1380,6 +1416,7 @@ impl<E: Element> Backward<'_, E> {
 /// group and every query block that sees the keys.
 struct KeyBlockGrads<'a, E: Element> {
     ctx: &'a Backward<'a, E>,
+    si: usize,
     seg: Segment,
     hk: usize,
     j0: usize,
@@ -1393,6 +1430,7 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
     fn run<S: Simd>(self) {
         let Self {
             ctx,
+            si,
             seg,
             hk,
             j0,
@@ -1408,7 +1446,6 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
         let mut p = vec![zero; BLOCK_Q * BLOCK_K];
         let mut ds = vec![zero; BLOCK_Q * BLOCK_K];
         let mut capd = vec![zero; BLOCK_K];
-        let mut pack = Vec::new();
         for hq in hk * g..(hk + 1) * g {
             let mut row0 = 0;
             while row0 < seg.q_len {
@@ -1419,14 +1456,14 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
                 });
                 if sees
                     && ctx.probs_and_ds::<S>(
-                        &seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd, &mut pack,
+                        si, &seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd,
                     )
                 {
                     let q_first = seg.q_start + row0;
                     // SAFETY: p and ds are rows × w (stride BLOCK_K), read transposed; the
                     // dO and q rows exist; dv_acc is w × Dv, dk_acc w × D.
                     unsafe {
-                        matmul::<S, E::Acc>(
+                        gemm_acc::<S, E::Acc>(
                             w,
                             dvd,
                             rows,
@@ -1439,10 +1476,9 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
                             ctx.d_o.stride(),
                             dv_acc.as_mut_ptr(),
                             dvd,
-                            true,
-                            &mut pack,
+                            false,
                         );
-                        matmul::<S, E::Acc>(
+                        gemm_acc::<S, E::Acc>(
                             w,
                             d,
                             rows,
@@ -1455,8 +1491,7 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
                             ctx.q.stride(),
                             dk_acc.as_mut_ptr(),
                             d,
-                            true,
-                            &mut pack,
+                            false,
                         );
                     }
                 }
@@ -1482,6 +1517,7 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
 /// dQ of one block of query rows of (seg, hq), over every key block they see.
 struct QueryBlockGrads<'a, E: Element> {
     ctx: &'a Backward<'a, E>,
+    si: usize,
     seg: Segment,
     hq: usize,
     row0: usize,
@@ -1494,6 +1530,7 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
     fn run<S: Simd>(self) {
         let Self {
             ctx,
+            si,
             seg,
             hq,
             row0,
@@ -1508,7 +1545,6 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
         let mut p = vec![zero; rows * BLOCK_K];
         let mut ds = vec![zero; rows * BLOCK_K];
         let mut capd = vec![zero; BLOCK_K];
-        let mut pack = Vec::new();
         let vis: Vec<(usize, usize)> = (0..rows)
             .map(|r| ctx.rules.visible(&seg, row0 + r))
             .collect();
@@ -1516,12 +1552,10 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
         let mut j0 = lo - lo % BLOCK_K;
         while j0 < hi {
             let w = BLOCK_K.min(seg.k_len - j0);
-            if ctx.probs_and_ds::<S>(
-                &seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd, &mut pack,
-            ) {
+            if ctx.probs_and_ds::<S>(si, &seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd) {
                 // SAFETY: ds is rows × w (stride BLOCK_K); the key rows exist; dq_acc rows × D.
                 unsafe {
-                    matmul::<S, E::Acc>(
+                    gemm_acc::<S, E::Acc>(
                         rows,
                         d,
                         w,
@@ -1534,8 +1568,7 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
                         ctx.k.stride(),
                         dq_acc.as_mut_ptr(),
                         d,
-                        true,
-                        &mut pack,
+                        false,
                     )
                 };
             }
