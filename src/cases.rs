@@ -3,6 +3,7 @@
 //! `params`, optional `rtol`/`atol`/`source`). This module reads a case, runs it on a
 //! device, and compares with the op's comparator.
 
+use crate::attention::{self, AttentionInputs, AttentionParams, AttentionShape, Bias, CuSeqlens};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ridge;
@@ -52,6 +53,9 @@ pub const EXTENSION_OPS: &[&str] = &["scan.linear_complex_backward"];
 
 /// Ops that run on the CPU only so far: on CUDA their cases fail with `op not implemented`.
 pub const CPU_ONLY_OPS: &[&str] = &[
+    "attention.forward",
+    "attention.backward",
+    "attention.top_keys",
     "scan.gla_backward",
     "ridge.cv",
     "ridge.score",
@@ -68,6 +72,9 @@ pub const CUDA_NO_F64_OPS: &[&str] = &["topk.rows", "sae.encode", "sae.decode"];
 
 /// The ops this build can run.
 pub const IMPLEMENTED_OPS: &[&str] = &[
+    "attention.forward",
+    "attention.backward",
+    "attention.top_keys",
     "scan.linear",
     "scan.linear_backward",
     "scan.linear_complex",
@@ -508,6 +515,9 @@ impl Runner {
             ));
         }
         match case.op.as_str() {
+            "attention.forward" => self.attention(case, AttentionOp::Forward),
+            "attention.backward" => self.attention(case, AttentionOp::Backward),
+            "attention.top_keys" => self.attention(case, AttentionOp::TopKeys),
             "scan.linear" => self.scan_linear(case, Numbers::Real),
             "scan.linear_backward" => self.scan_linear_backward(case, Numbers::Real),
             "scan.linear_complex" => self.scan_linear(case, Numbers::Complex),
@@ -851,6 +861,189 @@ where
                 data: <E::Acc as CaseElement>::wrap(dh0),
             },
         );
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AttentionOp {
+    Forward,
+    Backward,
+    TopKeys,
+}
+
+impl Runner {
+    fn attention(&self, case: &Case, op: AttentionOp) -> Result<BTreeMap<String, Tensor>> {
+        let mut allowed = vec![
+            "q",
+            "k",
+            "alibi_slopes",
+            "bias",
+            "cu_seqlens_q",
+            "cu_seqlens_k",
+        ];
+        match op {
+            AttentionOp::Forward => allowed.push("v"),
+            AttentionOp::Backward => allowed.extend(["v", "o", "do", "lse"]),
+            AttentionOp::TopKeys => {}
+        }
+        case.only_inputs(&allowed)?;
+        let mut p = Params::new(case);
+        let window = |p: &mut Params, key| -> Result<i64> {
+            match p.optional_number(key)? {
+                None => Ok(-1),
+                Some(x) if x.fract() == 0.0 && x.abs() < 9e15 => Ok(x as i64),
+                Some(x) => Err(case_err(
+                    &case.name,
+                    format!("param `{key}` must be an integer, got {x}"),
+                )),
+            }
+        };
+        let params = AttentionParams::new()
+            .causal(p.bool("causal", false)?)
+            .window_left(window(&mut p, "window_left")?)
+            .window_right(window(&mut p, "window_right")?)
+            .softcap(p.optional_number("softcap")?.unwrap_or(0.0))
+            .scale(p.optional_number("scale")?);
+        let top = if op == AttentionOp::TopKeys {
+            match p.optional_number("top")? {
+                Some(x) if x.fract() == 0.0 && (0.0..9e15).contains(&x) => x as usize,
+                other => {
+                    return Err(case_err(
+                        &case.name,
+                        format!("param `top` must be a non-negative integer, got {other:?}"),
+                    ));
+                }
+            }
+        } else {
+            0
+        };
+        p.finish()?;
+        let v_dims = match op {
+            AttentionOp::TopKeys => None,
+            _ => Some(case.input("v")?.shape.as_slice()),
+        };
+        let shape =
+            AttentionShape::from_dims(&case.input("q")?.shape, &case.input("k")?.shape, v_dims)?;
+        let s = shape;
+        if let Some(x) = case.inputs.get("alibi_slopes") {
+            expect_shape("alibi_slopes", &x.shape, &[s.heads_q])?;
+        }
+        if let Some(x) = case.inputs.get("bias")
+            && (x.shape.len() != 4 || x.shape[2..] != [s.len_q, s.len_k])
+        {
+            return Err(Error::shape(
+                "bias",
+                format!("[Bb, Hb, {}, {}]", s.len_q, s.len_k),
+                format!("{:?}", x.shape),
+            ));
+        }
+        if op == AttentionOp::Backward {
+            let o_dims = [s.batch, s.len_q, s.heads_q, s.value_dim];
+            same_shape(case, "o", &o_dims)?;
+            same_shape(case, "do", &o_dims)?;
+            same_shape(case, "lse", &[s.batch, s.heads_q, s.len_q])?;
+        }
+        if self.kind == DeviceKind::Cuda {
+            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
+        }
+        match case.input("q")?.dtype() {
+            Some(DType::F32) => attention_typed::<f32>(case, op, &params, shape, top),
+            Some(DType::F64) => attention_typed::<f64>(case, op, &params, shape, top),
+            Some(DType::F16) => attention_typed::<f16>(case, op, &params, shape, top),
+            Some(DType::BF16) => attention_typed::<bf16>(case, op, &params, shape, top),
+            None => Err(case_err(&case.name, "`in.q` must be a float tensor")),
+        }
+    }
+}
+
+/// An I32 input of a case.
+fn indices<'c>(case: &'c Case, name: &str) -> Result<Option<&'c [i32]>> {
+    match case.inputs.get(name).map(|t| &t.data) {
+        None => Ok(None),
+        Some(Data::I32(v)) => Ok(Some(v)),
+        Some(_) => Err(case_err(&case.name, format!("`in.{name}` must be I32"))),
+    }
+}
+
+/// Runs an attention op with inputs in `E` and the contract's f32 tensors in its accumulator.
+fn attention_typed<E: CaseElement>(
+    case: &Case,
+    op: AttentionOp,
+    params: &AttentionParams,
+    shape: AttentionShape,
+    top: usize,
+) -> Result<BTreeMap<String, Tensor>>
+where
+    E::Acc: CaseElement,
+{
+    let bias = match case.inputs.get("bias") {
+        None => None,
+        Some(t) => Some(Bias {
+            data: typed::<E::Acc>(case, "bias")?,
+            batch: t.shape[0],
+            heads: t.shape[1],
+        }),
+    };
+    let cu_seqlens = match (
+        indices(case, "cu_seqlens_q")?,
+        indices(case, "cu_seqlens_k")?,
+    ) {
+        (None, None) => None,
+        (Some(q), Some(k)) => Some(CuSeqlens { q, k }),
+        _ => {
+            return Err(case_err(
+                &case.name,
+                "`in.cu_seqlens_q` and `in.cu_seqlens_k` come together",
+            ));
+        }
+    };
+    let v: &[E] = match op {
+        AttentionOp::TopKeys => &[],
+        _ => typed::<E>(case, "v")?,
+    };
+    let inputs = AttentionInputs::new(typed::<E>(case, "q")?, typed::<E>(case, "k")?, v)
+        .alibi_slopes(optional::<E::Acc>(case, "alibi_slopes")?)
+        .bias(bias)
+        .cu_seqlens(cu_seqlens);
+    let s = shape;
+    let mut out = BTreeMap::new();
+    let mut put = |name: &str, shape: Vec<usize>, data: Data| {
+        out.insert(name.to_string(), Tensor { shape, data });
+    };
+    match op {
+        AttentionOp::Forward => {
+            let (o, lse) = attention::forward(params, shape, &inputs)?;
+            put(
+                "o",
+                vec![s.batch, s.len_q, s.heads_q, s.value_dim],
+                E::wrap(o),
+            );
+            put(
+                "lse",
+                vec![s.batch, s.heads_q, s.len_q],
+                <E::Acc as CaseElement>::wrap(lse),
+            );
+        }
+        AttentionOp::Backward => {
+            let g = attention::backward(
+                params,
+                shape,
+                &inputs,
+                typed::<E>(case, "o")?,
+                typed::<E>(case, "do")?,
+                typed::<E::Acc>(case, "lse")?,
+            )?;
+            put("dq", case.input("q")?.shape.clone(), E::wrap(g.dq));
+            put("dk", case.input("k")?.shape.clone(), E::wrap(g.dk));
+            put("dv", case.input("v")?.shape.clone(), E::wrap(g.dv));
+        }
+        AttentionOp::TopKeys => {
+            let (w, i) = attention::top_keys(params, shape, &inputs, top)?;
+            let dims = vec![s.batch, s.heads_q, s.len_q, top];
+            put("weights", dims.clone(), <E::Acc as CaseElement>::wrap(w));
+            put("indices", dims, Data::I32(i));
+        }
     }
     Ok(out)
 }

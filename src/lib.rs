@@ -6,9 +6,11 @@
 //! Families: linear-recurrence scans ([`scan`]: `scan.linear`, `scan.linear_complex`,
 //! Mamba's selective scan in [`scan::selective`], gated linear attention in [`scan::gla`],
 //! each with its backward); batched ridge in [`ridge`] (`ridge.cv`, `ridge.solve_batched`,
-//! `ridge.score`); sparse top-k encoding in [`topk`] (`topk.rows`, the SAE encoders, decode
-//! and backward, matching pursuit, `codebook.nearest`); fused attention follows the same
-//! layout (see DESIGN.md). [`cases`] runs reference cases in the format of CASES.md.
+//! `ridge.score`); fused attention in [`attention`] (`attention.forward` with a split-KV
+//! decode path, `attention.backward`, `attention.top_keys`: causal/window masks, softcap,
+//! ALiBi, bias, GQA/MQA, packed variable-length batches; CPU); sparse top-k encoding in
+//! [`topk`] (`topk.rows`, the SAE encoders, decode and backward, matching pursuit,
+//! `codebook.nearest`). [`cases`] runs reference cases in the format of CASES.md.
 //!
 //! Every call validates its inputs and returns [`Result`]; bad input is an [`Error`] naming
 //! the tensor, never a panic.
@@ -16,6 +18,7 @@
 // The docs write recurrences as h[t] = a[t]·h[t-1], which rustdoc would read as links.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+pub mod attention;
 pub mod cases;
 pub mod cpu;
 #[cfg(feature = "cuda")]

@@ -1,0 +1,1785 @@
+//! The CPU kernels of the attention family.
+//!
+//! Plan (FlashAttention-2 on cache-resident blocks):
+//! - Keys are transposed once per (batch, KV head) into panels of BLOCK_K keys (`[D × w]`,
+//!   contiguous, in the accumulator type); each query block is packed once into 6-row strips
+//!   (`pack_rows`), so a score tile S = Q·Kᵀ is one register-tiled product
+//!   (`matmul_packed`: 6 rows × 2 vectors, broadcasts from consecutive addresses). Values are
+//!   copied once to head-major rows (each head's rows contiguous) in the accumulator type.
+//! - Forward: a task owns (sequence, query head, block of BLOCK_Q rows) and walks only the
+//!   key blocks some row of it can see (causal/window masks are per-row key intervals, so
+//!   masked-out blocks are skipped entirely); per row an online softmax (running max m and
+//!   sum l, vector exp), then O += P·V (`cpu::gemm::gemm_acc`, P read in place at a constant
+//!   stride). o = O / l, lse = m + ln l; a row that saw no key gives o = 0, lse = −inf.
+//! - Decode (split-KV): a task owns (sequence, chunk of SPLIT_CHUNK keys) and every query row
+//!   of every head; block by block it copies the K and V rows of all KV heads in memory order
+//!   (each key is read from memory once, front to back), scores by dot products, and keeps
+//!   (O, m, l) per head; the chunks are merged in chunk order through their log-sum-exps.
+//! - Backward: D = rowsum(dO∘O); q and dO query blocks are packed once. Pass 1 owns
+//!   (sequence, KV head, key block) and sums dK, dV over every query head of the group and
+//!   every query block that sees the keys (P = e^(S − lse), dV += Pᵀ·dO, dP = dO·Vᵀ,
+//!   dS = P∘(dP − D) (∘ 1 − tanh² with softcap), dK += dSᵀ·Q); pass 2 owns (sequence, query
+//!   head, query block) and accumulates dQ += dS·K. Every output element is written by one
+//!   task, in a fixed order: the bits do not depend on the thread count.
+//! - top_keys: pass 1 is the forward without values (lse only); pass 2 recomputes score
+//!   blocks and keeps each row's `top` largest scores in a sorted list (one compare rejects
+//!   most keys), then writes p = e^(s − lse).
+//!
+//! Bound: 4·Sq·Sk·D flops per head for the forward (half with causal), about 2.5× that for
+//! the backward (S and dP recomputed in both passes); the decode is bound by reading K and V.
+
+use super::{
+    AttentionGrads, AttentionInputs, AttentionParams, AttentionShape, Bias, Segment, Sizes, SplitKv,
+};
+use crate::cpu::gemm::{Strided, gemm_acc};
+use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
+use crate::element::{Accum, DType, Element};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// Query rows per block: ten register tiles of 6 rows.
+const BLOCK_Q: usize = 60;
+/// Keys per block: whole vectors on every ISA, and a score tile of BLOCK_Q × BLOCK_K stays in L1.
+const BLOCK_K: usize = 64;
+/// Keys per split-KV task.
+const SPLIT_CHUNK: usize = 512;
+/// The split-KV path is chosen (with `SplitKv::Auto`) when every sequence has at most this
+/// many query rows per KV head (Sq · Hq/Hk).
+const DECODE_ROWS: usize = 16;
+
+fn neg_inf<A: Accum>() -> A {
+    A::from_f64(f64::NEG_INFINITY)
+}
+
+/// The score terms after `scale·q·k` and the masks, for one call.
+struct ScoreRules<'a, A> {
+    causal: bool,
+    window_left: i64,
+    window_right: i64,
+    /// 0 = off.
+    softcap: A,
+    slopes: Option<&'a [A]>,
+    bias: Option<Bias<'a, A>>,
+    /// The full S axes (bias indexing).
+    len_q: usize,
+    len_k: usize,
+}
+
+impl<'a, A: Accum> ScoreRules<'a, A> {
+    fn new<E: Element<Acc = A>>(
+        params: &AttentionParams,
+        shape: &AttentionShape,
+        inputs: &AttentionInputs<'a, E>,
+    ) -> Self {
+        Self {
+            causal: params.causal,
+            window_left: params.window_left,
+            window_right: params.window_right,
+            softcap: A::from_f64(params.softcap),
+            slopes: inputs.alibi_slopes,
+            bias: inputs.bias,
+            len_q: shape.len_q,
+            len_k: shape.len_k,
+        }
+    }
+
+    /// Whether any term besides the scale and the masks is on.
+    fn has_terms(&self) -> bool {
+        self.softcap != A::ZERO || self.slopes.is_some() || self.bias.is_some()
+    }
+
+    /// The keys `[lo, hi)` (sequence-local) that query row i of `seg` may see.
+    fn visible(&self, seg: &Segment, i: usize) -> (usize, usize) {
+        let diag = i as i64 + seg.k_len as i64 - seg.q_len as i64;
+        let mut hi = seg.k_len as i64;
+        let mut lo = 0i64;
+        if self.causal {
+            hi = hi.min(diag + 1);
+        }
+        if self.window_right >= 0 {
+            hi = hi.min(diag.saturating_add(self.window_right).saturating_add(1));
+        }
+        if self.window_left >= 0 {
+            lo = lo.max(diag.saturating_sub(self.window_left));
+        }
+        if lo >= hi {
+            (0, 0)
+        } else {
+            (lo as usize, hi as usize)
+        }
+    }
+
+    /// Applies softcap, ALiBi and bias to the scores of query row i (head hq) against keys
+    /// j0.. of `seg`, and sets the entries outside the visible columns `[a, z)` to −inf. With
+    /// softcap and `capd`, stores the derivative 1 − tanh² of each entry there.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        row: &mut [A],
+        seg: &Segment,
+        i: usize,
+        hq: usize,
+        j0: usize,
+        (a, z): (usize, usize),
+        capd: Option<&mut [A]>,
+    ) {
+        if self.has_terms() {
+            let cap = self.softcap.to_f64();
+            let slope = self.slopes.map(|s| s[hq].to_f64());
+            let diag = i as i64 + seg.k_len as i64 - seg.q_len as i64;
+            let bias_row = self.bias.map(|bias| {
+                let bb = if bias.batch == 1 { 0 } else { seg.batch };
+                let hb = if bias.heads == 1 { 0 } else { hq };
+                let at = ((bb * bias.heads + hb) * self.len_q + seg.q_start + i) * self.len_k
+                    + seg.k_start
+                    + j0;
+                &bias.data[at..at + row.len()]
+            });
+            let mut capd = capd;
+            for c in a..z {
+                let mut s = row[c];
+                if cap != 0.0 {
+                    let t = (s.to_f64() / cap).tanh();
+                    s = A::from_f64(cap * t);
+                    if let Some(d) = capd.as_deref_mut() {
+                        d[c] = A::from_f64(1.0 - t * t);
+                    }
+                }
+                if let Some(slope) = slope {
+                    let dist = (diag - (j0 + c) as i64).unsigned_abs() as f64;
+                    s = s - A::from_f64(slope * dist);
+                }
+                if let Some(b) = bias_row {
+                    s = s + b[c];
+                }
+                row[c] = s;
+            }
+        }
+        let ninf = neg_inf::<A>();
+        row[..a].fill(ninf);
+        row[z..].fill(ninf);
+    }
+
+    /// The visible columns of key block `[j0, j0 + w)` for a row that sees `[lo, hi)`.
+    fn columns(j0: usize, w: usize, (lo, hi): (usize, usize)) -> (usize, usize) {
+        let a = lo.saturating_sub(j0).min(w);
+        let z = hi.saturating_sub(j0).min(w);
+        if a >= z { (0, 0) } else { (a, z) }
+    }
+}
+
+/// Rows of a `[B, S, H, X]` tensor in the accumulator type, stored either in that layout or
+/// head-major (`[B, H, S, X]`, each head's rows contiguous: the operand layout of the
+/// products, whose strided rows would otherwise fall into a few L1 sets).
+#[derive(Clone, Copy)]
+struct Rows<'a, A> {
+    data: &'a [A],
+    len: usize,
+    heads: usize,
+    dim: usize,
+    head_major: bool,
+}
+
+impl<A> Rows<'_, A> {
+    fn at(&self, batch: usize, s: usize, head: usize) -> usize {
+        if self.head_major {
+            ((batch * self.heads + head) * self.len + s) * self.dim
+        } else {
+            ((batch * self.len + s) * self.heads + head) * self.dim
+        }
+    }
+    /// The distance between consecutive rows of one head.
+    fn stride(&self) -> usize {
+        if self.head_major {
+            self.dim
+        } else {
+            self.heads * self.dim
+        }
+    }
+    /// Pointer to row (batch, s, head); only for rows inside the tensor (or dim 0).
+    fn ptr(&self, batch: usize, s: usize, head: usize) -> *const A {
+        let at = self.at(batch, s, head).min(self.data.len());
+        self.data[at..].as_ptr()
+    }
+}
+
+/// `x [B, S, H, X]` as head-major rows (`[B, H, S, X]`) in its accumulator type.
+fn head_major<E: Element>(
+    x: &[E],
+    batch: usize,
+    len: usize,
+    heads: usize,
+    dim: usize,
+) -> Vec<E::Acc> {
+    let per = len * dim;
+    let mut out = vec![<E::Acc as Accum>::ZERO; batch * heads * per];
+    if per > 0 {
+        out.par_chunks_mut(per).enumerate().for_each(|(bh, part)| {
+            let (b, h) = (bh / heads, bh % heads);
+            for (s, row) in part.chunks_exact_mut(dim).enumerate() {
+                let src = ((b * len + s) * heads + h) * dim;
+                for (y, x) in row.iter_mut().zip(&x[src..src + dim]) {
+                    *y = x.to_acc();
+                }
+            }
+        });
+    }
+    out
+}
+
+/// `x` in its accumulator type: borrowed for f32 and f64, a widened copy for f16 and bf16.
+fn widened<E: Element>(x: &[E]) -> Cow<'_, [E::Acc]> {
+    if matches!(E::DTYPE, DType::F32 | DType::F64) {
+        debug_assert_eq!(size_of::<E>(), size_of::<E::Acc>());
+        // SAFETY: f32 and f64 are their own accumulator types (element.rs), so E and E::Acc
+        // are the same type here.
+        Cow::Borrowed(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<E::Acc>(), x.len()) })
+    } else {
+        Cow::Owned(x.par_iter().map(|v| v.to_acc()).collect())
+    }
+}
+
+/// Key (or value) panels: for each (batch, head) and each sequence, blocks of BLOCK_K rows
+/// transposed to `[dim × w]` (w = the block's width), block j0 of a sequence starting at
+/// element `(k_start + j0)·dim` of its (batch, head) part.
+fn panels<E: Element>(
+    x: &[E],
+    batch: usize,
+    len: usize,
+    heads: usize,
+    dim: usize,
+    segments: &[Segment],
+) -> Vec<E::Acc> {
+    let per = len * dim;
+    let mut out = vec![<E::Acc as Accum>::ZERO; batch * heads * per];
+    if per == 0 {
+        return out;
+    }
+    out.par_chunks_mut(per).enumerate().for_each(|(bh, part)| {
+        let (bi, h) = (bh / heads, bh % heads);
+        for seg in segments.iter().filter(|s| s.batch == bi) {
+            let mut j0 = 0;
+            while j0 < seg.k_len {
+                let w = BLOCK_K.min(seg.k_len - j0);
+                let base = (seg.k_start + j0) * dim;
+                for c in 0..w {
+                    let src = ((bi * len + seg.k_start + j0 + c) * heads + h) * dim;
+                    for (p, x) in x[src..src + dim].iter().enumerate() {
+                        part[base + p * w + c] = x.to_acc();
+                    }
+                }
+                j0 += w;
+            }
+        }
+    });
+    out
+}
+
+/// Start of the panel of key block j0 of `seg` for (batch, head).
+fn panel_at(shape: &AttentionShape, dim: usize, seg: &Segment, head: usize, j0: usize) -> usize {
+    ((seg.batch * shape.heads_kv + head) * shape.len_k + seg.k_start + j0) * dim
+}
+
+// ---------------------------------------------------------------------------------------
+// Vector helpers on rows of the accumulator type.
+// ---------------------------------------------------------------------------------------
+
+/// The lanes of a vector, summed in lane order.
+#[inline(always)]
+unsafe fn hsum<S: Simd, A: Accum>(v: A::V<S>) -> A {
+    let mut buf = [A::ZERO; 16];
+    unsafe { A::vstore::<S>(buf.as_mut_ptr(), v) };
+    buf[..A::lanes::<S>()].iter().fold(A::ZERO, |s, x| s + *x)
+}
+
+#[inline(always)]
+fn row_max<S: Simd, A: Accum>(x: &[A]) -> A {
+    let lanes = A::lanes::<S>();
+    let mut best = neg_inf::<A>();
+    let chunks = x.chunks_exact(lanes);
+    let tail = chunks.remainder();
+    if x.len() >= lanes {
+        // SAFETY: each chunk holds `lanes` values.
+        unsafe {
+            let mut m = A::vsplat::<S>(best);
+            for c in chunks {
+                m = A::vmax::<S>(m, A::vload::<S>(c.as_ptr()));
+            }
+            let mut buf = [best; 16];
+            A::vstore::<S>(buf.as_mut_ptr(), m);
+            for v in &buf[..lanes] {
+                if *v > best {
+                    best = *v;
+                }
+            }
+        }
+    }
+    for v in tail {
+        if *v > best {
+            best = *v;
+        }
+    }
+    best
+}
+
+/// x = e^(x − m) in place; returns Σ x when `sum`.
+#[inline(always)]
+fn exp_shifted<S: Simd, A: Accum>(x: &mut [A], m: A, sum: bool) -> A {
+    let lanes = A::lanes::<S>();
+    let neg_m = A::ZERO - m;
+    let mut total = A::ZERO;
+    let mut chunks = x.chunks_exact_mut(lanes);
+    // SAFETY: each chunk holds `lanes` values.
+    unsafe {
+        let shift = A::vsplat::<S>(neg_m);
+        let mut acc = A::vsplat::<S>(A::ZERO);
+        for c in &mut chunks {
+            let e = A::vexp::<S>(A::vadd::<S>(A::vload::<S>(c.as_ptr()), shift));
+            A::vstore::<S>(c.as_mut_ptr(), e);
+            if sum {
+                acc = A::vadd::<S>(acc, e);
+            }
+        }
+        if sum {
+            total = hsum::<S, A>(acc);
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = (*v + neg_m).exp();
+        if sum {
+            total = total + *v;
+        }
+    }
+    total
+}
+
+#[inline(always)]
+fn scale_row<S: Simd, A: Accum>(x: &mut [A], c: A) {
+    let lanes = A::lanes::<S>();
+    let mut chunks = x.chunks_exact_mut(lanes);
+    // SAFETY: each chunk holds `lanes` values.
+    unsafe {
+        let cv = A::vsplat::<S>(c);
+        for ch in &mut chunks {
+            A::vstore::<S>(
+                ch.as_mut_ptr(),
+                A::vmul::<S>(A::vload::<S>(ch.as_ptr()), cv),
+            );
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = *v * c;
+    }
+}
+
+/// Rows per register tile of [`matmul_packed`].
+const MR: usize = 6;
+
+/// Packs A (m × k through its strides) for [`matmul_packed`]: strips of MR rows, p-major
+/// (element (i, p) at (i / MR)·MR·k + p·MR + i % MR), so the register tiles broadcast from
+/// consecutive addresses with one pointer bump per step (the layout of BLAS micro-kernels). Rows past m in the last
+/// strip are left as they are (the tiles of a short strip never read them).
+///
+/// # Safety
+/// A must be valid for m × k through its strides.
+#[inline(always)]
+unsafe fn pack_rows<A: Accum>(m: usize, k: usize, a: Strided<A>, pack: &mut Vec<A>) {
+    let strips = m.div_ceil(MR);
+    if pack.len() < strips * MR * k {
+        pack.resize(strips * MR * k, A::ZERO);
+    }
+    for strip in 0..strips {
+        let rows = MR.min(m - strip * MR);
+        let dst = &mut pack[strip * MR * k..(strip + 1) * MR * k];
+        let first = unsafe { a.ptr.add(strip * MR * a.row_stride) };
+        for (p, out) in dst.chunks_exact_mut(MR).enumerate() {
+            let col = unsafe { first.add(p * a.inner_stride) };
+            for (r, x) in out[..rows].iter_mut().enumerate() {
+                *x = unsafe { *col.add(r * a.row_stride) };
+            }
+        }
+    }
+}
+
+/// C = A·B over `m × n` with inner dimension `k` (C += A·B with `accumulate`), A packed by
+/// [`pack_rows`], B rows `b_stride` apart. Tiles of MR rows × 2 vectors (12 accumulators);
+/// the sum over p runs in order, so a given ISA always gives the same bits.
+///
+/// # Safety
+/// `pack` holds the packed m × k values of A; B (k rows of n at `b_stride`) and C (m rows of
+/// n at `c_stride`) must be valid, and C must not overlap B or `pack`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_packed<S: Simd, A: Accum>(
+    m: usize,
+    n: usize,
+    k: usize,
+    pack: &[A],
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    accumulate: bool,
+) {
+    let strips = m.div_ceil(MR);
+    debug_assert!(pack.len() >= strips * MR * k);
+    for strip in 0..strips {
+        let rows = MR.min(m - strip * MR);
+        let (ap, cp) = unsafe {
+            (
+                pack.as_ptr().add(strip * MR * k),
+                c.add(strip * MR * c_stride),
+            )
+        };
+        unsafe {
+            match rows {
+                6 => strip_product::<S, A, 6>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+                5 => strip_product::<S, A, 5>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+                4 => strip_product::<S, A, 4>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+                3 => strip_product::<S, A, 3>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+                2 => strip_product::<S, A, 2>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+                _ => strip_product::<S, A, 1>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
+            }
+        }
+    }
+}
+
+/// One strip of R packed rows of A against all n columns of B.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn strip_product<S: Simd, A: Accum, const R: usize>(
+    n: usize,
+    k: usize,
+    ap: *const A,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    accumulate: bool,
+) {
+    let lanes = A::lanes::<S>();
+    let mut j = 0;
+    unsafe {
+        while j + 2 * lanes <= n {
+            micro::<S, A, R, 2>(k, ap, b.add(j), b_stride, c.add(j), c_stride, accumulate);
+            j += 2 * lanes;
+        }
+        if j + lanes <= n {
+            micro::<S, A, R, 1>(k, ap, b.add(j), b_stride, c.add(j), c_stride, accumulate);
+            j += lanes;
+        }
+        // columns past the last whole vector, one at a time (same order over p)
+        for col in j..n {
+            for r in 0..R {
+                let out = c.add(r * c_stride + col);
+                let mut acc = if accumulate { *out } else { A::ZERO };
+                for p in 0..k {
+                    acc = acc + *ap.add(p * MR + r) * *b.add(p * b_stride + col);
+                }
+                *out = acc;
+            }
+        }
+    }
+}
+
+/// The register tile: R rows × NV vectors of C over the packed strip.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro<S: Simd, A: Accum, const R: usize, const NV: usize>(
+    k: usize,
+    ap: *const A,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    accumulate: bool,
+) {
+    let lanes = A::lanes::<S>();
+    unsafe {
+        let mut acc = [[A::vsplat::<S>(A::ZERO); NV]; R];
+        if accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = A::vload::<S>(c.add(r * c_stride + v * lanes));
+                }
+            }
+        }
+        let (mut a_at, mut b_at) = (ap, b);
+        for _ in 0..k {
+            let mut bv = [A::vsplat::<S>(A::ZERO); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = A::vload::<S>(b_at.add(v * lanes));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = A::vsplat::<S>(*a_at.add(r));
+                for (v, y) in row.iter_mut().enumerate() {
+                    *y = A::vfma::<S>(x, bv[v], *y);
+                }
+            }
+            a_at = a_at.add(MR);
+            b_at = b_at.add(b_stride);
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                A::vstore::<S>(c.add(r * c_stride + v * lanes), *x);
+            }
+        }
+    }
+}
+
+/// One online-softmax step for one row: the block's scores (masked to −inf outside `[a, z)`)
+/// become p = e^(s − m_new) (0 outside), m and l advance; returns the factor e^(m − m_new)
+/// the row's accumulator must be multiplied by (1 when unchanged).
+#[inline(always)]
+fn online_step<S: Simd, A: Accum>(
+    row: &mut [A],
+    (a, z): (usize, usize),
+    m: &mut A,
+    l: &mut A,
+) -> A {
+    let block_max = row_max::<S, A>(&row[a..z]);
+    let m_new = if block_max > *m { block_max } else { *m };
+    if m_new == neg_inf::<A>() {
+        // nothing finite yet (a bias of −inf): the row contributes nothing
+        row.fill(A::ZERO);
+        return A::ONE;
+    }
+    let alpha = if *m == neg_inf::<A>() {
+        A::ZERO
+    } else if *m == m_new {
+        A::ONE
+    } else {
+        (*m - m_new).exp()
+    };
+    let sum = exp_shifted::<S, A>(&mut row[a..z], m_new, true);
+    row[..a].fill(A::ZERO);
+    row[z..].fill(A::ZERO);
+    *l = *l * alpha + sum;
+    *m = m_new;
+    alpha
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward.
+// ---------------------------------------------------------------------------------------
+
+/// What every forward task reads.
+struct Forward<'a, E: Element> {
+    shape: AttentionShape,
+    rules: ScoreRules<'a, E::Acc>,
+    scale: E::Acc,
+    q: &'a [E],
+    k: &'a [E],
+    /// Key panels (query-block path only).
+    kt: &'a [E::Acc],
+    v: Rows<'a, E::Acc>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward<E: Element>(
+    isa: Isa,
+    params: &AttentionParams,
+    shape: &AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+    segments: &[Segment],
+    sizes: Sizes,
+) -> (Vec<E>, Vec<E::Acc>) {
+    let mut o = vec![E::default(); sizes.o];
+    let mut lse = vec![neg_inf::<E::Acc>(); sizes.lse];
+    if sizes.lse == 0 {
+        return (o, lse);
+    }
+    let g = shape.group();
+    let split = match params.split_kv {
+        SplitKv::Always => true,
+        SplitKv::Never => false,
+        SplitKv::Auto => {
+            segments.iter().all(|s| s.q_len * g <= DECODE_ROWS)
+                && segments.iter().any(|s| s.k_len >= 2 * SPLIT_CHUNK)
+        }
+    };
+    // the split path reads each value row once, in place; the block path reads each value
+    // block once per query block, from head-major rows
+    let v = if split {
+        widened(inputs.v)
+    } else {
+        Cow::Owned(head_major(
+            inputs.v,
+            shape.batch,
+            shape.len_k,
+            shape.heads_kv,
+            shape.value_dim,
+        ))
+    };
+    let kt = if split {
+        Vec::new()
+    } else {
+        panels(
+            inputs.k,
+            shape.batch,
+            shape.len_k,
+            shape.heads_kv,
+            shape.head_dim,
+            segments,
+        )
+    };
+    let ctx = Forward {
+        shape: *shape,
+        rules: ScoreRules::new(params, shape, inputs),
+        scale: E::Acc::from_f64(shape.scale(params)),
+        q: inputs.q,
+        k: inputs.k,
+        kt: &kt,
+        v: Rows {
+            data: &v,
+            len: shape.len_k,
+            heads: shape.heads_kv,
+            dim: shape.value_dim,
+            head_major: !split,
+        },
+    };
+    let (op, lp) = (SendPtr(o.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    if split {
+        split_kv(isa, &ctx, segments, op, lp);
+    } else {
+        let tasks: Vec<(usize, usize, usize)> = segments
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| {
+                (0..shape.heads_q)
+                    .flat_map(move |h| (0..s.q_len).step_by(BLOCK_Q).map(move |r| (si, h, r)))
+            })
+            .collect();
+        tasks.into_par_iter().for_each(|(si, hq, row0)| {
+            let seg = segments[si];
+            // SAFETY: the task writes only rows row0.. of (seg, hq) in o and lse.
+            dispatch(
+                isa,
+                QueryBlock {
+                    ctx: &ctx,
+                    seg,
+                    hq,
+                    row0,
+                    rows: BLOCK_Q.min(seg.q_len - row0),
+                    o: op,
+                    lse: lp,
+                },
+            )
+        });
+    }
+    (o, lse)
+}
+
+/// A block of query rows of one head against every key block it sees.
+struct QueryBlock<'a, E: Element> {
+    ctx: &'a Forward<'a, E>,
+    seg: Segment,
+    hq: usize,
+    row0: usize,
+    rows: usize,
+    o: SendPtr<E>,
+    lse: SendPtr<E::Acc>,
+}
+
+impl<E: Element> SimdKernel for QueryBlock<'_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let Self {
+            ctx,
+            seg,
+            hq,
+            row0,
+            rows,
+            o,
+            lse,
+        } = self;
+        let sh = &ctx.shape;
+        let (d, dv) = (sh.head_dim, sh.value_dim);
+        let hk = hq / sh.group();
+        let zero = <E::Acc as Accum>::ZERO;
+        let qbuf = load_queries(ctx.q, sh, &seg, hq, row0, rows, ctx.scale);
+        let vis: Vec<(usize, usize)> = (0..rows)
+            .map(|r| ctx.rules.visible(&seg, row0 + r))
+            .collect();
+        let mut m = vec![neg_inf::<E::Acc>(); rows];
+        let mut l = vec![zero; rows];
+        let mut acc = vec![zero; rows * dv];
+        let mut s = vec![zero; rows * BLOCK_K];
+        // the queries are the A operand of every score tile: packed once
+        let mut qpack = Vec::new();
+        // SAFETY: qbuf is rows × d.
+        unsafe {
+            pack_rows(
+                rows,
+                d,
+                Strided {
+                    ptr: qbuf.as_ptr(),
+                    row_stride: d,
+                    inner_stride: 1,
+                },
+                &mut qpack,
+            )
+        };
+        let (lo, hi) = union(&vis);
+        let mut j0 = lo - lo % BLOCK_K;
+        while j0 < hi {
+            let w = BLOCK_K.min(seg.k_len - j0);
+            let panel = &ctx.kt[panel_at(sh, d, &seg, hk, j0)..];
+            // SAFETY: qbuf is rows × d, the panel d × w, s rows × BLOCK_K.
+            unsafe {
+                matmul_packed::<S, E::Acc>(
+                    rows,
+                    w,
+                    d,
+                    &qpack,
+                    panel.as_ptr(),
+                    w,
+                    s.as_mut_ptr(),
+                    BLOCK_K,
+                    false,
+                )
+            };
+            for r in 0..rows {
+                let row = &mut s[r * BLOCK_K..r * BLOCK_K + w];
+                let cols = ScoreRules::<E::Acc>::columns(j0, w, vis[r]);
+                if cols.0 >= cols.1 {
+                    row.fill(zero);
+                    continue;
+                }
+                ctx.rules.apply(row, &seg, row0 + r, hq, j0, cols, None);
+                let alpha = online_step::<S, E::Acc>(row, cols, &mut m[r], &mut l[r]);
+                if alpha != <E::Acc as Accum>::ONE {
+                    scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
+                }
+            }
+            // SAFETY: s is rows × w (stride BLOCK_K), the value rows exist, acc is rows × dv.
+            // (P is read in place: its row stride is a constant, so the tile's broadcasts need
+            // no packing.)
+            unsafe {
+                gemm_acc::<S, E::Acc>(
+                    rows,
+                    dv,
+                    w,
+                    Strided {
+                        ptr: s.as_ptr(),
+                        row_stride: BLOCK_K,
+                        inner_stride: 1,
+                    },
+                    ctx.v.ptr(seg.batch, seg.k_start + j0, hk),
+                    ctx.v.stride(),
+                    acc.as_mut_ptr(),
+                    dv,
+                    false,
+                )
+            };
+            j0 += w;
+        }
+        for r in 0..rows {
+            let qi = seg.q_start + row0 + r;
+            let out = ((seg.batch * sh.len_q + qi) * sh.heads_q + hq) * dv;
+            let (row_o, row_lse) = finish_row(&mut acc[r * dv..(r + 1) * dv], m[r], l[r]);
+            for (c, x) in row_o.iter().enumerate() {
+                // SAFETY: row (batch, qi, hq) of o belongs to this task.
+                unsafe { *o.get().add(out + c) = E::from_acc(*x) };
+            }
+            // SAFETY: entry (batch, hq, qi) of lse belongs to this task.
+            unsafe { *lse.get().add((seg.batch * sh.heads_q + hq) * sh.len_q + qi) = row_lse };
+        }
+    }
+}
+
+/// acc / l and m + ln l, or zeros and −inf for a row that saw no key.
+#[inline(always)]
+fn finish_row<A: Accum>(acc: &mut [A], m: A, l: A) -> (&[A], A) {
+    if l > A::ZERO {
+        let inv = A::ONE / l;
+        for x in acc.iter_mut() {
+            *x = *x * inv;
+        }
+        (acc, A::from_f64(m.to_f64() + l.to_f64().ln()))
+    } else {
+        acc.fill(A::ZERO);
+        (acc, neg_inf::<A>())
+    }
+}
+
+/// The smallest lo and largest hi over the rows that see a key ((0, 0) if none does).
+fn union(vis: &[(usize, usize)]) -> (usize, usize) {
+    let mut lo = usize::MAX;
+    let mut hi = 0;
+    for &(a, b) in vis {
+        if a < b {
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+    }
+    if lo >= hi { (0, 0) } else { (lo, hi) }
+}
+
+/// Rows row0.. of (seg, head hq) of q, times `scale`, as `[rows × D]`.
+fn load_queries<E: Element>(
+    q: &[E],
+    sh: &AttentionShape,
+    seg: &Segment,
+    hq: usize,
+    row0: usize,
+    rows: usize,
+    scale: E::Acc,
+) -> Vec<E::Acc> {
+    let d = sh.head_dim;
+    let mut out = Vec::with_capacity(rows * d);
+    for r in 0..rows {
+        let at = ((seg.batch * sh.len_q + seg.q_start + row0 + r) * sh.heads_q + hq) * d;
+        out.extend(q[at..at + d].iter().map(|x| x.to_acc() * scale));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Split-KV decode.
+// ---------------------------------------------------------------------------------------
+
+fn split_kv<E: Element>(
+    isa: Isa,
+    ctx: &Forward<'_, E>,
+    segments: &[Segment],
+    o: SendPtr<E>,
+    lse: SendPtr<E::Acc>,
+) {
+    let sh = &ctx.shape;
+    let (g, dv, hk_n) = (sh.group(), sh.value_dim, sh.heads_kv);
+    let rows_max = segments.iter().map(|s| s.q_len * g).max().unwrap_or(0);
+    // one task per (segment, chunk of keys), over every KV head: the chunk's rows of K and V
+    // are then read front to back (the rows of one head alone are Hk·D apart, a new page
+    // every few rows, which the hardware prefetchers do not follow)
+    let chunks = |s: &Segment| s.k_len.div_ceil(SPLIT_CHUNK).max(1);
+    let tasks: Vec<(usize, usize)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| (0..chunks(s)).map(move |c| (si, c)))
+        .collect();
+    let per_head = rows_max * (dv + 2);
+    let per = hk_n * per_head;
+    if per == 0 {
+        return;
+    }
+    let mut partial = vec![<E::Acc as Accum>::ZERO; tasks.len() * per];
+    partial
+        .par_chunks_mut(per)
+        .zip(tasks.par_iter())
+        .for_each(|(part, &(si, c))| {
+            let seg = segments[si];
+            let k0 = c * SPLIT_CHUNK;
+            dispatch(
+                isa,
+                KvChunk {
+                    ctx,
+                    seg,
+                    keys: (k0, (k0 + SPLIT_CHUNK).min(seg.k_len)),
+                    rows_max,
+                    part,
+                },
+            )
+        });
+    // merge each (segment, KV head) over its chunks, in chunk order
+    let mut first = 0;
+    let groups: Vec<(usize, usize, usize, usize)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            let (at, n) = (first, chunks(s));
+            first += n;
+            (0..hk_n).map(move |h| (si, h, at, n))
+        })
+        .collect();
+    groups.into_par_iter().for_each(|(si, hk, at, n)| {
+        let seg = segments[si];
+        let rows = seg.q_len * g;
+        let zero = <E::Acc as Accum>::ZERO;
+        let mut acc = vec![zero; dv];
+        for r in 0..rows {
+            let part = |c: usize| {
+                let start = (at + c) * per + hk * per_head;
+                &partial[start..start + per_head]
+            };
+            let m_of = |c: usize| part(c)[rows_max * dv + r];
+            let l_of = |c: usize| part(c)[rows_max * dv + rows_max + r];
+            let mut m = neg_inf::<E::Acc>();
+            for c in 0..n {
+                if m_of(c) > m {
+                    m = m_of(c);
+                }
+            }
+            acc.fill(zero);
+            let mut l = zero;
+            if m != neg_inf::<E::Acc>() {
+                for c in 0..n {
+                    if m_of(c) == neg_inf::<E::Acc>() {
+                        continue;
+                    }
+                    let f = (m_of(c) - m).exp();
+                    l = l + l_of(c) * f;
+                    for (x, y) in acc.iter_mut().zip(&part(c)[r * dv..(r + 1) * dv]) {
+                        *x = *x + *y * f;
+                    }
+                }
+            }
+            let (row_o, row_lse) = finish_row(&mut acc, m, l);
+            let (gi, i) = (r / seg.q_len, r % seg.q_len);
+            let (hq, qi) = (hk * g + gi, seg.q_start + i);
+            let out = ((seg.batch * sh.len_q + qi) * sh.heads_q + hq) * dv;
+            for (c, x) in row_o.iter().enumerate() {
+                // SAFETY: the rows of (seg, the query heads of hk) belong to this group.
+                unsafe { *o.get().add(out + c) = E::from_acc(*x) };
+            }
+            // SAFETY: as above.
+            unsafe { *lse.get().add((seg.batch * sh.heads_q + hq) * sh.len_q + qi) = row_lse };
+        }
+    });
+}
+
+/// Keys per block of the split-KV path: the block's K and V rows of every KV head are copied
+/// (read front to back, widened) into buffers that stay in L2 while each head uses them.
+const DECODE_BLOCK: usize = 32;
+
+/// Every query row of every head against the keys `keys` of `seg`: for each KV head hk,
+/// writes its unnormalized O (`[rows_max × Dv]`), then m and l (`rows_max` each) to its part
+/// of `part`. Row r of head hk is query head hk·G + r / Sq, query r % Sq.
+struct KvChunk<'a, E: Element> {
+    ctx: &'a Forward<'a, E>,
+    seg: Segment,
+    keys: (usize, usize),
+    rows_max: usize,
+    part: &'a mut [E::Acc],
+}
+
+impl<E: Element> SimdKernel for KvChunk<'_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let Self {
+            ctx,
+            seg,
+            keys,
+            rows_max,
+            part,
+        } = self;
+        let sh = &ctx.shape;
+        let (d, dv, g, hk_n) = (sh.head_dim, sh.value_dim, sh.group(), sh.heads_kv);
+        let rows = seg.q_len * g;
+        let per_head = rows_max * (dv + 2);
+        let zero = <E::Acc as Accum>::ZERO;
+        // queries of every head, [Hk][rows × D], scaled
+        let mut qbuf = Vec::with_capacity(hk_n * rows * d);
+        for hq in 0..sh.heads_q {
+            qbuf.extend(load_queries(ctx.q, sh, &seg, hq, 0, seg.q_len, ctx.scale));
+        }
+        let vis: Vec<(usize, usize)> = (0..rows)
+            .map(|r| ctx.rules.visible(&seg, r % seg.q_len))
+            .collect();
+        for h in 0..hk_n {
+            part[h * per_head + rows_max * dv..h * per_head + rows_max * dv + rows_max]
+                .fill(neg_inf::<E::Acc>());
+        }
+        let mut kbuf = vec![zero; DECODE_BLOCK * hk_n * d];
+        let mut vbuf = vec![zero; DECODE_BLOCK * hk_n * dv];
+        let mut s = vec![zero; rows * DECODE_BLOCK];
+        let lanes = <E::Acc as Accum>::lanes::<S>();
+        let mut j0 = keys.0;
+        while j0 < keys.1 {
+            let w = DECODE_BLOCK.min(keys.1 - j0);
+            let cols: Vec<(usize, usize)> = vis
+                .iter()
+                .map(|&v| ScoreRules::<E::Acc>::columns(j0, w, v))
+                .collect();
+            if cols.iter().all(|c| c.0 >= c.1) {
+                j0 += w;
+                continue;
+            }
+            // the block's rows of every head, in memory order, widened: [Hk][w][D]
+            for c in 0..w {
+                let key = seg.k_start + j0 + c;
+                let kat = (seg.batch * sh.len_k + key) * hk_n * d;
+                let vat = (seg.batch * sh.len_k + key) * hk_n * dv;
+                for h in 0..hk_n {
+                    let dst = &mut kbuf[(h * DECODE_BLOCK + c) * d..][..d];
+                    for (y, x) in dst.iter_mut().zip(&ctx.k[kat + h * d..kat + (h + 1) * d]) {
+                        *y = x.to_acc();
+                    }
+                    let dst = &mut vbuf[(h * DECODE_BLOCK + c) * dv..][..dv];
+                    let src = ctx.v.data;
+                    if !src.is_empty() {
+                        dst.copy_from_slice(&src[vat + h * dv..vat + (h + 1) * dv]);
+                    }
+                }
+            }
+            for hk in 0..hk_n {
+                let qh = &qbuf[hk * g * seg.q_len * d..(hk + 1) * g * seg.q_len * d];
+                let kh = &kbuf[hk * DECODE_BLOCK * d..(hk + 1) * DECODE_BLOCK * d];
+                // scores by dot products, four rows at a time sharing each loaded key vector
+                for c in 0..w {
+                    let krow = &kh[c * d..(c + 1) * d];
+                    let mut r0 = 0;
+                    while r0 < rows {
+                        let nr = 4.min(rows - r0);
+                        // SAFETY: p + lanes <= d for every vector load of krow and the q rows.
+                        unsafe {
+                            let mut accs = [[<E::Acc as Accum>::vsplat::<S>(zero); 2]; 4];
+                            let mut p = 0;
+                            while p + 2 * lanes <= d {
+                                let k1 = <E::Acc as Accum>::vload::<S>(krow.as_ptr().add(p));
+                                let k2 =
+                                    <E::Acc as Accum>::vload::<S>(krow.as_ptr().add(p + lanes));
+                                for (rr, a) in accs.iter_mut().enumerate().take(nr) {
+                                    let qp = qh.as_ptr().add((r0 + rr) * d + p);
+                                    a[0] = <E::Acc as Accum>::vfma::<S>(
+                                        <E::Acc as Accum>::vload::<S>(qp),
+                                        k1,
+                                        a[0],
+                                    );
+                                    a[1] = <E::Acc as Accum>::vfma::<S>(
+                                        <E::Acc as Accum>::vload::<S>(qp.add(lanes)),
+                                        k2,
+                                        a[1],
+                                    );
+                                }
+                                p += 2 * lanes;
+                            }
+                            while p + lanes <= d {
+                                let k1 = <E::Acc as Accum>::vload::<S>(krow.as_ptr().add(p));
+                                for (rr, a) in accs.iter_mut().enumerate().take(nr) {
+                                    let qp = qh.as_ptr().add((r0 + rr) * d + p);
+                                    a[0] = <E::Acc as Accum>::vfma::<S>(
+                                        <E::Acc as Accum>::vload::<S>(qp),
+                                        k1,
+                                        a[0],
+                                    );
+                                }
+                                p += lanes;
+                            }
+                            for (rr, a) in accs.iter().enumerate().take(nr) {
+                                let mut t =
+                                    hsum::<S, E::Acc>(<E::Acc as Accum>::vadd::<S>(a[0], a[1]));
+                                let qrow = &qh[(r0 + rr) * d..(r0 + rr + 1) * d];
+                                for pp in p..d {
+                                    t = t + qrow[pp] * krow[pp];
+                                }
+                                s[(r0 + rr) * DECODE_BLOCK + c] = t;
+                            }
+                        }
+                        r0 += nr;
+                    }
+                }
+                let (acc, rest) =
+                    part[hk * per_head..(hk + 1) * per_head].split_at_mut(rows_max * dv);
+                let (m, l) = rest.split_at_mut(rows_max);
+                for r in 0..rows {
+                    let row = &mut s[r * DECODE_BLOCK..r * DECODE_BLOCK + w];
+                    let cols = cols[r];
+                    if cols.0 >= cols.1 {
+                        row.fill(zero);
+                        continue;
+                    }
+                    let hq = hk * g + r / seg.q_len;
+                    ctx.rules
+                        .apply(row, &seg, r % seg.q_len, hq, j0, cols, None);
+                    let alpha = online_step::<S, E::Acc>(row, cols, &mut m[r], &mut l[r]);
+                    if alpha != <E::Acc as Accum>::ONE {
+                        scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
+                    }
+                }
+                // SAFETY: s is rows × w (stride DECODE_BLOCK), vbuf's head part w × dv, acc
+                // rows × dv.
+                unsafe {
+                    gemm_acc::<S, E::Acc>(
+                        rows,
+                        dv,
+                        w,
+                        Strided {
+                            ptr: s.as_ptr(),
+                            row_stride: DECODE_BLOCK,
+                            inner_stride: 1,
+                        },
+                        vbuf[hk * DECODE_BLOCK * dv..].as_ptr(),
+                        dv,
+                        acc.as_mut_ptr(),
+                        dv,
+                        false,
+                    )
+                };
+            }
+            j0 += w;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------------------
+
+/// What both backward passes read.
+struct Backward<'a, E: Element> {
+    shape: AttentionShape,
+    rules: ScoreRules<'a, E::Acc>,
+    scale: E::Acc,
+    q: Rows<'a, E::Acc>,
+    k: Rows<'a, E::Acc>,
+    d_o: Rows<'a, E::Acc>,
+    kt: &'a [E::Acc],
+    vt: &'a [E::Acc],
+    lse: &'a [E::Acc],
+    /// rowsum(dO∘O), `[B, Hq, Sq]` as lse.
+    delta: &'a [E::Acc],
+    /// Every query block of q and of dO, packed once as the A operand of S and dP.
+    q_blocks: &'a PackedBlocks<E::Acc>,
+    do_blocks: &'a PackedBlocks<E::Acc>,
+}
+
+/// The query blocks (BLOCK_Q rows of one sequence and head) of a head-major tensor, each
+/// packed as [`matmul_packed`] reads it, in the order (sequence, head, block).
+struct PackedBlocks<A> {
+    data: Vec<A>,
+    /// Start of each block in `data`, and one past the last.
+    offsets: Vec<usize>,
+    /// Index of each sequence's first block, and its blocks per head.
+    first: Vec<(usize, usize)>,
+}
+
+impl<A: Accum> PackedBlocks<A> {
+    fn new(rows: &Rows<'_, A>, segments: &[Segment]) -> Self {
+        let dim = rows.dim;
+        let (mut data, mut offsets, mut first) = (Vec::new(), vec![0], Vec::new());
+        let mut pack = Vec::new();
+        for seg in segments {
+            let blocks = seg.q_len.div_ceil(BLOCK_Q);
+            first.push((offsets.len() - 1, blocks));
+            for h in 0..rows.heads {
+                for b in 0..blocks {
+                    let row0 = b * BLOCK_Q;
+                    let n = BLOCK_Q.min(seg.q_len - row0);
+                    // SAFETY: rows row0..row0 + n of (seg, h) exist in `rows`.
+                    unsafe {
+                        pack_rows(
+                            n,
+                            dim,
+                            Strided {
+                                ptr: rows.ptr(seg.batch, seg.q_start + row0, h),
+                                row_stride: rows.stride(),
+                                inner_stride: 1,
+                            },
+                            &mut pack,
+                        )
+                    };
+                    let len = n.div_ceil(MR) * MR * dim;
+                    data.extend_from_slice(&pack[..len]);
+                    offsets.push(data.len());
+                }
+            }
+        }
+        Self {
+            data,
+            offsets,
+            first,
+        }
+    }
+
+    fn block(&self, si: usize, head: usize, row0: usize) -> &[A] {
+        let (first, blocks) = self.first[si];
+        let id = first + head * blocks + row0 / BLOCK_Q;
+        &self.data[self.offsets[id]..self.offsets[id + 1]]
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward<E: Element>(
+    isa: Isa,
+    params: &AttentionParams,
+    shape: &AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+    segments: &[Segment],
+    sizes: Sizes,
+    o: &[E],
+    d_o: &[E],
+    lse: &[E::Acc],
+) -> AttentionGrads<E> {
+    let mut grads = AttentionGrads {
+        dq: vec![E::default(); sizes.q],
+        dk: vec![E::default(); sizes.k],
+        dv: vec![E::default(); sizes.v],
+    };
+    let sh = shape;
+    let (d, dv) = (sh.head_dim, sh.value_dim);
+    let zero = <E::Acc as Accum>::ZERO;
+    // D = rowsum(dO∘O), in the layout of lse
+    let mut delta = vec![zero; sizes.lse];
+    if dv > 0 {
+        delta.par_iter_mut().enumerate().for_each(|(at, x)| {
+            let (bh, i) = (at / sh.len_q.max(1), at % sh.len_q.max(1));
+            let (b, h) = (bh / sh.heads_q, bh % sh.heads_q);
+            let row = ((b * sh.len_q + i) * sh.heads_q + h) * dv;
+            *x = o[row..row + dv]
+                .iter()
+                .zip(&d_o[row..row + dv])
+                .fold(zero, |s, (a, b)| s + a.to_acc() * b.to_acc());
+        });
+    }
+    let q = head_major(inputs.q, sh.batch, sh.len_q, sh.heads_q, d);
+    let k = head_major(inputs.k, sh.batch, sh.len_k, sh.heads_kv, d);
+    let dov = head_major(d_o, sh.batch, sh.len_q, sh.heads_q, dv);
+    let kt = panels(inputs.k, sh.batch, sh.len_k, sh.heads_kv, d, segments);
+    let vt = panels(inputs.v, sh.batch, sh.len_k, sh.heads_kv, dv, segments);
+    let rows = |data, len, heads, dim| Rows {
+        data,
+        len,
+        heads,
+        dim,
+        head_major: true,
+    };
+    let q_blocks = PackedBlocks::new(&rows(&q, sh.len_q, sh.heads_q, d), segments);
+    let do_blocks = PackedBlocks::new(&rows(&dov, sh.len_q, sh.heads_q, dv), segments);
+    let ctx = Backward {
+        shape: *sh,
+        rules: ScoreRules::new(params, sh, inputs),
+        scale: E::Acc::from_f64(sh.scale(params)),
+        q: rows(&q, sh.len_q, sh.heads_q, d),
+        k: rows(&k, sh.len_k, sh.heads_kv, d),
+        d_o: rows(&dov, sh.len_q, sh.heads_q, dv),
+        kt: &kt,
+        vt: &vt,
+        lse,
+        delta: &delta,
+        q_blocks: &q_blocks,
+        do_blocks: &do_blocks,
+    };
+    let (dkp, dvp) = (
+        SendPtr(grads.dk.as_mut_ptr()),
+        SendPtr(grads.dv.as_mut_ptr()),
+    );
+    let key_tasks: Vec<(usize, usize, usize)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            (0..sh.heads_kv)
+                .flat_map(move |h| (0..s.k_len).step_by(BLOCK_K).map(move |j| (si, h, j)))
+        })
+        .collect();
+    key_tasks.into_par_iter().for_each(|(si, hk, j0)| {
+        // SAFETY: the task writes only key rows j0.. of (seg, hk) in dk and dv.
+        dispatch(
+            isa,
+            KeyBlockGrads {
+                ctx: &ctx,
+                si,
+                seg: segments[si],
+                hk,
+                j0,
+                dk: dkp,
+                dv: dvp,
+            },
+        )
+    });
+    let dqp = SendPtr(grads.dq.as_mut_ptr());
+    let query_tasks: Vec<(usize, usize, usize)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            (0..sh.heads_q)
+                .flat_map(move |h| (0..s.q_len).step_by(BLOCK_Q).map(move |r| (si, h, r)))
+        })
+        .collect();
+    query_tasks.into_par_iter().for_each(|(si, hq, row0)| {
+        // SAFETY: the task writes only rows row0.. of (seg, hq) in dq.
+        dispatch(
+            isa,
+            QueryBlockGrads {
+                ctx: &ctx,
+                si,
+                seg: segments[si],
+                hq,
+                row0,
+                dq: dqp,
+            },
+        )
+    });
+    grads
+}
+
+impl<E: Element> Backward<'_, E> {
+    /// For rows row0..row0+rows of (seg, hq) against key block j0 (width w): P in `p` and
+    /// dS in `ds` (both rows × BLOCK_K); false if no row sees a key of the block.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn probs_and_ds<S: Simd>(
+        &self,
+        si: usize,
+        seg: &Segment,
+        hq: usize,
+        row0: usize,
+        rows: usize,
+        j0: usize,
+        w: usize,
+        p: &mut [E::Acc],
+        ds: &mut [E::Acc],
+        capd: &mut [E::Acc],
+    ) -> bool {
+        let sh = &self.shape;
+        let (d, dv) = (sh.head_dim, sh.value_dim);
+        let hk = hq / sh.group();
+        let zero = <E::Acc as Accum>::ZERO;
+        let ninf = neg_inf::<E::Acc>();
+        let lse_at = (seg.batch * sh.heads_q + hq) * sh.len_q + seg.q_start + row0;
+        let cols: Vec<(usize, usize)> = (0..rows)
+            .map(|r| {
+                let c = ScoreRules::<E::Acc>::columns(j0, w, self.rules.visible(seg, row0 + r));
+                if self.lse[lse_at + r] == ninf {
+                    (0, 0)
+                } else {
+                    c
+                }
+            })
+            .collect();
+        if cols.iter().all(|c| c.0 >= c.1) {
+            return false;
+        }
+        let (qb, dob) = (
+            self.q_blocks.block(si, hq, row0),
+            self.do_blocks.block(si, hq, row0),
+        );
+        // SAFETY: the packed blocks hold rows × D and rows × Dv; the panels exist; p and ds
+        // are rows × BLOCK_K.
+        unsafe {
+            matmul_packed::<S, E::Acc>(
+                rows,
+                w,
+                d,
+                qb,
+                self.kt[panel_at(sh, d, seg, hk, j0)..].as_ptr(),
+                w,
+                p.as_mut_ptr(),
+                BLOCK_K,
+                false,
+            );
+            matmul_packed::<S, E::Acc>(
+                rows,
+                w,
+                dv,
+                dob,
+                self.vt[panel_at(sh, dv, seg, hk, j0)..].as_ptr(),
+                w,
+                ds.as_mut_ptr(),
+                BLOCK_K,
+                false,
+            );
+        }
+        let softcap = self.rules.softcap != zero;
+        for r in 0..rows {
+            let prow = &mut p[r * BLOCK_K..r * BLOCK_K + w];
+            let dsrow = &mut ds[r * BLOCK_K..r * BLOCK_K + w];
+            let (a, z) = cols[r];
+            if a >= z {
+                prow.fill(zero);
+                dsrow.fill(zero);
+                continue;
+            }
+            scale_row::<S, E::Acc>(prow, self.scale);
+            let capd_row = &mut capd[..w];
+            self.rules.apply(
+                prow,
+                seg,
+                row0 + r,
+                hq,
+                j0,
+                (a, z),
+                softcap.then_some(capd_row),
+            );
+            exp_shifted::<S, E::Acc>(&mut prow[a..z], self.lse[lse_at + r], false);
+            prow[..a].fill(zero);
+            prow[z..].fill(zero);
+            let delta = self.delta[lse_at + r];
+            for (x, p) in dsrow.iter_mut().zip(prow.iter()) {
+                *x = *p * (*x - delta);
+            }
+            if softcap {
+                // the chain rule through softcap·tanh(s / softcap), on the visible keys (the
+                // others have p = 0)
+                for (x, t) in dsrow[a..z].iter_mut().zip(&capd[a..z]) {
+                    *x = *x * *t;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// dK and dV of one key block of (seg, KV head hk), summed over the query heads of the
+/// group and every query block that sees the keys.
+struct KeyBlockGrads<'a, E: Element> {
+    ctx: &'a Backward<'a, E>,
+    si: usize,
+    seg: Segment,
+    hk: usize,
+    j0: usize,
+    dk: SendPtr<E>,
+    dv: SendPtr<E>,
+}
+
+impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let Self {
+            ctx,
+            si,
+            seg,
+            hk,
+            j0,
+            dk,
+            dv,
+        } = self;
+        let sh = &ctx.shape;
+        let (d, dvd, g) = (sh.head_dim, sh.value_dim, sh.group());
+        let w = BLOCK_K.min(seg.k_len - j0);
+        let zero = <E::Acc as Accum>::ZERO;
+        let mut dk_acc = vec![zero; w * d];
+        let mut dv_acc = vec![zero; w * dvd];
+        let mut p = vec![zero; BLOCK_Q * BLOCK_K];
+        let mut ds = vec![zero; BLOCK_Q * BLOCK_K];
+        let mut capd = vec![zero; BLOCK_K];
+        for hq in hk * g..(hk + 1) * g {
+            let mut row0 = 0;
+            while row0 < seg.q_len {
+                let rows = BLOCK_Q.min(seg.q_len - row0);
+                let sees = (0..rows).any(|r| {
+                    let c = ScoreRules::<E::Acc>::columns(j0, w, ctx.rules.visible(&seg, row0 + r));
+                    c.0 < c.1
+                });
+                if sees
+                    && ctx.probs_and_ds::<S>(
+                        si, &seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd,
+                    )
+                {
+                    let q_first = seg.q_start + row0;
+                    // SAFETY: p and ds are rows × w (stride BLOCK_K), read transposed; the
+                    // dO and q rows exist; dv_acc is w × Dv, dk_acc w × D.
+                    unsafe {
+                        gemm_acc::<S, E::Acc>(
+                            w,
+                            dvd,
+                            rows,
+                            Strided {
+                                ptr: p.as_ptr(),
+                                row_stride: 1,
+                                inner_stride: BLOCK_K,
+                            },
+                            ctx.d_o.ptr(seg.batch, q_first, hq),
+                            ctx.d_o.stride(),
+                            dv_acc.as_mut_ptr(),
+                            dvd,
+                            false,
+                        );
+                        gemm_acc::<S, E::Acc>(
+                            w,
+                            d,
+                            rows,
+                            Strided {
+                                ptr: ds.as_ptr(),
+                                row_stride: 1,
+                                inner_stride: BLOCK_K,
+                            },
+                            ctx.q.ptr(seg.batch, q_first, hq),
+                            ctx.q.stride(),
+                            dk_acc.as_mut_ptr(),
+                            d,
+                            false,
+                        );
+                    }
+                }
+                row0 += rows;
+            }
+        }
+        for c in 0..w {
+            let key = seg.k_start + j0 + c;
+            let at_k = ((seg.batch * sh.len_k + key) * sh.heads_kv + hk) * d;
+            for (p, x) in dk_acc[c * d..(c + 1) * d].iter().enumerate() {
+                // SAFETY: key row (batch, key, hk) of dk belongs to this task.
+                unsafe { *dk.get().add(at_k + p) = E::from_acc(*x * ctx.scale) };
+            }
+            let at_v = ((seg.batch * sh.len_k + key) * sh.heads_kv + hk) * dvd;
+            for (p, x) in dv_acc[c * dvd..(c + 1) * dvd].iter().enumerate() {
+                // SAFETY: as above, in dv.
+                unsafe { *dv.get().add(at_v + p) = E::from_acc(*x) };
+            }
+        }
+    }
+}
+
+/// dQ of one block of query rows of (seg, hq), over every key block they see.
+struct QueryBlockGrads<'a, E: Element> {
+    ctx: &'a Backward<'a, E>,
+    si: usize,
+    seg: Segment,
+    hq: usize,
+    row0: usize,
+    dq: SendPtr<E>,
+}
+
+impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let Self {
+            ctx,
+            si,
+            seg,
+            hq,
+            row0,
+            dq,
+        } = self;
+        let sh = &ctx.shape;
+        let (d, g) = (sh.head_dim, sh.group());
+        let hk = hq / g;
+        let rows = BLOCK_Q.min(seg.q_len - row0);
+        let zero = <E::Acc as Accum>::ZERO;
+        let mut dq_acc = vec![zero; rows * d];
+        let mut p = vec![zero; rows * BLOCK_K];
+        let mut ds = vec![zero; rows * BLOCK_K];
+        let mut capd = vec![zero; BLOCK_K];
+        let vis: Vec<(usize, usize)> = (0..rows)
+            .map(|r| ctx.rules.visible(&seg, row0 + r))
+            .collect();
+        let (lo, hi) = union(&vis);
+        let mut j0 = lo - lo % BLOCK_K;
+        while j0 < hi {
+            let w = BLOCK_K.min(seg.k_len - j0);
+            if ctx.probs_and_ds::<S>(si, &seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd) {
+                // SAFETY: ds is rows × w (stride BLOCK_K); the key rows exist; dq_acc rows × D.
+                unsafe {
+                    gemm_acc::<S, E::Acc>(
+                        rows,
+                        d,
+                        w,
+                        Strided {
+                            ptr: ds.as_ptr(),
+                            row_stride: BLOCK_K,
+                            inner_stride: 1,
+                        },
+                        ctx.k.ptr(seg.batch, seg.k_start + j0, hk),
+                        ctx.k.stride(),
+                        dq_acc.as_mut_ptr(),
+                        d,
+                        false,
+                    )
+                };
+            }
+            j0 += w;
+        }
+        for r in 0..rows {
+            let at = ((seg.batch * sh.len_q + seg.q_start + row0 + r) * sh.heads_q + hq) * d;
+            for (p, x) in dq_acc[r * d..(r + 1) * d].iter().enumerate() {
+                // SAFETY: row (batch, query, hq) of dq belongs to this task.
+                unsafe { *dq.get().add(at + p) = E::from_acc(*x * ctx.scale) };
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// top_keys.
+// ---------------------------------------------------------------------------------------
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn top_keys<E: Element>(
+    isa: Isa,
+    params: &AttentionParams,
+    shape: &AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+    segments: &[Segment],
+    sizes: Sizes,
+    top: usize,
+    out_len: usize,
+) -> (Vec<E::Acc>, Vec<i32>) {
+    // pass 1: the forward without values gives lse
+    let no_values = AttentionParams {
+        split_kv: SplitKv::Never,
+        ..*params
+    };
+    let lse_inputs = AttentionInputs { v: &[], ..*inputs };
+    let (_, lse) = forward(isa, &no_values, shape, &lse_inputs, segments, sizes);
+    let mut weights = vec![<E::Acc as Accum>::ZERO; out_len];
+    let mut indices = vec![-1i32; out_len];
+    if out_len == 0 {
+        return (weights, indices);
+    }
+    let kt = panels(
+        inputs.k,
+        shape.batch,
+        shape.len_k,
+        shape.heads_kv,
+        shape.head_dim,
+        segments,
+    );
+    let ctx = TopContext {
+        shape: *shape,
+        rules: ScoreRules::new(params, shape, inputs),
+        scale: E::Acc::from_f64(shape.scale(params)),
+        q: inputs.q,
+        kt: &kt,
+        lse: &lse,
+        top,
+    };
+    let (wp, ip) = (SendPtr(weights.as_mut_ptr()), SendPtr(indices.as_mut_ptr()));
+    let tasks: Vec<(usize, usize, usize)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| {
+            (0..shape.heads_q)
+                .flat_map(move |h| (0..s.q_len).step_by(BLOCK_Q).map(move |r| (si, h, r)))
+        })
+        .collect();
+    tasks.into_par_iter().for_each(|(si, hq, row0)| {
+        // SAFETY: the task writes only the rows row0.. of (seg, hq) of weights and indices.
+        dispatch(
+            isa,
+            TopBlock {
+                ctx: &ctx,
+                seg: segments[si],
+                hq,
+                row0,
+                weights: wp,
+                indices: ip,
+            },
+        )
+    });
+    (weights, indices)
+}
+
+struct TopContext<'a, E: Element> {
+    shape: AttentionShape,
+    rules: ScoreRules<'a, E::Acc>,
+    scale: E::Acc,
+    q: &'a [E],
+    kt: &'a [E::Acc],
+    lse: &'a [E::Acc],
+    top: usize,
+}
+
+struct TopBlock<'a, E: Element> {
+    ctx: &'a TopContext<'a, E>,
+    seg: Segment,
+    hq: usize,
+    row0: usize,
+    weights: SendPtr<E::Acc>,
+    indices: SendPtr<i32>,
+}
+
+impl<E: Element> SimdKernel for TopBlock<'_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let Self {
+            ctx,
+            seg,
+            hq,
+            row0,
+            weights,
+            indices,
+        } = self;
+        let sh = &ctx.shape;
+        let d = sh.head_dim;
+        let hk = hq / sh.group();
+        let rows = BLOCK_Q.min(seg.q_len - row0);
+        let zero = <E::Acc as Accum>::ZERO;
+        let ninf = neg_inf::<E::Acc>();
+        let qbuf = load_queries(ctx.q, sh, &seg, hq, row0, rows, ctx.scale);
+        let vis: Vec<(usize, usize)> = (0..rows)
+            .map(|r| ctx.rules.visible(&seg, row0 + r))
+            .collect();
+        // per row: (score, key position) in descending score, ties in key order
+        let mut lists: Vec<Vec<(E::Acc, usize)>> = vis
+            .iter()
+            .map(|&(lo, hi)| Vec::with_capacity(ctx.top.min(hi - lo)))
+            .collect();
+        let mut s = vec![zero; rows * BLOCK_K];
+
+        // the queries are the A operand of every score tile: packed once
+        let mut qpack = Vec::new();
+        // SAFETY: qbuf is rows × d.
+        unsafe {
+            pack_rows(
+                rows,
+                d,
+                Strided {
+                    ptr: qbuf.as_ptr(),
+                    row_stride: d,
+                    inner_stride: 1,
+                },
+                &mut qpack,
+            )
+        };
+        let (lo, hi) = union(&vis);
+        let mut j0 = lo - lo % BLOCK_K;
+        while j0 < hi {
+            let w = BLOCK_K.min(seg.k_len - j0);
+            // SAFETY: qbuf rows × d, the panel d × w, s rows × BLOCK_K.
+            unsafe {
+                matmul_packed::<S, E::Acc>(
+                    rows,
+                    w,
+                    d,
+                    &qpack,
+                    ctx.kt[panel_at(sh, d, &seg, hk, j0)..].as_ptr(),
+                    w,
+                    s.as_mut_ptr(),
+                    BLOCK_K,
+                    false,
+                )
+            };
+            for (r, list) in lists.iter_mut().enumerate() {
+                let (a, z) = ScoreRules::<E::Acc>::columns(j0, w, vis[r]);
+                if a >= z {
+                    continue;
+                }
+                let row = &mut s[r * BLOCK_K..r * BLOCK_K + w];
+                ctx.rules.apply(row, &seg, row0 + r, hq, j0, (a, z), None);
+                for (c, &x) in row.iter().enumerate().take(z).skip(a) {
+                    if x == ninf {
+                        continue; // a −inf bias masks the key
+                    }
+                    let full = list.len() == ctx.top;
+                    if full
+                        && list.last().is_some_and(|last| {
+                            x.partial_cmp(&last.0) != Some(std::cmp::Ordering::Greater)
+                        })
+                    {
+                        continue;
+                    }
+                    if full {
+                        list.pop();
+                    }
+                    // after every entry >= x: ties keep the lower key first
+                    let at = list.partition_point(|e| e.0 >= x);
+                    list.insert(at, (x, seg.k_start + j0 + c));
+                }
+            }
+            j0 += w;
+        }
+        for (r, list) in lists.iter().enumerate() {
+            let qi = seg.q_start + row0 + r;
+            let lse_row = ctx.lse[(seg.batch * sh.heads_q + hq) * sh.len_q + qi];
+            let at = ((seg.batch * sh.heads_q + hq) * sh.len_q + qi) * ctx.top;
+            if lse_row == ninf {
+                continue; // no key seen: the padding (0, −1) is already there
+            }
+            for (t, &(x, key)) in list.iter().enumerate() {
+                let p = (x.to_f64() - lse_row.to_f64()).exp();
+                // SAFETY: row (batch, hq, qi) of weights and indices belongs to this task;
+                // key < Sk fits in i32 (checked by the caller).
+                unsafe {
+                    *weights.get().add(at + t) = E::Acc::from_f64(p);
+                    *indices.get().add(at + t) = key as i32;
+                }
+            }
+        }
+    }
+}

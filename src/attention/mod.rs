@@ -1,0 +1,568 @@
+//! Fused attention on the CPU: `attention.forward`, `attention.backward` and
+//! `attention.top_keys` (CASES.md, "Fused attention").
+//!
+//! Layouts: `q [B, Sq, Hq, D]`, `k [B, Sk, Hk, D]`, `v [B, Sk, Hk, Dv]`, `o [B, Sq, Hq, Dv]`,
+//! `lse [B, Hq, Sq]`; query head h reads KV head `h / (Hq / Hk)` (GQA/MQA). Scores, in this
+//! order: `s = scale·q·k`; softcap `c·tanh(s / c)`; ALiBi `s -= slope[h]·|i + Sk − Sq − j|`;
+//! `s += bias`; then the causal and window masks, aligned to the bottom-right corner. With
+//! `cu_seqlens` (packed variable-length sequences, B = 1) i, j, Sq, Sk are each sequence's own
+//! positions and lengths, and `bias` is indexed by packed positions. A query row that sees no
+//! key gives `o = 0` and `lse = −inf`.
+//!
+//! The tensors the contract lists as f32 (`alibi_slopes`, `bias`, `lse`, top_keys `weights`)
+//! are in the accumulator type here: f32 for f32/f16/bf16 inputs, f64 for f64 inputs.
+//!
+//! Every call validates its inputs first and returns an [`Error`] naming the tensor; results
+//! are bit-identical whatever the rayon thread count (see `cpu` for the plan of each kernel).
+
+mod cpu;
+
+use crate::cpu::Isa;
+use crate::element::Element;
+use crate::error::{Error, Result, check_len};
+
+/// Which forward path runs: the split-KV decode path (parallel over key chunks, merged
+/// through their log-sum-exps) or the query-block path. Both are exact; they differ in
+/// rounding only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SplitKv {
+    /// Split-KV when each KV head has few query rows (at most 16 over its query heads) and
+    /// at least two key chunks.
+    #[default]
+    Auto,
+    /// Always the query-block path.
+    Never,
+    /// Always the split-KV path.
+    Always,
+}
+
+/// Parameters of the attention ops (CASES.md names and defaults).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionParams {
+    /// Causal mask aligned bottom-right: query i sees key j when j <= i + Sk − Sq.
+    pub causal: bool,
+    /// Keys left of the diagonal a query sees; −1 = unbounded.
+    pub window_left: i64,
+    /// Keys right of the diagonal a query sees; −1 = unbounded.
+    pub window_right: i64,
+    /// `s = softcap·tanh(s / softcap)`; 0 = off.
+    pub softcap: f64,
+    /// Score scale; `None` = 1/sqrt(D).
+    pub scale: Option<f64>,
+    /// The forward's path (not a contract parameter).
+    pub split_kv: SplitKv,
+}
+
+impl Default for AttentionParams {
+    fn default() -> Self {
+        Self {
+            causal: false,
+            window_left: -1,
+            window_right: -1,
+            softcap: 0.0,
+            scale: None,
+            split_kv: SplitKv::Auto,
+        }
+    }
+}
+
+impl AttentionParams {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+    pub fn window_left(mut self, keys: i64) -> Self {
+        self.window_left = keys;
+        self
+    }
+    pub fn window_right(mut self, keys: i64) -> Self {
+        self.window_right = keys;
+        self
+    }
+    pub fn softcap(mut self, softcap: f64) -> Self {
+        self.softcap = softcap;
+        self
+    }
+    pub fn scale(mut self, scale: Option<f64>) -> Self {
+        self.scale = scale;
+        self
+    }
+    pub fn split_kv(mut self, split_kv: SplitKv) -> Self {
+        self.split_kv = split_kv;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Some(s) = self.scale
+            && !s.is_finite()
+        {
+            return Err(Error::invalid("scale", format!("must be finite, got {s}")));
+        }
+        if !(self.softcap.is_finite() && self.softcap >= 0.0) {
+            return Err(Error::invalid(
+                "softcap",
+                format!("must be >= 0 and finite (0 = off), got {}", self.softcap),
+            ));
+        }
+        for (name, w) in [
+            ("window_left", self.window_left),
+            ("window_right", self.window_right),
+        ] {
+            if w < -1 {
+                return Err(Error::invalid(
+                    name,
+                    format!("must be >= 0 or -1 (unbounded), got {w}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The dims of `q [B, Sq, Hq, D]`, `k [B, Sk, Hk, D]` and `v [B, Sk, Hk, Dv]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub len_q: usize,
+    pub len_k: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+    pub value_dim: usize,
+}
+
+impl AttentionShape {
+    pub fn new(
+        batch: usize,
+        len_q: usize,
+        len_k: usize,
+        heads_q: usize,
+        heads_kv: usize,
+        head_dim: usize,
+        value_dim: usize,
+    ) -> Self {
+        Self {
+            batch,
+            len_q,
+            len_k,
+            heads_q,
+            heads_kv,
+            head_dim,
+            value_dim,
+        }
+    }
+
+    /// From the dims of q, k and (optionally; top_keys has none) v.
+    pub fn from_dims(q: &[usize], k: &[usize], v: Option<&[usize]>) -> Result<Self> {
+        let [b, sq, hq, d] = *q else {
+            return Err(Error::shape("q", "rank 4 [B, Sq, Hq, D]", format!("{q:?}")));
+        };
+        let [kb, sk, hk, kd] = *k else {
+            return Err(Error::shape("k", "rank 4 [B, Sk, Hk, D]", format!("{k:?}")));
+        };
+        if kb != b || kd != d {
+            return Err(Error::shape(
+                "k",
+                format!("[{b}, Sk, Hk, {d}] (batch and head dim of q)"),
+                format!("{k:?}"),
+            ));
+        }
+        let dv = match v {
+            None => 0,
+            Some(&[vb, vs, vh, dv]) if (vb, vs, vh) == (b, sk, hk) => dv,
+            Some(v) => {
+                return Err(Error::shape(
+                    "v",
+                    format!("[{b}, {sk}, {hk}, Dv]"),
+                    format!("{v:?}"),
+                ));
+            }
+        };
+        Ok(Self::new(b, sq, sk, hq, hk, d, dv))
+    }
+
+    /// Query heads per KV head.
+    pub(crate) fn group(&self) -> usize {
+        self.heads_q / self.heads_kv.max(1)
+    }
+
+    fn validate(&self) -> Result<Sizes> {
+        if self.heads_kv == 0 && self.heads_q != 0 {
+            return Err(Error::shape("k", "at least one KV head", "Hk = 0"));
+        }
+        if self.heads_kv != 0 && !self.heads_q.is_multiple_of(self.heads_kv) {
+            return Err(Error::shape(
+                "q",
+                format!("Hq a multiple of Hk = {} (GQA/MQA)", self.heads_kv),
+                format!("Hq = {}", self.heads_q),
+            ));
+        }
+        let over = |t: &str| Error::overflow(t, format!("{self:?}"));
+        let prod = |t: &str, dims: &[usize]| -> Result<usize> {
+            let n = dims
+                .iter()
+                .try_fold(1usize, |acc, d| acc.checked_mul(*d))
+                .ok_or_else(|| over(t))?;
+            // every buffer is also indexed in bytes of f64 and with i32-sized offsets
+            n.checked_mul(8).ok_or_else(|| over(t))?;
+            Ok(n)
+        };
+        let s = self;
+        Ok(Sizes {
+            q: prod("q", &[s.batch, s.len_q, s.heads_q, s.head_dim])?,
+            k: prod("k", &[s.batch, s.len_k, s.heads_kv, s.head_dim])?,
+            v: prod("v", &[s.batch, s.len_k, s.heads_kv, s.value_dim])?,
+            o: prod("o", &[s.batch, s.len_q, s.heads_q, s.value_dim])?,
+            lse: prod("lse", &[s.batch, s.heads_q, s.len_q])?,
+        })
+    }
+
+    fn scale(&self, params: &AttentionParams) -> f64 {
+        params
+            .scale
+            .unwrap_or(1.0 / (self.head_dim.max(1) as f64).sqrt())
+    }
+}
+
+/// Element counts of the tensors of one call.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    q: usize,
+    k: usize,
+    v: usize,
+    o: usize,
+    lse: usize,
+}
+
+/// An additive bias `[Bb, Hb, Sq, Sk]` with Bb in {1, B} and Hb in {1, Hq} (broadcast over
+/// the axes of size 1).
+#[derive(Clone, Copy, Debug)]
+pub struct Bias<'a, T> {
+    pub data: &'a [T],
+    pub batch: usize,
+    pub heads: usize,
+}
+
+/// Packed variable-length sequences: sequence n holds query rows
+/// `q[n]..q[n+1]` and key rows `k[n]..k[n+1]` of the S axes (B = 1).
+#[derive(Clone, Copy, Debug)]
+pub struct CuSeqlens<'a> {
+    pub q: &'a [i32],
+    pub k: &'a [i32],
+}
+
+/// The inputs of the attention ops. `v` is not read by `top_keys` (pass `&[]`).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionInputs<'a, E: Element> {
+    pub q: &'a [E],
+    pub k: &'a [E],
+    pub v: &'a [E],
+    /// `[Hq]`
+    pub alibi_slopes: Option<&'a [E::Acc]>,
+    pub bias: Option<Bias<'a, E::Acc>>,
+    pub cu_seqlens: Option<CuSeqlens<'a>>,
+}
+
+impl<'a, E: Element> AttentionInputs<'a, E> {
+    /// q, k, v without optional inputs.
+    pub fn new(q: &'a [E], k: &'a [E], v: &'a [E]) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            alibi_slopes: None,
+            bias: None,
+            cu_seqlens: None,
+        }
+    }
+    pub fn alibi_slopes(mut self, slopes: Option<&'a [E::Acc]>) -> Self {
+        self.alibi_slopes = slopes;
+        self
+    }
+    pub fn bias(mut self, bias: Option<Bias<'a, E::Acc>>) -> Self {
+        self.bias = bias;
+        self
+    }
+    pub fn cu_seqlens(mut self, cu: Option<CuSeqlens<'a>>) -> Self {
+        self.cu_seqlens = cu;
+        self
+    }
+
+    /// Checks every input against `shape` and returns the sequences to run.
+    fn validate(
+        &self,
+        params: &AttentionParams,
+        shape: &AttentionShape,
+        with_v: bool,
+    ) -> Result<(Sizes, Vec<Segment>)> {
+        params.validate()?;
+        let sizes = shape.validate()?;
+        let AttentionShape {
+            batch: b,
+            len_q: sq,
+            len_k: sk,
+            heads_q: hq,
+            heads_kv: hk,
+            head_dim: d,
+            value_dim: dv,
+        } = *shape;
+        check_len(
+            "q",
+            self.q.len(),
+            sizes.q,
+            &format!("[{b}, {sq}, {hq}, {d}]"),
+        )?;
+        check_len(
+            "k",
+            self.k.len(),
+            sizes.k,
+            &format!("[{b}, {sk}, {hk}, {d}]"),
+        )?;
+        if with_v {
+            check_len(
+                "v",
+                self.v.len(),
+                sizes.v,
+                &format!("[{b}, {sk}, {hk}, {dv}]"),
+            )?;
+        }
+        if let Some(slopes) = self.alibi_slopes {
+            check_len("alibi_slopes", slopes.len(), hq, &format!("[{hq}]"))?;
+        }
+        if let Some(bias) = self.bias {
+            if !(bias.batch == 1 || bias.batch == b) || !(bias.heads == 1 || bias.heads == hq) {
+                return Err(Error::shape(
+                    "bias",
+                    format!("[Bb, Hb, {sq}, {sk}] with Bb in {{1, {b}}} and Hb in {{1, {hq}}}"),
+                    format!("[{}, {}, {sq}, {sk}]", bias.batch, bias.heads),
+                ));
+            }
+            let n = [bias.batch, bias.heads, sq, sk]
+                .iter()
+                .try_fold(1usize, |acc, x| acc.checked_mul(*x))
+                .ok_or_else(|| Error::overflow("bias", format!("{shape:?}")))?;
+            check_len(
+                "bias",
+                bias.data.len(),
+                n,
+                &format!("[{}, {}, {sq}, {sk}]", bias.batch, bias.heads),
+            )?;
+        }
+        let segments = match self.cu_seqlens {
+            None => (0..b)
+                .map(|batch| Segment {
+                    batch,
+                    q_start: 0,
+                    q_len: sq,
+                    k_start: 0,
+                    k_len: sk,
+                })
+                .collect(),
+            Some(cu) => {
+                if b != 1 {
+                    return Err(Error::shape(
+                        "q",
+                        "batch 1 with cu_seqlens (packed sequences)",
+                        format!("batch {b}"),
+                    ));
+                }
+                if cu.q.len() != cu.k.len() {
+                    return Err(Error::shape(
+                        "cu_seqlens_k",
+                        format!("{} entries, as cu_seqlens_q", cu.q.len()),
+                        format!("{} entries", cu.k.len()),
+                    ));
+                }
+                let q = offsets("cu_seqlens_q", cu.q, sq)?;
+                let k = offsets("cu_seqlens_k", cu.k, sk)?;
+                q.windows(2)
+                    .zip(k.windows(2))
+                    .map(|(q, k)| Segment {
+                        batch: 0,
+                        q_start: q[0],
+                        q_len: q[1] - q[0],
+                        k_start: k[0],
+                        k_len: k[1] - k[0],
+                    })
+                    .collect()
+            }
+        };
+        Ok((sizes, segments))
+    }
+}
+
+/// Checks cumulative sequence lengths: at least one entry, starting at 0, non-decreasing,
+/// ending at `len` (the S axis they split).
+fn offsets(name: &str, cu: &[i32], len: usize) -> Result<Vec<usize>> {
+    if cu.is_empty() {
+        return Err(Error::shape(name, "N + 1 >= 1 entries", "0 entries"));
+    }
+    if cu[0] != 0 {
+        return Err(Error::invalid(
+            name,
+            format!("must start at 0, got {}", cu[0]),
+        ));
+    }
+    let mut out = Vec::with_capacity(cu.len());
+    for (n, &x) in cu.iter().enumerate() {
+        let prev = out.last().copied().unwrap_or(0);
+        let Ok(x) = usize::try_from(x) else {
+            return Err(Error::invalid(name, format!("entry {n} is negative ({x})")));
+        };
+        if x < prev {
+            return Err(Error::invalid(
+                name,
+                format!("must be non-decreasing: entry {n} = {x} < {prev}"),
+            ));
+        }
+        if x > len {
+            return Err(Error::invalid(
+                name,
+                format!("entry {n} = {x} is past the end of the sequence axis ({len})"),
+            ));
+        }
+        out.push(x);
+    }
+    if out.last() != Some(&len) {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "must end at the sequence axis length {len}, ends at {}",
+                out.last().copied().unwrap_or(0)
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// One sequence: its batch row and its query and key rows along the S axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub batch: usize,
+    pub q_start: usize,
+    pub q_len: usize,
+    pub k_start: usize,
+    pub k_len: usize,
+}
+
+/// The gradients of `attention.backward`, with the shapes of q, k, v.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionGrads<E> {
+    pub dq: Vec<E>,
+    pub dk: Vec<E>,
+    pub dv: Vec<E>,
+}
+
+/// `attention.forward` on the CPU: returns `(o [B, Sq, Hq, Dv], lse [B, Hq, Sq])`.
+pub fn forward<E: Element>(
+    params: &AttentionParams,
+    shape: AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+) -> Result<(Vec<E>, Vec<E::Acc>)> {
+    forward_on(Isa::active(), params, shape, inputs)
+}
+
+/// [`forward`] on a chosen instruction set.
+pub fn forward_on<E: Element>(
+    isa: Isa,
+    params: &AttentionParams,
+    shape: AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+) -> Result<(Vec<E>, Vec<E::Acc>)> {
+    let isa = isa.check()?;
+    let (sizes, segments) = inputs.validate(params, &shape, true)?;
+    Ok(cpu::forward(isa, params, &shape, inputs, &segments, sizes))
+}
+
+/// `attention.backward` on the CPU from the forward's `o`, its `lse` and the upstream `do`.
+pub fn backward<E: Element>(
+    params: &AttentionParams,
+    shape: AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+    o: &[E],
+    d_o: &[E],
+    lse: &[E::Acc],
+) -> Result<AttentionGrads<E>> {
+    backward_on(Isa::active(), params, shape, inputs, o, d_o, lse)
+}
+
+/// [`backward`] on a chosen instruction set.
+pub fn backward_on<E: Element>(
+    isa: Isa,
+    params: &AttentionParams,
+    shape: AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+    o: &[E],
+    d_o: &[E],
+    lse: &[E::Acc],
+) -> Result<AttentionGrads<E>> {
+    let isa = isa.check()?;
+    let (sizes, segments) = inputs.validate(params, &shape, true)?;
+    let s = &shape;
+    let o_dims = format!("[{}, {}, {}, {}]", s.batch, s.len_q, s.heads_q, s.value_dim);
+    check_len("o", o.len(), sizes.o, &o_dims)?;
+    check_len("do", d_o.len(), sizes.o, &o_dims)?;
+    check_len(
+        "lse",
+        lse.len(),
+        sizes.lse,
+        &format!("[{}, {}, {}]", s.batch, s.heads_q, s.len_q),
+    )?;
+    Ok(cpu::backward(
+        isa, params, s, inputs, &segments, sizes, o, d_o, lse,
+    ))
+}
+
+/// `attention.top_keys` on the CPU: the exact softmax probabilities `[B, Hq, Sq, top]` of each
+/// query's `top` most attended keys (descending; ties to the lower key) and their key
+/// positions along the S axis of k (packed positions with cu_seqlens). A row with fewer
+/// visible keys than `top` is padded with weight 0 and index −1. `top` may exceed Sk.
+pub fn top_keys<E: Element>(
+    params: &AttentionParams,
+    shape: AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+    top: usize,
+) -> Result<(Vec<E::Acc>, Vec<i32>)> {
+    top_keys_on(Isa::active(), params, shape, inputs, top)
+}
+
+/// [`top_keys`] on a chosen instruction set.
+pub fn top_keys_on<E: Element>(
+    isa: Isa,
+    params: &AttentionParams,
+    shape: AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+    top: usize,
+) -> Result<(Vec<E::Acc>, Vec<i32>)> {
+    let isa = isa.check()?;
+    if top == 0 {
+        return Err(Error::invalid("top", "must be at least 1"));
+    }
+    let shape = AttentionShape {
+        value_dim: 0,
+        ..shape
+    };
+    let (sizes, segments) = inputs.validate(params, &shape, false)?;
+    if i32::try_from(shape.len_k).is_err() {
+        return Err(Error::overflow(
+            "k",
+            "key positions do not fit in i32 indices",
+        ));
+    }
+    let out = sizes
+        .lse
+        .checked_mul(top)
+        .filter(|n| n.checked_mul(8).is_some())
+        .ok_or_else(|| {
+            Error::overflow(
+                "weights",
+                format!("[B·Hq·Sq = {}] × top = {top}", sizes.lse),
+            )
+        })?;
+    Ok(cpu::top_keys(
+        isa, params, &shape, inputs, &segments, sizes, top, out,
+    ))
+}
