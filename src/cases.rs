@@ -507,6 +507,14 @@ impl Runner {
     }
 
     /// Runs the case's op on its inputs; returns the outputs by name.
+    /// `Err(OpNotImplemented)` on CUDA for an op (or form of one) with no kernel yet.
+    fn cpu_only(&self, case: &Case) -> Result<()> {
+        match self.kind {
+            DeviceKind::Cpu => Ok(()),
+            DeviceKind::Cuda => Err(Error::OpNotImplemented(format!("{} on cuda", case.op))),
+        }
+    }
+
     pub fn run(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
         if !CONTRACT_OPS.contains(&case.op.as_str()) && !EXTENSION_OPS.contains(&case.op.as_str()) {
             return Err(case_err(
@@ -772,8 +780,8 @@ impl Runner {
                 expect_shape(name, &x.shape, &[b, h, k, v])?;
             }
         }
-        if self.kind == DeviceKind::Cuda && backward {
-            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
+        if backward {
+            self.cpu_only(case)?;
         }
         match case.input("q")?.dtype() {
             Some(DType::F32) => gla_typed::<f32>(self, case, &params, shape, backward),
@@ -944,9 +952,7 @@ impl Runner {
             same_shape(case, "do", &o_dims)?;
             same_shape(case, "lse", &[s.batch, s.heads_q, s.len_q])?;
         }
-        if self.kind == DeviceKind::Cuda {
-            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
-        }
+        self.cpu_only(case)?;
         match case.input("q")?.dtype() {
             Some(DType::F32) => attention_typed::<f32>(case, op, &params, shape, top),
             Some(DType::F64) => attention_typed::<f64>(case, op, &params, shape, top),
@@ -1086,9 +1092,7 @@ impl Runner {
             Data::I32(v) => v.as_slice(),
             _ => return Err(case_err(&case.name, "`in.folds` must be an index tensor")),
         };
-        if self.kind == DeviceKind::Cuda {
-            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
-        }
+        self.cpu_only(case)?;
         fn run<E: CaseElement + ridge::cv::RidgeReal>(
             case: &Case,
             params: &ridge::CvParams,
@@ -1190,9 +1194,7 @@ impl Runner {
             return Err(Error::shape("y_true", "rank 2 [n, t]", format!("{dims:?}")));
         };
         same_shape(case, "y_pred", &dims)?;
-        if self.kind == DeviceKind::Cuda {
-            return Err(Error::OpNotImplemented(format!("{} on cuda", case.op)));
-        }
+        self.cpu_only(case)?;
         fn run<E: CaseElement>(case: &Case, n: usize, t: usize) -> Result<(Data, Data)> {
             let (r2, pearson) = ridge::score(
                 n,

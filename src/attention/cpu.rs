@@ -375,6 +375,31 @@ fn scale_row<S: Simd, A: Accum>(x: &mut [A], c: A) {
 /// Rows per register tile of [`matmul_packed`].
 const MR: usize = 6;
 
+/// [`pack_rows`] of a row-major `rows × d` buffer, into a new pack.
+fn pack_row_major<A: Accum>(buf: &[A], rows: usize, d: usize) -> Vec<A> {
+    // an internal invariant (the callers build buf as rows × d), checked so this safe fn
+    // is sound on its own
+    assert!(
+        buf.len() >= rows * d,
+        "pack_row_major: buffer shorter than rows × d"
+    );
+    let mut pack = Vec::new();
+    // SAFETY: buf holds rows × d values (asserted above).
+    unsafe {
+        pack_rows(
+            rows,
+            d,
+            Strided {
+                ptr: buf.as_ptr(),
+                row_stride: d,
+                inner_stride: 1,
+            },
+            &mut pack,
+        )
+    };
+    pack
+}
+
 /// Packs A (m × k through its strides) for [`matmul_packed`]: strips of MR rows, p-major
 /// (element (i, p) at (i / MR)·MR·k + p·MR + i % MR), so the register tiles broadcast from
 /// consecutive addresses with one pointer bump per step (the layout of BLAS micro-kernels). Rows past m in the last
@@ -707,20 +732,7 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
         let mut acc = vec![zero; rows * dv];
         let mut s = vec![zero; rows * BLOCK_K];
         // the queries are the A operand of every score tile: packed once
-        let mut qpack = Vec::new();
-        // SAFETY: qbuf is rows × d.
-        unsafe {
-            pack_rows(
-                rows,
-                d,
-                Strided {
-                    ptr: qbuf.as_ptr(),
-                    row_stride: d,
-                    inner_stride: 1,
-                },
-                &mut qpack,
-            )
-        };
+        let qpack = pack_row_major(&qbuf, rows, d);
         let (lo, hi) = union(&vis);
         let mut j0 = lo - lo % BLOCK_K;
         while j0 < hi {
@@ -1703,20 +1715,7 @@ impl<E: Element> SimdKernel for TopBlock<'_, E> {
         let mut s = vec![zero; rows * BLOCK_K];
 
         // the queries are the A operand of every score tile: packed once
-        let mut qpack = Vec::new();
-        // SAFETY: qbuf is rows × d.
-        unsafe {
-            pack_rows(
-                rows,
-                d,
-                Strided {
-                    ptr: qbuf.as_ptr(),
-                    row_stride: d,
-                    inner_stride: 1,
-                },
-                &mut qpack,
-            )
-        };
+        let qpack = pack_row_major(&qbuf, rows, d);
         let (lo, hi) = union(&vis);
         let mut j0 = lo - lo % BLOCK_K;
         while j0 < hi {

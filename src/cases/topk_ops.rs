@@ -161,13 +161,6 @@ fn csr_out<E: CaseElement>(out: &mut Outputs, c: Csr<E>) {
 }
 
 impl Runner {
-    fn cpu_only(&self, case: &Case) -> Result<()> {
-        match self.kind {
-            DeviceKind::Cpu => Ok(()),
-            DeviceKind::Cuda => Err(Error::OpNotImplemented(format!("{} on cuda", case.op))),
-        }
-    }
-
     pub(super) fn topk_rows(&self, case: &Case) -> Result<Outputs> {
         case.only_inputs(&["x"])?;
         let mut p = Params::new(case);

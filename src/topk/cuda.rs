@@ -223,17 +223,16 @@ pub unsafe fn decode<E: CudaElement>(
 ) -> Result<()> {
     device.check_stream(stream)?;
     no_f64::<E>("sae.decode")?;
-    let (bx, lw) = shape.sizes()?;
-    let SaeShape { batch, dm, latents } = shape;
-    let bk = batch
-        .checked_mul(k)
-        .ok_or_else(|| Error::overflow("indices", "B·k overflows"))?;
-    check_len("indices", indices.len(), bk, &format!("[{batch}, {k}]"))?;
-    check_len("values", values.len(), bk, &format!("[{batch}, {k}]"))?;
-    check_len("w_dec", w_dec.len(), lw, &format!("[{latents}, {dm}]"))?;
-    if let Some(b) = b_dec {
-        check_len("b_dec", b.len(), dm, &format!("[{dm}]"))?;
-    }
+    super::sparse::check_sparse_lengths(
+        shape,
+        k,
+        indices.len(),
+        values.len(),
+        w_dec.len(),
+        b_dec.map(|b| b.len()),
+    )?;
+    let (bx, _) = shape.sizes()?;
+    let SaeShape { batch, dm, .. } = shape;
     check_len("x_hat", x_hat.len(), bx, &format!("[{batch}, {dm}]"))?;
     if bx == 0 {
         return Ok(());
@@ -316,6 +315,7 @@ pub fn encode_host<E: CudaElement>(
     inputs: super::EncoderInputs<'_, E>,
     k: usize,
 ) -> Result<(Vec<E>, Vec<i32>)> {
+    // checked here too: the uploads below slice by these lengths
     inputs.validate(shape)?;
     let stream = device.stream();
     let out = shape.batch * k;

@@ -33,8 +33,31 @@ fn check_indices(indices: &[i32], latents: usize) -> Result<()> {
     }
 }
 
-/// Checks the common inputs of decode and backward: `indices`, `values [B, k]`,
-/// `w_dec [L, Dm]`, `[b_dec [Dm]]`.
+/// The lengths of the common inputs of decode and backward (host slices or device views):
+/// `indices`, `values [B, k]`, `w_dec [L, Dm]`, `[b_dec [Dm]]`.
+pub(super) fn check_sparse_lengths(
+    shape: SaeShape,
+    k: usize,
+    indices: usize,
+    values: usize,
+    w_dec: usize,
+    b_dec: Option<usize>,
+) -> Result<()> {
+    let (_, lw) = shape.sizes()?;
+    let SaeShape { batch, dm, latents } = shape;
+    let bk = batch
+        .checked_mul(k)
+        .ok_or_else(|| Error::overflow("indices", "B·k overflows"))?;
+    check_len("indices", indices, bk, &format!("[{batch}, {k}]"))?;
+    check_len("values", values, bk, &format!("[{batch}, {k}]"))?;
+    check_len("w_dec", w_dec, lw, &format!("[{latents}, {dm}]"))?;
+    if let Some(b) = b_dec {
+        check_len("b_dec", b, dm, &format!("[{dm}]"))?;
+    }
+    Ok(())
+}
+
+/// [`check_sparse_lengths`] of host slices, and every index in 0..L.
 pub(super) fn check_sparse<E: Element>(
     shape: SaeShape,
     k: usize,
@@ -43,18 +66,15 @@ pub(super) fn check_sparse<E: Element>(
     w_dec: &[E],
     b_dec: Option<&[E]>,
 ) -> Result<()> {
-    let (_, lw) = shape.sizes()?;
-    let SaeShape { batch, dm, latents } = shape;
-    let bk = batch
-        .checked_mul(k)
-        .ok_or_else(|| Error::overflow("indices", "B·k overflows"))?;
-    check_len("indices", indices.len(), bk, &format!("[{batch}, {k}]"))?;
-    check_len("values", values.len(), bk, &format!("[{batch}, {k}]"))?;
-    check_len("w_dec", w_dec.len(), lw, &format!("[{latents}, {dm}]"))?;
-    if let Some(b) = b_dec {
-        check_len("b_dec", b.len(), dm, &format!("[{dm}]"))?;
-    }
-    check_indices(indices, latents)
+    check_sparse_lengths(
+        shape,
+        k,
+        indices.len(),
+        values.len(),
+        w_dec.len(),
+        b_dec.map(<[E]>::len),
+    )?;
+    check_indices(indices, shape.latents)
 }
 
 /// `sae.decode`: x_hat[b] = Σ_j values[b, j]·w_dec[indices[b, j]] + b_dec (repeated indices
@@ -340,37 +360,40 @@ pub fn backward_on<E: Element>(
             .zip(db_enc.par_iter_mut())
             .enumerate()
             .with_min_len(64)
-            .for_each(|(l, ((dwd, dwe), dbe))| {
-                let picks = &by_latent[start[l]..start[l + 1]];
-                if picks.is_empty() {
-                    return;
-                }
-                let mut acc_dec = vec![zero; dm];
-                let mut acc_enc = vec![zero; dm];
-                let mut bias = zero;
-                for &flat in picks {
-                    let b = flat / k;
-                    let dp = dpre[flat];
-                    bias = bias + dp;
-                    let rows = b * dm..(b + 1) * dm;
-                    dispatch(
-                        isa,
-                        Axpy(values[flat].to_acc(), &d_xhat[rows.clone()], &mut acc_dec),
-                    );
-                    dispatch(isa, Axpy(dp, &x[rows], &mut acc_enc));
-                }
-                // Σ dp·(x − b_dec) = Σ dp·x − (Σ dp)·b_dec
-                let offset = centered.as_deref();
-                for d in 0..dm {
-                    dwd[d] = E::from_acc(acc_dec[d]);
-                    let enc = match offset {
-                        Some(c) => acc_enc[d] - bias * c[d],
-                        None => acc_enc[d],
-                    };
-                    dwe[d] = E::from_acc(enc);
-                }
-                *dbe = E::from_acc(bias);
-            });
+            .for_each_init(
+                || (vec![zero; dm], vec![zero; dm]),
+                |(acc_dec, acc_enc), (l, ((dwd, dwe), dbe))| {
+                    let picks = &by_latent[start[l]..start[l + 1]];
+                    if picks.is_empty() {
+                        return;
+                    }
+                    acc_dec.fill(zero);
+                    acc_enc.fill(zero);
+                    let mut bias = zero;
+                    for &flat in picks {
+                        let b = flat / k;
+                        let dp = dpre[flat];
+                        bias = bias + dp;
+                        let rows = b * dm..(b + 1) * dm;
+                        dispatch(
+                            isa,
+                            Axpy(values[flat].to_acc(), &d_xhat[rows.clone()], acc_dec),
+                        );
+                        dispatch(isa, Axpy(dp, &x[rows], acc_enc));
+                    }
+                    // Σ dp·(x − b_dec) = Σ dp·x − (Σ dp)·b_dec
+                    let offset = centered.as_deref();
+                    for d in 0..dm {
+                        dwd[d] = E::from_acc(acc_dec[d]);
+                        let enc = match offset {
+                            Some(c) => acc_enc[d] - bias * c[d],
+                            None => acc_enc[d],
+                        };
+                        dwe[d] = E::from_acc(enc);
+                    }
+                    *dbe = E::from_acc(bias);
+                },
+            );
     } else {
         for (l, dbe) in db_enc.iter_mut().enumerate() {
             let sum = by_latent[start[l]..start[l + 1]]
