@@ -37,10 +37,17 @@ fn normal_equation_residual(
 
 #[test]
 fn solutions_satisfy_the_normal_equations_primal_and_dual() {
-    for (i, &(g, n, p, t)) in [(3, 40, 7, 2), (4, 9, 30, 3), (1, 1, 1, 1), (2, 12, 12, 5)]
-        .iter()
-        .enumerate()
-    {
+    // orders past one factorization block (16) and depths past one product chunk (64)
+    let shapes = [
+        (3, 40, 7, 2),
+        (4, 9, 30, 3),
+        (1, 1, 1, 1),
+        (2, 12, 12, 5),
+        (2, 150, 37, 3),
+        (2, 45, 100, 4),
+        (1, 300, 70, 17),
+    ];
+    for (i, &(g, n, p, t)) in shapes.iter().enumerate() {
         let s = BatchedShape::new(g, n, p, t);
         let mut rng = Rng::new(40 + i as u64);
         let x: Vec<f64> = rng.vec(g * n * p, -1.0, 1.0);

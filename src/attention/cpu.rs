@@ -33,7 +33,7 @@ use super::{
 };
 use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
-use crate::element::{Accum, DType, Element};
+use crate::element::{Accum, Element, widened};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
@@ -225,18 +225,6 @@ fn head_major<E: Element>(
         });
     }
     out
-}
-
-/// `x` in its accumulator type: borrowed for f32 and f64, a widened copy for f16 and bf16.
-fn widened<E: Element>(x: &[E]) -> Cow<'_, [E::Acc]> {
-    if matches!(E::DTYPE, DType::F32 | DType::F64) {
-        debug_assert_eq!(size_of::<E>(), size_of::<E::Acc>());
-        // SAFETY: f32 and f64 are their own accumulator types (element.rs), so E and E::Acc
-        // are the same type here.
-        Cow::Borrowed(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<E::Acc>(), x.len()) })
-    } else {
-        Cow::Owned(x.par_iter().map(|v| v.to_acc()).collect())
-    }
 }
 
 /// Key (or value) panels: for each (batch, head) and each sequence, blocks of BLOCK_K rows

@@ -10,7 +10,7 @@
 
 use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
-use crate::element::{Accum, Element};
+use crate::element::{Accum, Element, widened};
 use crate::error::{Error, Result, check_len};
 use rayon::prelude::*;
 
@@ -71,6 +71,11 @@ fn check_alpha<E: Element>(alpha: &[E]) -> Result<()> {
 }
 
 fn check_finite<E: Element>(name: &str, x: &[E]) -> Result<()> {
+    // a branch-free pass over chunks in parallel (vectorizes); the position only on failure
+    let finite = |c: &[E]| c.iter().fold(true, |ok, v| ok & v.to_f64().is_finite());
+    if x.par_chunks(1 << 16).all(finite) {
+        return Ok(());
+    }
     match x.iter().position(|v| !v.to_f64().is_finite()) {
         None => Ok(()),
         Some(i) => Err(Error::invalid(
@@ -170,8 +175,8 @@ impl<E: Element> SimdKernel for Problem<'_, E> {
             alpha,
         } = self;
         let zero = <E::Acc as Accum>::ZERO;
-        let xa: Vec<E::Acc> = x.iter().map(|v| v.to_acc()).collect();
-        let ya: Vec<E::Acc> = y.iter().map(|v| v.to_acc()).collect();
+        // f32 and f64 inputs are read in place; halves are widened once
+        let (xa, ya) = (widened(x), widened(y));
         // Xᵀ read through strides: element (i, k) of Xᵀ is x[k][i]
         let xt = Strided {
             ptr: xa.as_ptr(),
@@ -184,37 +189,16 @@ impl<E: Element> SimdKernel for Problem<'_, E> {
             let (mut gram, mut rhs) = (vec![zero; p * p], vec![zero; p * t]);
             // SAFETY: xa is n×p, ya n×t, gram p×p and rhs p×t, all live and disjoint.
             unsafe {
-                // the lower triangle only (what the factorization reads), in blocks of rows
-                const BLOCK: usize = 16;
-                let mut r0 = 0;
-                while r0 < p {
-                    let rows = BLOCK.min(p - r0);
-                    let block_a = Strided {
-                        ptr: xt.ptr.add(r0),
-                        ..xt
-                    };
-                    let cols = r0 + rows;
-                    gemm_acc::<S, E::Acc>(
-                        rows,
-                        cols,
-                        n,
-                        block_a,
-                        xa.as_ptr(),
-                        p,
-                        gram.as_mut_ptr().add(r0 * p),
-                        p,
-                        false,
-                    );
-                    r0 += rows;
-                }
-                gemm_acc::<S, E::Acc>(p, t, n, xt, ya.as_ptr(), t, rhs.as_mut_ptr(), t, false);
+                product::<S, E::Acc>(true, p, p, n, xt, xa.as_ptr(), p, gram.as_mut_ptr(), p);
+                product::<S, E::Acc>(false, p, t, n, xt, ya.as_ptr(), t, rhs.as_mut_ptr(), t);
             }
             let mut gram = widen(&gram);
             for a in 0..p {
                 gram[a * p + a] += alpha;
             }
             let mut w = widen(&rhs);
-            cholesky_solve(&mut gram, p, &mut w, t)?;
+            // SAFETY: gram is p×p and w p×t.
+            unsafe { cholesky_solve::<S>(&mut gram, p, &mut w, t)? };
             Ok(w)
         } else {
             // w = Xᵀ (XXᵀ + αI)⁻¹ Y
@@ -232,7 +216,8 @@ impl<E: Element> SimdKernel for Problem<'_, E> {
             };
             // SAFETY: xa is n×p, x_transposed p×n, kernel n×n, all live and disjoint.
             unsafe {
-                gemm_acc::<S, E::Acc>(
+                product::<S, E::Acc>(
+                    true,
                     n,
                     n,
                     p,
@@ -241,7 +226,6 @@ impl<E: Element> SimdKernel for Problem<'_, E> {
                     n,
                     kernel.as_mut_ptr(),
                     n,
-                    false,
                 );
             }
             let mut kernel = widen(&kernel);
@@ -249,7 +233,8 @@ impl<E: Element> SimdKernel for Problem<'_, E> {
                 kernel[i * n + i] += alpha;
             }
             let mut coef = widen(&ya);
-            cholesky_solve(&mut kernel, n, &mut coef, t)?;
+            // SAFETY: kernel is n×n and coef n×t.
+            unsafe { cholesky_solve::<S>(&mut kernel, n, &mut coef, t)? };
             let coef: Vec<E::Acc> = coef
                 .iter()
                 .map(|v| <E::Acc as Accum>::from_f64(*v))
@@ -264,67 +249,265 @@ impl<E: Element> SimdKernel for Problem<'_, E> {
     }
 }
 
-/// Solves A·X = B in place for a symmetric positive definite A (m×m, its lower triangle
-/// read; overwritten by the Cholesky factor) and B (m×t, overwritten by X). Right-looking, so
-/// every inner loop is a row update (axpy) that vectorizes where it is inlined into a SIMD
-/// kernel; the summation order is fixed.
+/// Rows of the inner dimension per pass of [`product`]: the slices of both operands stay in
+/// L1 while every register tile of C uses them (a problem's X is larger than L1).
+const DEPTH_CHUNK: usize = 64;
+
+/// C += A·B (`m × n`, inner dimension `k`) in passes over chunks of the inner dimension,
+/// each element still summed in order. With `lower`, C is square and only its lower
+/// triangle is wanted (a symmetric product: the factorization reads only that half): blocks
+/// of six rows run to their last row's diagonal rounded up to whole vectors (a few entries
+/// above the diagonal get written, and are never read).
+///
+/// # Safety
+/// As [`gemm_acc`].
 #[inline(always)]
-fn cholesky_solve(
+#[allow(clippy::too_many_arguments)]
+unsafe fn product<S: Simd, A: Accum>(
+    lower: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided<A>,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+) {
+    const ROWS: usize = 6;
+    let lanes = A::lanes::<S>();
+    let mut k0 = 0;
+    while k0 < k {
+        let depth = DEPTH_CHUNK.min(k - k0);
+        // SAFETY: the chunk's rows of B and columns of A lie inside the operands.
+        let (a_chunk, b_chunk) = unsafe {
+            (
+                Strided {
+                    ptr: a.ptr.add(k0 * a.inner_stride),
+                    ..a
+                },
+                b.add(k0 * b_stride),
+            )
+        };
+        if lower {
+            let mut r0 = 0;
+            while r0 < m {
+                let rows = ROWS.min(m - r0);
+                let cols = (r0 + rows).next_multiple_of(lanes).min(n);
+                // SAFETY: rows r0..r0+rows and columns ..cols lie inside the m × n product.
+                unsafe {
+                    let block_a = Strided {
+                        ptr: a_chunk.ptr.add(r0 * a.row_stride),
+                        ..a_chunk
+                    };
+                    let c_rows = c.add(r0 * c_stride);
+                    gemm_acc::<S, A>(
+                        rows, cols, depth, block_a, b_chunk, b_stride, c_rows, c_stride, false,
+                    );
+                }
+                r0 += rows;
+            }
+        } else {
+            // SAFETY: as the caller guarantees for the whole product.
+            unsafe {
+                gemm_acc::<S, A>(m, n, depth, a_chunk, b_chunk, b_stride, c, c_stride, false)
+            };
+        }
+        k0 += depth;
+    }
+}
+
+/// Columns per block of the factorization: each diagonal block is factored column by column,
+/// everything else is [`gemm_acc`] updates on f64 register tiles.
+const FACTOR_BLOCK: usize = 16;
+
+/// Solves A·X = B in place for a symmetric positive definite A (m×m, its lower triangle
+/// read; overwritten by the Cholesky factor) and B (m×t, overwritten by X), all in f64.
+/// Blocked right-looking Cholesky: per block of columns, the diagonal block is factored, the
+/// panel below it solved in transposed form (contiguous rows, so the axpys vectorize), and
+/// the trailing lower triangle updated by a register-tiled product; the two triangular solves
+/// are blocked the same way. The summation order is fixed.
+///
+/// # Safety
+/// `a` holds m·m and `b` m·t values (checked by debug assertions only).
+#[inline(always)]
+unsafe fn cholesky_solve<S: Simd>(
     a: &mut [f64],
     m: usize,
     b: &mut [f64],
     t: usize,
 ) -> std::result::Result<(), String> {
-    let mut col = vec![0.0; m];
-    for j in 0..m {
-        let d = a[j * m + j];
-        if d.is_nan() || d <= 0.0 {
-            return Err(format!(
-                "the regularized Gram matrix is not positive definite (pivot {j}: {d})"
-            ));
-        }
-        let d = d.sqrt();
-        a[j * m + j] = d;
-        let inv = 1.0 / d;
-        for i in j + 1..m {
-            a[i * m + j] *= inv;
-            col[i] = a[i * m + j];
-        }
-        // trailing update of the lower triangle: row i -= l_i · l[j+1..=i]
-        for i in j + 1..m {
-            let li = col[i];
-            let row = &mut a[i * m + j + 1..i * m + i + 1];
-            for (x, l) in row.iter_mut().zip(&col[j + 1..=i]) {
-                *x -= li * l;
+    debug_assert!(a.len() >= m * m && b.len() >= m * t);
+    // the transposed panel and its negation, [block columns][rows below]
+    let mut panel = vec![0.0f64; FACTOR_BLOCK * m];
+    let mut negated = vec![0.0f64; FACTOR_BLOCK * m.max(t)];
+    let mut k0 = 0;
+    while k0 < m {
+        let k1 = (k0 + FACTOR_BLOCK).min(m);
+        let nb = k1 - k0;
+        // the diagonal block, column by column
+        for j in k0..k1 {
+            let d = a[j * m + j];
+            if d.is_nan() || d <= 0.0 {
+                return Err(format!(
+                    "the regularized Gram matrix is not positive definite (pivot {j}: {d})"
+                ));
+            }
+            let d = d.sqrt();
+            a[j * m + j] = d;
+            let inv = 1.0 / d;
+            for i in j + 1..k1 {
+                a[i * m + j] *= inv;
+            }
+            for i in j + 1..k1 {
+                let li = a[i * m + j];
+                for c in j + 1..=i {
+                    a[i * m + c] -= li * a[c * m + j];
+                }
             }
         }
+        let below = m - k1;
+        if below > 0 {
+            // panel: L21 = A21 · L11⁻ᵀ, solved on its transpose (row c of `panel` is column
+            // k0 + c of the panel)
+            for c in 0..nb {
+                for i in 0..below {
+                    panel[c * below + i] = a[(k1 + i) * m + k0 + c];
+                }
+            }
+            for c in 0..nb {
+                let (done, rest) = panel.split_at_mut(c * below);
+                let row = &mut rest[..below];
+                for c2 in 0..c {
+                    let l = a[(k0 + c) * m + k0 + c2];
+                    for (x, z) in row.iter_mut().zip(&done[c2 * below..(c2 + 1) * below]) {
+                        *x -= l * z;
+                    }
+                }
+                let inv = 1.0 / a[(k0 + c) * m + k0 + c];
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+            for c in 0..nb {
+                for i in 0..below {
+                    a[(k1 + i) * m + k0 + c] = panel[c * below + i];
+                }
+            }
+            // trailing update: A22 −= L21·L21ᵀ (lower triangle)
+            for (o, v) in negated.iter_mut().zip(&panel[..nb * below]) {
+                *o = -v;
+            }
+            let minus_l21 = Strided {
+                ptr: negated.as_ptr(),
+                row_stride: 1,
+                inner_stride: below,
+            };
+            // SAFETY: `negated` is nb × below, `panel` nb × below, and the trailing block
+            // (below × below at row/column k1, stride m) lies inside `a`, disjoint from both.
+            unsafe {
+                product::<S, f64>(
+                    true,
+                    below,
+                    below,
+                    nb,
+                    minus_l21,
+                    panel.as_ptr(),
+                    below,
+                    a.as_mut_ptr().add(k1 * m + k1),
+                    m,
+                );
+            }
+        }
+        k0 = k1;
     }
-    // L z = b, then Lᵀ x = z: each step updates whole rows of B (t right-hand sides)
-    for i in 0..m {
-        let d = a[i * m + i];
-        let (done, rest) = b.split_at_mut(i * t);
-        let row = &mut rest[..t];
-        for k in 0..i {
-            let l = a[i * m + k];
-            for (x, z) in row.iter_mut().zip(&done[k * t..(k + 1) * t]) {
-                *x -= l * z;
+    // L z = b: per block of rows, the diagonal block by row axpys, then the rows below
+    // updated by one product (B[k1..] −= L[k1.., k0..k1] · Z[k0..k1])
+    let mut k0 = 0;
+    while k0 < m {
+        let k1 = (k0 + FACTOR_BLOCK).min(m);
+        for i in k0..k1 {
+            let (done, rest) = b.split_at_mut(i * t);
+            let row = &mut rest[..t];
+            for k in k0..i {
+                let l = a[i * m + k];
+                for (x, z) in row.iter_mut().zip(&done[k * t..(k + 1) * t]) {
+                    *x -= l * z;
+                }
+            }
+            let inv = 1.0 / a[i * m + i];
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        if k1 < m {
+            let nb = k1 - k0;
+            for (o, v) in negated.iter_mut().zip(&b[k0 * t..k1 * t]) {
+                *o = -v;
+            }
+            let l_block = Strided {
+                ptr: a[k1 * m + k0..].as_ptr(),
+                row_stride: m,
+                inner_stride: 1,
+            };
+            // SAFETY: L[k1.., k0..k1] lies in `a`, −Z (nb × t) in `negated`, the updated rows
+            // k1.. of `b` are disjoint from both.
+            unsafe {
+                gemm_acc::<S, f64>(
+                    m - k1,
+                    t,
+                    nb,
+                    l_block,
+                    negated.as_ptr(),
+                    t,
+                    b.as_mut_ptr().add(k1 * t),
+                    t,
+                    false,
+                );
             }
         }
-        let inv = 1.0 / d;
-        row.iter_mut().for_each(|x| *x *= inv);
+        k0 = k1;
     }
-    for i in (0..m).rev() {
-        let d = a[i * m + i];
-        let (head, tail) = b.split_at_mut((i + 1) * t);
-        let row = &mut head[i * t..];
-        for k in i + 1..m {
-            let l = a[k * m + i];
-            for (x, z) in row.iter_mut().zip(&tail[(k - i - 1) * t..(k - i) * t]) {
-                *x -= l * z;
+    // Lᵀ x = z: blocks from the bottom; the rows above updated by one product
+    // (B[..k0] −= L[k0..k1, ..k0]ᵀ · X[k0..k1])
+    let mut k1 = m;
+    while k1 > 0 {
+        let k0 = k1.saturating_sub(FACTOR_BLOCK);
+        for i in (k0..k1).rev() {
+            let (head, tail) = b.split_at_mut((i + 1) * t);
+            let row = &mut head[i * t..];
+            for k in i + 1..k1 {
+                let l = a[k * m + i];
+                for (x, z) in row.iter_mut().zip(&tail[(k - i - 1) * t..(k - i) * t]) {
+                    *x -= l * z;
+                }
+            }
+            let inv = 1.0 / a[i * m + i];
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        if k0 > 0 {
+            let nb = k1 - k0;
+            for (o, v) in negated.iter_mut().zip(&b[k0 * t..k1 * t]) {
+                *o = -v;
+            }
+            // element (i, c) of L[k0..k1, ..k0]ᵀ is a[(k0 + c)·m + i]
+            let l_block_t = Strided {
+                ptr: a[k0 * m..].as_ptr(),
+                row_stride: 1,
+                inner_stride: m,
+            };
+            // SAFETY: as above; rows ..k0 of `b` are disjoint from `negated`.
+            unsafe {
+                gemm_acc::<S, f64>(
+                    k0,
+                    t,
+                    nb,
+                    l_block_t,
+                    negated.as_ptr(),
+                    t,
+                    b.as_mut_ptr(),
+                    t,
+                    false,
+                );
             }
         }
-        let inv = 1.0 / d;
-        row.iter_mut().for_each(|x| *x *= inv);
+        k1 = k0;
     }
     Ok(())
 }
