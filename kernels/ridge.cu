@@ -355,6 +355,8 @@ __device__ void cv_select(const double* sums, const double* alphas, int n_alphas
 
 }  // namespace
 
+// Min one block per SM: the factor's shared memory allows one or two anyway, and without it
+// ptxas caps the registers at 40 and spills around the solves' barriers.
 #define NK_RIDGE_ENTRY(T, NAME, F, FNAME)                                                                          \
   extern "C" __global__ void __launch_bounds__(NK_RIDGE_THREADS, 1)                                               \
       ridge_solve_batched_##NAME##_##FNAME(const T* x, const T* y, const T* alpha, T* w, int* status, int n, int p, \
