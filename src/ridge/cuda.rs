@@ -47,6 +47,9 @@ use std::sync::Arc;
 pub trait CudaRidgeReal: CudaElement + RidgeReal {
     /// C = op(A)·op(B), column-major.
     #[allow(clippy::too_many_arguments)]
+    /// # Safety
+    /// Every pointer is a live device allocation of this type on the handle's stream,
+    /// holding the extents the sizes describe.
     #[doc(hidden)]
     unsafe fn gemm_raw(
         h: blas_sys::cublasHandle_t,
@@ -57,6 +60,9 @@ pub trait CudaRidgeReal: CudaElement + RidgeReal {
         c: (u64, i32, i64),
         batch: i32,
     ) -> std::result::Result<(), CublasError>;
+    /// # Safety
+    /// Every pointer is a live device allocation of this type on the handle's stream,
+    /// holding the extents the sizes describe.
     #[doc(hidden)]
     unsafe fn syevd_buffer(
         h: solver_sys::cusolverDnHandle_t,
@@ -66,6 +72,9 @@ pub trait CudaRidgeReal: CudaElement + RidgeReal {
         lwork: &mut i32,
     ) -> solver_sys::cusolverStatus_t;
     #[allow(clippy::too_many_arguments)]
+    /// # Safety
+    /// Every pointer is a live device allocation of this type on the handle's stream,
+    /// holding the extents the sizes describe.
     #[doc(hidden)]
     unsafe fn syevd(
         h: solver_sys::cusolverDnHandle_t,
@@ -76,6 +85,9 @@ pub trait CudaRidgeReal: CudaElement + RidgeReal {
         lwork: i32,
         info: u64,
     ) -> solver_sys::cusolverStatus_t;
+    /// # Safety
+    /// Every pointer is a live device allocation of this type on the handle's stream,
+    /// holding the extents the sizes describe.
     #[doc(hidden)]
     unsafe fn potrf_batched(
         h: solver_sys::cusolverDnHandle_t,
@@ -86,6 +98,9 @@ pub trait CudaRidgeReal: CudaElement + RidgeReal {
     ) -> solver_sys::cusolverStatus_t;
     /// B ← B·op(L)⁻¹ for lower triangular L (n×n), B m×n, all batched through pointer arrays.
     #[allow(clippy::too_many_arguments)]
+    /// # Safety
+    /// Every pointer is a live device allocation of this type on the handle's stream,
+    /// holding the extents the sizes describe.
     #[doc(hidden)]
     unsafe fn trsm_right_lower_batched(
         h: blas_sys::cublasHandle_t,
