@@ -1,129 +1,181 @@
-// ridge.solve_batched: many independent small ridge problems, one per block.
-//
-// Per problem g (x [n, p], y [n, t], alpha): the primal form when n >= p, factoring
-// X^T X + alpha I (order p); the dual form when n < p, factoring X X^T + alpha I (order n),
-// then w = X^T c. The factor (order <= NK_RIDGE_MAX_ORDER) lives in shared memory in f64
-// whatever the element type (as on the CPU): built from the inputs, factored by a
-// right-looking Cholesky (one column per step, the trailing update spread over the block),
-// then the right-hand sides are solved NK_RIDGE_RHS_CHUNK columns at a time, one thread per
-// column through both triangular solves. A pivot <= 0 (or NaN) sets status[g] = 1.
+// Batched ridge: ridge.solve_batched (one small problem per block) and the fused pieces of
+// ridge.cv (centering, per-alpha scaling, held-out scoring, alpha selection) around the
+// cuBLAS products and the cuSOLVER eigendecompositions that src/ridge/cuda.rs drives.
 #include "common.cuh"
 #include "ridge.cuh"
 
 namespace {
 
-constexpr int MO = NK_RIDGE_MAX_ORDER;
+constexpr int NT = NK_RIDGE_THREADS;
 constexpr int RC = NK_RIDGE_RHS_CHUNK;
 constexpr int RT = NK_RIDGE_ROW_TILE;
+constexpr int CV_COLS = NK_RIDGE_CV_COLS;
+constexpr int CV_LANES = NK_RIDGE_CV_LANES;
 
-template <typename T>
+// Index of (i, j), j <= i, in a packed lower triangle (row-major rows of length i + 1).
+__device__ __forceinline__ int packed(int i, int j) { return i * (i + 1) / 2 + j; }
+
+// IEEE round-to-nearest reciprocals: inline, unlike `/`, whose slow-path call spills
+// registers around it.
+__device__ __forceinline__ float rcp(float x) { return __frcp_rn(x); }
+__device__ __forceinline__ double rcp(double x) { return __drcp_rn(x); }
+
+// (i, j) of packed index k (k < 2^24, so 8k + 1 is exact in float); the two loops fix the
+// square root's rounding.
+__device__ __forceinline__ void unpack(int k, int& i, int& j) {
+  int r = (int)((sqrtf(8.0f * (float)k + 1.0f) - 1.0f) * 0.5f);
+  while (r > 0 && packed(r, 0) > k) --r;
+  while (packed(r + 1, 0) <= k) ++r;
+  i = r;
+  j = k - packed(r, 0);
+}
+
+// ridge.solve_batched. Per problem g (x [n, p], y [n, t], alpha): the primal form when
+// n >= p, factoring X^T X + alpha I (order m = p); the dual form when n < p, factoring
+// X X^T + alpha I (order m = n), then w = X^T c.
+//
+// Plan: one block (NT threads) owns one problem. Dynamic shared memory holds, in the factor
+// type F (f64, or f32 for f32 inputs whose f64 factor does not fit the device):
+//   L     the packed lower triangle of the order-m matrix, m (m + 1) / 2
+//   B     m x RC right-hand sides of the current pass
+//   tile  RT x m slices of x staged for the Gram accumulation
+// 1. Gram: RT rows (primal) or columns (dual) of x at a time into `tile`, every thread
+//    accumulating packed entries (barrier after staging and after accumulating).
+// 2. Cholesky, right-looking: per column j, the pivot (thread 0), the column scaling, the
+//    packed trailing update spread over the block (three barriers per column). A pivot <= 0
+//    or NaN sets status[g] = 1 and ends the factorization (the outputs are then garbage).
+// 3. Right-hand sides RC at a time: L z = b and L^T x = z column-oriented, one barrier per
+//    row: in step i every thread updates rows beyond i with row i's unscaled value times
+//    1 / L_ii, and row i - 1 (no longer read) is scaled in the same step.
+// Cost: (n m^2 + m^3 / 3 + 2 m^2 t) flops per problem against (n p + n t + p t) elements
+// read or written: compute-bound for large m, latency-bound (barriers) for small m.
+template <typename T, typename F>
 __device__ void ridge_solve(const T* x, const T* y, const T* alpha, T* w, int* status, int n, int p, int t) {
-  __shared__ double L[MO][MO + 1];
-  __shared__ double B[MO][RC];
-  __shared__ double tile[RT][MO];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ int failed;
+  const bool primal = n >= p;
+  const int m = primal ? p : n;
+  const int tri = packed(m, 0);
+  F* L = reinterpret_cast<F*>(smem_raw);
+  F* B = L + tri;
+  F* tile = B + m * RC;
   const long long g = blockIdx.x;
   const T* xg = x + g * (long long)n * p;
   const T* yg = y + g * (long long)n * t;
   T* wg = w + g * (long long)p * t;
-  const bool primal = n >= p;
-  const int m = primal ? p : n;
   const int tid = threadIdx.x;
 
   // 1. the lower triangle of X^T X (primal) or X X^T (dual), plus alpha on the diagonal
-  for (int idx = tid; idx < m * m; idx += NK_RIDGE_THREADS) L[idx / m][idx % m] = 0.0;
+  for (int k = tid; k < tri; k += NT) L[k] = F(0);
   if (tid == 0) failed = 0;
-  __syncthreads();
-  if (primal) {
-    for (int r0 = 0; r0 < n; r0 += RT) {
-      const int rows = min(RT, n - r0);
-      for (int idx = tid; idx < rows * p; idx += NK_RIDGE_THREADS)
-        tile[idx / p][idx % p] = (double)to_acc(xg[(long long)(r0 + idx / p) * p + idx % p]);
-      __syncthreads();
-      for (int idx = tid; idx < m * m; idx += NK_RIDGE_THREADS) {
-        const int i = idx / m, j = idx % m;
-        if (j > i) continue;
-        double acc = 0.0;
-        for (int r = 0; r < rows; ++r) acc += tile[r][i] * tile[r][j];
-        L[i][j] += acc;
+  const int inner = primal ? n : p;  // the summed dimension
+  for (int r0 = 0; r0 < inner; r0 += RT) {
+    const int rows = min(RT, inner - r0);
+    for (int idx = tid; idx < rows * m; idx += NT) {
+      // primal: tile[r][i] = x[r0 + r][i] (consecutive threads, consecutive i);
+      // dual: tile[r][i] = x[i][r0 + r] (consecutive threads, consecutive r)
+      int r, i;
+      long long off;
+      if (primal) {
+        r = idx / m;
+        i = idx % m;
+        off = (long long)(r0 + r) * p + i;
+      } else {
+        r = idx % rows;
+        i = idx / rows;
+        off = (long long)i * p + r0 + r;
       }
-      __syncthreads();
+      tile[r * m + i] = (F)to_acc(xg[off]);
     }
-  } else {
-    for (int idx = tid; idx < m * m; idx += NK_RIDGE_THREADS) {
-      const int i = idx / m, j = idx % m;
-      if (j > i) continue;
-      double acc = 0.0;
-      for (int k = 0; k < p; ++k)
-        acc += (double)to_acc(xg[(long long)i * p + k]) * (double)to_acc(xg[(long long)j * p + k]);
-      L[i][j] = acc;
+    __syncthreads();
+    for (int k = tid; k < tri; k += NT) {
+      int i, j;
+      unpack(k, i, j);
+      F acc = F(0);
+      for (int r = 0; r < rows; ++r) acc += tile[r * m + i] * tile[r * m + j];
+      L[k] += acc;
     }
     __syncthreads();
   }
-  const double a = (double)to_acc(alpha[g]);
-  for (int i = tid; i < m; i += NK_RIDGE_THREADS) L[i][i] += a;
+  const F a = (F)to_acc(alpha[g]);
+  for (int i = tid; i < m; i += NT) L[packed(i, i)] += a;
   __syncthreads();
 
-  // 2. Cholesky, right-looking: column j, then the trailing lower triangle
+  // 2. Cholesky, right-looking: column j, then the packed trailing lower triangle
   for (int j = 0; j < m; ++j) {
     if (tid == 0) {
-      const double d = L[j][j];
-      if (!(d > 0.0)) failed = 1;
-      L[j][j] = sqrt(d);
+      const F d = L[packed(j, j)];
+      if (!(d > F(0))) failed = 1;
+      L[packed(j, j)] = sqrt(d);
     }
     __syncthreads();
-    const double inv = 1.0 / L[j][j];
-    for (int i = j + 1 + tid; i < m; i += NK_RIDGE_THREADS) L[i][j] *= inv;
+    if (failed) break;  // uniform: read after the barrier, only ever set to 1
+    const F inv = rcp(L[packed(j, j)]);
+    for (int i = j + 1 + tid; i < m; i += NT) L[packed(i, j)] *= inv;
     __syncthreads();
     const int rest = m - j - 1;
-    for (int idx = tid; idx < rest * rest; idx += NK_RIDGE_THREADS) {
-      const int i = j + 1 + idx / rest, k = j + 1 + idx % rest;
-      if (k <= i) L[i][k] -= L[i][j] * L[k][j];
+    const int rest_tri = packed(rest, 0);
+    for (int k = tid; k < rest_tri; k += NT) {
+      int a_, b_;
+      unpack(k, a_, b_);
+      const int i = j + 1 + a_, c = j + 1 + b_;
+      L[packed(i, c)] -= L[packed(i, j)] * L[packed(c, j)];
     }
     __syncthreads();
   }
   if (tid == 0) status[g] = failed;
+  if (failed) return;  // uniform (see above)
 
   // 3. right-hand sides, RC columns per pass
   for (int c0 = 0; c0 < t; c0 += RC) {
     const int tc = min(RC, t - c0);
-    for (int idx = tid; idx < m * tc; idx += NK_RIDGE_THREADS) {
+    for (int idx = tid; idx < m * tc; idx += NT) {
       const int i = idx / tc, c = idx % tc;
-      double acc = 0.0;
+      F acc = F(0);
       if (primal) {
-        for (int r = 0; r < n; ++r)
-          acc += (double)to_acc(xg[(long long)r * p + i]) * (double)to_acc(yg[(long long)r * t + c0 + c]);
+        for (int r = 0; r < n; ++r) acc += (F)to_acc(xg[(long long)r * p + i]) * (F)to_acc(yg[(long long)r * t + c0 + c]);
       } else {
-        acc = (double)to_acc(yg[(long long)i * t + c0 + c]);
+        acc = (F)to_acc(yg[(long long)i * t + c0 + c]);
       }
-      B[i][c] = acc;
+      B[i * RC + c] = acc;
     }
     __syncthreads();
-    if (tid < tc) {
-      const int c = tid;
-      for (int i = 0; i < m; ++i) {
-        double v = B[i][c];
-        for (int k = 0; k < i; ++k) v -= L[i][k] * B[k][c];
-        B[i][c] = v / L[i][i];
+    // L z = b: step i reads row i (final since step i - 1) and updates rows > i
+    for (int i = 0; i < m; ++i) {
+      const F inv = rcp(L[packed(i, i)]);
+      const int below = m - i - 1;
+      for (int idx = tid; idx < below * tc; idx += NT) {
+        const int r = i + 1 + idx / tc, c = idx % tc;
+        B[r * RC + c] -= L[packed(r, i)] * (B[i * RC + c] * inv);
       }
-      for (int i = m - 1; i >= 0; --i) {
-        double v = B[i][c];
-        for (int k = i + 1; k < m; ++k) v -= L[k][i] * B[k][c];
-        B[i][c] = v / L[i][i];
-      }
+      if (i > 0 && tid < tc) B[(i - 1) * RC + tid] *= rcp(L[packed(i - 1, i - 1)]);
+      __syncthreads();
     }
+    if (tid < tc) B[(m - 1) * RC + tid] *= rcp(L[packed(m - 1, m - 1)]);
+    __syncthreads();
+    // L^T x = z: step i (descending) reads row i and updates rows < i
+    for (int i = m - 1; i >= 0; --i) {
+      const F inv = rcp(L[packed(i, i)]);
+      for (int idx = tid; idx < i * tc; idx += NT) {
+        const int r = idx / tc, c = idx % tc;
+        B[r * RC + c] -= L[packed(i, r)] * (B[i * RC + c] * inv);
+      }
+      if (i < m - 1 && tid < tc) B[(i + 1) * RC + tid] *= rcp(L[packed(i + 1, i + 1)]);
+      __syncthreads();
+    }
+    if (tid < tc) B[tid] *= rcp(L[0]);
     __syncthreads();
     if (primal) {
-      for (int idx = tid; idx < p * tc; idx += NK_RIDGE_THREADS) {
+      for (int idx = tid; idx < p * tc; idx += NT) {
         const int i = idx / tc, c = idx % tc;
-        wg[(long long)i * t + c0 + c] = from_acc<T>((typename Acc<T>::type)B[i][c]);
+        wg[(long long)i * t + c0 + c] = from_acc<T>((typename Acc<T>::type)B[i * RC + c]);
       }
     } else {
       // w = X^T c
-      for (int idx = tid; idx < p * tc; idx += NK_RIDGE_THREADS) {
+      for (int idx = tid; idx < p * tc; idx += NT) {
         const int k = idx / tc, c = idx % tc;
-        double acc = 0.0;
-        for (int i = 0; i < n; ++i) acc += (double)to_acc(xg[(long long)i * p + k]) * B[i][c];
+        F acc = F(0);
+        for (int i = 0; i < n; ++i) acc += (F)to_acc(xg[(long long)i * p + k]) * B[i * RC + c];
         wg[(long long)k * t + c0 + c] = from_acc<T>((typename Acc<T>::type)acc);
       }
     }
@@ -131,13 +183,220 @@ __device__ void ridge_solve(const T* x, const T* y, const T* alpha, T* w, int* s
   }
 }
 
+// ridge.solve_batched through the libraries: gram[g] += alpha[g] I for g column-major m x m
+// matrices. Elementwise over the g m diagonal entries, grid-stride.
+template <typename T>
+__device__ void add_diagonal(T* gram, const T* alpha, int g, int m) {
+  const long long total = (long long)g * m;
+  for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+    const long long prob = k / m;
+    const long long i = k % m;
+    T* d = gram + prob * m * m + i * m + i;
+    *d = from_acc<T>(to_acc(*d) + to_acc(alpha[prob]));
+  }
+}
+
+// ridge.cv, step "split": one target batch yb [n, tb] (row-major, all rows) into the
+// training rows y_train [n_tr, tb] (minus the training means when `center`) and the
+// held-out rows a_test [n_te, tb] minus their own means, with the training means, the
+// held-out means and SS_tot = sum a^2 (of the rounded a) per column, all in f64.
+// Plan: a block is CV_COLS columns x CV_LANES row lanes; lane l sums rows l, l + LANES, ...
+// (coalesced along the columns), the lanes' partials meet in shared memory and lane 0 adds
+// them in a fixed order (deterministic). Two passes over each row set: means, then writes.
+template <typename T>
+__device__ void cv_split(const T* yb, const int* train_rows, int n_tr, const int* test_rows, int n_te, int tb, int center,
+                         T* y_train, T* a_test, double* train_mean, double* test_mean, double* ss_tot) {
+  __shared__ double part[CV_LANES][CV_COLS];
+  __shared__ double mean_sh[CV_COLS];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int c = blockIdx.x * CV_COLS + tx;
+  const bool active = c < tb;
+  // mean of the rows `rows[0..count)` of column c into mean_sh[tx] (all threads reach the barriers)
+  auto column_mean = [&](const int* rows, int count) {
+    double acc = 0.0;
+    if (active)
+      for (int i = ty; i < count; i += CV_LANES) acc += (double)to_acc(yb[(long long)rows[i] * tb + c]);
+    part[ty][tx] = acc;
+    __syncthreads();
+    if (ty == 0) {
+      double s = 0.0;
+      for (int l = 0; l < CV_LANES; ++l) s += part[l][tx];
+      mean_sh[tx] = s * (1.0 / (double)max(count, 1));
+    }
+    __syncthreads();
+  };
+  column_mean(train_rows, n_tr);
+  const double tr_mean = mean_sh[tx];
+  const double offset = center ? tr_mean : 0.0;
+  if (active)
+    for (int i = ty; i < n_tr; i += CV_LANES) {
+      const double v = (double)to_acc(yb[(long long)train_rows[i] * tb + c]);
+      y_train[(long long)i * tb + c] = from_acc<T>((typename Acc<T>::type)(v - offset));
+    }
+  __syncthreads();  // mean_sh is rewritten below
+  column_mean(test_rows, n_te);
+  const double te_mean = mean_sh[tx];
+  double ss = 0.0;
+  if (active)
+    for (int i = ty; i < n_te; i += CV_LANES) {
+      const double v = (double)to_acc(yb[(long long)test_rows[i] * tb + c]);
+      const T a = from_acc<T>((typename Acc<T>::type)(v - te_mean));
+      a_test[(long long)i * tb + c] = a;
+      ss += (double)to_acc(a) * (double)to_acc(a);
+    }
+  part[ty][tx] = ss;
+  __syncthreads();
+  if (ty == 0 && active) {
+    double s = 0.0;
+    for (int l = 0; l < CV_LANES; ++l) s += part[l][tx];
+    ss_tot[c] = s;
+    train_mean[c] = tr_mean;
+    test_mean[c] = te_mean;
+  }
+}
+
+// ridge.cv: dst = src diag(1 / (values + alpha)) for a column-major [rows x cols] matrix
+// (the held-out projection scaled for one alpha); the factor is rounded to T first, as on
+// the CPU. Elementwise, grid-stride.
+template <typename T>
+__device__ void cv_scale_cols(const T* src, T* dst, const double* values, double alpha, int rows, int cols) {
+  const long long total = (long long)rows * cols;
+  for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+    const int j = (int)(k / rows);
+    const T f = from_acc<T>((typename Acc<T>::type)(1.0 / (values[j] + alpha)));
+    dst[k] = from_acc<T>(to_acc(src[k]) * to_acc(f));
+  }
+}
+
+// ridge.cv refit: z[i, c] *= 1 / (values[i] + chosen[c]) for z column-major [rank x tb]
+// (each target's own alpha). Elementwise, grid-stride.
+template <typename T>
+__device__ void cv_scale_refit(T* z, const double* values, const double* chosen, int rank, int tb) {
+  const long long total = (long long)rank * tb;
+  for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+    const int i = (int)(k % rank);
+    const long long c = k / rank;
+    const T f = from_acc<T>((typename Acc<T>::type)(1.0 / (values[i] + chosen[c])));
+    z[k] = from_acc<T>(to_acc(z[k]) * to_acc(f));
+  }
+}
+
+// ridge.cv, fused held-out scoring of one alpha for one target batch: from the predictions
+// pred [n_te, tb] (row-major, without the training mean) and the centered held-out targets
+// a [n_te, tb], per column: S = sum pred, Q = sum pred^2, X = sum a pred (f64); then
+// ss_pred = max(Q - S^2 / n_te, 0), shift = S / n_te + offset - test_mean and
+//   R2 = 1 - (ss_tot - 2 X + ss_pred + n_te shift^2) / ss_tot   (0 when ss_tot == 0)
+//   Pearson = X / sqrt(ss_tot ss_pred)                          (0 when that is 0)
+// added to sums[c] (the batch's slice of this alpha's row). Same block plan as cv_split; one
+// thread adds each column (no atomics: deterministic).
+template <typename T>
+__device__ void cv_score(const T* pred, const T* a, const double* train_mean, int use_offset, const double* test_mean,
+                         const double* ss_tot, int n_te, int tb, int pearson, double* sums) {
+  __shared__ double part[3][CV_LANES][CV_COLS];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int c = blockIdx.x * CV_COLS + tx;
+  const bool active = c < tb;
+  double s = 0.0, q = 0.0, x = 0.0;
+  if (active)
+    for (int i = ty; i < n_te; i += CV_LANES) {
+      const double v = (double)to_acc(pred[(long long)i * tb + c]);
+      s += v;
+      q += v * v;
+      x += (double)to_acc(a[(long long)i * tb + c]) * v;
+    }
+  part[0][ty][tx] = s;
+  part[1][ty][tx] = q;
+  part[2][ty][tx] = x;
+  __syncthreads();
+  if (ty == 0 && active) {
+    s = q = x = 0.0;
+    for (int l = 0; l < CV_LANES; ++l) {
+      s += part[0][l][tx];
+      q += part[1][l][tx];
+      x += part[2][l][tx];
+    }
+    const double count = (double)n_te;
+    const double ss_pred = fmax(q - s * s / count, 0.0);
+    const double tot = ss_tot[c];
+    double score;
+    if (pearson) {
+      const double denom = sqrt(tot * ss_pred);
+      score = denom == 0.0 ? 0.0 : x / denom;
+    } else {
+      const double shift = s / count + (use_offset ? train_mean[c] : 0.0) - test_mean[c];
+      score = tot == 0.0 ? 0.0 : 1.0 - (tot - 2.0 * x + ss_pred + count * shift * shift) / tot;
+    }
+    sums[c] += score;
+  }
+}
+
+// ridge.cv selection: per target c, cv_scores[a, c] = sums[a, c] / folds and the best alpha
+// (the highest mean score, the largest alpha among equal scores; alphas scanned in order,
+// as on the CPU). One thread per target, grid-stride.
+template <typename T>
+__device__ void cv_select(const double* sums, const double* alphas, int n_alphas, long long t, int folds, T* cv_scores,
+                          T* best_alpha, double* chosen) {
+  for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < t; c += (long long)gridDim.x * blockDim.x) {
+    const double inv_folds = rcp((double)folds);
+    int best = 0;
+    double best_score = 0.0;
+    for (int a = 0; a < n_alphas; ++a) {
+      const double sc = sums[a * t + c] * inv_folds;
+      cv_scores[a * t + c] = from_acc<T>((typename Acc<T>::type)sc);
+      if (a == 0 || sc > best_score || (sc == best_score && alphas[a] > alphas[best])) {
+        best = a;
+        best_score = sc;
+      }
+    }
+    best_alpha[c] = from_acc<T>((typename Acc<T>::type)alphas[best]);
+    chosen[c] = alphas[best];
+  }
+}
+
 }  // namespace
 
-#define NK_RIDGE_ENTRY(T, NAME)                                                                                  \
-  extern "C" __global__ void __launch_bounds__(NK_RIDGE_THREADS)                                                \
-      ridge_solve_batched_##NAME(const T* x, const T* y, const T* alpha, T* w, int* status, int n, int p, int t) { \
-    ridge_solve<T>(x, y, alpha, w, status, n, p, t);                                                             \
+// Min one block per SM: the factor's shared memory allows one or two anyway, and without it
+// ptxas caps the registers at 40 and spills around the solves' barriers.
+#define NK_RIDGE_ENTRY(T, NAME, F, FNAME)                                                                          \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_THREADS, 1)                                               \
+      ridge_solve_batched_##NAME##_##FNAME(const T* x, const T* y, const T* alpha, T* w, int* status, int n, int p, \
+                                           int t) {                                                               \
+    ridge_solve<T, F>(x, y, alpha, w, status, n, p, t);                                                           \
   }
 
-NK_RIDGE_ENTRY(float, f32)
-NK_RIDGE_ENTRY(double, f64)
+NK_RIDGE_ENTRY(float, f32, double, f64)
+NK_RIDGE_ENTRY(float, f32, float, f32)
+NK_RIDGE_ENTRY(double, f64, double, f64)
+
+#define NK_RIDGE_CV_ENTRIES(T, NAME)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_THREADS)                                                  \
+      ridge_add_diagonal_##NAME(T* gram, const T* alpha, int g, int m) {                                             \
+    add_diagonal<T>(gram, alpha, g, m);                                                                              \
+  }                                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_COLS * NK_RIDGE_CV_LANES)                                 \
+      ridge_cv_split_##NAME(const T* yb, const int* train_rows, int n_tr, const int* test_rows, int n_te, int tb,    \
+                            int center, T* y_train, T* a_test, double* train_mean, double* test_mean, double* ss_tot) { \
+    cv_split<T>(yb, train_rows, n_tr, test_rows, n_te, tb, center, y_train, a_test, train_mean, test_mean, ss_tot);  \
+  }                                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_THREADS)                                                  \
+      ridge_cv_scale_cols_##NAME(const T* src, T* dst, const double* values, double alpha, int rows, int cols) {    \
+    cv_scale_cols<T>(src, dst, values, alpha, rows, cols);                                                           \
+  }                                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_THREADS)                                                  \
+      ridge_cv_scale_refit_##NAME(T* z, const double* values, const double* chosen, int rank, int tb) {             \
+    cv_scale_refit<T>(z, values, chosen, rank, tb);                                                                  \
+  }                                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_COLS * NK_RIDGE_CV_LANES)                                 \
+      ridge_cv_score_##NAME(const T* pred, const T* a, const double* train_mean, int use_offset,                     \
+                            const double* test_mean, const double* ss_tot, int n_te, int tb, int pearson,            \
+                            double* sums) {                                                                           \
+    cv_score<T>(pred, a, train_mean, use_offset, test_mean, ss_tot, n_te, tb, pearson, sums);                        \
+  }                                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_THREADS)                                                  \
+      ridge_cv_select_##NAME(const double* sums, const double* alphas, int n_alphas, long long t, int folds,         \
+                             T* cv_scores, T* best_alpha, double* chosen) {                                          \
+    cv_select<T>(sums, alphas, n_alphas, t, folds, cv_scores, best_alpha, chosen);                                   \
+  }
+
+NK_RIDGE_CV_ENTRIES(float, f32)
+NK_RIDGE_CV_ENTRIES(double, f64)

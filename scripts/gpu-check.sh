@@ -54,10 +54,27 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export NEUROKERNELS_CASES_DIR="$PWD/tests/cases"
+# cuBLAS and cuSOLVER (ridge.cv, large ridge.solve_batched) load dynamically: on the device
+# machine they come with PyTorch's pip wheels, under site-packages/nvidia/*/lib
+nvidia_libs=$(python3 - <<'PY' 2>/dev/null
+import glob, os, site, sys
+roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+dirs = []
+for root in roots:
+    for d in sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib"))):
+        if os.path.isdir(d) and d not in dirs:
+            dirs.append(d)
+print(":".join(dirs))
+PY
+)
+if [ -n "$nvidia_libs" ]; then
+  export LD_LIBRARY_PATH="$nvidia_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 status=0
 section() { printf '\n===== %s\n' "$1" | tee -a "$OUT/summary.txt"; }
 section "device"
 nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt" | head -n 15
+echo "CUDA library dirs: ${nvidia_libs:-none found (cuBLAS/cuSOLVER ops will report NoDevice)}" | tee -a "$OUT/summary.txt"
 section "tests"
 for t in .gpu/bin/test-*; do
   if "$t" > "$OUT/$(basename "$t").log" 2>&1; then r=ok; else r=FAILED; status=1; fi

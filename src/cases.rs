@@ -57,7 +57,6 @@ pub const CPU_ONLY_OPS: &[&str] = &[
     "attention.backward",
     "attention.top_keys",
     "scan.gla_backward",
-    "ridge.cv",
     "ridge.score",
     "sae.encode_batch_topk",
     "sae.encode_jumprelu",
@@ -1092,8 +1091,8 @@ impl Runner {
             Data::I32(v) => v.as_slice(),
             _ => return Err(case_err(&case.name, "`in.folds` must be an index tensor")),
         };
-        self.cpu_only(case)?;
-        fn run<E: CaseElement + ridge::cv::RidgeReal>(
+        fn run<E: RidgeElement>(
+            runner: &Runner,
             case: &Case,
             params: &ridge::CvParams,
             (n, p, t): (usize, usize, usize),
@@ -1105,7 +1104,10 @@ impl Runner {
                 alphas: typed::<E>(case, "alphas")?,
                 folds,
             };
-            let fit = ridge::cv(params, n, p, t, &inputs, None)?;
+            let fit = match runner.kind {
+                DeviceKind::Cpu => ridge::cv(params, n, p, t, &inputs, None)?,
+                DeviceKind::Cuda => E::cuda_cv(runner, params, (n, p, t), &inputs)?,
+            };
             Ok([
                 E::wrap(fit.cv_scores),
                 E::wrap(fit.best_alpha),
@@ -1115,8 +1117,8 @@ impl Runner {
         }
         let dims = (n, features, targets);
         let [cv_scores, best_alpha, w, intercept] = match case.input("x")?.dtype() {
-            Some(DType::F32) => run::<f32>(case, &params, dims, folds)?,
-            Some(DType::F64) => run::<f64>(case, &params, dims, folds)?,
+            Some(DType::F32) => run::<f32>(self, case, &params, dims, folds)?,
+            Some(DType::F64) => run::<f64>(self, case, &params, dims, folds)?,
             _ => return Err(case_err(&case.name, "`in.x` must be F32 or F64")),
         };
         let mut out = BTreeMap::new();
@@ -1154,7 +1156,7 @@ impl Runner {
         };
         same_shape(case, "alpha", &[g])?;
         let shape = ridge::BatchedShape::new(g, n, p, t);
-        fn run<E: RunElement>(
+        fn run<E: RidgeElement>(
             runner: &Runner,
             case: &Case,
             shape: ridge::BatchedShape,
@@ -1166,7 +1168,7 @@ impl Runner {
             );
             let w = match runner.kind {
                 DeviceKind::Cpu => ridge::solve_batched(shape, x, y, alpha)?,
-                DeviceKind::Cuda => E::cuda_ridge_solve_batched(runner, shape, x, y, alpha)?,
+                DeviceKind::Cuda => E::cuda_solve_batched(runner, shape, x, y, alpha)?,
             };
             Ok(E::wrap(w))
         }
@@ -1303,6 +1305,65 @@ impl ScanCall<'_> {
     }
 }
 
+/// The element types of the ridge ops (f32, f64), with their CUDA paths when the feature is on.
+trait RidgeElement: CaseElement + ridge::cv::RidgeReal {
+    fn cuda_solve_batched(
+        runner: &Runner,
+        shape: ridge::BatchedShape,
+        x: &[Self],
+        y: &[Self],
+        alpha: &[Self],
+    ) -> Result<Vec<Self>>;
+    fn cuda_cv(
+        runner: &Runner,
+        params: &ridge::CvParams,
+        dims: (usize, usize, usize),
+        inputs: &ridge::CvInputs<'_, Self>,
+    ) -> Result<ridge::CvFit<Self>>;
+}
+
+macro_rules! ridge_element {
+    ($t:ty) => {
+        impl RidgeElement for $t {
+            #[allow(unused_variables)]
+            fn cuda_solve_batched(
+                runner: &Runner,
+                shape: ridge::BatchedShape,
+                x: &[Self],
+                y: &[Self],
+                alpha: &[Self],
+            ) -> Result<Vec<Self>> {
+                #[cfg(feature = "cuda")]
+                {
+                    ridge::cuda::solve_batched_host(runner.device()?, shape, x, y, alpha)
+                }
+                #[cfg(not(feature = "cuda"))]
+                {
+                    Err(Error::NoDevice("this build has no `cuda` feature".into()))
+                }
+            }
+            #[allow(unused_variables)]
+            fn cuda_cv(
+                runner: &Runner,
+                params: &ridge::CvParams,
+                (n, p, t): (usize, usize, usize),
+                inputs: &ridge::CvInputs<'_, Self>,
+            ) -> Result<ridge::CvFit<Self>> {
+                #[cfg(feature = "cuda")]
+                {
+                    ridge::cuda::cv_host(runner.device()?, params, n, p, t, inputs, None)
+                }
+                #[cfg(not(feature = "cuda"))]
+                {
+                    Err(Error::NoDevice("this build has no `cuda` feature".into()))
+                }
+            }
+        }
+    };
+}
+ridge_element!(f32);
+ridge_element!(f64);
+
 /// A case element that can also run on CUDA when the feature is on.
 trait RunElement: CaseElement {
     fn cuda_selective(
@@ -1324,13 +1385,6 @@ trait RunElement: CaseElement {
         shape: GlaShape,
         inputs: &GlaInputs<'_, Self>,
     ) -> Result<(Vec<Self>, Vec<Self::Acc>)>;
-    fn cuda_ridge_solve_batched(
-        runner: &Runner,
-        shape: ridge::BatchedShape,
-        x: &[Self],
-        y: &[Self],
-        alpha: &[Self],
-    ) -> Result<Vec<Self>>;
     fn cuda_scan_linear(
         runner: &Runner,
         numbers: Numbers,
@@ -1382,16 +1436,6 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
         let device = runner.device()?;
         crate::scan::gla::cuda::gla_host(device, params, shape, inputs)
-    }
-    fn cuda_ridge_solve_batched(
-        runner: &Runner,
-        shape: ridge::BatchedShape,
-        x: &[E],
-        y: &[E],
-        alpha: &[E],
-    ) -> Result<Vec<E>> {
-        let device = runner.device()?;
-        ridge::cuda::solve_batched_host(device, shape, x, y, alpha)
     }
     fn cuda_scan_linear(
         runner: &Runner,
@@ -1453,15 +1497,6 @@ impl<E: CaseElement> RunElement for E {
         _: GlaShape,
         _: &GlaInputs<'_, E>,
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
-        Err(Error::NoDevice("this build has no `cuda` feature".into()))
-    }
-    fn cuda_ridge_solve_batched(
-        _: &Runner,
-        _: ridge::BatchedShape,
-        _: &[E],
-        _: &[E],
-        _: &[E],
-    ) -> Result<Vec<E>> {
         Err(Error::NoDevice("this build has no `cuda` feature".into()))
     }
     fn cuda_scan_linear(

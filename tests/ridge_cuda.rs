@@ -1,14 +1,19 @@
-//! ridge.solve_batched on the GPU against the CPU (skipped without a device): f32 and f64,
-//! primal and dual problems, several right-hand-side passes, the order limit and a failed
-//! factorization reported as an error.
+//! The batched ridge ops on the GPU against the CPU path (skipped without a device).
+//!
+//! ridge.solve_batched: f32 and f64, primal and dual, several right-hand-side passes, factor
+//! orders 64, 65, 200, 256 (the shared-memory kernel; f32 elements past the f64 factor's fit
+//! factor in f32) and 300 (cuBLAS + cuSOLVER), failed factorizations reported as errors.
+//! ridge.cv: f32 and f64, n < p and n ≥ p folds, R² and Pearson, centered or not, several
+//! target batches, bad inputs refused naming the tensor.
 
 #![cfg(feature = "cuda")]
 
 mod common;
 
 use common::{Rng, to_f64, worst_ratio};
-use neurokernels::cuda::{CudaElement, Device};
-use neurokernels::ridge::{self, BatchedShape};
+use neurokernels::cuda::Device;
+use neurokernels::ridge::cuda::CudaRidgeReal;
+use neurokernels::ridge::{self, BatchedShape, CvInputs, CvParams, CvScore};
 
 fn device_or_skip(test: &str) -> Option<Device> {
     match Device::open(0) {
@@ -20,21 +25,20 @@ fn device_or_skip(test: &str) -> Option<Device> {
     }
 }
 
-fn check<E: CudaElement>(device: &Device, seed: u64, rtol: f64, atol: f64) {
-    for (i, &(g, n, p, t)) in [
-        (7, 80, 64, 3),
-        (5, 20, 90, 37),
-        (3, 1, 1, 1),
-        (4, 64, 64, 16),
-    ]
-    .iter()
-    .enumerate()
-    {
+/// Well-conditioned problems: n ≈ 2p (primal) or p ≈ 2n (dual) with uniform entries.
+fn check_solve<E: CudaRidgeReal>(
+    device: &Device,
+    seed: u64,
+    shapes: &[(usize, usize, usize, usize)],
+    rtol: f64,
+    atol: f64,
+) {
+    for (i, &(g, n, p, t)) in shapes.iter().enumerate() {
         let s = BatchedShape::new(g, n, p, t);
         let mut rng = Rng::new(seed + i as u64);
         let x: Vec<E> = rng.vec(g * n * p, -1.0, 1.0);
         let y: Vec<E> = rng.vec(g * n * t, -1.0, 1.0);
-        let alpha: Vec<E> = rng.vec(g, 0.05, 2.0);
+        let alpha: Vec<E> = rng.vec(g, 0.5, 2.0);
         let want = ridge::solve_batched(s, &x, &y, &alpha).unwrap();
         let got = ridge::cuda::solve_batched_host(device, s, &x, &y, &alpha).unwrap();
         let r = worst_ratio(&to_f64(&got), &to_f64(&want), rtol, atol);
@@ -42,27 +46,241 @@ fn check<E: CudaElement>(device: &Device, seed: u64, rtol: f64, atol: f64) {
     }
 }
 
+const SMALL: &[(usize, usize, usize, usize)] = &[
+    (7, 80, 64, 3),
+    (5, 20, 90, 37),
+    (3, 1, 1, 1),
+    (4, 64, 64, 16),
+    (3, 0, 5, 2),
+];
+
+/// Orders 64, 65, 200, 256 and 300, primal and dual.
+const LARGE: &[(usize, usize, usize, usize)] = &[
+    (3, 140, 64, 5),
+    (3, 140, 65, 17),
+    (2, 130, 65, 3),
+    (2, 410, 200, 3),
+    (2, 200, 420, 18),
+    (2, 520, 256, 20),
+    (2, 256, 530, 2),
+    (2, 610, 300, 4),
+    (2, 300, 610, 5),
+];
+
 #[test]
 fn cuda_solve_batched_matches_cpu() {
     if let Some(dev) = device_or_skip("cuda_solve_batched_matches_cpu") {
-        check::<f32>(&dev, 1, 1e-4, 1e-5);
-        check::<f64>(&dev, 2, 1e-10, 1e-12);
+        check_solve::<f32>(&dev, 1, SMALL, 1e-4, 1e-5);
+        check_solve::<f64>(&dev, 2, SMALL, 1e-10, 1e-12);
     }
 }
 
 #[test]
-fn cuda_solve_batched_limits_and_errors() {
-    let Some(dev) = device_or_skip("cuda_solve_batched_limits_and_errors") else {
+fn cuda_solve_batched_large_orders_match_cpu() {
+    if let Some(dev) = device_or_skip("cuda_solve_batched_large_orders_match_cpu") {
+        // f32 elements of orders past the f64 factor's fit (and the library path) work in
+        // f32: error ≈ cond · order · 2⁻²⁴, cond ≈ 35 here
+        check_solve::<f32>(&dev, 3, LARGE, 2e-3, 2e-4);
+        check_solve::<f64>(&dev, 4, LARGE, 1e-9, 1e-11);
+    }
+}
+
+#[test]
+fn cuda_solve_batched_reports_failed_factorizations() {
+    let Some(dev) = device_or_skip("cuda_solve_batched_reports_failed_factorizations") else {
         return;
     };
-    // min(n, p) = 65 is past the shared-memory factor
-    let s = BatchedShape::new(1, 70, 65, 1);
-    let (x, y) = (vec![0.5f32; 70 * 65], vec![0.5f32; 70]);
-    let err = ridge::cuda::solve_batched_host(&dev, s, &x, &y, &[1.0]).unwrap_err();
-    assert!(err.to_string().contains("= 65"), "{err}");
+    // a negative alpha (not scanned on the device) makes problem 1 indefinite, in the
+    // kernel (order 8) and in the library path (order 300)
+    for (n, p) in [(20, 8), (310, 300), (8, 30)] {
+        let g = 3;
+        let s = BatchedShape::new(g, n, p, 2);
+        let mut rng = Rng::new(9);
+        let x: Vec<f64> = rng.vec(g * n * p, -1.0, 1.0);
+        let y: Vec<f64> = rng.vec(g * n * 2, -1.0, 1.0);
+        let alpha = [1.0, -1e7, 1.0];
+        let stream = dev.stream();
+        let (xd, yd, ad) = (
+            stream.clone_htod(&x).unwrap(),
+            stream.clone_htod(&y).unwrap(),
+            stream.clone_htod(&alpha).unwrap(),
+        );
+        let mut wd = stream.alloc_zeros::<f64>(g * p * 2).unwrap();
+        let err = ridge::cuda::solve_batched(
+            &dev,
+            stream,
+            s,
+            &xd.slice(..),
+            &yd.slice(..),
+            &ad.slice(..),
+            &mut wd,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("problem 1"), "{n}x{p}: {err}");
+    }
     // bad values are refused on the host, naming the tensor
     let s = BatchedShape::new(2, 4, 3, 1);
     let (x, y) = (vec![0.5f64; 24], vec![0.5f64; 8]);
     let err = ridge::cuda::solve_batched_host(&dev, s, &x, &y, &[1.0, -1.0]).unwrap_err();
     assert!(err.to_string().contains("alpha"), "{err}");
+    let mut x = x;
+    x[5] = f64::NAN;
+    let err = ridge::cuda::solve_batched_host(&dev, s, &x, &y, &[1.0, 1.0]).unwrap_err();
+    assert!(err.to_string().contains("`x`"), "{err}");
+}
+
+/// x [n, p] with a planted linear signal in y [n, t]; folds 0..F−1 in a shuffled order.
+struct CvData<E> {
+    x: Vec<E>,
+    y: Vec<E>,
+    alphas: Vec<E>,
+    folds: Vec<i32>,
+}
+
+fn cv_data<E: CudaRidgeReal>(seed: u64, n: usize, p: usize, t: usize, folds: usize) -> CvData<E> {
+    let mut rng = Rng::new(seed);
+    let x: Vec<f64> = rng.vec(n * p, -1.0, 1.0);
+    let w: Vec<f64> = rng.vec(p * t, -1.0, 1.0);
+    let noise: Vec<f64> = rng.vec(n * t, -1.0, 1.0);
+    let mut y = vec![0.0; n * t];
+    for i in 0..n {
+        for c in 0..t {
+            let s: f64 = (0..p).map(|k| x[i * p + k] * w[k * t + c]).sum();
+            // targets with different signal-to-noise, so different alphas win
+            y[i * t + c] = s / (p as f64).sqrt() + (0.2 + c as f64) * noise[i * t + c] + 3.0;
+        }
+    }
+    // 7 is coprime to every fold count used, so each fold is non-empty and interleaved
+    let fold_of: Vec<i32> = (0..n).map(|i| ((i * 7) % folds) as i32).collect();
+    CvData {
+        x: x.into_iter().map(E::from_f64).collect(),
+        y: y.into_iter().map(E::from_f64).collect(),
+        alphas: [0.1, 1.0, 10.0, 100.0, 1000.0]
+            .into_iter()
+            .map(E::from_f64)
+            .collect(),
+        folds: fold_of,
+    }
+}
+
+fn check_cv<E: CudaRidgeReal>(device: &Device, seed: u64, tol: f64) {
+    for (i, &(n, p, t, folds)) in [
+        (60, 12, 7, 3),
+        (36, 50, 5, 4),
+        (45, 45, 3, 5),
+        (40, 30, 9, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let data = cv_data::<E>(seed + i as u64, n, p, t, folds);
+        let inputs = CvInputs {
+            x: &data.x,
+            y: &data.y,
+            alphas: &data.alphas,
+            folds: &data.folds,
+        };
+        for score in [CvScore::R2, CvScore::Pearson] {
+            for center in [true, false] {
+                let params = CvParams::new().score(score).center(center).target_batch(3);
+                let what = format!("{} n{n} p{p} t{t} {score:?} center={center}", E::DTYPE);
+                let want = ridge::cv(&params, n, p, t, &inputs, None).unwrap();
+                let got = ridge::cuda::cv_host(device, &params, n, p, t, &inputs, None).unwrap();
+                let (gs, ws) = (to_f64(&got.cv_scores), to_f64(&want.cv_scores));
+                let r = worst_ratio(&gs, &ws, tol, tol);
+                assert!(r <= 1.0, "{what}: cv_scores {r} x tolerance");
+                let a = data.alphas.len();
+                for c in 0..t {
+                    let (gb, wb) = (got.best_alpha[c].to_f64(), want.best_alpha[c].to_f64());
+                    if gb != wb {
+                        // a different choice only between (nearly) equal mean scores
+                        let pick = |alpha: f64| {
+                            (0..a)
+                                .find(|k| data.alphas[*k].to_f64() == alpha)
+                                .expect("a chosen alpha is one of the alphas")
+                        };
+                        let (sg, sw) = (ws[pick(gb) * t + c], ws[pick(wb) * t + c]);
+                        assert!(
+                            (sg - sw).abs() <= tol,
+                            "{what}: target {c} chose {gb} vs {wb}"
+                        );
+                        continue;
+                    }
+                    let col = |w: &[E]| (0..p).map(|r| w[r * t + c].to_f64()).collect::<Vec<_>>();
+                    let r = worst_ratio(&col(&got.w), &col(&want.w), tol * 10.0, tol);
+                    assert!(r <= 1.0, "{what}: w of target {c} {r} x tolerance");
+                    let r = worst_ratio(
+                        &[got.intercept[c].to_f64()],
+                        &[want.intercept[c].to_f64()],
+                        tol * 10.0,
+                        tol,
+                    );
+                    assert!(r <= 1.0, "{what}: intercept of target {c} {r} x tolerance");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_cv_matches_cpu() {
+    if let Some(dev) = device_or_skip("cuda_cv_matches_cpu") {
+        check_cv::<f32>(&dev, 20, 2e-4);
+        check_cv::<f64>(&dev, 30, 1e-9);
+    }
+}
+
+#[test]
+fn cuda_cv_reports_progress_and_refuses_bad_inputs() {
+    let Some(dev) = device_or_skip("cuda_cv_reports_progress_and_refuses_bad_inputs") else {
+        return;
+    };
+    let (n, p, t) = (30, 8, 5);
+    let data = cv_data::<f32>(5, n, p, t, 3);
+    let inputs = CvInputs {
+        x: &data.x,
+        y: &data.y,
+        alphas: &data.alphas,
+        folds: &data.folds,
+    };
+    let params = CvParams::new().target_batch(2);
+    let seen = std::sync::Mutex::new(Vec::new());
+    let report = |r: ridge::CvProgress| seen.lock().unwrap().push((r.fold, r.targets_done));
+    ridge::cuda::cv_host(&dev, &params, n, p, t, &inputs, Some(&report)).unwrap();
+    // 3 folds and the refit, each in batches of 2 of 5 targets
+    let want: Vec<(usize, usize)> = (0..4).flat_map(|f| [(f, 2), (f, 4), (f, 5)]).collect();
+    assert_eq!(*seen.lock().unwrap(), want);
+
+    let bad_alphas = [1.0f32, 0.0];
+    let err = ridge::cuda::cv_host(
+        &dev,
+        &params,
+        n,
+        p,
+        t,
+        &CvInputs {
+            alphas: &bad_alphas,
+            ..inputs
+        },
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("alphas"), "{err}");
+    let one_fold = vec![0i32; n];
+    let err = ridge::cuda::cv_host(
+        &dev,
+        &params,
+        n,
+        p,
+        t,
+        &CvInputs {
+            folds: &one_fold,
+            ..inputs
+        },
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("folds"), "{err}");
+    let err = ridge::cuda::cv_host(&dev, &params, n, p, t + 1, &inputs, None).unwrap_err();
+    assert!(err.to_string().contains("`y`"), "{err}");
 }

@@ -138,39 +138,8 @@ pub fn cv<E: RidgeReal>(
     progress: Option<&(dyn Fn(CvProgress) + Sync)>,
 ) -> Result<CvFit<E>> {
     let (n, p, t) = (samples, features, targets);
-    let over = || Error::overflow("x", format!("[{n}, {p}] / [{n}, {t}] overflows"));
-    let xs = n.checked_mul(p).ok_or_else(over)?;
-    let ys = n.checked_mul(t).ok_or_else(over)?;
+    let fold_rows = check_inputs(n, p, t, inputs)?;
     let n_alphas = inputs.alphas.len();
-    n_alphas
-        .checked_mul(t)
-        .and_then(|x| x.checked_mul(8))
-        .ok_or_else(over)?;
-    p.checked_mul(t)
-        .and_then(|x| x.checked_mul(8))
-        .ok_or_else(over)?;
-    super::check_len("x", inputs.x.len(), xs, &format!("[{n}, {p}]"))?;
-    super::check_len("y", inputs.y.len(), ys, &format!("[{n}, {t}]"))?;
-    super::check_len("folds", inputs.folds.len(), n, &format!("[{n}]"))?;
-    check_finite("x", inputs.x)?;
-    check_finite("y", inputs.y)?;
-    if n_alphas == 0 {
-        return Err(Error::invalid("alphas", "is empty"));
-    }
-    if let Some(i) = inputs
-        .alphas
-        .iter()
-        .position(|a| !(widen(*a) > 0.0 && widen(*a).is_finite()))
-    {
-        return Err(Error::invalid(
-            "alphas",
-            format!(
-                "must be finite and > 0 (alphas[{i}] = {})",
-                widen(inputs.alphas[i])
-            ),
-        ));
-    }
-    let fold_rows = fold_rows(inputs.folds)?;
     let n_folds = fold_rows.len();
 
     let mut sums = vec![0.0f64; n_alphas * t];
@@ -217,6 +186,50 @@ pub fn cv<E: RidgeReal>(
     })
 }
 
+/// The checks of `ridge.cv`'s inputs (shared by the CPU and CUDA paths): lengths, sizes that
+/// overflow, NaN/Inf in x or y, alphas finite and > 0, fold ids; returns the rows of each
+/// fold.
+pub(super) fn check_inputs<E: Element>(
+    n: usize,
+    p: usize,
+    t: usize,
+    inputs: &CvInputs<'_, E>,
+) -> Result<Vec<Vec<usize>>> {
+    let over = || Error::overflow("x", format!("[{n}, {p}] / [{n}, {t}] overflows"));
+    let xs = n.checked_mul(p).ok_or_else(over)?;
+    let ys = n.checked_mul(t).ok_or_else(over)?;
+    let n_alphas = inputs.alphas.len();
+    n_alphas
+        .checked_mul(t)
+        .and_then(|x| x.checked_mul(8))
+        .ok_or_else(over)?;
+    p.checked_mul(t)
+        .and_then(|x| x.checked_mul(8))
+        .ok_or_else(over)?;
+    super::check_len("x", inputs.x.len(), xs, &format!("[{n}, {p}]"))?;
+    super::check_len("y", inputs.y.len(), ys, &format!("[{n}, {t}]"))?;
+    super::check_len("folds", inputs.folds.len(), n, &format!("[{n}]"))?;
+    check_finite("x", inputs.x)?;
+    check_finite("y", inputs.y)?;
+    if n_alphas == 0 {
+        return Err(Error::invalid("alphas", "is empty"));
+    }
+    if let Some(i) = inputs
+        .alphas
+        .iter()
+        .position(|a| !(widen(*a) > 0.0 && widen(*a).is_finite()))
+    {
+        return Err(Error::invalid(
+            "alphas",
+            format!(
+                "must be finite and > 0 (alphas[{i}] = {})",
+                widen(inputs.alphas[i])
+            ),
+        ));
+    }
+    fold_rows(inputs.folds)
+}
+
 /// The rows of each fold, checked: ids 0..F−1, each present, F ≥ 2.
 fn fold_rows(folds: &[i32]) -> Result<Vec<Vec<usize>>> {
     if let Some(i) = folds.iter().position(|f| *f < 0) {
@@ -257,7 +270,7 @@ fn product<E: RidgeReal>(a: MatRef<'_, E>, b: MatRef<'_, E>) -> Mat<E> {
 }
 
 /// Column means of the given rows of a row-major [_, width] matrix, in f64.
-fn means<E: Element>(data: &[E], width: usize, rows: &[usize]) -> Vec<f64> {
+pub(super) fn means<E: Element>(data: &[E], width: usize, rows: &[usize]) -> Vec<f64> {
     let mut m = vec![0.0; width];
     for r in rows {
         for (acc, v) in m.iter_mut().zip(&data[r * width..(r + 1) * width]) {
@@ -289,7 +302,7 @@ fn gather<E: RidgeReal>(
 
 /// The given rows of a row-major matrix, columns [c0, c0 + w), minus `offset` (per column),
 /// as a row-major buffer (contiguous copies: the rows of y are long).
-fn rows_of<E: RidgeReal>(
+pub(super) fn rows_of<E: RidgeReal>(
     data: &[E],
     width: usize,
     rows: &[usize],
