@@ -1006,32 +1006,6 @@ pub mod cuda {
         (t.div_ceil(chunk_len).max(1), chunk_len)
     }
 
-    #[cfg(test)]
-    mod tests {
-        use super::forward_chunking;
-
-        #[test]
-        fn forward_chunks_cover_the_sequence_exactly() {
-            for (b, t, d) in [
-                (1, 1, 1),
-                (2, 2048, 1536),
-                (2, 150, 70),
-                (1, 1000, 5),
-                (1, 65_536, 1),
-                (64, 4096, 4096),
-                (1, 10_000_000, 1),
-            ] {
-                let (chunks, len) = forward_chunking(b, t, d);
-                assert!((1..=65_535).contains(&chunks), "{b} {t} {d}");
-                assert!(chunks * len >= t && (chunks - 1) * len < t, "{b} {t} {d}");
-            }
-            // B2 T2048 D1536 (3072 channels): time gives the parallelism
-            assert_eq!(forward_chunking(2, 2048, 1536), (32, 64));
-            // enough channels: one pass
-            assert_eq!(forward_chunking(64, 4096, 4096).0, 1);
-        }
-    }
-
     /// Host in, host out on the device's default stream: `(y, h_last)`.
     pub fn selective_host<E: CudaElement>(
         device: &Device,
@@ -1422,5 +1396,31 @@ pub mod cuda {
                 .map(|x| down_acc(x, sizes.states))
                 .transpose()?,
         })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::forward_chunking;
+
+        #[test]
+        fn forward_chunks_cover_the_sequence_exactly() {
+            for (b, t, d) in [
+                (1, 1, 1),
+                (2, 2048, 1536),
+                (2, 150, 70),
+                (1, 1000, 5),
+                (1, 65_536, 1),
+                (64, 4096, 4096),
+                (1, 10_000_000, 1),
+            ] {
+                let (chunks, len) = forward_chunking(b, t, d);
+                assert!((1..=65_535).contains(&chunks), "{b} {t} {d}");
+                assert!(chunks * len >= t && (chunks - 1) * len < t, "{b} {t} {d}");
+            }
+            // B2 T2048 D1536 (3072 channels): time gives the parallelism
+            assert_eq!(forward_chunking(2, 2048, 1536), (32, 64));
+            // enough channels: one pass
+            assert_eq!(forward_chunking(64, 4096, 4096).0, 1);
+        }
     }
 }
