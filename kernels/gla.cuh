@@ -9,3 +9,7 @@
 // Largest key dim K (f64: NK_GLA_MAX_KEY_F64); larger K is refused on CUDA.
 #define NK_GLA_MAX_KEY 128
 #define NK_GLA_MAX_KEY_F64 64
+// The backward (kernels/gla_backward.cu): steps per chunk (the steps whose inputs sit in shared
+// memory at once; each step's incoming state is recomputed from the chunk's start), and the
+// key-dim instantiations (rows per thread = KMAX / 8): 32, 64, 128 (f64: 32, 64).
+#define NK_GLA_BWD_CHUNK 8

@@ -7,7 +7,7 @@ use crate::attention::{self, AttentionInputs, AttentionParams, AttentionShape, B
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ridge;
-use crate::scan::gla::{GlaInputs, GlaParams, GlaShape, gla, gla_backward};
+use crate::scan::gla::{GlaGrads, GlaInputs, GlaParams, GlaShape, gla, gla_backward};
 use crate::scan::selective::{
     SelectiveGrads, SelectiveInputs, SelectiveParams, SelectiveShape, selective_alloc,
     selective_backward,
@@ -56,7 +56,6 @@ pub const CPU_ONLY_OPS: &[&str] = &[
     "attention.forward",
     "attention.backward",
     "attention.top_keys",
-    "scan.gla_backward",
     "ridge.score",
     "sae.encode_batch_topk",
     "sae.encode_jumprelu",
@@ -779,9 +778,6 @@ impl Runner {
                 expect_shape(name, &x.shape, &[b, h, k, v])?;
             }
         }
-        if backward {
-            self.cpu_only(case)?;
-        }
         match case.input("q")?.dtype() {
             Some(DType::F32) => gla_typed::<f32>(self, case, &params, shape, backward),
             Some(DType::F64) => gla_typed::<f64>(self, case, &params, shape, backward),
@@ -839,13 +835,14 @@ where
         );
         return Ok(out);
     }
-    let g = gla_backward(
-        params,
-        shape,
-        &inputs,
+    let (d_o, dh_last) = (
         typed::<E>(case, "do")?,
         optional::<E::Acc>(case, "dh_last")?,
-    )?;
+    );
+    let g = match runner.kind {
+        DeviceKind::Cpu => gla_backward(params, shape, &inputs, d_o, dh_last)?,
+        DeviceKind::Cuda => E::cuda_gla_backward(runner, params, shape, &inputs, d_o, dh_last)?,
+    };
     for (name, data, dims) in [
         ("dq", g.dq, k),
         ("dk", g.dk, k),
@@ -1385,6 +1382,14 @@ trait RunElement: CaseElement {
         shape: GlaShape,
         inputs: &GlaInputs<'_, Self>,
     ) -> Result<(Vec<Self>, Vec<Self::Acc>)>;
+    fn cuda_gla_backward(
+        runner: &Runner,
+        params: &GlaParams,
+        shape: GlaShape,
+        inputs: &GlaInputs<'_, Self>,
+        d_o: &[Self],
+        dh_last: Option<&[Self::Acc]>,
+    ) -> Result<GlaGrads<Self>>;
     fn cuda_scan_linear(
         runner: &Runner,
         numbers: Numbers,
@@ -1436,6 +1441,17 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
         let device = runner.device()?;
         crate::scan::gla::cuda::gla_host(device, params, shape, inputs)
+    }
+    fn cuda_gla_backward(
+        runner: &Runner,
+        params: &GlaParams,
+        shape: GlaShape,
+        inputs: &GlaInputs<'_, E>,
+        d_o: &[E],
+        dh_last: Option<&[E::Acc]>,
+    ) -> Result<GlaGrads<E>> {
+        let device = runner.device()?;
+        crate::scan::gla::cuda::gla_backward_host(device, params, shape, inputs, d_o, dh_last)
     }
     fn cuda_scan_linear(
         runner: &Runner,
@@ -1497,6 +1513,16 @@ impl<E: CaseElement> RunElement for E {
         _: GlaShape,
         _: &GlaInputs<'_, E>,
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
+        Err(Error::NoDevice("this build has no `cuda` feature".into()))
+    }
+    fn cuda_gla_backward(
+        _: &Runner,
+        _: &GlaParams,
+        _: GlaShape,
+        _: &GlaInputs<'_, E>,
+        _: &[E],
+        _: Option<&[E::Acc]>,
+    ) -> Result<GlaGrads<E>> {
         Err(Error::NoDevice("this build has no `cuda` feature".into()))
     }
     fn cuda_scan_linear(

@@ -276,7 +276,8 @@ fn cuda_bad_input_is_an_error() {
 }
 
 /// The selective scan on the GPU against the CPU: every dtype, every state-size instantiation
-/// (N = 1, 16, 33 and 64; f64 up to 32), all optional inputs, softplus on and off.
+/// (N = 1, 16, 33 and 64; f64 up to 32), all optional inputs, softplus on and off, shapes cut
+/// into 3 equal time chunks, 16 chunks with a short last one, and a single step.
 fn check_selective<E: CudaElement>(device: &Device, seed: u64) {
     use neurokernels::scan::selective::{self, SelectiveInputs, SelectiveParams, SelectiveShape};
     let (rtol, atol) = tolerance::<E>();
@@ -285,10 +286,15 @@ fn check_selective<E: CudaElement>(device: &Device, seed: u64) {
     } else {
         &[1, 16, 33, 64]
     };
-    for (i, &n) in states.iter().enumerate() {
-        let s = SelectiveShape::new(2, 150, 70, n);
+    let shapes = [(2, 150, 70), (1, 1000, 5), (3, 1, 2)];
+    for (i, (&n, &(bsz, t, d))) in states
+        .iter()
+        .flat_map(|n| shapes.iter().map(move |s| (n, s)))
+        .enumerate()
+    {
+        let s = SelectiveShape::new(bsz, t, d, n);
         let mut rng = Rng::new(seed + i as u64);
-        let seq = 2 * 150 * 70;
+        let seq = bsz * t * d;
         let acc = |rng: &mut Rng, len: usize, lo: f64, hi: f64| -> Vec<E::Acc> {
             rng.vec::<E>(len, lo, hi)
                 .iter()
@@ -300,15 +306,15 @@ fn check_selective<E: CudaElement>(device: &Device, seed: u64) {
             rng.vec(seq, 0.05, 1.0),
             rng.vec(seq, -2.0, 2.0),
         );
-        let a = acc(&mut rng, 70 * n, -2.0, -0.3);
+        let a = acc(&mut rng, d * n, -2.0, -0.3);
         let (bm, cm): (Vec<E>, Vec<E>) = (
-            rng.vec(2 * 150 * n, -1.0, 1.0),
-            rng.vec(2 * 150 * n, -1.0, 1.0),
+            rng.vec(bsz * t * n, -1.0, 1.0),
+            rng.vec(bsz * t * n, -1.0, 1.0),
         );
         let (dskip, bias, h0) = (
-            acc(&mut rng, 70, -1.0, 1.0),
-            acc(&mut rng, 70, 0.2, 0.8),
-            acc(&mut rng, 2 * 70 * n, -1.0, 1.0),
+            acc(&mut rng, d, -1.0, 1.0),
+            acc(&mut rng, d, 0.2, 0.8),
+            acc(&mut rng, bsz * d * n, -1.0, 1.0),
         );
         for all in [false, true] {
             let inputs = SelectiveInputs {
@@ -325,7 +331,7 @@ fn check_selective<E: CudaElement>(device: &Device, seed: u64) {
             let p = SelectiveParams::new().delta_softplus(all);
             let (want_y, want_h) = selective::selective_alloc(&p, s, &inputs).unwrap();
             let (got_y, got_h) = selective::cuda::selective_host(device, &p, s, &inputs).unwrap();
-            let what = format!("selective {} N={n} optional inputs={all}", E::DTYPE);
+            let what = format!("selective {} {s:?} optional inputs={all}", E::DTYPE);
             let r = worst_ratio(&to_f64(&got_y), &to_f64(&want_y), rtol, atol);
             assert!(r <= 1.0, "cuda y {what}: {r} x tolerance");
             let acc64 = |v: &[E::Acc]| {
@@ -521,6 +527,137 @@ fn cuda_gla_matches_cpu_every_dtype() {
         check_gla::<f16>(&dev, 112);
         check_gla::<bf16>(&dev, 113);
     }
+}
+
+/// scan.gla_backward on the GPU against the CPU's: every dtype and key-dim instantiation
+/// (K = 1, 16, 48, the maximum), V across one and several 32-column tiles, T across one and
+/// many 8-step chunks, with and without h0 and dh_last, gates near 1, strong gates and a -inf
+/// gate; each run twice to check the bits repeat. Tolerances are relative to each gradient's
+/// largest magnitude (the sums run in another order than the CPU's).
+fn check_gla_backward<E: CudaElement>(device: &Device, seed: u64) {
+    use neurokernels::element::Accum;
+    use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
+    let (rtol, atol) = tolerance::<E>();
+    let max_key = if E::DTYPE == DType::F64 { 64 } else { 128 };
+    for (i, &(b, t, h, kd, vd, gate_lo)) in [
+        (1, 1, 1, 1, 1, -0.1),
+        (2, 37, 3, 16, 40, -0.2),
+        (1, 70, 2, max_key, 33, -0.05),
+        (2, 29, 2, 48, 64, -9.0),
+        (1, 203, 1, 5, 97, -0.01),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = GlaShape::new(b, t, h, kd, vd);
+        let mut rng = Rng::new(seed + i as u64);
+        let (qk, vv, state) = (b * t * h * kd, b * t * h * vd, b * h * kd * vd);
+        let (q, k, v): (Vec<E>, Vec<E>, Vec<E>) = (
+            rng.vec(qk, -1.0, 1.0),
+            rng.vec(qk, -1.0, 1.0),
+            rng.vec(vv, -1.0, 1.0),
+        );
+        let mut g: Vec<E> = rng.vec(qk, gate_lo, 0.0);
+        if i == 3 {
+            g[5 * kd + 1] = E::from_f64(f64::NEG_INFINITY);
+        }
+        let d_o: Vec<E> = rng.vec(vv, -1.0, 1.0);
+        let acc = |x: Vec<E>| x.iter().map(|x| x.to_acc()).collect::<Vec<E::Acc>>();
+        let h0 = acc(rng.vec::<E>(state, -1.0, 1.0));
+        let dh_last = acc(rng.vec::<E>(state, -1.0, 1.0));
+        for (with_h0, with_dh) in [(false, false), (true, true), (true, false)] {
+            let inputs = GlaInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                g: &g,
+                h0: with_h0.then_some(h0.as_slice()),
+            };
+            let dh = with_dh.then_some(dh_last.as_slice());
+            let p = GlaParams::new().scale(Some(0.4));
+            let want = gla::gla_backward(&p, s, &inputs, &d_o, dh).unwrap();
+            let got = gla::cuda::gla_backward_host(device, &p, s, &inputs, &d_o, dh).unwrap();
+            let again = gla::cuda::gla_backward_host(device, &p, s, &inputs, &d_o, dh).unwrap();
+            let what = format!(
+                "gla backward {} {s:?} h0={with_h0} dh_last={with_dh}",
+                E::DTYPE
+            );
+            assert!(got == again, "{what} is not deterministic");
+            assert_eq!(got.dh0.is_some(), with_h0, "{what}: dh0 presence");
+            let acc64 = |v: &[E::Acc]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
+            let mut pairs = vec![
+                ("dq", to_f64(&got.dq), to_f64(&want.dq)),
+                ("dk", to_f64(&got.dk), to_f64(&want.dk)),
+                ("dv", to_f64(&got.dv), to_f64(&want.dv)),
+                ("dg", to_f64(&got.dg), to_f64(&want.dg)),
+            ];
+            if let (Some(x), Some(y)) = (&got.dh0, &want.dh0) {
+                pairs.push(("dh0", acc64(x), acc64(y)));
+            }
+            for (name, got, want) in pairs {
+                let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+                let r = worst_ratio(&got, &want, rtol, atol * scale);
+                assert!(r <= 1.0, "cuda {name} {what}: {r} x tolerance");
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_gla_backward_matches_cpu_every_dtype() {
+    if let Some(dev) = device_or_skip("cuda_gla_backward_matches_cpu_every_dtype") {
+        check_gla_backward::<f32>(&dev, 120);
+        check_gla_backward::<f64>(&dev, 121);
+        check_gla_backward::<f16>(&dev, 122);
+        check_gla_backward::<bf16>(&dev, 123);
+    }
+}
+
+#[test]
+fn cuda_gla_backward_edge_shapes_and_bad_input() {
+    use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
+    let Some(dev) = device_or_skip("cuda_gla_backward_edge_shapes_and_bad_input") else {
+        return;
+    };
+    let p = GlaParams::new();
+    // no step: dh0 is dh_last, every other gradient empty
+    let s = GlaShape::new(1, 0, 2, 3, 4);
+    let (h0, dh_last) = (
+        vec![0.5f32; 24],
+        (0..24).map(|x| x as f32).collect::<Vec<_>>(),
+    );
+    let inputs = GlaInputs::<f32> {
+        q: &[],
+        k: &[],
+        v: &[],
+        g: &[],
+        h0: Some(&h0),
+    };
+    let got = gla::cuda::gla_backward_host(&dev, &p, s, &inputs, &[], Some(&dh_last)).unwrap();
+    assert_eq!(got.dh0.as_deref(), Some(dh_last.as_slice()));
+    assert!(got.dq.is_empty() && got.dv.is_empty());
+    // K too large, and a short `do`
+    let s = GlaShape::new(1, 2, 1, 129, 4);
+    let (x, v) = (vec![0.5f32; 2 * 129], vec![0.5f32; 8]);
+    let inputs = GlaInputs {
+        q: &x,
+        k: &x,
+        v: &v,
+        g: &x,
+        h0: None,
+    };
+    let err = gla::cuda::gla_backward_host(&dev, &p, s, &inputs, &v, None).unwrap_err();
+    assert!(err.to_string().contains("K = 129"), "{err}");
+    let s = GlaShape::new(1, 2, 1, 4, 4);
+    let inputs = GlaInputs {
+        q: &x[..8],
+        k: &x[..8],
+        v: &v,
+        g: &x[..8],
+        h0: None,
+    };
+    let err = gla::cuda::gla_backward_host(&dev, &p, s, &inputs, &v[..7], None).unwrap_err();
+    assert!(err.to_string().contains("do"), "{err}");
 }
 
 #[test]

@@ -737,15 +737,17 @@ impl<E: Element> SimdKernel for BackwardHead<'_, E> {
     }
 }
 
-/// The CUDA forward (feature `cuda`): kernels/gla.cu, one block per (value tile of 32
-/// columns, head, batch) walking time in chunks of 8 steps with its state slice in shared
-/// memory. K up to 128 (f64: 64); larger K is `Err(Unsupported)`. The backward has no CUDA
-/// kernel yet.
+/// The CUDA forward and backward (feature `cuda`): kernels/gla.cu, one block per (value tile
+/// of 32 columns, head, batch) walking time in chunks of 8 steps with its state slice in shared
+/// memory; kernels/gla_backward.cu, the same blocks with the state tile in registers, walking
+/// the chunks backward from checkpointed states. K up to 128 (f64: 64); larger K is
+/// `Err(Unsupported)`.
 #[cfg(feature = "cuda")]
 pub mod cuda {
+    use super::GlaGrads;
     use super::{GlaInputs, GlaParams, GlaShape};
     use crate::cuda::config::{
-        NK_GLA_MAX_KEY, NK_GLA_MAX_KEY_F64, NK_GLA_THREADS, NK_GLA_VALUE_TILE,
+        NK_GLA_BWD_CHUNK, NK_GLA_MAX_KEY, NK_GLA_MAX_KEY_F64, NK_GLA_THREADS, NK_GLA_VALUE_TILE,
     };
     use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
     use crate::element::{Accum, DType};
@@ -765,6 +767,59 @@ pub mod cuda {
         pub h0: Option<CudaView<'a, E::Acc>>,
     }
 
+    impl<E: CudaElement> DeviceInputs<'_, E> {
+        /// The length checks of the host inputs, on the device views: (B·T·H·K, B·T·H·V,
+        /// B·H·K·V).
+        fn validate(&self, shape: &GlaShape) -> Result<(usize, usize, usize)> {
+            let (qk, vv, state) = shape.sizes()?;
+            let GlaShape {
+                batch: b,
+                len: t,
+                heads: h,
+                key_dim: kd,
+                value_dim: vd,
+            } = *shape;
+            let keys = format!("[{b}, {t}, {h}, {kd}]");
+            check_len("q", self.q.len(), qk, &keys)?;
+            check_len("k", self.k.len(), qk, &keys)?;
+            check_len("g", self.g.len(), qk, &keys)?;
+            check_len("v", self.v.len(), vv, &format!("[{b}, {t}, {h}, {vd}]"))?;
+            if let Some(h0) = &self.h0 {
+                check_len("h0", h0.len(), state, &format!("[{b}, {h}, {kd}, {vd}]"))?;
+            }
+            Ok((qk, vv, state))
+        }
+    }
+
+    /// The largest K the kernels hold for `E` (shared rows of the forward, registers of the
+    /// backward): `Err(Unsupported)` past it.
+    fn check_key_dim<E: CudaElement>(op: &str, kd: usize) -> Result<usize> {
+        let max_key = if E::DTYPE == DType::F64 {
+            NK_GLA_MAX_KEY_F64
+        } else {
+            NK_GLA_MAX_KEY
+        } as usize;
+        if kd > max_key {
+            return Err(Error::Unsupported(format!(
+                "{op} on CUDA with K = {kd} (at most {max_key} for {})",
+                E::DTYPE
+            )));
+        }
+        Ok(max_key)
+    }
+
+    /// The grid of both kernels: (value tiles, heads, batch); heads and batch at most 65535.
+    fn grid(shape: &GlaShape) -> Result<(u32, u32, u32)> {
+        let over = || Error::overflow("q", format!("{shape:?} needs too many blocks"));
+        let tiles = shape.value_dim.div_ceil(NK_GLA_VALUE_TILE as usize);
+        let small = |x: usize| u32::try_from(x).ok().filter(|&x| x <= 65_535);
+        Ok((
+            u32::try_from(tiles).map_err(|_| over())?,
+            small(shape.heads).ok_or_else(over)?,
+            small(shape.batch).ok_or_else(over)?,
+        ))
+    }
+
     /// `scan.gla` on the GPU: writes `o [B, T, H, V]` and `h_last [B, H, K, V]` on `stream`.
     pub fn gla<E: CudaElement>(
         device: &Device,
@@ -776,7 +831,7 @@ pub mod cuda {
         h_last: &mut impl DevicePtrMut<E::Acc>,
     ) -> Result<()> {
         device.check_stream(stream)?;
-        let (qk, vv, state) = shape.sizes()?;
+        let (_, vv, state) = inputs.validate(&shape)?;
         let GlaShape {
             batch: b,
             len: t,
@@ -784,39 +839,19 @@ pub mod cuda {
             key_dim: kd,
             value_dim: vd,
         } = shape;
-        let keys = format!("[{b}, {t}, {h}, {kd}]");
-        let values = format!("[{b}, {t}, {h}, {vd}]");
-        let states = format!("[{b}, {h}, {kd}, {vd}]");
-        check_len("q", inputs.q.len(), qk, &keys)?;
-        check_len("k", inputs.k.len(), qk, &keys)?;
-        check_len("g", inputs.g.len(), qk, &keys)?;
-        check_len("v", inputs.v.len(), vv, &values)?;
-        if let Some(h0) = &inputs.h0 {
-            check_len("h0", h0.len(), state, &states)?;
-        }
-        check_len("o", o.len(), vv, &values)?;
-        check_len("h_last", h_last.len(), state, &states)?;
-        let max_key = if E::DTYPE == DType::F64 {
-            NK_GLA_MAX_KEY_F64
-        } else {
-            NK_GLA_MAX_KEY
-        };
-        if kd > max_key as usize {
-            return Err(Error::Unsupported(format!(
-                "scan.gla on CUDA with K = {kd} (at most {max_key} for {})",
-                E::DTYPE
-            )));
-        }
+        check_len("o", o.len(), vv, &format!("[{b}, {t}, {h}, {vd}]"))?;
+        check_len(
+            "h_last",
+            h_last.len(),
+            state,
+            &format!("[{b}, {h}, {kd}, {vd}]"),
+        )?;
+        check_key_dim::<E>("scan.gla", kd)?;
         if b == 0 || h == 0 || vd == 0 || kd == 0 {
             return Ok(());
         }
-        let over = || Error::overflow("q", format!("{shape:?} needs too many blocks"));
         let cfg = LaunchConfig {
-            grid_dim: (
-                u32::try_from(vd.div_ceil(NK_GLA_VALUE_TILE as usize)).map_err(|_| over())?,
-                u32::try_from(h).map_err(|_| over())?,
-                u32::try_from(b).map_err(|_| over())?,
-            ),
+            grid_dim: grid(&shape)?,
             block_dim: (NK_GLA_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -902,5 +937,273 @@ pub mod cuda {
             stream.clone_dtoh(&o)?,
             stream.clone_dtoh(&h_last.slice(0..state))?,
         ))
+    }
+
+    /// Bytes of checkpointed states the backward may keep (every block's state slice at the
+    /// start of every checkpoint segment); past it, segments span several chunks and each
+    /// chunk's starting state is recomputed from its segment's start.
+    const CHECKPOINT_BUDGET_BYTES: usize = 256 << 20;
+
+    /// Gradients of `scan.gla` on the device, in new buffers (at least one element long, so
+    /// an empty gradient is a 1-element buffer); `dh0` where h0 was given.
+    pub struct DeviceGrads<E: CudaElement> {
+        pub dq: CudaSlice<E>,
+        pub dk: CudaSlice<E>,
+        pub dv: CudaSlice<E>,
+        pub dg: CudaSlice<E>,
+        pub dh0: Option<CudaSlice<E::Acc>>,
+    }
+
+    /// `scan.gla_backward` on the GPU, on `stream`: the gradients of Σ o·do (+ Σ h_last·dh_last
+    /// when given), as the CPU's [`super::gla_backward`]. Deterministic (fixed-order sums, no
+    /// atomics). K up to 128 (f64: 64); larger K is `Err(Unsupported)`. Scratch:
+    /// 3·⌈V/32⌉·B·T·H·K accumulators of per-tile partial sums of dq, dk, dg, plus the
+    /// checkpoints (at most 256 MiB, see kernels/gla_backward.cu).
+    pub fn gla_backward<E: CudaElement>(
+        device: &Device,
+        stream: &Arc<CudaStream>,
+        params: &GlaParams,
+        shape: GlaShape,
+        inputs: &DeviceInputs<'_, E>,
+        d_o: &CudaView<'_, E>,
+        dh_last: Option<&CudaView<'_, E::Acc>>,
+    ) -> Result<DeviceGrads<E>> {
+        device.check_stream(stream)?;
+        let (qk, vv, state) = inputs.validate(&shape)?;
+        let GlaShape {
+            batch: b,
+            len: t,
+            heads: h,
+            key_dim: kd,
+            value_dim: vd,
+        } = shape;
+        check_len("do", d_o.len(), vv, &format!("[{b}, {t}, {h}, {vd}]"))?;
+        if let Some(x) = dh_last {
+            check_len(
+                "dh_last",
+                x.len(),
+                state,
+                &format!("[{b}, {h}, {kd}, {vd}]"),
+            )?;
+        }
+        check_key_dim::<E>("scan.gla_backward", kd)?;
+        let zeros =
+            |len: usize| -> Result<CudaSlice<E>> { Ok(stream.alloc_zeros::<E>(len.max(1))?) };
+        let mut grads = DeviceGrads {
+            dq: zeros(qk)?,
+            dk: zeros(qk)?,
+            dv: zeros(vv)?,
+            dg: zeros(qk)?,
+            dh0: inputs
+                .h0
+                .as_ref()
+                .map(|_| scratch::<E::Acc>(stream, state))
+                .transpose()?,
+        };
+        if qk == 0 || vv == 0 {
+            // no step, no key or no value column: the sums over them are zero, and without a
+            // step dh_last passes to h0 unchanged
+            if let (Some(dh0), Some(x)) = (&mut grads.dh0, dh_last)
+                && state > 0
+            {
+                stream.memcpy_dtod(x, &mut dh0.slice_mut(0..state))?;
+            }
+            return Ok(grads);
+        }
+        // the instantiation: rows per thread = KMAX / 8
+        let kmax = match kd {
+            0..=32 => 32,
+            33..=64 => 64,
+            _ => 128,
+        };
+        let (gx, gy, gz) = grid(&shape)?;
+        let tiles = gx as usize;
+        let blocks = tiles * h * b;
+        let over = || Error::overflow("q", format!("{shape:?}: backward scratch overflows"));
+        // checkpoints: `segments` states of every block's K x 32 slice, `per` chunks apart
+        let chunks = t.div_ceil(NK_GLA_BWD_CHUNK as usize);
+        let slice = kmax * NK_GLA_VALUE_TILE as usize;
+        let one_segment = blocks
+            .checked_mul(slice * std::mem::size_of::<E::Acc>())
+            .ok_or_else(over)?;
+        let max_segments = (CHECKPOINT_BUDGET_BYTES / one_segment).max(1);
+        let per = chunks.div_ceil(max_segments).max(1);
+        let segments = chunks.div_ceil(per);
+        let checkpoint_len = (blocks * slice).checked_mul(segments).ok_or_else(over)?;
+        let parts_len = qk.checked_mul(3 * tiles).ok_or_else(over)?;
+        let mut checkpoints = scratch::<E::Acc>(stream, checkpoint_len)?;
+        let mut parts = scratch::<E::Acc>(stream, parts_len)?;
+
+        let f = device.function(
+            "gla_backward",
+            &format!("scan_gla_bwd_k{kmax}_{}", E::SUFFIX),
+        )?;
+        let sum = device.function("gla_backward", &format!("scan_gla_bwd_sum_{}", E::SUFFIX))?;
+        let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
+        let (bb, tt, hh, kk, vv32, per64) = (
+            b as i64, t as i64, h as i32, kd as i32, vd as i32, per as i64,
+        );
+        {
+            let (q, _g1) = read_ptr(&inputs.q, stream);
+            let (k, _g2) = read_ptr(&inputs.k, stream);
+            let (v, _g3) = read_ptr(&inputs.v, stream);
+            let (g, _g4) = read_ptr(&inputs.g, stream);
+            let (do_p, _g5) = read_ptr(d_o, stream);
+            let dh_last = dh_last.map(|x| read_ptr(x, stream));
+            let dh_last_p = dh_last.as_ref().map_or(0u64, |(p, _)| *p);
+            let h0 = inputs.h0.as_ref().map(|x| read_ptr(x, stream));
+            let h0_p = h0.as_ref().map_or(0u64, |(p, _)| *p);
+            let (dv_p, _w1) = write_ptr(&mut grads.dv, stream);
+            let dh0 = grads.dh0.as_mut().map(|x| write_ptr(x, stream));
+            let dh0_p = dh0.as_ref().map_or(0u64, |(p, _)| *p);
+            let (parts_p, _w2) = write_ptr(&mut parts, stream);
+            let (ck_p, _w3) = write_ptr(&mut checkpoints, stream);
+            let cfg = LaunchConfig {
+                grid_dim: (gx, gy, gz),
+                block_dim: (NK_GLA_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match scan_gla_bwd_k*_* in kernels/gla_backward.cu; the inputs
+            // hold the validated element counts, K <= kmax, parts holds 3·tiles·B·T·H·K and
+            // checkpoints blocks·segments·kmax·32 accumulators, segments = ⌈chunks / per⌉.
+            unsafe {
+                stream
+                    .launch_builder(&f)
+                    .arg(&q)
+                    .arg(&k)
+                    .arg(&v)
+                    .arg(&g)
+                    .arg(&do_p)
+                    .arg(&dh_last_p)
+                    .arg(&dv_p)
+                    .arg(&dh0_p)
+                    .arg(&parts_p)
+                    .arg(&ck_p)
+                    .arg(&bb)
+                    .arg(&tt)
+                    .arg(&hh)
+                    .arg(&kk)
+                    .arg(&vv32)
+                    .arg(&scale)
+                    .arg(&per64)
+                    .arg(&h0_p)
+                    .launch(cfg)?;
+            }
+        }
+        {
+            let (parts_p, _g1) = read_ptr(&parts, stream);
+            let (dq_p, _w1) = write_ptr(&mut grads.dq, stream);
+            let (dk_p, _w2) = write_ptr(&mut grads.dk, stream);
+            let (dg_p, _w3) = write_ptr(&mut grads.dg, stream);
+            let (n, tiles32) = (qk as i64, tiles as i32);
+            let cfg = LaunchConfig {
+                grid_dim: ((3 * qk).div_ceil(256).min(8192) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: parts holds 3·tiles·n accumulators and dq, dk, dg n elements each.
+            unsafe {
+                stream
+                    .launch_builder(&sum)
+                    .arg(&parts_p)
+                    .arg(&dq_p)
+                    .arg(&dk_p)
+                    .arg(&dg_p)
+                    .arg(&n)
+                    .arg(&tiles32)
+                    .launch(cfg)?;
+            }
+        }
+        Ok(grads)
+    }
+
+    /// Host in, host out on the device's default stream: [`gla_backward`] as [`GlaGrads`].
+    pub fn gla_backward_host<E: CudaElement>(
+        device: &Device,
+        params: &GlaParams,
+        shape: GlaShape,
+        inputs: &GlaInputs<'_, E>,
+        d_o: &[E],
+        dh_last: Option<&[E::Acc]>,
+    ) -> Result<GlaGrads<E>> {
+        let (qk, vv, state) = inputs.validate(&shape)?;
+        let GlaShape {
+            batch: b,
+            len: t,
+            heads: h,
+            key_dim: kd,
+            value_dim: vd,
+        } = shape;
+        check_len("do", d_o.len(), vv, &format!("[{b}, {t}, {h}, {vd}]"))?;
+        if let Some(x) = dh_last {
+            check_len(
+                "dh_last",
+                x.len(),
+                state,
+                &format!("[{b}, {h}, {kd}, {vd}]"),
+            )?;
+        }
+        check_key_dim::<E>("scan.gla_backward", kd)?;
+        let stream = device.stream();
+        // zero-length inputs go up as one zero (a view of length 0 is then taken)
+        let up = |x: &[E]| -> Result<CudaSlice<E>> {
+            Ok(if x.is_empty() {
+                stream.alloc_zeros::<E>(1)?
+            } else {
+                stream.clone_htod(x)?
+            })
+        };
+        let up_acc = |x: &[E::Acc]| -> Result<CudaSlice<E::Acc>> {
+            Ok(if x.is_empty() {
+                stream.alloc_zeros::<E::Acc>(1)?
+            } else {
+                stream.clone_htod(x)?
+            })
+        };
+        let (q, k, v, g, do_d) = (
+            up(inputs.q)?,
+            up(inputs.k)?,
+            up(inputs.v)?,
+            up(inputs.g)?,
+            up(d_o)?,
+        );
+        let h0 = inputs.h0.map(up_acc).transpose()?;
+        let dh_last_d = dh_last.map(up_acc).transpose()?;
+        let grads = {
+            let device_inputs = DeviceInputs {
+                q: q.slice(0..qk),
+                k: k.slice(0..qk),
+                v: v.slice(0..vv),
+                g: g.slice(0..qk),
+                h0: h0.as_ref().map(|x| x.slice(0..state)),
+            };
+            gla_backward(
+                device,
+                stream,
+                params,
+                shape,
+                &device_inputs,
+                &do_d.slice(0..vv),
+                dh_last_d.as_ref().map(|x| x.slice(0..state)).as_ref(),
+            )?
+        };
+        let down = |x: &CudaSlice<E>, n: usize| -> Result<Vec<E>> {
+            Ok(if n == 0 {
+                Vec::new()
+            } else {
+                stream.clone_dtoh(&x.slice(0..n))?
+            })
+        };
+        Ok(GlaGrads {
+            dq: down(&grads.dq, qk)?,
+            dk: down(&grads.dk, qk)?,
+            dv: down(&grads.dv, vv)?,
+            dg: down(&grads.dg, qk)?,
+            dh0: match grads.dh0 {
+                Some(_) if state == 0 => Some(Vec::new()),
+                Some(x) => Some(stream.clone_dtoh(&x.slice(0..state))?),
+                None => None,
+            },
+        })
     }
 }

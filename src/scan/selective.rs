@@ -741,16 +741,17 @@ fn backward_task<E: Element>(
     out
 }
 
-/// The CUDA forward and backward (feature `cuda`): kernels/selective.cu and
-/// kernels/selective_backward.cu, one thread per (batch, channel) with its states in
-/// registers; the backward re-runs the forward chunk by chunk from stored states.
+/// The CUDA forward and backward (feature `cuda`): kernels/selective.cu, one thread per
+/// (batch, channel, time chunk) with its states in registers (chunk summaries, a carry chain
+/// over chunks, then each chunk rerun from its entering state); kernels/selective_backward.cu,
+/// one thread per (batch, channel), re-running the forward chunk by chunk from stored states.
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use super::SelectiveGrads;
     use super::{Lengths, SelectiveInputs, SelectiveParams, SelectiveShape};
     use crate::cuda::config::{
         NK_SELECTIVE_BWD_CHUNK, NK_SELECTIVE_BWD_MAX_STATE, NK_SELECTIVE_MAX_STATE,
-        NK_SELECTIVE_MAX_STATE_F64, NK_SELECTIVE_THREADS,
+        NK_SELECTIVE_MAX_STATE_F64, NK_SELECTIVE_MIN_CHUNK, NK_SELECTIVE_THREADS,
     };
     use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
     use crate::element::DType;
@@ -834,18 +835,30 @@ pub mod cuda {
             return Ok(());
         }
         let bucket = state_bucket::<E>(n)?;
-        let threads = (b * d) as u64;
-        let blocks = u32::try_from(threads.div_ceil(NK_SELECTIVE_THREADS as u64))
-            .map_err(|_| Error::overflow("u", format!("{shape:?} needs too many blocks")))?;
+        if t == 0 {
+            // no step: h_last is h0 (or zeros)
+            match &inputs.h0 {
+                _ if sizes.states == 0 => {}
+                Some(h0) => stream.memcpy_dtod(h0, h_last)?,
+                None => stream.memset_zeros(h_last)?,
+            }
+            return Ok(());
+        }
+        let (chunks, chunk_len) = forward_chunking(b, t, d);
+        let over = || Error::overflow("u", format!("{shape:?} needs too many blocks"));
         let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
+            // x: (batch, channel block) pairs, as the kernel splits blockIdx.x
+            grid_dim: (
+                u32::try_from(b * d.div_ceil(NK_SELECTIVE_THREADS as usize))
+                    .ok()
+                    .filter(|&x| x < i32::MAX as u32)
+                    .ok_or_else(over)?,
+                chunks as u32,
+                1,
+            ),
             block_dim: (NK_SELECTIVE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let f = device.function(
-            "selective",
-            &format!("scan_selective_fwd_n{bucket}_{}", E::SUFFIX),
-        )?;
         let optional = |x: &Option<(u64, cudarc::driver::SyncOnDrop<'_>)>| {
             x.as_ref().map_or(0u64, |(p, _)| *p)
         };
@@ -864,17 +877,93 @@ pub mod cuda {
             optional(&bias),
             optional(&h0),
         );
-        let (y_p, _gy) = write_ptr(y, stream);
-        let (h_p, _gh) = write_ptr(h_last, stream);
-        let (bb, tt, dd, nn, sp) = (
+        let (bb, tt, dd, nn, sp, cl) = (
             b as i64,
             t as i64,
             d as i64,
             n as i32,
             params.delta_softplus as i32,
+            chunk_len as i64,
         );
+        // with several chunks: the chunk summaries, then the state entering every chunk
+        let carries = if chunks > 1 {
+            let per_chunk = b * d * chunks;
+            let states = per_chunk.checked_mul(n).ok_or_else(over)?;
+            let mut end = scratch::<E::Acc>(stream, states)?;
+            let mut dt_sum = scratch::<E::Acc>(stream, per_chunk)?;
+            let mut carries = scratch::<E::Acc>(stream, states)?;
+            let summary = device.function(
+                "selective",
+                &format!("scan_selective_fwd_summary_n{bucket}_{}", E::SUFFIX),
+            )?;
+            let acc = if E::DTYPE == DType::F64 { "f64" } else { "f32" };
+            let carry = device.function("selective", &format!("scan_selective_fwd_carry_{acc}"))?;
+            {
+                let (end_p, _w1) = write_ptr(&mut end, stream);
+                let (dts_p, _w2) = write_ptr(&mut dt_sum, stream);
+                // SAFETY: arguments match scan_selective_fwd_summary_n*_* in
+                // kernels/selective.cu; end holds B·chunks·D·N and dt_sum B·chunks·D
+                // accumulators, the grid covers exactly chunks chunks of chunk_len steps.
+                unsafe {
+                    stream
+                        .launch_builder(&summary)
+                        .arg(&u)
+                        .arg(&delta)
+                        .arg(&a)
+                        .arg(&bm)
+                        .arg(&bias_p)
+                        .arg(&end_p)
+                        .arg(&dts_p)
+                        .arg(&bb)
+                        .arg(&tt)
+                        .arg(&dd)
+                        .arg(&nn)
+                        .arg(&sp)
+                        .arg(&cl)
+                        .launch(cfg)?;
+                }
+            }
+            if states > 0 {
+                let blocks = u32::try_from((b * d * n).div_ceil(256)).map_err(|_| over())?;
+                let (end_p, _g1) = read_ptr(&end, stream);
+                let (dts_p, _g2) = read_ptr(&dt_sum, stream);
+                let (car_p, _w1) = write_ptr(&mut carries, stream);
+                let ch = chunks as i64;
+                // SAFETY: arguments match scan_selective_fwd_carry_* (the accumulator type);
+                // end and carries hold B·chunks·D·N, dt_sum B·chunks·D accumulators, a D·N.
+                unsafe {
+                    stream
+                        .launch_builder(&carry)
+                        .arg(&a)
+                        .arg(&h0_p)
+                        .arg(&end_p)
+                        .arg(&dts_p)
+                        .arg(&car_p)
+                        .arg(&bb)
+                        .arg(&dd)
+                        .arg(&nn)
+                        .arg(&ch)
+                        .launch(LaunchConfig {
+                            grid_dim: (blocks, 1, 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        })?;
+                }
+            }
+            Some(carries)
+        } else {
+            None
+        };
+        let carries_guard = carries.as_ref().map(|x| read_ptr(x, stream));
+        let carries_p = optional(&carries_guard);
+        let f = device.function(
+            "selective",
+            &format!("scan_selective_fwd_n{bucket}_{}", E::SUFFIX),
+        )?;
+        let (y_p, _gy) = write_ptr(y, stream);
+        let (h_p, _gh) = write_ptr(h_last, stream);
         // SAFETY: arguments match scan_selective_fwd_n*_* in kernels/selective.cu; every
-        // buffer holds the element counts validated above.
+        // buffer holds the element counts validated above, carries (when given) B·chunks·D·N.
         unsafe {
             stream
                 .launch_builder(&f)
@@ -887,6 +976,7 @@ pub mod cuda {
                 .arg(&z_p)
                 .arg(&bias_p)
                 .arg(&h0_p)
+                .arg(&carries_p)
                 .arg(&y_p)
                 .arg(&h_p)
                 .arg(&bb)
@@ -894,9 +984,26 @@ pub mod cuda {
                 .arg(&dd)
                 .arg(&nn)
                 .arg(&sp)
+                .arg(&cl)
                 .launch(cfg)?;
         }
         Ok(())
+    }
+
+    /// Threads (one per batch, channel and time chunk) to aim for: about 1024 resident per SM
+    /// of a 132-SM H100. Untuned on hardware so far.
+    const FORWARD_TARGET_THREADS: usize = 132 * 1024;
+
+    /// (chunks, steps per chunk) of the forward for B·D channels over T > 0 steps: one chunk
+    /// when B·D threads fill the GPU, else as many as reach the target, each at least
+    /// NK_SELECTIVE_MIN_CHUNK steps long (at most 65535); every chunk holds at least one step.
+    pub(crate) fn forward_chunking(b: usize, t: usize, d: usize) -> (usize, usize) {
+        let lanes = (b * d).max(1);
+        let wanted = FORWARD_TARGET_THREADS.div_ceil(lanes);
+        let most = t.div_ceil(NK_SELECTIVE_MIN_CHUNK as usize).clamp(1, 65_535);
+        let chunks = wanted.clamp(1, most);
+        let chunk_len = t.div_ceil(chunks).max(1);
+        (t.div_ceil(chunk_len).max(1), chunk_len)
     }
 
     /// Host in, host out on the device's default stream: `(y, h_last)`.
@@ -1289,5 +1396,31 @@ pub mod cuda {
                 .map(|x| down_acc(x, sizes.states))
                 .transpose()?,
         })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::forward_chunking;
+
+        #[test]
+        fn forward_chunks_cover_the_sequence_exactly() {
+            for (b, t, d) in [
+                (1, 1, 1),
+                (2, 2048, 1536),
+                (2, 150, 70),
+                (1, 1000, 5),
+                (1, 65_536, 1),
+                (64, 4096, 4096),
+                (1, 10_000_000, 1),
+            ] {
+                let (chunks, len) = forward_chunking(b, t, d);
+                assert!((1..=65_535).contains(&chunks), "{b} {t} {d}");
+                assert!(chunks * len >= t && (chunks - 1) * len < t, "{b} {t} {d}");
+            }
+            // B2 T2048 D1536 (3072 channels): time gives the parallelism
+            assert_eq!(forward_chunking(2, 2048, 1536), (32, 64));
+            // enough channels: one pass
+            assert_eq!(forward_chunking(64, 4096, 4096).0, 1);
+        }
     }
 }
