@@ -282,7 +282,7 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
     attn::bwd_dkdv<T, DMAX>(q, k, v, d_o, lse, dsum, rules, cu_q, cu_k, dk, dv_out, hq, hk, d, dv,    \
                             scale);                                                                   \
   }                                                                                                   \
-  extern "C" __global__ void __launch_bounds__(NK_ATTN_THREADS) attn_bwd_dq_d##DMAX##_##NAME(          \
+  extern "C" __global__ void __launch_bounds__(NK_ATTN_THREADS, 1) attn_bwd_dq_d##DMAX##_##NAME(          \
       const T* q, const T* k, const T* v, const T* d_o, const Acc<T>::type* lse,                      \
       const Acc<T>::type* dsum, const Acc<T>::type* slopes, const Acc<T>::type* bias, int bias_batch, \
       int bias_heads, const int* cu_q, const int* cu_k, T* dq, int len_q, int len_k, int hq, int hk,  \
@@ -300,7 +300,7 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
   NK_ATTN_BWD_ENTRY(T, NAME, 128)                                                                      \
   NK_ATTN_BWD_ENTRY(T, NAME, 192)                                                                      \
   NK_ATTN_BWD_ENTRY(T, NAME, 256)                                                                      \
-  extern "C" __global__ void __launch_bounds__(NK_ATTN_THREADS) attn_bwd_dot_##NAME(                   \
+  extern "C" __global__ void __launch_bounds__(NK_ATTN_THREADS, 1) attn_bwd_dot_##NAME(                   \
       const T* o, const T* d_o, Acc<T>::type* dsum, long long pairs, int len_q, int hq, int dv) {     \
     attn::bwd_dot<T>(o, d_o, dsum, pairs, len_q, hq, dv);                                             \
   }

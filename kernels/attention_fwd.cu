@@ -357,7 +357,7 @@ __device__ __forceinline__ void top_keys(const T* __restrict__ q, const T* __res
 }  // namespace attn
 
 #define NK_ATTN_FWD_ENTRY(T, NAME, DMAX)                                                               \
-  extern "C" __global__ void __launch_bounds__(NK_ATTN_THREADS) attn_fwd_d##DMAX##_##NAME(             \
+  extern "C" __global__ void __launch_bounds__(NK_ATTN_THREADS, 1) attn_fwd_d##DMAX##_##NAME(             \
       const T* q, const T* k, const T* v, const Acc<T>::type* slopes, const Acc<T>::type* bias,       \
       int bias_batch, int bias_heads, const int* cu_q, const int* cu_k, T* o, Acc<T>::type* lse,      \
       Acc<T>::type* part_o, Acc<T>::type* part_ml, int batch, int len_q, int len_k, int hq, int hk,   \
@@ -368,7 +368,7 @@ __device__ __forceinline__ void top_keys(const T* __restrict__ q, const T* __res
     attn::forward<T, DMAX>(q, k, v, rules, cu_q, cu_k, o, lse, part_o, part_ml, batch, hq, hk, d, dv, \
                            scale, n_chunks);                                                          \
   }                                                                                                   \
-  extern "C" __global__ void __launch_bounds__(NK_ATTN_THREADS) attn_top_keys_d##DMAX##_##NAME(        \
+  extern "C" __global__ void __launch_bounds__(NK_ATTN_THREADS, 1) attn_top_keys_d##DMAX##_##NAME(        \
       const T* q, const T* k, const Acc<T>::type* slopes, const Acc<T>::type* bias, int bias_batch,   \
       int bias_heads, const int* cu_q, const int* cu_k, const Acc<T>::type* lse,                      \
       Acc<T>::type* weights, int* indices, int len_q, int len_k, int hq, int hk, int d,               \
@@ -386,7 +386,7 @@ __device__ __forceinline__ void top_keys(const T* __restrict__ q, const T* __res
   NK_ATTN_FWD_ENTRY(T, NAME, 128)                                                                      \
   NK_ATTN_FWD_ENTRY(T, NAME, 192)                                                                      \
   NK_ATTN_FWD_ENTRY(T, NAME, 256)                                                                      \
-  extern "C" __global__ void __launch_bounds__(NK_ATTN_THREADS) attn_merge_##NAME(                     \
+  extern "C" __global__ void __launch_bounds__(NK_ATTN_THREADS, 1) attn_merge_##NAME(                     \
       const Acc<T>::type* part_o, const Acc<T>::type* part_ml, T* o, Acc<T>::type* lse, int batch,    \
       int len_q, int hq, int dv, int n_chunks) {                                                      \
     attn::merge<T>(part_o, part_ml, o, lse, batch, len_q, hq, dv, n_chunks);                          \

@@ -538,6 +538,7 @@ pub fn backward<E: CudaElement>(
 /// probabilities, descending, ties to the lower key) and `indices` (key positions along the S
 /// axis of k; −1 with weight 0 past a row's visible keys). `top` ≤ [`NK_ATTN_MAX_TOP`];
 /// `inputs.v` is not read.
+#[allow(clippy::too_many_arguments)]
 pub fn top_keys<E: CudaElement>(
     device: &Device,
     stream: &Arc<CudaStream>,
