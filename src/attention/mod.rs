@@ -1,5 +1,5 @@
-//! Fused attention on the CPU: `attention.forward`, `attention.backward` and
-//! `attention.top_keys` (CASES.md, "Fused attention").
+//! Fused attention on the CPU (and on the GPU in `attention::cuda`, feature `cuda`): `attention.forward`,
+//! `attention.backward` and `attention.top_keys` (CASES.md, "Fused attention").
 //!
 //! Layouts: `q [B, Sq, Hq, D]`, `k [B, Sk, Hk, D]`, `v [B, Sk, Hk, Dv]`, `o [B, Sq, Hq, Dv]`,
 //! `lse [B, Hq, Sq]`; query head h reads KV head `h / (Hq / Hk)` (GQA/MQA). Scores, in this
@@ -16,6 +16,8 @@
 //! are bit-identical whatever the rayon thread count (see `cpu` for the plan of each kernel).
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::cpu::Isa;
 use crate::element::Element;
@@ -298,6 +300,37 @@ impl<'a, E: Element> AttentionInputs<'a, E> {
         shape: &AttentionShape,
         with_v: bool,
     ) -> Result<(Sizes, Vec<Segment>)> {
+        let lens = InputLens {
+            q: self.q.len(),
+            k: self.k.len(),
+            v: self.v.len(),
+            alibi_slopes: self.alibi_slopes.map(<[_]>::len),
+            bias: self.bias.map(|b| (b.data.len(), b.batch, b.heads)),
+        };
+        lens.validate(params, shape, self.cu_seqlens, with_v)
+    }
+}
+
+/// The lengths of the inputs of one call (host slices or device buffers alike).
+#[derive(Clone, Copy, Debug)]
+struct InputLens {
+    q: usize,
+    k: usize,
+    v: usize,
+    alibi_slopes: Option<usize>,
+    /// (length, Bb, Hb)
+    bias: Option<(usize, usize, usize)>,
+}
+
+impl InputLens {
+    /// Checks every input against `shape` and returns the sequences to run.
+    fn validate(
+        &self,
+        params: &AttentionParams,
+        shape: &AttentionShape,
+        cu_seqlens: Option<CuSeqlens<'_>>,
+        with_v: bool,
+    ) -> Result<(Sizes, Vec<Segment>)> {
         params.validate()?;
         let sizes = shape.validate()?;
         let AttentionShape {
@@ -309,49 +342,29 @@ impl<'a, E: Element> AttentionInputs<'a, E> {
             head_dim: d,
             value_dim: dv,
         } = *shape;
-        check_len(
-            "q",
-            self.q.len(),
-            sizes.q,
-            &format!("[{b}, {sq}, {hq}, {d}]"),
-        )?;
-        check_len(
-            "k",
-            self.k.len(),
-            sizes.k,
-            &format!("[{b}, {sk}, {hk}, {d}]"),
-        )?;
+        check_len("q", self.q, sizes.q, &format!("[{b}, {sq}, {hq}, {d}]"))?;
+        check_len("k", self.k, sizes.k, &format!("[{b}, {sk}, {hk}, {d}]"))?;
         if with_v {
-            check_len(
-                "v",
-                self.v.len(),
-                sizes.v,
-                &format!("[{b}, {sk}, {hk}, {dv}]"),
-            )?;
+            check_len("v", self.v, sizes.v, &format!("[{b}, {sk}, {hk}, {dv}]"))?;
         }
         if let Some(slopes) = self.alibi_slopes {
-            check_len("alibi_slopes", slopes.len(), hq, &format!("[{hq}]"))?;
+            check_len("alibi_slopes", slopes, hq, &format!("[{hq}]"))?;
         }
-        if let Some(bias) = self.bias {
-            if !(bias.batch == 1 || bias.batch == b) || !(bias.heads == 1 || bias.heads == hq) {
+        if let Some((len, bb, hb)) = self.bias {
+            if !(bb == 1 || bb == b) || !(hb == 1 || hb == hq) {
                 return Err(Error::shape(
                     "bias",
                     format!("[Bb, Hb, {sq}, {sk}] with Bb in {{1, {b}}} and Hb in {{1, {hq}}}"),
-                    format!("[{}, {}, {sq}, {sk}]", bias.batch, bias.heads),
+                    format!("[{bb}, {hb}, {sq}, {sk}]"),
                 ));
             }
-            let n = [bias.batch, bias.heads, sq, sk]
+            let n = [bb, hb, sq, sk]
                 .iter()
                 .try_fold(1usize, |acc, x| acc.checked_mul(*x))
                 .ok_or_else(|| Error::overflow("bias", format!("{shape:?}")))?;
-            check_len(
-                "bias",
-                bias.data.len(),
-                n,
-                &format!("[{}, {}, {sq}, {sk}]", bias.batch, bias.heads),
-            )?;
+            check_len("bias", len, n, &format!("[{bb}, {hb}, {sq}, {sk}]"))?;
         }
-        let segments = match self.cu_seqlens {
+        let segments = match cu_seqlens {
             None => (0..b)
                 .map(|batch| Segment {
                     batch,
@@ -502,15 +515,7 @@ pub fn backward_on<E: Element>(
     let isa = isa.check()?;
     let (sizes, segments) = inputs.validate(params, &shape, true)?;
     let s = &shape;
-    let o_dims = format!("[{}, {}, {}, {}]", s.batch, s.len_q, s.heads_q, s.value_dim);
-    check_len("o", o.len(), sizes.o, &o_dims)?;
-    check_len("do", d_o.len(), sizes.o, &o_dims)?;
-    check_len(
-        "lse",
-        lse.len(),
-        sizes.lse,
-        &format!("[{}, {}, {}]", s.batch, s.heads_q, s.len_q),
-    )?;
+    check_backward_lens(s, sizes, o.len(), d_o.len(), lse.len())?;
     Ok(cpu::backward(
         isa, params, s, inputs, &segments, sizes, o, d_o, lse,
     ))
@@ -538,14 +543,41 @@ pub fn top_keys_on<E: Element>(
     top: usize,
 ) -> Result<(Vec<E::Acc>, Vec<i32>)> {
     let isa = isa.check()?;
-    if top == 0 {
-        return Err(Error::invalid("top", "must be at least 1"));
-    }
     let shape = AttentionShape {
         value_dim: 0,
         ..shape
     };
     let (sizes, segments) = inputs.validate(params, &shape, false)?;
+    let out = check_top(&shape, sizes, top)?;
+    Ok(cpu::top_keys(
+        isa, params, &shape, inputs, &segments, sizes, top, out,
+    ))
+}
+
+/// The lengths of the backward's `o`, `do` and `lse`.
+fn check_backward_lens(
+    s: &AttentionShape,
+    sizes: Sizes,
+    o: usize,
+    d_o: usize,
+    lse: usize,
+) -> Result<()> {
+    let o_dims = format!("[{}, {}, {}, {}]", s.batch, s.len_q, s.heads_q, s.value_dim);
+    check_len("o", o, sizes.o, &o_dims)?;
+    check_len("do", d_o, sizes.o, &o_dims)?;
+    check_len(
+        "lse",
+        lse,
+        sizes.lse,
+        &format!("[{}, {}, {}]", s.batch, s.heads_q, s.len_q),
+    )
+}
+
+/// Checks `top` and returns the element count of top_keys' outputs.
+fn check_top(shape: &AttentionShape, sizes: Sizes, top: usize) -> Result<usize> {
+    if top == 0 {
+        return Err(Error::invalid("top", "must be at least 1"));
+    }
     if i32::try_from(shape.len_k).is_err() {
         return Err(Error::overflow(
             "k",
@@ -562,7 +594,5 @@ pub fn top_keys_on<E: Element>(
                 format!("[B·Hq·Sq = {}] × top = {top}", sizes.lse),
             )
         })?;
-    Ok(cpu::top_keys(
-        isa, params, &shape, inputs, &segments, sizes, top, out,
-    ))
+    Ok(out)
 }
