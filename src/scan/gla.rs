@@ -534,6 +534,30 @@ pub fn gla_backward<E: Element>(
     gla_backward_on(Isa::active(), params, shape, inputs, d_o, dh_last)
 }
 
+/// The lengths of the backward's incoming gradients, `do [B, T, H, V]` and `dh_last [B, H, K,
+/// V]` (`vv` and `state` as `GlaInputs::validate` returns them); shared by the CPU and CUDA
+/// entry points.
+fn check_output_grads(
+    shape: &GlaShape,
+    vv: usize,
+    state: usize,
+    d_o: usize,
+    dh_last: Option<usize>,
+) -> Result<()> {
+    let GlaShape {
+        batch: b,
+        len: t,
+        heads: h,
+        key_dim: kd,
+        value_dim: vd,
+    } = *shape;
+    check_len("do", d_o, vv, &format!("[{b}, {t}, {h}, {vd}]"))?;
+    if let Some(len) = dh_last {
+        check_len("dh_last", len, state, &format!("[{b}, {h}, {kd}, {vd}]"))?;
+    }
+    Ok(())
+}
+
 /// [`gla_backward`] on a chosen instruction set.
 pub fn gla_backward_on<E: Element>(
     isa: Isa,
@@ -552,15 +576,7 @@ pub fn gla_backward_on<E: Element>(
         key_dim: kd,
         value_dim: vd,
     } = shape;
-    check_len("do", d_o.len(), vv, &format!("[{b}, {t_len}, {h}, {vd}]"))?;
-    if let Some(x) = dh_last {
-        check_len(
-            "dh_last",
-            x.len(),
-            state,
-            &format!("[{b}, {h}, {kd}, {vd}]"),
-        )?;
-    }
+    check_output_grads(&shape, vv, state, d_o.len(), dh_last.map(|x| x.len()))?;
     let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
     let heads: Vec<HeadGrads<E>> = (0..b * h)
         .into_par_iter()
@@ -977,15 +993,7 @@ pub mod cuda {
             key_dim: kd,
             value_dim: vd,
         } = shape;
-        check_len("do", d_o.len(), vv, &format!("[{b}, {t}, {h}, {vd}]"))?;
-        if let Some(x) = dh_last {
-            check_len(
-                "dh_last",
-                x.len(),
-                state,
-                &format!("[{b}, {h}, {kd}, {vd}]"),
-            )?;
-        }
+        super::check_output_grads(&shape, vv, state, d_o.len(), dh_last.map(|x| x.len()))?;
         check_key_dim::<E>("scan.gla_backward", kd)?;
         let zeros =
             |len: usize| -> Result<CudaSlice<E>> { Ok(stream.alloc_zeros::<E>(len.max(1))?) };
@@ -1127,23 +1135,8 @@ pub mod cuda {
         dh_last: Option<&[E::Acc]>,
     ) -> Result<GlaGrads<E>> {
         let (qk, vv, state) = inputs.validate(&shape)?;
-        let GlaShape {
-            batch: b,
-            len: t,
-            heads: h,
-            key_dim: kd,
-            value_dim: vd,
-        } = shape;
-        check_len("do", d_o.len(), vv, &format!("[{b}, {t}, {h}, {vd}]"))?;
-        if let Some(x) = dh_last {
-            check_len(
-                "dh_last",
-                x.len(),
-                state,
-                &format!("[{b}, {h}, {kd}, {vd}]"),
-            )?;
-        }
-        check_key_dim::<E>("scan.gla_backward", kd)?;
+        super::check_output_grads(&shape, vv, state, d_o.len(), dh_last.map(|x| x.len()))?;
+        check_key_dim::<E>("scan.gla_backward", shape.key_dim)?;
         let stream = device.stream();
         // zero-length inputs go up as one zero (a view of length 0 is then taken)
         let up = |x: &[E]| -> Result<CudaSlice<E>> {
