@@ -167,8 +167,59 @@ fn check_cv(
     score: ridge::CvScore,
     center: bool,
 ) {
+    check_cv_design(n, p, t, folds_of, score, center, Design::Random)
+}
+
+/// The x of `check_cv_design`.
+#[derive(Clone, Copy, PartialEq)]
+enum Design {
+    Random,
+    /// The second half of the columns repeats the first: half the Gram matrix's
+    /// eigenvalues are 0.
+    RepeatedColumns,
+    /// Outside fold 0, row i is row i / folds of a p × p Hadamard matrix (p a power of 2,
+    /// n = folds · p, fold = i % folds), moved by 1e-9: the training Gram matrix of fold 0
+    /// is nearly a multiple of the identity, so its eigenvalues (but the centered-away one)
+    /// are nearly equal, which cv's scoring must sum as one cluster (partial fractions
+    /// would divide by their tiny gaps); fold 0's random rows make the held-out Gram
+    /// matrix G generic.
+    Hadamard,
+}
+
+fn check_cv_design(
+    n: usize,
+    p: usize,
+    t: usize,
+    folds_of: impl Fn(usize) -> i32,
+    score: ridge::CvScore,
+    center: bool,
+    design: Design,
+) {
     let mut rng = Rng::new((n * 1000 + p) as u64);
-    let x: Vec<f64> = rng.vec(n * p, -1.0, 1.0);
+    let mut x: Vec<f64> = rng.vec(n * p, -1.0, 1.0);
+    for (i, row) in x.chunks_exact_mut(p).enumerate() {
+        match design {
+            Design::RepeatedColumns => {
+                for j in p / 2..p {
+                    row[j] = row[j - p / 2];
+                }
+            }
+            Design::Hadamard if folds_of(i) != 0 => {
+                let h = i / (n / p);
+                // ±1, moved by 1e-9 so that the equal eigenvalues differ by rounding-size
+                // gaps (the x of the Random draw supplies the moves)
+                for (j, v) in row.iter_mut().enumerate() {
+                    let sign = if (h & j).count_ones().is_multiple_of(2) {
+                        1.0
+                    } else {
+                        -1.0
+                    };
+                    *v = sign + 1e-9 * *v;
+                }
+            }
+            Design::Random | Design::Hadamard => {}
+        }
+    }
     let mut y: Vec<f64> = rng.vec(n * t, -1.0, 1.0);
     // signal of varying strength per target, so different targets choose different alphas
     for c in 0..t {
@@ -298,6 +349,51 @@ fn cv_matches_a_direct_computation_dual() {
         |i| (i * 3 / 40) as i32,
         ridge::CvScore::Pearson,
         true,
+    );
+}
+
+#[test]
+fn cv_matches_a_direct_computation_with_repeated_eigenvalues() {
+    // primal (p = 10, half the eigenvalues 0) and dual (p = 50 > 33 training rows, the
+    // kernel of rank 25)
+    let repeated = Design::RepeatedColumns;
+    check_cv_design(
+        50,
+        10,
+        5,
+        |i| (i % 3) as i32,
+        ridge::CvScore::R2,
+        true,
+        repeated,
+    );
+    let dual_folds = |i| (i * 3 / 50) as i32;
+    check_cv_design(
+        50,
+        50,
+        5,
+        dual_folds,
+        ridge::CvScore::Pearson,
+        true,
+        repeated,
+    );
+    let hadamard = Design::Hadamard;
+    check_cv_design(
+        24,
+        8,
+        5,
+        |i| (i % 3) as i32,
+        ridge::CvScore::R2,
+        true,
+        hadamard,
+    );
+    check_cv_design(
+        24,
+        8,
+        5,
+        |i| (i % 3) as i32,
+        ridge::CvScore::R2,
+        false,
+        hadamard,
     );
 }
 

@@ -7,12 +7,19 @@
 //!   primal: XᵀX = V diag(s) Vᵀ, Z = Vᵀ Xᵀ Y, pred_α = (X_te V) diag(1/(s+α)) Z;
 //!   dual:   XXᵀ = U diag(λ) Uᵀ, Z = Uᵀ Y,    pred_α = (X_te Xᵀ U) diag(1/(λ+α)) Z;
 //! (plus the training mean of y when centered). Targets stream in batches of
-//! `target_batch`. The held-out predictions are never formed: with proj = X_te V (or
-//! X_te Xᵀ U) = Q·R (one QR per fold) and d = diag(1/(s+α)) Z, the score needs only
-//! Σŷ = 1ᵀproj·d, Σa·ŷ = (projᵀa)·d (a: the centered held-out targets, projᵀa once per
-//! batch) and |ŷ|² = |R·d|², so each alpha costs one triangular product R·d
-//! (rank²/2 · batch multiply-adds against n_te · rank · batch for forming ŷ) and
-//! [alphas × held-out rows × targets] is never stored. The refit on all rows uses one
+//! `target_batch`. The held-out predictions are never formed: with d = diag(1/(s+α)) Z and
+//! G = projᵀproj (rank × rank, once per fold), the score needs only Σŷ = 1ᵀproj·d,
+//! Σa·ŷ = (projᵀa)·d (a: the centered held-out targets, projᵀa once per batch) and
+//! |ŷ|² = dᵀGd. The last is a quadratic form in 1/(s_j+α); partial fractions,
+//! 1/((s_j+α)(s_k+α)) = (1/(s_j+α) − 1/(s_k+α)) / (s_k − s_j), make it linear in them:
+//!   |ŷ|² = Σ_j [2 z_j (Mz)_j] / (s_j+α) + Σ_j G_jj z_j² / (s_j+α)²,
+//!   M_jk = G_jk / (s_k − s_j) (j ≠ k),
+//! so one product M·Z per batch (in f64) serves every alpha, and each alpha costs O(rank)
+//! per target instead of a rank² product. The split is exact algebra but divides by
+//! eigenvalue gaps: eigenvalues closer than `RidgeReal::CLUSTER_GAP`·(s + α_max) form a
+//! cluster whose pairs are summed directly per alpha (d_Cᵀ G_CC d_C), which bounds the
+//! rounding amplification by 1/CLUSTER_GAP. [alphas × held-out rows × targets] is never
+//! stored. The refit on all rows uses one
 //! decomposition of the full Gram matrix and scales Z column by column with each target's
 //! chosen alpha: W = V (Z ∘ 1/(s + α_target)).
 //!
@@ -26,14 +33,22 @@ use super::check_finite;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use faer::linalg::matmul::matmul;
-use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatRef, Par, Side};
 use rayon::prelude::*;
 
 /// The element types `ridge.cv` runs in: f32 and f64.
-pub trait RidgeReal: Element + faer::traits::RealField {}
-impl RidgeReal for f32 {}
-impl RidgeReal for f64 {}
+pub trait RidgeReal: Element + faer::traits::RealField {
+    /// Eigenvalues closer than this times (s + α_max) are scored as one cluster (see the
+    /// module doc): the f64 scoring's rounding is amplified by at most its inverse, so
+    /// 1e-8 leaves f32 results at f32 rounding and 1e-6 keeps f64 results to ~1e-10.
+    const CLUSTER_GAP: f64;
+}
+impl RidgeReal for f32 {
+    const CLUSTER_GAP: f64 = 1e-8;
+}
+impl RidgeReal for f64 {
+    const CLUSTER_GAP: f64 = 1e-6;
+}
 
 fn cast<E: Element>(x: f64) -> E {
     <E as Element>::from_f64(x)
@@ -338,7 +353,7 @@ fn eigh<E: RidgeReal>(gram: &Mat<E>, what: &str) -> Result<(Mat<E>, Vec<f64>)> {
 }
 
 /// One fold's decomposition: the held-out rows projected so that each alpha's prediction is
-/// one product `proj · diag(1/(s + α)) · Z`.
+/// `proj · diag(1/(s + α)) · Z`, and what the scoring of |ŷ|² needs (see the module doc).
 struct Fold<E: RidgeReal> {
     /// The training rows' means of y (centered fits), all targets.
     y_mean: Option<Vec<f64>>,
@@ -349,11 +364,14 @@ struct Fold<E: RidgeReal> {
     values: Vec<f64>,
     /// X_te V (primal) or X_te Xᵀ U (dual): n_te × rank.
     proj: Mat<E>,
-    /// R of proj = Q·R (min(n_te, rank) × rank, upper triangular when square):
-    /// |proj·d|² = |R·d|², so the held-out predictions never need forming.
-    r_factor: Mat<E>,
     /// Column sums of proj (over the held-out rows), in f64.
     proj_sums: Vec<f64>,
+    /// M = G_jk / (s_k − s_j) for j, k in different clusters, 0 within one (rank × rank).
+    gap_product: Mat<f64>,
+    /// G_jj for eigenvalues alone in their cluster, 0 for members of larger clusters.
+    gram_diag: Vec<f64>,
+    /// The clusters of two or more eigenvalues: their indices and G restricted to them.
+    clusters: Vec<(Vec<usize>, Mat<f64>)>,
     primal: bool,
 }
 
@@ -384,18 +402,22 @@ impl<E: RidgeReal> Fold<E> {
             let proj = product(cross.as_ref(), u.as_ref());
             (u, l, proj)
         };
-        let r_factor = proj.qr().thin_R().to_owned();
         let proj_sums = (0..proj.ncols())
             .map(|j| proj.col_as_slice(j).iter().map(|v| widen(*v)).sum())
             .collect();
+        let alpha_max = inputs.alphas.iter().map(|a| widen(*a)).fold(0.0, f64::max);
+        let (gap_product, gram_diag, clusters) =
+            gap_terms(&proj, &values, alpha_max, E::CLUSTER_GAP);
         Ok(Self {
             y_mean,
             x_train,
             vectors,
             values,
             proj,
-            r_factor,
             proj_sums,
+            gap_product,
+            gram_diag,
+            clusters,
             primal,
         })
     }
@@ -440,90 +462,167 @@ impl<E: RidgeReal> Fold<E> {
         }
         // projᵀ·a: the cross terms Σ a·ŷ of every alpha come from it
         let cross = product(self.proj.transpose(), centered);
-        // Σŷ and Σa·ŷ of every (target, alpha) at once, in f64:
-        // Σ_j u_j z_jc / (s_j + α) and Σ_j cross_jc z_jc / (s_j + α)
         let (rank, n_alphas) = (self.values.len(), inputs.alphas.len());
-        let inv_all = Mat::<f64>::from_fn(rank, n_alphas, |j, a| {
+        let z = Mat::<f64>::from_fn(rank, tb, |j, c| widen(z[(j, c)]));
+        let mut mz = Mat::<f64>::zeros(rank, tb);
+        matmul(
+            mz.as_mut(),
+            Accum::Replace,
+            self.gap_product.as_ref(),
+            z.as_ref(),
+            1.0,
+            par(),
+        );
+        // Each sum is linear in 1/(s_j + α) (or its square): one product of per-target
+        // weights [tb, rank] with the alphas' factors [rank, A] gives it for every alpha.
+        let inv = Mat::<f64>::from_fn(rank, n_alphas, |j, a| {
             1.0 / (self.values[j] + widen(inputs.alphas[a]))
         });
-        let weighted_sums =
-            Mat::<f64>::from_fn(tb, rank, |c, j| self.proj_sums[j] * widen(z[(j, c)]));
-        let weighted_cross =
-            Mat::<f64>::from_fn(tb, rank, |c, j| widen(cross[(j, c)]) * widen(z[(j, c)]));
+        let inv_sq = Mat::<f64>::from_fn(rank, n_alphas, |j, a| inv[(j, a)].powi(2));
+        let over_alphas =
+            |weight: &dyn Fn(usize, usize) -> f64, factors: &Mat<f64>, dst: &mut Mat<f64>| {
+                // built [rank, tb] like z (contiguous reads), used transposed
+                let weights = Mat::<f64>::from_fn(rank, tb, weight);
+                matmul(
+                    dst.as_mut(),
+                    Accum::Add,
+                    weights.transpose(),
+                    factors.as_ref(),
+                    1.0,
+                    par(),
+                );
+            };
+        // Σŷ = Σ_j u_j z_j / (s_j + α), Σa·ŷ = Σ_j cross_j z_j / (s_j + α)
         let mut sum_pred_all = Mat::<f64>::zeros(tb, n_alphas);
         let mut sum_cross_all = Mat::<f64>::zeros(tb, n_alphas);
-        matmul(
-            sum_pred_all.as_mut(),
-            Accum::Replace,
-            weighted_sums.as_ref(),
-            inv_all.as_ref(),
-            1.0,
-            par(),
+        let mut sum_sq_all = Mat::<f64>::zeros(tb, n_alphas);
+        over_alphas(
+            &|j, c| self.proj_sums[j] * z[(j, c)],
+            &inv,
+            &mut sum_pred_all,
         );
-        matmul(
-            sum_cross_all.as_mut(),
-            Accum::Replace,
-            weighted_cross.as_ref(),
-            inv_all.as_ref(),
-            1.0,
-            par(),
+        over_alphas(
+            &|j, c| widen(cross[(j, c)]) * z[(j, c)],
+            &inv,
+            &mut sum_cross_all,
         );
-        let square = self.r_factor.nrows() == rank;
-        let mut scaled = Mat::<E>::zeros(rank, tb);
-        let mut reduced = Mat::<E>::zeros(self.r_factor.nrows(), tb);
-        // the element-type copy of inv_all, reused by every pass over the alphas
-        let inv_elem = Mat::<E>::from_fn(rank, n_alphas, |j, a| cast(inv_all[(j, a)]));
-        for a in 0..n_alphas {
-            let inv = inv_elem.col_as_slice(a);
-            for c in 0..tb {
-                for ((d, x), i) in scaled
-                    .col_as_slice_mut(c)
-                    .iter_mut()
-                    .zip(z.col_as_slice(c))
-                    .zip(inv)
-                {
-                    *d = *x * *i;
+        // |ŷ|²: the partial-fraction terms, then the diagonal of singletons
+        over_alphas(&|j, c| 2.0 * z[(j, c)] * mz[(j, c)], &inv, &mut sum_sq_all);
+        over_alphas(
+            &|j, c| self.gram_diag[j] * z[(j, c)].powi(2),
+            &inv_sq,
+            &mut sum_sq_all,
+        );
+        // and the pairs inside clusters, directly: d_Cᵀ G_CC d_C per alpha
+        for (members, block) in &self.clusters {
+            let size = members.len();
+            let mut scaled_block = Mat::<f64>::zeros(size, tb);
+            for a in 0..n_alphas {
+                let d =
+                    Mat::<f64>::from_fn(size, tb, |i, c| z[(members[i], c)] * inv[(members[i], a)]);
+                matmul(
+                    scaled_block.as_mut(),
+                    Accum::Replace,
+                    block.as_ref(),
+                    d.as_ref(),
+                    1.0,
+                    Par::Seq,
+                );
+                for c in 0..tb {
+                    let q: f64 = d
+                        .col_as_slice(c)
+                        .iter()
+                        .zip(scaled_block.col_as_slice(c))
+                        .map(|(x, y)| x * y)
+                        .sum();
+                    sum_sq_all[(c, a)] += q;
                 }
             }
-            // R·(D z): |ŷ − offset|² per target without forming ŷ
-            triangular::matmul(
-                reduced.as_mut(),
-                BlockStructure::Rectangular,
-                Accum::Replace,
-                self.r_factor.as_ref(),
-                if square {
-                    BlockStructure::TriangularUpper
-                } else {
-                    BlockStructure::Rectangular
-                },
-                scaled.as_ref(),
-                BlockStructure::Rectangular,
-                cast::<E>(1.0),
-                par(),
-            );
+        }
+        for a in 0..n_alphas {
             let row = &mut sums[a * t + t0..a * t + t0 + tb];
-            let reduced = &reduced;
-            let (sum_pred_all, sum_cross_all) = (&sum_pred_all, &sum_cross_all);
+            let (sum_pred_all, sum_cross_all, sum_sq_all) =
+                (&sum_pred_all, &sum_cross_all, &sum_sq_all);
             row.par_iter_mut().enumerate().for_each(|(c, acc)| {
                 let (sum_pred, sum_cross) = (sum_pred_all[(c, a)], sum_cross_all[(c, a)]);
-                let sum_sq: f64 = reduced
-                    .col_as_slice(c)
-                    .iter()
-                    .map(|v| widen(*v).powi(2))
-                    .sum();
                 let offset = y_mean.map_or(0.0, |m| m[t0 + c]);
                 *acc += held_out_score(
                     params.score,
                     n_te,
                     ss_tot[c],
                     sum_cross,
-                    (sum_sq - sum_pred * sum_pred / n_te as f64).max(0.0),
+                    (sum_sq_all[(c, a)] - sum_pred * sum_pred / n_te as f64).max(0.0),
                     (sum_pred / n_te as f64 + offset) - y_te_mean[c],
                 );
             });
         }
         Ok(())
     }
+}
+
+/// The fold's scoring terms for |ŷ|² from proj and the eigenvalues (see the module doc):
+/// (M, the diagonal of G for singletons, the clusters with their blocks of G). Eigenvalues
+/// whose gap to the next smaller one is below `cluster_gap`·(s + α_max) join its cluster.
+#[allow(clippy::type_complexity)]
+fn gap_terms<E: RidgeReal>(
+    proj: &Mat<E>,
+    values: &[f64],
+    alpha_max: f64,
+    cluster_gap: f64,
+) -> (Mat<f64>, Vec<f64>, Vec<(Vec<usize>, Mat<f64>)>) {
+    let rank = values.len();
+    let proj = Mat::<f64>::from_fn(proj.nrows(), rank, |i, j| widen(proj[(i, j)]));
+    let mut gram = Mat::<f64>::zeros(rank, rank);
+    matmul(
+        gram.as_mut(),
+        Accum::Replace,
+        proj.transpose(),
+        proj.as_ref(),
+        1.0,
+        par(),
+    );
+    let mut order: Vec<usize> = (0..rank).collect();
+    order.sort_by(|a, b| values[*a].total_cmp(&values[*b]));
+    let mut cluster_of = vec![0usize; rank];
+    let mut members: Vec<Vec<usize>> = Vec::new();
+    for (pos, &j) in order.iter().enumerate() {
+        let joins = pos > 0 && {
+            let below = values[order[pos - 1]];
+            values[j] - below <= cluster_gap * (values[j] + alpha_max)
+        };
+        if !joins {
+            members.push(Vec::new());
+        }
+        cluster_of[j] = members.len() - 1;
+        members.last_mut().unwrap().push(j);
+    }
+    let gram_diag = (0..rank)
+        .map(|j| {
+            if members[cluster_of[j]].len() == 1 {
+                gram[(j, j)]
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let clusters = members
+        .into_iter()
+        .filter(|m| m.len() > 1)
+        .map(|m| {
+            let block = Mat::<f64>::from_fn(m.len(), m.len(), |i, k| gram[(m[i], m[k])]);
+            (m, block)
+        })
+        .collect();
+    for k in 0..rank {
+        for (j, g) in gram.col_as_slice_mut(k).iter_mut().enumerate() {
+            *g = if cluster_of[j] == cluster_of[k] {
+                0.0
+            } else {
+                *g / (values[k] - values[j])
+            };
+        }
+    }
+    (gram, gram_diag, clusters)
 }
 
 /// R² or Pearson from the sums of one target's held-out rows (a = y − ȳ, ŷ the prediction):
