@@ -140,12 +140,21 @@ fn bad_input_is_an_error_naming_the_tensor() {
         let e = msg(ridge::solve_batched(s, &x, &y, &[1.0, bad]).unwrap_err());
         assert!(e.contains("alpha") && e.contains("problem 1"), "{e}");
     }
+    // NaN/Inf are found per problem during the solve; the error is still that of checking
+    // x, then y, then alpha up front
     let mut x_nan = x.clone();
-    x_nan[4] = f32::NAN;
-    assert!(msg(ridge::solve_batched(s, &x_nan, &y, &alpha).unwrap_err()).contains("x"));
+    x_nan[7] = f32::NAN;
+    let e = msg(ridge::solve_batched(s, &x_nan, &y, &alpha).unwrap_err());
+    assert!(e.contains("x") && e.contains("flat index 7"), "{e}");
+    let e = msg(ridge::solve_batched(s, &x_nan, &y, &[1.0, -1.0]).unwrap_err());
+    assert!(e.contains("x") && e.contains("flat index 7"), "{e}");
     let mut y_inf = y.clone();
-    y_inf[2] = f32::INFINITY;
-    assert!(msg(ridge::solve_batched(s, &x, &y_inf, &alpha).unwrap_err()).contains("y"));
+    y_inf[4] = f32::INFINITY;
+    let e = msg(ridge::solve_batched(s, &x, &y_inf, &alpha).unwrap_err());
+    assert!(e.starts_with("y") || e.contains("`y`"), "{e}");
+    assert!(e.contains("flat index 4"), "{e}");
+    let e = msg(ridge::solve_batched(s, &x_nan, &y_inf, &alpha).unwrap_err());
+    assert!(e.contains("flat index 7"), "x is checked before y: {e}");
     assert!(msg(ridge::score(3, 2, &y, &y[..5]).unwrap_err()).contains("y_pred"));
     assert!(msg(ridge::score(3, 2, &y_inf, &y).unwrap_err()).contains("y_true"));
     // empty batch: Ok, nothing to solve
