@@ -330,6 +330,74 @@ __device__ void cv_score(const T* pred, const T* a, const double* train_mean, in
   }
 }
 
+// ridge.score: per column c of y_true and y_pred [n, t] (row-major), in f64,
+//   R2 = 1 - sum (y - p)^2 / sum (y - mean y)^2         (0 when the target is constant)
+//   Pearson = sum (y - mean y)(p - mean p) / sqrt(sum (y - mean y)^2 sum (p - mean p)^2)
+//                                                       (0 when either is constant)
+// the CPU's formulas. Same block plan as cv_split (CV_COLS columns x CV_LANES row lanes,
+// coalesced along the columns; lane partials added by lane 0 in a fixed order): one pass
+// for the two means, one for the four sums.
+template <typename T>
+__device__ void score_columns(const T* y_true, const T* y_pred, int n, long long t, T* r2, T* pearson) {
+  __shared__ double part[4][CV_LANES][CV_COLS];
+  __shared__ double mean_sh[2][CV_COLS];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const long long c = blockIdx.x * (long long)CV_COLS + tx;
+  const bool active = c < t;
+  double st = 0.0, sp = 0.0;
+  if (active)
+    for (int i = ty; i < n; i += CV_LANES) {
+      st += (double)to_acc(y_true[(long long)i * t + c]);
+      sp += (double)to_acc(y_pred[(long long)i * t + c]);
+    }
+  part[0][ty][tx] = st;
+  part[1][ty][tx] = sp;
+  __syncthreads();
+  if (ty == 0) {
+    st = sp = 0.0;
+    for (int l = 0; l < CV_LANES; ++l) {
+      st += part[0][l][tx];
+      sp += part[1][l][tx];
+    }
+    const double inv_n = 1.0 / (double)max(n, 1);
+    mean_sh[0][tx] = st * inv_n;
+    mean_sh[1][tx] = sp * inv_n;
+  }
+  __syncthreads();
+  const double mean_t = mean_sh[0][tx], mean_p = mean_sh[1][tx];
+  double ss_tot = 0.0, ss_res = 0.0, ss_pred = 0.0, cross = 0.0;
+  if (active)
+    for (int i = ty; i < n; i += CV_LANES) {
+      const double yt = (double)to_acc(y_true[(long long)i * t + c]);
+      const double yp = (double)to_acc(y_pred[(long long)i * t + c]);
+      const double a = yt - mean_t, b = yp - mean_p;
+      ss_tot += a * a;
+      ss_res += (yt - yp) * (yt - yp);
+      ss_pred += b * b;
+      cross += a * b;
+    }
+  // (lane 0 read the first partials before the barrier above: `part` is free)
+  part[0][ty][tx] = ss_tot;
+  part[1][ty][tx] = ss_res;
+  part[2][ty][tx] = ss_pred;
+  part[3][ty][tx] = cross;
+  __syncthreads();
+  if (ty == 0 && active) {
+    ss_tot = ss_res = ss_pred = cross = 0.0;
+    for (int l = 0; l < CV_LANES; ++l) {
+      ss_tot += part[0][l][tx];
+      ss_res += part[1][l][tx];
+      ss_pred += part[2][l][tx];
+      cross += part[3][l][tx];
+    }
+    const double r = ss_tot == 0.0 ? 0.0 : 1.0 - ss_res / ss_tot;
+    const double denom = sqrt(ss_tot * ss_pred);
+    const double q = denom == 0.0 ? 0.0 : cross / denom;
+    r2[c] = from_acc<T>((typename Acc<T>::type)r);
+    pearson[c] = from_acc<T>((typename Acc<T>::type)q);
+  }
+}
+
 // ridge.cv selection: per target c, cv_scores[a, c] = sums[a, c] / folds and the best alpha
 // (the highest mean score, the largest alpha among equal scores; alphas scanned in order,
 // as on the CPU). One thread per target, grid-stride.
@@ -397,6 +465,15 @@ NK_RIDGE_ENTRY(double, f64, double, f64)
                              T* cv_scores, T* best_alpha, double* chosen) {                                          \
     cv_select<T>(sums, alphas, n_alphas, t, folds, cv_scores, best_alpha, chosen);                                   \
   }
+
+#define NK_RIDGE_SCORE_ENTRY(T, NAME)                                                                 \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_COLS * NK_RIDGE_CV_LANES)                 \
+      ridge_score_##NAME(const T* y_true, const T* y_pred, int n, long long t, T* r2, T* pearson) { \
+    score_columns<T>(y_true, y_pred, n, t, r2, pearson);                                             \
+  }
+
+NK_RIDGE_SCORE_ENTRY(float, f32)
+NK_RIDGE_SCORE_ENTRY(double, f64)
 
 NK_RIDGE_CV_ENTRIES(float, f32)
 NK_RIDGE_CV_ENTRIES(double, f64)

@@ -55,7 +55,6 @@ pub const EXTENSION_OPS: &[&str] = &["scan.linear_complex_backward"];
 
 /// Ops that run on the CPU only so far: on CUDA their cases fail with `op not implemented`.
 pub const CPU_ONLY_OPS: &[&str] = &[
-    "ridge.score",
     "sae.encode_batch_topk",
     "sae.encode_jumprelu",
     "sae.backward",
@@ -1203,19 +1202,22 @@ impl Runner {
             return Err(Error::shape("y_true", "rank 2 [n, t]", format!("{dims:?}")));
         };
         same_shape(case, "y_pred", &dims)?;
-        self.cpu_only(case)?;
-        fn run<E: CaseElement>(case: &Case, n: usize, t: usize) -> Result<(Data, Data)> {
-            let (r2, pearson) = ridge::score(
-                n,
-                t,
-                typed::<E>(case, "y_true")?,
-                typed::<E>(case, "y_pred")?,
-            )?;
+        fn run<E: RidgeElement>(
+            runner: &Runner,
+            case: &Case,
+            n: usize,
+            t: usize,
+        ) -> Result<(Data, Data)> {
+            let (y_true, y_pred) = (typed::<E>(case, "y_true")?, typed::<E>(case, "y_pred")?);
+            let (r2, pearson) = match runner.kind {
+                DeviceKind::Cpu => ridge::score(n, t, y_true, y_pred)?,
+                DeviceKind::Cuda => E::cuda_score(runner, (n, t), y_true, y_pred)?,
+            };
             Ok((E::wrap(r2), E::wrap(pearson)))
         }
         let (r2, pearson) = match case.input("y_true")?.dtype() {
-            Some(DType::F32) => run::<f32>(case, n, t)?,
-            Some(DType::F64) => run::<f64>(case, n, t)?,
+            Some(DType::F32) => run::<f32>(self, case, n, t)?,
+            Some(DType::F64) => run::<f64>(self, case, n, t)?,
             _ => return Err(case_err(&case.name, "`in.y_true` must be F32 or F64")),
         };
         let mut out = BTreeMap::new();
@@ -1327,6 +1329,12 @@ trait RidgeElement: CaseElement + ridge::cv::RidgeReal {
         dims: (usize, usize, usize),
         inputs: &ridge::CvInputs<'_, Self>,
     ) -> Result<ridge::CvFit<Self>>;
+    fn cuda_score(
+        runner: &Runner,
+        dims: (usize, usize),
+        y_true: &[Self],
+        y_pred: &[Self],
+    ) -> Result<(Vec<Self>, Vec<Self>)>;
 }
 
 macro_rules! ridge_element {
@@ -1359,6 +1367,22 @@ macro_rules! ridge_element {
                 #[cfg(feature = "cuda")]
                 {
                     ridge::cuda::cv_host(runner.device()?, params, n, p, t, inputs, None)
+                }
+                #[cfg(not(feature = "cuda"))]
+                {
+                    Err(Error::NoDevice("this build has no `cuda` feature".into()))
+                }
+            }
+            #[allow(unused_variables)]
+            fn cuda_score(
+                runner: &Runner,
+                (n, t): (usize, usize),
+                y_true: &[Self],
+                y_pred: &[Self],
+            ) -> Result<(Vec<Self>, Vec<Self>)> {
+                #[cfg(feature = "cuda")]
+                {
+                    ridge::cuda::score_host(runner.device()?, n, t, y_true, y_pred)
                 }
                 #[cfg(not(feature = "cuda"))]
                 {

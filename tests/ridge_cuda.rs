@@ -4,7 +4,8 @@
 //! orders 64, 65, 200, 256 (the shared-memory kernel; f32 elements past the f64 factor's fit
 //! factor in f32) and 300 (cuBLAS + cuSOLVER), failed factorizations reported as errors.
 //! ridge.cv: f32 and f64, n < p and n ≥ p folds, R² and Pearson, centered or not, several
-//! target batches, bad inputs refused naming the tensor.
+//! target batches, bad inputs refused naming the tensor. ridge.score: f32 and f64, the
+//! constant target/prediction conventions, one row, no rows.
 
 #![cfg(feature = "cuda")]
 
@@ -283,4 +284,53 @@ fn cuda_cv_reports_progress_and_refuses_bad_inputs() {
     assert!(err.to_string().contains("folds"), "{err}");
     let err = ridge::cuda::cv_host(&dev, &params, n, p, t + 1, &inputs, None).unwrap_err();
     assert!(err.to_string().contains("`y`"), "{err}");
+}
+
+/// ridge.score on the device against the CPU: random columns, a constant target (R² and
+/// Pearson 0), a constant prediction (Pearson 0), a perfect prediction, more columns than
+/// one block holds, one row, no rows.
+fn check_score<E: CudaRidgeReal>(device: &Device, tol: f64) {
+    for (seed, &(n, t)) in [(37usize, 70usize), (1, 3), (0, 4), (200, 1)]
+        .iter()
+        .enumerate()
+    {
+        let mut rng = Rng::new(90 + seed as u64);
+        let y_true: Vec<E> = rng.vec(n * t, -1.0, 1.0);
+        let mut y_pred: Vec<E> = rng.vec(n * t, -1.0, 1.0);
+        if n > 1 && t >= 3 {
+            // column 0 predicted perfectly, column 1 by a constant
+            let constant = y_pred[1];
+            for i in 0..n {
+                y_pred[i * t] = y_true[i * t];
+                y_pred[i * t + 1] = constant;
+            }
+        }
+        let want = ridge::score(n, t, &y_true, &y_pred).unwrap();
+        let got = ridge::cuda::score_host(device, n, t, &y_true, &y_pred).unwrap();
+        for (what, g, w) in [("r2", &got.0, &want.0), ("pearson", &got.1, &want.1)] {
+            let r = worst_ratio(&to_f64(g), &to_f64(w), tol, tol);
+            assert!(r <= 1.0, "{} n{n} t{t} {what}: {r} x tolerance", E::DTYPE);
+        }
+    }
+    // a constant target: both scores exactly 0, as on the CPU
+    let (n, t) = (9, 2);
+    let y_true: Vec<E> = (0..n * t).map(|i| E::from_f64((i % t) as f64)).collect();
+    let y_pred: Vec<E> = Rng::new(5).vec(n * t, -1.0, 1.0);
+    let (r2, pearson) = ridge::cuda::score_host(device, n, t, &y_true, &y_pred).unwrap();
+    assert_eq!(to_f64(&r2), vec![0.0, 0.0]);
+    assert_eq!(to_f64(&pearson), vec![0.0, 0.0]);
+    let mut bad = y_pred.clone();
+    bad[3] = E::from_f64(f64::NAN);
+    let e = ridge::cuda::score_host(device, n, t, &y_true, &bad).unwrap_err();
+    assert!(e.to_string().contains("y_pred"), "{e}");
+    let e = ridge::cuda::score_host(device, n, t, &y_true[1..], &y_pred).unwrap_err();
+    assert!(e.to_string().contains("y_true"), "{e}");
+}
+
+#[test]
+fn cuda_score_matches_cpu() {
+    if let Some(dev) = device_or_skip("cuda_score_matches_cpu") {
+        check_score::<f32>(&dev, 1e-5);
+        check_score::<f64>(&dev, 1e-12);
+    }
 }

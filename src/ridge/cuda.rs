@@ -17,6 +17,9 @@
 //! need not fit on the device; what stays there is x's fold matrices and [A, t] f64 score
 //! sums.
 //!
+//! `ridge.score` ([`score`]): one pass per column block for the means and one for the
+//! sums, in f64, with the CPU's conventions for constant targets and predictions.
+//!
 //! cuBLAS and cuSOLVER are loaded (dynamically) by the calls that need them, and only then:
 //! an absent library is `Err(NoDevice)` naming it.
 
@@ -834,6 +837,107 @@ fn upload<E: DeviceRepr + ValidAsZeroBits>(
     } else {
         Ok(stream.clone_htod(v)?)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ridge.score
+
+/// `ridge.score` on the device: per target column of `y_true` and `y_pred` `[n, t]`, R² and
+/// Pearson (the CPU's formulas and conventions, sums in f64, deterministic) into `r2` and
+/// `pearson` `[t]` on `stream`. The values are not scanned for NaN/Inf on the device (the
+/// host convenience does that).
+#[allow(clippy::too_many_arguments)]
+pub fn score<E: CudaRidgeReal>(
+    device: &Device,
+    stream: &Arc<CudaStream>,
+    samples: usize,
+    targets: usize,
+    y_true: &CudaView<'_, E>,
+    y_pred: &CudaView<'_, E>,
+    r2: &mut impl DevicePtrMut<E>,
+    pearson: &mut impl DevicePtrMut<E>,
+) -> Result<()> {
+    device.check_stream(stream)?;
+    let (n, t) = (samples, targets);
+    let len = n
+        .checked_mul(t)
+        .ok_or_else(|| Error::overflow("y_true", "n·t overflows"))?;
+    let shape = format!("[{n}, {t}]");
+    check_len("y_true", y_true.len(), len, &shape)?;
+    check_len("y_pred", y_pred.len(), len, &shape)?;
+    check_len("r2", r2.len(), t, &format!("[{t}]"))?;
+    check_len("pearson", pearson.len(), t, &format!("[{t}]"))?;
+    if t == 0 {
+        return Ok(());
+    }
+    if n == 0 {
+        // no samples: both scores 0, as on the CPU
+        stream.memset_zeros(r2)?;
+        stream.memset_zeros(pearson)?;
+        return Ok(());
+    }
+    let nn = i32::try_from(n)
+        .map_err(|_| Error::overflow("y_true", format!("{n} rows do not fit the kernel's i32")))?;
+    let tt = i64::try_from(t).map_err(|_| Error::overflow("y_true", format!("{t} targets")))?;
+    let f = device.function("ridge", &format!("ridge_score_{}", E::SUFFIX))?;
+    let cfg = column_blocks(t)?;
+    let (tp, _g1) = read_ptr(y_true, stream);
+    let (pp, _g2) = read_ptr(y_pred, stream);
+    let (rp, _g3) = write_ptr(r2, stream);
+    let (qp, _g4) = write_ptr(pearson, stream);
+    // SAFETY: arguments match ridge_score_* in kernels/ridge.cu; y_true and y_pred hold n·t
+    // elements, r2 and pearson t, n ≥ 1, and the grid covers the t columns.
+    unsafe {
+        stream
+            .launch_builder(&f)
+            .arg(&tp)
+            .arg(&pp)
+            .arg(&nn)
+            .arg(&tt)
+            .arg(&rp)
+            .arg(&qp)
+            .launch(cfg)?;
+    }
+    Ok(())
+}
+
+/// Host in, host out on the device's default stream, with the CPU path's input checks
+/// (lengths, NaN/Inf in y_true or y_pred): `(r2, pearson)`.
+pub fn score_host<E: CudaRidgeReal>(
+    device: &Device,
+    samples: usize,
+    targets: usize,
+    y_true: &[E],
+    y_pred: &[E],
+) -> Result<(Vec<E>, Vec<E>)> {
+    let len = samples
+        .checked_mul(targets)
+        .ok_or_else(|| Error::overflow("y_true", "n·t overflows"))?;
+    let shape = format!("[{samples}, {targets}]");
+    check_len("y_true", y_true.len(), len, &shape)?;
+    check_len("y_pred", y_pred.len(), len, &shape)?;
+    check_finite("y_true", y_true)?;
+    check_finite("y_pred", y_pred)?;
+    if targets == 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let stream = device.stream();
+    let (td, pd) = (upload(stream, y_true)?, upload(stream, y_pred)?);
+    let (mut r2, mut pearson) = (
+        stream.alloc_zeros::<E>(targets)?,
+        stream.alloc_zeros::<E>(targets)?,
+    );
+    score(
+        device,
+        stream,
+        samples,
+        targets,
+        &td.slice(0..len),
+        &pd.slice(0..len),
+        &mut r2,
+        &mut pearson,
+    )?;
+    Ok((stream.clone_dtoh(&r2)?, stream.clone_dtoh(&pearson)?))
 }
 
 // ---------------------------------------------------------------------------------------------
