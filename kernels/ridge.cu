@@ -359,9 +359,8 @@ __device__ void score_columns(const T* y_true, const T* y_pred, int n, long long
       st += part[0][l][tx];
       sp += part[1][l][tx];
     }
-    const double inv_n = 1.0 / (double)max(n, 1);
-    mean_sh[0][tx] = st * inv_n;
-    mean_sh[1][tx] = sp * inv_n;
+    mean_sh[0][tx] = st / (double)max(n, 1);  // divided, as on the CPU
+    mean_sh[1][tx] = sp / (double)max(n, 1);
   }
   __syncthreads();
   const double mean_t = mean_sh[0][tx], mean_p = mean_sh[1][tx];

@@ -500,3 +500,29 @@ fn cv_bad_input_is_an_error_naming_the_tensor() {
     y_inf[0] = f64::INFINITY;
     assert!(run(&x, &y_inf, &alphas, &good).contains("y"));
 }
+
+/// ridge.score over several column blocks (t = 600, the last block partial) equals the
+/// column-by-column formulas, bit for bit (each column is summed over the rows in order).
+#[test]
+fn score_matches_the_column_formulas_across_column_blocks() {
+    let (n, t) = (13, 600);
+    let mut rng = Rng::new(3);
+    let y_true: Vec<f64> = rng.vec(n * t, -1.0, 1.0);
+    let y_pred: Vec<f64> = rng.vec(n * t, -1.0, 1.0);
+    let (r2, pearson) = ridge::score(n, t, &y_true, &y_pred).unwrap();
+    for c in 0..t {
+        let col = |v: &[f64]| (0..n).map(|i| v[i * t + c]).collect::<Vec<f64>>();
+        let (yt, yp) = (col(&y_true), col(&y_pred));
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / n as f64;
+        let (mt, mp) = (mean(&yt), mean(&yp));
+        let (mut ss_tot, mut ss_res, mut ss_pred, mut cross) = (0.0, 0.0, 0.0, 0.0);
+        for (a, b) in yt.iter().zip(&yp) {
+            ss_tot += (a - mt) * (a - mt);
+            ss_res += (a - b) * (a - b);
+            ss_pred += (b - mp) * (b - mp);
+            cross += (a - mt) * (b - mp);
+        }
+        assert_eq!(r2[c], 1.0 - ss_res / ss_tot, "r2 of column {c}");
+        assert_eq!(pearson[c], cross / (ss_tot * ss_pred).sqrt(), "pearson {c}");
+    }
+}

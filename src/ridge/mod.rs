@@ -556,32 +556,56 @@ pub fn score<E: Element>(
     if samples == 0 {
         return Ok((r2, pearson));
     }
-    fn col<E: Element>(
-        v: &[E],
-        samples: usize,
-        targets: usize,
-        c: usize,
-    ) -> impl Iterator<Item = f64> + '_ {
-        (0..samples).map(move |i| v[i * targets + c].to_f64())
-    }
-    for c in 0..targets {
-        let mean_t = col(y_true, samples, targets, c).sum::<f64>() / samples as f64;
-        let mean_p = col(y_pred, samples, targets, c).sum::<f64>() / samples as f64;
-        let (mut ss_tot, mut ss_res, mut ss_pred, mut cross) = (0.0, 0.0, 0.0, 0.0);
-        for (yt, yp) in col(y_true, samples, targets, c).zip(col(y_pred, samples, targets, c)) {
-            let (a, b) = (yt - mean_t, yp - mean_p);
-            ss_tot += a * a;
-            ss_res += (yt - yp) * (yt - yp);
-            ss_pred += b * b;
-            cross += a * b;
-        }
-        r2[c] = E::from_f64(if ss_tot == 0.0 {
-            0.0
-        } else {
-            1.0 - ss_res / ss_tot
+    // Column blocks in parallel; within a block the rows are read in order (contiguous
+    // slices of each row), each column summed over the rows in order, in f64.
+    const COLUMNS: usize = 256;
+    r2.par_chunks_mut(COLUMNS)
+        .zip(pearson.par_chunks_mut(COLUMNS))
+        .enumerate()
+        .for_each(|(block, (r2, pearson))| {
+            let (c0, width) = (block * COLUMNS, r2.len());
+            fn rows<E>(
+                v: &[E],
+                c0: usize,
+                n: usize,
+                t: usize,
+                w: usize,
+            ) -> impl Iterator<Item = &[E]> {
+                (0..n).map(move |i| &v[c0 + i * t..c0 + i * t + w])
+            }
+            let rows = |v| rows(v, c0, samples, targets, width);
+            let (mut mean_t, mut mean_p) = (vec![0.0f64; width], vec![0.0f64; width]);
+            for (rt, rp) in rows(y_true).zip(rows(y_pred)) {
+                for j in 0..width {
+                    mean_t[j] += rt[j].to_f64();
+                    mean_p[j] += rp[j].to_f64();
+                }
+            }
+            mean_t
+                .iter_mut()
+                .chain(mean_p.iter_mut())
+                .for_each(|m| *m /= samples as f64);
+            let mut sums = vec![[0.0f64; 4]; width]; // ss_tot, ss_res, ss_pred, cross
+            for (rt, rp) in rows(y_true).zip(rows(y_pred)) {
+                for j in 0..width {
+                    let (yt, yp) = (rt[j].to_f64(), rp[j].to_f64());
+                    let (a, b) = (yt - mean_t[j], yp - mean_p[j]);
+                    let s = &mut sums[j];
+                    s[0] += a * a;
+                    s[1] += (yt - yp) * (yt - yp);
+                    s[2] += b * b;
+                    s[3] += a * b;
+                }
+            }
+            for (j, [ss_tot, ss_res, ss_pred, cross]) in sums.into_iter().enumerate() {
+                r2[j] = E::from_f64(if ss_tot == 0.0 {
+                    0.0
+                } else {
+                    1.0 - ss_res / ss_tot
+                });
+                let denom = (ss_tot * ss_pred).sqrt();
+                pearson[j] = E::from_f64(if denom == 0.0 { 0.0 } else { cross / denom });
+            }
         });
-        let denom = (ss_tot * ss_pred).sqrt();
-        pearson[c] = E::from_f64(if denom == 0.0 { 0.0 } else { cross / denom });
-    }
     Ok((r2, pearson))
 }
