@@ -76,7 +76,9 @@ pub struct CvParams {
     /// Center x and y with the training rows' means and fit an intercept.
     pub center: bool,
     /// Targets per batch: the working memory is about (p + 2·n) · target_batch values
-    /// beside the decompositions.
+    /// and 4 · rank · target_batch f64 (the scoring) beside the decompositions (per fold:
+    /// the eigenvectors, the held-out projection and the rank × rank f64 matrix M;
+    /// rank = min(p, training rows)).
     pub target_batch: usize,
 }
 
