@@ -910,14 +910,7 @@ pub fn score_host<E: CudaRidgeReal>(
     y_true: &[E],
     y_pred: &[E],
 ) -> Result<(Vec<E>, Vec<E>)> {
-    let len = samples
-        .checked_mul(targets)
-        .ok_or_else(|| Error::overflow("y_true", "n·t overflows"))?;
-    let shape = format!("[{samples}, {targets}]");
-    check_len("y_true", y_true.len(), len, &shape)?;
-    check_len("y_pred", y_pred.len(), len, &shape)?;
-    check_finite("y_true", y_true)?;
-    check_finite("y_pred", y_pred)?;
+    let len = super::check_score_inputs(samples, targets, y_true, y_pred)?;
     if targets == 0 {
         return Ok((Vec::new(), Vec::new()));
     }

@@ -533,6 +533,25 @@ unsafe fn cholesky_solve<S: Simd>(
     Ok(())
 }
 
+/// The checks of `ridge.score`'s inputs (shared by the CPU and CUDA paths): both
+/// `[samples, targets]`, no NaN/Inf; returns samples · targets.
+fn check_score_inputs<E: Element>(
+    samples: usize,
+    targets: usize,
+    y_true: &[E],
+    y_pred: &[E],
+) -> Result<usize> {
+    let len = samples
+        .checked_mul(targets)
+        .ok_or_else(|| Error::overflow("y_true", "n·t overflows"))?;
+    let shape = format!("[{samples}, {targets}]");
+    check_len("y_true", y_true.len(), len, &shape)?;
+    check_len("y_pred", y_pred.len(), len, &shape)?;
+    check_finite("y_true", y_true)?;
+    check_finite("y_pred", y_pred)?;
+    Ok(len)
+}
+
 /// `ridge.score`: per target column of `y_true [n, t]` and `y_pred [n, t]`, returns
 /// `(r2 [t], pearson [t])`, computed in f64 in two passes:
 /// R² = 1 − Σ(y − ŷ)² / Σ(y − ȳ)², and 0 where Σ(y − ȳ)² is exactly 0 (a constant target);
@@ -544,14 +563,7 @@ pub fn score<E: Element>(
     y_true: &[E],
     y_pred: &[E],
 ) -> Result<(Vec<E>, Vec<E>)> {
-    let len = samples
-        .checked_mul(targets)
-        .ok_or_else(|| Error::overflow("y_true", "n·t overflows"))?;
-    let shape = format!("[{samples}, {targets}]");
-    check_len("y_true", y_true.len(), len, &shape)?;
-    check_len("y_pred", y_pred.len(), len, &shape)?;
-    check_finite("y_true", y_true)?;
-    check_finite("y_pred", y_pred)?;
+    check_score_inputs(samples, targets, y_true, y_pred)?;
     let (mut r2, mut pearson) = (vec![E::default(); targets], vec![E::default(); targets]);
     if samples == 0 {
         return Ok((r2, pearson));
