@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::Rng;
+use common::attention::{Config, Data, config, draw};
 use half::{bf16, f16};
 use neurokernels::attention::{
     self, AttentionInputs, AttentionParams, AttentionShape, Bias, CuSeqlens, SplitKv,
@@ -14,132 +14,6 @@ use neurokernels::attention::{
 use neurokernels::cpu::Isa;
 use neurokernels::element::Accum;
 use neurokernels::{Element, Error};
-
-/// One test configuration.
-#[derive(Clone, Debug)]
-struct Config {
-    b: usize,
-    sq: usize,
-    sk: usize,
-    hq: usize,
-    hk: usize,
-    d: usize,
-    dv: usize,
-    params: AttentionParams,
-    alibi: bool,
-    /// (Bb, Hb) of the bias.
-    bias: Option<(usize, usize)>,
-    /// Packed sequence lengths (q, k); then b = 1.
-    lens: Option<(Vec<usize>, Vec<usize>)>,
-}
-
-fn config(b: usize, sq: usize, sk: usize, hq: usize, hk: usize, d: usize, dv: usize) -> Config {
-    Config {
-        b,
-        sq,
-        sk,
-        hq,
-        hk,
-        d,
-        dv,
-        params: AttentionParams::new(),
-        alibi: false,
-        bias: None,
-        lens: None,
-    }
-}
-
-impl Config {
-    fn with(mut self, params: AttentionParams) -> Self {
-        self.params = params;
-        self
-    }
-    fn alibi(mut self) -> Self {
-        self.alibi = true;
-        self
-    }
-    fn bias(mut self, bb: usize, hb: usize) -> Self {
-        self.bias = Some((bb, hb));
-        self
-    }
-    fn varlen(mut self, q: &[usize], k: &[usize]) -> Self {
-        self.b = 1;
-        self.sq = q.iter().sum();
-        self.sk = k.iter().sum();
-        self.lens = Some((q.to_vec(), k.to_vec()));
-        self
-    }
-    fn shape(&self) -> AttentionShape {
-        AttentionShape::new(self.b, self.sq, self.sk, self.hq, self.hk, self.d, self.dv)
-    }
-    fn cu(&self) -> Option<(Vec<i32>, Vec<i32>)> {
-        self.lens.as_ref().map(|(q, k)| {
-            let cum = |l: &Vec<usize>| {
-                std::iter::once(0)
-                    .chain(l.iter().scan(0, |s, x| {
-                        *s += *x as i32;
-                        Some(*s)
-                    }))
-                    .collect()
-            };
-            (cum(q), cum(k))
-        })
-    }
-    /// (batch, q_start, q_len, k_start, k_len) of each sequence.
-    fn segments(&self) -> Vec<(usize, usize, usize, usize, usize)> {
-        match self.cu() {
-            None => (0..self.b).map(|b| (b, 0, self.sq, 0, self.sk)).collect(),
-            Some((q, k)) => (0..q.len() - 1)
-                .map(|n| {
-                    let (q0, k0) = (q[n] as usize, k[n] as usize);
-                    (0, q0, q[n + 1] as usize - q0, k0, k[n + 1] as usize - k0)
-                })
-                .collect(),
-        }
-    }
-}
-
-/// Inputs drawn in f64 and rounded to E (the reference reads the rounded values).
-struct Data<E: Element> {
-    q: Vec<E>,
-    k: Vec<E>,
-    v: Vec<E>,
-    d_o: Vec<E>,
-    slopes: Vec<E::Acc>,
-    bias: Vec<E::Acc>,
-    cu: Option<(Vec<i32>, Vec<i32>)>,
-}
-
-fn draw<E: Element>(c: &Config, seed: u64) -> Data<E> {
-    let mut rng = Rng::new(seed);
-    let bias_len = c.bias.map_or(0, |(bb, hb)| bb * hb * c.sq * c.sk);
-    Data {
-        q: rng.vec(c.b * c.sq * c.hq * c.d, -1.5, 1.5),
-        k: rng.vec(c.b * c.sk * c.hk * c.d, -1.5, 1.5),
-        v: rng.vec(c.b * c.sk * c.hk * c.dv, -1.0, 1.0),
-        d_o: rng.vec(c.b * c.sq * c.hq * c.dv, -0.5, 0.5),
-        slopes: (0..c.hq)
-            .map(|_| E::Acc::from_f64(rng.uniform(0.05, 0.5)))
-            .collect(),
-        bias: (0..bias_len)
-            .map(|_| E::Acc::from_f64(rng.uniform(-1.0, 1.0)))
-            .collect(),
-        cu: c.cu(),
-    }
-}
-
-impl<E: Element> Data<E> {
-    fn inputs<'a>(&'a self, c: &Config) -> AttentionInputs<'a, E> {
-        AttentionInputs::new(&self.q, &self.k, &self.v)
-            .alibi_slopes(c.alibi.then_some(&self.slopes[..]))
-            .bias(c.bias.map(|(bb, hb)| Bias {
-                data: &self.bias[..],
-                batch: bb,
-                heads: hb,
-            }))
-            .cu_seqlens(self.cu.as_ref().map(|(q, k)| CuSeqlens { q, k }))
-    }
-}
 
 fn f64s<T: Copy>(x: &[T], f: impl Fn(T) -> f64) -> Vec<f64> {
     x.iter().map(|v| f(*v)).collect()

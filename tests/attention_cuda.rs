@@ -8,11 +8,12 @@
 
 mod common;
 
-use common::{Rng, to_f64};
+use common::attention::{Config, config, draw};
+use common::to_f64;
 use half::{bf16, f16};
 use neurokernels::attention::cuda::{self as gpu, AttentionViews};
 use neurokernels::attention::{
-    self, AttentionInputs, AttentionParams, AttentionShape, Bias, CuSeqlens, SplitKv,
+    self, AttentionInputs, AttentionParams, AttentionShape, CuSeqlens, SplitKv,
 };
 use neurokernels::cuda::{CudaElement, Device};
 use neurokernels::element::Accum;
@@ -25,111 +26,6 @@ fn device_or_skip(test: &str) -> Option<Device> {
             common::say_skipped(&format!("{test}: {e}"));
             None
         }
-    }
-}
-
-#[derive(Clone, Debug)]
-struct Config {
-    b: usize,
-    sq: usize,
-    sk: usize,
-    hq: usize,
-    hk: usize,
-    d: usize,
-    dv: usize,
-    params: AttentionParams,
-    alibi: bool,
-    bias: Option<(usize, usize)>,
-    lens: Option<(Vec<usize>, Vec<usize>)>,
-}
-
-fn config(b: usize, sq: usize, sk: usize, hq: usize, hk: usize, d: usize, dv: usize) -> Config {
-    Config {
-        b,
-        sq,
-        sk,
-        hq,
-        hk,
-        d,
-        dv,
-        params: AttentionParams::new(),
-        alibi: false,
-        bias: None,
-        lens: None,
-    }
-}
-
-impl Config {
-    fn with(mut self, params: AttentionParams) -> Self {
-        self.params = params;
-        self
-    }
-    fn alibi(mut self) -> Self {
-        self.alibi = true;
-        self
-    }
-    fn bias(mut self, bb: usize, hb: usize) -> Self {
-        self.bias = Some((bb, hb));
-        self
-    }
-    fn varlen(mut self, q: &[usize], k: &[usize]) -> Self {
-        self.b = 1;
-        self.sq = q.iter().sum();
-        self.sk = k.iter().sum();
-        self.lens = Some((q.to_vec(), k.to_vec()));
-        self
-    }
-    fn shape(&self) -> AttentionShape {
-        AttentionShape::new(self.b, self.sq, self.sk, self.hq, self.hk, self.d, self.dv)
-    }
-}
-
-struct Data<E: Element> {
-    q: Vec<E>,
-    k: Vec<E>,
-    v: Vec<E>,
-    d_o: Vec<E>,
-    slopes: Vec<E::Acc>,
-    bias: Vec<E::Acc>,
-    cu: Option<(Vec<i32>, Vec<i32>)>,
-}
-
-fn draw<E: Element>(c: &Config, seed: u64) -> Data<E> {
-    let mut rng = Rng::new(seed);
-    let bias_len = c.bias.map_or(0, |(bb, hb)| bb * hb * c.sq * c.sk);
-    let cum = |l: &Vec<usize>| -> Vec<i32> {
-        std::iter::once(0)
-            .chain(l.iter().scan(0, |s, x| {
-                *s += *x as i32;
-                Some(*s)
-            }))
-            .collect()
-    };
-    Data {
-        q: rng.vec(c.b * c.sq * c.hq * c.d, -1.5, 1.5),
-        k: rng.vec(c.b * c.sk * c.hk * c.d, -1.5, 1.5),
-        v: rng.vec(c.b * c.sk * c.hk * c.dv, -1.0, 1.0),
-        d_o: rng.vec(c.b * c.sq * c.hq * c.dv, -0.5, 0.5),
-        slopes: (0..c.hq)
-            .map(|_| E::Acc::from_f64(rng.uniform(0.05, 0.5)))
-            .collect(),
-        bias: (0..bias_len)
-            .map(|_| E::Acc::from_f64(rng.uniform(-1.0, 1.0)))
-            .collect(),
-        cu: c.lens.as_ref().map(|(q, k)| (cum(q), cum(k))),
-    }
-}
-
-impl<E: Element> Data<E> {
-    fn inputs<'a>(&'a self, c: &Config) -> AttentionInputs<'a, E> {
-        AttentionInputs::new(&self.q, &self.k, &self.v)
-            .alibi_slopes(c.alibi.then_some(&self.slopes[..]))
-            .bias(c.bias.map(|(bb, hb)| Bias {
-                data: &self.bias[..],
-                batch: bb,
-                heads: hb,
-            }))
-            .cu_seqlens(self.cu.as_ref().map(|(q, k)| CuSeqlens { q, k }))
     }
 }
 

@@ -4,6 +4,8 @@
 
 use neurokernels::Element;
 
+pub mod attention;
+
 /// xorshift64*: deterministic, dependency-free test data.
 pub struct Rng(u64);
 
