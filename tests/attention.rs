@@ -9,7 +9,7 @@ mod common;
 use common::attention::{Config, Data, config, draw};
 use half::{bf16, f16};
 use neurokernels::attention::{
-    self, AttentionInputs, AttentionParams, AttentionShape, Bias, CuSeqlens, SplitKv,
+    self, AttentionInputs, AttentionParams, AttentionShape, BackwardTasks, Bias, CuSeqlens, SplitKv,
 };
 use neurokernels::cpu::Isa;
 use neurokernels::element::Accum;
@@ -567,6 +567,34 @@ fn split_kv_decode_equals_the_query_block_path() {
             assert_close("o naive", &f64s(&o1, f64::from), &want.o, 1e-4, 1e-5);
         }
     }
+}
+
+/// The one-pass (per KV head) and two-pass (per block) backward sum the same terms in the same
+/// order, so they must agree to the bit (the auto choice depends on the thread count).
+fn backward_tasks_agree<E: Element>(isa: Isa) {
+    for (n, c) in configs().iter().enumerate() {
+        let x = draw::<E>(c, 300 + n as u64);
+        let inputs = x.inputs(c);
+        let (o, lse) = attention::forward_on(isa, &c.params, c.shape(), &inputs).unwrap();
+        let run = |tasks| {
+            let params = c.params.backward_tasks(tasks);
+            attention::backward_on(isa, &params, c.shape(), &inputs, &o, &x.d_o, &lse).unwrap()
+        };
+        let (head, block) = (run(BackwardTasks::PerHead), run(BackwardTasks::PerBlock));
+        let what = format!("{isa:?} {} config {n} {c:?}", E::DTYPE);
+        assert!(head.dq == block.dq, "dq differs: {what}");
+        assert!(head.dk == block.dk, "dk differs: {what}");
+        assert!(head.dv == block.dv, "dv differs: {what}");
+    }
+}
+
+#[test]
+fn backward_per_head_equals_per_block_to_the_bit() {
+    for isa in Isa::available() {
+        backward_tasks_agree::<f32>(isa);
+    }
+    backward_tasks_agree::<f64>(Isa::active());
+    backward_tasks_agree::<bf16>(Isa::active());
 }
 
 #[test]

@@ -29,7 +29,8 @@
 //! the backward (S and dP recomputed in both passes); the decode is bound by reading K and V.
 
 use super::{
-    AttentionGrads, AttentionInputs, AttentionParams, AttentionShape, Bias, Segment, Sizes, SplitKv,
+    AttentionGrads, AttentionInputs, AttentionParams, AttentionShape, BackwardTasks, Bias, Segment,
+    Sizes, SplitKv,
 };
 use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
@@ -46,6 +47,9 @@ const SPLIT_CHUNK: usize = 512;
 /// The split-KV path is chosen (with `SplitKv::Auto`) when every sequence has at most this
 /// many query rows per KV head (Sq · Hq/Hk).
 const DECODE_ROWS: usize = 16;
+/// [`BackwardTasks::Auto`] runs one task per (sequence, KV head) when there are at least
+/// this many per rayon thread (enough to balance), else the two per-block passes.
+const PER_HEAD_TASKS_PER_THREAD: usize = 4;
 
 fn neg_inf<A: Accum>() -> A {
     A::from_f64(f64::NEG_INFINITY)
@@ -1252,10 +1256,40 @@ pub(super) fn backward<E: Element>(
         q_blocks: &q_blocks,
         do_blocks: &do_blocks,
     };
-    let (dkp, dvp) = (
+    let (dqp, dkp, dvp) = (
+        SendPtr(grads.dq.as_mut_ptr()),
         SendPtr(grads.dk.as_mut_ptr()),
         SendPtr(grads.dv.as_mut_ptr()),
     );
+    let per_head = match params.backward_tasks {
+        BackwardTasks::PerHead => true,
+        BackwardTasks::PerBlock => false,
+        BackwardTasks::Auto => {
+            segments.len() * sh.heads_kv >= PER_HEAD_TASKS_PER_THREAD * rayon::current_num_threads()
+        }
+    };
+    if per_head {
+        let head_tasks: Vec<(usize, usize)> = (0..segments.len())
+            .flat_map(|si| (0..sh.heads_kv).map(move |h| (si, h)))
+            .collect();
+        head_tasks.into_par_iter().for_each(|(si, hk)| {
+            // SAFETY: the task writes only (seg, hk)'s key rows of dk and dv and the rows of
+            // (seg, query heads of hk's group) of dq.
+            dispatch(
+                isa,
+                HeadGrads {
+                    ctx: &ctx,
+                    si,
+                    seg: segments[si],
+                    hk,
+                    dq: dqp,
+                    dk: dkp,
+                    dv: dvp,
+                },
+            )
+        });
+        return grads;
+    }
     let key_tasks: Vec<(usize, usize, usize)> = segments
         .iter()
         .enumerate()
@@ -1279,7 +1313,6 @@ pub(super) fn backward<E: Element>(
             },
         )
     });
-    let dqp = SendPtr(grads.dq.as_mut_ptr());
     let query_tasks: Vec<(usize, usize, usize)> = segments
         .iter()
         .enumerate()
@@ -1412,8 +1445,177 @@ impl<E: Element> Backward<'_, E> {
     }
 }
 
-/// dK and dV of one key block of (seg, KV head hk), summed over the query heads of the
-/// group and every query block that sees the keys.
+/// The scratch buffers of one backward task.
+struct GradScratch<A> {
+    p: Vec<A>,
+    ds: Vec<A>,
+    capd: Vec<A>,
+    dk: Vec<A>,
+    dv: Vec<A>,
+}
+
+impl<A: Accum> GradScratch<A> {
+    fn new(d: usize, dv: usize) -> Self {
+        Self {
+            p: vec![A::ZERO; BLOCK_Q * BLOCK_K],
+            ds: vec![A::ZERO; BLOCK_Q * BLOCK_K],
+            capd: vec![A::ZERO; BLOCK_K],
+            dk: vec![A::ZERO; BLOCK_K * d],
+            dv: vec![A::ZERO; BLOCK_K * dv],
+        }
+    }
+}
+
+impl<E: Element> Backward<'_, E> {
+    /// dK and dV of key block j0 of (seg, KV head hk), summed over the query heads of the
+    /// group and every query block that sees the keys, written to `dk` and `dv`. With
+    /// `dq_acc` (the group's dQ, `[g × q_len × D]` by query head, then row) dS·K of every
+    /// block pair is added there too, the term the per-block pass 2 adds in the same order.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn key_block_grads<S: Simd>(
+        &self,
+        si: usize,
+        seg: &Segment,
+        hk: usize,
+        j0: usize,
+        (dk, dv): (SendPtr<E>, SendPtr<E>),
+        mut dq_acc: Option<&mut [E::Acc]>,
+        scratch: &mut GradScratch<E::Acc>,
+    ) {
+        let sh = &self.shape;
+        let (d, dvd, g) = (sh.head_dim, sh.value_dim, sh.group());
+        let w = BLOCK_K.min(seg.k_len - j0);
+        let zero = <E::Acc as Accum>::ZERO;
+        let GradScratch {
+            p,
+            ds,
+            capd,
+            dk: dk_acc,
+            dv: dv_acc,
+        } = scratch;
+        dk_acc[..w * d].fill(zero);
+        dv_acc[..w * dvd].fill(zero);
+        for hq in hk * g..(hk + 1) * g {
+            let mut row0 = 0;
+            while row0 < seg.q_len {
+                let rows = BLOCK_Q.min(seg.q_len - row0);
+                let sees = (0..rows).any(|r| {
+                    let c = ScoreRules::<E::Acc>::columns(j0, w, self.rules.visible(seg, row0 + r));
+                    c.0 < c.1
+                });
+                if sees && self.probs_and_ds::<S>(si, seg, hq, row0, rows, j0, w, p, ds, capd) {
+                    let q_first = seg.q_start + row0;
+                    // SAFETY: p and ds are rows × w (stride BLOCK_K), read transposed; the
+                    // dO and q rows exist; dv_acc is w × Dv, dk_acc w × D.
+                    unsafe {
+                        gemm_acc::<S, E::Acc>(
+                            w,
+                            dvd,
+                            rows,
+                            Strided {
+                                ptr: p.as_ptr(),
+                                row_stride: 1,
+                                inner_stride: BLOCK_K,
+                            },
+                            self.d_o.ptr(seg.batch, q_first, hq),
+                            self.d_o.stride(),
+                            dv_acc.as_mut_ptr(),
+                            dvd,
+                            false,
+                        );
+                        gemm_acc::<S, E::Acc>(
+                            w,
+                            d,
+                            rows,
+                            Strided {
+                                ptr: ds.as_ptr(),
+                                row_stride: 1,
+                                inner_stride: BLOCK_K,
+                            },
+                            self.q.ptr(seg.batch, q_first, hq),
+                            self.q.stride(),
+                            dk_acc.as_mut_ptr(),
+                            d,
+                            false,
+                        );
+                    }
+                    if let Some(dq) = dq_acc.as_deref_mut() {
+                        let at = ((hq - hk * g) * seg.q_len + row0) * d;
+                        let dq_rows = &mut dq[at..at + rows * d];
+                        // SAFETY: ds is rows × w (stride BLOCK_K); the key rows exist;
+                        // dq_rows is rows × D.
+                        unsafe { self.add_ds_times_k::<S>(seg, hk, j0, rows, w, ds, dq_rows) };
+                    }
+                }
+                row0 += rows;
+            }
+        }
+        for c in 0..w {
+            let key = seg.k_start + j0 + c;
+            let at_k = ((seg.batch * sh.len_k + key) * sh.heads_kv + hk) * d;
+            for (p, x) in dk_acc[c * d..(c + 1) * d].iter().enumerate() {
+                // SAFETY: key row (batch, key, hk) of dk belongs to this task.
+                unsafe { *dk.get().add(at_k + p) = E::from_acc(*x * self.scale) };
+            }
+            let at_v = ((seg.batch * sh.len_k + key) * sh.heads_kv + hk) * dvd;
+            for (p, x) in dv_acc[c * dvd..(c + 1) * dvd].iter().enumerate() {
+                // SAFETY: as above, in dv.
+                unsafe { *dv.get().add(at_v + p) = E::from_acc(*x) };
+            }
+        }
+    }
+
+    /// dq_rows += dS·K for key block j0 (width w) of (seg, hk).
+    ///
+    /// # Safety
+    /// ds holds rows × w at stride BLOCK_K; dq_rows is rows × D.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn add_ds_times_k<S: Simd>(
+        &self,
+        seg: &Segment,
+        hk: usize,
+        j0: usize,
+        rows: usize,
+        w: usize,
+        ds: &[E::Acc],
+        dq_rows: &mut [E::Acc],
+    ) {
+        debug_assert!(dq_rows.len() >= rows * self.shape.head_dim);
+        unsafe {
+            gemm_acc::<S, E::Acc>(
+                rows,
+                self.shape.head_dim,
+                w,
+                Strided {
+                    ptr: ds.as_ptr(),
+                    row_stride: BLOCK_K,
+                    inner_stride: 1,
+                },
+                self.k.ptr(seg.batch, seg.k_start + j0, hk),
+                self.k.stride(),
+                dq_rows.as_mut_ptr(),
+                self.shape.head_dim,
+                false,
+            )
+        };
+    }
+
+    /// Writes rows row0.. of (seg, hq) of dq: scale · acc (`rows × D`).
+    fn store_dq(&self, seg: &Segment, hq: usize, row0: usize, acc: &[E::Acc], dq: SendPtr<E>) {
+        let (sh, d) = (&self.shape, self.shape.head_dim);
+        for (r, row) in acc.chunks_exact(d).enumerate() {
+            let at = ((seg.batch * sh.len_q + seg.q_start + row0 + r) * sh.heads_q + hq) * d;
+            for (p, x) in row.iter().enumerate() {
+                // SAFETY: row (batch, query, hq) of dq belongs to the calling task.
+                unsafe { *dq.get().add(at + p) = E::from_acc(*x * self.scale) };
+            }
+        }
+    }
+}
+
+/// Pass 1 of [`BackwardTasks::PerBlock`]: dK and dV of one key block of (seg, KV head hk).
 struct KeyBlockGrads<'a, E: Element> {
     ctx: &'a Backward<'a, E>,
     si: usize,
@@ -1428,93 +1630,63 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
+        let sh = &self.ctx.shape;
+        let mut scratch = GradScratch::new(sh.head_dim, sh.value_dim);
+        self.ctx.key_block_grads::<S>(
+            self.si,
+            &self.seg,
+            self.hk,
+            self.j0,
+            (self.dk, self.dv),
+            None,
+            &mut scratch,
+        );
+    }
+}
+
+/// [`BackwardTasks::PerHead`]: dK, dV of every key block of (seg, KV head hk) and dQ of the
+/// group's query heads, in one pass.
+struct HeadGrads<'a, E: Element> {
+    ctx: &'a Backward<'a, E>,
+    si: usize,
+    seg: Segment,
+    hk: usize,
+    dq: SendPtr<E>,
+    dk: SendPtr<E>,
+    dv: SendPtr<E>,
+}
+
+impl<E: Element> SimdKernel for HeadGrads<'_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
         let Self {
             ctx,
             si,
             seg,
             hk,
-            j0,
+            dq,
             dk,
             dv,
         } = self;
         let sh = &ctx.shape;
-        let (d, dvd, g) = (sh.head_dim, sh.value_dim, sh.group());
-        let w = BLOCK_K.min(seg.k_len - j0);
-        let zero = <E::Acc as Accum>::ZERO;
-        let mut dk_acc = vec![zero; w * d];
-        let mut dv_acc = vec![zero; w * dvd];
-        let mut p = vec![zero; BLOCK_Q * BLOCK_K];
-        let mut ds = vec![zero; BLOCK_Q * BLOCK_K];
-        let mut capd = vec![zero; BLOCK_K];
-        for hq in hk * g..(hk + 1) * g {
-            let mut row0 = 0;
-            while row0 < seg.q_len {
-                let rows = BLOCK_Q.min(seg.q_len - row0);
-                let sees = (0..rows).any(|r| {
-                    let c = ScoreRules::<E::Acc>::columns(j0, w, ctx.rules.visible(&seg, row0 + r));
-                    c.0 < c.1
-                });
-                if sees
-                    && ctx.probs_and_ds::<S>(
-                        si, &seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd,
-                    )
-                {
-                    let q_first = seg.q_start + row0;
-                    // SAFETY: p and ds are rows × w (stride BLOCK_K), read transposed; the
-                    // dO and q rows exist; dv_acc is w × Dv, dk_acc w × D.
-                    unsafe {
-                        gemm_acc::<S, E::Acc>(
-                            w,
-                            dvd,
-                            rows,
-                            Strided {
-                                ptr: p.as_ptr(),
-                                row_stride: 1,
-                                inner_stride: BLOCK_K,
-                            },
-                            ctx.d_o.ptr(seg.batch, q_first, hq),
-                            ctx.d_o.stride(),
-                            dv_acc.as_mut_ptr(),
-                            dvd,
-                            false,
-                        );
-                        gemm_acc::<S, E::Acc>(
-                            w,
-                            d,
-                            rows,
-                            Strided {
-                                ptr: ds.as_ptr(),
-                                row_stride: 1,
-                                inner_stride: BLOCK_K,
-                            },
-                            ctx.q.ptr(seg.batch, q_first, hq),
-                            ctx.q.stride(),
-                            dk_acc.as_mut_ptr(),
-                            d,
-                            false,
-                        );
-                    }
-                }
-                row0 += rows;
-            }
+        let (d, g) = (sh.head_dim, sh.group());
+        let mut scratch = GradScratch::new(d, sh.value_dim);
+        let head_len = seg.q_len * d;
+        let mut dq_acc = vec![<E::Acc as Accum>::ZERO; g * head_len];
+        for j0 in (0..seg.k_len).step_by(BLOCK_K) {
+            ctx.key_block_grads::<S>(si, &seg, hk, j0, (dk, dv), Some(&mut dq_acc), &mut scratch);
         }
-        for c in 0..w {
-            let key = seg.k_start + j0 + c;
-            let at_k = ((seg.batch * sh.len_k + key) * sh.heads_kv + hk) * d;
-            for (p, x) in dk_acc[c * d..(c + 1) * d].iter().enumerate() {
-                // SAFETY: key row (batch, key, hk) of dk belongs to this task.
-                unsafe { *dk.get().add(at_k + p) = E::from_acc(*x * ctx.scale) };
-            }
-            let at_v = ((seg.batch * sh.len_k + key) * sh.heads_kv + hk) * dvd;
-            for (p, x) in dv_acc[c * dvd..(c + 1) * dvd].iter().enumerate() {
-                // SAFETY: as above, in dv.
-                unsafe { *dv.get().add(at_v + p) = E::from_acc(*x) };
+        if head_len > 0 {
+            for (i, acc) in dq_acc.chunks_exact(head_len).enumerate() {
+                ctx.store_dq(&seg, hk * g + i, 0, acc, dq);
             }
         }
     }
 }
 
-/// dQ of one block of query rows of (seg, hq), over every key block they see.
+/// Pass 2 of [`BackwardTasks::PerBlock`]: dQ of one block of query rows of (seg, hq), over
+/// every key block they see.
 struct QueryBlockGrads<'a, E: Element> {
     ctx: &'a Backward<'a, E>,
     si: usize,
@@ -1537,14 +1709,11 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
             dq,
         } = self;
         let sh = &ctx.shape;
-        let (d, g) = (sh.head_dim, sh.group());
-        let hk = hq / g;
+        let hk = hq / sh.group();
         let rows = BLOCK_Q.min(seg.q_len - row0);
-        let zero = <E::Acc as Accum>::ZERO;
-        let mut dq_acc = vec![zero; rows * d];
-        let mut p = vec![zero; rows * BLOCK_K];
-        let mut ds = vec![zero; rows * BLOCK_K];
-        let mut capd = vec![zero; BLOCK_K];
+        let mut dq_acc = vec![<E::Acc as Accum>::ZERO; rows * sh.head_dim];
+        let mut scratch = GradScratch::new(0, 0);
+        let GradScratch { p, ds, capd, .. } = &mut scratch;
         let vis: Vec<(usize, usize)> = (0..rows)
             .map(|r| ctx.rules.visible(&seg, row0 + r))
             .collect();
@@ -1552,35 +1721,13 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
         let mut j0 = lo - lo % BLOCK_K;
         while j0 < hi {
             let w = BLOCK_K.min(seg.k_len - j0);
-            if ctx.probs_and_ds::<S>(si, &seg, hq, row0, rows, j0, w, &mut p, &mut ds, &mut capd) {
-                // SAFETY: ds is rows × w (stride BLOCK_K); the key rows exist; dq_acc rows × D.
-                unsafe {
-                    gemm_acc::<S, E::Acc>(
-                        rows,
-                        d,
-                        w,
-                        Strided {
-                            ptr: ds.as_ptr(),
-                            row_stride: BLOCK_K,
-                            inner_stride: 1,
-                        },
-                        ctx.k.ptr(seg.batch, seg.k_start + j0, hk),
-                        ctx.k.stride(),
-                        dq_acc.as_mut_ptr(),
-                        d,
-                        false,
-                    )
-                };
+            if ctx.probs_and_ds::<S>(si, &seg, hq, row0, rows, j0, w, p, ds, capd) {
+                // SAFETY: ds is rows × w (stride BLOCK_K); dq_acc is rows × D.
+                unsafe { ctx.add_ds_times_k::<S>(&seg, hk, j0, rows, w, ds, &mut dq_acc) };
             }
             j0 += w;
         }
-        for r in 0..rows {
-            let at = ((seg.batch * sh.len_q + seg.q_start + row0 + r) * sh.heads_q + hq) * d;
-            for (p, x) in dq_acc[r * d..(r + 1) * d].iter().enumerate() {
-                // SAFETY: row (batch, query, hq) of dq belongs to this task.
-                unsafe { *dq.get().add(at + p) = E::from_acc(*x * ctx.scale) };
-            }
-        }
+        ctx.store_dq(&seg, hq, row0, &dq_acc, dq);
     }
 }
 

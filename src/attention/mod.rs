@@ -38,6 +38,22 @@ pub enum SplitKv {
     Always,
 }
 
+/// How the CPU backward splits its work. Both plans give the same bits: every dQ, dK and dV
+/// element sums the same terms in the same order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackwardTasks {
+    /// [`PerHead`](Self::PerHead) when there are at least four (sequence, KV head) pairs per
+    /// rayon thread, else [`PerBlock`](Self::PerBlock).
+    #[default]
+    Auto,
+    /// One task per (sequence, KV head), one pass: S = Q·Kᵀ and dP = dO·Vᵀ are computed once
+    /// per block pair and feed dV, dK and dQ (a task-local dQ for the group's query heads).
+    PerHead,
+    /// Two passes for more parallelism: tasks per key block (dK, dV), then per query block
+    /// (dQ); S and dP are computed in both (7 block products instead of 5).
+    PerBlock,
+}
+
 /// Parameters of the attention ops (CASES.md names and defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionParams {
@@ -53,6 +69,8 @@ pub struct AttentionParams {
     pub scale: Option<f64>,
     /// The forward's path (not a contract parameter).
     pub split_kv: SplitKv,
+    /// The CPU backward's task split (not a contract parameter).
+    pub backward_tasks: BackwardTasks,
 }
 
 impl Default for AttentionParams {
@@ -64,6 +82,7 @@ impl Default for AttentionParams {
             softcap: 0.0,
             scale: None,
             split_kv: SplitKv::Auto,
+            backward_tasks: BackwardTasks::Auto,
         }
     }
 }
@@ -94,6 +113,10 @@ impl AttentionParams {
     }
     pub fn split_kv(mut self, split_kv: SplitKv) -> Self {
         self.split_kv = split_kv;
+        self
+    }
+    pub fn backward_tasks(mut self, tasks: BackwardTasks) -> Self {
+        self.backward_tasks = tasks;
         self
     }
 
