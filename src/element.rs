@@ -93,6 +93,9 @@ pub trait Accum:
     /// e^x per lane (see [`Simd::f32_exp`]).
     #[doc(hidden)]
     unsafe fn vexp<S: Simd>(x: Self::V<S>) -> Self::V<S>;
+    /// 2^x per lane (see [`Simd::f32_exp2`]).
+    #[doc(hidden)]
+    unsafe fn vexp2<S: Simd>(x: Self::V<S>) -> Self::V<S>;
     #[doc(hidden)]
     unsafe fn vdiv<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
     #[doc(hidden)]
@@ -117,12 +120,14 @@ pub trait Accum:
     fn from_order_key(key: Self::OrderKey) -> (Self, u32);
     /// The scalar e^x matching `vexp`.
     fn exp(self) -> Self;
+    /// The scalar 2^x matching `vexp2`.
+    fn exp2(self) -> Self;
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
 }
 
 macro_rules! impl_accum {
-    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr, $div:ident, $max:ident, $min:ident, $gt:ident, $nle:ident, $key:ty, $bits:ty) => {
+    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr, $exp2:ident, $sexp2:expr, $div:ident, $max:ident, $min:ident, $gt:ident, $nle:ident, $key:ty, $bits:ty) => {
         impl Accum for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -166,6 +171,10 @@ macro_rules! impl_accum {
             #[inline(always)]
             unsafe fn vexp<S: Simd>(x: Self::V<S>) -> Self::V<S> {
                 unsafe { S::$exp(x) }
+            }
+            #[inline(always)]
+            unsafe fn vexp2<S: Simd>(x: Self::V<S>) -> Self::V<S> {
+                unsafe { S::$exp2(x) }
             }
             #[inline(always)]
             unsafe fn vdiv<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S> {
@@ -219,6 +228,10 @@ macro_rules! impl_accum {
                 $sexp(self)
             }
             #[inline(always)]
+            fn exp2(self) -> Self {
+                $sexp2(self)
+            }
+            #[inline(always)]
             fn from_f64(x: f64) -> Self {
                 x as $t
             }
@@ -243,6 +256,8 @@ impl_accum!(
     f32_cmul_conj,
     f32_exp,
     crate::cpu::exp_f32,
+    f32_exp2,
+    crate::cpu::exp2_f32,
     f32_div,
     f32_max,
     f32_min,
@@ -265,6 +280,8 @@ impl_accum!(
     f64_cmul_conj,
     f64_exp,
     f64::exp,
+    f64_exp2,
+    f64::exp2,
     f64_div,
     f64_max,
     f64_min,

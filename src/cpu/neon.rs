@@ -170,6 +170,27 @@ impl Simd for Neon {
         unsafe { vld1q_f64([vgetq_lane_f64::<0>(x).exp(), vgetq_lane_f64::<1>(x).exp()].as_ptr()) }
     }
     #[inline(always)]
+    unsafe fn f32_exp2(x: float32x4_t) -> float32x4_t {
+        use super::{EXP2_HI, EXP2_LO, EXP2_POLY, EXP2_ROUND};
+        unsafe {
+            let x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(EXP2_LO)), vdupq_n_f32(EXP2_HI));
+            let t = vaddq_f32(x, vdupq_n_f32(EXP2_ROUND));
+            let r = vsubq_f32(x, vsubq_f32(t, vdupq_n_f32(EXP2_ROUND)));
+            let mut p = vdupq_n_f32(EXP2_POLY[0]);
+            for c in &EXP2_POLY[1..] {
+                p = vfmaq_f32(vdupq_n_f32(*c), p, r);
+            }
+            let scale = vshlq_n_u32::<23>(vaddq_u32(vreinterpretq_u32_f32(t), vdupq_n_u32(127)));
+            vmulq_f32(p, vreinterpretq_f32_u32(scale))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_exp2(x: float64x2_t) -> float64x2_t {
+        unsafe {
+            vld1q_f64([vgetq_lane_f64::<0>(x).exp2(), vgetq_lane_f64::<1>(x).exp2()].as_ptr())
+        }
+    }
+    #[inline(always)]
     unsafe fn f32_div(a: float32x4_t, b: float32x4_t) -> float32x4_t {
         unsafe { vdivq_f32(a, b) }
     }

@@ -105,6 +105,14 @@ impl Simd for Scalar {
         x.exp()
     }
     #[inline(always)]
+    unsafe fn f32_exp2(x: f32) -> f32 {
+        super::exp2_f32(x)
+    }
+    #[inline(always)]
+    unsafe fn f64_exp2(x: f64) -> f64 {
+        x.exp2()
+    }
+    #[inline(always)]
     unsafe fn f32_div(a: f32, b: f32) -> f32 {
         a / b
     }

@@ -177,6 +177,39 @@ impl Simd for Avx2 {
         }
     }
     #[inline(always)]
+    unsafe fn f32_exp2(x: __m256) -> __m256 {
+        use super::{EXP2_HI, EXP2_LO, EXP2_POLY, EXP2_ROUND};
+        unsafe {
+            let x = _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(EXP2_LO)),
+                _mm256_set1_ps(EXP2_HI),
+            );
+            let round = _mm256_set1_ps(EXP2_ROUND);
+            let t = _mm256_add_ps(x, round);
+            let r = _mm256_sub_ps(x, _mm256_sub_ps(t, round));
+            let mut p = _mm256_set1_ps(EXP2_POLY[0]);
+            for c in &EXP2_POLY[1..] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+            }
+            let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_castps_si256(t),
+                _mm256_set1_epi32(127),
+            ));
+            _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_exp2(x: __m256d) -> __m256d {
+        unsafe {
+            let mut lanes = [0f64; 4];
+            _mm256_storeu_pd(lanes.as_mut_ptr(), x);
+            for v in &mut lanes {
+                *v = v.exp2();
+            }
+            _mm256_loadu_pd(lanes.as_ptr())
+        }
+    }
+    #[inline(always)]
     unsafe fn f64_exp(x: __m256d) -> __m256d {
         unsafe {
             let mut lanes = [0f64; 4];
@@ -376,6 +409,39 @@ impl Simd for Avx512 {
                 _mm512_set1_epi32(127),
             ));
             _mm512_mul_ps(p, _mm512_castsi512_ps(scale))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f32_exp2(x: __m512) -> __m512 {
+        use super::{EXP2_HI, EXP2_LO, EXP2_POLY, EXP2_ROUND};
+        unsafe {
+            let x = _mm512_min_ps(
+                _mm512_max_ps(x, _mm512_set1_ps(EXP2_LO)),
+                _mm512_set1_ps(EXP2_HI),
+            );
+            let round = _mm512_set1_ps(EXP2_ROUND);
+            let t = _mm512_add_ps(x, round);
+            let r = _mm512_sub_ps(x, _mm512_sub_ps(t, round));
+            let mut p = _mm512_set1_ps(EXP2_POLY[0]);
+            for c in &EXP2_POLY[1..] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+            }
+            let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+                _mm512_castps_si512(t),
+                _mm512_set1_epi32(127),
+            ));
+            _mm512_mul_ps(p, _mm512_castsi512_ps(scale))
+        }
+    }
+    #[inline(always)]
+    unsafe fn f64_exp2(x: __m512d) -> __m512d {
+        unsafe {
+            let mut lanes = [0f64; 8];
+            _mm512_storeu_pd(lanes.as_mut_ptr(), x);
+            for v in &mut lanes {
+                *v = v.exp2();
+            }
+            _mm512_loadu_pd(lanes.as_ptr())
         }
     }
     #[inline(always)]

@@ -329,12 +329,14 @@ impl<E: Element> SimdKernel for SelectiveBlock<'_, E> {
         let (t_len, d, n) = (shape.len, shape.channels, shape.state);
         let zero = <E::Acc as Accum>::ZERO;
         let lanes = E::Acc::lanes::<S>();
-        // A and the states of this block, transposed to [n][channel]
+        // log2(e)·A and the states of this block, transposed to [n][channel]: the decay
+        // e^(Δ·A) is computed as 2^(Δ·log2(e)·A), whose range reduction needs no multiply
+        let log2e = <E::Acc as Accum>::from_f64(std::f64::consts::LOG2_E);
         let mut a_t = vec![zero; n * w];
         let mut x = vec![zero; n * w];
         for c in 0..w {
             for j in 0..n {
-                a_t[j * w + c] = inputs.a[(d0 + c) * n + j];
+                a_t[j * w + c] = log2e * inputs.a[(d0 + c) * n + j];
                 if let Some(h0) = inputs.h0 {
                     x[j * w + c] = h0[(bi * d + d0 + c) * n + j];
                 }
@@ -391,7 +393,7 @@ impl<E: Element> SimdKernel for SelectiveBlock<'_, E> {
                     let mut yv = E::Acc::vsplat::<S>(zero);
                     for j in 0..n {
                         let at = j * w + c;
-                        let decay = E::Acc::vexp::<S>(E::Acc::vmul::<S>(
+                        let decay = E::Acc::vexp2::<S>(E::Acc::vmul::<S>(
                             dtv,
                             E::Acc::vload::<S>(a_t.as_ptr().add(at)),
                         ));
@@ -409,7 +411,7 @@ impl<E: Element> SimdKernel for SelectiveBlock<'_, E> {
                 let mut yc = zero;
                 for j in 0..n {
                     let at = j * w + c;
-                    x[at] = (dt[c] * a_t[at]).exp() * x[at] + dtu[c] * bm[j];
+                    x[at] = (dt[c] * a_t[at]).exp2() * x[at] + dtu[c] * bm[j];
                     yc = yc + cm[j] * x[at];
                 }
                 acc[c] = yc;
