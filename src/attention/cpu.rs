@@ -314,9 +314,9 @@ fn row_max<S: Simd, A: Accum>(x: &[A]) -> A {
     best
 }
 
-/// x = e^(x − m) in place; returns Σ x when `sum`.
+/// x = e^(x − m) in place (2^(x − m) with `BASE2`); returns Σ x when `sum`.
 #[inline(always)]
-fn exp_shifted<S: Simd, A: Accum>(x: &mut [A], m: A, sum: bool) -> A {
+fn exp_shifted<S: Simd, A: Accum, const BASE2: bool>(x: &mut [A], m: A, sum: bool) -> A {
     let lanes = A::lanes::<S>();
     let neg_m = A::ZERO - m;
     let mut total = A::ZERO;
@@ -326,7 +326,12 @@ fn exp_shifted<S: Simd, A: Accum>(x: &mut [A], m: A, sum: bool) -> A {
         let shift = A::vsplat::<S>(neg_m);
         let mut acc = A::vsplat::<S>(A::ZERO);
         for c in &mut chunks {
-            let e = A::vexp::<S>(A::vadd::<S>(A::vload::<S>(c.as_ptr()), shift));
+            let shifted = A::vadd::<S>(A::vload::<S>(c.as_ptr()), shift);
+            let e = if BASE2 {
+                A::vexp2::<S>(shifted)
+            } else {
+                A::vexp::<S>(shifted)
+            };
             A::vstore::<S>(c.as_mut_ptr(), e);
             if sum {
                 acc = A::vadd::<S>(acc, e);
@@ -337,7 +342,11 @@ fn exp_shifted<S: Simd, A: Accum>(x: &mut [A], m: A, sum: bool) -> A {
         }
     }
     for v in chunks.into_remainder() {
-        *v = (*v + neg_m).exp();
+        *v = if BASE2 {
+            (*v + neg_m).exp2()
+        } else {
+            (*v + neg_m).exp()
+        };
         if sum {
             total = total + *v;
         }
@@ -544,9 +553,10 @@ unsafe fn micro<S: Simd, A: Accum, const R: usize, const NV: usize>(
     }
 }
 
-/// One online-softmax step for one row: the block's scores (masked to −inf outside `[a, z)`)
-/// become p = e^(s − m_new) (0 outside), m and l advance; returns the factor e^(m − m_new)
-/// the row's accumulator must be multiplied by (1 when unchanged).
+/// One online-softmax step for one row of base-2 scores (log2(e)·s): the block's scores
+/// (masked to −inf outside `[a, z)`) become p = 2^(s − m_new) = e^(natural s − natural
+/// m_new) (0 outside), m and l advance; returns the factor 2^(m − m_new) the row's
+/// accumulator must be multiplied by (1 when unchanged).
 #[inline(always)]
 fn online_step<S: Simd, A: Accum>(
     row: &mut [A],
@@ -566,9 +576,9 @@ fn online_step<S: Simd, A: Accum>(
     } else if *m == m_new {
         A::ONE
     } else {
-        (*m - m_new).exp()
+        (*m - m_new).exp2()
     };
-    let sum = exp_shifted::<S, A>(&mut row[a..z], m_new, true);
+    let sum = exp_shifted::<S, A, true>(&mut row[a..z], m_new, true);
     row[..a].fill(A::ZERO);
     row[z..].fill(A::ZERO);
     *l = *l * alpha + sum;
@@ -580,16 +590,41 @@ fn online_step<S: Simd, A: Accum>(
 // Forward.
 // ---------------------------------------------------------------------------------------
 
-/// What every forward task reads.
+/// What every forward task reads. The forward's online softmax runs on base-2 scores
+/// log2(e)·s, so its exponentials are 2^x (see `Simd::f32_exp2`); m is in those units.
 struct Forward<'a, E: Element> {
     shape: AttentionShape,
     rules: ScoreRules<'a, E::Acc>,
+    /// The factor the queries are loaded with: the softmax scale, times log2(e) when no
+    /// softcap/ALiBi/bias term needs the natural scores (see [`Forward::base2_scores`]).
     scale: E::Acc,
     q: &'a [E],
     k: &'a [E],
     /// Key panels (query-block path only).
     kt: &'a [E::Acc],
     v: Rows<'a, E::Acc>,
+}
+
+impl<E: Element> Forward<'_, E> {
+    /// A row of scores against keys j0.. (visible columns `cols`) made ready for
+    /// [`online_step`]: softcap, ALiBi and bias applied to the natural scores, then scaled by
+    /// log2(e); without those terms the queries already carry log2(e) (one multiply fewer).
+    #[inline(always)]
+    fn base2_scores<S: Simd>(
+        &self,
+        row: &mut [E::Acc],
+        seg: &Segment,
+        i: usize,
+        hq: usize,
+        j0: usize,
+        cols: (usize, usize),
+    ) {
+        self.rules.apply(row, seg, i, hq, j0, cols, None);
+        if self.rules.has_terms() {
+            let log2e = E::Acc::from_f64(std::f64::consts::LOG2_E);
+            scale_row::<S, E::Acc>(&mut row[cols.0..cols.1], log2e);
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -640,10 +675,16 @@ pub(super) fn forward<E: Element>(
             segments,
         )
     };
+    let rules = ScoreRules::new(params, shape, inputs);
+    let query_factor = if rules.has_terms() {
+        shape.scale(params)
+    } else {
+        shape.scale(params) * std::f64::consts::LOG2_E
+    };
     let ctx = Forward {
         shape: *shape,
-        rules: ScoreRules::new(params, shape, inputs),
-        scale: E::Acc::from_f64(shape.scale(params)),
+        rules,
+        scale: E::Acc::from_f64(query_factor),
         q: inputs.q,
         k: inputs.k,
         kt: &kt,
@@ -751,7 +792,7 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
                     row.fill(zero);
                     continue;
                 }
-                ctx.rules.apply(row, &seg, row0 + r, hq, j0, cols, None);
+                ctx.base2_scores::<S>(row, &seg, row0 + r, hq, j0, cols);
                 let alpha = online_step::<S, E::Acc>(row, cols, &mut m[r], &mut l[r]);
                 if alpha != <E::Acc as Accum>::ONE {
                     scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
@@ -793,7 +834,8 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
     }
 }
 
-/// acc / l and m + ln l, or zeros and −inf for a row that saw no key.
+/// acc / l and the natural lse ln2·m + ln l (m in base-2 units), or zeros and −inf for a
+/// row that saw no key.
 #[inline(always)]
 fn finish_row<A: Accum>(acc: &mut [A], m: A, l: A) -> (&[A], A) {
     if l > A::ZERO {
@@ -801,7 +843,8 @@ fn finish_row<A: Accum>(acc: &mut [A], m: A, l: A) -> (&[A], A) {
         for x in acc.iter_mut() {
             *x = *x * inv;
         }
-        (acc, A::from_f64(m.to_f64() + l.to_f64().ln()))
+        let lse = m.to_f64() * std::f64::consts::LN_2 + l.to_f64().ln();
+        (acc, A::from_f64(lse))
     } else {
         acc.fill(A::ZERO);
         (acc, neg_inf::<A>())
@@ -922,7 +965,7 @@ fn split_kv<E: Element>(
                     if m_of(c) == neg_inf::<E::Acc>() {
                         continue;
                     }
-                    let f = (m_of(c) - m).exp();
+                    let f = (m_of(c) - m).exp2();
                     l = l + l_of(c) * f;
                     for (x, y) in acc.iter_mut().zip(&part(c)[r * dv..(r + 1) * dv]) {
                         *x = *x + *y * f;
@@ -1086,8 +1129,7 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
                         continue;
                     }
                     let hq = hk * g + r / seg.q_len;
-                    ctx.rules
-                        .apply(row, &seg, r % seg.q_len, hq, j0, cols, None);
+                    ctx.base2_scores::<S>(row, &seg, r % seg.q_len, hq, j0, cols);
                     let alpha = online_step::<S, E::Acc>(row, cols, &mut m[r], &mut l[r]);
                     if alpha != <E::Acc as Accum>::ONE {
                         scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
@@ -1426,7 +1468,7 @@ impl<E: Element> Backward<'_, E> {
                 (a, z),
                 softcap.then_some(capd_row),
             );
-            exp_shifted::<S, E::Acc>(&mut prow[a..z], self.lse[lse_at + r], false);
+            exp_shifted::<S, E::Acc, false>(&mut prow[a..z], self.lse[lse_at + r], false);
             prow[..a].fill(zero);
             prow[z..].fill(zero);
             let delta = self.delta[lse_at + r];

@@ -328,7 +328,11 @@ mod tests {
             for chunk in self.0.chunks_exact_mut(lanes) {
                 unsafe {
                     let x = S::f32_load(chunk.as_ptr());
-                    let y = if self.1 { S::f32_exp2(x) } else { S::f32_exp(x) };
+                    let y = if self.1 {
+                        S::f32_exp2(x)
+                    } else {
+                        S::f32_exp(x)
+                    };
                     S::f32_store(chunk.as_mut_ptr(), y)
                 };
             }
@@ -379,7 +383,10 @@ mod tests {
                     "{isa:?}: 2^{x} = {y}, want {want} (rel {rel:e})"
                 );
                 let scalar = exp2_f32(*x) as f64;
-                assert!((scalar - want).abs() / want < 3e-7, "scalar 2^{x} = {scalar}");
+                assert!(
+                    (scalar - want).abs() / want < 3e-7,
+                    "scalar 2^{x} = {scalar}"
+                );
             }
         }
         // out of range: clamped to 2^-126 (nearly zero) and 2^127, never NaN or infinite
