@@ -9,18 +9,23 @@
 //! - Forward: a task owns (sequence, query head, block of BLOCK_Q rows) and walks only the
 //!   key blocks some row of it can see (causal/window masks are per-row key intervals, so
 //!   masked-out blocks are skipped entirely); per row an online softmax (running max m and
-//!   sum l, vector exp), then O += P·V (`cpu::gemm::gemm_acc`, P read in place at a constant
-//!   stride). o = O / l, lse = m + ln l; a row that saw no key gives o = 0, lse = −inf.
+//!   sum l, on base-2 scores log2(e)·s so the exponentials are `exp2`), then O += P·V
+//!   (`cpu::gemm::gemm_acc`, P read in place at a constant stride). o = O / l,
+//!   lse = ln2·m + ln l; a row that saw no key gives o = 0, lse = −inf.
 //! - Decode (split-KV): a task owns (sequence, chunk of SPLIT_CHUNK keys) and every query row
 //!   of every head; block by block it copies the K and V rows of all KV heads in memory order
 //!   (each key is read from memory once, front to back), scores by dot products, and keeps
 //!   (O, m, l) per head; the chunks are merged in chunk order through their log-sum-exps.
-//! - Backward: D = rowsum(dO∘O); q and dO query blocks are packed once. Pass 1 owns
-//!   (sequence, KV head, key block) and sums dK, dV over every query head of the group and
-//!   every query block that sees the keys (P = e^(S − lse), dV += Pᵀ·dO, dP = dO·Vᵀ,
-//!   dS = P∘(dP − D) (∘ 1 − tanh² with softcap), dK += dSᵀ·Q); pass 2 owns (sequence, query
-//!   head, query block) and accumulates dQ += dS·K. Every output element is written by one
-//!   task, in a fixed order: the bits do not depend on the thread count.
+//! - Backward: D = rowsum(dO∘O); q and dO query blocks are packed once. Per key block of
+//!   (sequence, KV head), over every query head of the group and every query block that sees
+//!   the keys: P = e^(S − lse), dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − D) (∘ 1 − tanh² with
+//!   softcap), dK += dSᵀ·Q. Two plans (`BackwardTasks`): per head, one task owns a
+//!   (sequence, KV head), walks its key blocks in order and also adds dQ += dS·K into a
+//!   task-local dQ (5 block products); per block, pass 1 owns (sequence, KV head, key block)
+//!   for dK, dV and pass 2 owns (sequence, query head, query block) and recomputes S and dP
+//!   for dQ (7 products, more tasks). Both add the same terms in the same order, every output
+//!   element is written by one task: the bits depend neither on the plan nor on the thread
+//!   count.
 //! - top_keys: pass 1 is the forward without values (lse only); pass 2 recomputes score
 //!   blocks and keeps each row's `top` largest scores in a sorted list (one compare rejects
 //!   most keys), then writes p = e^(s − lse).
