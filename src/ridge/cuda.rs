@@ -859,12 +859,7 @@ pub fn score<E: CudaRidgeReal>(
 ) -> Result<()> {
     device.check_stream(stream)?;
     let (n, t) = (samples, targets);
-    let len = n
-        .checked_mul(t)
-        .ok_or_else(|| Error::overflow("y_true", "n·t overflows"))?;
-    let shape = format!("[{n}, {t}]");
-    check_len("y_true", y_true.len(), len, &shape)?;
-    check_len("y_pred", y_pred.len(), len, &shape)?;
+    super::check_score_lens(n, t, y_true.len(), y_pred.len())?;
     check_len("r2", r2.len(), t, &format!("[{t}]"))?;
     check_len("pearson", pearson.len(), t, &format!("[{t}]"))?;
     if t == 0 {

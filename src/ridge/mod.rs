@@ -533,20 +533,32 @@ unsafe fn cholesky_solve<S: Simd>(
     Ok(())
 }
 
-/// The checks of `ridge.score`'s inputs (shared by the CPU and CUDA paths): both
-/// `[samples, targets]`, no NaN/Inf; returns samples · targets.
+/// The lengths of `ridge.score`'s inputs (shared by the CPU, CUDA host and device paths):
+/// both `[samples, targets]`; returns samples · targets.
+fn check_score_lens(
+    samples: usize,
+    targets: usize,
+    y_true_len: usize,
+    y_pred_len: usize,
+) -> Result<usize> {
+    let len = samples
+        .checked_mul(targets)
+        .ok_or_else(|| Error::overflow("y_true", "n·t overflows"))?;
+    let shape = format!("[{samples}, {targets}]");
+    check_len("y_true", y_true_len, len, &shape)?;
+    check_len("y_pred", y_pred_len, len, &shape)?;
+    Ok(len)
+}
+
+/// The checks of `ridge.score`'s host inputs (CPU and CUDA host paths): the lengths, and no
+/// NaN/Inf; returns samples · targets.
 fn check_score_inputs<E: Element>(
     samples: usize,
     targets: usize,
     y_true: &[E],
     y_pred: &[E],
 ) -> Result<usize> {
-    let len = samples
-        .checked_mul(targets)
-        .ok_or_else(|| Error::overflow("y_true", "n·t overflows"))?;
-    let shape = format!("[{samples}, {targets}]");
-    check_len("y_true", y_true.len(), len, &shape)?;
-    check_len("y_pred", y_pred.len(), len, &shape)?;
+    let len = check_score_lens(samples, targets, y_true.len(), y_pred.len())?;
     check_finite("y_true", y_true)?;
     check_finite("y_pred", y_pred)?;
     Ok(len)
