@@ -53,18 +53,18 @@ pub const CONTRACT_OPS: &[&str] = &[
 /// complex scan, with PyTorch's convention for complex gradients.
 pub const EXTENSION_OPS: &[&str] = &["scan.linear_complex_backward"];
 
-/// Ops that run on the CPU only so far: on CUDA their cases fail with `op not implemented`.
-pub const CPU_ONLY_OPS: &[&str] = &[
+/// Ops whose CUDA path takes f32, f16 and bf16 but not f64 (their F64 cases run on the CPU
+/// only; on CUDA they are `Unsupported`).
+pub const CUDA_NO_F64_OPS: &[&str] = &[
+    "topk.rows",
+    "sae.encode",
     "sae.encode_batch_topk",
     "sae.encode_jumprelu",
+    "sae.decode",
     "sae.backward",
     "sae.encode_mp",
     "codebook.nearest",
 ];
-
-/// Ops whose CUDA path takes f32, f16 and bf16 but not f64 (their F64 cases run on the CPU
-/// only; on CUDA they are `Unsupported`).
-pub const CUDA_NO_F64_OPS: &[&str] = &["topk.rows", "sae.encode", "sae.decode"];
 
 /// The ops this build can run.
 pub const IMPLEMENTED_OPS: &[&str] = &[
@@ -503,14 +503,7 @@ impl Runner {
     }
 
     /// Runs the case's op on its inputs; returns the outputs by name.
-    /// `Err(OpNotImplemented)` on CUDA for an op (or form of one) with no kernel yet.
-    fn cpu_only(&self, case: &Case) -> Result<()> {
-        match self.kind {
-            DeviceKind::Cpu => Ok(()),
-            DeviceKind::Cuda => Err(Error::OpNotImplemented(format!("{} on cuda", case.op))),
-        }
-    }
-
+    /// `Err(OpNotImplemented)` for an op this build does not run.
     pub fn run(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
         if !CONTRACT_OPS.contains(&case.op.as_str()) && !EXTENSION_OPS.contains(&case.op.as_str()) {
             return Err(case_err(

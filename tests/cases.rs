@@ -78,10 +78,6 @@ fn every_committed_case_passes_on_cuda_when_present() {
     for f in committed_cases() {
         let case = Case::load(&f).unwrap();
         let op = case.op.as_str();
-        if cases::CPU_ONLY_OPS.contains(&op) {
-            common::say_skipped(&format!("{} on CUDA: {op} is CPU-only so far", f.display()));
-            continue;
-        }
         if cases::CUDA_NO_F64_OPS.contains(&op) && case.dtype() == Some(neurokernels::DType::F64) {
             common::say_skipped(&format!("{} on CUDA: {op} has no f64 kernel", f.display()));
             continue;

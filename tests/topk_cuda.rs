@@ -1,6 +1,6 @@
-//! The sparse top-k family on the GPU against the CPU (skipped without a device):
-//! topk.rows, sae.encode and sae.decode in f32, f16 and bf16, NaN and tie rules, the
-//! kernels' limits and f64 as `Unsupported`.
+//! The sparse top-k family on the GPU against the CPU (skipped without a device): every op
+//! (topk.rows, the five encoders, decode, backward) in f32, f16 and bf16, NaN and tie
+//! rules, the kernels' limits and f64 as `Unsupported`.
 
 #![cfg(feature = "cuda")]
 
@@ -9,7 +9,7 @@ mod common;
 use common::{Rng, to_f64};
 use half::{bf16, f16};
 use neurokernels::cuda::{CudaElement, Device};
-use neurokernels::topk::{self, EncoderInputs, RowsParams, SaeShape};
+use neurokernels::topk::{self, BackwardInputs, Csr, EncoderInputs, Metric, RowsParams, SaeShape};
 use neurokernels::{Element, Error};
 
 fn device_or_skip(test: &str) -> Option<Device> {
@@ -176,4 +176,240 @@ fn cuda_limits_are_errors() {
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
     let e = topk::cuda::rows_host(&dev, 2, 20, &x, RowsParams::new(3)).unwrap_err();
     assert!(e.to_string().contains("x"), "{e}");
+}
+
+fn tolerance<E: CudaElement>() -> f64 {
+    if E::DTYPE == neurokernels::DType::F32 {
+        1e-4
+    } else {
+        2e-2
+    }
+}
+
+/// An encoder's random inputs: x, w, b_enc around `bias`, b_dec.
+struct Sae<E> {
+    x: Vec<E>,
+    w: Vec<E>,
+    b_enc: Vec<E>,
+    b_dec: Vec<E>,
+}
+
+impl<E: CudaElement> Sae<E> {
+    fn new(b: usize, dm: usize, l: usize, bias: f64, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let scale = 1.0 / (dm as f64).sqrt();
+        Sae {
+            x: rng.vec(b * dm, -1.5, 1.5),
+            w: rng.vec(l * dm, -1.7 * scale, 1.7 * scale),
+            b_enc: rng.vec(l, bias - 0.1, bias + 0.1),
+            b_dec: rng.vec(dm, -0.1, 0.1),
+        }
+    }
+    fn inputs(&self) -> EncoderInputs<'_, E> {
+        EncoderInputs {
+            x: &self.x,
+            w_enc: &self.w,
+            b_enc: &self.b_enc,
+            b_dec: Some(&self.b_dec),
+        }
+    }
+}
+
+/// The same CSR: row pointers and indices exactly (the device scores follow the CPU's
+/// order of operations), values within `tol`.
+fn same_csr<E: Element>(what: &str, got: &Csr<E>, want: &Csr<E>, tol: f64) {
+    assert_eq!(got.indptr, want.indptr, "{what}: indptr");
+    assert_eq!(got.indices, want.indices, "{what}: indices");
+    let (gv, wv) = (to_f64(&got.values), to_f64(&want.values));
+    for (j, (g, w)) in gv.iter().zip(&wv).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}: entry {j}: {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn cuda_nearest_matches_cpu() {
+    let Some(dev) = device_or_skip("cuda_nearest_matches_cpu") else {
+        return;
+    };
+    fn run<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: usize) {
+        let sae = Sae::<E>::new(b, dm, l, 0.0, (b + dm + l) as u64);
+        let s = SaeShape::new(b, dm, l);
+        for metric in [Metric::Dot, Metric::Cosine, Metric::L2] {
+            let want = topk::nearest(s, &sae.x, &sae.w, k, metric).unwrap();
+            let got = topk::cuda::nearest_host(dev, s, &sae.x, &sae.w, k, metric).unwrap();
+            let what = format!("{:?} nearest {metric:?} {b}x{dm}x{l} k{k}", E::DTYPE);
+            same_selection(&what, &got, &want, tolerance::<E>());
+        }
+    }
+    // one latent range; several ranges merged (few rows); a row tile boundary
+    for &(b, dm, l, k) in &[(37, 70, 300, 5), (3, 33, 5000, 17), (33, 8, 64, 64)] {
+        run::<f32>(&dev, b, dm, l, k);
+        run::<bf16>(&dev, b, dm, l, k);
+        run::<f16>(&dev, b, dm, l, k);
+    }
+}
+
+#[test]
+fn cuda_jumprelu_matches_cpu() {
+    let Some(dev) = device_or_skip("cuda_jumprelu_matches_cpu") else {
+        return;
+    };
+    fn run<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize) {
+        let sae = Sae::<E>::new(b, dm, l, 0.0, 11);
+        let mut rng = Rng::new(12);
+        // some negative thresholds: negative pre-activations may be kept too
+        let theta: Vec<E> = rng.vec(l, -0.2, 0.8);
+        let s = SaeShape::new(b, dm, l);
+        let want = topk::encode_jumprelu(s, sae.inputs(), &theta).unwrap();
+        let got = topk::cuda::encode_jumprelu_host(dev, s, sae.inputs(), &theta).unwrap();
+        let what = format!("{:?} jumprelu {b}x{dm}x{l}", E::DTYPE);
+        same_csr(&what, &got, &want, tolerance::<E>());
+    }
+    for &(b, dm, l) in &[(1, 16, 40), (45, 96, 1500), (3, 20, 9000)] {
+        run::<f32>(&dev, b, dm, l);
+        run::<bf16>(&dev, b, dm, l);
+    }
+}
+
+#[test]
+fn cuda_batch_topk_matches_cpu() {
+    let Some(dev) = device_or_skip("cuda_batch_topk_matches_cpu") else {
+        return;
+    };
+    fn run<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: usize, skew: bool) {
+        let mut sae = Sae::<E>::new(b, dm, l, 0.0, 21);
+        if skew {
+            // row 0 far above the rest: it holds most of the batch's B·k winners, more
+            // than its first 2k list, so the exact path needs the above pass
+            for v in &mut sae.x[..dm] {
+                *v = E::from_f64(v.to_f64() * 8.0);
+            }
+        }
+        let s = SaeShape::new(b, dm, l);
+        let want = topk::encode_batch_topk(s, sae.inputs(), k).unwrap();
+        let got = topk::cuda::encode_batch_topk_host(dev, s, sae.inputs(), k).unwrap();
+        let what = format!("{:?} batch_topk {b}x{dm}x{l} k{k} skew {skew}", E::DTYPE);
+        same_csr(&what, &got, &want, tolerance::<E>());
+    }
+    for skew in [false, true] {
+        run::<f32>(&dev, 24, 48, 700, 8, skew);
+        run::<bf16>(&dev, 24, 48, 700, 8, skew);
+        run::<f32>(&dev, 5, 16, 90, 30, skew);
+    }
+}
+
+#[test]
+fn cuda_mp_matches_cpu() {
+    let Some(dev) = device_or_skip("cuda_mp_matches_cpu") else {
+        return;
+    };
+    fn run<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: usize)
+    where
+        E::Acc: Element<Acc = E::Acc>,
+    {
+        let mut rng = Rng::new(31);
+        let x: Vec<E> = rng.vec(b * dm, -1.0, 1.0);
+        let bd: Vec<E> = rng.vec(dm, -0.1, 0.1);
+        // unit-norm atoms
+        let raw: Vec<f64> = (0..l * dm).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let mut atoms = Vec::with_capacity(l * dm);
+        for row in raw.chunks(dm) {
+            let n = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+            atoms.extend(row.iter().map(|v| E::from_f64(v / n)));
+        }
+        let s = SaeShape::new(b, dm, l);
+        let want = topk::encode_mp(s, &x, &atoms, Some(&bd), k).unwrap();
+        let got = topk::cuda::encode_mp_host(dev, s, &x, &atoms, Some(&bd), k).unwrap();
+        let what = format!("{:?} mp {b}x{dm}x{l} k{k}", E::DTYPE);
+        assert_eq!(got.indices, want.indices, "{what}: indices");
+        let tol = tolerance::<E>();
+        let r = common::worst_ratio(&to_f64(&got.values), &to_f64(&want.values), tol, tol);
+        assert!(r <= 1.0, "{what}: values {r}");
+        let r = common::worst_ratio(&to_f64(&got.residual), &to_f64(&want.residual), tol, tol);
+        assert!(r <= 1.0, "{what}: residual {r}");
+    }
+    for &(b, dm, l, k) in &[(9, 40, 200, 6), (2, 64, 3000, 3), (40, 17, 50, 50)] {
+        run::<f32>(&dev, b, dm, l, k);
+        run::<bf16>(&dev, b, dm, l, k);
+    }
+}
+
+#[test]
+fn cuda_backward_matches_cpu() {
+    let Some(dev) = device_or_skip("cuda_backward_matches_cpu") else {
+        return;
+    };
+    fn run<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: usize) {
+        let sae = Sae::<E>::new(b, dm, l, 0.0, 41);
+        let mut rng = Rng::new(42);
+        let w_dec: Vec<E> = rng.vec(l * dm, -0.5, 0.5);
+        let d_xhat: Vec<E> = rng.vec(b * dm, -1.0, 1.0);
+        // repeated latents across rows, and a few zero values (masked by the ReLU)
+        let indices: Vec<i32> = (0..b * k).map(|j| ((j * 13 + j / k) % l) as i32).collect();
+        let values: Vec<E> = (0..b * k)
+            .map(|j| {
+                E::from_f64(if j % 5 == 0 {
+                    0.0
+                } else {
+                    rng.uniform(0.1, 2.0)
+                })
+            })
+            .collect();
+        let s = SaeShape::new(b, dm, l);
+        let inputs = BackwardInputs {
+            x: &sae.x,
+            w_enc: &sae.w,
+            b_enc: &sae.b_enc,
+            b_dec: Some(&sae.b_dec),
+            w_dec: &w_dec,
+            indices: &indices,
+            values: &values,
+            d_xhat: &d_xhat,
+        };
+        let want = topk::backward(s, k, inputs).unwrap();
+        let got = topk::cuda::backward_host(dev, s, k, inputs).unwrap();
+        let tol = 10.0 * tolerance::<E>();
+        for (name, g, w) in [
+            ("dw_dec", &got.dw_dec, &want.dw_dec),
+            ("db_dec", &got.db_dec, &want.db_dec),
+            ("dw_enc", &got.dw_enc, &want.dw_enc),
+            ("db_enc", &got.db_enc, &want.db_enc),
+            ("dx", &got.dx, &want.dx),
+        ] {
+            let r = common::worst_ratio(&to_f64(g), &to_f64(w), tol, tol);
+            assert!(r <= 1.0, "{:?} backward {name}: {r}", E::DTYPE);
+        }
+    }
+    for &(b, dm, l, k) in &[(7, 30, 20, 4), (64, 129, 1000, 16), (1, 8, 3, 3)] {
+        run::<f32>(&dev, b, dm, l, k);
+        run::<bf16>(&dev, b, dm, l, k);
+        run::<f16>(&dev, b, dm, l, k);
+    }
+}
+
+#[test]
+fn cuda_new_ops_reject_what_the_cpu_rejects() {
+    let Some(dev) = device_or_skip("cuda_new_ops_reject_what_the_cpu_rejects") else {
+        return;
+    };
+    let s = SaeShape::new(2, 8, 300);
+    let sae = Sae::<f32>::new(2, 8, 300, 0.0, 51);
+    let e = topk::cuda::nearest_host(&dev, s, &sae.x, &sae.w, 257, Metric::Dot).unwrap_err();
+    assert!(matches!(e, Error::Unsupported(_)), "{e}");
+    let e = topk::cuda::nearest_host(&dev, s, &sae.x[1..], &sae.w, 3, Metric::Dot).unwrap_err();
+    assert!(e.to_string().contains("x"), "{e}");
+    let nan = vec![f32::NAN; 300];
+    let e = topk::cuda::encode_jumprelu_host(&dev, s, sae.inputs(), &nan).unwrap_err();
+    assert!(e.to_string().contains("threshold"), "{e}");
+    let e = topk::cuda::encode_batch_topk_host(&dev, s, sae.inputs(), 0).unwrap_err();
+    assert!(e.to_string().contains("k"), "{e}");
+    let e = topk::cuda::encode_mp_host(&dev, s, &sae.x, &sae.w, None, 301).unwrap_err();
+    assert!(e.to_string().contains("k"), "{e}");
+    let xd: Vec<f64> = vec![0.5; 16];
+    let wd: Vec<f64> = vec![0.1; 2400];
+    let e = topk::cuda::encode_mp_host(&dev, s, &xd, &wd, None, 2).unwrap_err();
+    assert!(matches!(e, Error::Unsupported(_)), "{e}");
 }

@@ -8,38 +8,94 @@ use super::{
 };
 use crate::element::DType;
 use crate::error::{Error, Result};
-use crate::topk::{self, BackwardInputs, Csr, EncoderInputs, Metric, SaeShape};
+use crate::topk::{
+    self, BackwardInputs, Csr, EncoderInputs, MatchingPursuit, Metric, SaeGrads, SaeShape,
+};
 use half::{bf16, f16};
 use std::collections::BTreeMap;
 
 type Outputs = BTreeMap<String, Tensor>;
 
 /// The family's CUDA entry points as the runner calls them (host in, host out); without
-/// the `cuda` feature every call is `NoDevice`.
+/// the `cuda` feature every call is `NoDevice` (the defaults).
 trait TopkDevice: CaseElement {
     fn cuda_rows(
-        runner: &Runner,
-        r: usize,
-        n: usize,
-        x: &[Self],
-        p: topk::RowsParams,
-    ) -> Result<(Vec<Self>, Vec<i32>)>;
+        _: &Runner,
+        _: usize,
+        _: usize,
+        _: &[Self],
+        _: topk::RowsParams,
+    ) -> Result<(Vec<Self>, Vec<i32>)> {
+        Err(no_cuda())
+    }
     fn cuda_encode(
-        runner: &Runner,
-        shape: SaeShape,
-        inputs: EncoderInputs<'_, Self>,
-        k: usize,
-    ) -> Result<(Vec<Self>, Vec<i32>)>;
+        _: &Runner,
+        _: SaeShape,
+        _: EncoderInputs<'_, Self>,
+        _: usize,
+    ) -> Result<(Vec<Self>, Vec<i32>)> {
+        Err(no_cuda())
+    }
+    fn cuda_batch_topk(
+        _: &Runner,
+        _: SaeShape,
+        _: EncoderInputs<'_, Self>,
+        _: usize,
+    ) -> Result<Csr<Self>> {
+        Err(no_cuda())
+    }
+    fn cuda_jumprelu(
+        _: &Runner,
+        _: SaeShape,
+        _: EncoderInputs<'_, Self>,
+        _: &[Self],
+    ) -> Result<Csr<Self>> {
+        Err(no_cuda())
+    }
     #[allow(clippy::too_many_arguments)]
     fn cuda_decode(
-        runner: &Runner,
-        shape: SaeShape,
-        k: usize,
-        indices: &[i32],
-        values: &[Self],
-        w_dec: &[Self],
-        b_dec: Option<&[Self]>,
-    ) -> Result<Vec<Self>>;
+        _: &Runner,
+        _: SaeShape,
+        _: usize,
+        _: &[i32],
+        _: &[Self],
+        _: &[Self],
+        _: Option<&[Self]>,
+    ) -> Result<Vec<Self>> {
+        Err(no_cuda())
+    }
+    fn cuda_backward(
+        _: &Runner,
+        _: SaeShape,
+        _: usize,
+        _: BackwardInputs<'_, Self>,
+    ) -> Result<SaeGrads<Self>> {
+        Err(no_cuda())
+    }
+    fn cuda_mp(
+        _: &Runner,
+        _: SaeShape,
+        _: &[Self],
+        _: &[Self],
+        _: Option<&[Self]>,
+        _: usize,
+    ) -> Result<MatchingPursuit<Self>> {
+        Err(no_cuda())
+    }
+    fn cuda_nearest(
+        _: &Runner,
+        _: SaeShape,
+        _: &[Self],
+        _: &[Self],
+        _: usize,
+        _: Metric,
+    ) -> Result<(Vec<Self>, Vec<i32>)> {
+        Err(no_cuda())
+    }
+}
+
+fn no_cuda() -> Error {
+    Error::NoDevice("this build has no `cuda` feature".into())
 }
 
 #[cfg(feature = "cuda")]
@@ -61,6 +117,22 @@ impl<E: CaseElement + crate::cuda::CudaElement> TopkDevice for E {
     ) -> Result<(Vec<E>, Vec<i32>)> {
         topk::cuda::encode_host(runner.device()?, shape, inputs, k)
     }
+    fn cuda_batch_topk(
+        runner: &Runner,
+        shape: SaeShape,
+        inputs: EncoderInputs<'_, E>,
+        k: usize,
+    ) -> Result<Csr<E>> {
+        topk::cuda::encode_batch_topk_host(runner.device()?, shape, inputs, k)
+    }
+    fn cuda_jumprelu(
+        runner: &Runner,
+        shape: SaeShape,
+        inputs: EncoderInputs<'_, E>,
+        threshold: &[E],
+    ) -> Result<Csr<E>> {
+        topk::cuda::encode_jumprelu_host(runner.device()?, shape, inputs, threshold)
+    }
     fn cuda_decode(
         runner: &Runner,
         shape: SaeShape,
@@ -72,39 +144,38 @@ impl<E: CaseElement + crate::cuda::CudaElement> TopkDevice for E {
     ) -> Result<Vec<E>> {
         topk::cuda::decode_host(runner.device()?, shape, k, indices, values, w_dec, b_dec)
     }
+    fn cuda_backward(
+        runner: &Runner,
+        shape: SaeShape,
+        k: usize,
+        inputs: BackwardInputs<'_, E>,
+    ) -> Result<SaeGrads<E>> {
+        topk::cuda::backward_host(runner.device()?, shape, k, inputs)
+    }
+    fn cuda_mp(
+        runner: &Runner,
+        shape: SaeShape,
+        x: &[E],
+        w_dec: &[E],
+        b_dec: Option<&[E]>,
+        k: usize,
+    ) -> Result<MatchingPursuit<E>> {
+        topk::cuda::encode_mp_host(runner.device()?, shape, x, w_dec, b_dec, k)
+    }
+    fn cuda_nearest(
+        runner: &Runner,
+        shape: SaeShape,
+        x: &[E],
+        codebook: &[E],
+        k: usize,
+        metric: Metric,
+    ) -> Result<(Vec<E>, Vec<i32>)> {
+        topk::cuda::nearest_host(runner.device()?, shape, x, codebook, k, metric)
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
-impl<E: CaseElement> TopkDevice for E {
-    fn cuda_rows(
-        _: &Runner,
-        _: usize,
-        _: usize,
-        _: &[E],
-        _: topk::RowsParams,
-    ) -> Result<(Vec<E>, Vec<i32>)> {
-        Err(Error::NoDevice("this build has no `cuda` feature".into()))
-    }
-    fn cuda_encode(
-        _: &Runner,
-        _: SaeShape,
-        _: EncoderInputs<'_, E>,
-        _: usize,
-    ) -> Result<(Vec<E>, Vec<i32>)> {
-        Err(Error::NoDevice("this build has no `cuda` feature".into()))
-    }
-    fn cuda_decode(
-        _: &Runner,
-        _: SaeShape,
-        _: usize,
-        _: &[i32],
-        _: &[E],
-        _: &[E],
-        _: Option<&[E]>,
-    ) -> Result<Vec<E>> {
-        Err(Error::NoDevice("this build has no `cuda` feature".into()))
-    }
-}
+impl<E: CaseElement> TopkDevice for E {}
 
 fn put(out: &mut Outputs, name: &str, shape: Vec<usize>, data: Data) {
     out.insert(name.to_string(), Tensor { shape, data });
@@ -201,9 +272,6 @@ impl Runner {
         let mut p = Params::new(case);
         let k = if jumprelu { 0 } else { p.count("k")? };
         p.finish()?;
-        if case.op != "sae.encode" {
-            self.cpu_only(case)?;
-        }
         let shape = sae_shape(case, "x", "w_enc")?;
         same_shape(case, "b_enc", &[shape.latents])?;
         if case.inputs.contains_key("b_dec") {
@@ -235,12 +303,20 @@ impl Runner {
                     put(&mut out, "indices", vec![shape.batch, k], Data::I32(i));
                 }
                 "sae.encode_batch_topk" => {
-                    csr_out(&mut out, topk::encode_batch_topk(shape, inputs, k)?)
+                    let csr = match runner.kind {
+                        DeviceKind::Cpu => topk::encode_batch_topk(shape, inputs, k)?,
+                        DeviceKind::Cuda => E::cuda_batch_topk(runner, shape, inputs, k)?,
+                    };
+                    csr_out(&mut out, csr)
                 }
-                _ => csr_out(
-                    &mut out,
-                    topk::encode_jumprelu(shape, inputs, typed::<E>(case, "threshold")?)?,
-                ),
+                _ => {
+                    let threshold = typed::<E>(case, "threshold")?;
+                    let csr = match runner.kind {
+                        DeviceKind::Cpu => topk::encode_jumprelu(shape, inputs, threshold)?,
+                        DeviceKind::Cuda => E::cuda_jumprelu(runner, shape, inputs, threshold)?,
+                    };
+                    csr_out(&mut out, csr)
+                }
             }
             Ok(out)
         }
@@ -292,7 +368,6 @@ impl Runner {
             "x", "w_enc", "b_enc", "b_dec", "w_dec", "indices", "values", "d_xhat",
         ])?;
         Params::new(case).finish()?;
-        self.cpu_only(case)?;
         let shape = sae_shape(case, "x", "w_enc")?;
         let (b, k) = dims2(case, "indices")?;
         expect_shape("indices", &[b, k], &[shape.batch, k])?;
@@ -303,21 +378,26 @@ impl Runner {
         if case.inputs.contains_key("b_dec") {
             same_shape(case, "b_dec", &[shape.dm])?;
         }
-        fn run<E: CaseElement>(case: &Case, shape: SaeShape, k: usize) -> Result<Outputs> {
-            let g = topk::backward(
-                shape,
-                k,
-                BackwardInputs {
-                    x: typed::<E>(case, "x")?,
-                    w_enc: typed::<E>(case, "w_enc")?,
-                    b_enc: typed::<E>(case, "b_enc")?,
-                    b_dec: optional::<E>(case, "b_dec")?,
-                    w_dec: typed::<E>(case, "w_dec")?,
-                    indices: indices_of(case, "indices")?,
-                    values: typed::<E>(case, "values")?,
-                    d_xhat: typed::<E>(case, "d_xhat")?,
-                },
-            )?;
+        fn run<E: TopkDevice>(
+            runner: &Runner,
+            case: &Case,
+            shape: SaeShape,
+            k: usize,
+        ) -> Result<Outputs> {
+            let inputs = BackwardInputs {
+                x: typed::<E>(case, "x")?,
+                w_enc: typed::<E>(case, "w_enc")?,
+                b_enc: typed::<E>(case, "b_enc")?,
+                b_dec: optional::<E>(case, "b_dec")?,
+                w_dec: typed::<E>(case, "w_dec")?,
+                indices: indices_of(case, "indices")?,
+                values: typed::<E>(case, "values")?,
+                d_xhat: typed::<E>(case, "d_xhat")?,
+            };
+            let g = match runner.kind {
+                DeviceKind::Cpu => topk::backward(shape, k, inputs)?,
+                DeviceKind::Cuda => E::cuda_backward(runner, shape, k, inputs)?,
+            };
             let (b, dm, l) = (shape.batch, shape.dm, shape.latents);
             let mut out = Outputs::new();
             put(&mut out, "dw_dec", vec![l, dm], E::wrap(g.dw_dec));
@@ -327,7 +407,7 @@ impl Runner {
             put(&mut out, "dx", vec![b, dm], E::wrap(g.dx));
             Ok(out)
         }
-        by_dtype!(case, "x", run(case, shape, k))
+        by_dtype!(case, "x", run(self, case, shape, k))
     }
 
     pub(super) fn sae_encode_mp(&self, case: &Case) -> Result<Outputs> {
@@ -335,22 +415,28 @@ impl Runner {
         let mut p = Params::new(case);
         let k = p.count("k")?;
         p.finish()?;
-        self.cpu_only(case)?;
         let shape = sae_shape(case, "x", "w_dec")?;
         if case.inputs.contains_key("b_dec") {
             same_shape(case, "b_dec", &[shape.dm])?;
         }
-        fn run<E: CaseElement>(case: &Case, shape: SaeShape, k: usize) -> Result<Outputs>
+        fn run<E: TopkDevice>(
+            runner: &Runner,
+            case: &Case,
+            shape: SaeShape,
+            k: usize,
+        ) -> Result<Outputs>
         where
             E::Acc: crate::Element<Acc = E::Acc>,
         {
-            let mp = topk::encode_mp(
-                shape,
+            let (x, w_dec, b_dec) = (
                 typed::<E>(case, "x")?,
                 typed::<E>(case, "w_dec")?,
                 optional::<E>(case, "b_dec")?,
-                k,
-            )?;
+            );
+            let mp = match runner.kind {
+                DeviceKind::Cpu => topk::encode_mp(shape, x, w_dec, b_dec, k)?,
+                DeviceKind::Cuda => E::cuda_mp(runner, shape, x, w_dec, b_dec, k)?,
+            };
             let mut out = Outputs::new();
             put(&mut out, "values", vec![shape.batch, k], E::wrap(mp.values));
             put(
@@ -367,7 +453,7 @@ impl Runner {
             );
             Ok(out)
         }
-        by_dtype!(case, "x", run(case, shape, k))
+        by_dtype!(case, "x", run(self, case, shape, k))
     }
 
     pub(super) fn codebook_nearest(&self, case: &Case) -> Result<Outputs> {
@@ -376,27 +462,25 @@ impl Runner {
         let k = p.count("k")?;
         let metric = Metric::parse(p.choice("metric", &["dot", "cosine", "l2"])?)?;
         p.finish()?;
-        self.cpu_only(case)?;
         let shape = sae_shape(case, "x", "codebook")?;
-        fn run<E: CaseElement>(
+        fn run<E: TopkDevice>(
+            runner: &Runner,
             case: &Case,
             shape: SaeShape,
             k: usize,
             metric: Metric,
         ) -> Result<Outputs> {
-            let (s, i) = topk::nearest(
-                shape,
-                typed::<E>(case, "x")?,
-                typed::<E>(case, "codebook")?,
-                k,
-                metric,
-            )?;
+            let (x, codebook) = (typed::<E>(case, "x")?, typed::<E>(case, "codebook")?);
+            let (s, i) = match runner.kind {
+                DeviceKind::Cpu => topk::nearest(shape, x, codebook, k, metric)?,
+                DeviceKind::Cuda => E::cuda_nearest(runner, shape, x, codebook, k, metric)?,
+            };
             let mut out = Outputs::new();
             put(&mut out, "scores", vec![shape.batch, k], E::wrap(s));
             put(&mut out, "indices", vec![shape.batch, k], Data::I32(i));
             Ok(out)
         }
-        by_dtype!(case, "x", run(case, shape, k, metric))
+        by_dtype!(case, "x", run(self, case, shape, k, metric))
     }
 }
 

@@ -230,12 +230,8 @@ pub fn encode_batch_topk_on<E: Element>(
     k: usize,
 ) -> Result<Csr<E>> {
     isa.check()?;
-    inputs.validate(shape)?;
-    check_k("k", k, shape.latents, "the number of latents L")?;
+    let budget = check_batch_topk(shape, &inputs, k)?;
     let SaeShape { batch, dm, latents } = shape;
-    let budget = batch
-        .checked_mul(k)
-        .ok_or_else(|| Error::overflow("k", "B·k overflows"))?;
     let b_dec = inputs.b_dec.map(widen);
     let b_enc = widen(inputs.b_enc);
     // positives only: NaN and non-positive values can never be kept
@@ -293,6 +289,20 @@ pub fn encode_batch_topk_on<E: Element>(
     }
 }
 
+/// The inputs of `sae.encode_batch_topk` checked; returns the budget B·k.
+fn check_batch_topk<E: Element>(
+    shape: SaeShape,
+    inputs: &EncoderInputs<'_, E>,
+    k: usize,
+) -> Result<usize> {
+    inputs.validate(shape)?;
+    check_k("k", k, shape.latents, "the number of latents L")?;
+    shape
+        .batch
+        .checked_mul(k)
+        .ok_or_else(|| Error::overflow("k", "B·k overflows"))
+}
+
 /// Strict order of batch entries (value, row, latent): larger value, then lower flat index.
 fn beats<A: Accum>(a: (A, usize, u32), b: (A, usize, u32)) -> bool {
     match rank((a.0, 0), (b.0, 0)) {
@@ -343,12 +353,7 @@ pub fn encode_jumprelu_on<E: Element>(
     threshold: &[E],
 ) -> Result<Csr<E>> {
     isa.check()?;
-    inputs.validate(shape)?;
-    let l = shape.latents;
-    check_len("threshold", threshold.len(), l, &format!("[{l}]"))?;
-    if let Some(i) = threshold.iter().position(|t| t.to_f64().is_nan()) {
-        return Err(Error::invalid("threshold", format!("is NaN at latent {i}")));
-    }
+    check_jumprelu(shape, &inputs, threshold)?;
     let b_dec = inputs.b_dec.map(widen);
     let b_enc = widen(inputs.b_enc);
     let theta = widen(threshold);
@@ -356,6 +361,21 @@ pub fn encode_jumprelu_on<E: Element>(
         .encoder(shape, &b_dec, &b_enc)
         .run(isa, Collect::Above { threshold: &theta });
     csr::<E>(&picked)
+}
+
+/// The inputs of `sae.encode_jumprelu` checked: lengths, and no NaN threshold.
+fn check_jumprelu<E: Element>(
+    shape: SaeShape,
+    inputs: &EncoderInputs<'_, E>,
+    threshold: &[E],
+) -> Result<()> {
+    inputs.validate(shape)?;
+    let l = shape.latents;
+    check_len("threshold", threshold.len(), l, &format!("[{l}]"))?;
+    if let Some(i) = threshold.iter().position(|t| t.to_f64().is_nan()) {
+        return Err(Error::invalid("threshold", format!("is NaN at latent {i}")));
+    }
+    Ok(())
 }
 
 /// The outputs of `sae.encode_mp`.
@@ -403,17 +423,8 @@ where
     E::Acc: Element<Acc = E::Acc>,
 {
     isa.check()?;
-    let (bx, lw) = shape.sizes()?;
+    check_mp(shape, x, w_dec, b_dec, k)?;
     let SaeShape { batch, dm, latents } = shape;
-    check_len("x", x.len(), bx, &format!("[{batch}, {dm}]"))?;
-    check_len("w_dec", w_dec.len(), lw, &format!("[{latents}, {dm}]"))?;
-    if let Some(b) = b_dec {
-        check_len("b_dec", b.len(), dm, &format!("[{dm}]"))?;
-    }
-    check_k("k", k, latents.max(1), "the number of steps")?;
-    if latents == 0 {
-        return Err(Error::invalid("w_dec", "has no atoms (L = 0)"));
-    }
     let mut residual: Vec<E::Acc> = x
         .iter()
         .enumerate()
@@ -454,6 +465,28 @@ where
         indices,
         residual: residual.into_iter().map(E::from_acc).collect(),
     })
+}
+
+/// The inputs of `sae.encode_mp` checked.
+fn check_mp<E: Element>(
+    shape: SaeShape,
+    x: &[E],
+    w_dec: &[E],
+    b_dec: Option<&[E]>,
+    k: usize,
+) -> Result<()> {
+    let (bx, lw) = shape.sizes()?;
+    let SaeShape { batch, dm, latents } = shape;
+    check_len("x", x.len(), bx, &format!("[{batch}, {dm}]"))?;
+    check_len("w_dec", w_dec.len(), lw, &format!("[{latents}, {dm}]"))?;
+    if let Some(b) = b_dec {
+        check_len("b_dec", b.len(), dm, &format!("[{dm}]"))?;
+    }
+    check_k("k", k, latents.max(1), "the number of steps")?;
+    if latents == 0 {
+        return Err(Error::invalid("w_dec", "has no atoms (L = 0)"));
+    }
+    Ok(())
 }
 
 /// The score of `codebook.nearest`.
@@ -504,16 +537,8 @@ pub fn nearest_on<E: Element>(
     metric: Metric,
 ) -> Result<(Vec<E>, Vec<i32>)> {
     isa.check()?;
-    let (bx, lw) = shape.sizes()?;
+    check_nearest(shape, x, codebook, k)?;
     let SaeShape { batch, dm, latents } = shape;
-    check_len("x", x.len(), bx, &format!("[{batch}, {dm}]"))?;
-    check_len(
-        "codebook",
-        codebook.len(),
-        lw,
-        &format!("[{latents}, {dm}]"),
-    )?;
-    check_k("k", k, latents, "the number of codebook rows L")?;
     let sq_norms = |m: &[E], rows: usize| -> Vec<E::Acc> {
         (0..rows)
             .map(|r| {
@@ -580,4 +605,18 @@ pub fn nearest_on<E: Element>(
             Ok((scores, indices))
         }
     }
+}
+
+/// The inputs of `codebook.nearest` checked.
+fn check_nearest<E: Element>(shape: SaeShape, x: &[E], codebook: &[E], k: usize) -> Result<()> {
+    let (bx, lw) = shape.sizes()?;
+    let SaeShape { batch, dm, latents } = shape;
+    check_len("x", x.len(), bx, &format!("[{batch}, {dm}]"))?;
+    check_len(
+        "codebook",
+        codebook.len(),
+        lw,
+        &format!("[{latents}, {dm}]"),
+    )?;
+    check_k("k", k, latents, "the number of codebook rows L")
 }

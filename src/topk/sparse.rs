@@ -304,20 +304,16 @@ pub fn backward_on<E: Element>(
     let BackwardInputs {
         x,
         w_enc,
-        b_enc,
+        b_enc: _,
         b_dec,
         w_dec,
         indices,
         values,
         d_xhat,
     } = inputs;
-    check_sparse(shape, k, indices, values, w_dec, b_dec)?;
+    check_backward(shape, k, &inputs)?;
     let (bx, lw) = shape.sizes()?;
     let SaeShape { batch, dm, latents } = shape;
-    check_len("x", x.len(), bx, &format!("[{batch}, {dm}]"))?;
-    check_len("w_enc", w_enc.len(), lw, &format!("[{latents}, {dm}]"))?;
-    check_len("b_enc", b_enc.len(), latents, &format!("[{latents}]"))?;
-    check_len("d_xhat", d_xhat.len(), bx, &format!("[{batch}, {dm}]"))?;
     let zero = E::Acc::ZERO;
 
     // dpre[b, j], parallel over rows
@@ -334,20 +330,7 @@ pub fn backward_on<E: Element>(
         });
     }
 
-    // the selections grouped by latent (counting sort; (b, j) order within a latent)
-    let mut start = vec![0usize; latents + 1];
-    for &l in indices {
-        start[l as usize + 1] += 1;
-    }
-    for l in 0..latents {
-        start[l + 1] += start[l];
-    }
-    let mut fill = start.clone();
-    let mut by_latent = vec![0usize; indices.len()];
-    for (flat, &l) in indices.iter().enumerate() {
-        by_latent[fill[l as usize]] = flat;
-        fill[l as usize] += 1;
-    }
+    let (start, by_latent) = group_by_latent(indices, latents);
 
     let centered: Option<Vec<E::Acc>> = b_dec.map(|b| b.iter().map(|v| v.to_acc()).collect());
     let mut dw_dec = vec![E::default(); lw];
@@ -435,6 +418,41 @@ pub fn backward_on<E: Element>(
         db_enc,
         dx: dx_acc.into_iter().map(E::from_acc).collect(),
     })
+}
+
+/// Every input of `sae.backward` checked: lengths, and every index in 0..L.
+pub(super) fn check_backward<E: Element>(
+    shape: SaeShape,
+    k: usize,
+    inputs: &BackwardInputs<'_, E>,
+) -> Result<()> {
+    let i = inputs;
+    check_sparse(shape, k, i.indices, i.values, i.w_dec, i.b_dec)?;
+    let (bx, lw) = shape.sizes()?;
+    let SaeShape { batch, dm, latents } = shape;
+    check_len("x", i.x.len(), bx, &format!("[{batch}, {dm}]"))?;
+    check_len("w_enc", i.w_enc.len(), lw, &format!("[{latents}, {dm}]"))?;
+    check_len("b_enc", i.b_enc.len(), latents, &format!("[{latents}]"))?;
+    check_len("d_xhat", i.d_xhat.len(), bx, &format!("[{batch}, {dm}]"))
+}
+
+/// The selections grouped by latent (a counting sort): latent l's flat positions b·k + j
+/// are `by_latent[start[l]..start[l + 1]]`, ascending. Indices must lie in 0..latents.
+pub(super) fn group_by_latent(indices: &[i32], latents: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut start = vec![0usize; latents + 1];
+    for &l in indices {
+        start[l as usize + 1] += 1;
+    }
+    for l in 0..latents {
+        start[l + 1] += start[l];
+    }
+    let mut fill = start.clone();
+    let mut by_latent = vec![0usize; indices.len()];
+    for (flat, &l) in indices.iter().enumerate() {
+        by_latent[fill[l as usize]] = flat;
+        fill[l as usize] += 1;
+    }
+    (start, by_latent)
 }
 
 struct Dot<'a, E>(&'a [E], &'a [E]);
