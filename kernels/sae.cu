@@ -7,7 +7,10 @@
 // so small batches still fill the GPU), NK_SAE_LATENTS latents at a time: the operand tiles
 // (NK_SAE_DEPTH model dims) staged in shared memory as f32, each thread a 2 × 4 register
 // tile whose dot products run over d in order (the CPU encoder's order, so the scores match
-// it), then the tile's scores go to shared memory and each warp filters its rows:
+// it); for f16/bf16 one 16×16×16 tensor-core fragment per warp instead (wmma, f32
+// accumulate; b_dec is then folded into the shift on the host side, shift − b_dec·w[l], as
+// the operands stay in their 16-bit type, and row_scale is applied to the product). Then
+// the tile's scores go to shared memory and each warp filters its rows:
 // - top-k modes: a key (select.cuh) enters the row's candidate buffer when it beats the
 //   row's threshold (one compare; warp-aggregated appends); a full buffer is sorted by the
 //   warp that owns the row and cut to k. Out: the best k keys of every (row, latent range),
@@ -16,13 +19,15 @@
 //   (pass 1: per-row counts) or is written at the row's CSR offset (pass 2: unordered
 //   within the row; the host sorts each row).
 // The [B, L] scores never exist: memory beyond inputs and outputs is O(rows × ranges × k).
-// Bound: 2·B·L·Dm flops at the SIMT FMA rate (no tensor cores yet), w read once per row
-// tile (from L2 while row tiles share it).
+// Bound: 2·B·L·Dm flops (SIMT FMA rate for f32, tensor cores for f16/bf16), w read once
+// per row tile (from L2 while row tiles share it).
 //
 // Backward (sae_bwd_*): dpre per selection (a warp per (b, j)), dw_dec/dw_enc/db_enc per
 // latent from the selections grouped by latent (the grouping is built on the host, so each
 // latent's sum runs in (b, j) order: deterministic, no atomics), dx per row, db_dec per
 // column summed over rows in order.
+#include <mma.h>
+
 #include "common.cuh"
 #include "sae.cuh"
 #include "select.cuh"
@@ -38,6 +43,10 @@ constexpr unsigned FULL = 0xffffffffu;
 // the register tile: rows ty + 16·i (i < TR), latents tx + 16·j (j < TL)
 constexpr int TR = BM / 16, TL = BN / 16;
 static_assert(TPB == 256 && BM % 16 == 0 && BN % 32 == 0, "tile geometry");
+// tensor-core tiles: one 16×16 fragment of the score tile per warp; operand rows padded to
+// TC_LD elements (a multiple of 8, rows 32-byte aligned as wmma loads need)
+constexpr int TC_LD = BK + 8;
+static_assert((BM / 16) * (BN / 16) == WARPS && BK % 16 == 0, "tensor-core tile geometry");
 
 enum Mode { TOPK = 0, TOPK_RELU = 1, ABOVE_COUNT = 2, ABOVE_WRITE = 3 };
 
@@ -53,19 +62,64 @@ __device__ float block_sum(float v) {
   return total;
 }
 
-template <typename TX, typename TW>
+// The tensor-core score tile: sc[r][c] = x[row0 + r]·w[l0 + c] (f32 accumulate), zero
+// rows/latents/depth past the ends. xs [BM][TC_LD] and ws [BN][TC_LD] are staging tiles.
+template <typename T>
+__device__ void score_tile_tensor(const T* x, const T* w, long long row0, int nrows, int l0, int l_end, int dm, T* xs,
+                                  T* ws, float* sc, int sc_ld) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x >> 5;
+  const int fi = warp / (BN / 16), fj = warp % (BN / 16);
+  // staged as raw 16-bit patterns (0 is +0.0 in both types)
+  const unsigned short* xb = reinterpret_cast<const unsigned short*>(x);
+  const unsigned short* wb = reinterpret_cast<const unsigned short*>(w);
+  unsigned short* xsb = reinterpret_cast<unsigned short*>(xs);
+  unsigned short* wsb = reinterpret_cast<unsigned short*>(ws);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int d0 = 0; d0 < dm; d0 += BK) {
+    __syncthreads();  // the last step's fragment loads are done
+    for (int e = threadIdx.x; e < BM * BK; e += TPB) {
+      const int r = e / BK, d = e % BK;
+      xsb[r * TC_LD + d] = (r < nrows && d0 + d < dm) ? xb[(row0 + r) * dm + d0 + d] : (unsigned short)0;
+    }
+    for (int e = threadIdx.x; e < BN * BK; e += TPB) {
+      const int c = e / BK, d = e % BK;
+      wsb[c * TC_LD + d] = (l0 + c < l_end && d0 + d < dm) ? wb[(long long)(l0 + c) * dm + d0 + d] : (unsigned short)0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      // A = x rows (row-major M×K); B = w rows read as a column-major K×N matrix
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+      wmma::load_matrix_sync(a, xs + fi * 16 * TC_LD + kk, TC_LD);
+      wmma::load_matrix_sync(b, ws + fj * 16 * TC_LD + kk, TC_LD);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+  }
+  wmma::store_matrix_sync(sc + fi * 16 * sc_ld + fj * 16, acc, sc_ld, wmma::mem_row_major);
+}
+
+template <typename TX, typename TW, bool TENSOR>
 __device__ void sae_select(const TX* x, const TW* w, const float* offset, const float* row_scale,
                            const float* scale, const float* shift, const float* theta, float theta_all,
                            long long rows, int dm, int latents, int range_len, int mode, int k, int cap,
                            nk_key* keys_out, int* counts, const long long* offsets, int* cursors) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   const bool topk = mode == TOPK || mode == TOPK_RELU;
   nk_key* keys = reinterpret_cast<nk_key*>(smem);        // [BM][cap], top-k modes only
   nk_key* threshold = keys + (topk ? BM * cap : 0);       // [BM]
   int* count = reinterpret_cast<int*>(threshold + BM);   // [BM]
-  float* xs = reinterpret_cast<float*>(count + BM);      // [BK][BM + 1]
-  float* ws = xs + BK * (BM + 1);                         // [BK][BN + 1]
-  float* sc = ws + BK * (BN + 1);                         // [BM][BN + 1]
+  // SIMT: f32 xs [BK][BM + 1], ws [BK][BN + 1], sc [BM][BN + 1]; tensor cores: TW xs
+  // [BM][TC_LD], ws [BN][TC_LD], then f32 sc [BM][BN + 4] (smaller; the host sizes the
+  // SIMT layout). Every region starts 128-byte aligned: the regions before are multiples.
+  constexpr int SC = TENSOR ? BN + 4 : BN + 1;
+  float* xs = reinterpret_cast<float*>(count + BM);
+  float* ws = xs + BK * (BM + 1);
+  TW* xs_t = reinterpret_cast<TW*>(xs);
+  TW* ws_t = xs_t + BM * TC_LD;
+  float* sc = TENSOR ? reinterpret_cast<float*>(ws_t + BN * TC_LD) : ws + BK * (BN + 1);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int tx = tid % 16, ty = tid / 16;
@@ -79,64 +133,76 @@ __device__ void sae_select(const TX* x, const TW* w, const float* offset, const 
   }
 
   for (int l0 = l_begin; l0 < l_end; l0 += BN) {
-    float acc[TR][TL];
-#pragma unroll
-    for (int i = 0; i < TR; ++i)
-#pragma unroll
-      for (int j = 0; j < TL; ++j) acc[i][j] = 0.0f;
-    for (int d0 = 0; d0 < dm; d0 += BK) {
-      __syncthreads();  // the last step's readers of xs and ws are done
-      // lanes walk d (coalesced global reads); the +1 pads keep the transposed stores
-      // free of bank conflicts
-      for (int e = tid; e < BM * BK; e += TPB) {
-        const int r = e / BK, d = e % BK;
-        float v = 0.0f;
-        if (r < nrows && d0 + d < dm) {
-          v = to_acc(x[(row0 + r) * dm + d0 + d]);
-          if (offset) v -= offset[d0 + d];
-          if (row_scale) v *= row_scale[row0 + r];
-        }
-        xs[d * (BM + 1) + r] = v;
-      }
-      for (int e = tid; e < BN * BK; e += TPB) {
-        const int c = e / BK, d = e % BK;
-        float v = 0.0f;
-        if (l0 + c < l_end && d0 + d < dm) v = to_acc(w[(long long)(l0 + c) * dm + d0 + d]);
-        ws[d * (BN + 1) + c] = v;
-      }
+    __syncthreads();  // the last tile's readers of sc are done (the depth loop may be empty)
+    if constexpr (TENSOR) {
+      score_tile_tensor<TW>(x, w, row0, nrows, l0, l_end, dm, xs_t, ws_t, sc, SC);
       __syncthreads();
-      const int depth = min(BK, dm - d0);
-      for (int d = 0; d < depth; ++d) {
-        float a[TR], b[TL];
-#pragma unroll
-        for (int i = 0; i < TR; ++i) a[i] = xs[d * (BM + 1) + ty + 16 * i];
-#pragma unroll
-        for (int j = 0; j < TL; ++j) b[j] = ws[d * (BN + 1) + tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < TR; ++i)
-#pragma unroll
-          for (int j = 0; j < TL; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      for (int e = tid; e < BM * BN; e += TPB) {
+        const int r = e / BN, c = e % BN, l = l0 + c;
+        float v = sc[r * SC + c];
+        if (row_scale && r < nrows) v *= row_scale[row0 + r];
+        if (l < l_end) v = fmaf(v, scale ? scale[l] : 1.0f, shift ? shift[l] : 0.0f);
+        sc[r * SC + c] = v;
       }
-    }
+    } else {
+      float acc[TR][TL];
 #pragma unroll
-    for (int j = 0; j < TL; ++j) {
-      const int c = tx + 16 * j, l = l0 + c;
-      const float mul = (scale && l < l_end) ? scale[l] : 1.0f;
-      const float add = (shift && l < l_end) ? shift[l] : 0.0f;
+      for (int i = 0; i < TR; ++i)
 #pragma unroll
-      for (int i = 0; i < TR; ++i) sc[(ty + 16 * i) * (BN + 1) + c] = fmaf(acc[i][j], mul, add);
+        for (int j = 0; j < TL; ++j) acc[i][j] = 0.0f;
+      for (int d0 = 0; d0 < dm; d0 += BK) {
+        __syncthreads();  // the last step's readers of xs and ws are done
+        // lanes walk d (coalesced global reads); the +1 pads keep the transposed stores
+        // free of bank conflicts
+        for (int e = tid; e < BM * BK; e += TPB) {
+          const int r = e / BK, d = e % BK;
+          float v = 0.0f;
+          if (r < nrows && d0 + d < dm) {
+            v = to_acc(x[(row0 + r) * dm + d0 + d]);
+            if (offset) v -= offset[d0 + d];
+            if (row_scale) v *= row_scale[row0 + r];
+          }
+          xs[d * (BM + 1) + r] = v;
+        }
+        for (int e = tid; e < BN * BK; e += TPB) {
+          const int c = e / BK, d = e % BK;
+          float v = 0.0f;
+          if (l0 + c < l_end && d0 + d < dm) v = to_acc(w[(long long)(l0 + c) * dm + d0 + d]);
+          ws[d * (BN + 1) + c] = v;
+        }
+        __syncthreads();
+        const int depth = min(BK, dm - d0);
+        for (int d = 0; d < depth; ++d) {
+          float a[TR], b[TL];
+#pragma unroll
+          for (int i = 0; i < TR; ++i) a[i] = xs[d * (BM + 1) + ty + 16 * i];
+#pragma unroll
+          for (int j = 0; j < TL; ++j) b[j] = ws[d * (BN + 1) + tx + 16 * j];
+#pragma unroll
+          for (int i = 0; i < TR; ++i)
+#pragma unroll
+            for (int j = 0; j < TL; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < TL; ++j) {
+        const int c = tx + 16 * j, l = l0 + c;
+        const float mul = (scale && l < l_end) ? scale[l] : 1.0f;
+        const float add = (shift && l < l_end) ? shift[l] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < TR; ++i) sc[(ty + 16 * i) * SC + c] = fmaf(acc[i][j], mul, add);
+      }
     }
     __syncthreads();
 
-    // each warp filters its rows (warp, warp + WARPS, ...): no block barrier needed, the
-    // next tile's first barrier orders these reads of sc before its rewrite
+    // each warp filters its rows (warp, warp + WARPS, ...)
     for (int r = warp; r < nrows; r += WARPS) {
       for (int c0 = 0; c0 < BN; c0 += 32) {
         const int l = l0 + c0 + lane;
         bool pass = false;
         nk_key key = 0;
         if (l < l_end) {
-          const float s = sc[r * (BN + 1) + c0 + lane];
+          const float s = sc[r * SC + c0 + lane];
           if (topk) {
             // ReLU keeps NaN (it ranks first)
             const float z = (mode == TOPK_RELU && !(s != s)) ? fmaxf(s, 0.0f) : s;
@@ -183,6 +249,17 @@ __device__ void sae_select(const TX* x, const TW* w, const float* offset, const 
     __syncthreads();
     if (tid < nrows && count[tid] > 0) atomicAdd(&counts[row0 + tid], count[tid]);
   }
+}
+
+// out[l] = shift[l] − offset·w[l] (a block per latent): b_dec folded into the shift for the
+// tensor-core encoder, whose operands stay in their 16-bit type.
+template <typename T>
+__device__ void sae_fold_offset(const T* w, const float* offset, const float* shift, float* out, int dm) {
+  const long long l = blockIdx.x;
+  float s = 0.0f;
+  for (int d = threadIdx.x; d < dm; d += TPB) s = fmaf(offset[d], to_acc(w[l * dm + d]), s);
+  s = block_sum(s);
+  if (threadIdx.x == 0) out[l] = (shift ? shift[l] : 0.0f) - s;
 }
 
 // keys [n] (n = rows·k) → values and indices; with x_norms (codebook l2), the value is
@@ -336,18 +413,22 @@ __device__ void sae_bwd_db_dec(const T* d_xhat, const float* dx_acc, T* db_dec, 
 
 }  // namespace
 
-#define NK_SAE_SELECT(SUFFIX, TX, TW)                                                                              \
-  extern "C" __global__ void __launch_bounds__(TPB) sae_select_##SUFFIX(                                           \
+#define NK_SAE_SELECT(SUFFIX, TX, TW, TENSOR)                                                                              \
+  extern "C" __global__ void __launch_bounds__(TPB, 1) sae_select_##SUFFIX(                                         \
       const TX* x, const TW* w, const float* offset, const float* row_scale, const float* scale, const float* shift, \
       const float* theta, float theta_all, long long rows, int dm, int latents, int range_len, int mode, int k,    \
       int cap, nk_key* keys_out, int* counts, const long long* offsets, int* cursors) {                            \
-    sae_select<TX, TW>(x, w, offset, row_scale, scale, shift, theta, theta_all, rows, dm, latents, range_len, mode, \
+    sae_select<TX, TW, TENSOR>(x, w, offset, row_scale, scale, shift, theta, theta_all, rows, dm, latents, range_len, mode, \
                        k, cap, keys_out, counts, offsets, cursors);                                                \
   }
 
-#define NK_SAE_ENTRIES(SUFFIX, T)                                                                                   \
-  NK_SAE_SELECT(SUFFIX, T, T)                                                                                       \
-  NK_SAE_SELECT(residual_##SUFFIX, float, T)                                                                        \
+#define NK_SAE_ENTRIES(SUFFIX, T, TENSOR)                                                                           \
+  NK_SAE_SELECT(SUFFIX, T, T, TENSOR)                                                                               \
+  NK_SAE_SELECT(residual_##SUFFIX, float, T, false)                                                                 \
+  extern "C" __global__ void __launch_bounds__(TPB) sae_fold_offset_##SUFFIX(                                      \
+      const T* w, const float* offset, const float* shift, float* out, int dm) {                                    \
+    sae_fold_offset<T>(w, offset, shift, out, dm);                                                                  \
+  }                                                                                                                 \
   extern "C" __global__ void __launch_bounds__(TPB)                                                                 \
       sae_keys_out_##SUFFIX(const nk_key* keys, long long n, int k, const float* x_norms, T* values, int* indices) { \
     sae_keys_out<T>(keys, n, k, x_norms, values, indices);                                                          \
@@ -387,6 +468,7 @@ __device__ void sae_bwd_db_dec(const T* d_xhat, const float* dx_acc, T* db_dec, 
     sae_bwd_db_dec<T>(d_xhat, dx_acc, db_dec, batch, dm);                                                           \
   }
 
-NK_SAE_ENTRIES(f32, float)
-NK_SAE_ENTRIES(f16, __half)
-NK_SAE_ENTRIES(bf16, __nv_bfloat16)
+// f32 on SIMT tiles (the CPU's order of operations), f16/bf16 on tensor cores
+NK_SAE_ENTRIES(f32, float, false)
+NK_SAE_ENTRIES(f16, __half, true)
+NK_SAE_ENTRIES(bf16, __nv_bfloat16, true)

@@ -2,9 +2,9 @@
 //! - `topk.rows`, `sae.decode` (kernels/topk.cu), device-level and host conveniences;
 //! - `sae.encode` (device-level and host), `codebook.nearest`, `sae.encode_mp`,
 //!   `sae.encode_jumprelu` and `sae.encode_batch_topk` (host conveniences) on one fused
-//!   encoder (kernels/sae.cu: SIMT f32 tiles, no tensor cores yet; the scores are filtered
-//!   into per-row candidates in shared memory and never stored), k ≤ 256 where the kernel
-//!   keeps a top-k;
+//!   encoder (kernels/sae.cu: SIMT tiles for f32, wmma tensor-core tiles for f16/bf16; the
+//!   scores are filtered into per-row candidates in shared memory and never stored), k ≤
+//!   256 where the kernel keeps a top-k;
 //! - `sae.backward` (host convenience): the selections are grouped by latent on the host
 //!   (one counting sort of the indices, which the host holds), so every per-latent sum
 //!   runs in (b, j) order on the device: deterministic, no atomics.
@@ -186,7 +186,7 @@ pub fn encode<E: CudaElement>(
             shift: sp,
             ..Epilogue::default()
         };
-        let run = Select::new(device, stream, E::SUFFIX, shape, xp, wp, epilogue);
+        let run = Select::new::<E>(device, stream, shape, xp, wp, epilogue)?;
         run.top_k(k, true)?
     };
     keys_out::<E>(device, stream, &keys, batch, k, None, values, indices)
@@ -509,7 +509,8 @@ const TARGET_BLOCKS: usize = 264;
 
 /// One fused-encoder problem: `x` (rows × Dm, element type by `kernel`) against `w`
 /// (latents × Dm), with its epilogue; the addresses stay valid while the caller holds
-/// their guards.
+/// their guards. On tensor cores (f16/bf16 rows) the offset is folded into the shift,
+/// shift − offset·w[l], once per problem (`folded`).
 struct Select<'a> {
     device: &'a Device,
     stream: &'a Arc<CudaStream>,
@@ -518,6 +519,7 @@ struct Select<'a> {
     x: u64,
     w: u64,
     epilogue: Epilogue,
+    folded: Option<CudaSlice<f32>>,
     /// Row tiles × latent ranges of range_len latents.
     row_tiles: usize,
     ranges: usize,
@@ -525,8 +527,55 @@ struct Select<'a> {
 }
 
 impl<'a> Select<'a> {
-    /// `suffix` picks `sae_select_<suffix>` (e.g. "bf16", or "residual_bf16" for f32 rows).
-    fn new(
+    /// The encoder of rows of E: f32 on SIMT tiles, f16/bf16 on tensor cores.
+    fn new<E: CudaElement>(
+        device: &'a Device,
+        stream: &'a Arc<CudaStream>,
+        shape: SaeShape,
+        x: u64,
+        w: u64,
+        epilogue: Epilogue,
+    ) -> Result<Self> {
+        let mut run = Self::build(device, stream, E::SUFFIX, shape, x, w, epilogue);
+        if E::DTYPE != DType::F32 && epilogue.offset != 0 {
+            let mut folded = stream.alloc_zeros::<f32>(shape.latents.max(1))?;
+            let f = device.function("sae", &format!("sae_fold_offset_{}", E::SUFFIX))?;
+            let d = to_i32("x", shape.dm)?;
+            let (fp, guard) = write_ptr(&mut folded, stream);
+            // SAFETY: arguments match sae_fold_offset_* in kernels/sae.cu; w holds L·Dm
+            // elements, the offset Dm, the shift (when non-null) and `folded` L.
+            unsafe {
+                stream
+                    .launch_builder(&f)
+                    .arg(&w)
+                    .arg(&epilogue.offset)
+                    .arg(&epilogue.shift)
+                    .arg(&fp)
+                    .arg(&d)
+                    .launch(per_item("w", shape.latents)?)?;
+            }
+            drop(guard);
+            run.epilogue.offset = 0;
+            run.epilogue.shift = fp;
+            run.folded = Some(folded);
+        }
+        Ok(run)
+    }
+
+    /// The encoder of f32 rows (a matching-pursuit residual) against a dictionary of E.
+    fn residual<E: CudaElement>(
+        device: &'a Device,
+        stream: &'a Arc<CudaStream>,
+        shape: SaeShape,
+        x: u64,
+        w: u64,
+    ) -> Self {
+        let suffix = format!("residual_{}", E::SUFFIX);
+        Self::build(device, stream, &suffix, shape, x, w, Epilogue::default())
+    }
+
+    /// `suffix` picks `sae_select_<suffix>`.
+    fn build(
         device: &'a Device,
         stream: &'a Arc<CudaStream>,
         suffix: &str,
@@ -548,6 +597,7 @@ impl<'a> Select<'a> {
             x,
             w,
             epilogue,
+            folded: None,
             row_tiles,
             ranges: shape.latents.div_ceil(range_len).max(1),
             range_len,
@@ -782,15 +832,7 @@ impl<E: CudaElement> EncoderUpload<E> {
             shift: sp,
             ..Epilogue::default()
         };
-        f(&Select::new(
-            device,
-            stream,
-            E::SUFFIX,
-            shape,
-            xp,
-            wp,
-            epilogue,
-        ))
+        f(&Select::new::<E>(device, stream, shape, xp, wp, epilogue)?)
     }
 }
 
@@ -960,7 +1002,7 @@ pub fn nearest_host<E: CudaElement>(
             shift: ptr(2),
             offset: 0,
         };
-        Select::new(device, stream, E::SUFFIX, shape, xp, cp, epilogue).top_k(k, false)?
+        Select::new::<E>(device, stream, shape, xp, cp, epilogue)?.top_k(k, false)?
     };
     let out = batch * k;
     let mut v = stream.alloc_zeros::<E>(out)?;
@@ -1029,14 +1071,12 @@ pub fn encode_mp_host<E: CudaElement>(
     let mut values = stream.alloc_zeros::<E>(out)?;
     let mut indices = stream.alloc_zeros::<i32>(out)?;
     let step_fn = device.function("sae", &format!("sae_mp_step_{}", E::SUFFIX))?;
-    let suffix = format!("residual_{}", E::SUFFIX);
     let kk = to_i32("k", k)?;
     for step in 0..k {
         let best = {
             let (rp, _g1) = read_ptr(&residual, stream);
             let (wp, _g2) = read_ptr(&wd, stream);
-            Select::new(device, stream, &suffix, shape, rp, wp, Epilogue::default())
-                .top_k(1, false)?
+            Select::residual::<E>(device, stream, shape, rp, wp).top_k(1, false)?
         };
         let s = to_i32("k", step)?;
         let (bp, _g1) = read_ptr(&best, stream);
