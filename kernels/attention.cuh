@@ -13,6 +13,10 @@
 #define NK_ATTN_BWD_ROWS 8
 // Head dims are padded up to a kernel instantiation of 32, 64, 96, 128, 192 or 256.
 #define NK_ATTN_MAX_DIM 256
+// Tensor-core forward (attention_fwd_tc.cu, f16/bf16): query rows per block (16 per warp)
+// and the largest padded head dim it takes.
+#define NK_ATTN_TC_ROWS 64
+#define NK_ATTN_TC_MAX_DIM 128
 // Split-KV decode: keys per chunk, and the query rows per KV head (Sq·Hq/Hk) at most for
 // which it is chosen (as on the CPU).
 #define NK_ATTN_SPLIT_CHUNK 512

@@ -4,7 +4,11 @@
 //! contract (causal and window masks, softcap, ALiBi, broadcast bias, GQA/MQA, cu_seqlens,
 //! scale).
 //!
-//! The kernels are SIMT (no tensor cores yet) and accumulate in f32 (f64 for f64). Head dims
+//! The f16/bf16 forward with head dims up to 128 runs on tensor cores
+//! (kernels/attention_fwd_tc.cu: mma.sync m16n8k16, the online softmax on the accumulator
+//! registers, P packed to the input type for P·V); everything else (f32, f64, head dims
+//! 192/256, the split-KV decode, the backward and top_keys) is SIMT. All accumulate in f32
+//! (f64 for f64). Head dims
 //! D and Dv up to 256 run on the instantiation for the next of 32, 64, 96, 128, 192, 256
 //! (zero-padded); larger ones are `Err(Unsupported)`. top_keys keeps at most
 //! [`NK_ATTN_MAX_TOP`] keys per query.
@@ -20,10 +24,11 @@ use super::{
 };
 use crate::cuda::config::{
     NK_ATTN_BWD_KEYS, NK_ATTN_BWD_ROWS, NK_ATTN_DECODE_ROWS, NK_ATTN_FWD_ROWS, NK_ATTN_MAX_DIM,
-    NK_ATTN_MAX_TOP, NK_ATTN_SPLIT_CHUNK, NK_ATTN_THREADS, NK_ATTN_TOP_ROWS,
+    NK_ATTN_MAX_TOP, NK_ATTN_SPLIT_CHUNK, NK_ATTN_TC_MAX_DIM, NK_ATTN_TC_ROWS, NK_ATTN_THREADS,
+    NK_ATTN_TOP_ROWS,
 };
 use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
-use crate::element::Accum;
+use crate::element::{Accum, DType};
 use crate::error::{Error, Result, check_len};
 use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -267,7 +272,16 @@ pub fn forward<E: CudaElement>(
     } else {
         1
     };
-    let tiles = launch.max_q.div_ceil(NK_ATTN_FWD_ROWS as usize);
+    // f16/bf16 on tensor cores (head dims up to NK_ATTN_TC_MAX_DIM, not the split-KV decode)
+    let tensor = matches!(E::DTYPE, DType::F16 | DType::BF16)
+        && n_chunks == 1
+        && launch.dmax <= NK_ATTN_TC_MAX_DIM as usize;
+    let rows = if tensor {
+        NK_ATTN_TC_ROWS
+    } else {
+        NK_ATTN_FWD_ROWS
+    };
+    let tiles = launch.max_q.div_ceil(rows as usize);
     let Some(grid) = launch.grid(
         tiles
             .checked_mul(n_chunks)
@@ -295,10 +309,17 @@ pub fn forward<E: CudaElement>(
     };
     let cu = upload_cu(stream, inputs.cu_seqlens)?;
     let opt = optionals(stream, inputs, &cu);
-    let f = device.function(
-        "attention_fwd",
-        &format!("attn_fwd_d{}_{}", launch.dmax, E::SUFFIX),
-    )?;
+    let f = if tensor {
+        device.function(
+            "attention_fwd_tc",
+            &format!("attn_fwd_tc_d{}_{}", launch.dmax, E::SUFFIX),
+        )?
+    } else {
+        device.function(
+            "attention_fwd",
+            &format!("attn_fwd_d{}_{}", launch.dmax, E::SUFFIX),
+        )?
+    };
     let scale = E::Acc::from_f64(shape.scale(params));
     let softcap = E::Acc::from_f64(params.softcap);
     let batch = launch.batch;
@@ -342,7 +363,8 @@ pub fn forward<E: CudaElement>(
         .arg(&launch.window_left)
         .arg(&launch.window_right)
         .arg(&chunks);
-    // SAFETY: arguments match attn_fwd_d*_* in kernels/attention_fwd.cu; every view holds the
+    // SAFETY: arguments match attn_fwd_d*_* in kernels/attention_fwd.cu (and attn_fwd_tc_d*_*
+    // in kernels/attention_fwd_tc.cu, the same list); every view holds the
     // validated element count, cu_seqlens were checked (monotone, ending at Sq and Sk), the
     // head dims fit the instantiation, and the partial buffers hold n_chunks rows each.
     unsafe { b.launch(config(grid))? };
