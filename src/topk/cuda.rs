@@ -20,6 +20,7 @@ use super::sparse::{BackwardInputs, SaeGrads, check_backward, group_by_latent};
 use super::{
     Csr, EncoderInputs, MatchingPursuit, Metric, SaeShape, batch_threshold, beats,
     check_batch_topk, check_index_range, check_jumprelu, check_k, check_mp, check_nearest,
+    csr_with,
 };
 use crate::cuda::config::{
     NK_SAE_DEPTH, NK_SAE_LATENTS, NK_SAE_MAX_K, NK_SAE_ROWS, NK_SAE_THREADS, NK_TOPK_MAX_K,
@@ -770,24 +771,9 @@ fn pairs(rows: &[Vec<u64>]) -> Vec<Vec<(f32, u32)>> {
         .collect()
 }
 
-/// CSR of per-row (value, latent) lists, each already descending.
+/// CSR of per-row (value, latent) lists from the device, each already descending.
 fn csr_of<E: Element>(rows: &[Vec<(f32, u32)>]) -> Result<Csr<E>> {
-    let nnz: usize = rows.iter().map(Vec::len).sum();
-    check_index_range("indices", nnz)?;
-    let mut out = Csr {
-        indptr: Vec::with_capacity(rows.len() + 1),
-        indices: Vec::with_capacity(nnz),
-        values: Vec::with_capacity(nnz),
-    };
-    out.indptr.push(0);
-    for row in rows {
-        for &(v, l) in row {
-            out.indices.push(l as i32);
-            out.values.push(E::from_f64(f64::from(v)));
-        }
-        out.indptr.push(out.indices.len() as i32);
-    }
-    Ok(out)
+    csr_with(rows, |v| E::from_f64(f64::from(v)))
 }
 
 /// A host vector of E as f32 on the device.

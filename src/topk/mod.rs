@@ -186,7 +186,13 @@ fn dense_topk<E: Element>(
     (values, indices)
 }
 
+/// CSR of per-row (value, latent) lists, each already descending.
 fn csr<E: Element>(rows: &[Vec<(E::Acc, u32)>]) -> Result<Csr<E>> {
+    csr_with(rows, E::from_acc)
+}
+
+/// [`csr`] of values in any type, each converted by `value`.
+fn csr_with<E: Element, A: Copy>(rows: &[Vec<(A, u32)>], value: impl Fn(A) -> E) -> Result<Csr<E>> {
     let nnz: usize = rows.iter().map(Vec::len).sum();
     check_index_range("indices", nnz)?;
     let mut out = Csr {
@@ -198,7 +204,7 @@ fn csr<E: Element>(rows: &[Vec<(E::Acc, u32)>]) -> Result<Csr<E>> {
     for row in rows {
         for &(v, i) in row {
             out.indices.push(i as i32);
-            out.values.push(E::from_acc(v));
+            out.values.push(value(v));
         }
         out.indptr.push(out.indices.len() as i32);
     }
