@@ -849,9 +849,5 @@ fn main() -> Result<()> {
     if !cuda_note.is_empty() {
         println!("\n{cuda_note}");
     }
-    println!(
-        "\nCPU-only so far: attention, and the top-k ops beyond topk.rows/sae.encode/sae.decode \
-         (see the issues)"
-    );
     Ok(())
 }

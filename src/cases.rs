@@ -1920,7 +1920,7 @@ pub fn check_file(runner: &Runner, path: &Path, save: Option<&Path>) -> Report {
     report.outcome = match runner.run(&case) {
         Err(Error::NoDevice(why)) => Outcome::Skipped(why),
         // a configuration the device's kernels do not take (e.g. a head dim past the CUDA
-        // instantiations): skipped, as the CPU-only ops are
+        // instantiations, f64 for the top-k family): skipped
         Err(Error::Unsupported(why)) => Outcome::Skipped(format!("unsupported: {why}")),
         Err(e) => Outcome::Failed(e.to_string(), vec![]),
         Ok(outputs) => {
