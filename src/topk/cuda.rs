@@ -18,7 +18,7 @@
 
 use super::sparse::{BackwardInputs, SaeGrads, check_backward, group_by_latent};
 use super::{
-    Csr, EncoderInputs, MatchingPursuit, Metric, SaeShape, batch_threshold, beats,
+    Csr, EncoderInputs, MatchingPursuit, Metric, SaeShape, at_or_above, batch_threshold, beats,
     check_batch_topk, check_index_range, check_jumprelu, check_k, check_mp, check_nearest,
     csr_with,
 };
@@ -896,19 +896,8 @@ pub fn encode_batch_topk_host<E: CudaElement>(
     } else {
         kept
     };
-    let Some(t) = batch_threshold(&pool, budget) else {
-        return csr_of(&pool);
-    };
-    let rows: Vec<Vec<(f32, u32)>> = pool
-        .into_iter()
-        .enumerate()
-        .map(|(b, row)| {
-            row.into_iter()
-                .filter(|&(v, l)| !beats(t, (v, b, l)))
-                .collect()
-        })
-        .collect();
-    csr_of(&rows)
+    let threshold = batch_threshold(&pool, budget);
+    csr_of(&at_or_above(pool, threshold))
 }
 
 /// Per-row values of `m [rows, dm]` on the device (sae_row_norms): mode 0 → Σv², 1 → 1/|v|

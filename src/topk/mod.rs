@@ -265,19 +265,7 @@ pub fn encode_batch_topk_on<E: Element>(
             })
             .collect();
         if open.is_empty() {
-            let Some(t) = threshold else {
-                return csr::<E>(&kept);
-            };
-            let rows: Vec<Vec<(E::Acc, u32)>> = kept
-                .into_iter()
-                .enumerate()
-                .map(|(b, row)| {
-                    row.into_iter()
-                        .filter(|&(v, l)| !beats(t, (v, b, l)))
-                        .collect()
-                })
-                .collect();
-            return csr::<E>(&rows);
+            return csr::<E>(&at_or_above(kept, threshold));
         }
         m = (2 * m).min(latents);
         let x: Vec<E> = open
@@ -315,6 +303,24 @@ fn beats<A: Accum>(a: (A, usize, u32), b: (A, usize, u32)) -> bool {
         std::cmp::Ordering::Equal => (a.1, a.2) < (b.1, b.2),
         o => o == std::cmp::Ordering::Greater,
     }
+}
+
+/// The entries of each row that rank at or above `threshold` (all of them without one).
+fn at_or_above<A: Accum>(
+    rows: Vec<Vec<(A, u32)>>,
+    threshold: Option<(A, usize, u32)>,
+) -> Vec<Vec<(A, u32)>> {
+    let Some(t) = threshold else {
+        return rows;
+    };
+    rows.into_iter()
+        .enumerate()
+        .map(|(b, row)| {
+            row.into_iter()
+                .filter(|&(v, l)| !beats(t, (v, b, l)))
+                .collect()
+        })
+        .collect()
 }
 
 /// The `budget`-th best entry of the pool, or `None` when the pool is smaller.
