@@ -492,6 +492,46 @@ fn bench_cuda(c: &mut Criterion) {
                 })
             })
         });
+        // bf16 takes the tensor-core kernel (kernels/gla_tc.cu)
+        let up16 = |x: &[f32]| {
+            let x: Vec<half::bf16> = x.iter().map(|&x| half::bf16::from_f32(x)).collect();
+            stream.clone_htod(&x).unwrap()
+        };
+        let (q16, k16, v16) = (
+            up16(&data(b * t * h * k, 41)),
+            up16(&data(b * t * h * k, 42)),
+            up16(&data(b * t * h * v, 43)),
+        );
+        let g16 = up16(
+            &data(b * t * h * k, 44)
+                .iter()
+                .map(|x| -0.1 * x)
+                .collect::<Vec<_>>(),
+        );
+        let inputs16 = gla::cuda::DeviceInputs {
+            q: q16.as_view(),
+            k: k16.as_view(),
+            v: v16.as_view(),
+            g: g16.as_view(),
+            h0: None,
+        };
+        let mut o16 = stream.alloc_zeros::<half::bf16>(b * t * h * v).unwrap();
+        group.bench_function("forward_bf16_tensor_cores", |bench| {
+            bench.iter_custom(|iters| {
+                timed(iters, &mut || {
+                    gla::cuda::gla(
+                        &device,
+                        &stream,
+                        &GlaParams::new(),
+                        shape,
+                        &inputs16,
+                        &mut o16,
+                        &mut h_last,
+                    )
+                    .unwrap()
+                })
+            })
+        });
         group.finish();
     }
 }

@@ -13,3 +13,9 @@
 // memory at once; each step's incoming state is recomputed from the chunk's start), and the
 // key-dim instantiations (rows per thread = KMAX / 8): 32, 64, 128 (f64: 32, 64).
 #define NK_GLA_BWD_CHUNK 8
+// The tensor-core forward for f16/bf16 (kernels/gla_tc.cu): steps per chunk, value columns per
+// block, and the padding (in floats) of every shared-memory row (keeps rows 16-byte multiples
+// for wmma and spreads the banks).
+#define NK_GLA_TC_CHUNK 16
+#define NK_GLA_TC_VALUE_TILE 64
+#define NK_GLA_TC_PAD 4

@@ -459,9 +459,10 @@ fn cuda_selective_backward_matches_cpu_every_dtype() {
     }
 }
 
-/// scan.gla on the GPU against the CPU's chunked form: every dtype, K up to the kernel's
-/// limit, V not a multiple of the 32-column tile, T not a multiple of the chunk, h0, gates
-/// near 1, strong gates and -inf gates (the direct intra-chunk path).
+/// scan.gla on the GPU against the CPU's chunked form: every dtype (f16/bf16 take the
+/// tensor-core kernel), K up to the kernel's limit and not a multiple of 16, V not a multiple of
+/// the 32- or 64-column tiles and across several tiles, T not a multiple of the chunks and
+/// long, h0, gates near 1, strong gates and -inf gates (the direct intra-chunk path).
 fn check_gla<E: CudaElement>(device: &Device, seed: u64) {
     use neurokernels::element::Accum;
     use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
@@ -472,6 +473,7 @@ fn check_gla<E: CudaElement>(device: &Device, seed: u64) {
         (2, 37, 3, 16, 40, -0.2),
         (1, 70, 2, max_key, 33, -0.05),
         (2, 29, 2, 8, 64, -9.0),
+        (1, 1000, 2, 40, 130, -0.01),
     ]
     .iter()
     .enumerate()

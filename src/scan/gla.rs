@@ -753,9 +753,11 @@ impl<E: Element> SimdKernel for BackwardHead<'_, E> {
     }
 }
 
-/// The CUDA forward and backward (feature `cuda`): kernels/gla.cu, one block per (value tile
-/// of 32 columns, head, batch) walking time in chunks of 8 steps with its state slice in shared
-/// memory; kernels/gla_backward.cu, the same blocks with the state tile in registers, walking
+/// The CUDA forward and backward (feature `cuda`): for f32/f64, kernels/gla.cu, one block per
+/// (value tile of 32 columns, head, batch) walking time in chunks of 8 steps with its state
+/// slice in shared memory; for f16/bf16, kernels/gla_tc.cu, the same walk in chunks of 16
+/// steps and 64-column tiles with the chunk's products on tensor cores (split TF32 operands,
+/// f32 state); kernels/gla_backward.cu, the same blocks with the state tile in registers, walking
 /// the chunks backward from checkpointed states. K up to 128 (f64: 64); larger K is
 /// `Err(Unsupported)`.
 #[cfg(feature = "cuda")]
@@ -763,12 +765,14 @@ pub mod cuda {
     use super::GlaGrads;
     use super::{GlaInputs, GlaParams, GlaShape};
     use crate::cuda::config::{
-        NK_GLA_BWD_CHUNK, NK_GLA_MAX_KEY, NK_GLA_MAX_KEY_F64, NK_GLA_THREADS, NK_GLA_VALUE_TILE,
+        NK_GLA_BWD_CHUNK, NK_GLA_MAX_KEY, NK_GLA_MAX_KEY_F64, NK_GLA_TC_CHUNK, NK_GLA_TC_PAD,
+        NK_GLA_TC_VALUE_TILE, NK_GLA_THREADS, NK_GLA_VALUE_TILE,
     };
     use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
     use crate::element::{Accum, DType};
     use crate::error::{Error, Result};
     use crate::scan::check_len;
+    use cudarc::driver::sys::CUfunction_attribute;
     use cudarc::driver::{
         CudaSlice, CudaStream, CudaView, DevicePtrMut, LaunchConfig, PushKernelArg,
     };
@@ -824,10 +828,11 @@ pub mod cuda {
         Ok(max_key)
     }
 
-    /// The grid of both kernels: (value tiles, heads, batch); heads and batch at most 65535.
-    fn grid(shape: &GlaShape) -> Result<(u32, u32, u32)> {
+    /// The grid of the kernels: (value tiles of `tile` columns, heads, batch); heads and batch
+    /// at most 65535.
+    fn grid(shape: &GlaShape, tile: u32) -> Result<(u32, u32, u32)> {
         let over = || Error::overflow("q", format!("{shape:?} needs too many blocks"));
-        let tiles = shape.value_dim.div_ceil(NK_GLA_VALUE_TILE as usize);
+        let tiles = shape.value_dim.div_ceil(tile as usize);
         let small = |x: usize| u32::try_from(x).ok().filter(|&x| x <= 65_535);
         Ok((
             u32::try_from(tiles).map_err(|_| over())?,
@@ -866,12 +871,43 @@ pub mod cuda {
         if b == 0 || h == 0 || vd == 0 || kd == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid_dim: grid(&shape)?,
-            block_dim: (NK_GLA_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+        let tensor_cores = matches!(E::DTYPE, DType::F16 | DType::BF16);
+        let (f, cfg) = if tensor_cores {
+            // gla_tc.cu's layout: three [C][Kp + PAD] rows (q, k, g), A [C][C + PAD], v and o
+            // [C][VT + PAD], the state [Kp][VT + PAD], P_last [Kp] (f32), a flag (i32)
+            let (c, vt, pad) = (
+                NK_GLA_TC_CHUNK as usize,
+                NK_GLA_TC_VALUE_TILE as usize,
+                NK_GLA_TC_PAD as usize,
+            );
+            let kp = kd.next_multiple_of(16);
+            let floats =
+                3 * c * (kp + pad) + c * (c + pad) + 2 * c * (vt + pad) + kp * (vt + pad) + kp;
+            let smem = i32::try_from(4 * floats + 4).map_err(|_| {
+                Error::overflow("q", format!("K = {kd} needs too much shared memory"))
+            })?;
+            let f = device.function("gla_tc", &format!("scan_gla_fwd_tc_{}", E::SUFFIX))?;
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem,
+            )?;
+            let cfg = LaunchConfig {
+                grid_dim: grid(&shape, NK_GLA_TC_VALUE_TILE)?,
+                block_dim: (NK_GLA_THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            (f, cfg)
+        } else {
+            let cfg = LaunchConfig {
+                grid_dim: grid(&shape, NK_GLA_VALUE_TILE)?,
+                block_dim: (NK_GLA_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (
+                device.function("gla", &format!("scan_gla_fwd_{}", E::SUFFIX))?,
+                cfg,
+            )
         };
-        let f = device.function("gla", &format!("scan_gla_fwd_{}", E::SUFFIX))?;
         let (q, _g1) = read_ptr(&inputs.q, stream);
         let (k, _g2) = read_ptr(&inputs.k, stream);
         let (v, _g3) = read_ptr(&inputs.v, stream);
@@ -882,8 +918,10 @@ pub mod cuda {
         let (hl_p, _g6) = write_ptr(h_last, stream);
         let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
         let (bb, tt, hh, kk, vv32) = (b as i64, t as i64, h as i32, kd as i32, vd as i32);
-        // SAFETY: arguments match scan_gla_fwd_* in kernels/gla.cu; every buffer holds the
-        // element counts validated above and K fits the kernel's shared rows.
+        // SAFETY: arguments match scan_gla_fwd_* in kernels/gla.cu and scan_gla_fwd_tc_* in
+        // kernels/gla_tc.cu (the same list); every buffer holds the element counts validated
+        // above, K fits the kernels' shared rows and the dynamic shared memory is gla_tc's
+        // layout for this K.
         unsafe {
             stream
                 .launch_builder(&f)
@@ -1024,7 +1062,7 @@ pub mod cuda {
             33..=64 => 64,
             _ => 128,
         };
-        let (gx, gy, gz) = grid(&shape)?;
+        let (gx, gy, gz) = grid(&shape, NK_GLA_VALUE_TILE)?;
         let tiles = gx as usize;
         let blocks = tiles * h * b;
         let over = || Error::overflow("q", format!("{shape:?}: backward scratch overflows"));
