@@ -166,6 +166,18 @@ pub trait Simd: Copy + 'static {
     /// fold log2(e) into an operand they scale anyway use this one. f64 lanes use `f64::exp2`.
     unsafe fn f32_exp2(x: Self::F32) -> Self::F32;
     unsafe fn f64_exp2(x: Self::F64) -> Self::F64;
+    /// [`Simd::f32_exp2`] of four vectors, each lane bit-identical to it. ISAs override it to
+    /// issue the four evaluations step by step side by side: one evaluation is a chain of
+    /// ~13 dependent operations, and the out-of-order window alone does not overlap enough
+    /// of them (measured on AVX2: 2.5 vs 3.0 ns per vector in a selective-scan loop).
+    #[inline(always)]
+    unsafe fn f32_exp2_x4(x: [Self::F32; 4]) -> [Self::F32; 4] {
+        x.map(|v| unsafe { Self::f32_exp2(v) })
+    }
+    #[inline(always)]
+    unsafe fn f64_exp2_x4(x: [Self::F64; 4]) -> [Self::F64; 4] {
+        x.map(|v| unsafe { Self::f64_exp2(v) })
+    }
     unsafe fn f32_div(a: Self::F32, b: Self::F32) -> Self::F32;
     unsafe fn f64_div(a: Self::F64, b: Self::F64) -> Self::F64;
     unsafe fn f32_max(a: Self::F32, b: Self::F32) -> Self::F32;
@@ -394,5 +406,39 @@ mod tests {
         dispatch(Isa::detected(), ExpGrid(&mut ends, true));
         assert!(ends[..16].iter().all(|v| *v > 0.0 && *v < 1.2e-38));
         assert!(ends[16..].iter().all(|v| v.is_finite() && *v > 1e38));
+    }
+
+    /// f32_exp2_x4 over a grid, four vectors at a time.
+    struct Exp2x4<'a>(&'a mut [f32]);
+    impl SimdKernel for Exp2x4<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run<S: Simd>(self) {
+            let lanes = S::F32_LANES;
+            for chunk in self.0.chunks_exact_mut(4 * lanes) {
+                unsafe {
+                    let x = std::array::from_fn(|i| S::f32_load(chunk.as_ptr().add(i * lanes)));
+                    for (i, y) in S::f32_exp2_x4(x).into_iter().enumerate() {
+                        S::f32_store(chunk.as_mut_ptr().add(i * lanes), y);
+                    }
+                };
+            }
+        }
+    }
+
+    #[test]
+    fn vector_exp2_x4_equals_exp2_bit_for_bit_on_every_isa() {
+        let inputs: Vec<f32> = (0..65_536)
+            .map(|i| -130.0 + i as f32 * (260.0 / 65_536.0))
+            .chain([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0].repeat(16))
+            .collect();
+        for isa in Isa::available() {
+            let (mut one, mut four) = (inputs.clone(), inputs.clone());
+            dispatch(isa, ExpGrid(&mut one, true));
+            dispatch(isa, Exp2x4(&mut four));
+            for ((x, a), b) in inputs.iter().zip(&one).zip(&four) {
+                assert_eq!(a.to_bits(), b.to_bits(), "{isa:?}: 2^{x}");
+            }
+        }
     }
 }

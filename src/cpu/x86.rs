@@ -199,6 +199,32 @@ impl Simd for Avx2 {
         }
     }
     #[inline(always)]
+    unsafe fn f32_exp2_x4(x: [__m256; 4]) -> [__m256; 4] {
+        use super::{EXP2_HI, EXP2_LO, EXP2_POLY, EXP2_ROUND};
+        // f32_exp2's steps, each applied to the four vectors before the next
+        unsafe {
+            let (lo, hi) = (_mm256_set1_ps(EXP2_LO), _mm256_set1_ps(EXP2_HI));
+            let x = x.map(|v| _mm256_min_ps(_mm256_max_ps(v, lo), hi));
+            let round = _mm256_set1_ps(EXP2_ROUND);
+            let t = x.map(|v| _mm256_add_ps(v, round));
+            let r: [__m256; 4] =
+                std::array::from_fn(|i| _mm256_sub_ps(x[i], _mm256_sub_ps(t[i], round)));
+            let mut p = [_mm256_set1_ps(EXP2_POLY[0]); 4];
+            for c in &EXP2_POLY[1..] {
+                let c = _mm256_set1_ps(*c);
+                for i in 0..4 {
+                    p[i] = _mm256_fmadd_ps(p[i], r[i], c);
+                }
+            }
+            let bias = _mm256_set1_epi32(127);
+            std::array::from_fn(|i| {
+                let scale =
+                    _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_castps_si256(t[i]), bias));
+                _mm256_mul_ps(p[i], _mm256_castsi256_ps(scale))
+            })
+        }
+    }
+    #[inline(always)]
     unsafe fn f64_exp2(x: __m256d) -> __m256d {
         unsafe {
             let mut lanes = [0f64; 4];
