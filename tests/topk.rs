@@ -212,6 +212,8 @@ const SHAPES: &[(usize, usize, usize, usize)] = &[
     (17, 32, 1031, 8),
     (70, 24, 600, 32),
     (300, 8, 50, 4),
+    // Dm so large that the rows are packed in several groups (of 192 f32 / 96 f64 rows)
+    (250, 40_000, 13, 3),
 ];
 
 #[test]

@@ -2,9 +2,10 @@
 //! against a large set of latents (SAE encoder rows, codebook entries, dictionary atoms),
 //! selected on the fly so that the [B, L] score matrix never exists in memory.
 //!
-//! Plan. A task owns a range of rows and a chunk of latents. Its rows are packed, a block of
-//! `PANEL_ROWS` at a time, into panels laid out [d][row] (two vectors of rows per step of d,
-//! zero rows past the end), so one step of the dot product loads two vectors of rows and
+//! Plan. A task owns a range of rows and a chunk of latents. The rows of a group (up to
+//! `PACK_BYTES` of them) are packed once, before the tasks, into panels laid out [d][row]
+//! (two vectors of rows per step of d, zero rows past the end) that every latent chunk's task
+//! reads, so one step of the dot product loads two vectors of rows and
 //! broadcasts one weight per latent. The register tile is 6 latents × 2 vectors of rows
 //! (12 accumulators) over the whole model dimension: the scores are born in registers,
 //! scaled and shifted there, and compared in one vector compare per 8 (AVX2) rows against
@@ -15,7 +16,8 @@
 //! Cache use: a block of 4 panels (64 rows × Dm on AVX2; 196 KiB at Dm 768) stays in L2
 //! while a task walks its latent chunk; the chunk (512 latents, widened once per task) is
 //! re-read from L3 once per row block; the 6 weight rows of a tile sit in L1. Bound: the
-//! 2·B·L·Dm multiply-adds (FMA throughput), with memory traffic O(B·Dm·L/512 + L·Dm).
+//! 2·B·L·Dm multiply-adds (FMA throughput), with memory traffic O(B·Dm·L/512 + L·Dm) and
+//! extra memory O(group × Dm) for the packed rows (at most `PACK_BYTES`).
 //!
 //! Determinism: every score is the same sequential sum over d whatever the task split, and
 //! the selection is exact under a total order (see `select`), so results do not depend on
@@ -32,6 +34,10 @@ const LATENT_CHUNK: usize = 512;
 const TILE_LATENTS: usize = 6;
 /// Panels (of two vectors of rows) per row block.
 const PANELS_PER_BLOCK: usize = 4;
+/// Bound on a group's packed rows: a group is packed once and shared by every latent chunk
+/// (packed again per chunk, as before, the packing took ~8% of the time: a transposing copy
+/// runs far slower per element than the FMA tiles).
+const PACK_BYTES: usize = 32 << 20;
 
 /// How scores are turned into per-row outputs.
 #[derive(Clone, Copy, Debug)]
@@ -68,18 +74,23 @@ impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
         if rows == 0 || self.latents == 0 {
             return out;
         }
+        let panel_rows = dispatch(isa, PanelRows::<W::Acc>(std::marker::PhantomData));
+        let block_rows = PANELS_PER_BLOCK * panel_rows;
         if chunks >= 2 * threads || rows < 256 {
-            // Many latents: each group of rows is one parallel fold over latent chunks.
-            let group = 8192;
+            // Many latents: each group of rows is packed once, then one parallel fold over
+            // latent chunks.
+            let fit = PACK_BYTES / (self.dm.max(1) * std::mem::size_of::<W::Acc>());
+            let group = fit.clamp(block_rows, 8192) / block_rows * block_rows;
             for (g, out_group) in out.chunks_mut(group).enumerate() {
                 let r0 = g * group;
                 let r1 = r0 + out_group.len();
+                let panels = self.pack(r0..r1, panel_rows);
                 let sink = (0..chunks)
                     .into_par_iter()
                     .fold(
                         || Sink::new(collect, r1 - r0),
                         |mut sink, c| {
-                            self.task(isa, r0..r1, c, &mut sink);
+                            self.task(isa, r0..r1, &panels, c, &mut sink);
                             sink
                         },
                     )
@@ -92,16 +103,21 @@ impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
                 }
             }
         } else {
-            // Few latents, many rows: parallel over groups of rows, latents in order.
-            let group = rows.div_ceil(4 * threads).max(64);
+            // Few latents, many rows: parallel over groups of rows (each packed once),
+            // latents in order.
+            let group = rows
+                .div_ceil(4 * threads)
+                .max(64)
+                .next_multiple_of(block_rows);
             out.par_chunks_mut(group)
                 .enumerate()
                 .for_each(|(g, out_group)| {
                     let r0 = g * group;
                     let r1 = r0 + out_group.len();
+                    let panels = self.pack(r0..r1, panel_rows);
                     let mut sink = Sink::new(collect, r1 - r0);
                     for c in 0..chunks {
-                        self.task(isa, r0..r1, c, &mut sink);
+                        self.task(isa, r0..r1, &panels, c, &mut sink);
                     }
                     sink.finish(out_group);
                 });
@@ -113,6 +129,7 @@ impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
         &self,
         isa: Isa,
         rows: std::ops::Range<usize>,
+        panels: &[W::Acc],
         chunk: usize,
         sink: &mut Sink<'_, W::Acc>,
     ) {
@@ -121,10 +138,49 @@ impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
             Task {
                 enc: self,
                 rows,
+                panels,
                 chunk,
                 sink,
             },
         )
+    }
+
+    /// Rows `rows` of x, minus the offset and times the row scale, into panels
+    /// [panel][d][row of panel] of `panel_rows` rows each (rows past the end are zero);
+    /// parallel over panels.
+    fn pack(&self, rows: std::ops::Range<usize>, panel_rows: usize) -> Vec<W::Acc> {
+        let dm = self.dm;
+        let n = rows.len();
+        let mut panels = vec![W::Acc::ZERO; n.div_ceil(panel_rows) * panel_rows * dm];
+        panels
+            .par_chunks_mut(panel_rows * dm)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                let first = rows.start + p * panel_rows;
+                for i in 0..panel_rows.min(rows.end - first) {
+                    let row = &self.x[(first + i) * dm..(first + i + 1) * dm];
+                    let scale = self.row_scale.map_or(W::Acc::ONE, |s| s[first + i]);
+                    for (d, v) in row.iter().enumerate() {
+                        let centered = match self.offset {
+                            Some(o) => v.to_acc() - o[d],
+                            None => v.to_acc(),
+                        };
+                        panel[d * panel_rows + i] = centered * scale;
+                    }
+                }
+            });
+        panels
+    }
+}
+
+/// The rows of a packed panel on the chosen ISA: two vectors of `A`.
+struct PanelRows<A>(std::marker::PhantomData<A>);
+
+impl<A: Accum> SimdKernel for PanelRows<A> {
+    type Output = usize;
+    #[inline(always)]
+    fn run<S: Simd>(self) -> usize {
+        2 * A::lanes::<S>()
     }
 }
 
@@ -180,6 +236,8 @@ impl<'a, A: Accum> Sink<'a, A> {
 struct Task<'e, 's, 'a, X, W: Element> {
     enc: &'e Encoder<'e, X, W>,
     rows: std::ops::Range<usize>,
+    /// The rows' panels, packed by `Encoder::pack`.
+    panels: &'e [W::Acc],
     chunk: usize,
     sink: &'s mut Sink<'a, W::Acc>,
 }
@@ -202,14 +260,14 @@ impl<X: Element<Acc = W::Acc>, W: Element> SimdKernel for Task<'_, '_, '_, X, W>
         let shift: Vec<W::Acc> = enc
             .shift
             .map_or(vec![W::Acc::ZERO; l1 - l0], |s| s[l0..l1].to_vec());
-        let mut panels = vec![W::Acc::ZERO; PANELS_PER_BLOCK * panel_rows * dm];
         let mut thresholds = vec![W::Acc::ZERO; block_rows];
         let mut r = self.rows.start;
         while r < self.rows.end {
             let n_rows = (self.rows.end - r).min(block_rows);
             let n_panels = n_rows.div_ceil(panel_rows);
-            pack(enc, r, n_rows, panel_rows, &mut panels);
             let local0 = r - self.rows.start;
+            // this block's panels (block_rows is a multiple of panel_rows)
+            let panels = &self.panels[local0 * dm..];
             let mut t = 0;
             while t < l1 - l0 {
                 let tile = (l1 - l0 - t).min(TILE_LATENTS);
@@ -242,32 +300,6 @@ impl<X: Element<Acc = W::Acc>, W: Element> SimdKernel for Task<'_, '_, '_, X, W>
                 t += tile;
             }
             r += n_rows;
-        }
-    }
-}
-
-/// Rows [r, r + n) of x, minus the offset and times the row scale, into panels
-/// [panel][d][row of panel] (rows past n are zero).
-fn pack<X: Element<Acc = W::Acc>, W: Element>(
-    enc: &Encoder<'_, X, W>,
-    r: usize,
-    n: usize,
-    panel_rows: usize,
-    panels: &mut [W::Acc],
-) {
-    let dm = enc.dm;
-    let n_panels = n.div_ceil(panel_rows);
-    panels[..n_panels * panel_rows * dm].fill(W::Acc::ZERO);
-    for i in 0..n {
-        let row = &enc.x[(r + i) * dm..(r + i + 1) * dm];
-        let scale = enc.row_scale.map_or(W::Acc::ONE, |s| s[r + i]);
-        let base = (i / panel_rows) * panel_rows * dm + i % panel_rows;
-        for (d, v) in row.iter().enumerate() {
-            let centered = match enc.offset {
-                Some(o) => v.to_acc() - o[d],
-                None => v.to_acc(),
-            };
-            panels[base + d * panel_rows] = centered * scale;
         }
     }
 }
