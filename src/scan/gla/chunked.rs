@@ -10,20 +10,22 @@
 //! overflows. The products into S and o use e^{G[t]} and e^{G_last − G[τ]} (both ≤ 1, formed
 //! as running products of e^{g}: one exponential per gate, and a -inf gate gives exact
 //! zeros where it counts, never -inf − -inf). A is
-//! factored as (q[t]∘e^{G[t] − G_last})·(k[τ]∘e^{G_last − G[τ]}) when the chunk's cumulative
-//! gates stay within ±GATE_LIMIT (every factor then lies in [e^-2L, e^2L], far from f32's
-//! range limits); a chunk with stronger gates (a sum below −40 over 16 steps) forms each
-//! e^{G[t] − G[τ]} directly instead: exact, and slower only for such chunks.
+//! factored as (q[t]∘e^{G[t]})·(k[τ]∘e^{G_last − G[τ]}∘e^{−G_last}) when the chunk's
+//! cumulative gates stay within ±GATE_LIMIT (every factor then lies in [e^-2L, e^2L], far
+//! from f32's range limits); a chunk with stronger gates (a sum below −40 over 16 steps)
+//! forms each e^{G[t] − G[τ]} directly instead: exact, and slower only for such chunks.
 //!
 //! Flops per step: 4·K·V for the two state products (as the recurrence) plus about
 //! CHUNK·(K + V) for A and A·V, run as register-tiled products (see `cpu::gemm`).
 //!
 //! A task owns a group of adjacent heads of one batch row and advances them chunk by chunk
 //! together: the rows of one head are H rows apart in `[B, T, H, K]`, and walking one head
-//! alone touches a new page every row or two (measured: a third of the time went to those
-//! loads at H = 8); the heads of a group share their pages and cache lines.
+//! alone through the sequence touches a new page every row or two; the heads of a group take
+//! their turns on the same chunk, so they share its pages and cache lines. Each head's rows
+//! are read straight from the inputs by the passes that transform them (no staging copies),
+//! and the group shares one workspace, so that a head's chunk works in about L1's size.
 
-use super::{GlaInputs, GlaShape, exp_in_place, padded_stride, row};
+use super::{GlaInputs, GlaShape, padded_stride, row};
 use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{SendPtr, Simd, SimdKernel, prefetch};
 use crate::element::{Accum, Element};
@@ -75,39 +77,31 @@ impl<E: Element> SimdKernel for ChunkedHeads<'_, E> {
                 state
             })
             .collect();
-        let mut work: Vec<Workspace<E::Acc>> =
-            heads.clone().map(|_| Workspace::new(kd, vd)).collect();
-        let rows = |head| Rows {
-            shape: &shape,
-            batch,
-            head,
-        };
+        let mut work = Workspace::new(kd, vd);
         let mut t0 = 0;
         while t0 < shape.len {
             let n = CHUNK.min(shape.len - t0);
-            // the group's rows, time-major: each step's heads are adjacent in memory, so the
-            // loads run through whole segments of G·K values
-            for j in 0..n {
-                for (w, hi) in work.iter_mut().zip(heads.clone()) {
-                    w.load(inputs, &rows(hi), t0 + j, j);
-                }
-            }
-            // fetch the next chunk's rows while this one computes
-            for t in t0 + n..(t0 + n + CHUNK).min(shape.len) {
-                let (first, count) = (rows(heads.start), heads.len());
-                prefetch(inputs.q[first.at(t, kd)..].as_ptr(), count * kd);
-                prefetch(inputs.k[first.at(t, kd)..].as_ptr(), count * kd);
-                prefetch(inputs.g[first.at(t, kd)..].as_ptr(), count * kd);
-                prefetch(inputs.v[first.at(t, vd)..].as_ptr(), count * vd);
-            }
-            for ((state, w), hi) in states.iter_mut().zip(&mut work).zip(heads.clone()) {
-                w.advance::<S>(state, stride, n, scale);
-                let rows = rows(hi);
+            for (state, hi) in states.iter_mut().zip(heads.clone()) {
+                let rows = Rows {
+                    shape: &shape,
+                    batch,
+                    head: hi,
+                };
+                work.advance::<S, E>(inputs, &rows, t0, n, state, stride, scale);
+                let lanes = E::Acc::lanes::<S>();
+                let whole = vd - vd % lanes;
                 for j in 0..n {
-                    let at = rows.at(t0 + j, vd);
-                    for (c, x) in w.o[j * vd..(j + 1) * vd].iter().enumerate() {
-                        // SAFETY: row (batch, t, hi) of o belongs to this task's heads.
-                        unsafe { *o.get().add(at + c) = E::from_acc(*x) };
+                    let (at, from) = (rows.at(t0 + j, vd), &work.o[j * vd..(j + 1) * vd]);
+                    // SAFETY: row (batch, t, hi) of o belongs to this task's heads and holds
+                    // vd elements; `from` holds vd.
+                    unsafe {
+                        let to = o.get().add(at);
+                        for c in (0..whole).step_by(lanes) {
+                            E::vstore::<S>(to.add(c), E::Acc::vload::<S>(from.as_ptr().add(c)));
+                        }
+                        for (c, x) in from.iter().enumerate().skip(whole) {
+                            *to.add(c) = E::from_acc(*x);
+                        }
                     }
                 }
             }
@@ -138,24 +132,28 @@ impl Rows<'_> {
     }
 }
 
-/// One chunk's rows ([CHUNK][K] or [CHUNK][V], widened) and scratch, reused across chunks.
+/// One chunk's transformed rows ([CHUNK][K] or [CHUNK][V], widened) and scratch, reused
+/// across chunks and heads.
 struct Workspace<A: Accum> {
     kd: usize,
     vd: usize,
-    /// q, then scale·q∘e^{G}
+    /// scale·q∘e^{G}
     q: Vec<A>,
-    /// k, then k∘e^{G_last − G}
+    /// e^{g}, then k̃ = k∘e^{G_last − G}
     k: Vec<A>,
-    /// the log-gates as given
-    gates: Vec<A>,
-    /// e^{G[t]}: running products of e^{g}
-    prefix: Vec<A>,
-    /// e^{G_last − G[t]}: running products of e^{g} from the end
-    suffix: Vec<A>,
+    /// k̃∘e^{−G_last} (= k∘e^{−G}), the right factor of the factored A
+    k_scores: Vec<A>,
     v: Vec<A>,
     o: Vec<A>,
     attn: [A; CHUNK * CHUNK],
-    tmp: Vec<A>,
+    /// e^{G} of the latest row: after the forward pass, e^{G_last}
+    prefix: Vec<A>,
+    /// e^{G_last − G} of the row being formed, from the end
+    suffix: Vec<A>,
+    /// e^{−G_last}
+    inv_last: Vec<A>,
+    /// the raw q, k and log-gates, for the direct form of A only
+    raw: Vec<A>,
 }
 
 impl<A: Accum> Workspace<A> {
@@ -166,142 +164,43 @@ impl<A: Accum> Workspace<A> {
             vd,
             q: vec![z; CHUNK * kd],
             k: vec![z; CHUNK * kd],
-            gates: vec![z; CHUNK * kd],
-            prefix: vec![z; CHUNK * kd],
-            suffix: vec![z; CHUNK * kd],
+            k_scores: vec![z; CHUNK * kd],
             v: vec![z; CHUNK * vd],
             o: vec![z; CHUNK * vd],
             attn: [z; CHUNK * CHUNK],
-            tmp: vec![z; CHUNK * kd],
+            prefix: vec![z; kd],
+            suffix: vec![z; kd],
+            inv_last: vec![z; kd],
+            raw: vec![z; 3 * CHUNK * kd],
         }
     }
 
-    /// Widens step `t` of these rows into row `j` of the chunk.
+    /// Computes the outputs of steps t0..t0+n of one head into `o` (n rows) and advances
+    /// its `state` past them.
     #[inline(always)]
-    fn load<E: Element<Acc = A>>(
+    #[allow(clippy::too_many_arguments)]
+    fn advance<S: Simd, E: Element<Acc = A>>(
         &mut self,
         inputs: &GlaInputs<'_, E>,
         rows: &Rows,
-        t: usize,
-        j: usize,
+        t0: usize,
+        n: usize,
+        state: &mut [A],
+        stride: usize,
+        scale: A,
     ) {
-        let (kd, vd) = (self.kd, self.vd);
-        let (shape, bh) = (rows.shape, rows.batch * rows.shape.heads + rows.head);
-        row(
-            inputs.q,
-            shape,
-            bh,
-            t,
-            kd,
-            &mut self.q[j * kd..(j + 1) * kd],
-        );
-        row(
-            inputs.k,
-            shape,
-            bh,
-            t,
-            kd,
-            &mut self.k[j * kd..(j + 1) * kd],
-        );
-        row(
-            inputs.g,
-            shape,
-            bh,
-            t,
-            kd,
-            &mut self.gates[j * kd..(j + 1) * kd],
-        );
-        row(
-            inputs.v,
-            shape,
-            bh,
-            t,
-            vd,
-            &mut self.v[j * vd..(j + 1) * vd],
-        );
-    }
-
-    /// Computes the chunk's outputs into `o` (n rows) and advances `state` past the chunk.
-    #[inline(always)]
-    fn advance<S: Simd>(&mut self, state: &mut [A], stride: usize, n: usize, scale: A) {
-        let (kd, vd) = (self.kd, self.vd);
-        let zero = A::ZERO;
-        let (low, high) = (
-            A::from_f64((-GATE_LIMIT).exp()),
-            A::from_f64(GATE_LIMIT.exp()),
-        );
-        // e^{g}, then its running products both ways
-        let prefix = &mut self.prefix[..n * kd];
-        prefix.copy_from_slice(&self.gates[..n * kd]);
-        exp_in_place::<S, A>(prefix);
-        let suffix = &mut self.suffix[..n * kd];
-        suffix[(n - 1) * kd..].fill(A::ONE);
-        for j in (0..n - 1).rev() {
-            for kk in 0..kd {
-                suffix[j * kd + kk] = suffix[(j + 1) * kd + kk] * prefix[(j + 1) * kd + kk];
-            }
-        }
-        for j in 1..n {
-            for kk in 0..kd {
-                prefix[j * kd + kk] = prefix[(j - 1) * kd + kk] * prefix[j * kd + kk];
-            }
-        }
-        // the factored form needs every e^{G[t]} within [e^-L, e^L]; NaN fails the test
-        // too and takes the direct path (which carries the NaN). A fold without early exit
-        // vectorizes.
-        let factored = prefix
-            .iter()
-            .fold(true, |ok, x| ok & (*x >= low) & (*x <= high));
-
-        let attn = &mut self.attn;
-        attn.fill(zero);
-        if !factored {
-            // A[t,τ] = scale·Σ_k q·k·e^{Σ_{τ<u<=t} g[u]}, from the raw q and k, walking τ down
-            // from t so that the exponent is a running sum of the log-gates
-            for t in 0..n {
-                let span = &mut self.tmp[..kd];
-                span.fill(zero);
-                for tau in (0..=t).rev() {
-                    if tau < t {
-                        for (s, g) in span.iter_mut().zip(&self.gates[(tau + 1) * kd..]) {
-                            *s = *s + *g;
-                        }
-                    }
-                    let (qt, kt) = (&self.q[t * kd..][..kd], &self.k[tau * kd..][..kd]);
-                    let mut acc = zero;
-                    for ((x, y), s) in qt.iter().zip(kt).zip(span.iter()) {
-                        acc = acc + *x * *y * s.exp();
-                    }
-                    attn[t * CHUNK + tau] = scale * acc;
-                }
-            }
-        }
-        // q ← scale·q∘e^G;  k ← k∘e^{G_last − G}
-        for (x, e) in self.q[..n * kd].iter_mut().zip(&*prefix) {
-            *x = scale * *x * *e;
-        }
-        for (x, e) in self.k[..n * kd].iter_mut().zip(&*suffix) {
-            *x = *x * *e;
-        }
-        let last = &prefix[(n - 1) * kd..];
+        let factored = self.forward_pass::<S, E>(inputs, rows, t0, n, scale);
+        self.backward_pass::<S, E>(inputs, rows, t0, n, factored);
+        self.attn.fill(A::ZERO);
         if factored {
-            // A[t,τ] = (q̃[t]∘e^{−G_last})·k̃[τ]
-            let (inv_last, row) = self.tmp.split_at_mut(kd);
-            for (i, x) in inv_last.iter_mut().zip(last) {
-                *i = A::ONE / *x;
-            }
-            for t in 0..n {
-                for kk in 0..kd {
-                    row[kk] = self.q[t * kd + kk] * inv_last[kk];
-                }
-                for tau in 0..=t {
-                    attn[t * CHUNK + tau] = dot::<S, A>(&row[..kd], &self.k[tau * kd..][..kd]);
-                }
-            }
+            self.factored_scores::<S>(n);
+        } else {
+            self.direct_scores(inputs, rows, t0, n, scale);
         }
+        let (kd, vd) = (self.kd, self.vd);
         // o = q̃·S0 + A·v
         let o = &mut self.o[..n * vd];
-        o.fill(zero);
+        o.fill(A::ZERO);
         // SAFETY: every operand is a live buffer of the sizes passed (n <= CHUNK rows of kd or
         // vd, the state kd rows at `stride`); o overlaps none of them.
         unsafe {
@@ -325,7 +224,7 @@ impl<A: Accum> Workspace<A> {
                 vd,
                 n,
                 Strided {
-                    ptr: attn.as_ptr(),
+                    ptr: self.attn.as_ptr(),
                     row_stride: CHUNK,
                     inner_stride: 1,
                 },
@@ -337,7 +236,7 @@ impl<A: Accum> Workspace<A> {
             );
         }
         // S = diag(e^{G_last})·S0 + k̃ᵀ·v
-        for (r, d) in state.chunks_exact_mut(stride).zip(last) {
+        for (r, d) in state.chunks_exact_mut(stride).zip(&self.prefix) {
             for x in &mut r[..vd] {
                 *x = *d * *x;
             }
@@ -362,37 +261,257 @@ impl<A: Accum> Workspace<A> {
             );
         }
     }
-}
 
-/// Σ x·y over two equal-length slices: vector partial sums, then the lanes in order.
-#[inline(always)]
-fn dot<S: Simd, A: Accum>(x: &[A], y: &[A]) -> A {
-    let lanes = A::lanes::<S>();
-    let whole = x.len() - x.len() % lanes;
-    let mut total = A::ZERO;
-    if whole > 0 {
-        // SAFETY: i + lanes <= whole <= len of both slices; the lane buffer holds 16 values,
-        // the widest vector (AVX-512 f32).
-        unsafe {
-            let mut acc = A::vsplat::<S>(A::ZERO);
-            let mut i = 0;
-            while i < whole {
-                acc = A::vfma::<S>(
-                    A::vload::<S>(x.as_ptr().add(i)),
-                    A::vload::<S>(y.as_ptr().add(i)),
-                    acc,
-                );
-                i += lanes;
+    /// Forward over the chunk: e^{g} into `k` (for the backward pass), its running product
+    /// e^{G} in `prefix`, and q̃ = scale·q∘e^{G} into `q`. Returns whether the factored form
+    /// of A applies: every e^{G[t]} within [e^-L, e^L] (NaN fails the test too and takes the
+    /// direct form, which carries it).
+    #[inline(always)]
+    fn forward_pass<S: Simd, E: Element<Acc = A>>(
+        &mut self,
+        inputs: &GlaInputs<'_, E>,
+        rows: &Rows,
+        t0: usize,
+        n: usize,
+        scale: A,
+    ) -> bool {
+        let kd = self.kd;
+        let lanes = A::lanes::<S>();
+        let whole = kd - kd % lanes;
+        let (low, high) = (
+            A::from_f64((-GATE_LIMIT).exp()),
+            A::from_f64(GATE_LIMIT.exp()),
+        );
+        let mut outside = 0u32;
+        for t in 0..n {
+            // the same row of the next chunk, a few lines at a time between the work (a
+            // burst of a chunk's lines measured slower: the misses queue up)
+            if t0 + t + CHUNK < rows.shape.len {
+                let ahead = rows.at(t0 + t + CHUNK, kd);
+                prefetch(inputs.q[ahead..].as_ptr(), kd);
+                prefetch(inputs.g[ahead..].as_ptr(), kd);
             }
-            let mut parts = [A::ZERO; 16];
-            A::vstore::<S>(parts.as_mut_ptr(), acc);
-            for p in &parts[..lanes] {
-                total = total + *p;
+            let at = rows.at(t0 + t, kd);
+            let (q_in, g_in) = (&inputs.q[at..at + kd], &inputs.g[at..at + kd]);
+            let (q_row, e_row) = (&mut self.q[t * kd..][..kd], &mut self.k[t * kd..][..kd]);
+            let prefix = &mut self.prefix[..kd];
+            // SAFETY: c + lanes <= whole <= kd, the length of every slice here.
+            unsafe {
+                let (scale_v, low_v, high_v) = (
+                    A::vsplat::<S>(scale),
+                    A::vsplat::<S>(low),
+                    A::vsplat::<S>(high),
+                );
+                for c in (0..whole).step_by(lanes) {
+                    let e = A::vexp::<S>(E::vload::<S>(g_in.as_ptr().add(c)));
+                    let p = if t == 0 {
+                        e
+                    } else {
+                        A::vmul::<S>(A::vload::<S>(prefix.as_ptr().add(c)), e)
+                    };
+                    let q = A::vmul::<S>(E::vload::<S>(q_in.as_ptr().add(c)), scale_v);
+                    A::vstore::<S>(prefix.as_mut_ptr().add(c), p);
+                    A::vstore::<S>(e_row.as_mut_ptr().add(c), e);
+                    A::vstore::<S>(q_row.as_mut_ptr().add(c), A::vmul::<S>(q, p));
+                    outside |= A::vmask_nle::<S>(low_v, p) | A::vmask_nle::<S>(p, high_v);
+                }
+            }
+            for c in whole..kd {
+                let e = g_in[c].to_acc().exp();
+                let p = if t == 0 { e } else { prefix[c] * e };
+                prefix[c] = p;
+                e_row[c] = e;
+                q_row[c] = q_in[c].to_acc() * scale * p;
+                outside |= u32::from(!(p >= low && p <= high));
+            }
+        }
+        outside == 0
+    }
+
+    /// Backward over the chunk: k̃ = k∘e^{G_last − G} into `k` (in place of e^{g}, whose
+    /// running product from the end is e^{G_last − G}), k_scores = k̃∘e^{−G_last} when
+    /// `factored`, and v widened into `v`.
+    #[inline(always)]
+    fn backward_pass<S: Simd, E: Element<Acc = A>>(
+        &mut self,
+        inputs: &GlaInputs<'_, E>,
+        rows: &Rows,
+        t0: usize,
+        n: usize,
+        factored: bool,
+    ) {
+        let (kd, vd) = (self.kd, self.vd);
+        let lanes = A::lanes::<S>();
+        let (k_whole, v_whole) = (kd - kd % lanes, vd - vd % lanes);
+        if factored {
+            for (i, p) in self.inv_last.iter_mut().zip(&self.prefix) {
+                *i = A::ONE / *p;
+            }
+        }
+        self.suffix.fill(A::ONE);
+        for t in (0..n).rev() {
+            if t0 + t + CHUNK < rows.shape.len {
+                prefetch(inputs.k[rows.at(t0 + t + CHUNK, kd)..].as_ptr(), kd);
+                prefetch(inputs.v[rows.at(t0 + t + CHUNK, vd)..].as_ptr(), vd);
+            }
+            let at = rows.at(t0 + t, kd);
+            let k_in = &inputs.k[at..at + kd];
+            let k_row = &mut self.k[t * kd..][..kd];
+            let scores_row = &mut self.k_scores[t * kd..][..kd];
+            let (suffix, inv_last) = (&mut self.suffix[..kd], &self.inv_last[..kd]);
+            // SAFETY: c + lanes <= k_whole <= kd, the length of every slice here.
+            unsafe {
+                for c in (0..k_whole).step_by(lanes) {
+                    let (e, s) = (
+                        A::vload::<S>(k_row.as_ptr().add(c)),
+                        A::vload::<S>(suffix.as_ptr().add(c)),
+                    );
+                    let kt = A::vmul::<S>(E::vload::<S>(k_in.as_ptr().add(c)), s);
+                    A::vstore::<S>(k_row.as_mut_ptr().add(c), kt);
+                    if factored {
+                        let i = A::vload::<S>(inv_last.as_ptr().add(c));
+                        A::vstore::<S>(scores_row.as_mut_ptr().add(c), A::vmul::<S>(kt, i));
+                    }
+                    A::vstore::<S>(suffix.as_mut_ptr().add(c), A::vmul::<S>(s, e));
+                }
+            }
+            for c in k_whole..kd {
+                let (e, s) = (k_row[c], suffix[c]);
+                k_row[c] = k_in[c].to_acc() * s;
+                scores_row[c] = k_row[c] * inv_last[c];
+                suffix[c] = s * e;
+            }
+            let at = rows.at(t0 + t, vd);
+            let (v_in, v_row) = (&inputs.v[at..at + vd], &mut self.v[t * vd..][..vd]);
+            // SAFETY: c + lanes <= v_whole <= vd, the length of both rows.
+            unsafe {
+                for c in (0..v_whole).step_by(lanes) {
+                    A::vstore::<S>(
+                        v_row.as_mut_ptr().add(c),
+                        E::vload::<S>(v_in.as_ptr().add(c)),
+                    );
+                }
+            }
+            for c in v_whole..vd {
+                v_row[c] = v_in[c].to_acc();
             }
         }
     }
-    for (a, b) in x[whole..].iter().zip(&y[whole..]) {
-        total = total + *a * *b;
+
+    /// A[t,τ] = q̃[t]·k_scores[τ] for τ <= t, in blocks of 2 rows × 4 columns: 8 independent
+    /// vector sums, each q̃ and k_scores vector loaded once per block.
+    #[inline(always)]
+    fn factored_scores<S: Simd>(&mut self, n: usize) {
+        const ROWS: usize = 2;
+        const COLS: usize = 4;
+        let kd = self.kd;
+        let lanes = A::lanes::<S>();
+        let whole = kd - kd % lanes;
+        let (q, k) = (&self.q[..n * kd], &self.k_scores[..n * kd]);
+        for t in (0..n).step_by(ROWS) {
+            let last_row = (t + ROWS - 1).min(n - 1);
+            // rows past the chunk or columns past the diagonal repeat a valid row; their sums
+            // are not stored
+            let ts: [usize; ROWS] = std::array::from_fn(|i| (t + i).min(last_row));
+            for tau in (0..=last_row).step_by(COLS) {
+                let taus: [usize; COLS] = std::array::from_fn(|j| (tau + j).min(last_row));
+                let mut sums = [[A::ZERO; COLS]; ROWS];
+                // SAFETY: every row index is < n and c + lanes <= whole <= kd; the lane
+                // buffer holds 16 values, the widest vector (AVX-512 f32).
+                unsafe {
+                    let mut acc = [[A::vsplat::<S>(A::ZERO); COLS]; ROWS];
+                    for c in (0..whole).step_by(lanes) {
+                        let kv: [A::V<S>; COLS] = std::array::from_fn(|j| {
+                            A::vload::<S>(k.as_ptr().add(taus[j] * kd + c))
+                        });
+                        for (i, row) in acc.iter_mut().enumerate() {
+                            let qv = A::vload::<S>(q.as_ptr().add(ts[i] * kd + c));
+                            for (x, kv) in row.iter_mut().zip(&kv) {
+                                *x = A::vfma::<S>(qv, *kv, *x);
+                            }
+                        }
+                    }
+                    let mut parts = [A::ZERO; 16];
+                    for (row, sum_row) in acc.iter().zip(&mut sums) {
+                        for (x, sum) in row.iter().zip(sum_row) {
+                            A::vstore::<S>(parts.as_mut_ptr(), *x);
+                            *sum = lane_sum(&mut parts[..lanes]);
+                        }
+                    }
+                }
+                for (i, sum_row) in sums.iter_mut().enumerate() {
+                    for (j, sum) in sum_row.iter_mut().enumerate() {
+                        for c in whole..kd {
+                            *sum = *sum + q[ts[i] * kd + c] * k[taus[j] * kd + c];
+                        }
+                    }
+                }
+                for (i, sum_row) in sums.iter().enumerate() {
+                    for (j, sum) in sum_row.iter().enumerate() {
+                        if t + i < n && tau + j <= t + i {
+                            self.attn[(t + i) * CHUNK + tau + j] = *sum;
+                        }
+                    }
+                }
+            }
+        }
     }
-    total
+
+    /// A[t,τ] = scale·Σ_k q·k·e^{Σ_{τ<u<=t} g[u]}, from the raw rows, walking τ down from t
+    /// so that the exponent is a running sum of the log-gates.
+    fn direct_scores<E: Element<Acc = A>>(
+        &mut self,
+        inputs: &GlaInputs<'_, E>,
+        rows: &Rows,
+        t0: usize,
+        n: usize,
+        scale: A,
+    ) {
+        let kd = self.kd;
+        let (q, rest) = self.raw.split_at_mut(CHUNK * kd);
+        let (k, gates) = rest.split_at_mut(CHUNK * kd);
+        for j in 0..n {
+            let bh = rows.batch * rows.shape.heads + rows.head;
+            row(inputs.q, rows.shape, bh, t0 + j, kd, &mut q[j * kd..][..kd]);
+            row(inputs.k, rows.shape, bh, t0 + j, kd, &mut k[j * kd..][..kd]);
+            row(
+                inputs.g,
+                rows.shape,
+                bh,
+                t0 + j,
+                kd,
+                &mut gates[j * kd..][..kd],
+            );
+        }
+        let mut span = vec![A::ZERO; kd];
+        for t in 0..n {
+            span.fill(A::ZERO);
+            for tau in (0..=t).rev() {
+                if tau < t {
+                    for (s, g) in span.iter_mut().zip(&gates[(tau + 1) * kd..]) {
+                        *s = *s + *g;
+                    }
+                }
+                let (qt, kt) = (&q[t * kd..][..kd], &k[tau * kd..][..kd]);
+                let mut acc = A::ZERO;
+                for ((x, y), s) in qt.iter().zip(kt).zip(&span) {
+                    acc = acc + *x * *y * s.exp();
+                }
+                self.attn[t * CHUNK + tau] = scale * acc;
+            }
+        }
+    }
+}
+
+/// The lanes of one vector summed pairwise (a fixed order); `parts` holds a power of two.
+#[inline(always)]
+fn lane_sum<A: Accum>(parts: &mut [A]) -> A {
+    let mut len = parts.len();
+    while len > 1 {
+        len /= 2;
+        for i in 0..len {
+            parts[i] = parts[i] + parts[i + len];
+        }
+    }
+    parts[0]
 }
