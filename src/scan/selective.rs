@@ -294,6 +294,58 @@ unsafe fn vsoftplus<S: Simd, A: Accum>(x: A::V<S>) -> A::V<S> {
     }
 }
 
+/// One time step's state update and C contraction for a block's channels, `[n][w]` state.
+struct StateRows<'a, A> {
+    n: usize,
+    w: usize,
+    dt: &'a [A],
+    dtu: &'a [A],
+    a_t: &'a [A],
+    bm: &'a [A],
+    cm: &'a [A],
+}
+
+impl<A: Accum> StateRows<'_, A> {
+    /// Channels [c, c + V·lanes): x = 2^(dt·a_t)·x + dt·u·Bm[j] for every state j, and
+    /// acc = Σ_j Cm[j]·x. `exp2` takes the V decay exponents of one state at once.
+    ///
+    /// # Safety
+    /// c + V·lanes <= w; `x` holds n·w values, `acc` w.
+    #[inline(always)]
+    unsafe fn step<S: Simd, const V: usize>(
+        &self,
+        c: usize,
+        x: &mut [A],
+        acc: &mut [A],
+        exp2: impl Fn([A::V<S>; V]) -> [A::V<S>; V],
+    ) {
+        let lanes = A::lanes::<S>();
+        let at0: [usize; V] = std::array::from_fn(|v| c + v * lanes);
+        // SAFETY: every index is below c + V·lanes <= w (or j·w + that, below n·w).
+        unsafe {
+            let dtv = at0.map(|i| A::vload::<S>(self.dt.as_ptr().add(i)));
+            let dtuv = at0.map(|i| A::vload::<S>(self.dtu.as_ptr().add(i)));
+            let mut yv = [A::vsplat::<S>(A::ZERO); V];
+            for j in 0..self.n {
+                let at = at0.map(|i| j * self.w + i);
+                let decay = exp2(std::array::from_fn(|v| {
+                    A::vmul::<S>(dtv[v], A::vload::<S>(self.a_t.as_ptr().add(at[v])))
+                }));
+                let (b_j, c_j) = (A::vsplat::<S>(self.bm[j]), A::vsplat::<S>(self.cm[j]));
+                for v in 0..V {
+                    let input = A::vmul::<S>(dtuv[v], b_j);
+                    let xv = A::vfma::<S>(decay[v], A::vload::<S>(x.as_ptr().add(at[v])), input);
+                    A::vstore::<S>(x.as_mut_ptr().add(at[v]), xv);
+                    yv[v] = A::vfma::<S>(c_j, xv, yv[v]);
+                }
+            }
+            for v in 0..V {
+                A::vstore::<S>(acc.as_mut_ptr().add(at0[v]), yv[v]);
+            }
+        }
+    }
+}
+
 /// Vector silu(z) = z / (1 + e^-z).
 #[inline(always)]
 unsafe fn vsilu<S: Simd, A: Accum>(z: A::V<S>) -> A::V<S> {
@@ -398,54 +450,25 @@ impl<E: Element> SimdKernel for SelectiveBlock<'_, E> {
                 cm[j] = inputs.cm[bc_row + j].to_acc();
             }
             let mut c = 0;
+            let state = StateRows {
+                n,
+                w,
+                dt: &dt,
+                dtu: &dtu,
+                a_t: &a_t,
+                bm: &bm,
+                cm: &cm,
+            };
             // SAFETY: c + 4·lanes (then c + lanes) <= w, and every buffer holds n·w or w values.
             unsafe {
-                // four channel vectors per state step: their decays go through the exp2 side
-                // by side (vexp2_x4), the bound of this loop
+                // four channel vectors per state step, their decays through the exp2 side by
+                // side (vexp2_x4); then single vectors
                 while c + 4 * lanes <= w {
-                    let at0: [usize; 4] = std::array::from_fn(|v| c + v * lanes);
-                    let dtv = at0.map(|i| E::Acc::vload::<S>(dt.as_ptr().add(i)));
-                    let dtuv = at0.map(|i| E::Acc::vload::<S>(dtu.as_ptr().add(i)));
-                    let mut yv = [E::Acc::vsplat::<S>(zero); 4];
-                    for j in 0..n {
-                        let at = at0.map(|i| j * w + i);
-                        let decay = E::Acc::vexp2_x4::<S>(std::array::from_fn(|v| {
-                            E::Acc::vmul::<S>(dtv[v], E::Acc::vload::<S>(a_t.as_ptr().add(at[v])))
-                        }));
-                        let (b_j, c_j) = (E::Acc::vsplat::<S>(bm[j]), E::Acc::vsplat::<S>(cm[j]));
-                        for v in 0..4 {
-                            let input = E::Acc::vmul::<S>(dtuv[v], b_j);
-                            let xv = E::Acc::vfma::<S>(
-                                decay[v],
-                                E::Acc::vload::<S>(x.as_ptr().add(at[v])),
-                                input,
-                            );
-                            E::Acc::vstore::<S>(x.as_mut_ptr().add(at[v]), xv);
-                            yv[v] = E::Acc::vfma::<S>(c_j, xv, yv[v]);
-                        }
-                    }
-                    for v in 0..4 {
-                        E::Acc::vstore::<S>(acc.as_mut_ptr().add(at0[v]), yv[v]);
-                    }
+                    state.step::<S, 4>(c, &mut x, &mut acc, |v| E::Acc::vexp2_x4::<S>(v));
                     c += 4 * lanes;
                 }
                 while c + lanes <= w {
-                    let dtv = E::Acc::vload::<S>(dt.as_ptr().add(c));
-                    let dtuv = E::Acc::vload::<S>(dtu.as_ptr().add(c));
-                    let mut yv = E::Acc::vsplat::<S>(zero);
-                    for j in 0..n {
-                        let at = j * w + c;
-                        let decay = E::Acc::vexp2::<S>(E::Acc::vmul::<S>(
-                            dtv,
-                            E::Acc::vload::<S>(a_t.as_ptr().add(at)),
-                        ));
-                        let input = E::Acc::vmul::<S>(dtuv, E::Acc::vsplat::<S>(bm[j]));
-                        let xv =
-                            E::Acc::vfma::<S>(decay, E::Acc::vload::<S>(x.as_ptr().add(at)), input);
-                        E::Acc::vstore::<S>(x.as_mut_ptr().add(at), xv);
-                        yv = E::Acc::vfma::<S>(E::Acc::vsplat::<S>(cm[j]), xv, yv);
-                    }
-                    E::Acc::vstore::<S>(acc.as_mut_ptr().add(c), yv);
+                    state.step::<S, 1>(c, &mut x, &mut acc, |[v]| [E::Acc::vexp2::<S>(v)]);
                     c += lanes;
                 }
             }
