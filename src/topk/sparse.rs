@@ -147,7 +147,7 @@ pub fn decode_on<E: Element>(
 /// Decode walks w_dec in latent order ([`decode_by_latent`]) once the B·k selections number
 /// at least this many times L, so that each selected row of w_dec is read once for about two
 /// or more selections. (At one selection per latent the two orders measured the same; at
-/// four, the bench size, latent order took ~25% less time.)
+/// four, the bench size, latent order took 1–25% less time: benches/RESULTS.md.)
 const BY_LATENT_MIN_REUSE: usize = 2;
 
 /// The accumulators of one latent-order task ([rows, slice width]) are kept under this many
