@@ -17,10 +17,24 @@ use crate::error::{Error, Result};
 use crate::scan::check_len;
 use rayon::prelude::*;
 
-/// Channels per task: 1 KiB row segments of u, delta, z and y per step keep the strided rows
-/// streaming (64 → 256 channels measured 64 → 52 ms at the bench size); with 16 states the
-/// block's state and A take 32 KiB.
-const CHANNEL_BLOCK: usize = 256;
+/// Channels per task: wide row segments of u, delta, z and y per step keep the strided rows
+/// streaming (64 → 256 channels measured 64 → 52 ms at the bench size; 256 → 512, 2 KiB
+/// segments, another ~11% on two threads, although the block's state and A, 64 KiB with 16
+/// states, then sit in L2 rather than L1). Halved, down to `MIN_CHANNEL_BLOCK`, while there
+/// would be fewer than two tasks per thread.
+const CHANNEL_BLOCK: usize = 512;
+const MIN_CHANNEL_BLOCK: usize = 64;
+
+/// The forward's channels per task for `b` batch rows of `d` channels (a multiple of 32, so
+/// a channel takes the same vector path whatever the block: results do not depend on it).
+fn channel_block(b: usize, d: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    let mut block = CHANNEL_BLOCK;
+    while block > MIN_CHANNEL_BLOCK && b * d.div_ceil(block) < 2 * threads {
+        block /= 2;
+    }
+    block
+}
 
 /// Steps ahead whose rows of u, delta and z are prefetched.
 const PREFETCH_STEPS: usize = 6;
@@ -225,11 +239,12 @@ pub fn selective_on<E: Element>(
         return Ok(());
     }
     let (yp, hp) = (SendPtr(y.as_mut_ptr()), SendPtr(h_last.as_mut_ptr()));
+    let block = channel_block(b, d);
     let tasks: Vec<(usize, usize)> = (0..b)
-        .flat_map(|bi| (0..d).step_by(CHANNEL_BLOCK).map(move |d0| (bi, d0)))
+        .flat_map(|bi| (0..d).step_by(block).map(move |d0| (bi, d0)))
         .collect();
     tasks.into_par_iter().for_each(|(bi, d0)| {
-        let w = CHANNEL_BLOCK.min(d - d0);
+        let w = block.min(d - d0);
         // SAFETY: each task writes only rows bi of y at channels [d0, d0 + w) and h_last
         // entries (bi, d0..d0 + w, ·): disjoint across tasks; lengths were validated.
         let kernel = SelectiveBlock {
