@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 /// Channels per task: wide row segments of u, delta, z and y per step keep the strided rows
 /// streaming (64 → 256 channels measured 64 → 52 ms at the bench size; 256 → 512, 2 KiB
-/// segments, another ~11% on two threads, although the block's state and A, 64 KiB with 16
+/// segments, another 4–11% on two threads, although the block's state and A, 64 KiB with 16
 /// states, then sit in L2 rather than L1). Halved, down to `MIN_CHANNEL_BLOCK`, while there
 /// would be fewer than two tasks per thread.
 const CHANNEL_BLOCK: usize = 512;
