@@ -435,17 +435,25 @@ impl Element for bf16 {
     }
 }
 
-/// `x` in its accumulator type: borrowed for f32 and f64, a widened copy for f16 and bf16
-/// (converted in parallel when large).
-pub(crate) fn widened<E: Element>(x: &[E]) -> std::borrow::Cow<'_, [E::Acc]> {
-    use rayon::prelude::*;
+/// `x` as its accumulator type when the element type is its own accumulator (f32, f64);
+/// `None` for f16 and bf16. `Some` also tells the caller that `E` and `E::Acc` are one type.
+pub(crate) fn as_acc<E: Element>(x: &[E]) -> Option<&[E::Acc]> {
     if matches!(E::DTYPE, DType::F32 | DType::F64) {
         debug_assert_eq!(size_of::<E>(), size_of::<E::Acc>());
         // SAFETY: f32 and f64 are their own accumulator types (see the impls above), so E and
         // E::Acc are the same type here.
-        std::borrow::Cow::Borrowed(unsafe {
-            std::slice::from_raw_parts(x.as_ptr().cast::<E::Acc>(), x.len())
-        })
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<E::Acc>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+/// `x` in its accumulator type: borrowed for f32 and f64, a widened copy for f16 and bf16
+/// (converted in parallel when large).
+pub(crate) fn widened<E: Element>(x: &[E]) -> std::borrow::Cow<'_, [E::Acc]> {
+    use rayon::prelude::*;
+    if let Some(same) = as_acc(x) {
+        std::borrow::Cow::Borrowed(same)
     } else if x.len() >= 1 << 16 {
         std::borrow::Cow::Owned(x.par_iter().map(|v| v.to_acc()).collect())
     } else {

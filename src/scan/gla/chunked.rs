@@ -30,7 +30,7 @@
 use super::{GlaInputs, GlaShape, padded_stride, row};
 use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{SendPtr, Simd, SimdKernel, prefetch};
-use crate::element::{Accum, DType, Element};
+use crate::element::{Accum, Element, as_acc};
 
 /// Steps per chunk: the per-step cost of the state products does not depend on it, the
 /// intra-chunk part grows with it, and 16 rows are enough for full register tiles.
@@ -82,7 +82,7 @@ impl<E: Element> SimdKernel for ChunkedHeads<'_, E> {
         let mut work = Workspace::new(kd, vd);
         // f32 and f64 are their own accumulator types: values are then read and outputs
         // written in place (the two staging copies were ~10% of the profile)
-        let in_place = matches!(E::DTYPE, DType::F32 | DType::F64);
+        let v_as_acc = as_acc(inputs.v);
         let mut t0 = 0;
         while t0 < shape.len {
             let n = CHUNK.min(shape.len - t0);
@@ -92,20 +92,19 @@ impl<E: Element> SimdKernel for ChunkedHeads<'_, E> {
                     batch,
                     head: hi,
                 };
-                let rows_at = in_place.then(|| {
+                let in_place = v_as_acc.map(|v| {
                     let at = rows.at(t0, vd);
-                    // SAFETY: E is E::Acc here (f32 or f64); rows t0..t0+n of this head lie
-                    // in v and o (validated shapes), and o's rows belong to this task.
-                    unsafe {
-                        InPlace {
-                            v: inputs.v.as_ptr().add(at).cast::<E::Acc>(),
-                            o: o.get().add(at).cast::<E::Acc>(),
-                            stride: shape.heads * vd,
-                        }
+                    InPlace {
+                        v: v[at..].as_ptr(),
+                        // SAFETY: `as_acc` returned Some, so E is E::Acc; row (batch, t0, hi)
+                        // of o exists (validated shapes) and belongs to this task.
+                        o: unsafe { o.get().add(at).cast::<E::Acc>() },
+                        stride: shape.heads * vd,
                     }
                 });
-                work.advance::<S, E>(inputs, &rows, t0, n, state, stride, scale, rows_at);
-                if in_place {
+                let direct = in_place.is_some();
+                work.advance::<S, E>(inputs, &rows, t0, n, state, stride, scale, in_place);
+                if direct {
                     continue;
                 }
                 let lanes = E::Acc::lanes::<S>();
