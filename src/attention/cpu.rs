@@ -1,7 +1,7 @@
 //! The CPU kernels of the attention family.
 //!
 //! Plan (FlashAttention-2 on cache-resident blocks):
-//! - Keys are transposed once per (batch, KV head) into panels of BLOCK_K keys (`[D × w]`,
+//! - Keys are transposed once per (batch, KV head) into panels of FWD_BLOCK_K keys (`[D × w]`,
 //!   contiguous, in the accumulator type); each query block is packed once into 6-row strips
 //!   (`pack_rows`), so a score tile S = Q·Kᵀ is one register-tiled product
 //!   (`matmul_packed`: 6 rows × 2 vectors, broadcasts from consecutive addresses). Values are
@@ -45,8 +45,14 @@ use std::borrow::Cow;
 
 /// Query rows per block: ten register tiles of 6 rows.
 const BLOCK_Q: usize = 60;
-/// Keys per block: whole vectors on every ISA, and a score tile of BLOCK_Q × BLOCK_K stays in L1.
+/// Keys per block of the backward: whole vectors on every ISA, and its score and dS tiles
+/// (BLOCK_Q × BLOCK_K each) stay in L1.
 const BLOCK_K: usize = 64;
+/// Keys per block of the forward and top_keys, whose per-row work (row max, online-softmax
+/// step, accumulator rescale) is paid once per block: 128 halves it against 64 (forward
+/// B1 H8 S2048 D64, AVX-512, two threads: 188 → 236 GFLOP/s; 256 and 512 measured lower;
+/// AVX2 the same), and the 30 KiB score tile still fits L1 beside the key panel's stream.
+const FWD_BLOCK_K: usize = 128;
 /// Keys per split-KV task.
 const SPLIT_CHUNK: usize = 512;
 /// The split-KV path is chosen (with `SplitKv::Auto`) when every sequence has at most this
@@ -236,7 +242,7 @@ fn head_major<E: Element>(
     out
 }
 
-/// Key (or value) panels: for each (batch, head) and each sequence, blocks of BLOCK_K rows
+/// Key (or value) panels: for each (batch, head) and each sequence, blocks of `block` rows
 /// transposed to `[dim × w]` (w = the block's width), block j0 of a sequence starting at
 /// element `(k_start + j0)·dim` of its (batch, head) part.
 fn panels<E: Element>(
@@ -246,6 +252,7 @@ fn panels<E: Element>(
     heads: usize,
     dim: usize,
     segments: &[Segment],
+    block: usize,
 ) -> Vec<E::Acc> {
     let per = len * dim;
     let mut out = vec![<E::Acc as Accum>::ZERO; batch * heads * per];
@@ -257,7 +264,7 @@ fn panels<E: Element>(
         for seg in segments.iter().filter(|s| s.batch == bi) {
             let mut j0 = 0;
             while j0 < seg.k_len {
-                let w = BLOCK_K.min(seg.k_len - j0);
+                let w = block.min(seg.k_len - j0);
                 let base = (seg.k_start + j0) * dim;
                 for c in 0..w {
                     let src = ((bi * len + seg.k_start + j0 + c) * heads + h) * dim;
@@ -319,44 +326,23 @@ fn row_max<S: Simd, A: Accum>(x: &[A]) -> A {
     best
 }
 
-/// x = e^(x − m) in place (2^(x − m) with `BASE2`); returns Σ x when `sum`.
+/// x = e^(x − m) in place.
 #[inline(always)]
-fn exp_shifted<S: Simd, A: Accum, const BASE2: bool>(x: &mut [A], m: A, sum: bool) -> A {
+fn exp_shifted<S: Simd, A: Accum>(x: &mut [A], m: A) {
     let lanes = A::lanes::<S>();
     let neg_m = A::ZERO - m;
-    let mut total = A::ZERO;
     let mut chunks = x.chunks_exact_mut(lanes);
     // SAFETY: each chunk holds `lanes` values.
     unsafe {
         let shift = A::vsplat::<S>(neg_m);
-        let mut acc = A::vsplat::<S>(A::ZERO);
         for c in &mut chunks {
-            let shifted = A::vadd::<S>(A::vload::<S>(c.as_ptr()), shift);
-            let e = if BASE2 {
-                A::vexp2::<S>(shifted)
-            } else {
-                A::vexp::<S>(shifted)
-            };
+            let e = A::vexp::<S>(A::vadd::<S>(A::vload::<S>(c.as_ptr()), shift));
             A::vstore::<S>(c.as_mut_ptr(), e);
-            if sum {
-                acc = A::vadd::<S>(acc, e);
-            }
-        }
-        if sum {
-            total = hsum::<S, A>(acc);
         }
     }
     for v in chunks.into_remainder() {
-        *v = if BASE2 {
-            (*v + neg_m).exp2()
-        } else {
-            (*v + neg_m).exp()
-        };
-        if sum {
-            total = total + *v;
-        }
+        *v = (*v + neg_m).exp();
     }
-    total
 }
 
 #[inline(always)]
@@ -558,17 +544,35 @@ unsafe fn micro<S: Simd, A: Accum, const R: usize, const NV: usize>(
     }
 }
 
+/// Partial sums of the softmax denominator l kept per row: one per vector lane (the most any
+/// ISA has for f32), added up in lane order once, when the row is finished. A horizontal sum
+/// per row and key block instead was ~10% of the AVX-512 forward (a chain of 16 dependent adds).
+const L_LANES: usize = 16;
+
+/// l of a row from its [`L_LANES`] partial sums.
+#[inline(always)]
+fn lane_total<A: Accum>(l: &[A; L_LANES]) -> A {
+    l.iter().fold(A::ZERO, |s, x| s + *x)
+}
+
 /// One online-softmax step for one row of base-2 scores (log2(e)·s): the block's scores
 /// (masked to −inf outside `[a, z)`) become p = 2^(s − m_new) = e^(natural s − natural
-/// m_new) (0 outside), m and l advance; returns the factor 2^(m − m_new) the row's
-/// accumulator must be multiplied by (1 when unchanged).
+/// m_new) (0 outside), m and the partial sums of l advance; returns the factor 2^(m − m_new)
+/// the row's accumulator must be multiplied by (1 when unchanged).
 #[inline(always)]
 fn online_step<S: Simd, A: Accum>(
     row: &mut [A],
     (a, z): (usize, usize),
     m: &mut A,
-    l: &mut A,
+    l: &mut [A; L_LANES],
 ) -> A {
+    if *m != neg_inf::<A>() && at_most::<S, A>(&row[a..z], *m + A::from_f64(MAX_SLACK)) {
+        // m stays (p ≤ 2^MAX_SLACK): no horizontal max, no rescale of the accumulator
+        exp2_into_sums::<S, A>(&mut row[a..z], *m, A::ONE, l);
+        row[..a].fill(A::ZERO);
+        row[z..].fill(A::ZERO);
+        return A::ONE;
+    }
     let block_max = row_max::<S, A>(&row[a..z]);
     let m_new = if block_max > *m { block_max } else { *m };
     if m_new == neg_inf::<A>() {
@@ -583,12 +587,59 @@ fn online_step<S: Simd, A: Accum>(
     } else {
         (*m - m_new).exp2()
     };
-    let sum = exp_shifted::<S, A, true>(&mut row[a..z], m_new, true);
+    exp2_into_sums::<S, A>(&mut row[a..z], m_new, alpha, l);
     row[..a].fill(A::ZERO);
     row[z..].fill(A::ZERO);
-    *l = *l * alpha + sum;
     *m = m_new;
     alpha
+}
+
+/// How far (base 2) a block's scores may rise above a row's running max m before m moves.
+/// The softmax is exact for any m (o = Σ 2^(s−m)·v / Σ 2^(s−m), lse = ln2·m + ln l), so m
+/// only has to keep 2^(s − m) finite: with m held while every score is ≤ m + 8, p ≤ 256,
+/// and a block proves that with vector compares alone (no horizontal max, no rescale).
+const MAX_SLACK: f64 = 8.0;
+
+/// Whether every value of x is ≤ `bound` (NaN counts as ≤: it propagates to o either way).
+#[inline(always)]
+fn at_most<S: Simd, A: Accum>(x: &[A], bound: A) -> bool {
+    let lanes = A::lanes::<S>();
+    let chunks = x.chunks_exact(lanes);
+    let tail = chunks.remainder();
+    // SAFETY: each chunk holds `lanes` values.
+    let vector_ok = unsafe {
+        let mut top = A::vsplat::<S>(neg_inf::<A>());
+        for c in chunks {
+            top = A::vmax::<S>(top, A::vload::<S>(c.as_ptr()));
+        }
+        A::vmask_gt::<S>(top, A::vsplat::<S>(bound)) == 0
+    };
+    vector_ok && tail.iter().all(|v| !(*v > bound))
+}
+
+/// x = 2^(x − m) in place and l = alpha·l + x, lane by lane: vector lane i adds into l[i],
+/// the i-th value past the last whole vector too.
+#[inline(always)]
+fn exp2_into_sums<S: Simd, A: Accum>(x: &mut [A], m: A, alpha: A, l: &mut [A; L_LANES]) {
+    let lanes = A::lanes::<S>();
+    debug_assert!(lanes <= L_LANES);
+    let neg_m = A::ZERO - m;
+    let mut chunks = x.chunks_exact_mut(lanes);
+    // SAFETY: each chunk holds `lanes` values, l at least `lanes`.
+    unsafe {
+        let shift = A::vsplat::<S>(neg_m);
+        let mut acc = A::vmul::<S>(A::vload::<S>(l.as_ptr()), A::vsplat::<S>(alpha));
+        for c in &mut chunks {
+            let e = A::vexp2::<S>(A::vadd::<S>(A::vload::<S>(c.as_ptr()), shift));
+            A::vstore::<S>(c.as_mut_ptr(), e);
+            acc = A::vadd::<S>(acc, e);
+        }
+        A::vstore::<S>(l.as_mut_ptr(), acc);
+    }
+    for (t, v) in chunks.into_remainder().iter_mut().enumerate() {
+        *v = (*v + neg_m).exp2();
+        l[t] = l[t] + *v;
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -678,6 +729,7 @@ pub(super) fn forward<E: Element>(
             shape.heads_kv,
             shape.head_dim,
             segments,
+            FWD_BLOCK_K,
         )
     };
     let rules = ScoreRules::new(params, shape, inputs);
@@ -766,17 +818,17 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
             .map(|r| ctx.rules.visible(&seg, row0 + r))
             .collect();
         let mut m = vec![neg_inf::<E::Acc>(); rows];
-        let mut l = vec![zero; rows];
+        let mut l = vec![[zero; L_LANES]; rows];
         let mut acc = vec![zero; rows * dv];
-        let mut s = vec![zero; rows * BLOCK_K];
+        let mut s = vec![zero; rows * FWD_BLOCK_K];
         // the queries are the A operand of every score tile: packed once
         let qpack = pack_row_major(&qbuf, rows, d);
         let (lo, hi) = union(&vis);
-        let mut j0 = lo - lo % BLOCK_K;
+        let mut j0 = lo - lo % FWD_BLOCK_K;
         while j0 < hi {
-            let w = BLOCK_K.min(seg.k_len - j0);
+            let w = FWD_BLOCK_K.min(seg.k_len - j0);
             let panel = &ctx.kt[panel_at(sh, d, &seg, hk, j0)..];
-            // SAFETY: qbuf is rows × d, the panel d × w, s rows × BLOCK_K.
+            // SAFETY: qbuf is rows × d, the panel d × w, s rows × FWD_BLOCK_K.
             unsafe {
                 matmul_packed::<S, E::Acc>(
                     rows,
@@ -786,12 +838,12 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
                     panel.as_ptr(),
                     w,
                     s.as_mut_ptr(),
-                    BLOCK_K,
+                    FWD_BLOCK_K,
                     false,
                 )
             };
             for r in 0..rows {
-                let row = &mut s[r * BLOCK_K..r * BLOCK_K + w];
+                let row = &mut s[r * FWD_BLOCK_K..r * FWD_BLOCK_K + w];
                 let cols = ScoreRules::<E::Acc>::columns(j0, w, vis[r]);
                 if cols.0 >= cols.1 {
                     row.fill(zero);
@@ -803,7 +855,7 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
                     scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
                 }
             }
-            // SAFETY: s is rows × w (stride BLOCK_K), the value rows exist, acc is rows × dv.
+            // SAFETY: s is rows × w (stride FWD_BLOCK_K), the value rows exist, acc is rows × dv.
             // (P is read in place: its row stride is a constant, so the tile's broadcasts need
             // no packing.)
             unsafe {
@@ -813,7 +865,7 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
                     w,
                     Strided {
                         ptr: s.as_ptr(),
-                        row_stride: BLOCK_K,
+                        row_stride: FWD_BLOCK_K,
                         inner_stride: 1,
                     },
                     ctx.v.ptr(seg.batch, seg.k_start + j0, hk),
@@ -828,7 +880,8 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
         for r in 0..rows {
             let qi = seg.q_start + row0 + r;
             let out = ((seg.batch * sh.len_q + qi) * sh.heads_q + hq) * dv;
-            let (row_o, row_lse) = finish_row(&mut acc[r * dv..(r + 1) * dv], m[r], l[r]);
+            let (row_o, row_lse) =
+                finish_row(&mut acc[r * dv..(r + 1) * dv], m[r], lane_total(&l[r]));
             for (c, x) in row_o.iter().enumerate() {
                 // SAFETY: row (batch, qi, hq) of o belongs to this task.
                 unsafe { *o.get().add(out + c) = E::from_acc(*x) };
@@ -1037,6 +1090,8 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
         let mut kbuf = vec![zero; DECODE_BLOCK * hk_n * d];
         let mut vbuf = vec![zero; DECODE_BLOCK * hk_n * dv];
         let mut s = vec![zero; rows * DECODE_BLOCK];
+        // l's partial sums per (head, row), totalled into `part` at the end
+        let mut lsum = vec![[zero; L_LANES]; hk_n * rows];
         let lanes = <E::Acc as Accum>::lanes::<S>();
         let mut j0 = keys.0;
         while j0 < keys.1 {
@@ -1125,7 +1180,8 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
                 }
                 let (acc, rest) =
                     part[hk * per_head..(hk + 1) * per_head].split_at_mut(rows_max * dv);
-                let (m, l) = rest.split_at_mut(rows_max);
+                let m = &mut rest[..rows_max];
+                let l = &mut lsum[hk * rows..(hk + 1) * rows];
                 for r in 0..rows {
                     let row = &mut s[r * DECODE_BLOCK..r * DECODE_BLOCK + w];
                     let cols = cols[r];
@@ -1161,6 +1217,12 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
                 };
             }
             j0 += w;
+        }
+        for hk in 0..hk_n {
+            let l = &mut part[hk * per_head + rows_max * (dv + 1)..(hk + 1) * per_head];
+            for (x, sums) in l.iter_mut().zip(&lsum[hk * rows..(hk + 1) * rows]) {
+                *x = lane_total(sums);
+            }
         }
     }
 }
@@ -1278,8 +1340,24 @@ pub(super) fn backward<E: Element>(
     let q = head_major(inputs.q, sh.batch, sh.len_q, sh.heads_q, d);
     let k = head_major(inputs.k, sh.batch, sh.len_k, sh.heads_kv, d);
     let dov = head_major(d_o, sh.batch, sh.len_q, sh.heads_q, dv);
-    let kt = panels(inputs.k, sh.batch, sh.len_k, sh.heads_kv, d, segments);
-    let vt = panels(inputs.v, sh.batch, sh.len_k, sh.heads_kv, dv, segments);
+    let kt = panels(
+        inputs.k,
+        sh.batch,
+        sh.len_k,
+        sh.heads_kv,
+        d,
+        segments,
+        BLOCK_K,
+    );
+    let vt = panels(
+        inputs.v,
+        sh.batch,
+        sh.len_k,
+        sh.heads_kv,
+        dv,
+        segments,
+        BLOCK_K,
+    );
     let rows = |data, len, heads, dim| Rows {
         data,
         len,
@@ -1473,7 +1551,7 @@ impl<E: Element> Backward<'_, E> {
                 (a, z),
                 softcap.then_some(capd_row),
             );
-            exp_shifted::<S, E::Acc, false>(&mut prow[a..z], self.lse[lse_at + r], false);
+            exp_shifted::<S, E::Acc>(&mut prow[a..z], self.lse[lse_at + r]);
             prow[..a].fill(zero);
             prow[z..].fill(zero);
             let delta = self.delta[lse_at + r];
@@ -1812,6 +1890,7 @@ pub(super) fn top_keys<E: Element>(
         shape.heads_kv,
         shape.head_dim,
         segments,
+        FWD_BLOCK_K,
     );
     let ctx = TopContext {
         shape: *shape,
@@ -1894,15 +1973,15 @@ impl<E: Element> SimdKernel for TopBlock<'_, E> {
             .iter()
             .map(|&(lo, hi)| Vec::with_capacity(ctx.top.min(hi - lo)))
             .collect();
-        let mut s = vec![zero; rows * BLOCK_K];
+        let mut s = vec![zero; rows * FWD_BLOCK_K];
 
         // the queries are the A operand of every score tile: packed once
         let qpack = pack_row_major(&qbuf, rows, d);
         let (lo, hi) = union(&vis);
-        let mut j0 = lo - lo % BLOCK_K;
+        let mut j0 = lo - lo % FWD_BLOCK_K;
         while j0 < hi {
-            let w = BLOCK_K.min(seg.k_len - j0);
-            // SAFETY: qbuf rows × d, the panel d × w, s rows × BLOCK_K.
+            let w = FWD_BLOCK_K.min(seg.k_len - j0);
+            // SAFETY: qbuf rows × d, the panel d × w, s rows × FWD_BLOCK_K.
             unsafe {
                 matmul_packed::<S, E::Acc>(
                     rows,
@@ -1912,7 +1991,7 @@ impl<E: Element> SimdKernel for TopBlock<'_, E> {
                     ctx.kt[panel_at(sh, d, &seg, hk, j0)..].as_ptr(),
                     w,
                     s.as_mut_ptr(),
-                    BLOCK_K,
+                    FWD_BLOCK_K,
                     false,
                 )
             };
@@ -1921,7 +2000,7 @@ impl<E: Element> SimdKernel for TopBlock<'_, E> {
                 if a >= z {
                     continue;
                 }
-                let row = &mut s[r * BLOCK_K..r * BLOCK_K + w];
+                let row = &mut s[r * FWD_BLOCK_K..r * FWD_BLOCK_K + w];
                 ctx.rules.apply(row, &seg, row0 + r, hq, j0, (a, z), None);
                 for (c, &x) in row.iter().enumerate().take(z).skip(a) {
                     if x == ninf {
