@@ -477,6 +477,10 @@ unsafe fn strip_product<S: Simd, A: Accum, const R: usize>(
     let lanes = A::lanes::<S>();
     let mut j = 0;
     unsafe {
+        while S::WIDE_TILES && j + 4 * lanes <= n {
+            micro::<S, A, R, 4>(k, ap, b.add(j), b_stride, c.add(j), c_stride, accumulate);
+            j += 4 * lanes;
+        }
         while j + 2 * lanes <= n {
             micro::<S, A, R, 2>(k, ap, b.add(j), b_stride, c.add(j), c_stride, accumulate);
             j += 2 * lanes;

@@ -55,6 +55,20 @@ pub(crate) unsafe fn gemm_acc<S: Simd, A: Accum>(
         };
         let c_at = unsafe { c.add(i * c_stride) };
         let mut j = 0;
+        // 32 registers: 4-vector tiles, so a row strip reads B once per 4 vectors of C
+        while S::WIDE_TILES && j + 4 * lanes <= n {
+            unsafe {
+                match rows {
+                    6 => tile::<S, A, 6, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
+                    5 => tile::<S, A, 5, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
+                    4 => tile::<S, A, 4, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
+                    3 => tile::<S, A, 3, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
+                    2 => tile::<S, A, 2, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
+                    _ => tile::<S, A, 1, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
+                }
+            }
+            j += 4 * lanes;
+        }
         while j + 2 * lanes <= n {
             unsafe {
                 match rows {

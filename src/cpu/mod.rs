@@ -132,6 +132,10 @@ pub trait Simd: Copy + 'static {
     type F64: Copy;
     const F32_LANES: usize;
     const F64_LANES: usize;
+    /// Whether register tiles of 6 rows × 4 vectors (24 accumulators, 29 live registers)
+    /// fit the register file: true with 32 vector registers (AVX-512). NEON has 32 too but
+    /// keeps the 6 × 2 tiles until it is measured on such a machine.
+    const WIDE_TILES: bool = false;
     unsafe fn f32_load(p: *const f32) -> Self::F32;
     unsafe fn f32_store(p: *mut f32, v: Self::F32);
     unsafe fn f32_splat(x: f32) -> Self::F32;

@@ -293,6 +293,7 @@ impl Simd for Avx512 {
     type F64 = __m512d;
     const F32_LANES: usize = 16;
     const F64_LANES: usize = 8;
+    const WIDE_TILES: bool = true;
     #[inline(always)]
     unsafe fn f32_load(p: *const f32) -> __m512 {
         unsafe { _mm512_loadu_ps(p) }
