@@ -38,6 +38,7 @@ use super::{
     Sizes, SplitKv,
 };
 use crate::cpu::gemm::{Strided, gemm_acc};
+use crate::cpu::scratch::Scratch;
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element, widened};
 use rayon::prelude::*;
@@ -174,13 +175,13 @@ impl<'a, A: Accum> ScoreRules<'a, A> {
         row[..a].fill(ninf);
         row[z..].fill(ninf);
     }
+}
 
-    /// The visible columns of key block `[j0, j0 + w)` for a row that sees `[lo, hi)`.
-    fn columns(j0: usize, w: usize, (lo, hi): (usize, usize)) -> (usize, usize) {
-        let a = lo.saturating_sub(j0).min(w);
-        let z = hi.saturating_sub(j0).min(w);
-        if a >= z { (0, 0) } else { (a, z) }
-    }
+/// The visible columns of key block `[j0, j0 + w)` for a row that sees `[lo, hi)`.
+fn block_columns(j0: usize, w: usize, (lo, hi): (usize, usize)) -> (usize, usize) {
+    let a = lo.saturating_sub(j0).min(w);
+    let z = hi.saturating_sub(j0).min(w);
+    if a >= z { (0, 0) } else { (a, z) }
 }
 
 /// Rows of a `[B, S, H, X]` tensor in the accumulator type, stored either in that layout or
@@ -225,9 +226,9 @@ fn head_major<E: Element>(
     len: usize,
     heads: usize,
     dim: usize,
-) -> Vec<E::Acc> {
+) -> Scratch<E::Acc> {
     let per = len * dim;
-    let mut out = vec![<E::Acc as Accum>::ZERO; batch * heads * per];
+    let mut out = Scratch::take(batch * heads * per, <E::Acc as Accum>::ZERO);
     if per > 0 {
         out.par_chunks_mut(per).enumerate().for_each(|(bh, part)| {
             let (b, h) = (bh / heads, bh % heads);
@@ -253,9 +254,10 @@ fn panels<E: Element>(
     dim: usize,
     segments: &[Segment],
     block: usize,
-) -> Vec<E::Acc> {
+) -> Scratch<E::Acc> {
     let per = len * dim;
-    let mut out = vec![<E::Acc as Accum>::ZERO; batch * heads * per];
+    // entries outside every segment's key range are never read
+    let mut out = Scratch::take(batch * heads * per, <E::Acc as Accum>::ZERO);
     if per == 0 {
         return out;
     }
@@ -712,19 +714,23 @@ pub(super) fn forward<E: Element>(
     };
     // the split path reads each value row once, in place; the block path reads each value
     // block once per query block, from head-major rows
-    let v = if split {
-        widened(inputs.v)
-    } else {
-        Cow::Owned(head_major(
+    let v_rows = (!split).then(|| {
+        head_major(
             inputs.v,
             shape.batch,
             shape.len_k,
             shape.heads_kv,
             shape.value_dim,
-        ))
+        )
+    });
+    let v_in_place = if split {
+        widened(inputs.v)
+    } else {
+        Cow::Borrowed(&[][..])
     };
+    let v: &[E::Acc] = v_rows.as_deref().unwrap_or(&v_in_place);
     let kt = if split {
-        Vec::new()
+        Scratch::take(0, <E::Acc as Accum>::ZERO)
     } else {
         panels(
             inputs.k,
@@ -832,23 +838,35 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
         while j0 < hi {
             let w = FWD_BLOCK_K.min(seg.k_len - j0);
             let panel = &ctx.kt[panel_at(sh, d, &seg, hk, j0)..];
-            // SAFETY: qbuf is rows × d, the panel d × w, s rows × FWD_BLOCK_K.
-            unsafe {
-                matmul_packed::<S, E::Acc>(
-                    rows,
-                    w,
-                    d,
-                    &qpack,
-                    panel.as_ptr(),
-                    w,
-                    s.as_mut_ptr(),
-                    FWD_BLOCK_K,
-                    false,
-                )
-            };
+            // Each strip of MR rows computes the block's columns up to the last one its rows
+            // see (whole vectors), so a block on a causal or window edge skips the products
+            // of keys past it; the rows' other entries are set by `base2_scores`.
+            for (strip, need) in
+                strip_widths(j0, w, &vis, <E::Acc as Accum>::lanes::<S>()).enumerate()
+            {
+                let r0 = strip * MR;
+                if need == 0 {
+                    continue;
+                }
+                // SAFETY: qpack holds the rows' strips (strip r0 / MR at r0·d), the panel is
+                // d × w with need ≤ w, s rows × FWD_BLOCK_K.
+                unsafe {
+                    matmul_packed::<S, E::Acc>(
+                        MR.min(rows - r0),
+                        need,
+                        d,
+                        &qpack[r0 * d..],
+                        panel.as_ptr(),
+                        w,
+                        s[r0 * FWD_BLOCK_K..].as_mut_ptr(),
+                        FWD_BLOCK_K,
+                        false,
+                    )
+                };
+            }
             for r in 0..rows {
                 let row = &mut s[r * FWD_BLOCK_K..r * FWD_BLOCK_K + w];
-                let cols = ScoreRules::<E::Acc>::columns(j0, w, vis[r]);
+                let cols = block_columns(j0, w, vis[r]);
                 if cols.0 >= cols.1 {
                     row.fill(zero);
                     continue;
@@ -859,26 +877,33 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
                     scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
                 }
             }
-            // SAFETY: s is rows × w (stride FWD_BLOCK_K), the value rows exist, acc is rows × dv.
-            // (P is read in place: its row stride is a constant, so the tile's broadcasts need
-            // no packing.)
-            unsafe {
-                gemm_acc::<S, E::Acc>(
-                    rows,
-                    dv,
-                    w,
-                    Strided {
-                        ptr: s.as_ptr(),
-                        row_stride: FWD_BLOCK_K,
-                        inner_stride: 1,
-                    },
-                    ctx.v.ptr(seg.batch, seg.k_start + j0, hk),
-                    ctx.v.stride(),
-                    acc.as_mut_ptr(),
-                    dv,
-                    false,
-                )
-            };
+            // O += P·V per strip over the keys its rows see (P is 0 past them). P is read in
+            // place: its row stride is a constant, so the tile's broadcasts need no packing.
+            for (strip, need) in strip_widths(j0, w, &vis, 1).enumerate() {
+                let r0 = strip * MR;
+                if need == 0 {
+                    continue;
+                }
+                // SAFETY: s is rows × w (stride FWD_BLOCK_K), need ≤ w value rows exist, acc
+                // is rows × dv.
+                unsafe {
+                    gemm_acc::<S, E::Acc>(
+                        MR.min(rows - r0),
+                        dv,
+                        need,
+                        Strided {
+                            ptr: s[r0 * FWD_BLOCK_K..].as_ptr(),
+                            row_stride: FWD_BLOCK_K,
+                            inner_stride: 1,
+                        },
+                        ctx.v.ptr(seg.batch, seg.k_start + j0, hk),
+                        ctx.v.stride(),
+                        acc[r0 * dv..].as_mut_ptr(),
+                        dv,
+                        false,
+                    )
+                };
+            }
             j0 += w;
         }
         for r in 0..rows {
@@ -924,6 +949,25 @@ fn union(vis: &[(usize, usize)]) -> (usize, usize) {
         }
     }
     if lo >= hi { (0, 0) } else { (lo, hi) }
+}
+
+/// For each strip of MR rows, the columns of key block `[j0, j0 + w)` its product must
+/// cover: up to the last one any of its rows sees, rounded up to a multiple of `round` (at
+/// most w), or 0 when its rows see none.
+fn strip_widths(
+    j0: usize,
+    w: usize,
+    vis: &[(usize, usize)],
+    round: usize,
+) -> impl Iterator<Item = usize> + '_ {
+    vis.chunks(MR).map(move |strip| {
+        let end = strip
+            .iter()
+            .map(|&v| block_columns(j0, w, v).1)
+            .max()
+            .unwrap_or(0);
+        end.next_multiple_of(round).min(w)
+    })
 }
 
 /// Rows row0.. of (seg, head hq) of q, times `scale`, as `[rows × D]`.
@@ -1100,10 +1144,7 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
         let mut j0 = keys.0;
         while j0 < keys.1 {
             let w = DECODE_BLOCK.min(keys.1 - j0);
-            let cols: Vec<(usize, usize)> = vis
-                .iter()
-                .map(|&v| ScoreRules::<E::Acc>::columns(j0, w, v))
-                .collect();
+            let cols: Vec<(usize, usize)> = vis.iter().map(|&v| block_columns(j0, w, v)).collect();
             if cols.iter().all(|c| c.0 >= c.1) {
                 j0 += w;
                 continue;
@@ -1493,7 +1534,7 @@ impl<E: Element> Backward<'_, E> {
         let lse_at = (seg.batch * sh.heads_q + hq) * sh.len_q + seg.q_start + row0;
         let cols: Vec<(usize, usize)> = (0..rows)
             .map(|r| {
-                let c = ScoreRules::<E::Acc>::columns(j0, w, self.rules.visible(seg, row0 + r));
+                let c = block_columns(j0, w, self.rules.visible(seg, row0 + r));
                 if self.lse[lse_at + r] == ninf {
                     (0, 0)
                 } else {
@@ -1630,7 +1671,7 @@ impl<E: Element> Backward<'_, E> {
             while row0 < seg.q_len {
                 let rows = BLOCK_Q.min(seg.q_len - row0);
                 let sees = (0..rows).any(|r| {
-                    let c = ScoreRules::<E::Acc>::columns(j0, w, self.rules.visible(seg, row0 + r));
+                    let c = block_columns(j0, w, self.rules.visible(seg, row0 + r));
                     c.0 < c.1
                 });
                 if sees && self.probs_and_ds::<S>(si, seg, hq, row0, rows, j0, w, p, ds, capd) {
@@ -2000,7 +2041,7 @@ impl<E: Element> SimdKernel for TopBlock<'_, E> {
                 )
             };
             for (r, list) in lists.iter_mut().enumerate() {
-                let (a, z) = ScoreRules::<E::Acc>::columns(j0, w, vis[r]);
+                let (a, z) = block_columns(j0, w, vis[r]);
                 if a >= z {
                     continue;
                 }

@@ -11,6 +11,7 @@ pub(crate) mod gemm;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod scalar;
+pub(crate) mod scratch;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
