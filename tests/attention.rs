@@ -263,6 +263,58 @@ fn every_isa_matches_naive() {
     }
 }
 
+/// Scores that rise along the keys, slowly (the running max is held: every block stays
+/// within 2^8 of it) and in jumps (it moves, and the accumulator is rescaled), then fall, over
+/// several key blocks; against the float64 naive on every ISA, f32 and f64.
+#[test]
+fn rising_and_falling_scores_keep_the_softmax_exact() {
+    fn run<E: Element>(isa: Isa, slope: f64, c: &Config) {
+        let mut x = draw::<E>(c, 7);
+        // q = 1/D in every lane; key j scores ~ slope·f(j) plus a small ripple
+        for v in x.q.iter_mut() {
+            *v = E::from_f64(1.0 / c.d as f64);
+        }
+        let shape = (c.sk, c.hk, c.d);
+        for j in 0..shape.0 {
+            let rise = if j < 600 { j as f64 } else { 1200.0 - j as f64 };
+            for h in 0..shape.1 {
+                for e in 0..shape.2 {
+                    let ripple = ((j * 7 + e * 3) % 11) as f64 * 0.01;
+                    x.k[(j * shape.1 + h) * shape.2 + e] = E::from_f64(slope * rise + ripple);
+                }
+            }
+        }
+        let want = naive(c, &x);
+        let (o, lse) = attention::forward_on(isa, &c.params, c.shape(), &x.inputs(c)).unwrap();
+        let (rtol, atol) = tol::<E>(false);
+        let what = format!("{isa:?} {} slope {slope}", E::DTYPE);
+        assert_close(
+            &format!("o {what}"),
+            &f64s(&o, E::to_f64),
+            &want.o,
+            rtol,
+            atol,
+        );
+        let lse = f64s(&lse, |v: E::Acc| v.to_f64());
+        assert_close(&format!("lse {what}"), &lse, &want.lse, rtol, atol);
+    }
+    // scale = 1/sqrt(D) = 1/4; per key the score moves by slope/4 (natural units): 0.002
+    // keeps every 128-key block within 2^8 of the running max, 0.5 moves it every block
+    // (up to ~75 natural units; larger slopes test f32 rounding of the scores, not the max,
+    // so the steepest runs in f64)
+    let c = config(1, 13, 900, 2, 1, 16, 20);
+    for isa in Isa::available() {
+        for slope in [0.002, 0.05, 0.5] {
+            run::<f32>(isa, slope, &c);
+            run::<f64>(isa, slope, &c);
+        }
+        // past 2^1023 over the keys: overflows unless the max moves
+        run::<f64>(isa, 8.0, &c);
+        let causal = config(1, 13, 900, 2, 1, 16, 20).with(AttentionParams::new().causal(true));
+        run::<f32>(isa, 0.5, &causal);
+    }
+}
+
 #[test]
 fn every_isa_agrees_with_scalar() {
     let c = config(1, 70, 131, 4, 2, 32, 24)
