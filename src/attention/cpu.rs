@@ -620,7 +620,10 @@ fn at_most<S: Simd, A: Accum>(x: &[A], bound: A) -> bool {
         }
         A::vmask_gt::<S>(top, A::vsplat::<S>(bound)) == 0
     };
-    vector_ok && tail.iter().all(|v| !(*v > bound))
+    vector_ok
+        && tail
+            .iter()
+            .all(|v| v.partial_cmp(&bound) != Some(std::cmp::Ordering::Greater))
 }
 
 /// x = 2^(x − m) in place and l = alpha·l + x, lane by lane: vector lane i adds into l[i],
@@ -756,7 +759,7 @@ pub(super) fn forward<E: Element>(
         k: inputs.k,
         kt: &kt,
         v: Rows {
-            data: &v,
+            data: v,
             len: shape.len_k,
             heads: shape.heads_kv,
             dim: shape.value_dim,
