@@ -1,17 +1,22 @@
 //! The CPU kernels of the attention family.
 //!
 //! Plan (FlashAttention-2 on cache-resident blocks):
-//! - Keys are transposed once per (batch, KV head) into panels of FWD_BLOCK_K keys (`[D × w]`,
-//!   contiguous, in the accumulator type); each query block is packed once into 6-row strips
-//!   (`pack_rows`), so a score tile S = Q·Kᵀ is one register-tiled product
-//!   (`matmul_packed`: 6 rows × 2 vectors, broadcasts from consecutive addresses). Values are
-//!   copied once to head-major rows (each head's rows contiguous) in the accumulator type.
+//! - Keys are transposed once per (batch, KV head) into panels of FWD_BLOCK_K keys (BLOCK_K
+//!   for the backward; `[D × w]`, contiguous, in the accumulator type); each query block is
+//!   packed once into 6-row strips (`pack_rows`), so a score tile S = Q·Kᵀ is one
+//!   register-tiled product (`matmul_packed`: 6 rows × 2 vectors, × 4 with 32 registers;
+//!   broadcasts from consecutive addresses). Values are copied once to head-major rows (each
+//!   head's rows contiguous) in the accumulator type. These copies come from the per-thread
+//!   pool of `cpu::scratch`, so repeated calls do not fault their pages in again.
 //! - Forward: a task owns (sequence, query head, block of BLOCK_Q rows) and walks only the
 //!   key blocks some row of it can see (causal/window masks are per-row key intervals, so
-//!   masked-out blocks are skipped entirely); per row an online softmax (running max m and
-//!   sum l, on base-2 scores log2(e)·s so the exponentials are `exp2`), then O += P·V
-//!   (`cpu::gemm::gemm_acc`, P read in place at a constant stride). o = O / l,
-//!   lse = ln2·m + ln l; a row that saw no key gives o = 0, lse = −inf.
+//!   masked-out blocks are skipped entirely, and on an edge block each 6-row strip stops its
+//!   products at the last key its rows see); per row an online softmax on base-2 scores
+//!   log2(e)·s (exponentials are `exp2`), its running max m held while a block stays within
+//!   2^MAX_SLACK of it (vector compares, no horizontal max or rescale) and its sum l kept as
+//!   per-lane partial sums; then O += P·V (`cpu::gemm::gemm_acc`, P read in place at a
+//!   constant stride). o = O / l, lse = ln2·m + ln l; a row that saw no key gives o = 0,
+//!   lse = −inf.
 //! - Decode (split-KV): a task owns (sequence, chunk of SPLIT_CHUNK keys) and every query row
 //!   of every head; block by block it copies the K and V rows of all KV heads in memory order
 //!   (each key is read from memory once, front to back), scores by dot products, and keeps
