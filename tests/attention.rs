@@ -188,19 +188,24 @@ fn forward_vs_naive<E: Element>(isa: Isa) {
     for (n, c) in configs().iter().enumerate() {
         let x = draw::<E>(c, 100 + n as u64);
         let want = naive(c, &x);
-        let (o, lse) = attention::forward_on(isa, &c.params, c.shape(), &x.inputs(c)).unwrap();
-        let (rtol, atol) = tol::<E>(false);
         let what = format!("{:?} {} config {n} {c:?}", isa, E::DTYPE);
-        assert_close(
-            &format!("o {what}"),
-            &f64s(&o, E::to_f64),
-            &want.o,
-            rtol,
-            atol,
-        );
-        let lse = f64s(&lse, |v: E::Acc| v.to_f64());
-        assert_close(&format!("lse {what}"), &lse, &want.lse, rtol, atol);
+        assert_forward_close(isa, c, &x, &want, &what);
     }
+}
+
+/// The forward on `isa` against the naive o and lse, at the dtype's tolerance.
+fn assert_forward_close<E: Element>(isa: Isa, c: &Config, x: &Data<E>, want: &Naive, what: &str) {
+    let (o, lse) = attention::forward_on(isa, &c.params, c.shape(), &x.inputs(c)).unwrap();
+    let (rtol, atol) = tol::<E>(false);
+    assert_close(
+        &format!("o {what}"),
+        &f64s(&o, E::to_f64),
+        &want.o,
+        rtol,
+        atol,
+    );
+    let lse = f64s(&lse, |v: E::Acc| v.to_f64());
+    assert_close(&format!("lse {what}"), &lse, &want.lse, rtol, atol);
 }
 
 #[test]
@@ -284,19 +289,8 @@ fn rising_and_falling_scores_keep_the_softmax_exact() {
                 }
             }
         }
-        let want = naive(c, &x);
-        let (o, lse) = attention::forward_on(isa, &c.params, c.shape(), &x.inputs(c)).unwrap();
-        let (rtol, atol) = tol::<E>(false);
         let what = format!("{isa:?} {} slope {slope}", E::DTYPE);
-        assert_close(
-            &format!("o {what}"),
-            &f64s(&o, E::to_f64),
-            &want.o,
-            rtol,
-            atol,
-        );
-        let lse = f64s(&lse, |v: E::Acc| v.to_f64());
-        assert_close(&format!("lse {what}"), &lse, &want.lse, rtol, atol);
+        assert_forward_close(isa, c, &x, &naive(c, &x), &what);
     }
     // scale = 1/sqrt(D) = 1/4; per key the score moves by slope/4 (natural units): 0.002
     // keeps every 128-key block within 2^8 of the running max, 0.5 moves it every block

@@ -58,41 +58,20 @@ pub(crate) unsafe fn gemm_acc<S: Simd, A: Accum>(
         // 32 registers: 4-vector tiles, so a row strip reads B once per 4 vectors of C
         while S::WIDE_TILES && j + 4 * lanes <= n {
             unsafe {
-                match rows {
-                    6 => tile::<S, A, 6, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    5 => tile::<S, A, 5, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    4 => tile::<S, A, 4, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    3 => tile::<S, A, 3, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    2 => tile::<S, A, 2, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    _ => tile::<S, A, 1, 4>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                }
-            }
+                tile_rows::<S, A, 4>(rows, kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride)
+            };
             j += 4 * lanes;
         }
         while j + 2 * lanes <= n {
             unsafe {
-                match rows {
-                    6 => tile::<S, A, 6, 2>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    5 => tile::<S, A, 5, 2>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    4 => tile::<S, A, 4, 2>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    3 => tile::<S, A, 3, 2>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    2 => tile::<S, A, 2, 2>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    _ => tile::<S, A, 1, 2>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                }
-            }
+                tile_rows::<S, A, 2>(rows, kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride)
+            };
             j += 2 * lanes;
         }
         if j + lanes <= n {
             unsafe {
-                match rows {
-                    6 => tile::<S, A, 6, 1>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    5 => tile::<S, A, 5, 1>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    4 => tile::<S, A, 4, 1>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    3 => tile::<S, A, 3, 1>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    2 => tile::<S, A, 2, 1>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                    _ => tile::<S, A, 1, 1>(kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride),
-                }
-            }
+                tile_rows::<S, A, 1>(rows, kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride)
+            };
             j += lanes;
         }
         // columns past the last whole vector, one at a time (same order over p)
@@ -110,6 +89,30 @@ pub(crate) unsafe fn gemm_acc<S: Simd, A: Accum>(
             }
         }
         i += rows;
+    }
+}
+
+/// [`tile`] for a strip of `rows` (1..=6) rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_rows<S: Simd, A: Accum, const NV: usize>(
+    rows: usize,
+    k: usize,
+    a: Strided<A>,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+) {
+    unsafe {
+        match rows {
+            6 => tile::<S, A, 6, NV>(k, a, b, b_stride, c, c_stride),
+            5 => tile::<S, A, 5, NV>(k, a, b, b_stride, c, c_stride),
+            4 => tile::<S, A, 4, NV>(k, a, b, b_stride, c, c_stride),
+            3 => tile::<S, A, 3, NV>(k, a, b, b_stride, c, c_stride),
+            2 => tile::<S, A, 2, NV>(k, a, b, b_stride, c, c_stride),
+            _ => tile::<S, A, 1, NV>(k, a, b, b_stride, c, c_stride),
+        }
     }
 }
 
