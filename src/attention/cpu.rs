@@ -47,7 +47,6 @@ use crate::cpu::scratch::Scratch;
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element, widened};
 use rayon::prelude::*;
-use std::borrow::Cow;
 
 /// Query rows per block: ten register tiles of 6 rows.
 const BLOCK_Q: usize = 60;
@@ -303,29 +302,36 @@ unsafe fn hsum<S: Simd, A: Accum>(v: A::V<S>) -> A {
     buf[..A::lanes::<S>()].iter().fold(A::ZERO, |s, x| s + *x)
 }
 
+/// The lane-wise maximum of x's whole vectors (−inf lanes when there are none) and the
+/// maximum of the values past them (−inf when none). NaN never wins a comparison here.
 #[inline(always)]
-fn row_max<S: Simd, A: Accum>(x: &[A]) -> A {
-    let lanes = A::lanes::<S>();
-    let mut best = neg_inf::<A>();
-    let chunks = x.chunks_exact(lanes);
-    let tail = chunks.remainder();
-    if x.len() >= lanes {
-        // SAFETY: each chunk holds `lanes` values.
-        unsafe {
-            let mut m = A::vsplat::<S>(best);
-            for c in chunks {
-                m = A::vmax::<S>(m, A::vload::<S>(c.as_ptr()));
-            }
-            let mut buf = [best; 16];
-            A::vstore::<S>(buf.as_mut_ptr(), m);
-            for v in &buf[..lanes] {
-                if *v > best {
-                    best = *v;
-                }
-            }
+fn split_max<S: Simd, A: Accum>(x: &[A]) -> (A::V<S>, A) {
+    let chunks = x.chunks_exact(A::lanes::<S>());
+    let mut tail_max = neg_inf::<A>();
+    for v in chunks.remainder() {
+        if *v > tail_max {
+            tail_max = *v;
         }
     }
-    for v in tail {
+    // SAFETY: each chunk holds `lanes` values.
+    let top = unsafe {
+        let mut top = A::vsplat::<S>(neg_inf::<A>());
+        for c in chunks {
+            top = A::vmax::<S>(top, A::vload::<S>(c.as_ptr()));
+        }
+        top
+    };
+    (top, tail_max)
+}
+
+/// The largest lane of `top` and `rest`.
+#[inline(always)]
+fn lanes_max<S: Simd, A: Accum>(top: A::V<S>, rest: A) -> A {
+    let mut buf = [neg_inf::<A>(); 16];
+    // SAFETY: buf holds 16 values, the most lanes of any ISA.
+    unsafe { A::vstore::<S>(buf.as_mut_ptr(), top) };
+    let mut best = rest;
+    for v in &buf[..A::lanes::<S>()] {
         if *v > best {
             best = *v;
         }
@@ -577,15 +583,19 @@ fn online_step<S: Simd, A: Accum>(
     m: &mut A,
     l: &mut [A; L_LANES],
 ) -> A {
-    if *m != neg_inf::<A>() && at_most::<S, A>(&row[a..z], *m + A::from_f64(MAX_SLACK)) {
-        // m stays (p ≤ 2^MAX_SLACK): no horizontal max, no rescale of the accumulator
-        exp2_into_sums::<S, A>(&mut row[a..z], *m, A::ONE, l);
-        row[..a].fill(A::ZERO);
-        row[z..].fill(A::ZERO);
-        return A::ONE;
-    }
-    let block_max = row_max::<S, A>(&row[a..z]);
-    let m_new = if block_max > *m { block_max } else { *m };
+    let (top, tail_max) = split_max::<S, A>(&row[a..z]);
+    let bound = *m + A::from_f64(MAX_SLACK);
+    let held = *m != neg_inf::<A>()
+        // SAFETY: vector compare of two register values.
+        && unsafe { A::vmask_gt::<S>(top, A::vsplat::<S>(bound)) } == 0
+        && tail_max <= bound;
+    // held: m stays (p ≤ 2^MAX_SLACK), no horizontal max, alpha = 1 (no rescale)
+    let m_new = if held {
+        *m
+    } else {
+        let block_max = lanes_max::<S, A>(top, tail_max);
+        if block_max > *m { block_max } else { *m }
+    };
     if m_new == neg_inf::<A>() {
         // nothing finite yet (a bias of −inf): the row contributes nothing
         row.fill(A::ZERO);
@@ -608,28 +618,9 @@ fn online_step<S: Simd, A: Accum>(
 /// How far (base 2) a block's scores may rise above a row's running max m before m moves.
 /// The softmax is exact for any m (o = Σ 2^(s−m)·v / Σ 2^(s−m), lse = ln2·m + ln l), so m
 /// only has to keep 2^(s − m) finite: with m held while every score is ≤ m + 8, p ≤ 256,
-/// and a block proves that with vector compares alone (no horizontal max, no rescale).
+/// and a block proves that with vector compares alone (no horizontal max, no rescale). NaN
+/// scores do not move m; they propagate to o either way.
 const MAX_SLACK: f64 = 8.0;
-
-/// Whether every value of x is ≤ `bound` (NaN counts as ≤: it propagates to o either way).
-#[inline(always)]
-fn at_most<S: Simd, A: Accum>(x: &[A], bound: A) -> bool {
-    let lanes = A::lanes::<S>();
-    let chunks = x.chunks_exact(lanes);
-    let tail = chunks.remainder();
-    // SAFETY: each chunk holds `lanes` values.
-    let vector_ok = unsafe {
-        let mut top = A::vsplat::<S>(neg_inf::<A>());
-        for c in chunks {
-            top = A::vmax::<S>(top, A::vload::<S>(c.as_ptr()));
-        }
-        A::vmask_gt::<S>(top, A::vsplat::<S>(bound)) == 0
-    };
-    vector_ok
-        && tail
-            .iter()
-            .all(|v| v.partial_cmp(&bound) != Some(std::cmp::Ordering::Greater))
-}
 
 /// x = 2^(x − m) in place and l = alpha·l + x, lane by lane: vector lane i adds into l[i],
 /// the i-th value past the last whole vector too.
@@ -722,25 +713,19 @@ pub(super) fn forward<E: Element>(
     };
     // the split path reads each value row once, in place; the block path reads each value
     // block once per query block, from head-major rows
-    let v_rows = (!split).then(|| {
-        head_major(
+    let (v_rows, v_wide, kt_panels);
+    let (v, kt): (&[E::Acc], &[E::Acc]) = if split {
+        v_wide = widened(inputs.v);
+        (&v_wide, &[])
+    } else {
+        v_rows = head_major(
             inputs.v,
             shape.batch,
             shape.len_k,
             shape.heads_kv,
             shape.value_dim,
-        )
-    });
-    let v_in_place = if split {
-        widened(inputs.v)
-    } else {
-        Cow::Borrowed(&[][..])
-    };
-    let v: &[E::Acc] = v_rows.as_deref().unwrap_or(&v_in_place);
-    let kt = if split {
-        Scratch::take(0, <E::Acc as Accum>::ZERO)
-    } else {
-        panels(
+        );
+        kt_panels = panels(
             inputs.k,
             shape.batch,
             shape.len_k,
@@ -748,7 +733,8 @@ pub(super) fn forward<E: Element>(
             shape.head_dim,
             segments,
             FWD_BLOCK_K,
-        )
+        );
+        (&v_rows, &kt_panels)
     };
     let rules = ScoreRules::new(params, shape, inputs);
     let query_factor = if rules.has_terms() {
@@ -762,7 +748,7 @@ pub(super) fn forward<E: Element>(
         scale: E::Acc::from_f64(query_factor),
         q: inputs.q,
         k: inputs.k,
-        kt: &kt,
+        kt,
         v: Rows {
             data: v,
             len: shape.len_k,

@@ -32,7 +32,14 @@ impl<A: Copy + 'static> Scratch<A> {
     pub(crate) fn take(len: usize, fill: A) -> Self {
         let reused = POOL.with(|pool| {
             let mut pool = pool.borrow_mut();
-            let at = pool.buffers.iter().position(|b| b.is::<Vec<A>>())?;
+            // the smallest buffer that holds len values, else the largest (grown once): calls
+            // that take buffers of several sizes then keep getting the same ones back
+            let ours = || {
+                (pool.buffers.iter().enumerate())
+                    .filter_map(|(i, b)| b.downcast_ref::<Vec<A>>().map(|v| (i, v.capacity())))
+            };
+            let fits = ours().filter(|&(_, c)| c >= len).min_by_key(|&(_, c)| c);
+            let (at, _) = fits.or_else(|| ours().max_by_key(|&(_, c)| c))?;
             let buf = pool.buffers.swap_remove(at).downcast::<Vec<A>>().ok()?;
             pool.bytes -= buf.capacity() * size_of::<A>();
             Some(*buf)
@@ -103,5 +110,28 @@ mod tests {
         let huge = Scratch::<u8>::take(KEEP_BYTES + 1, 0);
         drop(huge);
         POOL.with(|p| assert!(p.borrow().bytes <= KEEP_BYTES));
+    }
+
+    #[test]
+    fn the_smallest_buffer_that_fits_is_taken() {
+        let (small, big) = (
+            Scratch::<f32>::take(1000, 0.0),
+            Scratch::<f32>::take(5000, 0.0),
+        );
+        let (small_at, big_at) = (small.as_ptr(), big.as_ptr());
+        drop((big, small)); // pool order: the 5000 buffer first
+        let a = Scratch::<f32>::take(500, 0.0);
+        assert_eq!(a.as_ptr(), small_at);
+        drop(a);
+        let b = Scratch::<f32>::take(4000, 0.0);
+        assert_eq!(b.as_ptr(), big_at);
+        // none fits: the largest is taken and grown
+        let c = Scratch::<f32>::take(800, 0.0);
+        assert_eq!(c.as_ptr(), small_at);
+        drop(c);
+        drop(b);
+        let d = Scratch::<f32>::take(6000, 0.0);
+        assert_eq!(d.len(), 6000);
+        POOL.with(|p| assert_eq!(p.borrow().buffers.len(), 1));
     }
 }
