@@ -205,7 +205,7 @@ impl<E: Element> Sae<E> {
 }
 
 const SHAPES: &[(usize, usize, usize, usize)] = &[
-    // (B, Dm, L, k): B = 1, k = 1, k = L, L not a multiple of 6 or 512, Dm odd, many rows
+    // (B, Dm, L, k): B = 1, k = 1, k = L, L not a multiple of 6, 12 or 512, Dm odd, many rows
     (1, 8, 20, 1),
     (3, 16, 37, 37),
     (5, 13, 257, 16),

@@ -5,19 +5,22 @@
 //! Plan. A task owns a range of rows and a chunk of latents. The rows of a group (up to
 //! `PACK_BYTES` of them) are packed once, before the tasks, into panels laid out [d][row]
 //! (two vectors of rows per step of d, zero rows past the end) that every latent chunk's task
-//! reads, so one step of the dot product loads two vectors of rows and
-//! broadcasts one weight per latent. The register tile is 6 latents × 2 vectors of rows
-//! (12 accumulators) over the whole model dimension: the scores are born in registers,
-//! scaled and shifted there, and compared in one vector compare per 8 (AVX2) rows against
-//! the rows' current thresholds; only lanes that pass leave the registers (for top-k, after
-//! the first 2k latents of a row, a small fraction). Rows are the vector lanes, so the
-//! threshold vector is simply the rows' thresholds loaded side by side.
+//! reads; the task packs its chunk's weights into tiles laid out [d][latent of tile]. One
+//! step of the dot product loads two vectors of rows and broadcasts one adjacent weight per
+//! latent. The register tile is 12 latents × 2 vectors of rows on AVX-512 (24 of its 32
+//! registers), 6 × 2 elsewhere: the scores are born in registers, scaled and shifted there,
+//! and compared in one vector compare per vector of rows against the rows' current
+//! thresholds; only lanes that pass leave the registers (for top-k, after the first 2k
+//! latents of a row, a small fraction). Rows are the vector lanes, so the threshold vector is
+//! simply the rows' thresholds loaded side by side.
 //!
-//! Cache use: a block of 4 panels (64 rows × Dm on AVX2; 196 KiB at Dm 768) stays in L2
-//! while a task walks its latent chunk; the chunk (512 latents, widened once per task) is
-//! re-read from L3 once per row block; the 6 weight rows of a tile sit in L1. Bound: the
+//! Cache use: for one panel, d runs in steps whose slice of the panel (`PANEL_STEP_BYTES`)
+//! stays in L1 while every tile of the chunk passes over it, the weights streaming from L2
+//! (the chunk, 512 latents × Dm, 1.5 MiB at Dm 768 f32, is packed once per task); between
+//! steps a tile's partial sums wait in a buffer of MR × 2 vectors per tile. Bound: the
 //! 2·B·L·Dm multiply-adds (FMA throughput), with memory traffic O(B·Dm·L/512 + L·Dm) and
-//! extra memory O(group × Dm) for the packed rows (at most `PACK_BYTES`).
+//! extra memory O(group × Dm) for the packed rows (at most `PACK_BYTES`) plus one packed
+//! chunk per thread.
 //!
 //! Determinism: every score is the same sequential sum over d whatever the task split, and
 //! the selection is exact under a total order (see `select`), so results do not depend on
@@ -30,10 +33,6 @@ use rayon::prelude::*;
 
 /// Latents per task chunk (widened once per task; re-read from L3 once per row block).
 const LATENT_CHUNK: usize = 512;
-/// Latents per register tile.
-const TILE_LATENTS: usize = 6;
-/// Panels (of two vectors of rows) per row block.
-const PANELS_PER_BLOCK: usize = 4;
 /// Bound on a group's packed rows: a group is packed once and shared by every latent chunk
 /// (packed again per chunk, as before, the packing took ~8% of the time: a transposing copy
 /// runs far slower per element than the FMA tiles).
@@ -75,18 +74,21 @@ impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
             return out;
         }
         let panel_rows = dispatch(isa, PanelRows::<W::Acc>(std::marker::PhantomData));
-        let block_rows = PANELS_PER_BLOCK * panel_rows;
         if chunks >= 2 * threads || rows < 256 {
             // Many latents: each group of rows is packed once, then one parallel fold over
             // latent chunks.
             let fit = PACK_BYTES / (self.dm.max(1) * std::mem::size_of::<W::Acc>());
-            let group = fit.clamp(block_rows, 8192) / block_rows * block_rows;
+            let group = fit.clamp(panel_rows, 8192) / panel_rows * panel_rows;
             for (g, out_group) in out.chunks_mut(group).enumerate() {
                 let r0 = g * group;
                 let r1 = r0 + out_group.len();
                 let panels = self.pack(r0..r1, panel_rows);
                 let sink = (0..chunks)
                     .into_par_iter()
+                    // every piece of the fold starts its own lists, which admit far more
+                    // candidates than lists warmed over earlier chunks: at most two pieces
+                    // per thread (rayon would split far finer)
+                    .with_min_len(chunks.div_ceil(2 * threads))
                     .fold(
                         || Sink::new(collect, r1 - r0),
                         |mut sink, c| {
@@ -108,7 +110,7 @@ impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
             let group = rows
                 .div_ceil(4 * threads)
                 .max(64)
-                .next_multiple_of(block_rows);
+                .next_multiple_of(panel_rows);
             out.par_chunks_mut(group)
                 .enumerate()
                 .for_each(|(g, out_group)| {
@@ -246,69 +248,161 @@ impl<X: Element<Acc = W::Acc>, W: Element> SimdKernel for Task<'_, '_, '_, X, W>
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
+        // 12 latents × 2 vectors = 24 accumulators of AVX-512's 32 registers; 6 × 2 of 16
+        if S::WIDE_TILES {
+            self.tiles::<S, 12>()
+        } else {
+            self.tiles::<S, 6>()
+        }
+    }
+}
+
+impl<X: Element<Acc = W::Acc>, W: Element> Task<'_, '_, '_, X, W> {
+    /// The task on tiles of `MR` latents × one panel.
+    #[inline(always)]
+    fn tiles<S: Simd, const MR: usize>(self) {
         let enc = self.enc;
         let dm = enc.dm;
-        let lanes = W::Acc::lanes::<S>();
-        let panel_rows = 2 * lanes;
-        let block_rows = PANELS_PER_BLOCK * panel_rows;
+        let panel_rows = 2 * W::Acc::lanes::<S>();
         let l0 = self.chunk * LATENT_CHUNK;
         let l1 = (l0 + LATENT_CHUNK).min(enc.latents);
-        let widen = |w: &[W]| w.iter().map(|v| v.to_acc()).collect::<Vec<W::Acc>>();
-        let weights = widen(&enc.w[l0 * dm..l1 * dm]);
+        let tiles = (l1 - l0).div_ceil(MR);
+        let weights = pack_tiles::<W, MR>(&enc.w[l0 * dm..l1 * dm], dm, tiles);
         let one = W::Acc::ONE;
         let scale: Vec<W::Acc> = enc.scale.map_or(vec![one; l1 - l0], |s| s[l0..l1].to_vec());
         let shift: Vec<W::Acc> = enc
             .shift
             .map_or(vec![W::Acc::ZERO; l1 - l0], |s| s[l0..l1].to_vec());
-        let mut thresholds = vec![W::Acc::ZERO; block_rows];
-        let mut r = self.rows.start;
-        while r < self.rows.end {
-            let n_rows = (self.rows.end - r).min(block_rows);
-            let n_panels = n_rows.div_ceil(panel_rows);
-            let local0 = r - self.rows.start;
-            // this block's panels (block_rows is a multiple of panel_rows)
-            let panels = &self.panels[local0 * dm..];
-            let mut t = 0;
-            while t < l1 - l0 {
-                let tile = (l1 - l0 - t).min(TILE_LATENTS);
-                for p in 0..n_panels {
-                    let row0 = p * panel_rows;
-                    let valid = (n_rows - row0).min(panel_rows);
-                    let ctx = TileCtx {
-                        dm,
-                        w: weights[t * dm..].as_ptr(),
-                        panel: panels[p * panel_rows * dm..].as_ptr(),
-                        latent0: (l0 + t) as u32,
-                        scale: &scale[t..t + tile],
-                        shift: &shift[t..t + tile],
-                        valid,
-                        row0: local0 + row0,
-                    };
-                    // SAFETY: `weights` holds `tile` rows of dm from t, the panel 2·lanes·dm
-                    // values; the sink has a list per row of the range (row0 + valid <= len).
-                    unsafe {
-                        match tile {
-                            6 => tile_run::<S, W::Acc, 6>(&ctx, self.sink, &mut thresholds),
-                            5 => tile_run::<S, W::Acc, 5>(&ctx, self.sink, &mut thresholds),
-                            4 => tile_run::<S, W::Acc, 4>(&ctx, self.sink, &mut thresholds),
-                            3 => tile_run::<S, W::Acc, 3>(&ctx, self.sink, &mut thresholds),
-                            2 => tile_run::<S, W::Acc, 2>(&ctx, self.sink, &mut thresholds),
-                            _ => tile_run::<S, W::Acc, 1>(&ctx, self.sink, &mut thresholds),
-                        }
-                    }
+        // dm in steps whose slice of a panel stays in L1 while every tile of the chunk
+        // passes over it; the partial scores wait in `partial` between steps
+        let step_max = (PANEL_STEP_BYTES / (panel_rows * std::mem::size_of::<W::Acc>())).max(1);
+        let step = dm.div_ceil(dm.div_ceil(step_max).max(1)).max(1);
+        let mut partial = vec![W::Acc::ZERO; tiles * MR * panel_rows];
+        let mut thresholds = vec![W::Acc::ZERO; panel_rows];
+        let n_rows = self.rows.len();
+        for p in 0..n_rows.div_ceil(panel_rows) {
+            let row0 = p * panel_rows;
+            let valid = (n_rows - row0).min(panel_rows);
+            if let Collect::TopK { .. } = self.sink.collect {
+                // the rows' thresholds, side by side as the lanes
+                let lists = &self.sink.lists[row0..row0 + valid];
+                for (t, list) in thresholds.iter_mut().zip(lists) {
+                    *t = list.threshold();
                 }
-                t += tile;
             }
-            r += n_rows;
+            let panel = &self.panels[row0 * dm..(row0 + panel_rows) * dm];
+            let mut d0 = 0;
+            while d0 < dm {
+                let d1 = (d0 + step).min(dm);
+                for t in 0..tiles {
+                    let part = &mut partial[t * MR * panel_rows..(t + 1) * MR * panel_rows];
+                    let w = &weights[(t * dm + d0) * MR..(t * dm + d1) * MR];
+                    // SAFETY: `w` holds MR weights per step of d0..d1, the panel's slice two
+                    // vectors of rows per step, `part` MR × two vectors.
+                    let acc = unsafe {
+                        product::<S, W::Acc, MR>(
+                            w,
+                            &panel[d0 * panel_rows..],
+                            d1 - d0,
+                            part,
+                            d0 == 0,
+                        )
+                    };
+                    if d1 < dm {
+                        // SAFETY: `part` holds MR × two vectors
+                        unsafe { store_tile::<S, W::Acc, MR>(acc, part) };
+                        continue;
+                    }
+                    let latents = (l1 - l0 - t * MR).min(MR);
+                    let ctx = TileCtx {
+                        latent0: (l0 + t * MR) as u32,
+                        scale: &scale[t * MR..t * MR + latents],
+                        shift: &shift[t * MR..t * MR + latents],
+                        valid,
+                        row0,
+                    };
+                    // SAFETY: the sink has a list per row of the range (row0 + valid <= len)
+                    unsafe {
+                        collect_tile::<S, W::Acc, MR>(&acc, &ctx, self.sink, &mut thresholds)
+                    };
+                }
+                d0 = d1;
+            }
+        }
+    }
+}
+
+/// A panel's slice of d stays in L1 up to this size while a chunk's tiles pass over it.
+const PANEL_STEP_BYTES: usize = 24 << 10;
+
+/// Latent rows `w [n, dm]`, widened, as `tiles` tiles laid out [tile][d][latent of tile]
+/// (latents past `n` are zero), so a step of d reads MR adjacent weights.
+fn pack_tiles<W: Element, const MR: usize>(w: &[W], dm: usize, tiles: usize) -> Vec<W::Acc> {
+    let mut packed = vec![W::Acc::ZERO; tiles * dm * MR];
+    for (l, row) in w.chunks_exact(dm).enumerate() {
+        let tile = &mut packed[(l / MR) * dm * MR..];
+        for (d, v) in row.iter().enumerate() {
+            tile[d * MR + l % MR] = v.to_acc();
+        }
+    }
+    packed
+}
+
+/// MR latents × two vectors of rows over `steps` steps of d, starting from zero (`fresh`)
+/// or from the partial sums in `part`.
+///
+/// # Safety
+/// `w` holds `steps · MR` values, `panel` at least `steps · 2 · lanes`, `part` `MR · 2 · lanes`.
+#[inline(always)]
+unsafe fn product<S: Simd, A: Accum, const MR: usize>(
+    w: &[A],
+    panel: &[A],
+    steps: usize,
+    part: &[A],
+    fresh: bool,
+) -> [[A::V<S>; 2]; MR] {
+    let lanes = A::lanes::<S>();
+    debug_assert!(w.len() >= steps * MR && panel.len() >= steps * 2 * lanes);
+    unsafe {
+        let mut acc = [[A::vsplat::<S>(A::ZERO); 2]; MR];
+        if !fresh {
+            for (r, row) in acc.iter_mut().enumerate() {
+                row[0] = A::vload::<S>(part.as_ptr().add(2 * r * lanes));
+                row[1] = A::vload::<S>(part.as_ptr().add((2 * r + 1) * lanes));
+            }
+        }
+        let (w, panel) = (w.as_ptr(), panel.as_ptr());
+        for d in 0..steps {
+            let b0 = A::vload::<S>(panel.add(d * 2 * lanes));
+            let b1 = A::vload::<S>(panel.add(d * 2 * lanes + lanes));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let a = A::vsplat::<S>(*w.add(d * MR + r));
+                row[0] = A::vfma::<S>(a, b0, row[0]);
+                row[1] = A::vfma::<S>(a, b1, row[1]);
+            }
+        }
+        acc
+    }
+}
+
+/// # Safety
+/// `part` holds `MR · 2 · lanes` values.
+#[inline(always)]
+unsafe fn store_tile<S: Simd, A: Accum, const MR: usize>(acc: [[A::V<S>; 2]; MR], part: &mut [A]) {
+    let lanes = A::lanes::<S>();
+    debug_assert!(part.len() >= MR * 2 * lanes);
+    for (r, row) in acc.iter().enumerate() {
+        // SAFETY: within `part` (see above)
+        unsafe {
+            A::vstore::<S>(part.as_mut_ptr().add(2 * r * lanes), row[0]);
+            A::vstore::<S>(part.as_mut_ptr().add((2 * r + 1) * lanes), row[1]);
         }
     }
 }
 
 struct TileCtx<'a, A> {
-    dm: usize,
-    w: *const A,
-    panel: *const A,
     latent0: u32,
+    /// The tile's real latents' scale and shift (the rest of the tile is padding).
     scale: &'a [A],
     shift: &'a [A],
     /// Real rows in this panel (the rest are padding).
@@ -317,47 +411,29 @@ struct TileCtx<'a, A> {
     row0: usize,
 }
 
-/// One register tile: MR latents × one panel, over the whole model dimension, then the
-/// fused scale/shift, compare and collection.
+/// The fused scale/shift, compare and collection of one finished tile's scores.
+///
+/// # Safety
+/// The sink has a list per row `row0 .. row0 + valid`; `thresholds` holds two vectors.
 #[inline(always)]
-unsafe fn tile_run<S: Simd, A: Accum, const MR: usize>(
+unsafe fn collect_tile<S: Simd, A: Accum, const MR: usize>(
+    acc: &[[A::V<S>; 2]; MR],
     ctx: &TileCtx<'_, A>,
     sink: &mut Sink<'_, A>,
     thresholds: &mut [A],
 ) {
     let lanes = A::lanes::<S>();
-    let dm = ctx.dm;
-    unsafe {
-        let mut acc = [[A::vsplat::<S>(A::ZERO); 2]; MR];
-        for d in 0..dm {
-            let b0 = A::vload::<S>(ctx.panel.add(d * 2 * lanes));
-            let b1 = A::vload::<S>(ctx.panel.add(d * 2 * lanes + lanes));
-            for (r, row) in acc.iter_mut().enumerate() {
-                let a = A::vsplat::<S>(*ctx.w.add(r * dm + d));
-                row[0] = A::vfma::<S>(a, b0, row[0]);
-                row[1] = A::vfma::<S>(a, b1, row[1]);
-            }
-        }
-        let valid_bits = |v: usize| -> u32 {
-            let first = v * lanes;
-            let n = ctx.valid.saturating_sub(first).min(lanes);
-            if n >= 32 { u32::MAX } else { (1u32 << n) - 1 }
-        };
-        let valid = [valid_bits(0), valid_bits(1)];
-        let mut buf = [A::ZERO; 64];
-        let top_k = match sink.collect {
-            Collect::TopK { relu, .. } => {
-                // the rows' thresholds, side by side as the lanes
-                let lists = &sink.lists[ctx.row0..ctx.row0 + ctx.valid];
-                for (t, list) in thresholds.iter_mut().zip(lists) {
-                    *t = list.threshold();
-                }
-                Some(relu)
-            }
-            Collect::Above { .. } => None,
-        };
-        for (r, row) in acc.iter().enumerate() {
-            let latent = ctx.latent0 + r as u32;
+    let valid_bits = |v: usize| -> u32 {
+        let first = v * lanes;
+        let n = ctx.valid.saturating_sub(first).min(lanes);
+        if n >= 32 { u32::MAX } else { (1u32 << n) - 1 }
+    };
+    let valid = [valid_bits(0), valid_bits(1)];
+    let mut buf = [A::ZERO; 64];
+    for (r, row) in acc.iter().enumerate().take(ctx.scale.len()) {
+        let latent = ctx.latent0 + r as u32;
+        // SAFETY: vector ops on registers, loads within `thresholds` (two vectors)
+        unsafe {
             let mul = A::vsplat::<S>(ctx.scale[r]);
             let add = A::vsplat::<S>(ctx.shift[r]);
             for v in 0..2 {
@@ -380,8 +456,8 @@ unsafe fn tile_run<S: Simd, A: Accum, const MR: usize>(
                     bits &= bits - 1;
                     let i = v * lanes + lane;
                     let value = buf[lane];
-                    match top_k {
-                        Some(relu) => {
+                    match sink.collect {
+                        Collect::TopK { relu, .. } => {
                             let list = &mut sink.lists[ctx.row0 + i];
                             #[allow(clippy::neg_cmp_op_on_partial_ord)]
                             if !(value <= list.threshold()) {
@@ -394,7 +470,7 @@ unsafe fn tile_run<S: Simd, A: Accum, const MR: usize>(
                                 thresholds[i] = list.threshold();
                             }
                         }
-                        None => sink.above[ctx.row0 + i].push((value, latent)),
+                        Collect::Above { .. } => sink.above[ctx.row0 + i].push((value, latent)),
                     }
                 }
             }
