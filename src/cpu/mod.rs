@@ -52,6 +52,35 @@ fn env_forces_scalar() -> bool {
     })
 }
 
+/// The largest CPU cache of this machine (the last level, shared), in bytes, as Linux's
+/// sysfs reports it for cpu 0 (read once); `None` where the system does not say.
+pub(crate) fn last_level_cache_bytes() -> Option<usize> {
+    static BYTES: OnceLock<Option<usize>> = OnceLock::new();
+    *BYTES.get_or_init(|| {
+        let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+        dir.filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("size")).ok())
+            .filter_map(|size| parse_cache_size(&size))
+            .max()
+    })
+}
+
+/// A sysfs cache size such as "2048K", "32M" or "512" (bytes).
+pub(crate) fn parse_cache_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => text.split_at(i),
+        None => (text, ""),
+    };
+    let scale = match unit {
+        "" => 1,
+        "K" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        _ => return None,
+    };
+    digits.parse::<usize>().ok()?.checked_mul(scale)
+}
+
 impl Isa {
     /// The best ISA this CPU supports (detected once).
     pub fn detected() -> Isa {
@@ -353,6 +382,15 @@ impl<T> SendConstPtr<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(parse_cache_size("2048K\n"), Some(2 << 20));
+        assert_eq!(parse_cache_size("32M"), Some(32 << 20));
+        assert_eq!(parse_cache_size("512"), Some(512));
+        assert_eq!(parse_cache_size("12Q"), None);
+        assert_eq!(parse_cache_size(""), None);
+    }
 
     /// exp (or 2^x with `base2`) over a grid of inputs, on `isa`, through the vector path.
     struct ExpGrid<'a>(&'a mut [f32], bool);

@@ -4,10 +4,10 @@
 //! Decode is bound by reading w_dec. With few selections per latent (B·k < 2L) it gathers:
 //! one task per block of rows; each output row accumulates in register-sized chunks of Dm,
 //! and the next row's selected rows are prefetched while the current one is summed, so
-//! several gathers are in flight at once. With more, a gather would read each selected row
-//! of w_dec from DRAM about B·k/L times; decode then goes in latent order instead
-//! (`decode_by_latent`): w_dec streams past once while the outputs, in column slices that
-//! fit the cache, take each latent's contributions.
+//! several gathers are in flight at once. With more, and a w_dec larger than the last-level
+//! cache, a gather would read each selected row of w_dec from DRAM about B·k/L times; decode
+//! then goes in latent order instead (`decode_by_latent`): w_dec streams past once while the
+//! outputs, in column slices that fit the cache, take each latent's contributions.
 //!
 //! Backward, deterministically: the per-(b, j) coefficients first (parallel over rows);
 //! then the sparse row updates of dw_dec and dw_enc grouped by latent — a counting sort of
@@ -15,7 +15,7 @@
 //! one task that owns the latent — instead of racing atomics; dx parallel over rows; db_dec
 //! as fixed-order column sums.
 
-use crate::cpu::{Isa, Simd, SimdKernel, dispatch, prefetch};
+use crate::cpu::{Isa, Simd, SimdKernel, dispatch, last_level_cache_bytes, prefetch};
 use crate::element::{Accum, Element};
 use crate::error::{Error, Result, check_len};
 use rayon::prelude::*;
@@ -112,7 +112,12 @@ pub fn decode_on<E: Element>(
     }
     let coef: Vec<E::Acc> = values.iter().map(|v| v.to_acc()).collect();
     let bias: Option<Vec<E::Acc>> = b_dec.map(|b| b.iter().map(|v| v.to_acc()).collect());
-    if indices.len() >= BY_LATENT_MIN_REUSE * shape.latents {
+    if in_latent_order(
+        indices.len(),
+        shape.latents,
+        size_of_val(w_dec),
+        last_level_cache_bytes(),
+    ) {
         let inputs = DecodeInputs {
             k,
             indices,
@@ -144,10 +149,24 @@ pub fn decode_on<E: Element>(
     Ok(out)
 }
 
-/// Decode walks w_dec in latent order ([`decode_by_latent`]) once the B·k selections number
-/// at least this many times L, so that each selected row of w_dec is read once for about two
-/// or more selections. (At one selection per latent the two orders measured the same; at
-/// four, the bench size, latent order took 1–25% less time: benches/RESULTS.md.)
+/// Whether decode walks w_dec in latent order ([`decode_by_latent`]) rather than gathering:
+/// where the B·k `selections` number at least `BY_LATENT_MIN_REUSE` times the `latents` (each
+/// selected row of w_dec is then read once for two or more selections) and w_dec does not fit
+/// in half the last-level cache (unknown: assumed not to). Latent order saves DRAM reads at the
+/// price of read-modify-writes of cache-resident outputs; where w_dec stays in the cache the
+/// gather reads it from there and is faster (bench size, B·k = 4L, 100 MB w_dec: AMD EPYC VM,
+/// 32 MiB L3, latent order 1–12% faster; Xeon VM, 480 MiB L3, gather 11.4 against 16.5 ms).
+fn in_latent_order(
+    selections: usize,
+    latents: usize,
+    w_dec_bytes: usize,
+    llc: Option<usize>,
+) -> bool {
+    selections >= BY_LATENT_MIN_REUSE * latents && llc.is_none_or(|c| w_dec_bytes > c / 2)
+}
+
+/// See [`in_latent_order`]. (At one selection per latent the two orders measured the same; at
+/// four, the bench size, latent order took 1–25% less time on the AMD VM: benches/RESULTS.md.)
 const BY_LATENT_MIN_REUSE: usize = 2;
 
 /// The accumulators of one latent-order task ([rows, slice width]) are kept under this many
@@ -648,6 +667,29 @@ impl<E: Element> SimdKernel for Axpy<'_, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latent_order_only_with_reuse_and_a_dictionary_larger_than_the_cache() {
+        let mib = 1 << 20;
+        // B·k = 4L, 100 MB w_dec: latent order under a 32 MiB cache or an unknown one
+        assert!(in_latent_order(
+            4 * 32768,
+            32768,
+            100_000_000,
+            Some(32 * mib)
+        ));
+        assert!(in_latent_order(4 * 32768, 32768, 100_000_000, None));
+        // the same dictionary resident in a 480 MiB cache: gather
+        assert!(!in_latent_order(
+            4 * 32768,
+            32768,
+            100_000_000,
+            Some(480 * mib)
+        ));
+        // less than two selections per latent: gather whatever the cache
+        assert!(!in_latent_order(32768, 32768, 100_000_000, Some(mib)));
+        assert!(!in_latent_order(32768, 32768, 100_000_000, None));
+    }
 
     /// Decode in latent order equals the float64 formula, and gives the same bits whatever
     /// the split into row groups and column slices (the sum order does not depend on it).
