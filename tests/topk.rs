@@ -212,6 +212,8 @@ const SHAPES: &[(usize, usize, usize, usize)] = &[
     (17, 32, 1031, 8),
     (70, 24, 600, 32),
     (300, 8, 50, 4),
+    // Dm = 0: every score is its latent's bias
+    (3, 0, 13, 2),
     // Dm so large that the rows are packed in several groups (of 192 f32 / 96 f64 rows)
     (250, 40_000, 13, 3),
 ];
@@ -727,4 +729,22 @@ fn bad_input_is_an_error_naming_the_tensor() {
     )
     .unwrap();
     assert!(v.is_empty() && i.is_empty());
+}
+
+/// Dm = 0 is a valid (empty) model dimension: the decoder-side ops and the codebook return
+/// without panicking (the encoder's case is in `SHAPES`).
+#[test]
+fn a_zero_model_dimension_does_not_panic() {
+    let s = SaeShape::new(3, 0, 5);
+    let (k, indices, values) = (2, vec![0i32, 4, 1, 2, 3, 3], vec![1.0f32; 6]);
+    for isa in Isa::available() {
+        let x_hat = topk::decode_on(isa, s, k, &indices, &values, &[], None).unwrap();
+        assert!(x_hat.is_empty(), "{isa:?}");
+        for metric in [Metric::Dot, Metric::Cosine, Metric::L2] {
+            let (v, i) = topk::nearest_on::<f32>(isa, s, &[], &[], k, metric).unwrap();
+            assert_eq!((v.len(), i.len()), (6, 6), "{isa:?} {metric:?}");
+        }
+    }
+    let mp = topk::encode_mp(s, &[] as &[f32], &[], None, k).unwrap();
+    std::hint::black_box(mp);
 }

@@ -31,7 +31,7 @@ use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element};
 use rayon::prelude::*;
 
-/// Latents per task chunk (widened once per task; re-read from L3 once per row block).
+/// Latents per task chunk (packed once per task; streamed from L2 once per panel).
 const LATENT_CHUNK: usize = 512;
 /// Bound on a group's packed rows: a group is packed once and shared by every latent chunk
 /// (packed again per chunk, as before, the packing took ~8% of the time: a transposing copy
@@ -154,6 +154,9 @@ impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
         let dm = self.dm;
         let n = rows.len();
         let mut panels = vec![W::Acc::ZERO; n.div_ceil(panel_rows) * panel_rows * dm];
+        if dm == 0 {
+            return panels;
+        }
         panels
             .par_chunks_mut(panel_rows * dm)
             .enumerate()
@@ -291,8 +294,9 @@ impl<X: Element<Acc = W::Acc>, W: Element> Task<'_, '_, '_, X, W> {
                 }
             }
             let panel = &self.panels[row0 * dm..(row0 + panel_rows) * dm];
+            // at least one step: with dm = 0 the scores are the shifts
             let mut d0 = 0;
-            while d0 < dm {
+            loop {
                 let d1 = (d0 + step).min(dm);
                 for t in 0..tiles {
                     let part = &mut partial[t * MR * panel_rows..(t + 1) * MR * panel_rows];
@@ -326,6 +330,9 @@ impl<X: Element<Acc = W::Acc>, W: Element> Task<'_, '_, '_, X, W> {
                         collect_tile::<S, W::Acc, MR>(&acc, &ctx, self.sink, &mut thresholds)
                     };
                 }
+                if d1 == dm {
+                    break;
+                }
                 d0 = d1;
             }
         }
@@ -339,7 +346,7 @@ const PANEL_STEP_BYTES: usize = 24 << 10;
 /// (latents past `n` are zero), so a step of d reads MR adjacent weights.
 fn pack_tiles<W: Element, const MR: usize>(w: &[W], dm: usize, tiles: usize) -> Vec<W::Acc> {
     let mut packed = vec![W::Acc::ZERO; tiles * dm * MR];
-    for (l, row) in w.chunks_exact(dm).enumerate() {
+    for (l, row) in w.chunks_exact(dm.max(1)).enumerate() {
         let tile = &mut packed[(l / MR) * dm * MR..];
         for (d, v) in row.iter().enumerate() {
             tile[d * MR + l % MR] = v.to_acc();
