@@ -65,7 +65,7 @@ pub(crate) fn last_level_cache_bytes() -> Option<usize> {
 }
 
 /// A sysfs cache size such as "2048K", "32M" or "512" (bytes).
-pub(crate) fn parse_cache_size(text: &str) -> Option<usize> {
+fn parse_cache_size(text: &str) -> Option<usize> {
     let text = text.trim();
     let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((i, _)) => text.split_at(i),

@@ -33,6 +33,9 @@ use rayon::prelude::*;
 
 /// Latents per task chunk (packed once per task; streamed from L2 once per panel).
 const LATENT_CHUNK: usize = 512;
+/// A panel's slice of d stays in L1 up to this size while a chunk's tiles pass over it.
+const PANEL_STEP_BYTES: usize = 24 << 10;
+
 /// Bound on a group's packed rows: a group is packed once and shared by every latent chunk
 /// (packed again per chunk, as before, the packing took ~8% of the time: a transposing copy
 /// runs far slower per element than the FMA tiles).
@@ -338,9 +341,6 @@ impl<X: Element<Acc = W::Acc>, W: Element> Task<'_, '_, '_, X, W> {
         }
     }
 }
-
-/// A panel's slice of d stays in L1 up to this size while a chunk's tiles pass over it.
-const PANEL_STEP_BYTES: usize = 24 << 10;
 
 /// Latent rows `w [n, dm]`, widened, as `tiles` tiles laid out [tile][d][latent of tile]
 /// (latents past `n` are zero), so a step of d reads MR adjacent weights.
