@@ -42,7 +42,7 @@ use super::{
     AttentionGrads, AttentionInputs, AttentionParams, AttentionShape, BackwardTasks, Bias, Segment,
     Sizes, SplitKv,
 };
-use crate::cpu::gemm::{Strided, gemm_acc};
+use crate::cpu::gemm::{Strided, gemm_acc, gemm_set};
 use crate::cpu::scratch::Scratch;
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element, widened};
@@ -356,6 +356,48 @@ fn exp_shifted<S: Simd, A: Accum>(x: &mut [A], m: A) {
     for v in chunks.into_remainder() {
         *v = (*v + neg_m).exp();
     }
+}
+
+/// One row of the backward's P and dS from its raw scores q·k (in `p`) and dO·v (in `ds`)
+/// when only the masks apply: p = 2^(factor·s − lse2) (factor = scale·log2(e), lse2 =
+/// log2(e)·lse, so no separate scale pass and the cheaper 2^x) and dS = p·(dP − delta) on
+/// the visible columns `[a, z)`, 0 on the others.
+#[inline(always)]
+fn probs_and_ds_row<S: Simd, A: Accum>(
+    p: &mut [A],
+    ds: &mut [A],
+    (a, z): (usize, usize),
+    factor: A,
+    lse2: A,
+    delta: A,
+) {
+    let lanes = A::lanes::<S>();
+    let (neg_lse2, neg_delta) = (A::ZERO - lse2, A::ZERO - delta);
+    let (pv, dv) = (&mut p[a..z], &mut ds[a..z]);
+    let mut c = 0;
+    // SAFETY: c + lanes ≤ the visible width, within both rows.
+    unsafe {
+        let (f, shift, minus) = (
+            A::vsplat::<S>(factor),
+            A::vsplat::<S>(neg_lse2),
+            A::vsplat::<S>(neg_delta),
+        );
+        while c + lanes <= pv.len() {
+            let e = A::vexp2::<S>(A::vfma::<S>(A::vload::<S>(pv.as_ptr().add(c)), f, shift));
+            A::vstore::<S>(pv.as_mut_ptr().add(c), e);
+            let g = A::vadd::<S>(A::vload::<S>(dv.as_ptr().add(c)), minus);
+            A::vstore::<S>(dv.as_mut_ptr().add(c), A::vmul::<S>(e, g));
+            c += lanes;
+        }
+    }
+    for (x, g) in pv[c..].iter_mut().zip(dv[c..].iter_mut()) {
+        *x = (*x * factor + neg_lse2).exp2();
+        *g = *x * (*g + neg_delta);
+    }
+    p[..a].fill(A::ZERO);
+    p[z..].fill(A::ZERO);
+    ds[..a].fill(A::ZERO);
+    ds[z..].fill(A::ZERO);
 }
 
 #[inline(always)]
@@ -1283,64 +1325,6 @@ struct Backward<'a, E: Element> {
     lse: &'a [E::Acc],
     /// rowsum(dO∘O), `[B, Hq, Sq]` as lse.
     delta: &'a [E::Acc],
-    /// Every query block of q and of dO, packed once as the A operand of S and dP.
-    q_blocks: &'a PackedBlocks<E::Acc>,
-    do_blocks: &'a PackedBlocks<E::Acc>,
-}
-
-/// The query blocks (BLOCK_Q rows of one sequence and head) of a head-major tensor, each
-/// packed as [`matmul_packed`] reads it, in the order (sequence, head, block).
-struct PackedBlocks<A> {
-    data: Vec<A>,
-    /// Start of each block in `data`, and one past the last.
-    offsets: Vec<usize>,
-    /// Index of each sequence's first block, and its blocks per head.
-    first: Vec<(usize, usize)>,
-}
-
-impl<A: Accum> PackedBlocks<A> {
-    fn new(rows: &Rows<'_, A>, segments: &[Segment]) -> Self {
-        let dim = rows.dim;
-        let (mut data, mut offsets, mut first) = (Vec::new(), vec![0], Vec::new());
-        let mut pack = Vec::new();
-        for seg in segments {
-            let blocks = seg.q_len.div_ceil(BLOCK_Q);
-            first.push((offsets.len() - 1, blocks));
-            for h in 0..rows.heads {
-                for b in 0..blocks {
-                    let row0 = b * BLOCK_Q;
-                    let n = BLOCK_Q.min(seg.q_len - row0);
-                    // SAFETY: rows row0..row0 + n of (seg, h) exist in `rows`.
-                    unsafe {
-                        pack_rows(
-                            n,
-                            dim,
-                            Strided {
-                                ptr: rows.ptr(seg.batch, seg.q_start + row0, h),
-                                row_stride: rows.stride(),
-                                inner_stride: 1,
-                            },
-                            &mut pack,
-                        )
-                    };
-                    let len = n.div_ceil(MR) * MR * dim;
-                    data.extend_from_slice(&pack[..len]);
-                    offsets.push(data.len());
-                }
-            }
-        }
-        Self {
-            data,
-            offsets,
-            first,
-        }
-    }
-
-    fn block(&self, si: usize, head: usize, row0: usize) -> &[A] {
-        let (first, blocks) = self.first[si];
-        let id = first + head * blocks + row0 / BLOCK_Q;
-        &self.data[self.offsets[id]..self.offsets[id + 1]]
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1364,7 +1348,10 @@ pub(super) fn backward<E: Element>(
     let (d, dv) = (sh.head_dim, sh.value_dim);
     let zero = <E::Acc as Accum>::ZERO;
     // D = rowsum(dO∘O), in the layout of lse
-    let mut delta = vec![zero; sizes.lse];
+    // the temporaries below come from the thread's scratch pool: fresh megabytes here cost a
+    // page fault per 4 KiB on every call
+    let mut delta = Scratch::take(sizes.lse, zero);
+    delta.fill(zero);
     if dv > 0 {
         delta.par_iter_mut().enumerate().for_each(|(at, x)| {
             let (bh, i) = (at / sh.len_q.max(1), at % sh.len_q.max(1));
@@ -1404,8 +1391,6 @@ pub(super) fn backward<E: Element>(
         dim,
         head_major: true,
     };
-    let q_blocks = PackedBlocks::new(&rows(&q, sh.len_q, sh.heads_q, d), segments);
-    let do_blocks = PackedBlocks::new(&rows(&dov, sh.len_q, sh.heads_q, dv), segments);
     let ctx = Backward {
         shape: *sh,
         rules: ScoreRules::new(params, sh, inputs),
@@ -1417,8 +1402,6 @@ pub(super) fn backward<E: Element>(
         vt: &vt,
         lse,
         delta: &delta,
-        q_blocks: &q_blocks,
-        do_blocks: &do_blocks,
     };
     let (dqp, dkp, dvp) = (
         SendPtr(grads.dq.as_mut_ptr()),
@@ -1443,7 +1426,6 @@ pub(super) fn backward<E: Element>(
                 isa,
                 HeadGrads {
                     ctx: &ctx,
-                    si,
                     seg: segments[si],
                     hk,
                     dq: dqp,
@@ -1468,7 +1450,6 @@ pub(super) fn backward<E: Element>(
             isa,
             KeyBlockGrads {
                 ctx: &ctx,
-                si,
                 seg: segments[si],
                 hk,
                 j0,
@@ -1491,7 +1472,6 @@ pub(super) fn backward<E: Element>(
             isa,
             QueryBlockGrads {
                 ctx: &ctx,
-                si,
                 seg: segments[si],
                 hq,
                 row0,
@@ -1509,7 +1489,6 @@ impl<E: Element> Backward<'_, E> {
     #[inline(always)]
     fn probs_and_ds<S: Simd>(
         &self,
-        si: usize,
         seg: &Segment,
         hq: usize,
         row0: usize,
@@ -1539,37 +1518,45 @@ impl<E: Element> Backward<'_, E> {
         if cols.iter().all(|c| c.0 >= c.1) {
             return false;
         }
-        let (qb, dob) = (
-            self.q_blocks.block(si, hq, row0),
-            self.do_blocks.block(si, hq, row0),
-        );
-        // SAFETY: the packed blocks hold rows × D and rows × Dv; the panels exist; p and ds
-        // are rows × BLOCK_K.
+        let q_first = seg.q_start + row0;
+        // S and dP read the query and dO rows in place as the products' A operands (strided
+        // broadcasts, as the forward's P·V does): a packed copy of both measured no faster,
+        // and each head's rows then fit in L2 beside its dQ.
+        // SAFETY: the rows row0..row0 + rows of (seg, hq) exist in q (× D) and dO (× Dv);
+        // the panels exist; p and ds are rows × BLOCK_K.
         unsafe {
-            matmul_packed::<S, E::Acc>(
+            gemm_set::<S, E::Acc>(
                 rows,
                 w,
                 d,
-                qb,
+                Strided {
+                    ptr: self.q.ptr(seg.batch, q_first, hq),
+                    row_stride: self.q.stride(),
+                    inner_stride: 1,
+                },
                 self.kt[panel_at(sh, d, seg, hk, j0)..].as_ptr(),
                 w,
                 p.as_mut_ptr(),
                 BLOCK_K,
-                false,
             );
-            matmul_packed::<S, E::Acc>(
+            gemm_set::<S, E::Acc>(
                 rows,
                 w,
                 dv,
-                dob,
+                Strided {
+                    ptr: self.d_o.ptr(seg.batch, q_first, hq),
+                    row_stride: self.d_o.stride(),
+                    inner_stride: 1,
+                },
                 self.vt[panel_at(sh, dv, seg, hk, j0)..].as_ptr(),
                 w,
                 ds.as_mut_ptr(),
                 BLOCK_K,
-                false,
             );
         }
         let softcap = self.rules.softcap != zero;
+        let terms = self.rules.has_terms();
+        let log2e = E::Acc::from_f64(std::f64::consts::LOG2_E);
         for r in 0..rows {
             let prow = &mut p[r * BLOCK_K..r * BLOCK_K + w];
             let dsrow = &mut ds[r * BLOCK_K..r * BLOCK_K + w];
@@ -1577,6 +1564,19 @@ impl<E: Element> Backward<'_, E> {
             if a >= z {
                 prow.fill(zero);
                 dsrow.fill(zero);
+                continue;
+            }
+            let (lse, delta) = (self.lse[lse_at + r], self.delta[lse_at + r]);
+            if !terms {
+                // the masks only: one pass, in base 2
+                probs_and_ds_row::<S, E::Acc>(
+                    prow,
+                    dsrow,
+                    (a, z),
+                    self.scale * log2e,
+                    lse * log2e,
+                    delta,
+                );
                 continue;
             }
             scale_row::<S, E::Acc>(prow, self.scale);
@@ -1590,10 +1590,9 @@ impl<E: Element> Backward<'_, E> {
                 (a, z),
                 softcap.then_some(capd_row),
             );
-            exp_shifted::<S, E::Acc>(&mut prow[a..z], self.lse[lse_at + r]);
+            exp_shifted::<S, E::Acc>(&mut prow[a..z], lse);
             prow[..a].fill(zero);
             prow[z..].fill(zero);
-            let delta = self.delta[lse_at + r];
             for (x, p) in dsrow.iter_mut().zip(prow.iter()) {
                 *x = *p * (*x - delta);
             }
@@ -1639,7 +1638,6 @@ impl<E: Element> Backward<'_, E> {
     #[inline(always)]
     fn key_block_grads<S: Simd>(
         &self,
-        si: usize,
         seg: &Segment,
         hk: usize,
         j0: usize,
@@ -1668,7 +1666,7 @@ impl<E: Element> Backward<'_, E> {
                     let c = block_columns(j0, w, self.rules.visible(seg, row0 + r));
                     c.0 < c.1
                 });
-                if sees && self.probs_and_ds::<S>(si, seg, hq, row0, rows, j0, w, p, ds, capd) {
+                if sees && self.probs_and_ds::<S>(seg, hq, row0, rows, j0, w, p, ds, capd) {
                     let q_first = seg.q_start + row0;
                     // SAFETY: p and ds are rows × w (stride BLOCK_K), read transposed; the
                     // dO and q rows exist; dv_acc is w × Dv, dk_acc w × D.
@@ -1782,7 +1780,6 @@ impl<E: Element> Backward<'_, E> {
 /// Pass 1 of [`BackwardTasks::PerBlock`]: dK and dV of one key block of (seg, KV head hk).
 struct KeyBlockGrads<'a, E: Element> {
     ctx: &'a Backward<'a, E>,
-    si: usize,
     seg: Segment,
     hk: usize,
     j0: usize,
@@ -1797,7 +1794,6 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
         let sh = &self.ctx.shape;
         let mut scratch = GradScratch::new(sh.head_dim, sh.value_dim);
         self.ctx.key_block_grads::<S>(
-            self.si,
             &self.seg,
             self.hk,
             self.j0,
@@ -1812,7 +1808,6 @@ impl<E: Element> SimdKernel for KeyBlockGrads<'_, E> {
 /// group's query heads, in one pass.
 struct HeadGrads<'a, E: Element> {
     ctx: &'a Backward<'a, E>,
-    si: usize,
     seg: Segment,
     hk: usize,
     dq: SendPtr<E>,
@@ -1826,7 +1821,6 @@ impl<E: Element> SimdKernel for HeadGrads<'_, E> {
     fn run<S: Simd>(self) {
         let Self {
             ctx,
-            si,
             seg,
             hk,
             dq,
@@ -1837,9 +1831,10 @@ impl<E: Element> SimdKernel for HeadGrads<'_, E> {
         let (d, g) = (sh.head_dim, sh.group());
         let mut scratch = GradScratch::new(d, sh.value_dim);
         let head_len = seg.q_len * d;
-        let mut dq_acc = vec![<E::Acc as Accum>::ZERO; g * head_len];
+        let mut dq_acc = Scratch::take(g * head_len, <E::Acc as Accum>::ZERO);
+        dq_acc.fill(<E::Acc as Accum>::ZERO);
         for j0 in (0..seg.k_len).step_by(BLOCK_K) {
-            ctx.key_block_grads::<S>(si, &seg, hk, j0, (dk, dv), Some(&mut dq_acc), &mut scratch);
+            ctx.key_block_grads::<S>(&seg, hk, j0, (dk, dv), Some(&mut dq_acc), &mut scratch);
         }
         if head_len > 0 {
             for (i, acc) in dq_acc.chunks_exact(head_len).enumerate() {
@@ -1853,7 +1848,6 @@ impl<E: Element> SimdKernel for HeadGrads<'_, E> {
 /// every key block they see.
 struct QueryBlockGrads<'a, E: Element> {
     ctx: &'a Backward<'a, E>,
-    si: usize,
     seg: Segment,
     hq: usize,
     row0: usize,
@@ -1866,7 +1860,6 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
     fn run<S: Simd>(self) {
         let Self {
             ctx,
-            si,
             seg,
             hq,
             row0,
@@ -1875,7 +1868,8 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
         let sh = &ctx.shape;
         let hk = hq / sh.group();
         let rows = BLOCK_Q.min(seg.q_len - row0);
-        let mut dq_acc = vec![<E::Acc as Accum>::ZERO; rows * sh.head_dim];
+        let mut dq_acc = Scratch::take(rows * sh.head_dim, <E::Acc as Accum>::ZERO);
+        dq_acc.fill(<E::Acc as Accum>::ZERO);
         let mut scratch = GradScratch::new(0, 0);
         let GradScratch { p, ds, capd, .. } = &mut scratch;
         let vis: Vec<(usize, usize)> = (0..rows)
@@ -1885,7 +1879,7 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
         let mut j0 = lo - lo % BLOCK_K;
         while j0 < hi {
             let w = BLOCK_K.min(seg.k_len - j0);
-            if ctx.probs_and_ds::<S>(si, &seg, hq, row0, rows, j0, w, p, ds, capd) {
+            if ctx.probs_and_ds::<S>(&seg, hq, row0, rows, j0, w, p, ds, capd) {
                 // SAFETY: ds is rows × w (stride BLOCK_K); dq_acc is rows × D.
                 unsafe { ctx.add_ds_times_k::<S>(&seg, hk, j0, rows, w, ds, &mut dq_acc) };
             }

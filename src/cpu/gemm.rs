@@ -37,6 +37,43 @@ pub(crate) unsafe fn gemm_acc<S: Simd, A: Accum>(
     c_stride: usize,
     lower_triangular: bool,
 ) {
+    unsafe { product::<S, A>(m, n, k, a, b, b_stride, c, c_stride, lower_triangular, true) }
+}
+
+/// C = A·B over `m × n` with inner dimension `k`: [`gemm_acc`] into a C whose old values are
+/// never read (the same bits as zeroing C first, without the pass over it).
+///
+/// # Safety
+/// As [`gemm_acc`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_set<S: Simd, A: Accum>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided<A>,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+) {
+    unsafe { product::<S, A>(m, n, k, a, b, b_stride, c, c_stride, false, false) }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn product<S: Simd, A: Accum>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided<A>,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    lower_triangular: bool,
+    accumulate: bool,
+) {
     let lanes = A::lanes::<S>();
     let inner = |row0: usize, rows: usize| {
         if lower_triangular {
@@ -58,19 +95,40 @@ pub(crate) unsafe fn gemm_acc<S: Simd, A: Accum>(
         // 32 registers: 4-vector tiles, so a row strip reads B once per 4 vectors of C
         while S::WIDE_TILES && j + 4 * lanes <= n {
             unsafe {
-                tile_rows::<S, A, 4>(rows, kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride)
+                tile_rows::<S, A, 4>(
+                    rows,
+                    kk,
+                    a_at,
+                    (b.add(j), b_stride),
+                    (c_at.add(j), c_stride),
+                    accumulate,
+                )
             };
             j += 4 * lanes;
         }
         while j + 2 * lanes <= n {
             unsafe {
-                tile_rows::<S, A, 2>(rows, kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride)
+                tile_rows::<S, A, 2>(
+                    rows,
+                    kk,
+                    a_at,
+                    (b.add(j), b_stride),
+                    (c_at.add(j), c_stride),
+                    accumulate,
+                )
             };
             j += 2 * lanes;
         }
         if j + lanes <= n {
             unsafe {
-                tile_rows::<S, A, 1>(rows, kk, a_at, b.add(j), b_stride, c_at.add(j), c_stride)
+                tile_rows::<S, A, 1>(
+                    rows,
+                    kk,
+                    a_at,
+                    (b.add(j), b_stride),
+                    (c_at.add(j), c_stride),
+                    accumulate,
+                )
             };
             j += lanes;
         }
@@ -79,7 +137,7 @@ pub(crate) unsafe fn gemm_acc<S: Simd, A: Accum>(
             for r in 0..rows {
                 unsafe {
                     let out = c_at.add(r * c_stride + col);
-                    let mut acc = *out;
+                    let mut acc = if accumulate { *out } else { A::ZERO };
                     for p in 0..kk {
                         let x = *a_at.ptr.add(r * a.row_stride + p * a.inner_stride);
                         acc = acc + x * *b.add(p * b_stride + col);
@@ -99,39 +157,40 @@ unsafe fn tile_rows<S: Simd, A: Accum, const NV: usize>(
     rows: usize,
     k: usize,
     a: Strided<A>,
-    b: *const A,
-    b_stride: usize,
-    c: *mut A,
-    c_stride: usize,
+    b: (*const A, usize),
+    c: (*mut A, usize),
+    accumulate: bool,
 ) {
     unsafe {
         match rows {
-            6 => tile::<S, A, 6, NV>(k, a, b, b_stride, c, c_stride),
-            5 => tile::<S, A, 5, NV>(k, a, b, b_stride, c, c_stride),
-            4 => tile::<S, A, 4, NV>(k, a, b, b_stride, c, c_stride),
-            3 => tile::<S, A, 3, NV>(k, a, b, b_stride, c, c_stride),
-            2 => tile::<S, A, 2, NV>(k, a, b, b_stride, c, c_stride),
-            _ => tile::<S, A, 1, NV>(k, a, b, b_stride, c, c_stride),
+            6 => tile::<S, A, 6, NV>(k, a, b, c, accumulate),
+            5 => tile::<S, A, 5, NV>(k, a, b, c, accumulate),
+            4 => tile::<S, A, 4, NV>(k, a, b, c, accumulate),
+            3 => tile::<S, A, 3, NV>(k, a, b, c, accumulate),
+            2 => tile::<S, A, 2, NV>(k, a, b, c, accumulate),
+            _ => tile::<S, A, 1, NV>(k, a, b, c, accumulate),
         }
     }
 }
 
-/// One register tile: MR rows × NV vectors of C, accumulated over `k`.
+/// One register tile: MR rows × NV vectors of C over `k`, added to C's values with
+/// `accumulate`, else from zero. B and C are (pointer, row stride).
 #[inline(always)]
 unsafe fn tile<S: Simd, A: Accum, const MR: usize, const NV: usize>(
     k: usize,
     a: Strided<A>,
-    b: *const A,
-    b_stride: usize,
-    c: *mut A,
-    c_stride: usize,
+    (b, b_stride): (*const A, usize),
+    (c, c_stride): (*mut A, usize),
+    accumulate: bool,
 ) {
     let lanes = A::lanes::<S>();
     unsafe {
         let mut acc = [[A::vsplat::<S>(A::ZERO); NV]; MR];
-        for (r, row) in acc.iter_mut().enumerate() {
-            for (v, x) in row.iter_mut().enumerate() {
-                *x = A::vload::<S>(c.add(r * c_stride + v * lanes));
+        if accumulate {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = A::vload::<S>(c.add(r * c_stride + v * lanes));
+                }
             }
         }
         for p in 0..k {
@@ -165,6 +224,8 @@ mod tests {
         k: usize,
         transposed_a: bool,
         lower: bool,
+        /// gemm_set (C = A·B) instead of gemm_acc
+        set: bool,
         a: &'a [f64],
         b: &'a [f64],
         c: &'a mut [f64],
@@ -189,24 +250,31 @@ mod tests {
                 }
             };
             // SAFETY: the buffers have the sizes built in the test; C is separate.
+            let (b, c) = (self.b.as_ptr(), self.c.as_mut_ptr());
             unsafe {
-                gemm_acc::<S, f64>(
-                    self.m,
-                    self.n,
-                    self.k,
-                    a,
-                    self.b.as_ptr(),
-                    self.n + 3,
-                    self.c.as_mut_ptr(),
-                    self.n + 1,
-                    self.lower,
-                )
+                if self.set {
+                    gemm_set::<S, f64>(self.m, self.n, self.k, a, b, self.n + 3, c, self.n + 1)
+                } else {
+                    gemm_acc::<S, f64>(
+                        self.m,
+                        self.n,
+                        self.k,
+                        a,
+                        b,
+                        self.n + 3,
+                        c,
+                        self.n + 1,
+                        self.lower,
+                    )
+                }
             }
         }
     }
 
     /// Every ISA against a naive triple loop: sizes around the tile edges, A transposed or
-    /// not, padded B and C strides, the lower-triangular mode; C starts non-zero.
+    /// not, padded B and C strides, the lower-triangular mode; C starts non-zero (gemm_acc
+    /// adds to it; gemm_set overwrites the m × n entries, NaN there first, and leaves the
+    /// padding).
     #[test]
     fn matches_naive_product() {
         let mut seed = 1u64;
@@ -224,56 +292,61 @@ mod tests {
             (13, 3, 16),
             (64, 40, 16),
         ] {
-            for transposed_a in [false, true] {
-                for lower in [false, true] {
-                    if lower && m != k {
-                        continue;
-                    }
-                    let mut a: Vec<f64> = (0..m * k).map(|_| next()).collect();
-                    if lower {
-                        for i in 0..m {
-                            for p in i + 1..k {
-                                let at = if transposed_a { p * m + i } else { i * k + p };
-                                a[at] = 0.0;
-                            }
-                        }
-                    }
-                    let b: Vec<f64> = (0..k * (n + 3)).map(|_| next()).collect();
-                    let c0: Vec<f64> = (0..m * (n + 1)).map(|_| next()).collect();
-                    let mut want = c0.clone();
+            for (transposed_a, lower, set) in (0..8).map(|i| (i & 1 == 1, i & 2 == 2, i & 4 == 4)) {
+                if lower && (m != k || set) {
+                    continue;
+                }
+                let mut a: Vec<f64> = (0..m * k).map(|_| next()).collect();
+                if lower {
                     for i in 0..m {
-                        for j in 0..n {
-                            for p in 0..k {
-                                let x = if transposed_a {
-                                    a[p * m + i]
-                                } else {
-                                    a[i * k + p]
-                                };
-                                want[i * (n + 1) + j] += x * b[p * (n + 3) + j];
-                            }
+                        for p in i + 1..k {
+                            let at = if transposed_a { p * m + i } else { i * k + p };
+                            a[at] = 0.0;
                         }
                     }
-                    for isa in Isa::available() {
-                        let mut c = c0.clone();
-                        dispatch(
-                            isa,
-                            Case {
-                                m,
-                                n,
-                                k,
-                                transposed_a,
-                                lower,
-                                a: &a,
-                                b: &b,
-                                c: &mut c,
-                            },
-                        );
-                        for (got, w) in c.iter().zip(&want) {
-                            assert!(
-                                (got - w).abs() <= 1e-12 * (1.0 + w.abs()),
-                                "{isa:?} m{m} n{n} k{k} transposed {transposed_a} lower {lower}"
-                            );
+                }
+                let b: Vec<f64> = (0..k * (n + 3)).map(|_| next()).collect();
+                let mut c0: Vec<f64> = (0..m * (n + 1)).map(|_| next()).collect();
+                let mut want = c0.clone();
+                if set {
+                    for i in 0..m {
+                        c0[i * (n + 1)..i * (n + 1) + n].fill(f64::NAN);
+                        want[i * (n + 1)..i * (n + 1) + n].fill(0.0);
+                    }
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        for p in 0..k {
+                            let x = if transposed_a {
+                                a[p * m + i]
+                            } else {
+                                a[i * k + p]
+                            };
+                            want[i * (n + 1) + j] += x * b[p * (n + 3) + j];
                         }
+                    }
+                }
+                for isa in Isa::available() {
+                    let mut c = c0.clone();
+                    dispatch(
+                        isa,
+                        Case {
+                            m,
+                            n,
+                            k,
+                            transposed_a,
+                            lower,
+                            set,
+                            a: &a,
+                            b: &b,
+                            c: &mut c,
+                        },
+                    );
+                    for (got, w) in c.iter().zip(&want) {
+                        assert!(
+                            (got - w).abs() <= 1e-12 * (1.0 + w.abs()),
+                            "{isa:?} m{m} n{n} k{k} transposed {transposed_a} lower {lower} set {set}"
+                        );
                     }
                 }
             }
