@@ -431,33 +431,27 @@ impl Simd for Avx512 {
             for c in &EXP_POLY[1..] {
                 p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
             }
-            let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-                _mm512_cvtps_epi32(k),
-                _mm512_set1_epi32(127),
-            ));
-            _mm512_mul_ps(p, _mm512_castsi512_ps(scale))
+            // p·2^k in one instruction (the same bits as building 2^k and multiplying)
+            _mm512_scalef_ps(p, k)
         }
     }
     #[inline(always)]
     unsafe fn f32_exp2(x: __m512) -> __m512 {
-        use super::{EXP2_HI, EXP2_LO, EXP2_POLY, EXP2_ROUND};
+        use super::{EXP2_HI, EXP2_LO, EXP2_POLY};
         unsafe {
             let x = _mm512_min_ps(
                 _mm512_max_ps(x, _mm512_set1_ps(EXP2_LO)),
                 _mm512_set1_ps(EXP2_HI),
             );
-            let round = _mm512_set1_ps(EXP2_ROUND);
-            let t = _mm512_add_ps(x, round);
-            let r = _mm512_sub_ps(x, _mm512_sub_ps(t, round));
+            // k = x rounded to nearest even, as EXP2_ROUND gives on the other ISAs; then
+            // p·2^k by scalef: two instructions fewer, the same bits
+            let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+            let r = _mm512_sub_ps(x, k);
             let mut p = _mm512_set1_ps(EXP2_POLY[0]);
             for c in &EXP2_POLY[1..] {
                 p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
             }
-            let scale = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-                _mm512_castps_si512(t),
-                _mm512_set1_epi32(127),
-            ));
-            _mm512_mul_ps(p, _mm512_castsi512_ps(scale))
+            _mm512_scalef_ps(p, k)
         }
     }
     #[inline(always)]
