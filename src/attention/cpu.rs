@@ -580,6 +580,26 @@ unsafe fn micro<S: Simd, A: Accum, const R: usize, const NV: usize>(
                 }
             }
         }
+        tile_sums::<S, A, R, NV>(k, ap, b, b_stride, &mut acc);
+        for (r, row) in acc.iter().enumerate() {
+            for (v, x) in row.iter().enumerate() {
+                A::vstore::<S>(c.add(r * c_stride + v * lanes), *x);
+            }
+        }
+    }
+}
+
+/// acc += the R × NV tile of (packed strip) · B over k, in order over p.
+#[inline(always)]
+unsafe fn tile_sums<S: Simd, A: Accum, const R: usize, const NV: usize>(
+    k: usize,
+    ap: *const A,
+    b: *const A,
+    b_stride: usize,
+    acc: &mut [[A::V<S>; NV]; R],
+) {
+    let lanes = A::lanes::<S>();
+    unsafe {
         let (mut a_at, mut b_at) = (ap, b);
         for _ in 0..k {
             let mut bv = [A::vsplat::<S>(A::ZERO); NV];
@@ -595,12 +615,128 @@ unsafe fn micro<S: Simd, A: Accum, const R: usize, const NV: usize>(
             a_at = a_at.add(MR);
             b_at = b_at.add(b_stride);
         }
-        for (r, row) in acc.iter().enumerate() {
-            for (v, x) in row.iter().enumerate() {
-                A::vstore::<S>(c.add(r * c_stride + v * lanes), *x);
+    }
+}
+
+/// The score product of a key block fused with its online-softmax step, for blocks whose
+/// rows see every key and whose running max m may stay (see [`MAX_SLACK`]): C = A·B as
+/// [`matmul_packed`] computes it (base-2 scores), then in each register tile's epilogue
+/// p = 2^(s − m) of its row stored in place of the score and added to the row's lane sums
+/// `sums` — the bits of [`online_step`] when it holds m, without the passes over the stored
+/// scores. `n` must be a multiple of the vector width. Returns false as soon as a score
+/// passes m + MAX_SLACK; C and `sums` are then partly written and the caller redoes the
+/// block the general way.
+///
+/// # Safety
+/// As [`matmul_packed`]; `m` and `sums` hold the `rows` rows' values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_to_probs<S: Simd, A: Accum>(
+    rows: usize,
+    n: usize,
+    k: usize,
+    pack: &[A],
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    m: &[A],
+    sums: &mut [[A; L_LANES]],
+) -> bool {
+    debug_assert!(n.is_multiple_of(A::lanes::<S>()) && m.len() >= rows && sums.len() >= rows);
+    for strip in 0..rows.div_ceil(MR) {
+        let (r0, r) = (strip * MR, MR.min(rows - strip * MR));
+        let (ap, cp) = unsafe { (pack.as_ptr().add(r0 * k), c.add(r0 * c_stride)) };
+        let (m, sums) = (&m[r0..r0 + r], &mut sums[r0..r0 + r]);
+        let held = unsafe {
+            match r {
+                6 => strip_to_probs::<S, A, 6>(n, k, ap, b, b_stride, cp, c_stride, m, sums),
+                5 => strip_to_probs::<S, A, 5>(n, k, ap, b, b_stride, cp, c_stride, m, sums),
+                4 => strip_to_probs::<S, A, 4>(n, k, ap, b, b_stride, cp, c_stride, m, sums),
+                3 => strip_to_probs::<S, A, 3>(n, k, ap, b, b_stride, cp, c_stride, m, sums),
+                2 => strip_to_probs::<S, A, 2>(n, k, ap, b, b_stride, cp, c_stride, m, sums),
+                _ => strip_to_probs::<S, A, 1>(n, k, ap, b, b_stride, cp, c_stride, m, sums),
             }
+        };
+        if !held {
+            return false;
         }
     }
+    true
+}
+
+/// One strip of [`scores_to_probs`]: the tiles left to right, as [`strip_product`] runs
+/// them, so each row's lane sums take its vectors in column order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn strip_to_probs<S: Simd, A: Accum, const R: usize>(
+    n: usize,
+    k: usize,
+    ap: *const A,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    m: &[A],
+    sums: &mut [[A; L_LANES]],
+) -> bool {
+    let lanes = A::lanes::<S>();
+    let mut j = 0;
+    let mut held = true;
+    unsafe {
+        while held && S::WIDE_TILES && j + 4 * lanes <= n {
+            held =
+                tile_to_probs::<S, A, R, 4>(k, ap, b.add(j), b_stride, c.add(j), c_stride, m, sums);
+            j += 4 * lanes;
+        }
+        while held && j + 2 * lanes <= n {
+            held =
+                tile_to_probs::<S, A, R, 2>(k, ap, b.add(j), b_stride, c.add(j), c_stride, m, sums);
+            j += 2 * lanes;
+        }
+        while held && j + lanes <= n {
+            held =
+                tile_to_probs::<S, A, R, 1>(k, ap, b.add(j), b_stride, c.add(j), c_stride, m, sums);
+            j += lanes;
+        }
+    }
+    held
+}
+
+/// One register tile of [`strip_to_probs`]: the scores computed as `micro` computes them,
+/// then, still in registers, s → 2^(s − m) of its row, stored to C and added to the row's
+/// lane sums; false if a score passed m + MAX_SLACK.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_to_probs<S: Simd, A: Accum, const R: usize, const NV: usize>(
+    k: usize,
+    ap: *const A,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    m: &[A],
+    sums: &mut [[A; L_LANES]],
+) -> bool {
+    let lanes = A::lanes::<S>();
+    let mut over = 0u32;
+    unsafe {
+        let mut acc = [[A::vsplat::<S>(A::ZERO); NV]; R];
+        tile_sums::<S, A, R, NV>(k, ap, b, b_stride, &mut acc);
+        for (r, row) in acc.iter().enumerate() {
+            let shift = A::vsplat::<S>(A::ZERO - m[r]);
+            let bound = A::vsplat::<S>(m[r] + A::from_f64(MAX_SLACK));
+            let mut l = A::vload::<S>(sums[r].as_ptr());
+            for (v, x) in row.iter().enumerate() {
+                over |= A::vmask_gt::<S>(*x, bound);
+                let e = A::vexp2::<S>(A::vadd::<S>(*x, shift));
+                A::vstore::<S>(c.add(r * c_stride + v * lanes), e);
+                l = A::vadd::<S>(l, e);
+            }
+            A::vstore::<S>(sums[r].as_mut_ptr(), l);
+        }
+    }
+    over == 0
 }
 
 /// Partial sums of the softmax denominator l kept per row: one per vector lane (the most any
@@ -865,6 +1001,8 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
             .collect();
         let mut m = vec![neg_inf::<E::Acc>(); rows];
         let mut l = vec![[zero; L_LANES]; rows];
+        // l as a fused block adds to it, kept only if the block holds m
+        let mut trial = l.clone();
         let mut acc = vec![zero; rows * dv];
         let mut s = vec![zero; rows * FWD_BLOCK_K];
         // the queries are the A operand of every score tile: packed once
@@ -874,43 +1012,75 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
         while j0 < hi {
             let w = FWD_BLOCK_K.min(seg.k_len - j0);
             let panel = &ctx.kt[panel_at(sh, d, &seg, hk, j0)..];
-            // Each strip of MR rows computes the block's columns up to the last one its rows
-            // see (whole vectors), so a block on a causal or window edge skips the products
-            // of keys past it; the rows' other entries are set by `base2_scores`.
-            for (strip, need) in
-                strip_widths(j0, w, &vis, <E::Acc as Accum>::lanes::<S>()).enumerate()
-            {
-                let r0 = strip * MR;
-                if need == 0 {
-                    continue;
-                }
-                // SAFETY: qpack holds the rows' strips (strip r0 / MR at r0·d), the panel is
-                // d × w with need ≤ w, s rows × FWD_BLOCK_K.
-                unsafe {
-                    matmul_packed::<S, E::Acc>(
-                        MR.min(rows - r0),
-                        need,
+            // A block every row sees whole, past each row's first, with no score terms: the
+            // products' epilogues turn the scores into probabilities while m holds (the
+            // common case once m has settled), with the bits of the general path below.
+            let fused = !ctx.rules.has_terms()
+                && w % <E::Acc as Accum>::lanes::<S>() == 0
+                && (0..rows)
+                    .all(|r| m[r] != neg_inf::<E::Acc>() && block_columns(j0, w, vis[r]) == (0, w));
+            let held = fused && {
+                trial.copy_from_slice(&l);
+                // SAFETY: qpack holds the rows' strips, the panel is d × w, s rows ×
+                // FWD_BLOCK_K; m and trial hold the rows.
+                let held = unsafe {
+                    scores_to_probs::<S, E::Acc>(
+                        rows,
+                        w,
                         d,
-                        &qpack[r0 * d..],
+                        &qpack,
                         panel.as_ptr(),
                         w,
-                        s[r0 * FWD_BLOCK_K..].as_mut_ptr(),
+                        s.as_mut_ptr(),
                         FWD_BLOCK_K,
-                        false,
+                        &m,
+                        &mut trial,
                     )
                 };
-            }
-            for r in 0..rows {
-                let row = &mut s[r * FWD_BLOCK_K..r * FWD_BLOCK_K + w];
-                let cols = block_columns(j0, w, vis[r]);
-                if cols.0 >= cols.1 {
-                    row.fill(zero);
-                    continue;
+                if held {
+                    l.copy_from_slice(&trial);
                 }
-                ctx.base2_scores::<S>(row, &seg, row0 + r, hq, j0, cols);
-                let alpha = online_step::<S, E::Acc>(row, cols, &mut m[r], &mut l[r]);
-                if alpha != <E::Acc as Accum>::ONE {
-                    scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
+                held
+            };
+            if !held {
+                // Each strip of MR rows computes the block's columns up to the last one its rows
+                // see (whole vectors), so a block on a causal or window edge skips the products
+                // of keys past it; the rows' other entries are set by `base2_scores`.
+                for (strip, need) in
+                    strip_widths(j0, w, &vis, <E::Acc as Accum>::lanes::<S>()).enumerate()
+                {
+                    let r0 = strip * MR;
+                    if need == 0 {
+                        continue;
+                    }
+                    // SAFETY: qpack holds the rows' strips (strip r0 / MR at r0·d), the panel is
+                    // d × w with need ≤ w, s rows × FWD_BLOCK_K.
+                    unsafe {
+                        matmul_packed::<S, E::Acc>(
+                            MR.min(rows - r0),
+                            need,
+                            d,
+                            &qpack[r0 * d..],
+                            panel.as_ptr(),
+                            w,
+                            s[r0 * FWD_BLOCK_K..].as_mut_ptr(),
+                            FWD_BLOCK_K,
+                            false,
+                        )
+                    };
+                }
+                for r in 0..rows {
+                    let row = &mut s[r * FWD_BLOCK_K..r * FWD_BLOCK_K + w];
+                    let cols = block_columns(j0, w, vis[r]);
+                    if cols.0 >= cols.1 {
+                        row.fill(zero);
+                        continue;
+                    }
+                    ctx.base2_scores::<S>(row, &seg, row0 + r, hq, j0, cols);
+                    let alpha = online_step::<S, E::Acc>(row, cols, &mut m[r], &mut l[r]);
+                    if alpha != <E::Acc as Accum>::ONE {
+                        scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
+                    }
                 }
             }
             // O += P·V per strip over the keys its rows see (P is 0 past them). P is read in
