@@ -1016,7 +1016,7 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
             // products' epilogues turn the scores into probabilities while m holds (the
             // common case once m has settled), with the bits of the general path below.
             let fused = !ctx.rules.has_terms()
-                && w % <E::Acc as Accum>::lanes::<S>() == 0
+                && w.is_multiple_of(<E::Acc as Accum>::lanes::<S>())
                 && (0..rows)
                     .all(|r| m[r] != neg_inf::<E::Acc>() && block_columns(j0, w, vis[r]) == (0, w));
             let held = fused && {
