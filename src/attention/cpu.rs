@@ -14,16 +14,19 @@
 //!   products at the last key its rows see); per row an online softmax on base-2 scores
 //!   log2(e)·s (exponentials are `exp2`), its running max m held while a block stays within
 //!   2^MAX_SLACK of it (vector compares, no horizontal max or rescale) and its sum l kept as
-//!   per-lane partial sums; then O += P·V (`cpu::gemm::gemm_acc`, P read in place at a
+//!   per-lane partial sums. A block every row sees whole (no softcap/ALiBi/bias) takes that
+//!   step in the score tiles' epilogue, in registers (`scores_to_probs`), and is redone the
+//!   general way if a score moves m; then O += P·V (`cpu::gemm::gemm_acc`, P read in place at a
 //!   constant stride). o = O / l, lse = ln2·m + ln l; a row that saw no key gives o = 0,
 //!   lse = −inf.
 //! - Decode (split-KV): a task owns (sequence, chunk of SPLIT_CHUNK keys) and every query row
 //!   of every head; block by block it copies the K and V rows of all KV heads in memory order
 //!   (each key is read from memory once, front to back), scores by dot products, and keeps
 //!   (O, m, l) per head; the chunks are merged in chunk order through their log-sum-exps.
-//! - Backward: D = rowsum(dO∘O); q and dO query blocks are packed once. Per key block of
-//!   (sequence, KV head), over every query head of the group and every query block that sees
-//!   the keys: P = e^(S − lse), dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − D) (∘ 1 − tanh² with
+//! - Backward: D = rowsum(dO∘O); S and dP read the head-major q and dO rows in place
+//!   (`gemm_set`, strided A operands). Per key block of (sequence, KV head), over every query
+//!   head of the group and every query block that sees the keys: P = e^(S − lse) (in base 2,
+//!   one pass with dS, when only masks apply), dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − D) (∘ 1 − tanh² with
 //!   softcap), dK += dSᵀ·Q. Two plans (`BackwardTasks`): per head, one task owns a
 //!   (sequence, KV head), walks its key blocks in order and also adds dQ += dS·K into a
 //!   task-local dQ (5 block products); per block, pass 1 owns (sequence, KV head, key block)
@@ -1517,11 +1520,9 @@ pub(super) fn backward<E: Element>(
     let sh = shape;
     let (d, dv) = (sh.head_dim, sh.value_dim);
     let zero = <E::Acc as Accum>::ZERO;
-    // D = rowsum(dO∘O), in the layout of lse
-    // the temporaries below come from the thread's scratch pool: fresh megabytes here cost a
-    // page fault per 4 KiB on every call
-    let mut delta = Scratch::take(sizes.lse, zero);
-    delta.fill(zero);
+    // D = rowsum(dO∘O), in the layout of lse. This and the tasks' dQ accumulators come from
+    // the thread's scratch pool: fresh megabytes cost a page fault per 4 KiB on every call.
+    let mut delta = Scratch::filled(sizes.lse, zero);
     if dv > 0 {
         delta.par_iter_mut().enumerate().for_each(|(at, x)| {
             let (bh, i) = (at / sh.len_q.max(1), at % sh.len_q.max(1));
@@ -1690,8 +1691,8 @@ impl<E: Element> Backward<'_, E> {
         }
         let q_first = seg.q_start + row0;
         // S and dP read the query and dO rows in place as the products' A operands (strided
-        // broadcasts, as the forward's P·V does): a packed copy of both measured no faster,
-        // and each head's rows then fit in L2 beside its dQ.
+        // broadcasts, as the forward's P·V does). Packed copies of both were 8 MB at B1 H8
+        // S2048 D64, built serially, and kept a head's rows from fitting L2 beside its dQ.
         // SAFETY: the rows row0..row0 + rows of (seg, hq) exist in q (× D) and dO (× Dv);
         // the panels exist; p and ds are rows × BLOCK_K.
         unsafe {
@@ -2001,8 +2002,7 @@ impl<E: Element> SimdKernel for HeadGrads<'_, E> {
         let (d, g) = (sh.head_dim, sh.group());
         let mut scratch = GradScratch::new(d, sh.value_dim);
         let head_len = seg.q_len * d;
-        let mut dq_acc = Scratch::take(g * head_len, <E::Acc as Accum>::ZERO);
-        dq_acc.fill(<E::Acc as Accum>::ZERO);
+        let mut dq_acc = Scratch::filled(g * head_len, <E::Acc as Accum>::ZERO);
         for j0 in (0..seg.k_len).step_by(BLOCK_K) {
             ctx.key_block_grads::<S>(&seg, hk, j0, (dk, dv), Some(&mut dq_acc), &mut scratch);
         }
@@ -2038,8 +2038,7 @@ impl<E: Element> SimdKernel for QueryBlockGrads<'_, E> {
         let sh = &ctx.shape;
         let hk = hq / sh.group();
         let rows = BLOCK_Q.min(seg.q_len - row0);
-        let mut dq_acc = Scratch::take(rows * sh.head_dim, <E::Acc as Accum>::ZERO);
-        dq_acc.fill(<E::Acc as Accum>::ZERO);
+        let mut dq_acc = Scratch::filled(rows * sh.head_dim, <E::Acc as Accum>::ZERO);
         let mut scratch = GradScratch::new(0, 0);
         let GradScratch { p, ds, capd, .. } = &mut scratch;
         let vis: Vec<(usize, usize)> = (0..rows)

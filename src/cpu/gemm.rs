@@ -249,8 +249,8 @@ mod tests {
                     inner_stride: 1,
                 }
             };
-            // SAFETY: the buffers have the sizes built in the test; C is separate.
             let (b, c) = (self.b.as_ptr(), self.c.as_mut_ptr());
+            // SAFETY: the buffers have the sizes built in the test; C is separate.
             unsafe {
                 if self.set {
                     gemm_set::<S, f64>(self.m, self.n, self.k, a, b, self.n + 3, c, self.n + 1)

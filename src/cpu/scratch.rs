@@ -49,6 +49,13 @@ impl<A: Copy + 'static> Scratch<A> {
         buf.resize(len, fill);
         Self { buf }
     }
+
+    /// `len` values, every one `value` (for buffers that are accumulated into).
+    pub(crate) fn filled(len: usize, value: A) -> Self {
+        let mut out = Self::take(len, value);
+        out.fill(value);
+        out
+    }
 }
 
 impl<A: Copy + 'static> Drop for Scratch<A> {
