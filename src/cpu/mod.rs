@@ -6,6 +6,8 @@
 //! `dispatch`, which calls them inside a `#[target_feature]` function so the generic body
 //! (all `#[inline(always)]`) is compiled for that ISA (the matrixmultiply/gemm pattern).
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 mod convert;
 pub(crate) mod gemm;
 #[cfg(target_arch = "aarch64")]
@@ -15,7 +17,13 @@ pub(crate) mod scratch;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+#[cfg(target_arch = "x86_64")]
+pub use amx::set_amx_enabled;
 pub use convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
+
+/// Process-wide switch for the AMX paths; there is no AMX off x86-64, so this does nothing.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn set_amx_enabled(_on: bool) {}
 
 use crate::error::{Error, Result};
 use half::{bf16, f16};

@@ -67,8 +67,20 @@ pub(crate) struct Encoder<'a, X, W: Element> {
 pub(crate) type Selections<A> = Vec<Vec<(A, u32)>>;
 
 impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
-    /// Runs the encoder and returns each row's selection.
+    /// Runs the encoder and returns each row's selection: top-k by AMX screening and exact
+    /// rescoring where that applies (`screen`, the same result), else the plain path.
     pub fn run(&self, isa: Isa, collect: Collect<'_, W::Acc>) -> Selections<W::Acc> {
+        #[cfg(target_arch = "x86_64")]
+        if let Collect::TopK { k, relu } = collect
+            && let Some(out) = super::screen::top_k(self, isa, k, relu)
+        {
+            return out;
+        }
+        self.run_plain(isa, collect)
+    }
+
+    /// The plain path: every score by SIMD FMA tiles, selected on the fly.
+    pub fn run_plain(&self, isa: Isa, collect: Collect<'_, W::Acc>) -> Selections<W::Acc> {
         let rows = self.rows;
         let chunks = self.latents.div_ceil(LATENT_CHUNK);
         let threads = rayon::current_num_threads();

@@ -19,6 +19,8 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod encode;
+#[cfg(target_arch = "x86_64")]
+mod screen;
 mod select;
 mod sparse;
 

@@ -1,0 +1,419 @@
+//! Intel AMX: bf16 tile products with f32 accumulation (Sapphire Rapids and later), for
+//! kernels that only need an approximate product with a known error bound — the encoder's
+//! screening pass (`topk::screen`), whose exact f32 rescoring keeps the results exact.
+//!
+//! AMX needs three things: the CPU bits (CPUID.7.0:EDX AMX-TILE and AMX-BF16), the kernel's
+//! permission for this process to use the tile data state (Linux: `arch_prctl`
+//! ARCH_REQ_XCOMP_PERM, asked once), and a tile configuration per thread (`ldtilecfg`, here
+//! [`Tiles`], released on drop). [`available`] checks all of it once; `NEUROKERNELS_NO_AMX=1`
+//! or [`set_amx_enabled`]`(false)` turns the AMX paths off (results are the same either way;
+//! only the speed differs).
+//!
+//! The tile instructions are emitted with inline assembly (Rust has no stable AMX
+//! intrinsics); the compiler never allocates tile registers itself, so the blocks name them
+//! directly. Operands are pre-packed 1 KiB tiles: an A tile is 16 rows × 32 bf16 (row-major),
+//! a B tile 16 pairs of depth × 16 columns × 2 bf16 (the VNNI layout TDPBF16PS reads).
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::marker::PhantomData;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// bf16 values per tile row (64 bytes), i.e. the depth one tile step covers.
+pub(crate) const TILE_DEPTH: usize = 32;
+/// Rows (A) or columns (B, C) of a tile.
+pub(crate) const TILE_ROWS: usize = 16;
+/// u16 elements of one packed tile.
+pub(crate) const TILE_ELEMS: usize = TILE_ROWS * TILE_DEPTH;
+
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Process-wide switch for the AMX paths (on by default where the CPU and OS allow them).
+/// Off, the kernels take their AVX-512 paths, with the same results.
+pub fn set_amx_enabled(on: bool) {
+    DISABLED.store(!on, Ordering::Relaxed);
+}
+
+fn env_disables() -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    *ENV.get_or_init(|| {
+        std::env::var("NEUROKERNELS_NO_AMX")
+            .map(|v| !v.is_empty() && v != "0")
+            .unwrap_or(false)
+    })
+}
+
+/// Whether AMX bf16 products can run here now: CPU support, the OS's permission, and not
+/// switched off.
+pub(crate) fn available() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    !DISABLED.load(Ordering::Relaxed)
+        && !env_disables()
+        && *GRANTED.get_or_init(|| {
+            cpu_has_amx() && std::arch::is_x86_feature_detected!("avx512bf16") && os_grants_tiles()
+        })
+}
+
+fn cpu_has_amx() -> bool {
+    let max_leaf = __cpuid(0).eax;
+    if max_leaf < 7 {
+        return false;
+    }
+    let edx = __cpuid_count(7, 0).edx;
+    let (amx_bf16, amx_tile) = (edx >> 22 & 1 == 1, edx >> 24 & 1 == 1);
+    amx_bf16 && amx_tile && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Asks Linux for this process's permission to use the AMX tile data (XTILEDATA, state
+/// component 18); other systems: no AMX here.
+fn os_grants_tiles() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        const SYS_ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let ret: i64;
+        // SAFETY: a plain arch_prctl system call; it only changes this process's permission
+        // to use an extended register state, and clobbers rcx/r11 as every syscall does.
+        unsafe {
+            asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => ret,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack)
+            );
+        }
+        ret == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}
+
+/// The 64-byte tile configuration: palette 1, all eight tiles 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn all_full() -> Self {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1; // palette
+        for t in 0..8 {
+            cfg[16 + 2 * t] = 64; // bytes per row (u16, little endian)
+            cfg[48 + t] = TILE_ROWS as u8; // rows
+        }
+        TileConfig(cfg)
+    }
+}
+
+/// The tiles configured on the current thread (not `Send`: the configuration is per thread);
+/// released on drop.
+pub(crate) struct Tiles {
+    _per_thread: PhantomData<*const ()>,
+}
+
+impl Tiles {
+    /// Configures the tiles on this thread, or `None` where AMX is not [`available`].
+    pub fn configure() -> Option<Tiles> {
+        if !available() {
+            return None;
+        }
+        let cfg = TileConfig::all_full();
+        // SAFETY: AMX is supported and permitted (checked above); the config is valid.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+        Some(Tiles {
+            _per_thread: PhantomData,
+        })
+    }
+
+    /// Starts C = A·B for a 32×32 block, in tmm0–3, over `steps` depth steps of 32: `a[i]`
+    /// is the first of `steps` consecutive packed A tiles of rows 16i..16i+16, `b[j]` likewise
+    /// the B tiles of columns 16j..16j+16. The products run on while the caller goes on;
+    /// [`Tiles::store_32x32`] takes the result (and must come before the next start).
+    ///
+    /// # Safety
+    /// `steps >= 1`; each pointer is valid for `steps` tiles (`steps · 1 KiB`).
+    #[inline(always)]
+    pub unsafe fn start_32x32(&self, a: [*const u16; 2], b: [*const u16; 2], steps: usize) {
+        debug_assert!(steps >= 1);
+        // SAFETY: per the contract above; tmm0–3 accumulate, tmm4–5 hold A, tmm6–7 B.
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "tileloadd tmm4, [{a0} + {stride}*1]",
+                "tileloadd tmm6, [{b0} + {stride}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {stride}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {stride}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a0}, 1024",
+                "add {a1}, 1024",
+                "add {b0}, 1024",
+                "add {b1}, 1024",
+                "dec {n}",
+                "jnz 2b",
+                a0 = inout(reg) a[0] => _,
+                a1 = inout(reg) a[1] => _,
+                b0 = inout(reg) b[0] => _,
+                b1 = inout(reg) b[1] => _,
+                n = inout(reg) steps => _,
+                stride = in(reg) 64usize,
+                options(nostack, readonly)
+            );
+        }
+    }
+
+    /// Stores the block started last as four 16×16 f32 tiles 1 KiB apart at `c`: rows 0–15 ×
+    /// columns 0–15, rows 0–15 × 16–31, rows 16–31 × 0–15, rows 16–31 × 16–31.
+    ///
+    /// # Safety
+    /// A block was started; `c` is valid for 4 KiB.
+    #[inline(always)]
+    pub unsafe fn store_32x32(&self, c: *mut f32) {
+        // SAFETY: per the contract above
+        unsafe {
+            asm!(
+                "tilestored [{c} + {stride}*1], tmm0",
+                "tilestored [{c} + {stride}*1 + 1024], tmm1",
+                "tilestored [{c} + {stride}*1 + 2048], tmm2",
+                "tilestored [{c} + {stride}*1 + 3072], tmm3",
+                c = in(reg) c,
+                stride = in(reg) 64usize,
+                options(nostack)
+            );
+        }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: the tiles were configured on this thread (Tiles is not Send).
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// Transposes a 16×16 block of 32-bit values held as 16 row vectors (64 shuffles).
+#[inline(always)]
+pub(crate) unsafe fn transpose16(r: &mut [__m512; 16]) {
+    unsafe {
+        // 32-bit interleave of row pairs, within 128-bit lanes
+        let mut t = [_mm512_setzero_ps(); 16];
+        for p in 0..8 {
+            t[2 * p] = _mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]);
+            t[2 * p + 1] = _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]);
+        }
+        // 64-bit interleave: u[4q + c], lane L = column 4L + c of rows 4q..4q+4
+        let mut u = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            let pd = |v: __m512| _mm512_castps_pd(v);
+            let (a, b) = (pd(t[4 * q]), pd(t[4 * q + 2]));
+            let (c, d) = (pd(t[4 * q + 1]), pd(t[4 * q + 3]));
+            u[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            u[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+            u[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+            u[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+        }
+        // 4×4 transpose of 128-bit lanes: row 4L + c gathers lane L of u[c], u[4 + c], ...
+        for c in 0..4 {
+            let p0 = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
+            let p1 = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
+            let p2 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
+            let p3 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
+            r[c] = _mm512_shuffle_f32x4::<0x88>(p0, p2);
+            r[4 + c] = _mm512_shuffle_f32x4::<0xDD>(p0, p2);
+            r[8 + c] = _mm512_shuffle_f32x4::<0x88>(p1, p3);
+            r[12 + c] = _mm512_shuffle_f32x4::<0xDD>(p1, p3);
+        }
+    }
+}
+
+/// Mask of the first `n` (≤ 16) lanes.
+#[inline(always)]
+pub(crate) fn lanes_mask(n: usize) -> u16 {
+    if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
+}
+
+/// 32 f32 at `p` (the first `n` ≤ 32 of them; the rest zero) as 32 bf16, nearest even.
+#[inline(always)]
+unsafe fn bf16x32(p: *const f32, n: usize) -> __m512i {
+    unsafe {
+        let lo = _mm512_maskz_loadu_ps(lanes_mask(n), p);
+        let hi = _mm512_maskz_loadu_ps(lanes_mask(n.saturating_sub(16)), p.add(16));
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+}
+
+/// Rows `x [n, dm]` (f32) as packed A tiles [row tile][depth step][16 rows][32], bf16; rows
+/// past `n` (up to `tiles · 16`) and depth past `dm` are zero.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX512-BF16 ([`available`] implies it); `x.len() >= n · dm`;
+/// `out.len() == row_tiles · steps · TILE_ELEMS` with `steps = dm.div_ceil(32)`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn pack_rows(x: &[f32], n: usize, dm: usize, out: &mut [u16]) {
+    let steps = dm.div_ceil(TILE_DEPTH);
+    debug_assert!(x.len() >= n * dm && out.len().is_multiple_of(steps * TILE_ELEMS));
+    for (t, tile_row) in out.chunks_exact_mut(steps * TILE_ELEMS).enumerate() {
+        for s in 0..steps {
+            let d0 = s * TILE_DEPTH;
+            let width = (dm - d0).min(TILE_DEPTH);
+            for i in 0..TILE_ROWS {
+                let row = t * TILE_ROWS + i;
+                let dst = tile_row[s * TILE_ELEMS + i * TILE_DEPTH..].as_mut_ptr();
+                // SAFETY: row < n reads x[row·dm + d0 .. + width]; the store is 64 bytes
+                // inside this tile.
+                unsafe {
+                    let v = if row < n {
+                        bf16x32(x.as_ptr().add(row * dm + d0), width)
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    _mm512_storeu_si512(dst.cast(), v);
+                }
+            }
+        }
+    }
+}
+
+/// Columns given as rows `w [n, dm]` (f32) as packed B tiles [column tile][depth step]
+/// [16 depth pairs][16 columns][2], bf16; columns past `n` and depth past `dm` are zero.
+///
+/// # Safety
+/// As [`pack_rows`], with `out.len() == col_tiles · steps · TILE_ELEMS`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn pack_columns(w: &[f32], n: usize, dm: usize, out: &mut [u16]) {
+    let steps = dm.div_ceil(TILE_DEPTH);
+    debug_assert!(w.len() >= n * dm && out.len().is_multiple_of(steps * TILE_ELEMS));
+    for (t, tile_col) in out.chunks_exact_mut(steps * TILE_ELEMS).enumerate() {
+        for s in 0..steps {
+            let d0 = s * TILE_DEPTH;
+            let width = (dm - d0).min(TILE_DEPTH);
+            // SAFETY: reads inside w's rows (col < n), writes the 1 KiB tile.
+            unsafe {
+                // one vector per column: its 16 depth pairs as 32-bit lanes
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (j, v) in r.iter_mut().enumerate() {
+                    let col = t * TILE_ROWS + j;
+                    if col < n {
+                        *v = _mm512_castsi512_ps(bf16x32(w.as_ptr().add(col * dm + d0), width));
+                    }
+                }
+                // → one vector per depth pair, the 16 columns side by side
+                transpose16(&mut r);
+                let dst = tile_col[s * TILE_ELEMS..].as_mut_ptr().cast::<f32>();
+                for (p, v) in r.iter().enumerate() {
+                    _mm512_storeu_ps(dst.add(p * 16), *v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16_round(x: f32) -> f32 {
+        half::bf16::from_f32(x).to_f32()
+    }
+
+    #[test]
+    fn transpose16_transposes() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 here: transpose16 not run");
+            return;
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run(a: &[f32; 256]) -> [f32; 256] {
+            unsafe {
+                let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(&a[16 * i]));
+                transpose16(&mut r);
+                let mut out = [0f32; 256];
+                for (i, v) in r.iter().enumerate() {
+                    _mm512_storeu_ps(&mut out[16 * i], *v);
+                }
+                out
+            }
+        }
+        let a: [f32; 256] = std::array::from_fn(|i| i as f32);
+        // SAFETY: AVX-512F checked above
+        let t = unsafe { run(&a) };
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(t[16 * j + i], a[16 * i + j], "element ({i}, {j})");
+            }
+        }
+    }
+
+    /// The packed tile product equals the bf16-rounded product summed in f64 (to f32
+    /// rounding), with rows, columns and depth not multiples of a tile.
+    #[test]
+    fn packed_tile_product_matches_the_bf16_product() {
+        let Some(tiles) = Tiles::configure() else {
+            eprintln!("no AMX here: tile product not run");
+            return;
+        };
+        let (n_rows, n_cols, dm): (usize, usize, usize) = (29, 21, 70);
+        let x: Vec<f32> = (0..n_rows * dm)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let w: Vec<f32> = (0..n_cols * dm)
+            .map(|i| ((i * 53 % 89) as f32 - 44.0) / 9.0)
+            .collect();
+        let steps = dm.div_ceil(TILE_DEPTH);
+        let mut a = vec![0u16; 2 * steps * TILE_ELEMS];
+        let mut b = vec![0u16; 2 * steps * TILE_ELEMS];
+        let mut c = vec![0f32; 1024];
+        // SAFETY: AMX available implies AVX-512F/BF16; buffers sized as documented.
+        unsafe {
+            pack_rows(&x, n_rows, dm, &mut a);
+            pack_columns(&w, n_cols, dm, &mut b);
+            let t = steps * TILE_ELEMS;
+            tiles.start_32x32(
+                [a.as_ptr(), a.as_ptr().add(t)],
+                [b.as_ptr(), b.as_ptr().add(t)],
+                steps,
+            );
+            tiles.store_32x32(c.as_mut_ptr());
+        }
+        for r in 0..32 {
+            for l in 0..32 {
+                let want: f64 = if r < n_rows && l < n_cols {
+                    (0..dm)
+                        .map(|d| {
+                            bf16_round(x[r * dm + d]) as f64 * bf16_round(w[l * dm + d]) as f64
+                        })
+                        .sum()
+                } else {
+                    0.0
+                };
+                let tile = (r / 16) * 2 + l / 16;
+                let magnitude: f64 = if r < n_rows && l < n_cols {
+                    (0..dm)
+                        .map(|d| {
+                            (bf16_round(x[r * dm + d]) as f64 * bf16_round(w[l * dm + d]) as f64)
+                                .abs()
+                        })
+                        .sum()
+                } else {
+                    0.0
+                };
+                let got = c[tile * 256 + (r % 16) * 16 + l % 16] as f64;
+                // f32 accumulation: at most dm roundings of partial sums bounded by magnitude
+                let bound = dm as f64 * f32::EPSILON as f64 * magnitude;
+                assert!((got - want).abs() <= bound, "({r}, {l}): {got} vs {want}");
+            }
+        }
+    }
+}

@@ -1,0 +1,802 @@
+//! AMX screening for the encoder's top-k (x86-64 with AMX-BF16, f32 accumulation; see
+//! `cpu::amx`), with results bit for bit those of the AVX-512 path.
+//!
+//! The plain encoder is bound by its 2·B·L·Dm multiply-adds at AVX-512 FMA speed. AMX does
+//! the same products in bf16 with f32 accumulation several times faster, but bf16 scores are
+//! not the f32 scores and the selection is exact. So the AMX scores only screen: each
+//! approximate score ṽ carries a rigorous bound |ṽ − v| ≤ e (below); each row keeps as
+//! candidates the latents whose upper bound ṽ + e reaches τ, the k-th largest lower bound
+//! ṽ − e among its candidates (at least k latents are known to score ≥ τ, so nothing whose
+//! upper bound is below τ can be in the top k). At the end each row's candidates (~4k per
+//! row on random data) are scored again with the plain path's arithmetic — the same
+//! sequential f32 FMA chain over d, then fma(s, scale, shift) — and selected under the same
+//! total order, so values, indices and ties equal the plain path's.
+//!
+//! The bound. bf16 rounding moves each x_d and w_d by a factor within 1 ± 2^-8; products of
+//! bf16 are exact in f32; an f32 sum of n = Dm terms, in any order, errs by at most
+//! γ_n·Σ|x_d w_d| (γ_n ≈ n·2^-24) — once in the AMX sum, once in the exact chain; AMX flushes
+//! denormals (≤ 2^-126 each). With Cauchy–Schwarz, Σ|x_d w_d| ≤ ‖x‖‖w‖:
+//! |s̃ − s| ≤ c1·(‖x‖ + δ)(‖w‖ + δ), c1 = (2^-7 + 2^-16 + 2.1·γ_n)(1 + 2^-10), δ = 2^-50
+//! (δ absorbs the absolute terms for Dm ≤ 2^16). Through v = fma(s, scale, shift), rounded
+//! once on each side: e = |scale|·c1·(‖x‖ + δ)(‖w‖ + δ)·(1 + 2^-19) + 2^-21·|ṽ| + 2^-140.
+//! Inputs whose norms are not finite or too large for that argument go the plain way: such
+//! rows one by one, such latents (or scales, shifts) the whole call.
+
+use super::encode::{Encoder, Selections};
+use super::select::TopList;
+use crate::cpu::Isa;
+use crate::cpu::amx::{self, TILE_DEPTH, TILE_ELEMS, TILE_ROWS, Tiles, lanes_mask};
+use crate::element::{Accum, Element};
+use rayon::prelude::*;
+use std::any::TypeId;
+use std::arch::x86_64::*;
+
+/// Latents packed to bf16 tiles at a time (3 MiB at Dm 768): each row block streams them.
+const SUPER_LATENTS: usize = 2048;
+/// Rows per task (their packed tiles, 768 KiB at Dm 768, stay in L2 while latents pass).
+const MAX_ROW_BLOCK: usize = 512;
+/// Below these sizes the plain path is as fast.
+const MIN_ROWS: usize = 64;
+const MIN_LATENTS: usize = 1024;
+/// δ in the bound's absolute terms is sized for Dm up to this.
+const MAX_DM: usize = 1 << 16;
+/// A row with more candidates than this (after pruning) is scored the plain way instead
+/// (e.g. a row with fewer than k positive pre-activations under ReLU, where every latent
+/// stays a candidate).
+const MIN_CANDIDATE_LIMIT: usize = 4096;
+
+const DELTA: f64 = 1.0 / (1u64 << 50) as f64;
+/// Rows with ‖x‖ at or above this go the plain way; latents need ‖w‖·|scale| below
+/// `MAX_W_SCALED`, shifts below `MAX_SHIFT` (so no exact score can overflow).
+const MAX_X_NORM: f64 = (1u64 << 60) as f64;
+const MAX_W_SCALED: f64 = (1u64 << 40) as f64;
+const MAX_SHIFT: f64 = 1e30;
+
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    lo: f32,
+    up: f32,
+    latent: u32,
+}
+
+/// A row's screening state.
+struct RowState {
+    /// Upper bounds must not be below this (NaN-safe compare) to make a candidate.
+    admit: f32,
+    candidates: Vec<Candidate>,
+    /// Prune when `candidates` reaches this.
+    cap: usize,
+    /// Scored the plain way (non-finite or huge norm, or too many candidates).
+    plain: bool,
+}
+
+/// `v` itself when W is f32.
+fn as_f32<W: Element>(v: &[W]) -> Option<&[f32]> {
+    (TypeId::of::<W>() == TypeId::of::<f32>()).then(|| bytemuck::cast_slice(v))
+}
+
+/// f32 up to which `x` (≥ 0) is rounded (the next f32 at or above it).
+fn round_up(x: f64) -> f32 {
+    let f = x as f32;
+    if (f as f64) < x { f.next_up() } else { f }
+}
+
+/// The top-k selections of `enc`'s rows by AMX screening and exact rescoring, or `None` where
+/// it does not apply (no AMX, not f32 accumulation, small sizes, unusual inputs); the caller
+/// then runs the plain path. Identical to the plain path's result otherwise.
+pub(super) fn top_k<X, W>(
+    enc: &Encoder<'_, X, W>,
+    isa: Isa,
+    k: usize,
+    relu: bool,
+) -> Option<Selections<W::Acc>>
+where
+    X: Element<Acc = W::Acc>,
+    W: Element,
+{
+    screened(enc, isa, k, relu).map(|(out, _)| out)
+}
+
+/// [`top_k`], with the number of rows that went the plain way.
+fn screened<X, W>(
+    enc: &Encoder<'_, X, W>,
+    isa: Isa,
+    k: usize,
+    relu: bool,
+) -> Option<(Selections<W::Acc>, usize)>
+where
+    X: Element<Acc = W::Acc>,
+    W: Element,
+{
+    let (rows, dm, latents) = (enc.rows, enc.dm, enc.latents);
+    if isa != Isa::Avx512
+        || TypeId::of::<W::Acc>() != TypeId::of::<f32>()
+        || rows < MIN_ROWS
+        || latents < MIN_LATENTS
+        || dm == 0
+        || dm > MAX_DM
+        || k == 0
+        || k > latents / 8
+        || latents > u32::MAX as usize
+        || !amx::available()
+    {
+        return None;
+    }
+    // W::Acc is f32 here, so these conversions are exact
+    let f = |a: W::Acc| a.to_f64() as f32;
+    let latent = latent_constants(enc, dm, f)?;
+    let (xc, xnorm) = centered_rows(enc, f);
+    let steps = dm.div_ceil(TILE_DEPTH);
+    let row_pairs = rows.div_ceil(2 * TILE_ROWS);
+    let pair_elems = 2 * steps * TILE_ELEMS;
+    let mut a = vec![0u16; row_pairs * pair_elems];
+    a.par_chunks_mut(pair_elems)
+        .enumerate()
+        .for_each(|(p, tiles)| {
+            let r0 = p * 2 * TILE_ROWS;
+            let n = (rows - r0).min(2 * TILE_ROWS);
+            // SAFETY: AMX available implies AVX-512F/BF16; 32 rows' tiles, x rows r0..r0+n.
+            unsafe { amx::pack_rows(&xc[r0 * dm..(r0 + n) * dm], n, dm, tiles) };
+        });
+    let limit = (latents / 8).max(MIN_CANDIDATE_LIMIT).max(16 * k);
+    let mut states: Vec<RowState> = xnorm
+        .iter()
+        .map(|&norm| RowState {
+            admit: f32::NEG_INFINITY,
+            candidates: Vec::new(),
+            cap: (4 * k).max(64),
+            plain: (norm as f64).is_nan() || norm as f64 >= MAX_X_NORM,
+        })
+        .collect();
+    let threads = rayon::current_num_threads();
+    let block = (rows / (2 * threads))
+        .next_multiple_of(2 * TILE_ROWS)
+        .clamp(2 * TILE_ROWS, MAX_ROW_BLOCK);
+    let mut b = Vec::new();
+    let mut wide: Vec<f32> = Vec::new();
+    for l0 in (0..latents).step_by(SUPER_LATENTS) {
+        let l1 = (l0 + SUPER_LATENTS).min(latents);
+        let w_rows: &[f32] = match as_f32(&enc.w[l0 * dm..l1 * dm]) {
+            Some(rows) => rows,
+            None => {
+                wide.clear();
+                wide.par_extend(enc.w[l0 * dm..l1 * dm].par_iter().map(|v| f(v.to_acc())));
+                &wide
+            }
+        };
+        let col_pairs = (l1 - l0).div_ceil(2 * TILE_ROWS);
+        b.resize(col_pairs * pair_elems, 0u16);
+        b.par_chunks_mut(pair_elems)
+            .enumerate()
+            .for_each(|(p, tiles)| {
+                let c0 = p * 2 * TILE_ROWS;
+                let n = (l1 - l0 - c0).min(2 * TILE_ROWS);
+                // SAFETY: as for the rows
+                unsafe { amx::pack_columns(&w_rows[c0 * dm..(c0 + n) * dm], n, dm, tiles) };
+            });
+        let chunk = Chunk {
+            b: &b,
+            l0,
+            n: l1 - l0,
+            wl: &latent.wl[l0..l1],
+            scale: &latent.scale[l0..l1],
+            shift: &latent.shift[l0..l1],
+        };
+        states
+            .par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(i, states)| {
+                let r0 = i * block;
+                let task = Block {
+                    a: &a[r0 / (2 * TILE_ROWS) * pair_elems..],
+                    steps,
+                    xnorm: &xnorm[r0..r0 + states.len()],
+                    k,
+                    relu,
+                    limit,
+                };
+                let tiles = Tiles::configure().expect("AMX was available a moment ago");
+                // SAFETY: AMX (hence AVX-512F) available; the tiles and slices as built above.
+                unsafe { task.screen(&tiles, &chunk, states) };
+            });
+    }
+    let mut out: Selections<W::Acc> = vec![Vec::new(); rows];
+    let widened = as_f32(enc.w);
+    out.par_iter_mut()
+        .zip(states.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, (out, state))| {
+            if state.plain {
+                return;
+            }
+            prune(state, k, relu, usize::MAX);
+            let mut picked: Vec<u32> = state.candidates.iter().map(|c| c.latent).collect();
+            picked.sort_unstable();
+            let x = &xc[r * dm..(r + 1) * dm];
+            let rescore = Rescore {
+                w: enc.w,
+                widened,
+                dm,
+                scale: &latent.scale,
+                shift: &latent.shift,
+                relu,
+            };
+            *out = rescore.top_k(x, &picked, k)
+        });
+    let plain: Vec<usize> = (0..rows).filter(|&r| states[r].plain).collect();
+    if !plain.is_empty() {
+        let x: Vec<X> = plain
+            .iter()
+            .flat_map(|&r| enc.x[r * dm..(r + 1) * dm].iter().copied())
+            .collect();
+        let row_scale: Option<Vec<W::Acc>> =
+            enc.row_scale.map(|s| plain.iter().map(|&r| s[r]).collect());
+        let sub = Encoder {
+            x: &x,
+            rows: plain.len(),
+            row_scale: row_scale.as_deref(),
+            ..*enc
+        };
+        let again = sub.run_plain(isa, super::encode::Collect::TopK { k, relu });
+        for (&r, sel) in plain.iter().zip(again) {
+            out[r] = sel;
+        }
+    }
+    Some((out, plain.len()))
+}
+
+/// Per-latent f32 constants of the bound and the epilogue.
+struct LatentConstants {
+    /// |scale|·c1·(‖w‖ + δ)·(1 + 2^-19), rounded up.
+    wl: Vec<f32>,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+}
+
+/// The latents' constants, or `None` if some latent's norm, scale or shift is unusable.
+fn latent_constants<X, W>(
+    enc: &Encoder<'_, X, W>,
+    dm: usize,
+    f: impl Fn(W::Acc) -> f32 + Sync,
+) -> Option<LatentConstants>
+where
+    X: Element<Acc = W::Acc>,
+    W: Element,
+{
+    let gamma = dm as f64 * 2f64.powi(-24) / (1.0 - dm as f64 * 2f64.powi(-24));
+    let c1 = (2f64.powi(-7) + 2f64.powi(-16) + 2.1 * gamma) * (1.0 + 2f64.powi(-10));
+    let n = enc.latents;
+    let scale: Vec<f32> = (0..n).map(|l| enc.scale.map_or(1.0, |s| f(s[l]))).collect();
+    let shift: Vec<f32> = (0..n).map(|l| enc.shift.map_or(0.0, |s| f(s[l]))).collect();
+    let wl: Vec<Option<f32>> = enc
+        .w
+        .par_chunks(dm)
+        .zip(scale.par_iter().zip(&shift))
+        .map(|(row, (&sc, &sh))| {
+            let sq: f64 = row.iter().map(|v| (f(v.to_acc()) as f64).powi(2)).sum();
+            let norm = sq.sqrt() * (1.0 + 2f64.powi(-40)) + DELTA;
+            let scaled = norm * (sc as f64).abs();
+            let usable = scaled < MAX_W_SCALED && (sh as f64).abs() < MAX_SHIFT;
+            usable.then(|| round_up(c1 * scaled * (1.0 + 2f64.powi(-19))))
+        })
+        .collect();
+    let wl: Option<Vec<f32>> = wl.into_iter().collect();
+    Some(LatentConstants {
+        wl: wl?,
+        scale,
+        shift,
+    })
+}
+
+/// The rows as the plain path computes them, (x − offset)·row_scale in f32, and their norms
+/// plus δ (rounded up; NaN or ∞ where a row is not finite).
+fn centered_rows<X, W>(
+    enc: &Encoder<'_, X, W>,
+    f: impl Fn(W::Acc) -> f32 + Sync,
+) -> (Vec<f32>, Vec<f32>)
+where
+    X: Element<Acc = W::Acc>,
+    W: Element,
+{
+    let dm = enc.dm;
+    let offset: Option<Vec<f32>> = enc.offset.map(|o| o.iter().map(|&v| f(v)).collect());
+    let mut xc = vec![0f32; enc.rows * dm];
+    let mut norms = vec![0f32; enc.rows];
+    xc.par_chunks_mut(dm)
+        .zip(norms.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, (row, norm))| {
+            let rs = enc.row_scale.map_or(1.0, |s| f(s[r]));
+            let mut sq = 0f64;
+            for (d, out) in row.iter_mut().enumerate() {
+                let v = f(enc.x[r * dm + d].to_acc());
+                let centered = match &offset {
+                    Some(o) => v - o[d],
+                    None => v,
+                };
+                *out = centered * rs;
+                sq += (*out as f64) * (*out as f64);
+            }
+            let n = sq.sqrt() * (1.0 + 2f64.powi(-40)) + DELTA;
+            *norm = if n.is_finite() { round_up(n) } else { f32::NAN };
+        });
+    (xc, norms)
+}
+
+/// One super-chunk of latents, packed.
+struct Chunk<'a> {
+    b: &'a [u16],
+    l0: usize,
+    n: usize,
+    wl: &'a [f32],
+    scale: &'a [f32],
+    shift: &'a [f32],
+}
+
+/// One task: a block of rows (their packed tiles from `a`'s start) against a chunk.
+struct Block<'a> {
+    a: &'a [u16],
+    steps: usize,
+    xnorm: &'a [f32],
+    k: usize,
+    relu: bool,
+    limit: usize,
+}
+
+#[repr(C, align(64))]
+struct TileBuf([f32; 1024]);
+
+/// The constants of one pair of latent tiles (32 latents) of a chunk.
+struct LatentPair {
+    cp: usize,
+    latent0: u32,
+    /// Valid lanes of each half of 16.
+    valid: [u16; 2],
+    /// scale, shift, wl per half (zero past the chunk's end).
+    vectors: [[__m512; 3]; 2],
+}
+
+impl LatentPair {
+    #[inline(always)]
+    fn new(chunk: &Chunk<'_>, cp: usize) -> Self {
+        let c0 = cp * 2 * TILE_ROWS;
+        let mut pair = LatentPair {
+            cp,
+            latent0: (chunk.l0 + c0) as u32,
+            valid: [0; 2],
+            // SAFETY: AVX-512F (callers run under it)
+            vectors: [[unsafe { _mm512_setzero_ps() }; 3]; 2],
+        };
+        for h in 0..2 {
+            let first = c0 + h * TILE_ROWS;
+            let n = chunk.n.saturating_sub(first).min(TILE_ROWS);
+            let mask = lanes_mask(n);
+            pair.valid[h] = if n > 0 { mask } else { 0 };
+            if n > 0 {
+                // SAFETY: first + n <= chunk.n, within the constants' slices
+                unsafe {
+                    pair.vectors[h] = [
+                        _mm512_maskz_loadu_ps(mask, chunk.scale.as_ptr().add(first)),
+                        _mm512_maskz_loadu_ps(mask, chunk.shift.as_ptr().add(first)),
+                        _mm512_maskz_loadu_ps(mask, chunk.wl.as_ptr().add(first)),
+                    ];
+                }
+            }
+        }
+        pair
+    }
+}
+
+impl Block<'_> {
+    /// Screens the chunk's latents for the block's rows, 32 × 32 scores at a time.
+    ///
+    /// Software-pipelined: the next block's tile products are started before this block's
+    /// scores are examined, so the AVX-512 epilogue runs while the AMX unit works (examined
+    /// after the products, the epilogue's loads waited for the tile stores, and the products
+    /// for the epilogue: ~3× slower).
+    ///
+    /// # Safety
+    /// AMX is configured (`tiles`); `a` holds the block's row pairs and `chunk.b` the chunk's
+    /// column pairs, each `2 · steps` tiles; `states` has one entry per row of the block.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn screen(&self, tiles: &Tiles, chunk: &Chunk<'_>, states: &mut [RowState]) {
+        let pair = 2 * self.steps * TILE_ELEMS;
+        let tile = self.steps * TILE_ELEMS;
+        let mut bufs = [TileBuf([0.0; 1024]), TileBuf([0.0; 1024])];
+        let row_pairs = states.len().div_ceil(2 * TILE_ROWS);
+        let blocks = chunk.n.div_ceil(2 * TILE_ROWS) * row_pairs;
+        let start = |j: usize| {
+            let (cp, rp) = (j / row_pairs, j % row_pairs);
+            let a = self.a[rp * pair..].as_ptr();
+            let b = chunk.b[cp * pair..].as_ptr();
+            // SAFETY: the pairs hold 2·steps tiles each (see the contract)
+            unsafe { tiles.start_32x32([a, a.add(tile)], [b, b.add(tile)], self.steps) };
+        };
+        start(0);
+        let mut consts = LatentPair::new(chunk, 0);
+        for j in 0..blocks {
+            let buf = &mut bufs[j % 2];
+            // SAFETY: 4 KiB buffer; block j was started
+            unsafe { tiles.store_32x32(buf.0.as_mut_ptr()) };
+            if j + 1 < blocks {
+                start(j + 1);
+            }
+            let (cp, rp) = (j / row_pairs, j % row_pairs);
+            if consts.cp != cp {
+                consts = LatentPair::new(chunk, cp);
+            }
+            // SAFETY: AVX-512F (this function's feature)
+            unsafe { self.examine(buf, &consts, rp, states) };
+        }
+    }
+
+    /// The epilogue of one 32 × 32 block: bounds, admission compare, candidates.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn examine(&self, c: &TileBuf, consts: &LatentPair, rp: usize, states: &mut [RowState]) {
+        let tiny = _mm512_set1_ps(2f32.powi(-140));
+        let rel = _mm512_set1_ps(2f32.powi(-21));
+        let row0 = rp * 2 * TILE_ROWS;
+        for i in 0..(states.len() - row0).min(2 * TILE_ROWS) {
+            let row = row0 + i;
+            let state = &mut states[row];
+            if state.plain {
+                continue;
+            }
+            let xr = _mm512_set1_ps(self.xnorm[row]);
+            for h in 0..2 {
+                let valid = consts.valid[h];
+                if valid == 0 {
+                    continue;
+                }
+                let [scale, shift, wl] = consts.vectors[h];
+                // C tile (i / 16, h): rows 16·(i/16).., latents 16·h..
+                let at = ((i / TILE_ROWS) * 2 + h) * 256 + (i % TILE_ROWS) * 16;
+                // SAFETY: `at + 16 <= 1024`
+                let s = unsafe { _mm512_loadu_ps(c.0.as_ptr().add(at)) };
+                let v = _mm512_fmadd_ps(s, scale, shift);
+                let e = _mm512_fmadd_ps(xr, wl, tiny);
+                let e = _mm512_fmadd_ps(_mm512_abs_ps(v), rel, e);
+                let up = _mm512_add_ps(v, e);
+                let admit = _mm512_set1_ps(state.admit);
+                let mask = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(up, admit) & valid;
+                if mask != 0 {
+                    let lo = _mm512_sub_ps(v, e);
+                    let (mut ups, mut los) = ([0f32; 16], [0f32; 16]);
+                    // SAFETY: 16 floats each
+                    unsafe {
+                        _mm512_storeu_ps(ups.as_mut_ptr(), up);
+                        _mm512_storeu_ps(los.as_mut_ptr(), lo);
+                    }
+                    let latent0 = consts.latent0 + (h * TILE_ROWS) as u32;
+                    self.admit(state, mask, &ups, &los, latent0);
+                }
+            }
+        }
+    }
+
+    /// Adds the lanes of `mask` as candidates, pruning when the list is full.
+    #[inline(never)]
+    fn admit(
+        &self,
+        state: &mut RowState,
+        mask: u16,
+        ups: &[f32; 16],
+        los: &[f32; 16],
+        latent0: u32,
+    ) {
+        let mut bits = mask;
+        while bits != 0 && !state.plain {
+            let lane = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            state.candidates.push(Candidate {
+                lo: los[lane],
+                up: ups[lane],
+                latent: latent0 + lane as u32,
+            });
+            if state.candidates.len() >= state.cap {
+                prune(state, self.k, self.relu, self.limit);
+            }
+        }
+    }
+}
+
+/// τ = the k-th largest lower bound (of the ReLU'd value, where `relu`) among the candidates;
+/// drops those whose upper bound is below it and sets the admission bound. A row left with
+/// more than `limit` candidates goes the plain way.
+fn prune(state: &mut RowState, k: usize, relu: bool, limit: usize) {
+    let cands = &mut state.candidates;
+    if cands.len() >= k {
+        let mut lows: Vec<f32> = cands
+            .iter()
+            .map(|c| {
+                // NaN bounds nothing; ReLU'd values are ≥ 0 whatever the bound
+                let lo = if c.lo.is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    c.lo
+                };
+                if relu { lo.max(0.0) } else { lo }
+            })
+            .collect();
+        let (_, &mut tau, _) = lows.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        // under ReLU with τ = 0 every latent may still tie at zero: keep all
+        let keep_all = relu && tau <= 0.0;
+        if !keep_all {
+            // a NaN upper bound stays
+            cands.retain(|c| c.up.is_nan() || c.up >= tau);
+        }
+        state.admit = if keep_all { f32::NEG_INFINITY } else { tau };
+    }
+    state.cap = (2 * cands.len()).max(4 * k).max(64);
+    if cands.len() > limit {
+        state.plain = true;
+        state.candidates = Vec::new();
+    }
+}
+
+/// Exact rescoring of candidates with the plain path's arithmetic.
+struct Rescore<'a, W: Element> {
+    w: &'a [W],
+    /// `w` itself when W is f32.
+    widened: Option<&'a [f32]>,
+    dm: usize,
+    scale: &'a [f32],
+    shift: &'a [f32],
+    relu: bool,
+}
+
+impl<W: Element> Rescore<'_, W> {
+    /// The best k of `latents` (sorted) for the row `x`, best first.
+    fn top_k(&self, x: &[f32], latents: &[u32], k: usize) -> Vec<(W::Acc, u32)> {
+        let dm = self.dm;
+        let mut list = TopList::<W::Acc>::new(k);
+        let mut scratch = Vec::new();
+        for group in latents.chunks(16) {
+            let rows: [*const f32; 16] = match self.widened {
+                Some(w) => std::array::from_fn(|i| {
+                    let l = group[i.min(group.len() - 1)] as usize;
+                    w[l * dm..].as_ptr()
+                }),
+                None => {
+                    scratch.clear();
+                    for &l in group {
+                        let row = &self.w[l as usize * dm..(l as usize + 1) * dm];
+                        scratch.extend(row.iter().map(|v| v.to_acc().to_f64() as f32));
+                    }
+                    std::array::from_fn(|i| scratch[i.min(group.len() - 1) * dm..].as_ptr())
+                }
+            };
+            // SAFETY: AVX-512F is available (AMX implies it); each pointer has dm floats.
+            let sums = unsafe { sequential_dots(x, &rows, dm) };
+            for (&l, &s) in group.iter().zip(&sums) {
+                let l = l as usize;
+                let v = s.mul_add(self.scale[l], self.shift[l]);
+                let v = if self.relu && v <= 0.0 { 0.0 } else { v };
+                list.push(W::Acc::from_f64(v as f64), l as u32);
+            }
+        }
+        list.into_sorted()
+    }
+}
+
+/// Σ_d rows[i][d]·x[d] for 16 rows as the plain path sums: one FMA at a time in d order from
+/// +0 (lane i is row i; rows' blocks of 16 transposed in registers).
+///
+/// # Safety
+/// AVX-512F; each `rows[i]` is valid for `dm` floats, `x.len() >= dm`.
+#[target_feature(enable = "avx512f")]
+unsafe fn sequential_dots(x: &[f32], rows: &[*const f32; 16], dm: usize) -> [f32; 16] {
+    let mut acc = _mm512_setzero_ps();
+    let mut d0 = 0;
+    while d0 < dm {
+        let rem = (dm - d0).min(16);
+        let mask = lanes_mask(rem);
+        // SAFETY: the first `rem` floats at d0 of each row (masked load)
+        let mut r: [__m512; 16] =
+            std::array::from_fn(|i| unsafe { _mm512_maskz_loadu_ps(mask, rows[i].add(d0)) });
+        // SAFETY: AVX-512F
+        unsafe { amx::transpose16(&mut r) };
+        if rem == 16 {
+            for (j, v) in r.iter().enumerate() {
+                acc = _mm512_fmadd_ps(*v, _mm512_set1_ps(x[d0 + j]), acc);
+            }
+        } else {
+            for (j, v) in r.iter().enumerate().take(rem) {
+                acc = _mm512_fmadd_ps(*v, _mm512_set1_ps(x[d0 + j]), acc);
+            }
+        }
+        d0 += 16;
+    }
+    let mut out = [0f32; 16];
+    // SAFETY: 16 floats
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), acc) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::encode::Collect;
+    use super::*;
+    use half::bf16;
+
+    fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    /// The screened result equals the plain path's, bit for bit (values and indices).
+    /// Returns how many rows went the plain way.
+    fn assert_same<X, W>(enc: &Encoder<'_, X, W>, k: usize, relu: bool, what: &str) -> usize
+    where
+        X: Element<Acc = W::Acc>,
+        W: Element,
+    {
+        let (screened, plain_rows) =
+            screened(enc, Isa::Avx512, k, relu).expect("screening applies");
+        let plain = enc.run_plain(Isa::Avx512, Collect::TopK { k, relu });
+        assert_eq!(screened.len(), plain.len());
+        for (r, (a, b)) in screened.iter().zip(&plain).enumerate() {
+            let bits = |v: &[(W::Acc, u32)]| -> Vec<(u64, u32)> {
+                v.iter().map(|&(x, i)| (x.to_f64().to_bits(), i)).collect()
+            };
+            assert_eq!(bits(a), bits(b), "{what}: row {r}");
+        }
+        plain_rows
+    }
+
+    fn amx_here() -> bool {
+        let ok = Isa::Avx512.is_supported() && amx::available();
+        if !ok {
+            eprintln!("no AMX here: the screened encoder is not run");
+        }
+        ok
+    }
+
+    #[test]
+    fn screened_top_k_is_the_plain_top_k() {
+        if !amx_here() {
+            return;
+        }
+        // sizes off every tile: rows 200 (not /32), Dm 100 (not /32), L 3001 (not /16)
+        let (rows, dm, latents) = (200, 100, 3001);
+        let mut x = data(rows * dm, 1, 2.0);
+        let mut w = data(latents * dm, 2, 0.3);
+        // an exact tie: latent 2900 repeats latent 7
+        let copy = w[7 * dm..8 * dm].to_vec();
+        w[2900 * dm..2901 * dm].copy_from_slice(&copy);
+        let b_enc = data(latents, 3, 0.2);
+        let b_dec = data(dm, 4, 0.5);
+        // rows the plain way: all-negative pre-activations under ReLU, a NaN, a huge norm
+        for v in &mut x[3 * dm..4 * dm] {
+            *v = 0.0;
+        }
+        x[10 * dm + 5] = f32::NAN;
+        x[11 * dm] = 1e30;
+        let mut neg = b_enc.clone();
+        neg[..].iter_mut().for_each(|v| *v = -v.abs() - 1.0);
+        for k in [1, 7, 32, 300] {
+            let enc = Encoder::<f32, f32> {
+                x: &x,
+                rows,
+                dm,
+                offset: Some(&b_dec),
+                row_scale: None,
+                w: &w,
+                latents,
+                scale: None,
+                shift: Some(&b_enc),
+            };
+            // only the NaN row and the huge one go the plain way
+            assert_eq!(assert_same(&enc, k, true, &format!("sae k={k}")), 2);
+            assert_eq!(assert_same(&enc, k, false, &format!("no relu k={k}")), 2);
+            // every row below zero but the zero row's shifts: ReLU zeros tie everywhere
+            let all_negative = Encoder {
+                shift: Some(&neg),
+                ..enc
+            };
+            // (the zero row keeps every latent as a candidate: 3001 are under the limit)
+            assert_eq!(
+                assert_same(&all_negative, k, true, &format!("negative k={k}")),
+                2
+            );
+        }
+        // scale and shift per latent, a row scale (codebook.nearest's l2 and cosine forms)
+        let scale: Vec<f32> = (0..latents).map(|l| 0.5 + (l % 7) as f32 * 0.25).collect();
+        let row_scale: Vec<f32> = (0..rows).map(|r| 1.0 + (r % 5) as f32).collect();
+        let enc = Encoder::<f32, f32> {
+            x: &x,
+            rows,
+            dm,
+            offset: None,
+            row_scale: Some(&row_scale),
+            w: &w,
+            latents,
+            scale: Some(&scale),
+            shift: Some(&b_enc),
+        };
+        assert_eq!(assert_same(&enc, 5, false, "scaled"), 2);
+    }
+
+    #[test]
+    fn screened_top_k_in_bf16_is_the_plain_top_k() {
+        if !amx_here() {
+            return;
+        }
+        let (rows, dm, latents) = (70, 64, 2048);
+        let to = |v: Vec<f32>| -> Vec<bf16> { v.into_iter().map(bf16::from_f32).collect() };
+        let x = to(data(rows * dm, 5, 2.0));
+        let w = to(data(latents * dm, 6, 0.3));
+        let b_enc: Vec<f32> = data(latents, 7, 0.2);
+        let enc = Encoder::<bf16, bf16> {
+            x: &x,
+            rows,
+            dm,
+            offset: None,
+            row_scale: None,
+            w: &w,
+            latents,
+            scale: None,
+            shift: Some(&b_enc),
+        };
+        assert_eq!(assert_same(&enc, 16, true, "bf16"), 0);
+    }
+
+    /// A row with fewer than k positive scores under ReLU keeps every latent as a candidate;
+    /// past the candidate limit it goes the plain way, with the same result.
+    #[test]
+    fn rows_without_positives_go_the_plain_way() {
+        if !amx_here() {
+            return;
+        }
+        let (rows, dm, latents) = (64, 32, 40_000);
+        let mut x = data(rows * dm, 10, 1.0);
+        let w = data(latents * dm, 11, 1.0);
+        let shift = vec![-1.0f32; latents];
+        for v in &mut x[..dm] {
+            *v = 0.0;
+        }
+        let enc = Encoder::<f32, f32> {
+            x: &x,
+            rows,
+            dm,
+            offset: None,
+            row_scale: None,
+            w: &w,
+            latents,
+            scale: None,
+            shift: Some(&shift),
+        };
+        assert_eq!(assert_same(&enc, 8, true, "zero row"), 1);
+    }
+
+    /// Unusable latents (a huge row) make the whole call go the plain way.
+    #[test]
+    fn huge_latents_are_not_screened() {
+        if !amx_here() {
+            return;
+        }
+        let (rows, dm, latents) = (64, 32, 1024);
+        let x = data(rows * dm, 8, 1.0);
+        let mut w = data(latents * dm, 9, 1.0);
+        w[5] = 1e20;
+        let enc = Encoder::<f32, f32> {
+            x: &x,
+            rows,
+            dm,
+            offset: None,
+            row_scale: None,
+            w: &w,
+            latents,
+            scale: None,
+            shift: None,
+        };
+        assert!(top_k(&enc, Isa::Avx512, 4, true).is_none());
+    }
+}
