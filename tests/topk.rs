@@ -212,6 +212,8 @@ const SHAPES: &[(usize, usize, usize, usize)] = &[
     (17, 32, 1031, 8),
     (70, 24, 600, 32),
     (300, 8, 50, 4),
+    // large enough for the AMX screening where the CPU has it (B >= 64, L >= 1024, k <= L/8)
+    (96, 40, 2053, 8),
     // Dm = 0: every score is its latent's bias
     (3, 0, 13, 2),
     // Dm so large that the rows are packed in several groups (of 192 f32 / 96 f64 rows)

@@ -244,43 +244,85 @@ pub(crate) fn lanes_mask(n: usize) -> u16 {
     if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
 }
 
-/// 32 f32 at `p` (the first `n` ≤ 32 of them; the rest zero) as 32 bf16, nearest even.
+/// 32 f32 at `p` (the first `n` ≤ 32 of them; the rest zero) as 32 bf16, nearest even, and
+/// the residuals' and values' squares added to `sums` (lane-wise: [Σ v², Σ (v − ṽ)²]), where
+/// ṽ is the value the tile product uses (a bf16 denormal counts as zero: AMX flushes it).
 #[inline(always)]
-unsafe fn bf16x32(p: *const f32, n: usize) -> __m512i {
+unsafe fn bf16x32(p: *const f32, n: usize, sums: &mut [__m512; 2]) -> __m512i {
     unsafe {
         let lo = _mm512_maskz_loadu_ps(lanes_mask(n), p);
         let hi = _mm512_maskz_loadu_ps(lanes_mask(n.saturating_sub(16)), p.add(16));
-        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+        let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+        // the bf16 values back as f32: elements 0–15 (from lo) and 16–31 (from hi), each
+        // widened to 32 bits and shifted into the f32's high half
+        let widen = |half: __m256i| {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)))
+        };
+        let back_lo = widen(_mm512_castsi512_si256(packed));
+        let back_hi = widen(_mm512_extracti64x4_epi64::<1>(packed));
+        let min_normal = _mm512_set1_ps(f32::MIN_POSITIVE);
+        for (v, back) in [(lo, back_lo), (hi, back_hi)] {
+            let normal = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(back), min_normal);
+            let used = _mm512_maskz_mov_ps(normal, back);
+            let residual = _mm512_sub_ps(v, used);
+            sums[0] = _mm512_fmadd_ps(v, v, sums[0]);
+            sums[1] = _mm512_fmadd_ps(residual, residual, sums[1]);
+        }
+        packed
     }
 }
 
+/// Lane sums of `v` in f64 (each lane an f32 sum of at most `terms` squares): an upper bound
+/// of the exact sum, inflated by the f32 summation error.
+#[inline(always)]
+unsafe fn upper_sum(v: __m512, terms: usize) -> f64 {
+    let mut lanes = [0f32; 16];
+    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+    let sum: f64 = lanes.iter().map(|&x| x as f64).sum();
+    sum * (1.0 + (terms + 1) as f64 * f32::EPSILON as f64)
+}
+
 /// Rows `x [n, dm]` (f32) as packed A tiles [row tile][depth step][16 rows][32], bf16; rows
-/// past `n` (up to `tiles · 16`) and depth past `dm` are zero.
+/// past `n` (up to `tiles · 16`) and depth past `dm` are zero. `norms[i]` gets upper bounds
+/// of row i's ‖x‖² and ‖x − x̃‖² (x̃ the values the tiles hold).
 ///
 /// # Safety
 /// The CPU has AVX-512F and AVX512-BF16 ([`available`] implies it); `x.len() >= n · dm`;
-/// `out.len() == row_tiles · steps · TILE_ELEMS` with `steps = dm.div_ceil(32)`.
+/// `out.len() == row_tiles · steps · TILE_ELEMS` with `steps = dm.div_ceil(32)`;
+/// `norms.len() >= n`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(crate) unsafe fn pack_rows(x: &[f32], n: usize, dm: usize, out: &mut [u16]) {
+pub(crate) unsafe fn pack_rows(
+    x: &[f32],
+    n: usize,
+    dm: usize,
+    out: &mut [u16],
+    norms: &mut [[f64; 2]],
+) {
     let steps = dm.div_ceil(TILE_DEPTH);
     debug_assert!(x.len() >= n * dm && out.len().is_multiple_of(steps * TILE_ELEMS));
     for (t, tile_row) in out.chunks_exact_mut(steps * TILE_ELEMS).enumerate() {
-        for s in 0..steps {
-            let d0 = s * TILE_DEPTH;
-            let width = (dm - d0).min(TILE_DEPTH);
-            for i in 0..TILE_ROWS {
-                let row = t * TILE_ROWS + i;
+        for i in 0..TILE_ROWS {
+            let row = t * TILE_ROWS + i;
+            let mut sums = [_mm512_setzero_ps(); 2];
+            for s in 0..steps {
+                let d0 = s * TILE_DEPTH;
+                let width = (dm - d0).min(TILE_DEPTH);
                 let dst = tile_row[s * TILE_ELEMS + i * TILE_DEPTH..].as_mut_ptr();
                 // SAFETY: row < n reads x[row·dm + d0 .. + width]; the store is 64 bytes
                 // inside this tile.
                 unsafe {
                     let v = if row < n {
-                        bf16x32(x.as_ptr().add(row * dm + d0), width)
+                        bf16x32(x.as_ptr().add(row * dm + d0), width, &mut sums)
                     } else {
                         _mm512_setzero_si512()
                     };
                     _mm512_storeu_si512(dst.cast(), v);
                 }
+            }
+            if row < n {
+                // SAFETY: AVX-512F
+                norms[row] =
+                    unsafe { [upper_sum(sums[0], steps * 2), upper_sum(sums[1], steps * 2)] };
             }
         }
     }
@@ -288,14 +330,22 @@ pub(crate) unsafe fn pack_rows(x: &[f32], n: usize, dm: usize, out: &mut [u16]) 
 
 /// Columns given as rows `w [n, dm]` (f32) as packed B tiles [column tile][depth step]
 /// [16 depth pairs][16 columns][2], bf16; columns past `n` and depth past `dm` are zero.
+/// `norms` as for [`pack_rows`], per column.
 ///
 /// # Safety
 /// As [`pack_rows`], with `out.len() == col_tiles · steps · TILE_ELEMS`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub(crate) unsafe fn pack_columns(w: &[f32], n: usize, dm: usize, out: &mut [u16]) {
+pub(crate) unsafe fn pack_columns(
+    w: &[f32],
+    n: usize,
+    dm: usize,
+    out: &mut [u16],
+    norms: &mut [[f64; 2]],
+) {
     let steps = dm.div_ceil(TILE_DEPTH);
     debug_assert!(w.len() >= n * dm && out.len().is_multiple_of(steps * TILE_ELEMS));
     for (t, tile_col) in out.chunks_exact_mut(steps * TILE_ELEMS).enumerate() {
+        let mut sums = [[_mm512_setzero_ps(); 2]; 16];
         for s in 0..steps {
             let d0 = s * TILE_DEPTH;
             let width = (dm - d0).min(TILE_DEPTH);
@@ -306,7 +356,8 @@ pub(crate) unsafe fn pack_columns(w: &[f32], n: usize, dm: usize, out: &mut [u16
                 for (j, v) in r.iter_mut().enumerate() {
                     let col = t * TILE_ROWS + j;
                     if col < n {
-                        *v = _mm512_castsi512_ps(bf16x32(w.as_ptr().add(col * dm + d0), width));
+                        let p = w.as_ptr().add(col * dm + d0);
+                        *v = _mm512_castsi512_ps(bf16x32(p, width, &mut sums[j]));
                     }
                 }
                 // → one vector per depth pair, the 16 columns side by side
@@ -315,6 +366,14 @@ pub(crate) unsafe fn pack_columns(w: &[f32], n: usize, dm: usize, out: &mut [u16
                 for (p, v) in r.iter().enumerate() {
                     _mm512_storeu_ps(dst.add(p * 16), *v);
                 }
+            }
+        }
+        for (j, sums) in sums.iter().enumerate() {
+            let col = t * TILE_ROWS + j;
+            if col < n {
+                // SAFETY: AVX-512F
+                norms[col] =
+                    unsafe { [upper_sum(sums[0], steps * 2), upper_sum(sums[1], steps * 2)] };
             }
         }
     }
@@ -377,8 +436,39 @@ mod tests {
         let mut c = vec![0f32; 1024];
         // SAFETY: AMX available implies AVX-512F/BF16; buffers sized as documented.
         unsafe {
-            pack_rows(&x, n_rows, dm, &mut a);
-            pack_columns(&w, n_cols, dm, &mut b);
+            let (mut xn, mut wn) = (vec![[0.0; 2]; n_rows], vec![[0.0; 2]; n_cols]);
+            pack_rows(&x, n_rows, dm, &mut a, &mut xn);
+            pack_columns(&w, n_cols, dm, &mut b, &mut wn);
+            for (r, n) in xn.iter().enumerate() {
+                let row = &x[r * dm..(r + 1) * dm];
+                let sq: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+                let res: f64 = row
+                    .iter()
+                    .map(|&v| (v as f64 - bf16_round(v) as f64).powi(2))
+                    .sum();
+                assert!(
+                    n[0] >= sq && n[0] <= sq * 1.001,
+                    "row {r}: {} vs {sq}",
+                    n[0]
+                );
+                assert!(
+                    n[1] >= res && n[1] <= res * 1.001 + 1e-30,
+                    "row {r}: {} vs {res}",
+                    n[1]
+                );
+            }
+            for (l, n) in wn.iter().enumerate() {
+                let row = &w[l * dm..(l + 1) * dm];
+                let res: f64 = row
+                    .iter()
+                    .map(|&v| (v as f64 - bf16_round(v) as f64).powi(2))
+                    .sum();
+                assert!(
+                    n[1] >= res && n[1] <= res * 1.001 + 1e-30,
+                    "column {l}: {} vs {res}",
+                    n[1]
+                );
+            }
             let t = steps * TILE_ELEMS;
             tiles.start_32x32(
                 [a.as_ptr(), a.as_ptr().add(t)],

@@ -7,18 +7,24 @@
 //! approximate score ṽ carries a rigorous bound |ṽ − v| ≤ e (below); each row keeps as
 //! candidates the latents whose upper bound ṽ + e reaches τ, the k-th largest lower bound
 //! ṽ − e among its candidates (at least k latents are known to score ≥ τ, so nothing whose
-//! upper bound is below τ can be in the top k). At the end each row's candidates (~4k per
+//! upper bound is below τ can be in the top k). At the end each row's candidates (~2k per
 //! row on random data) are scored again with the plain path's arithmetic — the same
 //! sequential f32 FMA chain over d, then fma(s, scale, shift) — and selected under the same
 //! total order, so values, indices and ties equal the plain path's.
 //!
-//! The bound. bf16 rounding moves each x_d and w_d by a factor within 1 ± 2^-8; products of
-//! bf16 are exact in f32; an f32 sum of n = Dm terms, in any order, errs by at most
-//! γ_n·Σ|x_d w_d| (γ_n ≈ n·2^-24) — once in the AMX sum, once in the exact chain; AMX flushes
-//! denormals (≤ 2^-126 each). With Cauchy–Schwarz, Σ|x_d w_d| ≤ ‖x‖‖w‖:
-//! |s̃ − s| ≤ c1·(‖x‖ + δ)(‖w‖ + δ), c1 = (2^-7 + 2^-16 + 2.1·γ_n)(1 + 2^-10), δ = 2^-50
-//! (δ absorbs the absolute terms for Dm ≤ 2^16). Through v = fma(s, scale, shift), rounded
-//! once on each side: e = |scale|·c1·(‖x‖ + δ)(‖w‖ + δ)·(1 + 2^-19) + 2^-21·|ṽ| + 2^-140.
+//! The bound. With x̃, w̃ the bf16 values the tiles use (a bf16 denormal counts as zero, as
+//! AMX flushes it), s − Σ x̃_d w̃_d = Σ (x_d − x̃_d) w_d + Σ x̃_d (w_d − w̃_d) exactly, so by
+//! Cauchy–Schwarz it is at most ‖x − x̃‖‖w‖ + ‖x̃‖‖w − w̃‖, with ‖x̃‖ ≤ ‖x‖ + ‖x − x̃‖; the
+//! residual norms come out of the packing passes (for random data ~0.15% of the norms, where
+//! the worst case 2^-8 per element would give ~2.6× more). Products of bf16 are exact in
+//! f32; an f32 sum of n = Dm terms, in any order, errs by at most γ_n·Σ|terms|
+//! (γ_n ≈ n·2^-24) — once in the AMX sum, once in the exact chain: 2.1·γ_n‖x‖‖w‖ for both.
+//! Norms are taken plus δ = 2^-50, whose products cover the absolute terms (AMX's flushed
+//! denormal partial sums, ≤ 2^-126 each) for Dm ≤ 2^16. Through v = fma(s, scale, shift),
+//! rounded once on each side: e = |scale|·(that)·(1 + 2^-19) + 2^-21·|ṽ| + 2^-100 (the last
+//! term covers denormal roundings; it is a normal f32, as a denormal operand would make every
+//! FMA of the epilogue take a microcode assist: 3× slower in all), with a further 2^-10 of
+//! margin on the latent constants.
 //! Inputs whose norms are not finite or too large for that argument go the plain way: such
 //! rows one by one, such latents (or scales, shifts) the whole call.
 
@@ -124,36 +130,55 @@ where
     }
     // W::Acc is f32 here, so these conversions are exact
     let f = |a: W::Acc| a.to_f64() as f32;
-    let latent = latent_constants(enc, dm, f)?;
-    let (xc, xnorm) = centered_rows(enc, f);
+    let scale: Vec<f32> = (0..latents)
+        .map(|l| enc.scale.map_or(1.0, |s| f(s[l])))
+        .collect();
+    let shift: Vec<f32> = (0..latents)
+        .map(|l| enc.shift.map_or(0.0, |s| f(s[l])))
+        .collect();
+    let xc = centered_rows(enc, f);
     let steps = dm.div_ceil(TILE_DEPTH);
     let row_pairs = rows.div_ceil(2 * TILE_ROWS);
     let pair_elems = 2 * steps * TILE_ELEMS;
     let mut a = vec![0u16; row_pairs * pair_elems];
+    let mut row_norms = vec![[0f64; 2]; rows];
     a.par_chunks_mut(pair_elems)
+        .zip(row_norms.par_chunks_mut(2 * TILE_ROWS))
         .enumerate()
-        .for_each(|(p, tiles)| {
+        .for_each(|(p, (tiles, norms))| {
             let r0 = p * 2 * TILE_ROWS;
-            let n = (rows - r0).min(2 * TILE_ROWS);
+            let n = norms.len();
             // SAFETY: AMX available implies AVX-512F/BF16; 32 rows' tiles, x rows r0..r0+n.
-            unsafe { amx::pack_rows(&xc[r0 * dm..(r0 + n) * dm], n, dm, tiles) };
+            unsafe { amx::pack_rows(&xc[r0 * dm..(r0 + n) * dm], n, dm, tiles, norms) };
         });
+    // per row: ‖x‖ + δ and ‖x − x̃‖ + δ, rounded up (NaN where not finite)
+    let row_bound = |sq: f64| {
+        let n = sq.sqrt() * (1.0 + 2f64.powi(-40)) + DELTA;
+        if n.is_finite() { round_up(n) } else { f32::NAN }
+    };
+    let xnorm: Vec<[f32; 2]> = row_norms
+        .iter()
+        .map(|n| [row_bound(n[0]), row_bound(n[1])])
+        .collect();
     let limit = (latents / 8).max(MIN_CANDIDATE_LIMIT).max(16 * k);
     let mut states: Vec<RowState> = xnorm
         .iter()
-        .map(|&norm| RowState {
+        .map(|&[norm, residual]| RowState {
             admit: f32::NEG_INFINITY,
             candidates: Vec::new(),
             cap: (4 * k).max(64),
-            plain: (norm as f64).is_nan() || norm as f64 >= MAX_X_NORM,
+            plain: norm.is_nan() || residual.is_nan() || norm as f64 >= MAX_X_NORM,
         })
         .collect();
     let threads = rayon::current_num_threads();
     let block = (rows / (2 * threads))
         .next_multiple_of(2 * TILE_ROWS)
         .clamp(2 * TILE_ROWS, MAX_ROW_BLOCK);
+    let bound = BoundConstants::new(dm);
     let mut b = Vec::new();
     let mut wide: Vec<f32> = Vec::new();
+    let mut col_norms = Vec::new();
+    let (mut wp, mut wq) = (Vec::new(), Vec::new());
     for l0 in (0..latents).step_by(SUPER_LATENTS) {
         let l1 = (l0 + SUPER_LATENTS).min(latents);
         let w_rows: &[f32] = match as_f32(&enc.w[l0 * dm..l1 * dm]) {
@@ -166,21 +191,31 @@ where
         };
         let col_pairs = (l1 - l0).div_ceil(2 * TILE_ROWS);
         b.resize(col_pairs * pair_elems, 0u16);
+        col_norms.resize(l1 - l0, [0f64; 2]);
         b.par_chunks_mut(pair_elems)
+            .zip(col_norms.par_chunks_mut(2 * TILE_ROWS))
             .enumerate()
-            .for_each(|(p, tiles)| {
+            .for_each(|(p, (tiles, norms))| {
                 let c0 = p * 2 * TILE_ROWS;
-                let n = (l1 - l0 - c0).min(2 * TILE_ROWS);
+                let n = norms.len();
                 // SAFETY: as for the rows
-                unsafe { amx::pack_columns(&w_rows[c0 * dm..(c0 + n) * dm], n, dm, tiles) };
+                unsafe { amx::pack_columns(&w_rows[c0 * dm..(c0 + n) * dm], n, dm, tiles, norms) };
             });
+        wp.clear();
+        wq.clear();
+        for (l, norms) in (l0..l1).zip(&col_norms) {
+            let [p, q] = bound.latent(*norms, scale[l], shift[l])?;
+            wp.push(p);
+            wq.push(q);
+        }
         let chunk = Chunk {
             b: &b,
             l0,
             n: l1 - l0,
-            wl: &latent.wl[l0..l1],
-            scale: &latent.scale[l0..l1],
-            shift: &latent.shift[l0..l1],
+            wp: &wp,
+            wq: &wq,
+            scale: &scale[l0..l1],
+            shift: &shift[l0..l1],
         };
         states
             .par_chunks_mut(block)
@@ -217,8 +252,8 @@ where
                 w: enc.w,
                 widened,
                 dm,
-                scale: &latent.scale,
-                shift: &latent.shift,
+                scale: &scale,
+                shift: &shift,
                 relu,
             };
             *out = rescore.top_k(x, &picked, k)
@@ -245,55 +280,45 @@ where
     Some((out, plain.len()))
 }
 
-/// Per-latent f32 constants of the bound and the epilogue.
-struct LatentConstants {
-    /// |scale|·c1·(‖w‖ + δ)·(1 + 2^-19), rounded up.
-    wl: Vec<f32>,
-    scale: Vec<f32>,
-    shift: Vec<f32>,
+/// The bound's constants for one Dm.
+struct BoundConstants {
+    /// 2.1·γ_n: the two f32 summations' error per ‖x‖‖w‖.
+    sums: f64,
+    /// Slack on every latent constant: the rounding of the epilogue's FMAs and of v
+    /// ((1 + 2^-19)), and a margin ((1 + 2^-10)).
+    slack: f64,
 }
 
-/// The latents' constants, or `None` if some latent's norm, scale or shift is unusable.
-fn latent_constants<X, W>(
-    enc: &Encoder<'_, X, W>,
-    dm: usize,
-    f: impl Fn(W::Acc) -> f32 + Sync,
-) -> Option<LatentConstants>
-where
-    X: Element<Acc = W::Acc>,
-    W: Element,
-{
-    let gamma = dm as f64 * 2f64.powi(-24) / (1.0 - dm as f64 * 2f64.powi(-24));
-    let c1 = (2f64.powi(-7) + 2f64.powi(-16) + 2.1 * gamma) * (1.0 + 2f64.powi(-10));
-    let n = enc.latents;
-    let scale: Vec<f32> = (0..n).map(|l| enc.scale.map_or(1.0, |s| f(s[l]))).collect();
-    let shift: Vec<f32> = (0..n).map(|l| enc.shift.map_or(0.0, |s| f(s[l]))).collect();
-    let wl: Vec<Option<f32>> = enc
-        .w
-        .par_chunks(dm)
-        .zip(scale.par_iter().zip(&shift))
-        .map(|(row, (&sc, &sh))| {
-            let sq: f64 = row.iter().map(|v| (f(v.to_acc()) as f64).powi(2)).sum();
-            let norm = sq.sqrt() * (1.0 + 2f64.powi(-40)) + DELTA;
-            let scaled = norm * (sc as f64).abs();
-            let usable = scaled < MAX_W_SCALED && (sh as f64).abs() < MAX_SHIFT;
-            usable.then(|| round_up(c1 * scaled * (1.0 + 2f64.powi(-19))))
+impl BoundConstants {
+    fn new(dm: usize) -> Self {
+        let gamma = dm as f64 * 2f64.powi(-24) / (1.0 - dm as f64 * 2f64.powi(-24));
+        BoundConstants {
+            sums: 2.1 * gamma,
+            slack: (1.0 + 2f64.powi(-19)) * (1.0 + 2f64.powi(-10)),
+        }
+    }
+
+    /// A latent's [P, Q] with e = ‖x − x̃‖'·P + ‖x‖'·Q (primes: + δ, as the rows' bounds):
+    /// P = |scale|·(‖w‖' + ‖w − w̃‖'), Q = |scale|·(‖w − w̃‖' + 2.1γ_n‖w‖'), from
+    /// |s̃ − s| ≤ ‖x − x̃‖‖w‖ + ‖x̃‖‖w − w̃‖ + 2.1γ_n‖x‖‖w‖ and ‖x̃‖ ≤ ‖x‖ + ‖x − x̃‖. `None`
+    /// if the latent is unusable for the argument (not finite, or too large).
+    fn latent(&self, squares: [f64; 2], scale: f32, shift: f32) -> Option<[f32; 2]> {
+        let norm = |sq: f64| sq.sqrt() * (1.0 + 2f64.powi(-40)) + DELTA;
+        let (w, residual) = (norm(squares[0]), norm(squares[1]));
+        let sc = (scale as f64).abs();
+        let usable =
+            w * sc < MAX_W_SCALED && residual.is_finite() && (shift as f64).abs() < MAX_SHIFT;
+        usable.then(|| {
+            [
+                round_up(sc * (w + residual) * self.slack),
+                round_up(sc * (residual + self.sums * w) * self.slack),
+            ]
         })
-        .collect();
-    let wl: Option<Vec<f32>> = wl.into_iter().collect();
-    Some(LatentConstants {
-        wl: wl?,
-        scale,
-        shift,
-    })
+    }
 }
 
-/// The rows as the plain path computes them, (x − offset)·row_scale in f32, and their norms
-/// plus δ (rounded up; NaN or ∞ where a row is not finite).
-fn centered_rows<X, W>(
-    enc: &Encoder<'_, X, W>,
-    f: impl Fn(W::Acc) -> f32 + Sync,
-) -> (Vec<f32>, Vec<f32>)
+/// The rows as the plain path computes them, (x − offset)·row_scale in f32.
+fn centered_rows<X, W>(enc: &Encoder<'_, X, W>, f: impl Fn(W::Acc) -> f32 + Sync) -> Vec<f32>
 where
     X: Element<Acc = W::Acc>,
     W: Element,
@@ -301,26 +326,18 @@ where
     let dm = enc.dm;
     let offset: Option<Vec<f32>> = enc.offset.map(|o| o.iter().map(|&v| f(v)).collect());
     let mut xc = vec![0f32; enc.rows * dm];
-    let mut norms = vec![0f32; enc.rows];
-    xc.par_chunks_mut(dm)
-        .zip(norms.par_iter_mut())
-        .enumerate()
-        .for_each(|(r, (row, norm))| {
-            let rs = enc.row_scale.map_or(1.0, |s| f(s[r]));
-            let mut sq = 0f64;
-            for (d, out) in row.iter_mut().enumerate() {
-                let v = f(enc.x[r * dm + d].to_acc());
-                let centered = match &offset {
-                    Some(o) => v - o[d],
-                    None => v,
-                };
-                *out = centered * rs;
-                sq += (*out as f64) * (*out as f64);
-            }
-            let n = sq.sqrt() * (1.0 + 2f64.powi(-40)) + DELTA;
-            *norm = if n.is_finite() { round_up(n) } else { f32::NAN };
-        });
-    (xc, norms)
+    xc.par_chunks_mut(dm).enumerate().for_each(|(r, row)| {
+        let rs = enc.row_scale.map_or(1.0, |s| f(s[r]));
+        for (d, out) in row.iter_mut().enumerate() {
+            let v = f(enc.x[r * dm + d].to_acc());
+            let centered = match &offset {
+                Some(o) => v - o[d],
+                None => v,
+            };
+            *out = centered * rs;
+        }
+    });
+    xc
 }
 
 /// One super-chunk of latents, packed.
@@ -328,7 +345,9 @@ struct Chunk<'a> {
     b: &'a [u16],
     l0: usize,
     n: usize,
-    wl: &'a [f32],
+    /// The latents' bound constants P and Q (`BoundConstants::latent`).
+    wp: &'a [f32],
+    wq: &'a [f32],
     scale: &'a [f32],
     shift: &'a [f32],
 }
@@ -337,7 +356,8 @@ struct Chunk<'a> {
 struct Block<'a> {
     a: &'a [u16],
     steps: usize,
-    xnorm: &'a [f32],
+    /// Per row: ‖x‖ + δ and ‖x − x̃‖ + δ, rounded up.
+    xnorm: &'a [[f32; 2]],
     k: usize,
     relu: bool,
     limit: usize,
@@ -352,8 +372,8 @@ struct LatentPair {
     latent0: u32,
     /// Valid lanes of each half of 16.
     valid: [u16; 2],
-    /// scale, shift, wl per half (zero past the chunk's end).
-    vectors: [[__m512; 3]; 2],
+    /// scale, shift, P, Q per half (zero past the chunk's end).
+    vectors: [[__m512; 4]; 2],
 }
 
 impl LatentPair {
@@ -365,7 +385,7 @@ impl LatentPair {
             latent0: (chunk.l0 + c0) as u32,
             valid: [0; 2],
             // SAFETY: AVX-512F (callers run under it)
-            vectors: [[unsafe { _mm512_setzero_ps() }; 3]; 2],
+            vectors: [[unsafe { _mm512_setzero_ps() }; 4]; 2],
         };
         for h in 0..2 {
             let first = c0 + h * TILE_ROWS;
@@ -378,7 +398,8 @@ impl LatentPair {
                     pair.vectors[h] = [
                         _mm512_maskz_loadu_ps(mask, chunk.scale.as_ptr().add(first)),
                         _mm512_maskz_loadu_ps(mask, chunk.shift.as_ptr().add(first)),
-                        _mm512_maskz_loadu_ps(mask, chunk.wl.as_ptr().add(first)),
+                        _mm512_maskz_loadu_ps(mask, chunk.wp.as_ptr().add(first)),
+                        _mm512_maskz_loadu_ps(mask, chunk.wq.as_ptr().add(first)),
                     ];
                 }
             }
@@ -433,7 +454,7 @@ impl Block<'_> {
     /// The epilogue of one 32 × 32 block: bounds, admission compare, candidates.
     #[target_feature(enable = "avx512f")]
     unsafe fn examine(&self, c: &TileBuf, consts: &LatentPair, rp: usize, states: &mut [RowState]) {
-        let tiny = _mm512_set1_ps(2f32.powi(-140));
+        let tiny = _mm512_set1_ps(2f32.powi(-100));
         let rel = _mm512_set1_ps(2f32.powi(-21));
         let row0 = rp * 2 * TILE_ROWS;
         for i in 0..(states.len() - row0).min(2 * TILE_ROWS) {
@@ -442,19 +463,20 @@ impl Block<'_> {
             if state.plain {
                 continue;
             }
-            let xr = _mm512_set1_ps(self.xnorm[row]);
+            let [norm, residual] = self.xnorm[row];
+            let (xn, xd) = (_mm512_set1_ps(norm), _mm512_set1_ps(residual));
             for h in 0..2 {
                 let valid = consts.valid[h];
                 if valid == 0 {
                     continue;
                 }
-                let [scale, shift, wl] = consts.vectors[h];
+                let [scale, shift, wp, wq] = consts.vectors[h];
                 // C tile (i / 16, h): rows 16·(i/16).., latents 16·h..
                 let at = ((i / TILE_ROWS) * 2 + h) * 256 + (i % TILE_ROWS) * 16;
                 // SAFETY: `at + 16 <= 1024`
                 let s = unsafe { _mm512_loadu_ps(c.0.as_ptr().add(at)) };
                 let v = _mm512_fmadd_ps(s, scale, shift);
-                let e = _mm512_fmadd_ps(xr, wl, tiny);
+                let e = _mm512_fmadd_ps(xd, wp, _mm512_fmadd_ps(xn, wq, tiny));
                 let e = _mm512_fmadd_ps(_mm512_abs_ps(v), rel, e);
                 let up = _mm512_add_ps(v, e);
                 let admit = _mm512_set1_ps(state.admit);
