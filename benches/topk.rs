@@ -5,7 +5,7 @@
 //! codebook.nearest at the encoder's sizes for reference.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use neurokernels::cpu::{Isa, set_force_scalar};
+use neurokernels::cpu::{Isa, set_amx_enabled, set_force_scalar};
 use neurokernels::topk::{self, BackwardInputs, EncoderInputs, Metric, RowsParams, SaeShape};
 use std::hint::black_box;
 use std::time::Duration;
@@ -70,6 +70,13 @@ fn bench_encode(c: &mut Criterion) {
     group.throughput(Throughput::Elements((2 * B * L * DM) as u64));
     group.bench_function(BenchmarkId::new("f32", Isa::active().name()), |b| {
         b.iter(|| topk::encode(s, black_box(inputs), K).unwrap())
+    });
+    // the plain AVX-512 path (same results): where AMX is present, the row above screens
+    // with AMX bf16 products and rescores exactly
+    group.bench_function(BenchmarkId::new("f32_no_amx", Isa::active().name()), |b| {
+        set_amx_enabled(false);
+        b.iter(|| topk::encode(s, black_box(inputs), K).unwrap());
+        set_amx_enabled(true);
     });
     group.bench_function(
         BenchmarkId::new("f32_batch_topk", Isa::active().name()),
