@@ -47,12 +47,15 @@ fn env_disables() -> bool {
 /// Whether AMX bf16 products can run here now: CPU support, the OS's permission, and not
 /// switched off.
 pub(crate) fn available() -> bool {
+    !DISABLED.load(Ordering::Relaxed) && !env_disables() && permitted()
+}
+
+/// CPU support and the OS's permission (checked once), whatever the switch says.
+fn permitted() -> bool {
     static GRANTED: OnceLock<bool> = OnceLock::new();
-    !DISABLED.load(Ordering::Relaxed)
-        && !env_disables()
-        && *GRANTED.get_or_init(|| {
-            cpu_has_amx() && std::arch::is_x86_feature_detected!("avx512bf16") && os_grants_tiles()
-        })
+    *GRANTED.get_or_init(|| {
+        cpu_has_amx() && std::arch::is_x86_feature_detected!("avx512bf16") && os_grants_tiles()
+    })
 }
 
 fn cpu_has_amx() -> bool {
@@ -118,9 +121,11 @@ pub(crate) struct Tiles {
 }
 
 impl Tiles {
-    /// Configures the tiles on this thread, or `None` where AMX is not [`available`].
+    /// Configures the tiles on this thread, or `None` where the CPU or OS does not allow AMX
+    /// (the on/off switch is the callers' business: a call that started with AMX finishes
+    /// with it even if the switch flips meanwhile).
     pub fn configure() -> Option<Tiles> {
-        if !available() {
+        if !permitted() {
             return None;
         }
         let cfg = TileConfig::all_full();

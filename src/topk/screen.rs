@@ -230,7 +230,7 @@ where
                     relu,
                     limit,
                 };
-                let tiles = Tiles::configure().expect("AMX was available a moment ago");
+                let tiles = Tiles::configure().expect("AMX is permitted (checked once, above)");
                 // SAFETY: AMX (hence AVX-512F) available; the tiles and slices as built above.
                 unsafe { task.screen(&tiles, &chunk, states) };
             });
@@ -673,6 +673,21 @@ mod tests {
         plain_rows
     }
 
+    /// An encoder of rows `x [rows, dm]` against `w`, without offset, scales or shift.
+    fn bare<'a, E: Element>(x: &'a [E], w: &'a [E], rows: usize, dm: usize) -> Encoder<'a, E, E> {
+        Encoder {
+            x,
+            rows,
+            dm,
+            offset: None,
+            row_scale: None,
+            w,
+            latents: w.len() / dm,
+            scale: None,
+            shift: None,
+        }
+    }
+
     fn amx_here() -> bool {
         let ok = Isa::Avx512.is_supported() && amx::available();
         if !ok {
@@ -704,16 +719,10 @@ mod tests {
         let mut neg = b_enc.clone();
         neg[..].iter_mut().for_each(|v| *v = -v.abs() - 1.0);
         for k in [1, 7, 32, 300] {
-            let enc = Encoder::<f32, f32> {
-                x: &x,
-                rows,
-                dm,
+            let enc = Encoder {
                 offset: Some(&b_dec),
-                row_scale: None,
-                w: &w,
-                latents,
-                scale: None,
                 shift: Some(&b_enc),
+                ..bare(&x, &w, rows, dm)
             };
             // only the NaN row and the huge one go the plain way
             assert_eq!(assert_same(&enc, k, true, &format!("sae k={k}")), 2);
@@ -732,16 +741,11 @@ mod tests {
         // scale and shift per latent, a row scale (codebook.nearest's l2 and cosine forms)
         let scale: Vec<f32> = (0..latents).map(|l| 0.5 + (l % 7) as f32 * 0.25).collect();
         let row_scale: Vec<f32> = (0..rows).map(|r| 1.0 + (r % 5) as f32).collect();
-        let enc = Encoder::<f32, f32> {
-            x: &x,
-            rows,
-            dm,
-            offset: None,
+        let enc = Encoder {
             row_scale: Some(&row_scale),
-            w: &w,
-            latents,
             scale: Some(&scale),
             shift: Some(&b_enc),
+            ..bare(&x, &w, rows, dm)
         };
         assert_eq!(assert_same(&enc, 5, false, "scaled"), 2);
     }
@@ -756,16 +760,9 @@ mod tests {
         let x = to(data(rows * dm, 5, 2.0));
         let w = to(data(latents * dm, 6, 0.3));
         let b_enc: Vec<f32> = data(latents, 7, 0.2);
-        let enc = Encoder::<bf16, bf16> {
-            x: &x,
-            rows,
-            dm,
-            offset: None,
-            row_scale: None,
-            w: &w,
-            latents,
-            scale: None,
+        let enc = Encoder {
             shift: Some(&b_enc),
+            ..bare(&x, &w, rows, dm)
         };
         assert_eq!(assert_same(&enc, 16, true, "bf16"), 0);
     }
@@ -784,16 +781,9 @@ mod tests {
         for v in &mut x[..dm] {
             *v = 0.0;
         }
-        let enc = Encoder::<f32, f32> {
-            x: &x,
-            rows,
-            dm,
-            offset: None,
-            row_scale: None,
-            w: &w,
-            latents,
-            scale: None,
+        let enc = Encoder {
             shift: Some(&shift),
+            ..bare(&x, &w, rows, dm)
         };
         assert_eq!(assert_same(&enc, 8, true, "zero row"), 1);
     }
@@ -808,17 +798,7 @@ mod tests {
         let x = data(rows * dm, 8, 1.0);
         let mut w = data(latents * dm, 9, 1.0);
         w[5] = 1e20;
-        let enc = Encoder::<f32, f32> {
-            x: &x,
-            rows,
-            dm,
-            offset: None,
-            row_scale: None,
-            w: &w,
-            latents,
-            scale: None,
-            shift: None,
-        };
+        let enc = bare(&x, &w, rows, dm);
         assert!(top_k(&enc, Isa::Avx512, 4, true).is_none());
     }
 }
