@@ -223,8 +223,9 @@ fn offer<A: Accum>(list: &mut TopList<A>, value: A, index: u32, nan_last: bool) 
 }
 
 /// Bytes ahead of the scan that [`ScanRow`] asks the cache hierarchy for (topk.rows R4096
-/// N32768 on the Xeon VM: 2 KiB 40.3–40.8 ms, 4 KiB 38.8–39.2, none 44–46).
-const SCAN_AHEAD: usize = 4096;
+/// N32768 on the Xeon VM: 2 KiB 40.3–40.8 ms, 4 KiB 38.8–39.2, none 44–46; another day 4 KiB
+/// 32.5–34.0 against 8 KiB 30.7–32.7 in alternating runs, 16 KiB no better than 8).
+const SCAN_AHEAD: usize = 8192;
 
 /// One row (or part of one) into a [`TopList`], values multiplied by `sign` (−1 selects the
 /// smallest). The vector loop compares four vectors at once with the threshold and touches
