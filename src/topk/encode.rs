@@ -162,6 +162,17 @@ impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
         )
     }
 
+    /// One input value as the scores use it: (x − offset)·row scale (the screened path
+    /// rescores with these same values, so both paths must take them from here).
+    #[inline(always)]
+    pub(crate) fn centered(&self, v: X, d: usize, row_scale: W::Acc) -> W::Acc {
+        let centered = match self.offset {
+            Some(o) => v.to_acc() - o[d],
+            None => v.to_acc(),
+        };
+        centered * row_scale
+    }
+
     /// Rows `rows` of x, minus the offset and times the row scale, into panels
     /// [panel][d][row of panel] of `panel_rows` rows each (rows past the end are zero);
     /// parallel over panels.
@@ -180,12 +191,8 @@ impl<X: Element<Acc = W::Acc>, W: Element> Encoder<'_, X, W> {
                 for i in 0..panel_rows.min(rows.end - first) {
                     let row = &self.x[(first + i) * dm..(first + i + 1) * dm];
                     let scale = self.row_scale.map_or(W::Acc::ONE, |s| s[first + i]);
-                    for (d, v) in row.iter().enumerate() {
-                        let centered = match self.offset {
-                            Some(o) => v.to_acc() - o[d],
-                            None => v.to_acc(),
-                        };
-                        panel[d * panel_rows + i] = centered * scale;
+                    for (d, &v) in row.iter().enumerate() {
+                        panel[d * panel_rows + i] = self.centered(v, d, scale);
                     }
                 }
             });
