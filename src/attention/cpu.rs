@@ -39,7 +39,8 @@
 //!   most keys), then writes p = e^(s − lse).
 //!
 //! Bound: 4·Sq·Sk·D flops per head for the forward (half with causal), about 2.5× that for
-//! the backward (S and dP recomputed in both passes); the decode is bound by reading K and V.
+//! the backward (S and dP recomputed in both passes). The decode reads K and V once; with them
+//! in cache it is bound by its own loop (benches/RESULTS.md, "not at a memory floor").
 
 use super::{
     AttentionGrads, AttentionInputs, AttentionParams, AttentionShape, BackwardTasks, Bias, Segment,
