@@ -99,6 +99,9 @@ pub trait Accum:
     /// `vexp2` of four vectors, interleaved (see [`Simd::f32_exp2_x4`]).
     #[doc(hidden)]
     unsafe fn vexp2_x4<S: Simd>(x: [Self::V<S>; 4]) -> [Self::V<S>; 4];
+    /// The lane sums of four vectors (see [`Simd::f32_sum4`]).
+    #[doc(hidden)]
+    unsafe fn vsum4<S: Simd>(x: [Self::V<S>; 4]) -> [Self; 4];
     #[doc(hidden)]
     unsafe fn vdiv<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S>;
     #[doc(hidden)]
@@ -130,7 +133,7 @@ pub trait Accum:
 }
 
 macro_rules! impl_accum {
-    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr, $exp2:ident, $exp2x4:ident, $sexp2:expr, $div:ident, $max:ident, $min:ident, $gt:ident, $nle:ident, $key:ty, $bits:ty) => {
+    ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr, $exp2:ident, $exp2x4:ident, $sexp2:expr, $sum4:ident, $div:ident, $max:ident, $min:ident, $gt:ident, $nle:ident, $key:ty, $bits:ty) => {
         impl Accum for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -182,6 +185,10 @@ macro_rules! impl_accum {
             #[inline(always)]
             unsafe fn vexp2_x4<S: Simd>(x: [Self::V<S>; 4]) -> [Self::V<S>; 4] {
                 unsafe { S::$exp2x4(x) }
+            }
+            #[inline(always)]
+            unsafe fn vsum4<S: Simd>(x: [Self::V<S>; 4]) -> [Self; 4] {
+                unsafe { S::$sum4(x) }
             }
             #[inline(always)]
             unsafe fn vdiv<S: Simd>(a: Self::V<S>, b: Self::V<S>) -> Self::V<S> {
@@ -266,6 +273,7 @@ impl_accum!(
     f32_exp2,
     f32_exp2_x4,
     crate::cpu::exp2_f32,
+    f32_sum4,
     f32_div,
     f32_max,
     f32_min,
@@ -291,6 +299,7 @@ impl_accum!(
     f64_exp2,
     f64_exp2_x4,
     f64::exp2,
+    f64_sum4,
     f64_div,
     f64_max,
     f64_min,

@@ -569,6 +569,39 @@ fn finite_difference_gradients_f64() {
     }
 }
 
+/// The split-KV decode forced on decode-like shapes, against the naive float64 forward in every
+/// dtype and on every ISA: the head dims its score loop unrolls (64, 128) and others (with
+/// a tail past the last vector), 1 to 4 query rows per KV head at a time, masks and terms.
+fn split_kv_vs_naive<E: Element>(isa: Isa) {
+    let p = || AttentionParams::new().split_kv(SplitKv::Always);
+    let cases = [
+        config(1, 1, 700, 8, 2, 128, 128).with(p()),
+        config(2, 1, 530, 4, 1, 64, 64).with(p().causal(true)),
+        config(1, 1, 300, 3, 1, 64, 40).with(p().window_left(200)),
+        config(2, 1, 90, 5, 5, 33, 17).with(p()),
+        config(1, 2, 515, 6, 2, 48, 48)
+            .with(p().softcap(4.0).causal(true))
+            .alibi()
+            .bias(1, 6),
+    ];
+    for (n, c) in cases.iter().enumerate() {
+        let x = draw::<E>(c, 400 + n as u64);
+        let want = naive(c, &x);
+        let what = format!("split-KV {:?} {} case {n} {c:?}", isa, E::DTYPE);
+        assert_forward_close(isa, c, &x, &want, &what);
+    }
+}
+
+#[test]
+fn split_kv_decode_matches_naive_float64_in_every_dtype_and_isa() {
+    for isa in Isa::available() {
+        split_kv_vs_naive::<f32>(isa);
+        split_kv_vs_naive::<f64>(isa);
+        split_kv_vs_naive::<f16>(isa);
+        split_kv_vs_naive::<bf16>(isa);
+    }
+}
+
 #[test]
 fn split_kv_decode_equals_the_query_block_path() {
     let p = AttentionParams::new;

@@ -49,7 +49,7 @@ use super::{
 use crate::cpu::gemm::{Strided, gemm_acc, gemm_set};
 use crate::cpu::scratch::Scratch;
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
-use crate::element::{Accum, Element, widened};
+use crate::element::{Accum, Element, as_acc, widened};
 use rayon::prelude::*;
 
 /// Query rows per block: ten register tiles of 6 rows.
@@ -297,14 +297,6 @@ fn panel_at(shape: &AttentionShape, dim: usize, seg: &Segment, head: usize, j0: 
 // ---------------------------------------------------------------------------------------
 // Vector helpers on rows of the accumulator type.
 // ---------------------------------------------------------------------------------------
-
-/// The lanes of a vector, summed in lane order.
-#[inline(always)]
-unsafe fn hsum<S: Simd, A: Accum>(v: A::V<S>) -> A {
-    let mut buf = [A::ZERO; 16];
-    unsafe { A::vstore::<S>(buf.as_mut_ptr(), v) };
-    buf[..A::lanes::<S>()].iter().fold(A::ZERO, |s, x| s + *x)
-}
 
 /// The lane-wise maximum of x's whole vectors (−inf lanes when there are none) and the
 /// maximum of the values past them (−inf when none). NaN never wins a comparison here.
@@ -1227,7 +1219,9 @@ fn split_kv<E: Element>(
     if per == 0 {
         return;
     }
-    let mut partial = vec![<E::Acc as Accum>::ZERO; tasks.len() * per];
+    // from the thread's pool: a fresh buffer of this size (0.27 MB at Hq32 Sk8192 Dv128) costs
+    // a page fault per 4 KiB on every call
+    let mut partial = Scratch::filled(tasks.len() * per, <E::Acc as Accum>::ZERO);
     partial
         .par_chunks_mut(per)
         .zip(tasks.par_iter())
@@ -1302,13 +1296,19 @@ fn split_kv<E: Element>(
     });
 }
 
-/// Keys per block of the split-KV path: the block's K and V rows of every KV head are copied
-/// (read front to back, widened) into buffers that stay in L2 while each head uses them.
+/// Keys per block of the split-KV path: the scores of every head for the block, then per head
+/// one online-softmax step and O += P·V.
 const DECODE_BLOCK: usize = 32;
 
 /// Every query row of every head against the keys `keys` of `seg`: for each KV head hk,
 /// writes its unnormalized O (`[rows_max × Dv]`), then m and l (`rows_max` each) to its part
 /// of `part`. Row r of head hk is query head hk·G + r / Sq, query r % Sq.
+///
+/// K and V are read in place (f16/bf16 keys widened block by block into a buffer of the same
+/// layout), key position by key position over every KV head, so the chunk's rows are read
+/// front to back: one head's rows alone are Hk·D apart, a new page every few rows, which the
+/// hardware prefetchers do not follow. (Software prefetching of the value rows during the
+/// scores, or of keys a few positions ahead, measured no faster.)
 struct KvChunk<'a, E: Element> {
     ctx: &'a Forward<'a, E>,
     seg: Segment,
@@ -1345,100 +1345,72 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
             part[h * per_head + rows_max * dv..h * per_head + rows_max * dv + rows_max]
                 .fill(neg_inf::<E::Acc>());
         }
-        let mut kbuf = vec![zero; DECODE_BLOCK * hk_n * d];
-        let mut vbuf = vec![zero; DECODE_BLOCK * hk_n * dv];
-        let mut s = vec![zero; rows * DECODE_BLOCK];
+        // elements per key position: the rows of every KV head
+        let (key_len, value_len) = (hk_n * d, hk_n * dv);
+        let keys_in_place = as_acc(ctx.k);
+        let mut kbuf = match keys_in_place {
+            Some(_) => Vec::new(),
+            None => vec![zero; DECODE_BLOCK * key_len],
+        };
+        // scores, [Hk][rows][DECODE_BLOCK]
+        let mut s = vec![zero; hk_n * rows * DECODE_BLOCK];
         // l's partial sums per (head, row), totalled into `part` at the end
         let mut lsum = vec![[zero; L_LANES]; hk_n * rows];
-        let lanes = <E::Acc as Accum>::lanes::<S>();
+        let mut cols = Vec::with_capacity(rows);
         let mut j0 = keys.0;
         while j0 < keys.1 {
             let w = DECODE_BLOCK.min(keys.1 - j0);
-            let cols: Vec<(usize, usize)> = vis.iter().map(|&v| block_columns(j0, w, v)).collect();
+            cols.clear();
+            cols.extend(vis.iter().map(|&v| block_columns(j0, w, v)));
             if cols.iter().all(|c| c.0 >= c.1) {
                 j0 += w;
                 continue;
             }
-            // the block's rows of every head, in memory order, widened: [Hk][w][D]
-            for c in 0..w {
-                let key = seg.k_start + j0 + c;
-                let kat = (seg.batch * sh.len_k + key) * hk_n * d;
-                let vat = (seg.batch * sh.len_k + key) * hk_n * dv;
-                for h in 0..hk_n {
-                    let dst = &mut kbuf[(h * DECODE_BLOCK + c) * d..][..d];
-                    for (y, x) in dst.iter_mut().zip(&ctx.k[kat + h * d..kat + (h + 1) * d]) {
+            // the block's first key position along [B·Sk]
+            let first = seg.batch * sh.len_k + seg.k_start + j0;
+            let kblock: &[E::Acc] = match keys_in_place {
+                Some(k) => &k[first * key_len..(first + w) * key_len],
+                None => {
+                    let src = &ctx.k[first * key_len..(first + w) * key_len];
+                    for (y, x) in kbuf.iter_mut().zip(src) {
                         *y = x.to_acc();
                     }
-                    let dst = &mut vbuf[(h * DECODE_BLOCK + c) * dv..][..dv];
-                    let src = ctx.v.data;
-                    if !src.is_empty() {
-                        dst.copy_from_slice(&src[vat + h * dv..vat + (h + 1) * dv]);
-                    }
+                    &kbuf[..w * key_len]
                 }
-            }
-            for hk in 0..hk_n {
-                let qh = &qbuf[hk * g * seg.q_len * d..(hk + 1) * g * seg.q_len * d];
-                let kh = &kbuf[hk * DECODE_BLOCK * d..(hk + 1) * DECODE_BLOCK * d];
-                // scores by dot products, four rows at a time sharing each loaded key vector
-                for c in 0..w {
-                    let krow = &kh[c * d..(c + 1) * d];
+            };
+            let vblock = &ctx.v.data[first * value_len..(first + w) * value_len];
+            for c in 0..w {
+                for h in 0..hk_n {
+                    let krow = &kblock[(c * hk_n + h) * d..][..d];
+                    let qh = &qbuf[h * rows * d..(h + 1) * rows * d];
                     let mut r0 = 0;
                     while r0 < rows {
                         let nr = 4.min(rows - r0);
-                        // SAFETY: p + lanes <= d for every vector load of krow and the q rows.
-                        unsafe {
-                            let mut accs = [[<E::Acc as Accum>::vsplat::<S>(zero); 2]; 4];
-                            let mut p = 0;
-                            while p + 2 * lanes <= d {
-                                let k1 = <E::Acc as Accum>::vload::<S>(krow.as_ptr().add(p));
-                                let k2 =
-                                    <E::Acc as Accum>::vload::<S>(krow.as_ptr().add(p + lanes));
-                                for (rr, a) in accs.iter_mut().enumerate().take(nr) {
-                                    let qp = qh.as_ptr().add((r0 + rr) * d + p);
-                                    a[0] = <E::Acc as Accum>::vfma::<S>(
-                                        <E::Acc as Accum>::vload::<S>(qp),
-                                        k1,
-                                        a[0],
-                                    );
-                                    a[1] = <E::Acc as Accum>::vfma::<S>(
-                                        <E::Acc as Accum>::vload::<S>(qp.add(lanes)),
-                                        k2,
-                                        a[1],
-                                    );
-                                }
-                                p += 2 * lanes;
-                            }
-                            while p + lanes <= d {
-                                let k1 = <E::Acc as Accum>::vload::<S>(krow.as_ptr().add(p));
-                                for (rr, a) in accs.iter_mut().enumerate().take(nr) {
-                                    let qp = qh.as_ptr().add((r0 + rr) * d + p);
-                                    a[0] = <E::Acc as Accum>::vfma::<S>(
-                                        <E::Acc as Accum>::vload::<S>(qp),
-                                        k1,
-                                        a[0],
-                                    );
-                                }
-                                p += lanes;
-                            }
-                            for (rr, a) in accs.iter().enumerate().take(nr) {
-                                let mut t =
-                                    hsum::<S, E::Acc>(<E::Acc as Accum>::vadd::<S>(a[0], a[1]));
-                                let qrow = &qh[(r0 + rr) * d..(r0 + rr + 1) * d];
-                                for pp in p..d {
-                                    t = t + qrow[pp] * krow[pp];
-                                }
-                                s[(r0 + rr) * DECODE_BLOCK + c] = t;
-                            }
+                        let q4 = &qh[r0 * d..(r0 + nr) * d];
+                        // the common head dims with their loops unrolled
+                        let dots = match (nr, d) {
+                            (4, 128) => dots::<S, E::Acc, 4, 128>(krow, q4),
+                            (4, 64) => dots::<S, E::Acc, 4, 64>(krow, q4),
+                            (4, _) => dots::<S, E::Acc, 4, 0>(krow, q4),
+                            (3, _) => dots::<S, E::Acc, 3, 0>(krow, q4),
+                            (2, _) => dots::<S, E::Acc, 2, 0>(krow, q4),
+                            _ => dots::<S, E::Acc, 1, 0>(krow, q4),
+                        };
+                        for (rr, x) in dots.into_iter().take(nr).enumerate() {
+                            s[(h * rows + r0 + rr) * DECODE_BLOCK + c] = x;
                         }
                         r0 += nr;
                     }
                 }
+            }
+            for hk in 0..hk_n {
+                let sh_scores = &mut s[hk * rows * DECODE_BLOCK..(hk + 1) * rows * DECODE_BLOCK];
                 let (acc, rest) =
                     part[hk * per_head..(hk + 1) * per_head].split_at_mut(rows_max * dv);
                 let m = &mut rest[..rows_max];
                 let l = &mut lsum[hk * rows..(hk + 1) * rows];
                 for r in 0..rows {
-                    let row = &mut s[r * DECODE_BLOCK..r * DECODE_BLOCK + w];
+                    let row = &mut sh_scores[r * DECODE_BLOCK..r * DECODE_BLOCK + w];
                     let cols = cols[r];
                     if cols.0 >= cols.1 {
                         row.fill(zero);
@@ -1451,20 +1423,20 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
                         scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
                     }
                 }
-                // SAFETY: s is rows × w (stride DECODE_BLOCK), vbuf's head part w × dv, acc
-                // rows × dv.
+                // SAFETY: the scores are rows × w (stride DECODE_BLOCK); value row c of head
+                // hk is vblock[c·Hk·Dv + hk·Dv..][..Dv], c < w; acc is rows × dv.
                 unsafe {
                     gemm_acc::<S, E::Acc>(
                         rows,
                         dv,
                         w,
                         Strided {
-                            ptr: s.as_ptr(),
+                            ptr: sh_scores.as_ptr(),
                             row_stride: DECODE_BLOCK,
                             inner_stride: 1,
                         },
-                        vbuf[hk * DECODE_BLOCK * dv..].as_ptr(),
-                        dv,
+                        vblock.as_ptr().wrapping_add(hk * dv),
+                        value_len,
                         acc.as_mut_ptr(),
                         dv,
                         false,
@@ -1479,6 +1451,54 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
                 *x = lane_total(sums);
             }
         }
+    }
+}
+
+/// The dot products of `key` (`[D]`) with the NR ≤ 4 rows of `queries` (`[NR × D]`): two
+/// vector accumulators per row over pairs of whole vectors, one after, the four reductions
+/// in one `vsum4`, then the scalar tail. Entries NR.. of the result are unused. D = the
+/// head dim when it is known at compile time (loops unrolled), else 0.
+#[inline(always)]
+fn dots<S: Simd, A: Accum, const NR: usize, const D: usize>(key: &[A], queries: &[A]) -> [A; 4] {
+    let d = if D > 0 { D } else { key.len() };
+    assert!(key.len() == d);
+    assert!(queries.len() >= NR * d);
+    let lanes = A::lanes::<S>();
+    // SAFETY: every vector load reads [p, p + lanes) with p + lanes <= d, of `key` and of
+    // a query row (checked above to lie in `queries`).
+    unsafe {
+        let mut accs = [[A::vsplat::<S>(A::ZERO); 2]; 4];
+        let mut p = 0;
+        while p + 2 * lanes <= d {
+            let k1 = A::vload::<S>(key.as_ptr().add(p));
+            let k2 = A::vload::<S>(key.as_ptr().add(p + lanes));
+            for (rr, a) in accs.iter_mut().enumerate().take(NR) {
+                let qp = queries.as_ptr().add(rr * d + p);
+                a[0] = A::vfma::<S>(A::vload::<S>(qp), k1, a[0]);
+                a[1] = A::vfma::<S>(A::vload::<S>(qp.add(lanes)), k2, a[1]);
+            }
+            p += 2 * lanes;
+        }
+        if p + lanes <= d {
+            let k1 = A::vload::<S>(key.as_ptr().add(p));
+            for (rr, a) in accs.iter_mut().enumerate().take(NR) {
+                let qp = queries.as_ptr().add(rr * d + p);
+                a[0] = A::vfma::<S>(A::vload::<S>(qp), k1, a[0]);
+            }
+            p += lanes;
+        }
+        let mut t = A::vsum4::<S>([
+            A::vadd::<S>(accs[0][0], accs[0][1]),
+            A::vadd::<S>(accs[1][0], accs[1][1]),
+            A::vadd::<S>(accs[2][0], accs[2][1]),
+            A::vadd::<S>(accs[3][0], accs[3][1]),
+        ]);
+        for (rr, x) in t.iter_mut().enumerate().take(NR) {
+            for pp in p..d {
+                *x = *x + queries[rr * d + pp] * key[pp];
+            }
+        }
+        t
     }
 }
 

@@ -271,6 +271,32 @@ impl Simd for Avx2 {
         unsafe { _mm256_min_pd(a, b) }
     }
     #[inline(always)]
+    unsafe fn f32_sum4(x: [__m256; 4]) -> [f32; 4] {
+        // folds upper halves onto lower halves (the default's order), four inputs at once
+        unsafe {
+            // 256 -> 128 bits: [x0 folded | x1 folded], [x2 | x3]
+            // (written out: a closure would not inherit the target features)
+            let t01 = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(x[0], x[1]),
+                _mm256_permute2f128_ps::<0x31>(x[0], x[1]),
+            );
+            let t23 = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(x[2], x[3]),
+                _mm256_permute2f128_ps::<0x31>(x[2], x[3]),
+            );
+            // 128 -> 64: per 128-bit block [x0, x0, x2, x2] and [x1, x1, x3, x3]
+            let u = _mm256_add_ps(
+                _mm256_shuffle_ps::<0x44>(t01, t23),
+                _mm256_shuffle_ps::<0xEE>(t01, t23),
+            );
+            // 64 -> 32
+            let w = _mm256_add_ps(u, _mm256_permute_ps::<0xB1>(u));
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), w);
+            [out[0], out[4], out[2], out[6]]
+        }
+    }
+    #[inline(always)]
     unsafe fn f32_mask_gt(a: __m256, b: __m256) -> u32 {
         unsafe { _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b)) as u32 }
     }
@@ -499,6 +525,33 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn f64_min(a: __m512d, b: __m512d) -> __m512d {
         unsafe { _mm512_min_pd(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn f32_sum4(x: [__m512; 4]) -> [f32; 4] {
+        // folds upper halves onto lower halves (the default's order), four inputs at once
+        unsafe {
+            // 512 -> 256 bits: [x0 folded | x1 folded], [x2 | x3]
+            // (written out: a closure would not inherit the target features)
+            let t01 = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(x[0], x[1]),
+                _mm512_shuffle_f32x4::<0xEE>(x[0], x[1]),
+            );
+            let t23 = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(x[2], x[3]),
+                _mm512_shuffle_f32x4::<0xEE>(x[2], x[3]),
+            );
+            // 256 -> 128: one 128-bit block per input
+            let u = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(t01, t23),
+                _mm512_shuffle_f32x4::<0xDD>(t01, t23),
+            );
+            // 128 -> 64 -> 32 within each block
+            let v = _mm512_add_ps(u, _mm512_permute_ps::<0x4E>(u));
+            let w = _mm512_add_ps(v, _mm512_permute_ps::<0xB1>(v));
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), w);
+            [out[0], out[4], out[8], out[12]]
+        }
     }
     #[inline(always)]
     unsafe fn f32_mask_gt(a: __m512, b: __m512) -> u32 {
