@@ -49,7 +49,7 @@ use super::{
 use crate::cpu::gemm::{Strided, gemm_acc, gemm_set};
 use crate::cpu::scratch::Scratch;
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch, prefetch};
-use crate::element::{Accum, Element, as_acc, widened};
+use crate::element::{Accum, Element, as_acc};
 use rayon::prelude::*;
 
 /// Query rows per block: ten register tiles of 6 rows.
@@ -835,8 +835,11 @@ struct Forward<'a, E: Element> {
     scale: E::Acc,
     q: &'a [E],
     k: &'a [E],
+    /// The values as given, `[B, Sk, Hk, Dv]` (read by the split-KV path).
+    v_in: &'a [E],
     /// Key panels (query-block path only).
     kt: &'a [E::Acc],
+    /// Head-major value rows (query-block path only).
     v: Rows<'a, E::Acc>,
 }
 
@@ -885,12 +888,11 @@ pub(super) fn forward<E: Element>(
                 && segments.iter().any(|s| s.k_len >= 2 * SPLIT_CHUNK)
         }
     };
-    // the split path reads each value row once, in place; the block path reads each value
-    // block once per query block, from head-major rows
-    let (v_rows, v_wide, kt_panels);
+    // the split path reads each value row once, in place (f16/bf16 widened block by block);
+    // the block path reads each value block once per query block, from head-major rows
+    let (v_rows, kt_panels);
     let (v, kt): (&[E::Acc], &[E::Acc]) = if split {
-        v_wide = widened(inputs.v);
-        (&v_wide, &[])
+        (&[], &[])
     } else {
         v_rows = head_major(
             inputs.v,
@@ -922,6 +924,7 @@ pub(super) fn forward<E: Element>(
         scale: E::Acc::from_f64(query_factor),
         q: inputs.q,
         k: inputs.k,
+        v_in: inputs.v,
         kt,
         v: Rows {
             data: v,
@@ -1306,8 +1309,8 @@ const DECODE_OPEN_AHEAD: usize = 4;
 /// writes its unnormalized O (`[rows_max × Dv]`), then m and l (`rows_max` each) to its part
 /// of `part`. Row r of head hk is query head hk·G + r / Sq, query r % Sq.
 ///
-/// K and V are read in place (f16/bf16 keys widened block by block into a buffer of the same
-/// layout), key position by key position over every KV head, so the chunk's rows are read
+/// K and V are read in place (f16/bf16 keys widened in registers, values block by block into
+/// a buffer of the same layout), key position by key position over every KV head, so the chunk's rows are read
 /// front to back: one head's rows alone are Hk·D apart, a new page every few rows, which the
 /// hardware prefetchers do not follow.
 struct KvChunk<'a, E: Element> {
@@ -1348,10 +1351,11 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
         }
         // elements per key position: the rows of every KV head
         let (key_len, value_len) = (hk_n * d, hk_n * dv);
-        let keys_in_place = as_acc(ctx.k);
-        let mut kbuf = match keys_in_place {
+        // keys are widened in registers by the dot products; f16/bf16 values block by block
+        let values_in_place = as_acc(ctx.v_in);
+        let mut vbuf = match values_in_place {
             Some(_) => Vec::new(),
-            None => vec![zero; DECODE_BLOCK * key_len],
+            None => vec![zero; DECODE_BLOCK * value_len],
         };
         // scores, [Hk][rows][DECODE_BLOCK]
         let mut s = vec![zero; hk_n * rows * DECODE_BLOCK];
@@ -1369,28 +1373,25 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
             }
             // the block's first key position along [B·Sk]
             let first = seg.batch * sh.len_k + seg.k_start + j0;
-            let kblock: &[E::Acc] = match keys_in_place {
-                Some(k) => &k[first * key_len..(first + w) * key_len],
+            let kblock = &ctx.k[first * key_len..(first + w) * key_len];
+            let vblock: &[E::Acc] = match values_in_place {
+                Some(v) => &v[first * value_len..(first + w) * value_len],
                 None => {
-                    let src = &ctx.k[first * key_len..(first + w) * key_len];
-                    for (y, x) in kbuf.iter_mut().zip(src) {
-                        *y = x.to_acc();
-                    }
-                    &kbuf[..w * key_len]
+                    let src = &ctx.v_in[first * value_len..(first + w) * value_len];
+                    widen_into::<S, E>(src, &mut vbuf[..w * value_len]);
+                    &vbuf[..w * value_len]
                 }
             };
-            let vblock = &ctx.v.data[first * value_len..(first + w) * value_len];
             for c in 0..w {
                 // each key position's rows are a page (4 KiB at Hk8 D128) that the hardware
                 // prefetchers reach only by a miss: open the key page a few positions
                 // ahead, and each head's value rows of this key for the block's P·V
                 // (~10%; prefetching whole rows measured no faster)
-                if let Some(k) = keys_in_place {
-                    let ahead = (first + c + DECODE_OPEN_AHEAD) * key_len;
-                    prefetch(k.as_ptr().wrapping_add(ahead), 1);
-                }
+                let ahead = (first + c + DECODE_OPEN_AHEAD) * key_len;
+                prefetch(ctx.k.as_ptr().wrapping_add(ahead), 1);
                 for h in 0..hk_n {
-                    prefetch(vblock[c * value_len + h * dv..].as_ptr(), 1);
+                    let at = (first + c) * value_len + h * dv;
+                    prefetch(ctx.v_in.as_ptr().wrapping_add(at), 1);
                 }
                 for h in 0..hk_n {
                     let krow = &kblock[(c * hk_n + h) * d..][..d];
@@ -1401,12 +1402,12 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
                         let q4 = &qh[r0 * d..(r0 + nr) * d];
                         // the common head dims with their loops unrolled
                         let dots = match (nr, d) {
-                            (4, 128) => dots::<S, E::Acc, 4, 128>(krow, q4),
-                            (4, 64) => dots::<S, E::Acc, 4, 64>(krow, q4),
-                            (4, _) => dots::<S, E::Acc, 4, 0>(krow, q4),
-                            (3, _) => dots::<S, E::Acc, 3, 0>(krow, q4),
-                            (2, _) => dots::<S, E::Acc, 2, 0>(krow, q4),
-                            _ => dots::<S, E::Acc, 1, 0>(krow, q4),
+                            (4, 128) => dots::<S, E, 4, 128>(krow, q4),
+                            (4, 64) => dots::<S, E, 4, 64>(krow, q4),
+                            (4, _) => dots::<S, E, 4, 0>(krow, q4),
+                            (3, _) => dots::<S, E, 3, 0>(krow, q4),
+                            (2, _) => dots::<S, E, 2, 0>(krow, q4),
+                            _ => dots::<S, E, 1, 0>(krow, q4),
                         };
                         for (rr, x) in dots.into_iter().take(nr).enumerate() {
                             s[(h * rows + r0 + rr) * DECODE_BLOCK + c] = x;
@@ -1466,48 +1467,71 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
     }
 }
 
-/// The dot products of `key` (`[D]`) with the NR ≤ 4 rows of `queries` (`[NR × D]`): two
-/// vector accumulators per row over pairs of whole vectors, one after, the four reductions
-/// in one `vsum4`, then the scalar tail. Entries NR.. of the result are unused. D = the
-/// head dim when it is known at compile time (loops unrolled), else 0.
+/// `dst = src` in the accumulator type, whole vectors then the tail.
 #[inline(always)]
-fn dots<S: Simd, A: Accum, const NR: usize, const D: usize>(key: &[A], queries: &[A]) -> [A; 4] {
+fn widen_into<S: Simd, E: Element>(src: &[E], dst: &mut [E::Acc]) {
+    assert_eq!(src.len(), dst.len());
+    let lanes = <E::Acc as Accum>::lanes::<S>();
+    let whole = src.len() / lanes * lanes;
+    for p in (0..whole).step_by(lanes) {
+        // SAFETY: p + lanes <= whole <= the length of both slices.
+        unsafe {
+            let x = E::vload::<S>(src.as_ptr().add(p));
+            <E::Acc as Accum>::vstore::<S>(dst.as_mut_ptr().add(p), x);
+        }
+    }
+    for (y, x) in dst[whole..].iter_mut().zip(&src[whole..]) {
+        *y = x.to_acc();
+    }
+}
+
+/// The dot products of `key` (`[D]`, widened as it is loaded) with the NR ≤ 4 rows of
+/// `queries` (`[NR × D]`): two vector accumulators per row over pairs of whole vectors, one
+/// after, the four reductions in one `vsum4`, then the scalar tail. Entries NR.. of the
+/// result are unused. D = the head dim when it is known at compile time (loops unrolled),
+/// else 0.
+#[inline(always)]
+fn dots<S: Simd, E: Element, const NR: usize, const D: usize>(
+    key: &[E],
+    queries: &[E::Acc],
+) -> [E::Acc; 4] {
+    type A<E> = <E as Element>::Acc;
     let d = if D > 0 { D } else { key.len() };
     assert!(key.len() == d);
     assert!(queries.len() >= NR * d);
-    let lanes = A::lanes::<S>();
+    let lanes = A::<E>::lanes::<S>();
     // SAFETY: every vector load reads [p, p + lanes) with p + lanes <= d, of `key` and of
     // a query row (checked above to lie in `queries`).
     unsafe {
-        let mut accs = [[A::vsplat::<S>(A::ZERO); 2]; 4];
+        let mut accs = [[A::<E>::vsplat::<S>(A::<E>::ZERO); 2]; 4];
         let mut p = 0;
         while p + 2 * lanes <= d {
-            let k1 = A::vload::<S>(key.as_ptr().add(p));
-            let k2 = A::vload::<S>(key.as_ptr().add(p + lanes));
+            let k1 = E::vload::<S>(key.as_ptr().add(p));
+            let k2 = E::vload::<S>(key.as_ptr().add(p + lanes));
             for (rr, a) in accs.iter_mut().enumerate().take(NR) {
                 let qp = queries.as_ptr().add(rr * d + p);
-                a[0] = A::vfma::<S>(A::vload::<S>(qp), k1, a[0]);
-                a[1] = A::vfma::<S>(A::vload::<S>(qp.add(lanes)), k2, a[1]);
+                a[0] = A::<E>::vfma::<S>(A::<E>::vload::<S>(qp), k1, a[0]);
+                a[1] = A::<E>::vfma::<S>(A::<E>::vload::<S>(qp.add(lanes)), k2, a[1]);
             }
             p += 2 * lanes;
         }
         if p + lanes <= d {
-            let k1 = A::vload::<S>(key.as_ptr().add(p));
+            let k1 = E::vload::<S>(key.as_ptr().add(p));
             for (rr, a) in accs.iter_mut().enumerate().take(NR) {
                 let qp = queries.as_ptr().add(rr * d + p);
-                a[0] = A::vfma::<S>(A::vload::<S>(qp), k1, a[0]);
+                a[0] = A::<E>::vfma::<S>(A::<E>::vload::<S>(qp), k1, a[0]);
             }
             p += lanes;
         }
-        let mut t = A::vsum4::<S>([
-            A::vadd::<S>(accs[0][0], accs[0][1]),
-            A::vadd::<S>(accs[1][0], accs[1][1]),
-            A::vadd::<S>(accs[2][0], accs[2][1]),
-            A::vadd::<S>(accs[3][0], accs[3][1]),
+        let mut t = A::<E>::vsum4::<S>([
+            A::<E>::vadd::<S>(accs[0][0], accs[0][1]),
+            A::<E>::vadd::<S>(accs[1][0], accs[1][1]),
+            A::<E>::vadd::<S>(accs[2][0], accs[2][1]),
+            A::<E>::vadd::<S>(accs[3][0], accs[3][1]),
         ]);
         for (rr, x) in t.iter_mut().enumerate().take(NR) {
             for pp in p..d {
-                *x = *x + queries[rr * d + pp] * key[pp];
+                *x = *x + queries[rr * d + pp] * key[pp].to_acc();
             }
         }
         t
