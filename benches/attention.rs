@@ -3,8 +3,9 @@
 //! - forward B1 H8 S2048 D64 f32, non-causal and causal: throughput in elements = flops
 //!   (4·B·H·S²·D, halved with causal; criterion's "elem/s" reads as FLOP/s);
 //! - forward + backward at the same size: 3.5 × the forward flops (the anchor's count);
-//! - decode Hq32 Hk8 Sk8192 D128, one query: throughput in bytes of K and V read
-//!   (2·Hk·Sk·D·4), next to a parallel copy of the same bytes.
+//! - decode Hq32 Hk8 Sk8192 D128, one query: throughput in bytes of f32 K and V read
+//!   (2·Hk·Sk·D·4; the bf16 row reads half of that), next to a parallel copy of the same
+//!   bytes.
 //!
 //! ```text
 //! cargo bench --bench attention
@@ -78,6 +79,17 @@ fn bench_decode(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(bytes));
     group.bench_function("decode", |bench| {
         bench.iter(|| black_box(attention::forward(&params, shape, &inputs).unwrap()))
+    });
+    // the same decode on a bf16 KV cache (half the bytes; keys widened in registers)
+    let to_bf16 = |x: &[f32]| {
+        x.iter()
+            .map(|&v| half::bf16::from_f32(v))
+            .collect::<Vec<_>>()
+    };
+    let (qh, kh, vh) = (to_bf16(&q), to_bf16(&k), to_bf16(&v));
+    let inputs_bf16 = AttentionInputs::new(&qh, &kh, &vh);
+    group.bench_function("decode_bf16", |bench| {
+        bench.iter(|| black_box(attention::forward(&params, shape, &inputs_bf16).unwrap()))
     });
     // a reference rate: a parallel copy reading as many bytes (and writing them); a read
     // alone is faster, so this is not the decode's ceiling

@@ -20,9 +20,11 @@
 //!   constant stride). o = O / l, lse = ln2·m + ln l; a row that saw no key gives o = 0,
 //!   lse = −inf.
 //! - Decode (split-KV): a task owns (sequence, chunk of SPLIT_CHUNK keys) and every query row
-//!   of every head; block by block it copies the K and V rows of all KV heads in memory order
-//!   (each key is read from memory once, front to back), scores by dot products, and keeps
-//!   (O, m, l) per head; the chunks are merged in chunk order through their log-sum-exps.
+//!   of every head; block by block it scores the keys in place, key position by key position
+//!   over every KV head (each key read once, front to back; four dot products reduced at
+//!   once), then per head one online-softmax step and O += P·V with the value rows read in
+//!   place; (O, m, l) per head; the chunks are merged in chunk order through their
+//!   log-sum-exps.
 //! - Backward: D = rowsum(dO∘O); S and dP read the head-major q and dO rows in place
 //!   (`gemm_set`, strided A operands). Per key block of (sequence, KV head), over every query
 //!   head of the group and every query block that sees the keys: P = e^(S − lse) (in base 2,
@@ -39,8 +41,9 @@
 //!   most keys), then writes p = e^(s − lse).
 //!
 //! Bound: 4·Sq·Sk·D flops per head for the forward (half with causal), about 2.5× that for
-//! the backward (S and dP recomputed in both passes). The decode reads K and V once; with them
-//! in cache it is bound by its own loop (benches/RESULTS.md, "not at a memory floor").
+//! the backward (S and dP recomputed in both passes). The decode reads K and V once: at
+//! Hq32 Hk8 Sk8192 D128 its best calls take ~1.3× a parallel read of the same bytes on the
+//! AVX-512 VM, criterion's median ~1.7× (benches/RESULTS.md, "The split-KV decode in place").
 
 use super::{
     AttentionGrads, AttentionInputs, AttentionParams, AttentionShape, BackwardTasks, Bias, Segment,
