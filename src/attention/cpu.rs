@@ -49,7 +49,7 @@ use super::{
     AttentionGrads, AttentionInputs, AttentionParams, AttentionShape, BackwardTasks, Bias, Segment,
     Sizes, SplitKv,
 };
-use crate::cpu::gemm::{Strided, gemm_acc, gemm_set};
+use crate::cpu::gemm::{Strided, gemm_acc, gemm_acc_widening, gemm_set};
 use crate::cpu::scratch::Scratch;
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch, prefetch};
 use crate::element::{Accum, Element};
@@ -934,7 +934,7 @@ pub(super) fn forward<E: Element>(
             len: shape.len_k,
             heads: shape.heads_kv,
             dim: shape.value_dim,
-            head_major: !split,
+            head_major: true,
         },
     };
     let (op, lp) = (SendPtr(o.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
@@ -1312,9 +1312,10 @@ const DECODE_OPEN_AHEAD: usize = 4;
 /// writes its unnormalized O (`[rows_max × Dv]`), then m and l (`rows_max` each) to its part
 /// of `part`. Row r of head hk is query head hk·G + r / Sq, query r % Sq.
 ///
-/// K and V are read in place (f16/bf16 widened in registers as they are loaded), key position by key position over every KV head, so the chunk's rows are read
-/// front to back: one head's rows alone are Hk·D apart, a new page every few rows, which the
-/// hardware prefetchers do not follow.
+/// K and V are read in place (f16/bf16 widened in registers as they are loaded), key position
+/// by key position over every KV head, so the chunk's rows are read front to back: one head's
+/// rows alone are Hk·D apart, a new page every few rows, which the hardware prefetchers do not
+/// follow.
 struct KvChunk<'a, E: Element> {
     ctx: &'a Forward<'a, E>,
     seg: Segment,
@@ -1425,12 +1426,24 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
                         scale_row::<S, E::Acc>(&mut acc[r * dv..(r + 1) * dv], alpha);
                     }
                 }
-                decode_pv::<S, E>(
-                    (rows, w, dv),
-                    (sh_scores, DECODE_BLOCK),
-                    (&vblock[hk * dv..], value_len),
-                    acc,
-                );
+                // SAFETY: the scores are rows × w (stride DECODE_BLOCK); value row c of head
+                // hk is vblock[c·Hk·Dv + hk·Dv..][..Dv], c < w; acc is rows × dv.
+                unsafe {
+                    gemm_acc_widening::<S, E>(
+                        rows,
+                        dv,
+                        w,
+                        Strided {
+                            ptr: sh_scores.as_ptr(),
+                            row_stride: DECODE_BLOCK,
+                            inner_stride: 1,
+                        },
+                        vblock.as_ptr().wrapping_add(hk * dv),
+                        value_len,
+                        acc.as_mut_ptr(),
+                        dv,
+                    )
+                };
             }
             j0 += w;
         }
@@ -1438,123 +1451,6 @@ impl<E: Element> SimdKernel for KvChunk<'_, E> {
             let l = &mut part[hk * per_head + rows_max * (dv + 1)..(hk + 1) * per_head];
             for (x, sums) in l.iter_mut().zip(&lsum[hk * rows..(hk + 1) * rows]) {
                 *x = lane_total(sums);
-            }
-        }
-    }
-}
-
-/// O += P·V for one KV head of the split-KV decode, the value rows widened as they are loaded:
-/// P is `rows × w` (`(p, row stride)`), value row c is `v[c·stride..][..dv]`, O row r is
-/// `o[r·dv..][..dv]`. Strips of up to 4 rows × 4 vectors (2 without 32 registers); each
-/// output adds its w terms in key order, as `gemm_acc` does.
-#[inline(always)]
-fn decode_pv<S: Simd, E: Element>(
-    (rows, w, dv): (usize, usize, usize),
-    (p, p_stride): (&[E::Acc], usize),
-    (v, v_stride): (&[E], usize),
-    o: &mut [E::Acc],
-) {
-    if rows == 0 || w == 0 || dv == 0 {
-        return;
-    }
-    assert!(p.len() >= (rows - 1) * p_stride + w && w <= p_stride);
-    assert!(v.len() >= (w - 1) * v_stride + dv && dv <= v_stride);
-    assert!(o.len() >= rows * dv);
-    let lanes = <E::Acc as Accum>::lanes::<S>();
-    let mut r0 = 0;
-    while r0 < rows {
-        let nr = (rows - r0).min(4);
-        let strip = PvStrip::<E> {
-            r0,
-            w,
-            dv,
-            p,
-            p_stride,
-            v,
-            v_stride,
-        };
-        let mut j = 0;
-        // SAFETY (every tile): rows r0..r0 + nr < rows of P and O, columns j..j + NV·lanes
-        // <= dv, keys < w, within the lengths asserted above.
-        while S::WIDE_TILES && j + 4 * lanes <= dv {
-            unsafe { strip.tile_rows::<S, 4>(nr, j, o) };
-            j += 4 * lanes;
-        }
-        while j + 2 * lanes <= dv {
-            unsafe { strip.tile_rows::<S, 2>(nr, j, o) };
-            j += 2 * lanes;
-        }
-        while j + lanes <= dv {
-            unsafe { strip.tile_rows::<S, 1>(nr, j, o) };
-            j += lanes;
-        }
-        for col in j..dv {
-            for r in r0..r0 + nr {
-                let mut x = o[r * dv + col];
-                for c in 0..w {
-                    x = x + p[r * p_stride + c] * v[c * v_stride + col].to_acc();
-                }
-                o[r * dv + col] = x;
-            }
-        }
-        r0 += nr;
-    }
-}
-
-/// One strip of rows of [`decode_pv`].
-struct PvStrip<'a, E: Element> {
-    r0: usize,
-    w: usize,
-    dv: usize,
-    p: &'a [E::Acc],
-    p_stride: usize,
-    v: &'a [E],
-    v_stride: usize,
-}
-
-impl<E: Element> PvStrip<'_, E> {
-    /// # Safety
-    /// As [`decode_pv`]'s tiles: nr rows from r0 and NV vectors from column j in bounds.
-    #[inline(always)]
-    unsafe fn tile_rows<S: Simd, const NV: usize>(&self, nr: usize, j: usize, o: &mut [E::Acc]) {
-        unsafe {
-            match nr {
-                4 => self.tile::<S, 4, NV>(j, o),
-                3 => self.tile::<S, 3, NV>(j, o),
-                2 => self.tile::<S, 2, NV>(j, o),
-                _ => self.tile::<S, 1, NV>(j, o),
-            }
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn tile<S: Simd, const MR: usize, const NV: usize>(&self, j: usize, o: &mut [E::Acc]) {
-        type A<E> = <E as Element>::Acc;
-        let lanes = A::<E>::lanes::<S>();
-        let (op, pp, vp) = (o.as_mut_ptr(), self.p.as_ptr(), self.v.as_ptr());
-        unsafe {
-            let mut acc = [[A::<E>::vsplat::<S>(A::<E>::ZERO); NV]; MR];
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (x, a) in row.iter_mut().enumerate() {
-                    *a = A::<E>::vload::<S>(op.add((self.r0 + r) * self.dv + j + x * lanes));
-                }
-            }
-            for c in 0..self.w {
-                let mut vv = [A::<E>::vsplat::<S>(A::<E>::ZERO); NV];
-                for (x, b) in vv.iter_mut().enumerate() {
-                    *b = E::vload::<S>(vp.add(c * self.v_stride + j + x * lanes));
-                }
-                for (r, row) in acc.iter_mut().enumerate() {
-                    let pr = A::<E>::vsplat::<S>(*pp.add((self.r0 + r) * self.p_stride + c));
-                    for (x, a) in row.iter_mut().enumerate() {
-                        *a = A::<E>::vfma::<S>(pr, vv[x], *a);
-                    }
-                }
-            }
-            for (r, row) in acc.iter().enumerate() {
-                for (x, a) in row.iter().enumerate() {
-                    A::<E>::vstore::<S>(op.add((self.r0 + r) * self.dv + j + x * lanes), *a);
-                }
             }
         }
     }

@@ -7,7 +7,7 @@
 //! sequential and the same on every ISA, so results are reproducible for a given ISA.
 
 use crate::cpu::Simd;
-use crate::element::Accum;
+use crate::element::{Accum, Element};
 
 /// Operand A of [`gemm_acc`]: element (i, p) is at `ptr + i·row_stride + p·inner_stride`.
 #[derive(Clone, Copy)]
@@ -15,6 +15,67 @@ pub(crate) struct Strided<A> {
     pub ptr: *const A,
     pub row_stride: usize,
     pub inner_stride: usize,
+}
+
+/// Operand B of the products: `k` rows of `n` values at a row stride, read in the accumulator
+/// type (as stored, or widened from f16/bf16 as each vector is loaded).
+trait RowsB<A: Accum>: Copy {
+    /// `lanes` values of row p from column `col`.
+    unsafe fn vload<S: Simd>(self, p: usize, col: usize) -> A::V<S>;
+    /// The value at row p, column `col`.
+    unsafe fn get(self, p: usize, col: usize) -> A;
+    /// The same rows from column `col` on.
+    unsafe fn at_col(self, col: usize) -> Self;
+}
+
+/// B stored in the accumulator type.
+#[derive(Clone, Copy)]
+struct Plain<A> {
+    ptr: *const A,
+    stride: usize,
+}
+
+impl<A: Accum> RowsB<A> for Plain<A> {
+    #[inline(always)]
+    unsafe fn vload<S: Simd>(self, p: usize, col: usize) -> A::V<S> {
+        unsafe { A::vload::<S>(self.ptr.add(p * self.stride + col)) }
+    }
+    #[inline(always)]
+    unsafe fn get(self, p: usize, col: usize) -> A {
+        unsafe { *self.ptr.add(p * self.stride + col) }
+    }
+    #[inline(always)]
+    unsafe fn at_col(self, col: usize) -> Self {
+        Self {
+            ptr: unsafe { self.ptr.add(col) },
+            ..self
+        }
+    }
+}
+
+/// B stored as elements E, widened to E::Acc as it is loaded.
+#[derive(Clone, Copy)]
+struct Widening<E> {
+    ptr: *const E,
+    stride: usize,
+}
+
+impl<E: Element> RowsB<E::Acc> for Widening<E> {
+    #[inline(always)]
+    unsafe fn vload<S: Simd>(self, p: usize, col: usize) -> <E::Acc as Accum>::V<S> {
+        unsafe { E::vload::<S>(self.ptr.add(p * self.stride + col)) }
+    }
+    #[inline(always)]
+    unsafe fn get(self, p: usize, col: usize) -> E::Acc {
+        unsafe { (*self.ptr.add(p * self.stride + col)).to_acc() }
+    }
+    #[inline(always)]
+    unsafe fn at_col(self, col: usize) -> Self {
+        Self {
+            ptr: unsafe { self.ptr.add(col) },
+            ..self
+        }
+    }
 }
 
 /// C += A·B over `m × n` with inner dimension `k`. With `lower_triangular` (a causal A:
@@ -37,7 +98,35 @@ pub(crate) unsafe fn gemm_acc<S: Simd, A: Accum>(
     c_stride: usize,
     lower_triangular: bool,
 ) {
-    unsafe { product::<S, A>(m, n, k, a, b, b_stride, c, c_stride, lower_triangular, true) }
+    let b = Plain {
+        ptr: b,
+        stride: b_stride,
+    };
+    unsafe { product::<S, A, _>(m, n, k, a, b, c, c_stride, lower_triangular, true) }
+}
+
+/// [`gemm_acc`] with B stored as elements E (f16/bf16 widened as they are loaded; for f32
+/// and f64 the same code as `gemm_acc`), no triangular A.
+///
+/// # Safety
+/// As [`gemm_acc`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_acc_widening<S: Simd, E: Element>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided<E::Acc>,
+    b: *const E,
+    b_stride: usize,
+    c: *mut E::Acc,
+    c_stride: usize,
+) {
+    let b = Widening {
+        ptr: b,
+        stride: b_stride,
+    };
+    unsafe { product::<S, E::Acc, _>(m, n, k, a, b, c, c_stride, false, true) }
 }
 
 /// C = A·B over `m × n` with inner dimension `k`: [`gemm_acc`] into a C whose old values are
@@ -57,18 +146,21 @@ pub(crate) unsafe fn gemm_set<S: Simd, A: Accum>(
     c: *mut A,
     c_stride: usize,
 ) {
-    unsafe { product::<S, A>(m, n, k, a, b, b_stride, c, c_stride, false, false) }
+    let b = Plain {
+        ptr: b,
+        stride: b_stride,
+    };
+    unsafe { product::<S, A, _>(m, n, k, a, b, c, c_stride, false, false) }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn product<S: Simd, A: Accum>(
+unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
     m: usize,
     n: usize,
     k: usize,
     a: Strided<A>,
-    b: *const A,
-    b_stride: usize,
+    b: B,
     c: *mut A,
     c_stride: usize,
     lower_triangular: bool,
@@ -95,11 +187,11 @@ unsafe fn product<S: Simd, A: Accum>(
         // 32 registers: 4-vector tiles, so a row strip reads B once per 4 vectors of C
         while S::WIDE_TILES && j + 4 * lanes <= n {
             unsafe {
-                tile_rows::<S, A, 4>(
+                tile_rows::<S, A, B, 4>(
                     rows,
                     kk,
                     a_at,
-                    (b.add(j), b_stride),
+                    b.at_col(j),
                     (c_at.add(j), c_stride),
                     accumulate,
                 )
@@ -108,11 +200,11 @@ unsafe fn product<S: Simd, A: Accum>(
         }
         while j + 2 * lanes <= n {
             unsafe {
-                tile_rows::<S, A, 2>(
+                tile_rows::<S, A, B, 2>(
                     rows,
                     kk,
                     a_at,
-                    (b.add(j), b_stride),
+                    b.at_col(j),
                     (c_at.add(j), c_stride),
                     accumulate,
                 )
@@ -121,11 +213,11 @@ unsafe fn product<S: Simd, A: Accum>(
         }
         if j + lanes <= n {
             unsafe {
-                tile_rows::<S, A, 1>(
+                tile_rows::<S, A, B, 1>(
                     rows,
                     kk,
                     a_at,
-                    (b.add(j), b_stride),
+                    b.at_col(j),
                     (c_at.add(j), c_stride),
                     accumulate,
                 )
@@ -140,7 +232,7 @@ unsafe fn product<S: Simd, A: Accum>(
                     let mut acc = if accumulate { *out } else { A::ZERO };
                     for p in 0..kk {
                         let x = *a_at.ptr.add(r * a.row_stride + p * a.inner_stride);
-                        acc = acc + x * *b.add(p * b_stride + col);
+                        acc = acc + x * b.get(p, col);
                     }
                     *out = acc;
                 }
@@ -153,33 +245,33 @@ unsafe fn product<S: Simd, A: Accum>(
 /// [`tile`] for a strip of `rows` (1..=6) rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_rows<S: Simd, A: Accum, const NV: usize>(
+unsafe fn tile_rows<S: Simd, A: Accum, B: RowsB<A>, const NV: usize>(
     rows: usize,
     k: usize,
     a: Strided<A>,
-    b: (*const A, usize),
+    b: B,
     c: (*mut A, usize),
     accumulate: bool,
 ) {
     unsafe {
         match rows {
-            6 => tile::<S, A, 6, NV>(k, a, b, c, accumulate),
-            5 => tile::<S, A, 5, NV>(k, a, b, c, accumulate),
-            4 => tile::<S, A, 4, NV>(k, a, b, c, accumulate),
-            3 => tile::<S, A, 3, NV>(k, a, b, c, accumulate),
-            2 => tile::<S, A, 2, NV>(k, a, b, c, accumulate),
-            _ => tile::<S, A, 1, NV>(k, a, b, c, accumulate),
+            6 => tile::<S, A, B, 6, NV>(k, a, b, c, accumulate),
+            5 => tile::<S, A, B, 5, NV>(k, a, b, c, accumulate),
+            4 => tile::<S, A, B, 4, NV>(k, a, b, c, accumulate),
+            3 => tile::<S, A, B, 3, NV>(k, a, b, c, accumulate),
+            2 => tile::<S, A, B, 2, NV>(k, a, b, c, accumulate),
+            _ => tile::<S, A, B, 1, NV>(k, a, b, c, accumulate),
         }
     }
 }
 
 /// One register tile: MR rows × NV vectors of C over `k`, added to C's values with
-/// `accumulate`, else from zero. B and C are (pointer, row stride).
+/// `accumulate`, else from zero. C is (pointer, row stride).
 #[inline(always)]
-unsafe fn tile<S: Simd, A: Accum, const MR: usize, const NV: usize>(
+unsafe fn tile<S: Simd, A: Accum, B: RowsB<A>, const MR: usize, const NV: usize>(
     k: usize,
     a: Strided<A>,
-    (b, b_stride): (*const A, usize),
+    b: B,
     (c, c_stride): (*mut A, usize),
     accumulate: bool,
 ) {
@@ -196,7 +288,7 @@ unsafe fn tile<S: Simd, A: Accum, const MR: usize, const NV: usize>(
         for p in 0..k {
             let mut bv = [A::vsplat::<S>(A::ZERO); NV];
             for (v, x) in bv.iter_mut().enumerate() {
-                *x = A::vload::<S>(b.add(p * b_stride + v * lanes));
+                *x = b.vload::<S>(p, v * lanes);
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 let x = A::vsplat::<S>(*a.ptr.add(r * a.row_stride + p * a.inner_stride));
