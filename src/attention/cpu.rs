@@ -230,7 +230,13 @@ impl<A> Rows<'_, A> {
     }
 }
 
-/// `x [B, S, H, X]` as head-major rows (`[B, H, S, X]`) in its accumulator type.
+/// Sequence positions per task of the per-call copies below: each task reads a contiguous
+/// piece of the input (every head of these positions) front to back.
+const COPY_POSITIONS: usize = 64;
+
+/// `x [B, S, H, X]` as head-major rows (`[B, H, S, X]`) in its accumulator type. Tasks
+/// take runs of positions of every head, so the input is read in memory order (read head by
+/// head, its rows sit `H·X` apart, a stride the prefetchers barely follow: 3–6 GB/s).
 fn head_major<E: Element>(
     x: &[E],
     batch: usize,
@@ -238,25 +244,39 @@ fn head_major<E: Element>(
     heads: usize,
     dim: usize,
 ) -> Scratch<E::Acc> {
-    let per = len * dim;
-    let mut out = Scratch::take(batch * heads * per, <E::Acc as Accum>::ZERO);
-    if per > 0 {
-        out.par_chunks_mut(per).enumerate().for_each(|(bh, part)| {
-            let (b, h) = (bh / heads, bh % heads);
-            for (s, row) in part.chunks_exact_mut(dim).enumerate() {
-                let src = ((b * len + s) * heads + h) * dim;
-                for (y, x) in row.iter_mut().zip(&x[src..src + dim]) {
+    let mut out = Scratch::take(batch * heads * len * dim, <E::Acc as Accum>::ZERO);
+    if out.is_empty() {
+        return out;
+    }
+    let dst = SendPtr(out.as_mut_ptr());
+    let runs = len.div_ceil(COPY_POSITIONS);
+    (0..batch * runs).into_par_iter().for_each(|task| {
+        let (b, s0) = (task / runs, task % runs * COPY_POSITIONS);
+        for s in s0..len.min(s0 + COPY_POSITIONS) {
+            for h in 0..heads {
+                let src = &x[((b * len + s) * heads + h) * dim..][..dim];
+                // SAFETY: row (b, h, s) of out lies inside it, and only this task (the one
+                // holding position s of batch b) writes it.
+                let row = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        dst.get().add(((b * heads + h) * len + s) * dim),
+                        dim,
+                    )
+                };
+                for (y, x) in row.iter_mut().zip(src) {
                     *y = x.to_acc();
                 }
             }
-        });
-    }
+        }
+    });
     out
 }
 
 /// Key (or value) panels: for each (batch, head) and each sequence, blocks of `block` rows
 /// transposed to `[dim × w]` (w = the block's width), block j0 of a sequence starting at
-/// element `(k_start + j0)·dim` of its (batch, head) part.
+/// element `(k_start + j0)·dim` of its (batch, head) part. One task per block of a sequence,
+/// every head, reading the block's rows in memory order 16 positions at a time: a panel
+/// line (16 consecutive columns) is written whole while the 16 rows are in L1.
 fn panels<E: Element>(
     x: &[E],
     batch: usize,
@@ -266,26 +286,35 @@ fn panels<E: Element>(
     segments: &[Segment],
     block: usize,
 ) -> Scratch<E::Acc> {
-    let per = len * dim;
+    const GROUP: usize = 16;
     // entries outside every segment's key range are never read
-    let mut out = Scratch::take(batch * heads * per, <E::Acc as Accum>::ZERO);
-    if per == 0 {
+    let mut out = Scratch::take(batch * heads * len * dim, <E::Acc as Accum>::ZERO);
+    if out.is_empty() {
         return out;
     }
-    out.par_chunks_mut(per).enumerate().for_each(|(bh, part)| {
-        let (bi, h) = (bh / heads, bh % heads);
-        for seg in segments.iter().filter(|s| s.batch == bi) {
-            let mut j0 = 0;
-            while j0 < seg.k_len {
-                let w = block.min(seg.k_len - j0);
-                let base = (seg.k_start + j0) * dim;
-                for c in 0..w {
-                    let src = ((bi * len + seg.k_start + j0 + c) * heads + h) * dim;
-                    for (p, x) in x[src..src + dim].iter().enumerate() {
-                        part[base + p * w + c] = x.to_acc();
+    let dst = SendPtr(out.as_mut_ptr());
+    let jobs: Vec<(Segment, usize)> = segments
+        .iter()
+        .flat_map(|seg| (0..seg.k_len).step_by(block).map(move |j0| (*seg, j0)))
+        .collect();
+    jobs.into_par_iter().for_each(|(seg, j0)| {
+        let w = block.min(seg.k_len - j0);
+        let first = seg.k_start + j0;
+        for c0 in (0..w).step_by(GROUP) {
+            let group = GROUP.min(w - c0);
+            for h in 0..heads {
+                let base = ((seg.batch * heads + h) * len + first) * dim;
+                // SAFETY: the panel of block j0 of (seg, h) is dim × w values from base,
+                // inside out; only this task (the block's) writes it.
+                let panel = unsafe { std::slice::from_raw_parts_mut(dst.get().add(base), dim * w) };
+                let row = |c: usize| &x[((seg.batch * len + first + c) * heads + h) * dim..][..dim];
+                let rows: [&[E]; GROUP] = std::array::from_fn(|i| row(c0 + i.min(group - 1)));
+                for p in 0..dim {
+                    let line = &mut panel[p * w + c0..p * w + c0 + group];
+                    for (y, src) in line.iter_mut().zip(&rows) {
+                        *y = src[p].to_acc();
                     }
                 }
-                j0 += w;
             }
         }
     });
@@ -621,7 +650,8 @@ unsafe fn tile_sums<S: Simd, A: Accum, const R: usize, const NV: usize>(
 /// rows see every key and whose running max m may stay (see [`MAX_SLACK`]): C = A·B as
 /// [`matmul_packed`] computes it (base-2 scores), then in each register tile's epilogue
 /// p = 2^(s − m) of its row stored in place of the score and added to the row's lane sums
-/// `sums` — the bits of [`online_step`] when it holds m, without the passes over the stored
+/// (`sums_in` plus the block's, written to `sums`: the caller keeps `sums_in` if the block
+/// fails) — the bits of [`online_step`] when it holds m, without the passes over the stored
 /// scores. `n` must be a multiple of the vector width. Returns false as soon as a score
 /// passes m + MAX_SLACK; C and `sums` are then partly written and the caller redoes the
 /// block the general way.
@@ -640,13 +670,15 @@ unsafe fn scores_to_probs<S: Simd, A: Accum>(
     c: *mut A,
     c_stride: usize,
     m: &[A],
-    sums: &mut [[A; L_LANES]],
+    (sums_in, sums): (&[[A; L_LANES]], &mut [[A; L_LANES]]),
 ) -> bool {
-    debug_assert!(n.is_multiple_of(A::lanes::<S>()) && m.len() >= rows && sums.len() >= rows);
+    debug_assert!(n.is_multiple_of(A::lanes::<S>()) && m.len() >= rows);
+    debug_assert!(sums_in.len() >= rows && sums.len() >= rows);
     for strip in 0..rows.div_ceil(MR) {
         let (r0, r) = (strip * MR, MR.min(rows - strip * MR));
         let (ap, cp) = unsafe { (pack.as_ptr().add(r0 * k), c.add(r0 * c_stride)) };
-        let (m, sums) = (&m[r0..r0 + r], &mut sums[r0..r0 + r]);
+        let m = &m[r0..r0 + r];
+        let sums = (&sums_in[r0..r0 + r], &mut sums[r0..r0 + r]);
         let held = unsafe {
             match r {
                 6 => strip_to_probs::<S, A, 6>(n, k, ap, b, b_stride, cp, c_stride, m, sums),
@@ -665,7 +697,8 @@ unsafe fn scores_to_probs<S: Simd, A: Accum>(
 }
 
 /// One strip of [`scores_to_probs`]: the tiles left to right, as [`strip_product`] runs
-/// them, so each row's lane sums take its vectors in column order.
+/// them, so each row's lane sums take its vectors in column order (the first tile adds to
+/// `sums_in`, the later ones to what the earlier wrote to `sums`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn strip_to_probs<S: Simd, A: Accum, const R: usize>(
@@ -677,25 +710,52 @@ unsafe fn strip_to_probs<S: Simd, A: Accum, const R: usize>(
     c: *mut A,
     c_stride: usize,
     m: &[A],
-    sums: &mut [[A; L_LANES]],
+    (sums_in, sums): (&[[A; L_LANES]], &mut [[A; L_LANES]]),
 ) -> bool {
     let lanes = A::lanes::<S>();
     let mut j = 0;
     let mut held = true;
     unsafe {
         while held && S::WIDE_TILES && j + 4 * lanes <= n {
-            held =
-                tile_to_probs::<S, A, R, 4>(k, ap, b.add(j), b_stride, c.add(j), c_stride, m, sums);
+            let first = (j == 0).then_some(sums_in);
+            held = tile_to_probs::<S, A, R, 4>(
+                k,
+                ap,
+                b.add(j),
+                b_stride,
+                c.add(j),
+                c_stride,
+                m,
+                (first, &mut *sums),
+            );
             j += 4 * lanes;
         }
         while held && j + 2 * lanes <= n {
-            held =
-                tile_to_probs::<S, A, R, 2>(k, ap, b.add(j), b_stride, c.add(j), c_stride, m, sums);
+            let first = (j == 0).then_some(sums_in);
+            held = tile_to_probs::<S, A, R, 2>(
+                k,
+                ap,
+                b.add(j),
+                b_stride,
+                c.add(j),
+                c_stride,
+                m,
+                (first, &mut *sums),
+            );
             j += 2 * lanes;
         }
         while held && j + lanes <= n {
-            held =
-                tile_to_probs::<S, A, R, 1>(k, ap, b.add(j), b_stride, c.add(j), c_stride, m, sums);
+            let first = (j == 0).then_some(sums_in);
+            held = tile_to_probs::<S, A, R, 1>(
+                k,
+                ap,
+                b.add(j),
+                b_stride,
+                c.add(j),
+                c_stride,
+                m,
+                (first, &mut *sums),
+            );
             j += lanes;
         }
     }
@@ -704,7 +764,8 @@ unsafe fn strip_to_probs<S: Simd, A: Accum, const R: usize>(
 
 /// One register tile of [`strip_to_probs`]: the scores computed as `micro` computes them,
 /// then, still in registers, s → 2^(s − m) of its row, stored to C and added to the row's
-/// lane sums; false if a score passed m + MAX_SLACK.
+/// lane sums (read from `sums_in` if given, else from `sums`; written to `sums`); false if a
+/// score passed m + MAX_SLACK.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_to_probs<S: Simd, A: Accum, const R: usize, const NV: usize>(
@@ -715,7 +776,7 @@ unsafe fn tile_to_probs<S: Simd, A: Accum, const R: usize, const NV: usize>(
     c: *mut A,
     c_stride: usize,
     m: &[A],
-    sums: &mut [[A; L_LANES]],
+    (sums_in, sums): (Option<&[[A; L_LANES]]>, &mut [[A; L_LANES]]),
 ) -> bool {
     let lanes = A::lanes::<S>();
     let mut over = 0u32;
@@ -725,7 +786,7 @@ unsafe fn tile_to_probs<S: Simd, A: Accum, const R: usize, const NV: usize>(
         for (r, row) in acc.iter().enumerate() {
             let shift = A::vsplat::<S>(A::ZERO - m[r]);
             let bound = A::vsplat::<S>(m[r] + A::from_f64(MAX_SLACK));
-            let mut l = A::vload::<S>(sums[r].as_ptr());
+            let mut l = A::vload::<S>(sums_in.map_or(sums[r].as_ptr(), |s| s[r].as_ptr()));
             for (v, x) in row.iter().enumerate() {
                 over |= A::vmask_gt::<S>(*x, bound);
                 let e = A::vexp2::<S>(A::vadd::<S>(*x, shift));
@@ -998,13 +1059,26 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
         let hk = hq / sh.group();
         let zero = <E::Acc as Accum>::ZERO;
         let qbuf = load_queries(ctx.q, sh, &seg, hq, row0, rows, ctx.scale);
+        // the rows of the block this thread likely runs next (rayon hands each thread runs
+        // of consecutive tasks): far apart in q, so without a hint they would arrive one
+        // cache miss at a time when that block starts
+        for r in row0 + rows..seg.q_len.min(row0 + 2 * rows) {
+            let at = ((seg.batch * sh.len_q + seg.q_start + r) * sh.heads_q + hq) * d;
+            prefetch(ctx.q[at..].as_ptr(), d);
+        }
         let vis: Vec<(usize, usize)> = (0..rows)
             .map(|r| ctx.rules.visible(&seg, row0 + r))
             .collect();
         let mut m = vec![neg_inf::<E::Acc>(); rows];
         let mut l = vec![[zero; L_LANES]; rows];
-        // l as a fused block adds to it, kept only if the block holds m
+        // l plus a fused block's sums, swapped in only if the block holds m
         let mut trial = l.clone();
+        // the keys every row sees, and whether every row has seen one (m finite): blocks
+        // inside the former are whole for every row
+        let common = vis
+            .iter()
+            .fold((0, usize::MAX), |(a, z), &(lo, hi)| (a.max(lo), z.min(hi)));
+        let mut started = false;
         let mut acc = vec![zero; rows * dv];
         let mut s = vec![zero; rows * FWD_BLOCK_K];
         // the queries are the A operand of every score tile: packed once
@@ -1017,14 +1091,15 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
             // A block every row sees whole, past each row's first, with no score terms: the
             // products' epilogues turn the scores into probabilities while m holds (the
             // common case once m has settled), with the bits of the general path below.
-            let fused = !ctx.rules.has_terms()
-                && w.is_multiple_of(<E::Acc as Accum>::lanes::<S>())
-                && (0..rows)
-                    .all(|r| m[r] != neg_inf::<E::Acc>() && block_columns(j0, w, vis[r]) == (0, w));
+            let whole = common.0 <= j0 && j0 + w <= common.1;
+            started = started || m.iter().all(|&x| x != neg_inf::<E::Acc>());
+            let fused = whole
+                && started
+                && !ctx.rules.has_terms()
+                && w.is_multiple_of(<E::Acc as Accum>::lanes::<S>());
             let held = fused && {
-                trial.copy_from_slice(&l);
                 // SAFETY: qpack holds the rows' strips, the panel is d × w, s rows ×
-                // FWD_BLOCK_K; m and trial hold the rows.
+                // FWD_BLOCK_K; m, l and trial hold the rows.
                 let held = unsafe {
                     scores_to_probs::<S, E::Acc>(
                         rows,
@@ -1036,11 +1111,11 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
                         s.as_mut_ptr(),
                         FWD_BLOCK_K,
                         &m,
-                        &mut trial,
+                        (&l, &mut trial),
                     )
                 };
                 if held {
-                    l.copy_from_slice(&trial);
+                    std::mem::swap(&mut l, &mut trial);
                 }
                 held
             };
@@ -1087,8 +1162,13 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
             }
             // O += P·V per strip over the keys its rows see (P is 0 past them). P is read in
             // place: its row stride is a constant, so the tile's broadcasts need no packing.
-            for (strip, need) in strip_widths(j0, w, &vis, 1).enumerate() {
+            for strip in 0..rows.div_ceil(MR) {
                 let r0 = strip * MR;
+                let need = if whole {
+                    w
+                } else {
+                    strip_need(j0, w, &vis[r0..], 1)
+                };
                 if need == 0 {
                     continue;
                 }
@@ -1168,14 +1248,19 @@ fn strip_widths(
     vis: &[(usize, usize)],
     round: usize,
 ) -> impl Iterator<Item = usize> + '_ {
-    vis.chunks(MR).map(move |strip| {
-        let end = strip
-            .iter()
-            .map(|&v| block_columns(j0, w, v).1)
-            .max()
-            .unwrap_or(0);
-        end.next_multiple_of(round).min(w)
-    })
+    vis.chunks(MR)
+        .map(move |strip| strip_need(j0, w, strip, round))
+}
+
+/// [`strip_widths`] of the strip whose rows' visible keys start `vis` (its first MR
+/// entries).
+fn strip_need(j0: usize, w: usize, vis: &[(usize, usize)], round: usize) -> usize {
+    let end = vis[..MR.min(vis.len())]
+        .iter()
+        .map(|&v| block_columns(j0, w, v).1)
+        .max()
+        .unwrap_or(0);
+    end.next_multiple_of(round).min(w)
 }
 
 /// Rows row0.. of (seg, head hq) of q, times `scale`, as `[rows × D]`.
