@@ -938,11 +938,13 @@ pub(super) fn forward<E: Element>(
     segments: &[Segment],
     sizes: Sizes,
 ) -> (Vec<E>, Vec<E::Acc>) {
-    let mut o = vec![E::default(); sizes.o];
     let mut lse = vec![neg_inf::<E::Acc>(); sizes.lse];
     if sizes.lse == 0 {
-        return (o, lse);
+        return (vec![E::default(); sizes.o], lse);
     }
+    // o starts uninitialized: both paths write every row of every sequence and query head
+    // (the sequences cover the query axis), and zeroing first was ~1.5% of the forward
+    let mut o: Vec<E> = Vec::with_capacity(sizes.o);
     let g = shape.group();
     let split = match params.split_kv {
         SplitKv::Always => true,
@@ -1027,6 +1029,8 @@ pub(super) fn forward<E: Element>(
             )
         });
     }
+    // SAFETY: every one of the sizes.o elements has been written (see above).
+    unsafe { o.set_len(sizes.o) };
     (o, lse)
 }
 
