@@ -254,6 +254,23 @@ fn register_vectors<F: Algebra>(w: usize, lanes: usize) -> Option<usize> {
         .then_some(w / lanes)
 }
 
+/// The instruction set for a forward row span of `w` floats in the channel plan: AVX2 instead
+/// of AVX-512 when the span is too wide for registers and E is stored in its accumulator
+/// type. That loop streams a and b in and h out (memory-bound, so wider vectors compute
+/// nothing faster), and on rows 16 bytes past a 64-byte boundary, as large `Vec`s are, every
+/// 512-bit access splits a cache line: B8 T4096 D512 complex 26.7–27.8 → 21.8 ms, the real
+/// scan at D1024 26.2–26.9 → 23.2–23.7 ms (Intel Xeon, two threads; a C model of the loop
+/// agrees). The register path (narrow spans) and the backward stay faster with AVX-512.
+fn streaming_isa<E: Element>(isa: Isa, w: usize) -> Isa {
+    let zmm_lanes = 64 / size_of::<E::Acc>();
+    let plain = size_of::<E>() == size_of::<E::Acc>();
+    if isa == Isa::Avx512 && plain && w > MAX_REGISTER_VECTORS * zmm_lanes {
+        Isa::Avx2
+    } else {
+        isa
+    }
+}
+
 /// Signed element step between consecutive logical rows, and the first row's offset.
 #[inline(always)]
 fn row_walk(span: &Span, descending: bool) -> (isize, isize) {
@@ -881,7 +898,7 @@ pub(crate) fn forward<E: Element, F: Algebra>(
                         state: state.as_mut_ptr(),
                         algebra: std::marker::PhantomData::<F>,
                     };
-                    dispatch(isa, kernel);
+                    dispatch(streaming_isa::<E>(isa, w), kernel);
                 });
         }
         Plan::Time { piece_len } => {

@@ -198,7 +198,9 @@ pub fn linear<E: Element>(
 }
 
 /// [`linear`] on a chosen instruction set (`Err` if this CPU lacks it): for tests that
-/// compare the SIMD and scalar paths, and for benchmarks.
+/// compare the SIMD and scalar paths, and for benchmarks. With AVX-512 the forward of wide
+/// f32/f64 rows runs its AVX2 loop, which is faster there (memory-bound; see
+/// `cpu::streaming_isa`).
 pub fn linear_on<E: Element>(
     isa: Isa,
     params: &ScanParams,
@@ -427,7 +429,8 @@ pub fn linear_complex<E: Element>(
     linear_complex_on(Isa::active(), params, shape, a, b, h0, h)
 }
 
-/// [`linear_complex`] on a chosen instruction set.
+/// [`linear_complex`] on a chosen instruction set (with AVX-512, wide f32/f64 rows run the
+/// AVX2 loop, as in [`linear_on`]).
 pub fn linear_complex_on<E: Element>(
     isa: Isa,
     params: &ScanParams,
