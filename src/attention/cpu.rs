@@ -715,50 +715,23 @@ unsafe fn strip_to_probs<S: Simd, A: Accum, const R: usize>(
     let lanes = A::lanes::<S>();
     let mut j = 0;
     let mut held = true;
-    unsafe {
-        while held && S::WIDE_TILES && j + 4 * lanes <= n {
-            let first = (j == 0).then_some(sums_in);
-            held = tile_to_probs::<S, A, R, 4>(
-                k,
-                ap,
-                b.add(j),
-                b_stride,
-                c.add(j),
-                c_stride,
-                m,
-                (first, &mut *sums),
-            );
-            j += 4 * lanes;
-        }
-        while held && j + 2 * lanes <= n {
-            let first = (j == 0).then_some(sums_in);
-            held = tile_to_probs::<S, A, R, 2>(
-                k,
-                ap,
-                b.add(j),
-                b_stride,
-                c.add(j),
-                c_stride,
-                m,
-                (first, &mut *sums),
-            );
-            j += 2 * lanes;
-        }
-        while held && j + lanes <= n {
-            let first = (j == 0).then_some(sums_in);
-            held = tile_to_probs::<S, A, R, 1>(
-                k,
-                ap,
-                b.add(j),
-                b_stride,
-                c.add(j),
-                c_stride,
-                m,
-                (first, &mut *sums),
-            );
-            j += lanes;
-        }
+    // the tiles of NV vectors while `wide` allows them and NV vectors remain
+    macro_rules! tiles {
+        ($nv:literal, $wide:expr) => {
+            while held && $wide && j + $nv * lanes <= n {
+                let first = (j == 0).then_some(sums_in);
+                let (bj, cj) = unsafe { (b.add(j), c.add(j)) };
+                let sums = (first, &mut *sums);
+                held = unsafe {
+                    tile_to_probs::<S, A, R, $nv>(k, ap, bj, b_stride, cj, c_stride, m, sums)
+                };
+                j += $nv * lanes;
+            }
+        };
     }
+    tiles!(4, S::WIDE_TILES);
+    tiles!(2, true);
+    tiles!(1, true);
     held
 }
 
