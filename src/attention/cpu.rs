@@ -2335,3 +2335,67 @@ impl<E: Element> SimdKernel for TopBlock<'_, E> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// The per-call copies against their index formulas: odd dims, several heads and
+    /// batches, sequences (packed and per batch row) whose lengths are not multiples of the
+    /// block or of the 16-position groups the panels are written in, and a widened dtype.
+    #[test]
+    fn copies_match_their_index_formulas() {
+        let (heads, dim) = (3, 5);
+        let value = |i: usize| (i % 251) as f32 - 100.0; // exact in bf16 and f32
+        for (batch, len, segments) in [
+            // packed sequences of one batch row, one of them empty
+            (1, 86, vec![(0, 17), (17, 0), (17, 53), (70, 16)]),
+            // a batch of whole sequences
+            (2, 70, vec![(0, 70)]),
+        ] {
+            let segs: Vec<Segment> = (0..batch)
+                .flat_map(|b| {
+                    segments.iter().map(move |&(k_start, k_len)| Segment {
+                        batch: b,
+                        q_start: 0,
+                        q_len: 1,
+                        k_start,
+                        k_len,
+                    })
+                })
+                .collect();
+            let n = batch * len * heads * dim;
+            let x: Vec<bf16> = (0..n).map(|i| bf16::from_f32(value(i))).collect();
+            let at = |b: usize, s: usize, h: usize, p: usize| ((b * len + s) * heads + h) * dim + p;
+            let rows = head_major(&x, batch, len, heads, dim);
+            for b in 0..batch {
+                for s in 0..len {
+                    for h in 0..heads {
+                        for p in 0..dim {
+                            let got = rows[((b * heads + h) * len + s) * dim + p];
+                            assert_eq!(got, value(at(b, s, h, p)), "head_major at {b} {s} {h} {p}");
+                        }
+                    }
+                }
+            }
+            for block in [16, 64, 128] {
+                let kt = panels(&x, batch, len, heads, dim, &segs, block);
+                for seg in &segs {
+                    for h in 0..heads {
+                        for j0 in (0..seg.k_len).step_by(block) {
+                            let w = block.min(seg.k_len - j0);
+                            let base = ((seg.batch * heads + h) * len + seg.k_start + j0) * dim;
+                            for c in 0..w {
+                                for p in 0..dim {
+                                    let want = value(at(seg.batch, seg.k_start + j0 + c, h, p));
+                                    assert_eq!(kt[base + p * w + c], want, "panel {block} {seg:?}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
