@@ -913,7 +913,8 @@ pub(super) fn forward<E: Element>(
 ) -> (Vec<E>, Vec<E::Acc>) {
     let mut lse = vec![neg_inf::<E::Acc>(); sizes.lse];
     if sizes.lse == 0 {
-        return (vec![E::default(); sizes.o], lse);
+        // no query rows or heads: o is empty too
+        return (Vec::new(), lse);
     }
     // o starts uninitialized: both paths write every row of every sequence and query head
     // (the sequences cover the query axis), and zeroing first was ~1.5% of the forward
@@ -1139,13 +1140,8 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
             }
             // O += P·V per strip over the keys its rows see (P is 0 past them). P is read in
             // place: its row stride is a constant, so the tile's broadcasts need no packing.
-            for strip in 0..rows.div_ceil(MR) {
+            for (strip, need) in strip_widths(j0, w, &vis, 1).enumerate() {
                 let r0 = strip * MR;
-                let need = if whole {
-                    w
-                } else {
-                    strip_need(j0, w, &vis[r0..], 1)
-                };
                 if need == 0 {
                     continue;
                 }
@@ -1225,19 +1221,14 @@ fn strip_widths(
     vis: &[(usize, usize)],
     round: usize,
 ) -> impl Iterator<Item = usize> + '_ {
-    vis.chunks(MR)
-        .map(move |strip| strip_need(j0, w, strip, round))
-}
-
-/// [`strip_widths`] of the strip whose rows' visible keys start `vis` (its first MR
-/// entries).
-fn strip_need(j0: usize, w: usize, vis: &[(usize, usize)], round: usize) -> usize {
-    let end = vis[..MR.min(vis.len())]
-        .iter()
-        .map(|&v| block_columns(j0, w, v).1)
-        .max()
-        .unwrap_or(0);
-    end.next_multiple_of(round).min(w)
+    vis.chunks(MR).map(move |strip| {
+        let end = strip
+            .iter()
+            .map(|&v| block_columns(j0, w, v).1)
+            .max()
+            .unwrap_or(0);
+        end.next_multiple_of(round).min(w)
+    })
 }
 
 /// Rows row0.. of (seg, head hq) of q, times `scale`, as `[rows × D]`.

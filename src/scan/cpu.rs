@@ -261,10 +261,12 @@ fn register_vectors<F: Algebra>(w: usize, lanes: usize) -> Option<usize> {
 /// 512-bit access splits a cache line: B8 T4096 D512 complex 26.7–27.8 → 21.8 ms, the real
 /// scan at D1024 26.2–26.9 → 23.2–23.7 ms (Intel Xeon, two threads; a C model of the loop
 /// agrees). The register path (narrow spans) and the backward stay faster with AVX-512.
+/// (AVX2 support is checked here: `Isa::Avx512`'s detection does not test for it.)
 fn streaming_isa<E: Element>(isa: Isa, w: usize) -> Isa {
     let zmm_lanes = 64 / size_of::<E::Acc>();
     let plain = size_of::<E>() == size_of::<E::Acc>();
-    if isa == Isa::Avx512 && plain && w > MAX_REGISTER_VECTORS * zmm_lanes {
+    let wide = w > MAX_REGISTER_VECTORS * zmm_lanes;
+    if isa == Isa::Avx512 && plain && wide && Isa::Avx2.is_supported() {
         Isa::Avx2
     } else {
         isa
