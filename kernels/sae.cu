@@ -378,7 +378,9 @@ __device__ void sae_bwd_latent(const int* start, const int* by_latent, const T* 
       acc_dec = fmaf(to_acc(values[flat]), to_acc(d_xhat[b * dm + d]), acc_dec);
       acc_enc = fmaf(dpre[flat], to_acc(x[b * dm + d]), acc_enc);
     }
-    if (b_dec) acc_enc -= bias * b_dec[d];
+    // rounded as the CPU rounds it (a product, then a difference: no contracted fma, which
+    // differs most where x ≈ b_dec makes the two terms nearly cancel)
+    if (b_dec) acc_enc = __fsub_rn(acc_enc, __fmul_rn(bias, to_acc(b_dec[d])));
     dw_dec[l * dm + d] = from_acc<T>(acc_dec);
     dw_enc[l * dm + d] = from_acc<T>(acc_enc);
   }

@@ -43,7 +43,11 @@ __device__ void block_topk(KeyOf key_of, long long n, int k, nk_key* keys) {
       }
     }
     __syncthreads();
-    if (count + TPB > CAP) compact(keys, CAP, &count, &threshold, k, threadIdx.x, TPB, BlockSync{});
+    // every thread reads count before any appends again: a thread that read it after a
+    // faster one's next atomicAdd could enter compact (and its barriers) alone
+    const int filled = count;
+    __syncthreads();
+    if (filled + TPB > CAP) compact(keys, CAP, &count, &threshold, k, threadIdx.x, TPB, BlockSync{});
   }
   compact(keys, CAP, &count, &threshold, k, threadIdx.x, TPB, BlockSync{});
 }

@@ -292,6 +292,48 @@ fn encode_of_a_nan_row_returns_nan_values_and_leaves_other_rows_alone() {
     assert_eq!(c.indptr[1], c.indptr[2]);
 }
 
+#[test]
+fn batch_topk_looks_past_nan_pre_activations() {
+    // rows whose first lists (their best m = 2k, NaN ranking first) hold NaN: NaN is never
+    // kept, so winners lie past those lists and the rows must be encoded again (an all-NaN
+    // list used to end its row empty)
+    let (b, dm, l) = (2, 3, 6);
+    let x = vec![0.0f32; b * dm];
+    let w_enc = vec![0.0f32; l * dm];
+    let nan = f32::NAN;
+    for (k, b_enc) in [
+        (1, [nan, nan, 5.0, 3.0, 4.0, 1.0]),
+        (2, [nan, 2.0, nan, 7.0, 1.0, 6.0]),
+    ] {
+        // x = 0: every row's pre-activations are b_enc; the B·k best positives by (value,
+        // row, latent), listed row by row, descending
+        let mut best: Vec<(usize, u32, f32)> = (0..b)
+            .flat_map(|r| (0..l).map(move |i| (r, i as u32, b_enc[i])))
+            .filter(|e| e.2 > 0.0)
+            .collect();
+        best.sort_by(|p, q| q.2.total_cmp(&p.2).then((p.0, p.1).cmp(&(q.0, q.1))));
+        best.truncate(b * k);
+        best.sort_by(|p, q| p.0.cmp(&q.0).then(q.2.total_cmp(&p.2)).then(p.1.cmp(&q.1)));
+        let inputs = EncoderInputs {
+            x: &x,
+            w_enc: &w_enc,
+            b_enc: &b_enc,
+            b_dec: None,
+        };
+        for isa in Isa::available() {
+            let c = topk::encode_batch_topk_on(isa, SaeShape::new(b, dm, l), inputs, k).unwrap();
+            let got: Vec<(usize, u32, f32)> = (0..b)
+                .flat_map(|r| {
+                    let span = c.indptr[r] as usize..c.indptr[r + 1] as usize;
+                    span.map(move |at| (r, at))
+                })
+                .map(|(r, at)| (r, c.indices[at] as u32, c.values[at]))
+                .collect();
+            assert_eq!(got, best, "{isa:?} k {k}");
+        }
+    }
+}
+
 /// Dense float64 batch top-k: the B·k best of relu(pre) by (value, flat index), positives only.
 fn batch_topk_f64(pre: &[f64], b: usize, l: usize, k: usize) -> Vec<Vec<(f64, usize)>> {
     let relu: Vec<f64> = pre.iter().map(|p| p.max(0.0)).collect();

@@ -156,7 +156,20 @@ impl Launch {
         Ok(Some((
             grid_dim(tensor, x, i32::MAX as u32)?,
             grid_dim(tensor, heads, 65535)?,
-            grid_dim("cu_seqlens_q", self.sequences, 65535)?,
+            // one grid layer per sequence: batch entries, or the pieces of cu_seqlens_q
+            u32::try_from(self.sequences)
+                .ok()
+                .filter(|&z| z <= 65535)
+                .ok_or_else(|| {
+                    Error::overflow(
+                        "q",
+                        format!(
+                            "{} sequences (batch entries or cu_seqlens_q pieces): CUDA's grid \
+                             takes at most 65535 along its z axis",
+                            self.sequences
+                        ),
+                    )
+                })?,
         )))
     }
 }

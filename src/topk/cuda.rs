@@ -538,7 +538,8 @@ impl<'a> Select<'a> {
         epilogue: Epilogue,
     ) -> Result<Self> {
         let mut run = Self::build(device, stream, E::SUFFIX, shape, x, w, epilogue);
-        if E::DTYPE != DType::F32 && epilogue.offset != 0 {
+        // (no latents: nothing to fold, and a launch of zero blocks is an error)
+        if E::DTYPE != DType::F32 && epilogue.offset != 0 && shape.latents > 0 {
             let mut folded = stream.alloc_zeros::<f32>(shape.latents.max(1))?;
             let f = device.function("sae", &format!("sae_fold_offset_{}", E::SUFFIX))?;
             let d = to_i32("x", shape.dm)?;
@@ -870,24 +871,24 @@ pub fn encode_batch_topk_host<E: CudaElement>(
     let m = (2 * k).min(latents).min(NK_SAE_MAX_K as usize);
     let keys = up.with_select(device, stream, shape, |run| run.top_k(m, true))?;
     let keys = stream.clone_dtoh(&keys)?;
-    // positives only: NaN and non-positive values are never kept
-    let kept: Vec<Vec<(f32, u32)>> = keys
+    let lists: Vec<Vec<(f32, u32)>> = keys
         .chunks(m)
         .take(batch)
-        .map(|row| {
-            row.iter()
-                .map(|&key| key_parts(key))
-                .filter(|(v, _)| *v > 0.0)
-                .collect()
-        })
+        .map(|row| row.iter().map(|&key| key_parts(key)).collect())
+        .collect();
+    // positives only: NaN and non-positive values are never kept
+    let kept: Vec<Vec<(f32, u32)>> = lists
+        .iter()
+        .map(|row| row.iter().copied().filter(|(v, _)| *v > 0.0).collect())
         .collect();
     let bound = batch_threshold(&kept, budget);
+    // a row may hide more winners past its list when the list's last entry (its m-th best;
+    // NaN ranks first) is positive and beats t, or is NaN (then the whole list is)
     let open = m < latents
-        && kept.iter().enumerate().any(|(b, row)| {
-            row.len() == m
-                && row
-                    .last()
-                    .is_some_and(|&(v, l)| bound.is_none_or(|t| beats((v, b, l), t)))
+        && lists.iter().enumerate().any(|(b, row)| {
+            row.last().is_some_and(|&(v, l)| {
+                v.is_nan() || (v > 0.0 && bound.is_none_or(|t| beats((v, b, l), t)))
+            })
         });
     let pool = if open {
         // s ≥ t.value is s > the next float below it (t.value > 0, a pool entry)

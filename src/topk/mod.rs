@@ -247,23 +247,28 @@ pub fn encode_batch_topk_on<E: Element>(
         row.into_iter().filter(|(v, _)| *v > E::Acc::ZERO).collect()
     };
     let mut m = (2 * k).min(latents);
-    let mut kept: Vec<Vec<(E::Acc, u32)>> = inputs
+    let first = inputs
         .encoder(shape, &b_dec, &b_enc)
-        .run(isa, Collect::TopK { k: m, relu: true })
-        .into_iter()
-        .map(positive)
-        .collect();
+        .run(isa, Collect::TopK { k: m, relu: true });
+    // each list's last entry (its m-th best; NaN ranks first): the entries past the list
+    // rank below it
+    let mut last: Vec<Option<(E::Acc, u32)>> =
+        first.iter().map(|row| row.last().copied()).collect();
+    let mut kept: Vec<Vec<(E::Acc, u32)>> = first.into_iter().map(positive).collect();
     let mut depth = vec![m; batch]; // how many each row's list was allowed to hold
     loop {
         let threshold = batch_threshold(&kept, budget);
-        // rows whose list was full of positives ranking above the threshold
+        // rows that may hide more winners past their list: its last entry is positive and
+        // ranks above the threshold, or is NaN (the whole list is NaN, which never counts,
+        // so what follows is unknown)
         let open: Vec<usize> = (0..batch)
             .filter(|&b| {
                 depth[b] < latents
-                    && kept[b].len() == depth[b]
-                    && kept[b]
-                        .last()
-                        .is_some_and(|&(v, l)| threshold.is_none_or(|t| beats((v, b, l), t)))
+                    && last[b].is_some_and(|(v, l)| {
+                        #[allow(clippy::eq_op)]
+                        let nan = v != v;
+                        nan || (v > E::Acc::ZERO && threshold.is_none_or(|t| beats((v, b, l), t)))
+                    })
             })
             .collect();
         if open.is_empty() {
@@ -279,6 +284,7 @@ pub fn encode_batch_topk_on<E: Element>(
             .encoder(SaeShape::new(open.len(), dm, latents), &b_dec, &b_enc)
             .run(isa, Collect::TopK { k: m, relu: true });
         for (&b, row) in open.iter().zip(again) {
+            last[b] = row.last().copied();
             kept[b] = positive(row);
             depth[b] = m;
         }
