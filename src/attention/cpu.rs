@@ -3,7 +3,7 @@
 //! Plan (FlashAttention-2 on cache-resident blocks):
 //! - Keys are transposed once per (batch, KV head) into panels of FWD_BLOCK_K keys (BLOCK_K
 //!   for the backward; `[D × w]`, contiguous, in the accumulator type); each query block is
-//!   packed once into 6-row strips (`pack_rows`), so a score tile S = Q·Kᵀ is one
+//!   packed once into 6-row strips (`pack_queries`), so a score tile S = Q·Kᵀ is one
 //!   register-tiled product (`matmul_packed`: 6 rows × 2 vectors, × 4 with 32 registers;
 //!   broadcasts from consecutive addresses). Values are copied once to head-major rows (each
 //!   head's rows contiguous) in the accumulator type. These copies come from the per-thread
@@ -450,59 +450,33 @@ fn scale_row<S: Simd, A: Accum>(x: &mut [A], c: A) {
 /// Rows per register tile of [`matmul_packed`].
 const MR: usize = 6;
 
-/// [`pack_rows`] of a row-major `rows × d` buffer, into a new pack.
-fn pack_row_major<A: Accum>(buf: &[A], rows: usize, d: usize) -> Vec<A> {
-    // an internal invariant (the callers build buf as rows × d), checked so this safe fn
-    // is sound on its own
-    assert!(
-        buf.len() >= rows * d,
-        "pack_row_major: buffer shorter than rows × d"
-    );
-    let mut pack = Vec::new();
-    // SAFETY: buf holds rows × d values (asserted above).
-    unsafe {
-        pack_rows(
-            rows,
-            d,
-            Strided {
-                ptr: buf.as_ptr(),
-                row_stride: d,
-                inner_stride: 1,
-            },
-            &mut pack,
-        )
-    };
+/// Rows row0.. of (seg, head hq) of q, times `scale`, packed for [`matmul_packed`] as they
+/// are read: strips of MR rows, p-major (element (i, p) at (i / MR)·MR·D + p·MR + i % MR), so
+/// the register tiles broadcast from consecutive addresses with one pointer bump per step
+/// (the layout of BLAS micro-kernels). Rows past `rows` in the last strip are zero (the tiles
+/// of a short strip never read them). One pass: a row-major copy packed afterwards cost ~2%
+/// of the forward.
+fn pack_queries<E: Element>(
+    q: &[E],
+    sh: &AttentionShape,
+    seg: &Segment,
+    (hq, row0, rows): (usize, usize, usize),
+    scale: E::Acc,
+) -> Vec<E::Acc> {
+    let d = sh.head_dim;
+    let mut pack = vec![<E::Acc as Accum>::ZERO; rows.div_ceil(MR) * MR * d];
+    for r in 0..rows {
+        let at = ((seg.batch * sh.len_q + seg.q_start + row0 + r) * sh.heads_q + hq) * d;
+        let strip = &mut pack[r / MR * MR * d..][..MR * d];
+        for (p, x) in q[at..at + d].iter().enumerate() {
+            strip[p * MR + r % MR] = x.to_acc() * scale;
+        }
+    }
     pack
 }
 
-/// Packs A (m × k through its strides) for [`matmul_packed`]: strips of MR rows, p-major
-/// (element (i, p) at (i / MR)·MR·k + p·MR + i % MR), so the register tiles broadcast from
-/// consecutive addresses with one pointer bump per step (the layout of BLAS micro-kernels). Rows past m in the last
-/// strip are left as they are (the tiles of a short strip never read them).
-///
-/// # Safety
-/// A must be valid for m × k through its strides.
-#[inline(always)]
-unsafe fn pack_rows<A: Accum>(m: usize, k: usize, a: Strided<A>, pack: &mut Vec<A>) {
-    let strips = m.div_ceil(MR);
-    if pack.len() < strips * MR * k {
-        pack.resize(strips * MR * k, A::ZERO);
-    }
-    for strip in 0..strips {
-        let rows = MR.min(m - strip * MR);
-        let dst = &mut pack[strip * MR * k..(strip + 1) * MR * k];
-        let first = unsafe { a.ptr.add(strip * MR * a.row_stride) };
-        for (p, out) in dst.chunks_exact_mut(MR).enumerate() {
-            let col = unsafe { first.add(p * a.inner_stride) };
-            for (r, x) in out[..rows].iter_mut().enumerate() {
-                *x = unsafe { *col.add(r * a.row_stride) };
-            }
-        }
-    }
-}
-
 /// C = A·B over `m × n` with inner dimension `k` (C += A·B with `accumulate`), A packed by
-/// [`pack_rows`], B rows `b_stride` apart. Tiles of MR rows × 2 vectors (12 accumulators);
+/// [`pack_queries`], B rows `b_stride` apart. Tiles of MR rows × 2 vectors (12 accumulators);
 /// the sum over p runs in order, so a given ISA always gives the same bits.
 ///
 /// # Safety
@@ -1036,7 +1010,8 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
         let (d, dv) = (sh.head_dim, sh.value_dim);
         let hk = hq / sh.group();
         let zero = <E::Acc as Accum>::ZERO;
-        let qbuf = load_queries(ctx.q, sh, &seg, hq, row0, rows, ctx.scale);
+        // the queries are the A operand of every score tile: packed once
+        let qpack = pack_queries(ctx.q, sh, &seg, (hq, row0, rows), ctx.scale);
         // the rows of the block this thread likely runs next (rayon hands each thread runs
         // of consecutive tasks): far apart in q, so without a hint they would arrive one
         // cache miss at a time when that block starts
@@ -1057,10 +1032,10 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
             .iter()
             .fold((0, usize::MAX), |(a, z), &(lo, hi)| (a.max(lo), z.min(hi)));
         let mut started = false;
-        let mut acc = vec![zero; rows * dv];
-        let mut s = vec![zero; rows * FWD_BLOCK_K];
-        // the queries are the A operand of every score tile: packed once
-        let qpack = pack_row_major(&qbuf, rows, d);
+        // from the thread's pool (zeroing fresh ones was ~1% of the forward); every score is
+        // written before it is read
+        let mut acc = Scratch::filled(rows * dv, zero);
+        let mut s = Scratch::take(rows * FWD_BLOCK_K, zero);
         let (lo, hi) = union(&vis);
         let mut j0 = lo - lo % FWD_BLOCK_K;
         while j0 < hi {
@@ -1101,10 +1076,9 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
                 // Each strip of MR rows computes the block's columns up to the last one its rows
                 // see (whole vectors), so a block on a causal or window edge skips the products
                 // of keys past it; the rows' other entries are set by `base2_scores`.
-                for (strip, need) in
-                    strip_widths(j0, w, &vis, <E::Acc as Accum>::lanes::<S>()).enumerate()
-                {
+                for (strip, strip_vis) in vis.chunks(MR).enumerate() {
                     let r0 = strip * MR;
+                    let need = strip_width(j0, w, strip_vis, <E::Acc as Accum>::lanes::<S>());
                     if need == 0 {
                         continue;
                     }
@@ -1140,8 +1114,9 @@ impl<E: Element> SimdKernel for QueryBlock<'_, E> {
             }
             // O += P·V per strip over the keys its rows see (P is 0 past them). P is read in
             // place: its row stride is a constant, so the tile's broadcasts need no packing.
-            for (strip, need) in strip_widths(j0, w, &vis, 1).enumerate() {
+            for (strip, strip_vis) in vis.chunks(MR).enumerate() {
                 let r0 = strip * MR;
+                let need = strip_width(j0, w, strip_vis, 1);
                 if need == 0 {
                     continue;
                 }
@@ -1212,23 +1187,16 @@ fn union(vis: &[(usize, usize)]) -> (usize, usize) {
     if lo >= hi { (0, 0) } else { (lo, hi) }
 }
 
-/// For each strip of MR rows, the columns of key block `[j0, j0 + w)` its product must
-/// cover: up to the last one any of its rows sees, rounded up to a multiple of `round` (at
-/// most w), or 0 when its rows see none.
-fn strip_widths(
-    j0: usize,
-    w: usize,
-    vis: &[(usize, usize)],
-    round: usize,
-) -> impl Iterator<Item = usize> + '_ {
-    vis.chunks(MR).map(move |strip| {
-        let end = strip
-            .iter()
-            .map(|&v| block_columns(j0, w, v).1)
-            .max()
-            .unwrap_or(0);
-        end.next_multiple_of(round).min(w)
-    })
+/// The columns of key block `[j0, j0 + w)` the product of a strip of rows (their visible
+/// ranges `strip`) must cover: up to the last one any of its rows sees, rounded up to a
+/// multiple of `round` (at most w), or 0 when its rows see none.
+fn strip_width(j0: usize, w: usize, strip: &[(usize, usize)], round: usize) -> usize {
+    let end = strip
+        .iter()
+        .map(|&v| block_columns(j0, w, v).1)
+        .max()
+        .unwrap_or(0);
+    end.next_multiple_of(round).min(w)
 }
 
 /// Rows row0.. of (seg, head hq) of q, times `scale`, as `[rows × D]`.
@@ -2247,7 +2215,6 @@ impl<E: Element> SimdKernel for TopBlock<'_, E> {
         let rows = BLOCK_Q.min(seg.q_len - row0);
         let zero = <E::Acc as Accum>::ZERO;
         let ninf = neg_inf::<E::Acc>();
-        let qbuf = load_queries(ctx.q, sh, &seg, hq, row0, rows, ctx.scale);
         let vis: Vec<(usize, usize)> = (0..rows)
             .map(|r| ctx.rules.visible(&seg, row0 + r))
             .collect();
@@ -2259,12 +2226,12 @@ impl<E: Element> SimdKernel for TopBlock<'_, E> {
         let mut s = vec![zero; rows * FWD_BLOCK_K];
 
         // the queries are the A operand of every score tile: packed once
-        let qpack = pack_row_major(&qbuf, rows, d);
+        let qpack = pack_queries(ctx.q, sh, &seg, (hq, row0, rows), ctx.scale);
         let (lo, hi) = union(&vis);
         let mut j0 = lo - lo % FWD_BLOCK_K;
         while j0 < hi {
             let w = FWD_BLOCK_K.min(seg.k_len - j0);
-            // SAFETY: qbuf rows × d, the panel d × w, s rows × FWD_BLOCK_K.
+            // SAFETY: qpack holds the rows' strips, the panel d × w, s rows × FWD_BLOCK_K.
             unsafe {
                 matmul_packed::<S, E::Acc>(
                     rows,
