@@ -156,7 +156,7 @@ pub fn encode<E: CudaElement>(
     }
     check_k("k", k, latents, "the number of latents L")?;
     check_select_k("sae.encode", k)?;
-    check_index_range("w_enc", latents)?;
+    check_device_latents("w_enc", latents)?;
     check_len(
         "values",
         values.len(),
@@ -527,6 +527,22 @@ struct Select<'a> {
     range_len: usize,
 }
 
+/// The most latents (or codebook entries) the fused CUDA encoder takes: its int arithmetic
+/// adds a latent range (up to L) to a range start, which must stay below 2^31.
+const MAX_DEVICE_LATENTS: usize = 1 << 30;
+
+/// `n` latents (rows of `tensor`) within what the fused encoder's indices can address.
+fn check_device_latents(tensor: &str, n: usize) -> Result<()> {
+    check_index_range(tensor, n)?;
+    if n > MAX_DEVICE_LATENTS {
+        return Err(Error::overflow(
+            tensor,
+            format!("{n} rows: the CUDA encoders take at most 2^30"),
+        ));
+    }
+    Ok(())
+}
+
 impl<'a> Select<'a> {
     /// The encoder of rows of E: f32 on SIMT tiles, f16/bf16 on tensor cores.
     fn new<E: CudaElement>(
@@ -833,7 +849,7 @@ pub fn encode_jumprelu_host<E: CudaElement>(
 ) -> Result<Csr<E>> {
     no_f64::<E>("sae.encode_jumprelu")?;
     check_jumprelu(shape, &inputs, threshold)?;
-    check_index_range("w_enc", shape.latents)?;
+    check_device_latents("w_enc", shape.latents)?;
     if shape.batch == 0 {
         return csr_of(&[]);
     }
@@ -862,7 +878,7 @@ pub fn encode_batch_topk_host<E: CudaElement>(
     no_f64::<E>("sae.encode_batch_topk")?;
     let budget = check_batch_topk(shape, &inputs, k)?;
     let SaeShape { batch, latents, .. } = shape;
-    check_index_range("w_enc", latents)?;
+    check_device_latents("w_enc", latents)?;
     if batch == 0 {
         return csr_of(&[]);
     }
@@ -947,7 +963,7 @@ pub fn nearest_host<E: CudaElement>(
     check_nearest(shape, x, codebook, k)?;
     check_select_k("codebook.nearest", k)?;
     let SaeShape { batch, dm, latents } = shape;
-    check_index_range("codebook", latents)?;
+    check_device_latents("codebook", latents)?;
     if batch == 0 {
         return Ok((Vec::new(), Vec::new()));
     }
@@ -1010,7 +1026,7 @@ pub fn encode_mp_host<E: CudaElement>(
     no_f64::<E>("sae.encode_mp")?;
     check_mp(shape, x, w_dec, b_dec, k)?;
     let SaeShape { batch, dm, latents } = shape;
-    check_index_range("w_dec", latents)?;
+    check_device_latents("w_dec", latents)?;
     let (bx, _) = shape.sizes()?;
     if batch == 0 {
         return Ok(MatchingPursuit {
