@@ -156,20 +156,8 @@ impl Launch {
         Ok(Some((
             grid_dim(tensor, x, i32::MAX as u32)?,
             grid_dim(tensor, heads, 65535)?,
-            // one grid layer per sequence: batch entries, or the pieces of cu_seqlens_q
-            u32::try_from(self.sequences)
-                .ok()
-                .filter(|&z| z <= 65535)
-                .ok_or_else(|| {
-                    Error::overflow(
-                        "q",
-                        format!(
-                            "{} sequences (batch entries or cu_seqlens_q pieces): CUDA's grid \
-                             takes at most 65535 along its z axis",
-                            self.sequences
-                        ),
-                    )
-                })?,
+            // one grid layer per sequence (batch entry or cu_seqlens_q piece)
+            grid_dim("q", self.sequences, 65535)?,
         )))
     }
 }

@@ -18,9 +18,9 @@
 
 use super::sparse::{BackwardInputs, SaeGrads, check_backward, group_by_latent};
 use super::{
-    Csr, EncoderInputs, MatchingPursuit, Metric, SaeShape, at_or_above, batch_threshold, beats,
+    Csr, EncoderInputs, MatchingPursuit, Metric, SaeShape, at_or_above, batch_threshold,
     check_batch_topk, check_index_range, check_jumprelu, check_k, check_mp, check_nearest,
-    csr_with,
+    csr_with, may_hide_winners,
 };
 use crate::cuda::config::{
     NK_SAE_DEPTH, NK_SAE_LATENTS, NK_SAE_MAX_K, NK_SAE_ROWS, NK_SAE_THREADS, NK_TOPK_MAX_K,
@@ -556,7 +556,7 @@ impl<'a> Select<'a> {
         let mut run = Self::build(device, stream, E::SUFFIX, shape, x, w, epilogue);
         // (no latents: nothing to fold, and a launch of zero blocks is an error)
         if E::DTYPE != DType::F32 && epilogue.offset != 0 && shape.latents > 0 {
-            let mut folded = stream.alloc_zeros::<f32>(shape.latents.max(1))?;
+            let mut folded = stream.alloc_zeros::<f32>(shape.latents)?;
             let f = device.function("sae", &format!("sae_fold_offset_{}", E::SUFFIX))?;
             let d = to_i32("x", shape.dm)?;
             let (fp, guard) = write_ptr(&mut folded, stream);
@@ -898,14 +898,9 @@ pub fn encode_batch_topk_host<E: CudaElement>(
         .map(|row| row.iter().copied().filter(|(v, _)| *v > 0.0).collect())
         .collect();
     let bound = batch_threshold(&kept, budget);
-    // a row may hide more winners past its list when the list's last entry (its m-th best;
-    // NaN ranks first) is positive and beats t, or is NaN (then the whole list is)
     let open = m < latents
-        && lists.iter().enumerate().any(|(b, row)| {
-            row.last().is_some_and(|&(v, l)| {
-                v.is_nan() || (v > 0.0 && bound.is_none_or(|t| beats((v, b, l), t)))
-            })
-        });
+        && (lists.iter().enumerate())
+            .any(|(b, row)| may_hide_winners(row.last().copied(), b, bound));
     let pool = if open {
         // s ≥ t.value is s > the next float below it (t.value > 0, a pool entry)
         let theta = bound.map_or(0.0, |(v, _, _)| f32::from_bits(v.to_bits() - 1));

@@ -258,18 +258,8 @@ pub fn encode_batch_topk_on<E: Element>(
     let mut depth = vec![m; batch]; // how many each row's list was allowed to hold
     loop {
         let threshold = batch_threshold(&kept, budget);
-        // rows that may hide more winners past their list: its last entry is positive and
-        // ranks above the threshold, or is NaN (the whole list is NaN, which never counts,
-        // so what follows is unknown)
         let open: Vec<usize> = (0..batch)
-            .filter(|&b| {
-                depth[b] < latents
-                    && last[b].is_some_and(|(v, l)| {
-                        #[allow(clippy::eq_op)]
-                        let nan = v != v;
-                        nan || (v > E::Acc::ZERO && threshold.is_none_or(|t| beats((v, b, l), t)))
-                    })
-            })
+            .filter(|&b| depth[b] < latents && may_hide_winners(last[b], b, threshold))
             .collect();
         if open.is_empty() {
             return csr::<E>(&at_or_above(kept, threshold));
@@ -311,6 +301,20 @@ fn beats<A: Accum>(a: (A, usize, u32), b: (A, usize, u32)) -> bool {
         std::cmp::Ordering::Equal => (a.1, a.2) < (b.1, b.2),
         o => o == std::cmp::Ordering::Greater,
     }
+}
+
+/// Whether row b's top-m list, whose last (m-th best) entry is `last`, may leave out entries
+/// of the batch top-k: when that entry is positive and ranks above the (candidate)
+/// `threshold`, or is NaN (NaN ranks first, so the whole list is NaN, which is never kept,
+/// and nothing is known of what follows). Shared by the CPU and CUDA batch top-k.
+fn may_hide_winners<A: Accum>(
+    last: Option<(A, u32)>,
+    b: usize,
+    threshold: Option<(A, usize, u32)>,
+) -> bool {
+    last.is_some_and(|(v, l)| {
+        v.to_f64().is_nan() || (v > A::ZERO && threshold.is_none_or(|t| beats((v, b, l), t)))
+    })
 }
 
 /// The entries of each row that rank at or above `threshold` (all of them without one).

@@ -330,7 +330,7 @@ impl<E: Element> SimdKernel for LatentSlice<'_, E> {
 /// Column block by column block (256 bytes of f32, kept in registers) over all k gathered rows, so
 /// the k rows are read side by side: k independent streams in flight instead of one row at
 /// a time. No software prefetch: on the Xeon VM, prefetching the next row's blocks made the
-/// gather ~10% slower (the hardware prefetchers follow each 512-byte piece on their own).
+/// gather ~10% slower (the hardware prefetchers follow each row's pieces on their own).
 /// `out` may start uninitialized; every element of it is written.
 struct Gather<'a, E: Element> {
     dm: usize,
