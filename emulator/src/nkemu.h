@@ -21,6 +21,8 @@ struct Config {
   std::string describe() const;  // "sm_90, schedule random:7"
 };
 const Config& config();
+// For the emulator's self-test: change the schedule of later launches in this process.
+void set_schedule(Schedule s, unsigned long long seed);
 
 // ---- modules: nkcc images (a tag, a length, a shared object) ----
 struct LoadedModule {

@@ -64,9 +64,18 @@ Config read_config() {
 }
 }  // namespace
 
-const Config& config() {
-  static const Config c = read_config();
+namespace {
+Config& mutable_config() {
+  static Config c = read_config();
   return c;
+}
+}  // namespace
+
+const Config& config() { return mutable_config(); }
+
+void set_schedule(Schedule s, unsigned long long seed) {
+  mutable_config().schedule = s;
+  mutable_config().seed = seed;
 }
 
 std::string Config::describe() const {
