@@ -51,6 +51,11 @@ fn main() -> ExitCode {
     };
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     match runner {
+        Err(e) if std::env::var_os("NEUROKERNELS_REQUIRE_GPU").is_some() => {
+            // scripts/cuda-emulator.sh sets it: no device there is a failure, not a skip
+            eprintln!("check_cases: NEUROKERNELS_REQUIRE_GPU is set, but {device}: {e}");
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
             // no device: every case is skipped, and said so
             for f in &files {
@@ -59,6 +64,9 @@ fn main() -> ExitCode {
             skipped = files.len();
         }
         Ok(runner) => {
+            if let Some(name) = runner.device_name() {
+                println!("device: {name}");
+            }
             for f in &files {
                 let report = check_file(&runner, f, save.as_deref());
                 println!("{}", report.line());

@@ -141,7 +141,6 @@ __device__ void gla_forward(const T* q, const T* k, const T* v, const T* g, cons
     gla_forward<T, KMAX>(q, k, v, g, h0, o, h_last, B, T_, H, K, V, scale);                                       \
   }
 
+// f16/bf16 run on tensor cores (gla_tc.cu)
 NK_GLA_ENTRY(float, f32, NK_GLA_MAX_KEY)
-NK_GLA_ENTRY(__half, f16, NK_GLA_MAX_KEY)
-NK_GLA_ENTRY(__nv_bfloat16, bf16, NK_GLA_MAX_KEY)
 NK_GLA_ENTRY(double, f64, NK_GLA_MAX_KEY_F64)

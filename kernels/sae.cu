@@ -427,10 +427,6 @@ __device__ void sae_bwd_db_dec(const T* d_xhat, const float* dx_acc, T* db_dec, 
 #define NK_SAE_ENTRIES(SUFFIX, T, TENSOR)                                                                           \
   NK_SAE_SELECT(SUFFIX, T, T, TENSOR)                                                                               \
   NK_SAE_SELECT(residual_##SUFFIX, float, T, false)                                                                 \
-  extern "C" __global__ void __launch_bounds__(TPB) sae_fold_offset_##SUFFIX(                                      \
-      const T* w, const float* offset, const float* shift, float* out, int dm) {                                    \
-    sae_fold_offset<T>(w, offset, shift, out, dm);                                                                  \
-  }                                                                                                                 \
   extern "C" __global__ void __launch_bounds__(TPB)                                                                 \
       sae_keys_out_##SUFFIX(const nk_key* keys, long long n, int k, const float* x_norms, T* values, int* indices) { \
     sae_keys_out<T>(keys, n, k, x_norms, values, indices);                                                          \
@@ -474,3 +470,12 @@ __device__ void sae_bwd_db_dec(const T* d_xhat, const float* dx_acc, T* db_dec, 
 NK_SAE_ENTRIES(f32, float, false)
 NK_SAE_ENTRIES(f16, __half, true)
 NK_SAE_ENTRIES(bf16, __nv_bfloat16, true)
+
+// b_dec folded into the score shift: f16/bf16 only (the f32 tiles subtract b_dec from x instead)
+#define NK_SAE_FOLD_OFFSET(SUFFIX, T)                                                                               \
+  extern "C" __global__ void __launch_bounds__(TPB) sae_fold_offset_##SUFFIX(                                      \
+      const T* w, const float* offset, const float* shift, float* out, int dm) {                                    \
+    sae_fold_offset<T>(w, offset, shift, out, dm);                                                                  \
+  }
+NK_SAE_FOLD_OFFSET(f16, __half)
+NK_SAE_FOLD_OFFSET(bf16, __nv_bfloat16)

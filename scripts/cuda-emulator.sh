@@ -11,7 +11,8 @@
 #   LD_LIBRARY_PATH=target/nkemu       cudarc opens the emulator's libcuda/libcublas/libcusolver
 # Settings passed through: NKEMU_SCHEDULE=forward|reverse|random[:SEED] (thread order after
 # each barrier), NKEMU_CC=8.0|9.0 (the emulated device's compute capability and limits),
-# NKEMU_TRACE=1 (a line per launch), NKEMU_STACK_KB (per CUDA thread, default 256).
+# NKEMU_TRACE=1 (a line per launch), NKEMU_STACK_KB (per CUDA thread, default 256),
+# NKEMU_COVERAGE=FILE (appends the name of every kernel launched; scripts/emulator-coverage.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ $# -eq 0 ]; then
@@ -30,6 +31,7 @@ export NKEMU_CUDA_INC="$cuda_inc"
 export NKEMU_LIB_DIR="$lib_dir"
 export NKEMU_MODULE_DIR="$lib_dir/modules"
 export CARGO_TARGET_DIR="${NKEMU_TARGET_DIR:-$root/target/emulated}"
+export NEUROKERNELS_REQUIRE_GPU=1   # a GPU test or check_cases that finds no device fails
 export LD_LIBRARY_PATH="$lib_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 # build.rs re-runs when NVCC changes, and the emulated modules depend on the emulator itself
 export NEUROKERNELS_NVCC_FLAGS="${NEUROKERNELS_NVCC_FLAGS:-} -DNKEMU_BUILD=$(cat "$root"/emulator/include/*.h "$root/emulator/nkcc" | cksum | cut -d' ' -f1)"

@@ -494,6 +494,19 @@ impl Runner {
         self.kind
     }
 
+    /// The CUDA device's name (it says so when the device is the project's emulator); `None`
+    /// on the CPU.
+    pub fn device_name(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        {
+            self.cuda.as_ref().and_then(|d| d.name().ok())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            None
+        }
+    }
+
     /// The runner's CUDA device, or `Err(NoDevice)`.
     #[cfg(feature = "cuda")]
     fn device(&self) -> Result<&crate::cuda::Device> {

@@ -19,16 +19,6 @@ use neurokernels::cuda::{CudaElement, Device};
 use neurokernels::element::Accum;
 use neurokernels::{Element, Error};
 
-fn device_or_skip(test: &str) -> Option<Device> {
-    match Device::open(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            common::say_skipped(&format!("{test}: {e}"));
-            None
-        }
-    }
-}
-
 fn acc_f64<A: Accum>(x: &[A]) -> Vec<f64> {
     x.iter().map(|v| v.to_f64()).collect()
 }
@@ -92,6 +82,8 @@ fn configs() -> Vec<Config> {
         // split-KV decode (Auto picks it: Sq·G = 4 <= 16, Sk >= 2 chunks), with masks
         config(2, 1, 1500, 8, 2, 128, 128),
         config(1, 2, 1100, 4, 2, 64, 32).with(p().causal(true).window_left(700)),
+        // D 80 / Dv 96: the 96 instantiation, and the SIMT f16/bf16 forward (split-KV) below 128
+        config(1, 1, 1030, 4, 1, 80, 96),
         config(1, 0, 0, 2, 2, 32, 32)
             .varlen(&[1, 2, 0], &[1030, 5, 600])
             .alibi(),
@@ -120,7 +112,7 @@ fn forward_case<E: CudaElement>(dev: &Device, n: usize, c: &Config) {
 
 #[test]
 fn cuda_forward_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_forward_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_forward_matches_cpu") else {
         return;
     };
     for (n, c) in configs().iter().enumerate() {
@@ -133,7 +125,7 @@ fn cuda_forward_matches_cpu() {
 
 #[test]
 fn cuda_split_kv_equals_the_query_tile_path() {
-    let Some(dev) = device_or_skip("cuda_split_kv_equals_the_query_tile_path") else {
+    let Some(dev) = common::device_or_skip("cuda_split_kv_equals_the_query_tile_path") else {
         return;
     };
     let p = AttentionParams::new;
@@ -191,19 +183,20 @@ fn backward_case<E: CudaElement>(dev: &Device, n: usize, c: &Config) {
 
 #[test]
 fn cuda_backward_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_backward_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_backward_matches_cpu") else {
         return;
     };
     for (n, c) in configs().iter().enumerate() {
         backward_case::<f32>(&dev, n, c);
         backward_case::<f64>(&dev, n, c);
+        backward_case::<f16>(&dev, n, c);
         backward_case::<bf16>(&dev, n, c);
     }
 }
 
 #[test]
 fn cuda_backward_bits_repeat() {
-    let Some(dev) = device_or_skip("cuda_backward_bits_repeat") else {
+    let Some(dev) = common::device_or_skip("cuda_backward_bits_repeat") else {
         return;
     };
     let c = config(1, 70, 131, 4, 1, 64, 64).with(AttentionParams::new().causal(true));
@@ -241,7 +234,7 @@ fn top_keys_case<E: CudaElement>(dev: &Device, n: usize, c: &Config, top: usize)
 
 #[test]
 fn cuda_top_keys_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_top_keys_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_top_keys_matches_cpu") else {
         return;
     };
     for (n, c) in configs().iter().enumerate() {
@@ -249,13 +242,14 @@ fn cuda_top_keys_matches_cpu() {
             top_keys_case::<f32>(&dev, n, c, top);
         }
         top_keys_case::<f64>(&dev, n, c, 7);
+        top_keys_case::<f16>(&dev, n, c, 5);
         top_keys_case::<bf16>(&dev, n, c, 3);
     }
 }
 
 #[test]
 fn cuda_top_keys_keep_the_lower_key_on_ties() {
-    let Some(dev) = device_or_skip("cuda_top_keys_keep_the_lower_key_on_ties") else {
+    let Some(dev) = common::device_or_skip("cuda_top_keys_keep_the_lower_key_on_ties") else {
         return;
     };
     // every key equal: every score ties, so the first `top` keys in order win
@@ -279,7 +273,7 @@ fn cuda_top_keys_keep_the_lower_key_on_ties() {
 
 #[test]
 fn cuda_empty_rows_give_zeros_and_neg_inf() {
-    let Some(dev) = device_or_skip("cuda_empty_rows_give_zeros_and_neg_inf") else {
+    let Some(dev) = common::device_or_skip("cuda_empty_rows_give_zeros_and_neg_inf") else {
         return;
     };
     // Sq > Sk with causal: the first Sq - Sk rows see no key
@@ -295,7 +289,7 @@ fn cuda_empty_rows_give_zeros_and_neg_inf() {
 
 #[test]
 fn cuda_limits_are_unsupported() {
-    let Some(dev) = device_or_skip("cuda_limits_are_unsupported") else {
+    let Some(dev) = common::device_or_skip("cuda_limits_are_unsupported") else {
         return;
     };
     let c = config(1, 2, 3, 1, 1, 257, 16);
@@ -321,7 +315,7 @@ fn err_names<T: std::fmt::Debug>(result: Result<T, Error>, tensor: &str) {
 
 #[test]
 fn cuda_bad_buffers_are_errors_naming_the_tensor() {
-    let Some(dev) = device_or_skip("cuda_bad_buffers_are_errors_naming_the_tensor") else {
+    let Some(dev) = common::device_or_skip("cuda_bad_buffers_are_errors_naming_the_tensor") else {
         return;
     };
     let c = config(2, 5, 7, 2, 1, 16, 16);

@@ -16,16 +16,6 @@ use neurokernels::cuda::Device;
 use neurokernels::ridge::cuda::CudaRidgeReal;
 use neurokernels::ridge::{self, BatchedShape, CvInputs, CvParams, CvScore};
 
-fn device_or_skip(test: &str) -> Option<Device> {
-    match Device::open(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            common::say_skipped(&format!("{test}: {e}"));
-            None
-        }
-    }
-}
-
 /// Well-conditioned problems: n ≈ 2p (primal) or p ≈ 2n (dual) with uniform entries.
 fn check_solve<E: CudaRidgeReal>(
     device: &Device,
@@ -70,7 +60,7 @@ const LARGE: &[(usize, usize, usize, usize)] = &[
 
 #[test]
 fn cuda_solve_batched_matches_cpu() {
-    if let Some(dev) = device_or_skip("cuda_solve_batched_matches_cpu") {
+    if let Some(dev) = common::device_or_skip("cuda_solve_batched_matches_cpu") {
         check_solve::<f32>(&dev, 1, SMALL, 1e-4, 1e-5);
         check_solve::<f64>(&dev, 2, SMALL, 1e-10, 1e-12);
     }
@@ -78,7 +68,7 @@ fn cuda_solve_batched_matches_cpu() {
 
 #[test]
 fn cuda_solve_batched_large_orders_match_cpu() {
-    if let Some(dev) = device_or_skip("cuda_solve_batched_large_orders_match_cpu") {
+    if let Some(dev) = common::device_or_skip("cuda_solve_batched_large_orders_match_cpu") {
         // f32 elements of orders past the f64 factor's fit (and the library path) work in
         // f32: error ≈ cond · order · 2⁻²⁴, cond ≈ 35 here
         check_solve::<f32>(&dev, 3, LARGE, 2e-3, 2e-4);
@@ -88,7 +78,8 @@ fn cuda_solve_batched_large_orders_match_cpu() {
 
 #[test]
 fn cuda_solve_batched_reports_failed_factorizations() {
-    let Some(dev) = device_or_skip("cuda_solve_batched_reports_failed_factorizations") else {
+    let Some(dev) = common::device_or_skip("cuda_solve_batched_reports_failed_factorizations")
+    else {
         return;
     };
     // a negative alpha (not scanned on the device) makes problem 1 indefinite, in the
@@ -225,7 +216,7 @@ fn check_cv<E: CudaRidgeReal>(device: &Device, seed: u64, tol: f64) {
 
 #[test]
 fn cuda_cv_matches_cpu() {
-    if let Some(dev) = device_or_skip("cuda_cv_matches_cpu") {
+    if let Some(dev) = common::device_or_skip("cuda_cv_matches_cpu") {
         check_cv::<f32>(&dev, 20, 2e-4);
         check_cv::<f64>(&dev, 30, 1e-9);
     }
@@ -233,7 +224,8 @@ fn cuda_cv_matches_cpu() {
 
 #[test]
 fn cuda_cv_reports_progress_and_refuses_bad_inputs() {
-    let Some(dev) = device_or_skip("cuda_cv_reports_progress_and_refuses_bad_inputs") else {
+    let Some(dev) = common::device_or_skip("cuda_cv_reports_progress_and_refuses_bad_inputs")
+    else {
         return;
     };
     let (n, p, t) = (30, 8, 5);
@@ -329,7 +321,7 @@ fn check_score<E: CudaRidgeReal>(device: &Device, tol: f64) {
 
 #[test]
 fn cuda_score_matches_cpu() {
-    if let Some(dev) = device_or_skip("cuda_score_matches_cpu") {
+    if let Some(dev) = common::device_or_skip("cuda_score_matches_cpu") {
         check_score::<f32>(&dev, 1e-5);
         check_score::<f64>(&dev, 1e-12);
     }

@@ -12,16 +12,6 @@ use neurokernels::cuda::{CudaElement, Device};
 use neurokernels::scan::{self, ScanParams, ScanShape};
 use neurokernels::{DType, Element};
 
-fn device_or_skip(test: &str) -> Option<Device> {
-    match Device::open(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            common::say_skipped(&format!("{test}: {e}"));
-            None
-        }
-    }
-}
-
 const SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
     (3, 17, 13),
@@ -127,7 +117,7 @@ fn check_complex<E: CudaElement>(device: &Device, seed: u64) {
 
 #[test]
 fn cuda_complex_matches_cpu_every_dtype() {
-    if let Some(dev) = device_or_skip("cuda_complex_matches_cpu_every_dtype") {
+    if let Some(dev) = common::device_or_skip("cuda_complex_matches_cpu_every_dtype") {
         check_complex::<f32>(&dev, 50);
         check_complex::<f64>(&dev, 60);
         check_complex::<f16>(&dev, 70);
@@ -137,35 +127,35 @@ fn cuda_complex_matches_cpu_every_dtype() {
 
 #[test]
 fn cuda_matches_cpu_f32() {
-    if let Some(dev) = device_or_skip("cuda_matches_cpu_f32") {
+    if let Some(dev) = common::device_or_skip("cuda_matches_cpu_f32") {
         check::<f32>(&dev, 10);
     }
 }
 
 #[test]
 fn cuda_matches_cpu_f64() {
-    if let Some(dev) = device_or_skip("cuda_matches_cpu_f64") {
+    if let Some(dev) = common::device_or_skip("cuda_matches_cpu_f64") {
         check::<f64>(&dev, 20);
     }
 }
 
 #[test]
 fn cuda_matches_cpu_f16() {
-    if let Some(dev) = device_or_skip("cuda_matches_cpu_f16") {
+    if let Some(dev) = common::device_or_skip("cuda_matches_cpu_f16") {
         check::<f16>(&dev, 30);
     }
 }
 
 #[test]
 fn cuda_matches_cpu_bf16() {
-    if let Some(dev) = device_or_skip("cuda_matches_cpu_bf16") {
+    if let Some(dev) = common::device_or_skip("cuda_matches_cpu_bf16") {
         check::<bf16>(&dev, 40);
     }
 }
 
 #[test]
 fn cuda_writes_every_output_element_and_is_deterministic() {
-    let Some(dev) = device_or_skip("cuda_writes_every_output_element") else {
+    let Some(dev) = common::device_or_skip("cuda_writes_every_output_element") else {
         return;
     };
     let stream = dev.stream().clone();
@@ -203,7 +193,7 @@ fn cuda_writes_every_output_element_and_is_deterministic() {
 
 #[test]
 fn cuda_bad_input_is_an_error() {
-    let Some(dev) = device_or_skip("cuda_bad_input_is_an_error") else {
+    let Some(dev) = common::device_or_skip("cuda_bad_input_is_an_error") else {
         return;
     };
     let stream = dev.stream().clone();
@@ -451,7 +441,7 @@ fn check_selective_backward<E: CudaElement>(device: &Device, seed: u64) {
 
 #[test]
 fn cuda_selective_backward_matches_cpu_every_dtype() {
-    if let Some(dev) = device_or_skip("cuda_selective_backward_matches_cpu_every_dtype") {
+    if let Some(dev) = common::device_or_skip("cuda_selective_backward_matches_cpu_every_dtype") {
         check_selective_backward::<f32>(&dev, 95);
         check_selective_backward::<f64>(&dev, 96);
         check_selective_backward::<f16>(&dev, 97);
@@ -523,7 +513,7 @@ fn check_gla<E: CudaElement>(device: &Device, seed: u64) {
 
 #[test]
 fn cuda_gla_matches_cpu_every_dtype() {
-    if let Some(dev) = device_or_skip("cuda_gla_matches_cpu_every_dtype") {
+    if let Some(dev) = common::device_or_skip("cuda_gla_matches_cpu_every_dtype") {
         check_gla::<f32>(&dev, 110);
         check_gla::<f64>(&dev, 111);
         check_gla::<f16>(&dev, 112);
@@ -607,7 +597,7 @@ fn check_gla_backward<E: CudaElement>(device: &Device, seed: u64) {
 
 #[test]
 fn cuda_gla_backward_matches_cpu_every_dtype() {
-    if let Some(dev) = device_or_skip("cuda_gla_backward_matches_cpu_every_dtype") {
+    if let Some(dev) = common::device_or_skip("cuda_gla_backward_matches_cpu_every_dtype") {
         check_gla_backward::<f32>(&dev, 120);
         check_gla_backward::<f64>(&dev, 121);
         check_gla_backward::<f16>(&dev, 122);
@@ -618,7 +608,7 @@ fn cuda_gla_backward_matches_cpu_every_dtype() {
 #[test]
 fn cuda_gla_backward_edge_shapes_and_bad_input() {
     use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
-    let Some(dev) = device_or_skip("cuda_gla_backward_edge_shapes_and_bad_input") else {
+    let Some(dev) = common::device_or_skip("cuda_gla_backward_edge_shapes_and_bad_input") else {
         return;
     };
     let p = GlaParams::new();
@@ -665,7 +655,7 @@ fn cuda_gla_backward_edge_shapes_and_bad_input() {
 #[test]
 fn cuda_gla_rejects_a_key_dim_too_large() {
     use neurokernels::scan::gla::{self, GlaInputs, GlaParams, GlaShape};
-    let Some(dev) = device_or_skip("cuda_gla_rejects_a_key_dim_too_large") else {
+    let Some(dev) = common::device_or_skip("cuda_gla_rejects_a_key_dim_too_large") else {
         return;
     };
     let s = GlaShape::new(1, 2, 1, 129, 4);
@@ -683,7 +673,7 @@ fn cuda_gla_rejects_a_key_dim_too_large() {
 
 #[test]
 fn cuda_selective_matches_cpu_every_dtype() {
-    if let Some(dev) = device_or_skip("cuda_selective_matches_cpu_every_dtype") {
+    if let Some(dev) = common::device_or_skip("cuda_selective_matches_cpu_every_dtype") {
         check_selective::<f32>(&dev, 90);
         check_selective::<f64>(&dev, 91);
         check_selective::<f16>(&dev, 92);
@@ -694,7 +684,7 @@ fn cuda_selective_matches_cpu_every_dtype() {
 #[test]
 fn cuda_selective_rejects_a_state_too_large() {
     use neurokernels::scan::selective::{self, SelectiveInputs, SelectiveParams, SelectiveShape};
-    let Some(dev) = device_or_skip("cuda_selective_rejects_a_state_too_large") else {
+    let Some(dev) = common::device_or_skip("cuda_selective_rejects_a_state_too_large") else {
         return;
     };
     let s = SelectiveShape::new(1, 2, 3, 65);

@@ -12,16 +12,6 @@ use neurokernels::cuda::{CudaElement, Device};
 use neurokernels::topk::{self, BackwardInputs, Csr, EncoderInputs, Metric, RowsParams, SaeShape};
 use neurokernels::{Element, Error};
 
-fn device_or_skip(test: &str) -> Option<Device> {
-    match Device::open(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            common::say_skipped(&format!("{test}: {e}"));
-            None
-        }
-    }
-}
-
 /// Same rows of (value, index) pairs, value by value within `tol` and index by index where
 /// the values are not near-ties.
 fn same_selection<E: Element>(
@@ -63,7 +53,7 @@ fn rows_case<E: CudaElement>(dev: &Device, r: usize, n: usize, k: usize, largest
 
 #[test]
 fn cuda_rows_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_rows_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_rows_matches_cpu") else {
         return;
     };
     for &(r, n, k) in &[
@@ -112,7 +102,7 @@ fn encode_case<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: u
 
 #[test]
 fn cuda_encode_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_encode_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_encode_matches_cpu") else {
         return;
     };
     for &(b, dm, l, k) in &[
@@ -131,7 +121,7 @@ fn cuda_encode_matches_cpu() {
 
 #[test]
 fn cuda_decode_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_decode_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_decode_matches_cpu") else {
         return;
     };
     fn run<E: CudaElement>(dev: &Device) {
@@ -156,7 +146,7 @@ fn cuda_decode_matches_cpu() {
 
 #[test]
 fn cuda_limits_are_errors() {
-    let Some(dev) = device_or_skip("cuda_limits_are_errors") else {
+    let Some(dev) = common::device_or_skip("cuda_limits_are_errors") else {
         return;
     };
     let s = SaeShape::new(2, 8, 300);
@@ -264,7 +254,7 @@ fn same_csr<E: Element>(
 
 #[test]
 fn cuda_nearest_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_nearest_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_nearest_matches_cpu") else {
         return;
     };
     fn run<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: usize) {
@@ -287,7 +277,7 @@ fn cuda_nearest_matches_cpu() {
 
 #[test]
 fn cuda_jumprelu_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_jumprelu_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_jumprelu_matches_cpu") else {
         return;
     };
     fn run<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize) {
@@ -314,7 +304,7 @@ fn cuda_jumprelu_matches_cpu() {
 
 #[test]
 fn cuda_batch_topk_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_batch_topk_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_batch_topk_matches_cpu") else {
         return;
     };
     fn run<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: usize, skew: bool) {
@@ -348,7 +338,7 @@ fn cuda_batch_topk_matches_cpu() {
 
 #[test]
 fn cuda_mp_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_mp_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_mp_matches_cpu") else {
         return;
     };
     fn run<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: usize)
@@ -384,7 +374,7 @@ fn cuda_mp_matches_cpu() {
 
 #[test]
 fn cuda_backward_matches_cpu() {
-    let Some(dev) = device_or_skip("cuda_backward_matches_cpu") else {
+    let Some(dev) = common::device_or_skip("cuda_backward_matches_cpu") else {
         return;
     };
     fn run<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: usize) {
@@ -437,7 +427,7 @@ fn cuda_backward_matches_cpu() {
 
 #[test]
 fn cuda_new_ops_reject_what_the_cpu_rejects() {
-    let Some(dev) = device_or_skip("cuda_new_ops_reject_what_the_cpu_rejects") else {
+    let Some(dev) = common::device_or_skip("cuda_new_ops_reject_what_the_cpu_rejects") else {
         return;
     };
     let s = SaeShape::new(2, 8, 300);

@@ -30,6 +30,7 @@ template <typename T>
 Status gemm_strided_batched(const char* call, int ta, int tb, int m, int n, int k, const T* alpha, const T* a, int lda,
                             long long sa, const T* b, int ldb, long long sb, const T* beta, T* c, int ldc, long long sc,
                             int batch) {
+  nkemu::note_call(call);
   if (m < 0 || n < 0 || k < 0 || batch < 0 || ldc < (m > 1 ? m : 1)) return bad(call, "negative size or ldc < m");
   if (ta == OP_C || tb == OP_C) return NOT_SUPPORTED;
   const bool tra = ta == OP_T, trb = tb == OP_T;
@@ -62,6 +63,7 @@ Status gemm_strided_batched(const char* call, int ta, int tb, int m, int n, int 
 template <typename T>
 Status trsm_batched(const char* call, int side, int uplo, int trans, int diag, int m, int n, const T* alpha,
                     const T* const* as, int lda, T* const* bs, int ldb, int batch) {
+  nkemu::note_call(call);
   if (m < 0 || n < 0 || batch < 0) return bad(call, "negative size");
   if (trans == OP_C) return NOT_SUPPORTED;
   const int na = side == LEFT ? m : n;

@@ -10,9 +10,11 @@
 #include <dlfcn.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -131,18 +133,44 @@ void on_fault(int sig, siginfo_t* info, void* uctx) {
   describe((uintptr_t)info->si_addr, what, sizeof what);
   const void* pc = (const void*)((ucontext_t*)uctx)->uc_mcontext.gregs[REG_RIP];
   Dl_info dl{};
-  char code[512] = "";
-  if (dladdr(pc, &dl) && dl.dli_fname)
-    std::snprintf(code, sizeof code, "\nnkemu:   at %s+0x%lx (addr2line -f -i -C -e %s 0x%lx gives the line)",
-                  dl.dli_sname ? dl.dli_sname : "?", (unsigned long)((uintptr_t)pc - (uintptr_t)dl.dli_saddr),
-                  dl.dli_fname, (unsigned long)((uintptr_t)pc - (uintptr_t)dl.dli_fbase));
-  std::fprintf(stderr, "nkemu: %s: invalid %s access at address %p: %s%s\n", launch.c_str(),
-               sig == SIGSEGV ? "memory" : "bus", info->si_addr, what, code);
-  std::fflush(stderr);
+  const bool found = dladdr(pc, &dl) && dl.dli_fname;
+  char message[1536];
+  const int n = std::snprintf(message, sizeof message, "nkemu: %s: invalid %s access at address %p: %s\n",
+                              launch.c_str(), sig == SIGSEGV ? "memory" : "bus", info->si_addr, what);
+  if (n > 0 && write(2, message, std::min((size_t)n, sizeof message - 1)) < 0) std::abort();
+  if (found) {  // the source line, from the module's line tables (nkcc compiles with -g1)
+    char offset[32];
+    std::snprintf(offset, sizeof offset, "0x%lx", (unsigned long)((uintptr_t)pc - (uintptr_t)dl.dli_fbase));
+    const char head[] = "nkemu: the faulting instruction (function, then file:line, innermost first):\n";
+    if (write(2, head, sizeof head - 1) < 0) std::abort();
+    const pid_t pid = fork();
+    if (pid == 0) {
+      dup2(2, 1);
+      execlp("addr2line", "addr2line", "-f", "-i", "-C", "-e", dl.dli_fname, offset, (char*)nullptr);
+      _exit(127);
+    }
+    if (pid > 0) waitpid(pid, nullptr, 0);
+  }
   signal(SIGABRT, SIG_DFL);
   std::abort();
 }
 }  // namespace
+
+void ensure_signal_stack() {
+  // The handler needs more room than the alternate stacks threads usually get (Rust's is a few
+  // KiB): give a launching thread a 256 KiB one.
+  constexpr std::size_t kBytes = 256 * 1024;
+  static thread_local bool done = false;
+  if (done) return;
+  done = true;
+  stack_t old{};
+  if (sigaltstack(nullptr, &old) == 0 && !(old.ss_flags & SS_DISABLE) && old.ss_size >= kBytes) return;
+  stack_t st{};
+  st.ss_sp = mmap(nullptr, kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);  // kept for the thread's life
+  if (st.ss_sp == MAP_FAILED) return;
+  st.ss_size = kBytes;
+  sigaltstack(&st, nullptr);
+}
 
 void install_fault_handler() {
   static std::once_flag once;

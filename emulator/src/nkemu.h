@@ -44,6 +44,9 @@ struct Dim {
 std::string launch(const LoadedModule& m, const Kernel& k, Dim grid, Dim block, std::size_t dynamic_smem,
                    void** params);
 
+// A cuBLAS or cuSOLVER call, for NKEMU_COVERAGE and NKEMU_TRACE.
+void note_call(const char* name);
+
 // ---- device memory: host pages between guard pages, poisoned when fresh ----
 void* device_alloc(std::size_t bytes);
 bool device_free(void* p);  // false: not an allocation's base
@@ -51,6 +54,7 @@ bool device_free(void* p);  // false: not an allocation's base
 bool device_range_ok(const void* p, std::size_t bytes);
 std::size_t device_bytes_in_use();
 void install_fault_handler();
+void ensure_signal_stack();  // on the launching thread, room for the fault handler
 // Called by the fault handler: the launch running on this host thread, if any.
 std::string current_launch();
 }  // namespace nkemu

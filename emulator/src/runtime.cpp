@@ -537,10 +537,40 @@ const Kernel* find_kernel(const LoadedModule* m, const char* name) {
 }
 
 // ---------------------------------------------------------------- launches
+namespace {
+// NKEMU_COVERAGE=FILE: the names of the kernels this process launched, appended at exit.
+struct Coverage {
+  std::mutex mu;
+  std::vector<std::string> names;
+  ~Coverage() {
+    const char* path = std::getenv("NKEMU_COVERAGE");
+    if (!path || !*path || names.empty()) return;
+    if (FILE* f = std::fopen(path, "a")) {
+      for (const std::string& n : names) std::fprintf(f, "%s\n", n.c_str());
+      std::fclose(f);
+    }
+  }
+  void add(const char* name) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const std::string& n : names)
+      if (n == name) return;
+    names.emplace_back(name);
+  }
+};
+Coverage coverage;
+}  // namespace
+
+void note_call(const char* name) {
+  if (std::getenv("NKEMU_COVERAGE")) coverage.add(name);
+  if (config().trace) std::fprintf(stderr, "nkemu: %s\n", name);
+}
+
 std::string launch(const LoadedModule& m, const Kernel& k, Dim grid, Dim block, std::size_t dynamic_smem,
                    void** params) {
   Worker& w = worker();
   if (w.cur >= 0) return "a launch from inside a kernel";
+  if (std::getenv("NKEMU_COVERAGE")) coverage.add(k.name);
+  ensure_signal_stack();
   const auto t0 = std::chrono::steady_clock::now();
   const int n = (int)(block.x * block.y * block.z);
   ensure_stacks(w, n);

@@ -28,6 +28,7 @@ int syevd_lwork(int n) { return n > 0 ? 2 * n * n + 6 * n + 1 : 1; }
 
 template <typename T>
 Status syevd(const char* call, int jobz, int uplo, int n, T* a, int lda, T* w, T* work, int lwork, int* info) {
+  nkemu::note_call(call);
   if (n < 0 || lda < (n > 1 ? n : 1)) return bad(call, "n < 0 or lda < n");
   if (!nkemu::device_range_ok(info, sizeof(int))) return bad(call, "info outside a device allocation");
   if (n == 0) {
@@ -93,6 +94,7 @@ Status syevd(const char* call, int jobz, int uplo, int n, T* a, int lda, T* w, T
 }
 
 template <typename T> Status potrf_batched(const char* call, int uplo, int n, T** as, int lda, int* info, int batch) {
+  nkemu::note_call(call);
   if (n < 0 || batch < 0 || lda < (n > 1 ? n : 1)) return bad(call, "n < 0, batch < 0 or lda < n");
   if (batch && (!nkemu::device_range_ok(as, sizeof(T*) * batch) || !nkemu::device_range_ok(info, sizeof(int) * batch)))
     return bad(call, "the pointer array or info outside device allocations");

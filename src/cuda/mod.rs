@@ -106,6 +106,12 @@ impl Device {
         Ok(self.context.name()?)
     }
 
+    /// True on the project's CUDA emulator (`scripts/cuda-emulator.sh`, `emulator/`), which
+    /// runs the kernels on the CPU: correct results, no GPU timings.
+    pub fn is_emulated(&self) -> bool {
+        self.name().is_ok_and(|n| n.starts_with("nkemu"))
+    }
+
     /// `Err` unless `stream` belongs to this device's context.
     pub(crate) fn check_stream(&self, stream: &CudaStream) -> Result<()> {
         // compare driver handles: two `Device`s on one GPU share its primary context

@@ -102,6 +102,35 @@ pub fn worst_ratio(got: &[f64], want: &[f64], rtol: f64, atol: f64) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// CUDA device 0, or `None` (with `SKIPPED` on stderr) without one. Where
+/// `NEUROKERNELS_REQUIRE_GPU` is set (scripts/cuda-emulator.sh sets it) a missing device fails
+/// the test instead. On the project's emulator the first test to open it says so.
+#[cfg(feature = "cuda")]
+#[allow(dead_code)]
+pub fn device_or_skip(test: &str) -> Option<neurokernels::cuda::Device> {
+    use std::io::Write;
+    match neurokernels::cuda::Device::open(0) {
+        Ok(d) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            if d.is_emulated() {
+                SAID.call_once(|| {
+                    let name = d.name().unwrap_or_default();
+                    let _ = writeln!(std::io::stderr(), "EMULATED GPU tests run on {name}");
+                });
+            }
+            Some(d)
+        }
+        Err(e) => {
+            assert!(
+                std::env::var_os("NEUROKERNELS_REQUIRE_GPU").is_none(),
+                "{test}: NEUROKERNELS_REQUIRE_GPU is set, but {e}"
+            );
+            say_skipped(&format!("{test}: {e}"));
+            None
+        }
+    }
+}
+
 /// Prints a skip notice past libtest's output capture (which only catches the print
 /// macros), so a test without its device says so in the test log instead of passing silently.
 pub fn say_skipped(message: &str) {
