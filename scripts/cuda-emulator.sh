@@ -11,6 +11,7 @@
 #   LD_LIBRARY_PATH=target/nkemu       cudarc opens the emulator's libcuda/libcublas/libcusolver
 # Settings passed through: NKEMU_SCHEDULE=forward|reverse|random[:SEED] (thread order after
 # each barrier), NKEMU_CC=8.0|9.0 (the emulated device's compute capability and limits),
+# NKEMU_DIFFERENTIAL=1 (each launch also run forward; results must match bit for bit),
 # NKEMU_TRACE=1 (a line per launch), NKEMU_STACK_KB (per CUDA thread, default 256),
 # NKEMU_COVERAGE=FILE (appends the name of every kernel launched; scripts/emulator-coverage.sh).
 set -euo pipefail

@@ -79,6 +79,12 @@ extern "C" __global__ void __launch_bounds__(64) bounded_to_64(int* out) { out[t
 
 // ---- the device model, checked ----
 
+// n barriers: the cost of a context switch (selftest prints it).
+extern "C" __global__ void barrier_loop(int* out, int n) {
+  for (int i = 0; i < n; ++i) __syncthreads();
+  out[threadIdx.x] = n;
+}
+
 // A warp reduction by xor shuffles, a ballot and __popc.
 extern "C" __global__ void warp_collectives(const int* in, int* sum, unsigned* ballot) {
   int v = in[threadIdx.x];

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -127,6 +128,26 @@ int main(int argc, char** argv) {
     check(seen[0] != seen[1], "race_on_shared: forward and reverse schedules disagree (" + std::to_string(seen[0]) +
                                   " vs " + std::to_string(seen[1]) + ")");
   }
+  // ... and, in differential mode, fails the launch by itself
+  {
+    auto [status, err] = in_child([] {
+      nkemu::set_schedule(nkemu::Schedule::Forward, 1, true);
+      CUdeviceptr out = upload(std::vector<int>{0});
+      return launch("race_on_shared", 64, {&out}) == CUDA_SUCCESS ? 0 : 3;
+    });
+    const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 3 && contains(err, "race_on_shared") &&
+                    contains(err, "depends on the order");
+    check(ok, "race_on_shared: NKEMU_DIFFERENTIAL fails the launch (forward and reverse results differ)");
+    if (!ok || std::getenv("NKEMU_SELFTEST_VERBOSE")) std::printf("     stderr: %s\n", err.c_str());
+    auto [status2, err2] = in_child([] {
+      nkemu::set_schedule(nkemu::Schedule::Random, 3, true);
+      std::vector<float> host(64, 1.0f);
+      CUdeviceptr in = upload(host), out = upload(std::vector<float>(64, 0.f));
+      return launch("missing_barrier", 64, {&in, &out}) == CUDA_SUCCESS ? 0 : 3;
+    });
+    check(WIFEXITED(status2) && WEXITSTATUS(status2) == 3 && contains(err2, "depends on the order"),
+          "missing_barrier: NKEMU_DIFFERENTIAL with random:3 fails the launch");
+  }
   // a missing barrier, and reads before writes, read the poison (NaN)
   {
     std::vector<float> host(64);
@@ -229,6 +250,14 @@ int main(int argc, char** argv) {
     double worst = 0;
     for (int i = 0; i < 256; ++i) worst = std::fmax(worst, std::fabs(c[i] - want[i]));
     check(worst < 1e-5, "wmma_16x16x16_bf16: A·B (max error " + std::to_string(worst) + ")");
+  }
+  {  // not a check: how fast a switch is (each thread goes to the scheduler and back per barrier)
+    CUdeviceptr out = upload(std::vector<int>(256, 0));
+    int n = 2000;
+    const auto t0 = std::chrono::steady_clock::now();
+    launch("barrier_loop", 256, {&out, &n});
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("info 256 threads x %d barriers: %.3f s, %.1f ns per switch\n", n, s, s / (2.0 * 256 * n) * 1e9);
   }
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
   return failures;

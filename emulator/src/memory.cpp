@@ -83,6 +83,17 @@ bool device_range_ok(const void* p, std::size_t bytes) {
   return (uintptr_t)p + bytes <= it->first + it->second.bytes;
 }
 
+bool device_allocation_of(const void* p, void** base, std::size_t* bytes) {
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = allocations().upper_bound((uintptr_t)p);
+  if (it == allocations().begin()) return false;
+  --it;
+  if ((uintptr_t)p >= it->first + it->second.bytes) return false;
+  *base = (void*)it->first;
+  *bytes = it->second.bytes;
+  return true;
+}
+
 std::size_t device_bytes_in_use() {
   std::lock_guard<std::mutex> lock(mu);
   return in_use;

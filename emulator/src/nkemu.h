@@ -16,13 +16,14 @@ struct Config {
   int cc_major, cc_minor;   // NKEMU_CC=8.0 | 9.0
   std::size_t stack_bytes;  // NKEMU_STACK_KB
   bool trace;               // NKEMU_TRACE=1: one line per launch
+  bool differential;        // NKEMU_DIFFERENTIAL=1: each launch run forward and under `schedule`, compared
   std::size_t max_dynamic_smem() const { return cc_major >= 9 ? 232448 : 166912; }
   int multiprocessors() const { return cc_major >= 9 ? 132 : 108; }
   std::string describe() const;  // "sm_90, schedule random:7"
 };
 const Config& config();
 // For the emulator's self-test: change the schedule of later launches in this process.
-void set_schedule(Schedule s, unsigned long long seed);
+void set_schedule(Schedule s, unsigned long long seed, bool differential = false);
 
 // ---- modules: nkcc images (a tag, a length, a shared object) ----
 struct LoadedModule {
@@ -52,6 +53,8 @@ void* device_alloc(std::size_t bytes);
 bool device_free(void* p);  // false: not an allocation's base
 // true when [p, p + bytes) lies inside one live allocation
 bool device_range_ok(const void* p, std::size_t bytes);
+// The live allocation holding p, if any.
+bool device_allocation_of(const void* p, void** base, std::size_t* bytes);
 std::size_t device_bytes_in_use();
 void install_fault_handler();
 void ensure_signal_stack();  // on the launching thread, room for the fault handler

@@ -36,7 +36,7 @@ thread_local unsigned tl_lane;
 // ---------------------------------------------------------------- configuration
 namespace {
 Config read_config() {
-  Config c{Schedule::Forward, 1, 9, 0, 256 * 1024, false};
+  Config c{Schedule::Forward, 1, 9, 0, 256 * 1024, false, false};
   if (const char* s = std::getenv("NKEMU_SCHEDULE")) {
     const std::string v = s;
     if (v == "forward" || v.empty()) c.schedule = Schedule::Forward;
@@ -60,6 +60,7 @@ Config read_config() {
   }
   if (const char* s = std::getenv("NKEMU_STACK_KB")) c.stack_bytes = (std::size_t)std::max(64, std::atoi(s)) * 1024;
   if (const char* s = std::getenv("NKEMU_TRACE")) c.trace = s[0] && s[0] != '0';
+  if (const char* s = std::getenv("NKEMU_DIFFERENTIAL")) c.differential = s[0] && s[0] != '0';
   return c;
 }
 }  // namespace
@@ -73,19 +74,20 @@ Config& mutable_config() {
 
 const Config& config() { return mutable_config(); }
 
-void set_schedule(Schedule s, unsigned long long seed) {
+void set_schedule(Schedule s, unsigned long long seed, bool differential) {
   mutable_config().schedule = s;
   mutable_config().seed = seed;
+  mutable_config().differential = differential;
 }
 
 std::string Config::describe() const {
-  char b[96];
+  char b[128];
   const char* s = schedule == Schedule::Forward ? "forward" : schedule == Schedule::Reverse ? "reverse" : "random";
   if (schedule == Schedule::Random)
     std::snprintf(b, sizeof b, "sm_%d%d, schedule %s:%llu", cc_major, cc_minor, s, seed);
   else
     std::snprintf(b, sizeof b, "sm_%d%d, schedule %s", cc_major, cc_minor, s);
-  return b;
+  return differential ? std::string(b) + ", each launch also run forward and compared" : std::string(b);
 }
 
 // ---------------------------------------------------------------- context switch
@@ -280,7 +282,7 @@ void describe_deadlock(Worker& w) {
   record(w, -1, s);
 }
 
-void run_block(Worker& w, U3 bid) {
+void run_block(Worker& w, U3 bid, Schedule sched) {
   tl_block_idx = bid;
   const int n = w.n;
   w.done = 0;
@@ -301,7 +303,6 @@ void run_block(Worker& w, U3 bid) {
     f.warp = (unsigned)i / 32;
     f.sp = init_stack(w.stacks + (std::size_t)i * w.stack_bytes + 4096, w.stack_bytes - 4096);
   }
-  const Schedule sched = config().schedule;
   while (w.done < n && !w.failed) {
     w.order.clear();
     for (int i = 0; i < n; ++i)
@@ -538,6 +539,39 @@ const Kernel* find_kernel(const LoadedModule* m, const char* name) {
 
 // ---------------------------------------------------------------- launches
 namespace {
+struct Region {
+  char* base;
+  std::size_t bytes;
+  int param;
+};
+// True when two buffers hold the same 32-bit words, in whatever order.
+bool same_words(const char* a, const char* b, std::size_t bytes) {
+  if (bytes % 4) return false;
+  std::vector<uint32_t> x(bytes / 4), y(bytes / 4);
+  std::memcpy(x.data(), a, bytes);
+  std::memcpy(y.data(), b, bytes);
+  std::sort(x.begin(), x.end());
+  std::sort(y.begin(), y.end());
+  return x == y;
+}
+
+// The device allocations a launch can reach: those an 8-byte word of a parameter points into.
+std::vector<Region> reachable_regions(void** params, const Kernel& k) {
+  std::vector<Region> out;
+  for (int i = 0; i < k.nparams; ++i)
+    for (std::size_t off = 0; off + 8 <= k.param_size[i]; off += 8) {
+      uintptr_t word;
+      std::memcpy(&word, (const char*)params[i] + off, 8);
+      void* base;
+      std::size_t bytes;
+      if (!device_allocation_of((const void*)word, &base, &bytes)) continue;
+      bool seen = false;
+      for (const Region& r : out) seen |= r.base == (char*)base;
+      if (!seen) out.push_back(Region{(char*)base, bytes, i});
+    }
+  return out;
+}
+
 // NKEMU_COVERAGE=FILE: the names of the kernels this process launched, appended at exit.
 struct Coverage {
   std::mutex mu;
@@ -576,6 +610,7 @@ std::string launch(const LoadedModule& m, const Kernel& k, Dim grid, Dim block, 
   ensure_stacks(w, n);
   ensure_dynamic_smem(w, dynamic_smem);
   const SharedBlock shared = shared_block(m);
+  tl_block_idx = U3{0, 0, 0};
   w.n = n;
   w.fibers.assign((std::size_t)n, Fiber{});
   w.warps.assign((std::size_t)(n + 31) / 32, Warp{});
@@ -586,14 +621,62 @@ std::string launch(const LoadedModule& m, const Kernel& k, Dim grid, Dim block, 
   w.switches = 0;
   tl_grid_dim = U3{grid.x, grid.y, grid.z};
   tl_block_dim = U3{block.x, block.y, block.z};
-  const unsigned long long total = (unsigned long long)grid.x * grid.y * grid.z;
-  for (unsigned long long b = 0; b < total && !w.failed; ++b) {
-    const U3 bid{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
-                 (unsigned)(b / ((unsigned long long)grid.x * grid.y))};
-    if (shared.data) std::memset(shared.data, 0xff, shared.bytes);
-    if (w.dyn) std::memset(w.dyn, 0xff, w.dyn_bytes);
-    w.rng = (config().seed * 0x9E3779B97F4A7C15ULL) ^ hash(k.name) ^ (b * 0xBF58476D1CE4E5B9ULL) ^ 1;
-    run_block(w, bid);
+  const SharedBlock shared_mem = shared;
+  auto run_grid = [&](Schedule sched, unsigned long long seed) {
+    // blocks in the schedule's order too: a GPU runs them in any order, at once
+    const unsigned long long total = (unsigned long long)grid.x * grid.y * grid.z;
+    std::vector<unsigned long long> order;
+    if (sched == Schedule::Random) {
+      order.resize(total);
+      for (unsigned long long i = 0; i < total; ++i) order[i] = i;
+      w.rng = (seed * 0x9E3779B97F4A7C15ULL) ^ hash(k.name) ^ 7;
+      for (unsigned long long i = total; i > 1; --i) std::swap(order[i - 1], order[next_random(w) % i]);
+    }
+    for (unsigned long long i = 0; i < total && !w.failed; ++i) {
+      const unsigned long long b = sched == Schedule::Random ? order[i] : sched == Schedule::Reverse ? total - 1 - i : i;
+      const U3 bid{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
+                   (unsigned)(b / ((unsigned long long)grid.x * grid.y))};
+      if (shared_mem.data) std::memset(shared_mem.data, 0xff, shared_mem.bytes);
+      if (w.dyn) std::memset(w.dyn, 0xff, w.dyn_bytes);
+      w.rng = (seed * 0x9E3779B97F4A7C15ULL) ^ hash(k.name) ^ (b * 0xBF58476D1CE4E5B9ULL) ^ 1;
+      run_block(w, bid, sched);
+    }
+  };
+  const Config& c = config();
+  if (!c.differential) {
+    run_grid(c.schedule, c.seed);
+  } else {
+    // The same launch under two schedules from the same memory: every byte of every buffer
+    // the kernel can reach (an allocation a parameter points into) must come out the same.
+    const Schedule second = c.schedule == Schedule::Forward ? Schedule::Reverse : c.schedule;
+    std::vector<Region> regions = reachable_regions(params, k);
+    std::vector<std::vector<char>> before, first;
+    for (const Region& r : regions) before.emplace_back(r.base, r.base + r.bytes);
+    run_grid(Schedule::Forward, c.seed);
+    if (!w.failed) {
+      for (const Region& r : regions) first.emplace_back(r.base, r.base + r.bytes);
+      for (std::size_t i = 0; i < regions.size(); ++i) std::memcpy(regions[i].base, before[i].data(), regions[i].bytes);
+      run_grid(second, c.seed);
+    }
+    for (std::size_t i = 0; i < regions.size() && !w.failed; ++i) {
+      const Region& r = regions[i];
+      if (std::memcmp(r.base, first[i].data(), r.bytes) == 0) continue;
+      if (same_words(r.base, first[i].data(), r.bytes)) {
+        // the same values in another order: what an atomicAdd'ed cursor gives a buffer that a
+        // later pass sorts (the tests compare final outputs with the CPU's)
+        if (c.trace) std::fprintf(stderr, "nkemu: %s: parameter %d holds the same words in another order\n", k.name, r.param);
+        continue;
+      }
+      std::size_t at = 0, differ = 0;
+      for (std::size_t j = r.bytes; j-- > 0;)
+        if (r.base[j] != first[i][j]) ++differ, at = j;
+      char msg[320];
+      std::snprintf(msg, sizeof msg,
+                    "the result depends on the order threads and blocks run (a race): under the forward and the %s "
+                    "schedule, %zu of the %zu bytes of the buffer at %p (parameter %d) differ, the first at byte %zu",
+                    second == Schedule::Reverse ? "reverse" : "random", differ, r.bytes, (void*)r.base, r.param, at);
+      record(w, -1, msg);
+    }
   }
   if (config().trace)
     std::fprintf(stderr, "nkemu: %s grid (%u,%u,%u) block (%u,%u,%u) dyn smem %zu: %.4f s, %llu switches%s\n", k.name,
