@@ -5,6 +5,8 @@
 # entry points come from the lists nkcc writes beside each module (target/emulated/.../*.kernels).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+require_all=0
+if [ "${1:-}" = "--require-all" ]; then require_all=1; shift; fi
 launched=$1
 lists=$(find "${NKEMU_TARGET_DIR:-$root/target/emulated}" -path '*/out/*.fatbin.kernels' 2>/dev/null | xargs -r ls -t | awk -F/ '!seen[$NF]++')
 [ -n "$lists" ] || { echo "emulator-coverage: no *.fatbin.kernels lists; build with scripts/cuda-emulator.sh first" >&2; exit 1; }
@@ -19,4 +21,8 @@ echo "cuBLAS/cuSOLVER calls made: $(echo $libs)"
 if [ -n "$missed" ]; then
   echo "never launched:"
   echo "$missed" | sed 's/^/  /'
+fi
+if [ -n "$missed" ] && [ "$require_all" = 1 ]; then
+  echo "emulator-coverage: add a GPU test or case that launches the kernels above" >&2
+  exit 1
 fi
