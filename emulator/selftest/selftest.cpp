@@ -80,6 +80,12 @@ std::pair<int, std::string> in_child(const std::function<int()>& body) {
 
 bool contains(const std::string& s, const char* what) { return s.find(what) != std::string::npos; }
 
+double max_abs_error(const std::vector<float>& got, const std::vector<double>& want) {
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) worst = std::fmax(worst, std::fabs(got[i] - want[i]));
+  return worst;
+}
+
 // A launch expected to fail, in a child (a failed launch is sticky, as on a GPU).
 void expect_launch_error(const char* name, unsigned block, const char* message, std::vector<int> ints = {}) {
   auto [status, err] = in_child([&] {
@@ -228,9 +234,7 @@ int main(int argc, char** argv) {
         for (int k = 0; k < 16; ++k) want[r * 8 + c] += (double)__half2float(a[r * 16 + k]) * __half2float(b[k * 8 + c]);
     CUdeviceptr da = upload(a), db = upload(b), dd = upload(std::vector<float>(128, 0.f));
     launch("mma_m16n8k16_f16", 32, {&da, &db, &dd});
-    auto d = download<float>(dd, 128);
-    double worst = 0;
-    for (int i = 0; i < 128; ++i) worst = std::fmax(worst, std::fabs(d[i] - want[i]));
+    const double worst = max_abs_error(download<float>(dd, 128), want);
     check(worst < 1e-5, "mma_m16n8k16_f16: the PTX ISA fragment layout gives A·B (max error " + std::to_string(worst) + ")");
   }
   {
@@ -246,9 +250,7 @@ int main(int argc, char** argv) {
           want[r * 16 + c] += (double)__bfloat162float(a[r * 16 + k]) * __bfloat162float(b[c * 16 + k]);
     CUdeviceptr da = upload(a), db = upload(b), dc = upload(std::vector<float>(256, 0.f));
     launch("wmma_16x16x16_bf16", 32, {&da, &db, &dc});
-    auto c = download<float>(dc, 256);
-    double worst = 0;
-    for (int i = 0; i < 256; ++i) worst = std::fmax(worst, std::fabs(c[i] - want[i]));
+    const double worst = max_abs_error(download<float>(dc, 256), want);
     check(worst < 1e-5, "wmma_16x16x16_bf16: A·B (max error " + std::to_string(worst) + ")");
   }
   {  // not a check: how fast a switch is (each thread goes to the scheduler and back per barrier)

@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 
@@ -245,7 +246,14 @@ CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
   const auto* loaded = (const nkemu::LoadedModule*)m;
   const nkemu::Kernel* k = nkemu::find_kernel(loaded, name);
   if (!k) return CUDA_ERROR_NOT_FOUND;
-  *f = (CUfunction) new Function{loaded, k, 49152};
+  // one handle per kernel, as the driver gives: its attributes persist between lookups (and
+  // the crate looks a kernel up before every launch)
+  static std::mutex mu;
+  static std::map<const nkemu::Kernel*, Function*> functions;
+  std::lock_guard<std::mutex> lock(mu);
+  Function*& fn = functions[k];
+  if (!fn) fn = new Function{loaded, k, 49152};
+  *f = (CUfunction)fn;
   return CUDA_SUCCESS;
 }
 CUresult cuFuncGetAttribute(int* v, CUfunction_attribute a, CUfunction f) {

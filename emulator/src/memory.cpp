@@ -1,8 +1,8 @@
 // memory.cpp: device memory and the fault handler.
 //
 // Every allocation gets its own pages with an inaccessible guard page before and after it;
-// the buffer ends exactly at the upper guard page (its start aligned to the largest power of
-// two, up to 256, that divides its size, so every element keeps its natural alignment). So a
+// the buffer ends exactly at the upper guard page (so its start is aligned to the largest power
+// of two, up to 4096, that divides its size: every element keeps its natural alignment). So a
 // kernel's read or write past either end faults at once, and the handler names the launch
 // (kernel, block, thread) and the allocation the address is nearest to. Fresh allocations are
 // filled with 0xff bytes (NaN in every float type), so a kernel that reads memory nobody
@@ -37,11 +37,6 @@ std::map<uintptr_t, Allocation>& allocations() {
 }
 std::size_t in_use = 0;
 
-std::size_t alignment_of(std::size_t bytes) {
-  std::size_t a = 256;
-  while (a > 1 && bytes % a) a >>= 1;
-  return a;
-}
 }  // namespace
 
 void* device_alloc(std::size_t bytes) {
@@ -51,9 +46,9 @@ void* device_alloc(std::size_t bytes) {
   if (m == MAP_FAILED) return nullptr;
   mprotect(m, kPage, PROT_NONE);
   mprotect(m + kPage + body, kPage, PROT_NONE);
-  // the end at the upper guard page, the start aligned down
-  const std::size_t rounded = (bytes + alignment_of(bytes) - 1) / alignment_of(bytes) * alignment_of(bytes);
-  char* p = m + kPage + body - rounded;
+  // the end at the upper guard page: the start keeps the alignment of the largest power of two
+  // (up to the page) that divides the size, so every element keeps its natural alignment
+  char* p = m + kPage + body - bytes;
   std::memset(p, 0xff, bytes);  // fresh device memory is garbage, not zeros
   std::lock_guard<std::mutex> lock(mu);
   allocations()[(uintptr_t)p] = Allocation{m, map_bytes, bytes};

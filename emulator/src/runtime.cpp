@@ -621,7 +621,6 @@ std::string launch(const LoadedModule& m, const Kernel& k, Dim grid, Dim block, 
   w.switches = 0;
   tl_grid_dim = U3{grid.x, grid.y, grid.z};
   tl_block_dim = U3{block.x, block.y, block.z};
-  const SharedBlock shared_mem = shared;
   auto run_grid = [&](Schedule sched, unsigned long long seed) {
     // blocks in the schedule's order too: a GPU runs them in any order, at once
     const unsigned long long total = (unsigned long long)grid.x * grid.y * grid.z;
@@ -636,7 +635,7 @@ std::string launch(const LoadedModule& m, const Kernel& k, Dim grid, Dim block, 
       const unsigned long long b = sched == Schedule::Random ? order[i] : sched == Schedule::Reverse ? total - 1 - i : i;
       const U3 bid{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y),
                    (unsigned)(b / ((unsigned long long)grid.x * grid.y))};
-      if (shared_mem.data) std::memset(shared_mem.data, 0xff, shared_mem.bytes);
+      if (shared.data) std::memset(shared.data, 0xff, shared.bytes);
       if (w.dyn) std::memset(w.dyn, 0xff, w.dyn_bytes);
       w.rng = (seed * 0x9E3779B97F4A7C15ULL) ^ hash(k.name) ^ (b * 0xBF58476D1CE4E5B9ULL) ^ 1;
       run_block(w, bid, sched);
