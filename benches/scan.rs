@@ -68,7 +68,7 @@ fn bench_cpu(c: &mut Criterion) {
             let p = ScanParams::new();
             group.bench_function(BenchmarkId::new("forward_f32", isa.name()), |bench| {
                 bench.iter(|| {
-                    scan::linear_on(isa, &p, shape, black_box(&a), black_box(&b), None, &mut h)
+                    scan::linear_into_on(isa, &p, shape, black_box(&a), black_box(&b), None, &mut h)
                         .unwrap()
                 })
             });
@@ -83,7 +83,7 @@ fn bench_cpu(c: &mut Criterion) {
             BenchmarkId::new("forward_bf16", Isa::detected().name()),
             |bench| {
                 bench.iter(|| {
-                    scan::linear(
+                    scan::linear_into(
                         &ScanParams::new(),
                         shape,
                         black_box(&ah),
@@ -103,13 +103,13 @@ fn bench_cpu(c: &mut Criterion) {
         group.bench_function("copy_same_bytes_as_backward", |bench| {
             bench.iter(|| parallel_copy(black_box(&copy_src), &mut copy_dst))
         });
-        scan::linear(&ScanParams::new(), shape, &a, &b, None, &mut h).unwrap();
+        scan::linear_into(&ScanParams::new(), shape, &a, &b, None, &mut h).unwrap();
         let (mut da, mut db, mut dh0) = (vec![0f32; n], vec![0f32; n], vec![0f32; bsz * d]);
         group.bench_function(
             BenchmarkId::new("backward_f32", Isa::detected().name()),
             |bench| {
                 bench.iter(|| {
-                    scan::linear_backward(
+                    scan::linear_backward_into(
                         &ScanParams::new(),
                         shape,
                         black_box(&a),
@@ -153,7 +153,7 @@ fn bench_cpu_complex(c: &mut Criterion) {
     for isa in Isa::available() {
         group.bench_function(BenchmarkId::new("forward_f32", isa.name()), |bench| {
             bench.iter(|| {
-                scan::linear_complex_on(
+                scan::linear_complex_into_on(
                     isa,
                     &ScanParams::new(),
                     shape,
@@ -211,7 +211,7 @@ fn bench_cpu_selective(c: &mut Criterion) {
     for isa in Isa::available() {
         group.bench_function(BenchmarkId::new("forward_f32", isa.name()), |bench| {
             bench.iter(|| {
-                selective::selective_on(
+                selective::selective_into_on(
                     isa,
                     &params,
                     shape,

@@ -138,7 +138,7 @@ fn lru() -> Result<()> {
         }
     }
     let start = Instant::now();
-    let h = scan::linear_complex_alloc(
+    let h = scan::linear_complex(
         &ScanParams::new(),
         ScanShape::new(1, t_len, d_state),
         &a,

@@ -118,7 +118,7 @@ fn complex_rows(rows: &mut Vec<Row>, shape: ScanShape) -> Result<()> {
     }
     let mut h = vec![0f32; n];
     let ms = median_ms(5, || {
-        scan::linear_complex(&ScanParams::new(), shape, &a, &b, None, &mut h)
+        scan::linear_complex_into(&ScanParams::new(), shape, &a, &b, None, &mut h)
     })?;
     rows.push(Row {
         op: "scan.linear_complex",
@@ -163,7 +163,7 @@ fn selective_rows(rows: &mut Vec<Row>) -> Result<()> {
     let mut y = vec![0f32; b * t * d];
     let mut h_last = vec![0f32; b * d * n];
     let ms = median_ms(3, || {
-        selective::selective(&params, shape, &inputs, &mut y, &mut h_last)
+        selective::selective_into(&params, shape, &inputs, &mut y, &mut h_last)
     })?;
     let mut want = vec![0.0; b * t * d];
     for bi in 0..b {
@@ -574,7 +574,7 @@ fn scan_rows<E: Element + MaybeCuda>(
     let dtype = E::DTYPE.name();
 
     let mut h = vec![E::default(); n];
-    let ms = median_ms(5, || scan::linear(&p, shape, &a, &b, None, &mut h))?;
+    let ms = median_ms(5, || scan::linear_into(&p, shape, &a, &b, None, &mut h))?;
     let device = format!("cpu ({})", Isa::active().name());
     rows.push(Row {
         op: "scan.linear",
@@ -591,7 +591,7 @@ fn scan_rows<E: Element + MaybeCuda>(
         vec![E::default(); shape.state_numel("dh0")?],
     );
     let ms = median_ms(5, || {
-        scan::linear_backward(&p, shape, &a, &h, &dh, None, &mut da, &mut db, &mut dh0)
+        scan::linear_backward_into(&p, shape, &a, &h, &dh, None, &mut da, &mut db, &mut dh0)
     })?;
     rows.push(Row {
         op: "scan.linear_backward",

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::ridge;
 use crate::scan::gla::{GlaGrads, GlaInputs, GlaParams, GlaShape, gla, gla_backward};
 use crate::scan::selective::{
-    SelectiveGrads, SelectiveInputs, SelectiveParams, SelectiveShape, selective_alloc,
+    SelectiveGrads, SelectiveInputs, SelectiveParams, SelectiveShape, selective,
     selective_backward,
 };
 use crate::scan::{self, Numbers, ScanParams, ScanShape};
@@ -718,7 +718,7 @@ where
     };
     if !backward {
         let (y, h_last) = match runner.kind {
-            DeviceKind::Cpu => selective_alloc(params, shape, &inputs)?,
+            DeviceKind::Cpu => selective(params, shape, &inputs).map(|r| (r.y, r.h_last))?,
             DeviceKind::Cuda => E::cuda_selective(runner, params, shape, &inputs)?,
         };
         put("y", seq(), E::wrap(y));
@@ -820,7 +820,7 @@ where
     let mut out = BTreeMap::new();
     if !backward {
         let (o, h_last) = match runner.kind {
-            DeviceKind::Cpu => gla(params, shape, &inputs)?,
+            DeviceKind::Cpu => gla(params, shape, &inputs).map(|r| (r.o, r.h_last))?,
             DeviceKind::Cuda => E::cuda_gla(runner, params, shape, &inputs)?,
         };
         out.insert(
@@ -1023,7 +1023,7 @@ where
             let (o, lse) = if cuda {
                 E::cuda_attention_forward(runner, params, shape, &inputs)?
             } else {
-                attention::forward(params, shape, &inputs)?
+                attention::forward(params, shape, &inputs).map(|r| (r.o, r.lse))?
             };
             put(
                 "o",
@@ -1055,7 +1055,7 @@ where
             let (w, i) = if cuda {
                 E::cuda_attention_top_keys(runner, params, shape, &inputs, top)?
             } else {
-                attention::top_keys(params, shape, &inputs, top)?
+                attention::top_keys(params, shape, &inputs, top).map(|r| (r.weights, r.indices))?
             };
             let dims = vec![s.batch, s.heads_q, s.len_q, top];
             put("weights", dims.clone(), <E::Acc as CaseElement>::wrap(w));
@@ -1117,7 +1117,7 @@ impl Runner {
                 folds,
             };
             let fit = match runner.kind {
-                DeviceKind::Cpu => ridge::cv(params, n, p, t, &inputs, None)?,
+                DeviceKind::Cpu => ridge::cv(params, ridge::RidgeShape::new(n, p, t), &inputs, None)?,
                 DeviceKind::Cuda => E::cuda_cv(runner, params, (n, p, t), &inputs)?,
             };
             Ok([
@@ -1216,7 +1216,8 @@ impl Runner {
         ) -> Result<(Data, Data)> {
             let (y_true, y_pred) = (typed::<E>(case, "y_true")?, typed::<E>(case, "y_pred")?);
             let (r2, pearson) = match runner.kind {
-                DeviceKind::Cpu => ridge::score(n, t, y_true, y_pred)?,
+                DeviceKind::Cpu => ridge::score(ridge::RidgeShape::new(n, 0, t), y_true, y_pred)
+                    .map(|s| (s.r2, s.pearson))?,
                 DeviceKind::Cuda => E::cuda_score(runner, (n, t), y_true, y_pred)?,
             };
             Ok((E::wrap(r2), E::wrap(pearson)))
@@ -1288,8 +1289,8 @@ impl ScanCall<'_> {
             optional::<E>(case, "h0")?,
         );
         let h = match (self.runner.kind, self.numbers) {
-            (DeviceKind::Cpu, Numbers::Real) => scan::linear_alloc(p, shape, a, b, h0)?,
-            (DeviceKind::Cpu, Numbers::Complex) => scan::linear_complex_alloc(p, shape, a, b, h0)?,
+            (DeviceKind::Cpu, Numbers::Real) => scan::linear(p, shape, a, b, h0)?,
+            (DeviceKind::Cpu, Numbers::Complex) => scan::linear_complex(p, shape, a, b, h0)?,
             (DeviceKind::Cuda, numbers) => {
                 E::cuda_scan_linear(self.runner, numbers, p, shape, a, b, h0)?
             }
@@ -1307,10 +1308,10 @@ impl ScanCall<'_> {
         let h0 = optional::<E>(case, "h0")?;
         let g = match (self.runner.kind, self.numbers) {
             (DeviceKind::Cpu, Numbers::Real) => {
-                scan::linear_backward_alloc(p, shape, a, h, dh, h0)?
+                scan::linear_backward(p, shape, a, h, dh, h0)?
             }
             (DeviceKind::Cpu, Numbers::Complex) => {
-                scan::linear_complex_backward_alloc(p, shape, a, h, dh, h0)?
+                scan::linear_complex_backward(p, shape, a, h, dh, h0)?
             }
             (DeviceKind::Cuda, numbers) => {
                 E::cuda_scan_linear_backward(self.runner, numbers, p, shape, a, h, dh, h0)?

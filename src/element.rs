@@ -311,7 +311,7 @@ impl_accum!(
 
 /// A tensor element type: f32, f64, f16 or bf16. Sealed.
 pub trait Element:
-    sealed::Sealed + Copy + Send + Sync + Default + PartialEq + Debug + bytemuck::Pod + 'static
+    sealed::Sealed + crate::dispatch::Kernels + Copy + Send + Sync + Default + PartialEq + Debug + bytemuck::Pod + 'static
 {
     /// The type kernels accumulate in.
     type Acc: Accum;

@@ -21,6 +21,7 @@
 pub mod attention;
 pub mod cases;
 pub mod cpu;
+mod dispatch;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod element;
@@ -30,4 +31,7 @@ pub mod scan;
 pub mod topk;
 
 pub use element::{DType, Element};
+/// The 16-bit float types the kernels take (`f16`, `bf16`), re-exported so a user's crate
+/// needs no `half` dependency of its own (and cannot get a mismatched version).
+pub use half::{self, bf16, f16};
 pub use error::{Error, Result};

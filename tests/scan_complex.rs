@@ -52,7 +52,7 @@ fn check<E: Element>(seed: u64) {
                     let p = ScanParams::new().reverse(reverse);
                     let h0_opt = with_h0.then_some(h0.as_slice());
                     let mut h = vec![E::from_f64(f64::NAN); n];
-                    scan::linear_complex_on(isa, &p, shape, &a, &b, h0_opt, &mut h).unwrap();
+                    scan::linear_complex_into_on(isa, &p, shape, &a, &b, h0_opt, &mut h).unwrap();
                     let h0_f = with_h0.then(|| to_f64(&h0));
                     let want = complex_forward_f64(
                         bsz,
@@ -69,7 +69,7 @@ fn check<E: Element>(seed: u64) {
                     let nan = E::from_f64(f64::NAN);
                     let (mut da, mut db, mut dh0) =
                         (vec![nan; n], vec![nan; n], vec![nan; 2 * bsz * d]);
-                    scan::linear_complex_backward_on(
+                    scan::linear_complex_backward_into_on(
                         isa, &p, shape, &a, &h, &dh, h0_opt, &mut da, &mut db, &mut dh0,
                     )
                     .unwrap();
@@ -134,9 +134,9 @@ fn real_gates_make_two_independent_real_scans() {
     };
     let a = interleave(&ar, &vec![0.0; ar.len()]);
     let b = interleave(&br, &bi);
-    let h = scan::linear_complex_alloc(&ScanParams::new(), shape, &a, &b, None).unwrap();
-    let hr = scan::linear_alloc(&ScanParams::new(), shape, &ar, &br, None).unwrap();
-    let hi = scan::linear_alloc(&ScanParams::new(), shape, &ar, &bi, None).unwrap();
+    let h = scan::linear_complex(&ScanParams::new(), shape, &a, &b, None).unwrap();
+    let hr = scan::linear(&ScanParams::new(), shape, &ar, &br, None).unwrap();
+    let hi = scan::linear(&ScanParams::new(), shape, &ar, &bi, None).unwrap();
     let r = worst_ratio(&to_f64(&h), &to_f64(&interleave(&hr, &hi)), 1e-6, 1e-7);
     assert!(r <= 1.0, "{r}");
 }
@@ -156,9 +156,9 @@ fn results_do_not_depend_on_thread_count() {
         let isa = Isa::detected();
         pool.install(|| {
             let mut h = vec![0f32; n];
-            scan::linear_complex_on(isa, &ScanParams::new(), shape, &a, &b, None, &mut h).unwrap();
+            scan::linear_complex_into_on(isa, &ScanParams::new(), shape, &a, &b, None, &mut h).unwrap();
             let (mut da, mut db, mut dh0) = (vec![0f32; n], vec![0f32; n], vec![0f32; 6]);
-            scan::linear_complex_backward_on(
+            scan::linear_complex_backward_into_on(
                 isa,
                 &ScanParams::new(),
                 shape,
@@ -187,7 +187,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
     let name = |r: neurokernels::Result<()>| r.unwrap_err().to_string();
     // a real-sized buffer is half of what a complex scan needs
     assert!(
-        name(scan::linear_complex(
+        name(scan::linear_complex_into(
             &p,
             shape,
             &ok[..24],
@@ -198,7 +198,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
         .contains("`a`")
     );
     assert!(
-        name(scan::linear_complex(
+        name(scan::linear_complex_into(
             &p,
             shape,
             &ok,
@@ -209,7 +209,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
         .contains("`h0`")
     );
     assert!(
-        name(scan::linear_complex(
+        name(scan::linear_complex_into(
             &p,
             shape,
             &ok,
@@ -232,7 +232,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
     );
     let (mut da, mut db, mut dh0) = (vec![0f32; 48], vec![0f32; 48], vec![0f32; 16]);
     assert!(
-        name(scan::linear_complex_backward(
+        name(scan::linear_complex_backward_into(
             &p,
             shape,
             &ok,
@@ -246,5 +246,5 @@ fn bad_input_is_an_error_naming_the_tensor() {
         .contains("`dh0`")
     );
     let huge = ScanShape::new(usize::MAX / 4, 2, 2);
-    assert!(name(scan::linear_complex(&p, huge, &ok, &ok, None, &mut out)).contains("`a`"));
+    assert!(name(scan::linear_complex_into(&p, huge, &ok, &ok, None, &mut out)).contains("`a`"));
 }

@@ -47,12 +47,12 @@ fn check<E: CudaElement>(device: &Device, seed: u64) {
                 let what = format!("{} {shape} reverse={reverse} h0={with_h0}", E::DTYPE);
                 let p = ScanParams::new().reverse(reverse);
                 let h0_opt = with_h0.then_some(h0.as_slice());
-                let want = scan::linear_alloc(&p, shape, &a, &b, h0_opt).unwrap();
+                let want = scan::linear(&p, shape, &a, &b, h0_opt).unwrap();
                 let got = scan::cuda::linear_host(device, &p, shape, &a, &b, h0_opt).unwrap();
                 let r = worst_ratio(&to_f64(&got), &to_f64(&want), rtol, atol);
                 assert!(r <= 1.0, "cuda forward {what}: {r} x tolerance");
 
-                let want = scan::linear_backward_alloc(&p, shape, &a, &want, &dh, h0_opt).unwrap();
+                let want = scan::linear_backward(&p, shape, &a, &want, &dh, h0_opt).unwrap();
                 let got =
                     scan::cuda::linear_backward_host(device, &p, shape, &a, &got, &dh, h0_opt)
                         .unwrap();
@@ -91,13 +91,13 @@ fn check_complex<E: CudaElement>(device: &Device, seed: u64) {
                     h0_opt.is_some()
                 );
                 let p = ScanParams::new().reverse(reverse);
-                let want = scan::linear_complex_alloc(&p, shape, &a, &b, h0_opt).unwrap();
+                let want = scan::linear_complex(&p, shape, &a, &b, h0_opt).unwrap();
                 let got =
                     scan::cuda::linear_complex_host(device, &p, shape, &a, &b, h0_opt).unwrap();
                 let r = worst_ratio(&to_f64(&got), &to_f64(&want), rtol, atol);
                 assert!(r <= 1.0, "cuda forward {what}: {r} x tolerance");
                 let want =
-                    scan::linear_complex_backward_alloc(&p, shape, &a, &want, &dh, h0_opt).unwrap();
+                    scan::linear_complex_backward(&p, shape, &a, &want, &dh, h0_opt).unwrap();
                 let got = scan::cuda::linear_complex_backward_host(
                     device, &p, shape, &a, &got, &dh, h0_opt,
                 )
@@ -319,7 +319,7 @@ fn check_selective<E: CudaElement>(device: &Device, seed: u64) {
                 h0: all.then_some(h0.as_slice()),
             };
             let p = SelectiveParams::new().delta_softplus(all);
-            let (want_y, want_h) = selective::selective_alloc(&p, s, &inputs).unwrap();
+            let (want_y, want_h) = selective::selective(&p, s, &inputs).unwrap();
             let (got_y, got_h) = selective::cuda::selective_host(device, &p, s, &inputs).unwrap();
             let what = format!("selective {} {s:?} optional inputs={all}", E::DTYPE);
             let r = worst_ratio(&to_f64(&got_y), &to_f64(&want_y), rtol, atol);

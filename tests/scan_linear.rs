@@ -56,7 +56,7 @@ fn check_dtype<E: Element>(seed: u64, shapes: &[(usize, usize, usize)]) {
                     let params = ScanParams::new().reverse(reverse);
                     let h0_opt = with_h0.then_some(h0.as_slice());
                     let mut h = vec![E::from_f64(f64::NAN); n];
-                    scan::linear_on(isa, &params, shape, &a, &b, h0_opt, &mut h).unwrap();
+                    scan::linear_into_on(isa, &params, shape, &a, &b, h0_opt, &mut h).unwrap();
                     let h0_f = with_h0.then(|| to_f64(&h0));
                     let want = scan_forward_f64(
                         bsz,
@@ -75,7 +75,7 @@ fn check_dtype<E: Element>(seed: u64, shapes: &[(usize, usize, usize)]) {
                         vec![E::from_f64(f64::NAN); n],
                         vec![E::from_f64(f64::NAN); bsz * d],
                     );
-                    scan::linear_backward_on(
+                    scan::linear_backward_into_on(
                         isa, &params, shape, &a, &h, &dh, h0_opt, &mut da, &mut db, &mut dh0,
                     )
                     .unwrap();
@@ -129,7 +129,7 @@ fn simd_and_scalar_agree_closely() {
     let a: Vec<f32> = rng.vec(n, 0.5, 1.0);
     let b: Vec<f32> = rng.vec(n, -1.0, 1.0);
     let mut scalar = vec![0f32; n];
-    scan::linear_on(
+    scan::linear_into_on(
         Isa::Scalar,
         &ScanParams::new(),
         shape,
@@ -141,7 +141,7 @@ fn simd_and_scalar_agree_closely() {
     .unwrap();
     for isa in Isa::available() {
         let mut h = vec![0f32; n];
-        scan::linear_on(isa, &ScanParams::new(), shape, &a, &b, None, &mut h).unwrap();
+        scan::linear_into_on(isa, &ScanParams::new(), shape, &a, &b, None, &mut h).unwrap();
         let r = worst_ratio(&to_f64(&h), &to_f64(&scalar), 1e-5, 1e-6);
         assert!(r <= 1.0, "{isa:?} vs scalar: {r}");
     }
@@ -165,9 +165,9 @@ fn results_do_not_depend_on_thread_count() {
             let p = ScanParams::new();
             pool.install(|| {
                 let mut h = vec![0f32; n];
-                scan::linear_on(isa, &p, shape, &a, &b, None, &mut h).unwrap();
+                scan::linear_into_on(isa, &p, shape, &a, &b, None, &mut h).unwrap();
                 let (mut da, mut db, mut dh0) = (vec![0f32; n], vec![0f32; n], vec![0f32; bsz * d]);
-                scan::linear_backward_on(
+                scan::linear_backward_into_on(
                     isa, &p, shape, &a, &h, &b, None, &mut da, &mut db, &mut dh0,
                 )
                 .unwrap();
@@ -212,17 +212,17 @@ fn bad_input_is_an_error_naming_the_tensor() {
     expect_tensor_error(ScanShape::from_dims("a", &[2, 3]), "a");
     expect_tensor_error(ScanShape::from_dims("a", &[2, 3, 4, 1]), "a");
     // mismatched shapes
-    expect_tensor_error(scan::linear(&p, shape, &ok[..23], &ok, None, &mut out), "a");
-    expect_tensor_error(scan::linear(&p, shape, &ok, &ok[..20], None, &mut out), "b");
-    expect_tensor_error(scan::linear(&p, shape, &ok, &ok, None, &mut out[..1]), "h");
+    expect_tensor_error(scan::linear_into(&p, shape, &ok[..23], &ok, None, &mut out), "a");
+    expect_tensor_error(scan::linear_into(&p, shape, &ok, &ok[..20], None, &mut out), "b");
+    expect_tensor_error(scan::linear_into(&p, shape, &ok, &ok, None, &mut out[..1]), "h");
     // h0 of the wrong shape
     expect_tensor_error(
-        scan::linear(&p, shape, &ok, &ok, Some(&state[..7]), &mut out),
+        scan::linear_into(&p, shape, &ok, &ok, Some(&state[..7]), &mut out),
         "h0",
     );
     // lengths that overflow
     let huge = ScanShape::new(usize::MAX / 2, 3, 1);
-    expect_tensor_error(scan::linear(&p, huge, &ok, &ok, None, &mut out), "a");
+    expect_tensor_error(scan::linear_into(&p, huge, &ok, &ok, None, &mut out), "a");
     let huge_bytes = ScanShape::new(1, usize::MAX / 4, 1);
     expect_tensor_error(
         scan::linear_alloc::<f32>(&p, huge_bytes, &[], &[], None),
@@ -231,7 +231,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
     // backward: each tensor
     let (mut da, mut db, mut dh0) = (vec![0f32; 24], vec![0f32; 24], vec![0f32; 8]);
     expect_tensor_error(
-        scan::linear_backward(
+        scan::linear_backward_into(
             &p,
             shape,
             &ok,
@@ -245,7 +245,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
         "h",
     );
     expect_tensor_error(
-        scan::linear_backward(
+        scan::linear_backward_into(
             &p,
             shape,
             &ok,
@@ -259,7 +259,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
         "dh",
     );
     expect_tensor_error(
-        scan::linear_backward(
+        scan::linear_backward_into(
             &p,
             shape,
             &ok,
@@ -273,7 +273,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
         "h0",
     );
     expect_tensor_error(
-        scan::linear_backward(
+        scan::linear_backward_into(
             &p,
             shape,
             &ok,
@@ -287,7 +287,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
         "da",
     );
     expect_tensor_error(
-        scan::linear_backward(
+        scan::linear_backward_into(
             &p,
             shape,
             &ok,
@@ -301,7 +301,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
         "db",
     );
     expect_tensor_error(
-        scan::linear_backward(
+        scan::linear_backward_into(
             &p,
             shape,
             &ok,
@@ -350,7 +350,7 @@ fn nan_and_inf_propagate_without_panicking() {
     let b = vec![1.0f32; 36];
     a[9] = f32::NAN; // t = 1, channel 0
     a[10] = f32::INFINITY; // t = 1, channel 1
-    let h = scan::linear_alloc(&ScanParams::new(), shape, &a, &b, None).unwrap();
+    let h = scan::linear(&ScanParams::new(), shape, &a, &b, None).unwrap();
     assert!(h[0].is_finite() && h[9].is_nan() && h[27].is_nan());
     assert!(h[10].is_infinite());
     assert!(h[11].is_finite());

@@ -146,7 +146,7 @@ where
             for isa in Isa::available() {
                 let mut y = vec![E::from_f64(f64::NAN); b * t * dd];
                 let mut h = vec![<E::Acc as neurokernels::element::Accum>::ZERO; b * dd * n];
-                selective::selective_on(isa, &p, s, &inputs, &mut y, &mut h).unwrap();
+                selective::selective_into_on(isa, &p, s, &inputs, &mut y, &mut h).unwrap();
                 let what = format!(
                     "{} {isa:?} {s:?} options {opt:?} softplus={softplus}",
                     E::DTYPE
@@ -212,7 +212,7 @@ fn results_do_not_depend_on_thread_count() {
                 .build()
                 .unwrap();
             pool.install(|| {
-                selective::selective_alloc(&SelectiveParams::new(), s, &inputs).unwrap()
+                selective::selective(&SelectiveParams::new(), s, &inputs).unwrap()
             })
         };
         let one = run(1);
@@ -237,7 +237,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
     };
     let p = SelectiveParams::new();
     let err = |inputs: SelectiveInputs<'_, f32>| {
-        selective::selective_alloc(&p, s, &inputs)
+        selective::selective(&p, s, &inputs)
             .unwrap_err()
             .to_string()
     };
@@ -294,13 +294,13 @@ fn bad_input_is_an_error_naming_the_tensor() {
     );
     let (mut y, mut h) = (vec![0f32; 24], vec![0f32; 40]);
     assert!(
-        selective::selective(&p, s, &ok, &mut y[1..], &mut h)
+        selective::selective_into(&p, s, &ok, &mut y[1..], &mut h)
             .unwrap_err()
             .to_string()
             .contains("`y`")
     );
     assert!(
-        selective::selective(&p, s, &ok, &mut y, &mut h[1..])
+        selective::selective_into(&p, s, &ok, &mut y, &mut h[1..])
             .unwrap_err()
             .to_string()
             .contains("`h_last`")
@@ -318,7 +318,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
             .contains("`u`")
     );
     let huge = SelectiveShape::new(usize::MAX / 2, 3, 4, 5);
-    assert!(selective::selective_alloc(&p, huge, &ok).is_err());
+    assert!(selective::selective(&p, huge, &ok).is_err());
     // an empty batch is an Ok no-op
     let empty = SelectiveShape::new(0, 3, 4, 5);
     let none = SelectiveInputs::<f32> {
@@ -333,7 +333,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
         h0: None,
     };
     assert_eq!(
-        selective::selective_alloc(&p, empty, &none).unwrap(),
+        selective::selective(&p, empty, &none).unwrap(),
         (vec![], vec![])
     );
 }
@@ -345,7 +345,7 @@ fn loss(
     p: &SelectiveParams,
     dy: &[f64],
 ) -> f64 {
-    let (y, _) = selective::selective_alloc(p, s, inputs).unwrap();
+    let (y, _) = selective::selective(p, s, inputs).unwrap();
     y.iter().zip(dy).map(|(a, b)| a * b).sum()
 }
 

@@ -484,36 +484,75 @@ pub(crate) struct Segment {
     pub k_len: usize,
 }
 
-/// The gradients of `attention.backward`, with the shapes of q, k, v.
+/// The outputs of `attention.forward`.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct AttentionOut<E: Element> {
+    /// `[B, Sq, Hq, Dv]` (packed `[total_q, Hq, Dv]` with cu_seqlens).
+    pub o: Vec<E>,
+    /// `[B, Hq, Sq]` (packed `[Hq, total_q]`): the natural-log sum of exp of each query's
+    /// scaled scores (after softcap, bias and masks), in the accumulator type; −inf for a
+    /// query that sees no key (its `o` row is 0). The backward takes it as given.
+    pub lse: Vec<E::Acc>,
+}
+
+/// The gradients of `attention.backward`, each with the shape of its input.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct AttentionGrads<E> {
+    /// `[B, Sq, Hq, D]`
     pub dq: Vec<E>,
+    /// `[B, Sk, Hk, D]`: summed over the query heads that share each KV head.
     pub dk: Vec<E>,
+    /// `[B, Sk, Hk, Dv]`: summed over the query heads that share each KV head.
     pub dv: Vec<E>,
 }
 
-/// `attention.forward` on the CPU: returns `(o [B, Sq, Hq, Dv], lse [B, Hq, Sq])`.
+/// The outputs of `attention.top_keys`.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct TopKeys<A> {
+    /// `[B, Hq, Sq, top]` (packed `[Hq, total_q, top]`): softmax probabilities, descending.
+    pub weights: Vec<A>,
+    /// `[B, Hq, Sq, top]`: each weight's key position along the S axis of k; −1 for padding.
+    pub indices: Vec<i32>,
+}
+
+/// `attention.forward` on the CPU: returns `o [B, Sq, Hq, Dv]` and `lse [B, Hq, Sq]`.
 pub fn forward<E: Element>(
     params: &AttentionParams,
     shape: AttentionShape,
     inputs: &AttentionInputs<'_, E>,
-) -> Result<(Vec<E>, Vec<E::Acc>)> {
-    forward_on(Isa::active(), params, shape, inputs)
+) -> Result<AttentionOut<E>> {
+    E::attention_forward(Isa::active(), params, shape, inputs)
 }
 
 /// [`forward`] on a chosen instruction set.
+#[doc(hidden)]
 pub fn forward_on<E: Element>(
     isa: Isa,
     params: &AttentionParams,
     shape: AttentionShape,
     inputs: &AttentionInputs<'_, E>,
-) -> Result<(Vec<E>, Vec<E::Acc>)> {
-    let isa = isa.check()?;
-    let (sizes, segments) = inputs.validate(params, &shape, true)?;
-    Ok(cpu::forward(isa, params, &shape, inputs, &segments, sizes))
+) -> Result<AttentionOut<E>> {
+    E::attention_forward(isa, params, shape, inputs)
 }
 
-/// `attention.backward` on the CPU from the forward's `o`, its `lse` and the upstream `do`.
+/// The CPU forward, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn forward_impl<E: Element>(
+    isa: Isa,
+    params: &AttentionParams,
+    shape: AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+) -> Result<AttentionOut<E>> {
+    let isa = isa.check()?;
+    let (sizes, segments) = inputs.validate(params, &shape, true)?;
+    let (o, lse) = cpu::forward(isa, params, &shape, inputs, &segments, sizes);
+    Ok(AttentionOut { o, lse })
+}
+
+/// `attention.backward` on the CPU from the forward's `o`, its `lse` and the upstream `do`
+/// (`o` and `do` `[B, Sq, Hq, Dv]`, `lse` `[B, Hq, Sq]`): the gradients of Σ o·do.
 pub fn backward<E: Element>(
     params: &AttentionParams,
     shape: AttentionShape,
@@ -522,11 +561,25 @@ pub fn backward<E: Element>(
     d_o: &[E],
     lse: &[E::Acc],
 ) -> Result<AttentionGrads<E>> {
-    backward_on(Isa::active(), params, shape, inputs, o, d_o, lse)
+    E::attention_backward(Isa::active(), params, shape, inputs, o, d_o, lse)
 }
 
 /// [`backward`] on a chosen instruction set.
+#[doc(hidden)]
 pub fn backward_on<E: Element>(
+    isa: Isa,
+    params: &AttentionParams,
+    shape: AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+    o: &[E],
+    d_o: &[E],
+    lse: &[E::Acc],
+) -> Result<AttentionGrads<E>> {
+    E::attention_backward(isa, params, shape, inputs, o, d_o, lse)
+}
+
+/// The CPU backward, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn backward_impl<E: Element>(
     isa: Isa,
     params: &AttentionParams,
     shape: AttentionShape,
@@ -553,18 +606,30 @@ pub fn top_keys<E: Element>(
     shape: AttentionShape,
     inputs: &AttentionInputs<'_, E>,
     top: usize,
-) -> Result<(Vec<E::Acc>, Vec<i32>)> {
-    top_keys_on(Isa::active(), params, shape, inputs, top)
+) -> Result<TopKeys<E::Acc>> {
+    E::attention_top_keys(Isa::active(), params, shape, inputs, top)
 }
 
 /// [`top_keys`] on a chosen instruction set.
+#[doc(hidden)]
 pub fn top_keys_on<E: Element>(
     isa: Isa,
     params: &AttentionParams,
     shape: AttentionShape,
     inputs: &AttentionInputs<'_, E>,
     top: usize,
-) -> Result<(Vec<E::Acc>, Vec<i32>)> {
+) -> Result<TopKeys<E::Acc>> {
+    E::attention_top_keys(isa, params, shape, inputs, top)
+}
+
+/// The CPU top keys, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn top_keys_impl<E: Element>(
+    isa: Isa,
+    params: &AttentionParams,
+    shape: AttentionShape,
+    inputs: &AttentionInputs<'_, E>,
+    top: usize,
+) -> Result<TopKeys<E::Acc>> {
     let isa = isa.check()?;
     let shape = AttentionShape {
         value_dim: 0,
@@ -572,9 +637,8 @@ pub fn top_keys_on<E: Element>(
     };
     let (sizes, segments) = inputs.validate(params, &shape, false)?;
     let out = check_top(&shape, sizes, top)?;
-    Ok(cpu::top_keys(
-        isa, params, &shape, inputs, &segments, sizes, top, out,
-    ))
+    let (weights, indices) = cpu::top_keys(isa, params, &shape, inputs, &segments, sizes, top, out);
+    Ok(TopKeys { weights, indices })
 }
 
 /// The lengths of the backward's `o`, `do` and `lse`.

@@ -21,7 +21,7 @@ type Outputs = BTreeMap<String, Tensor>;
 trait TopkDevice: CaseElement {
     fn cuda_rows(
         _: &Runner,
-        _: usize,
+        _: topk::RowsShape,
         _: usize,
         _: &[Self],
         _: topk::RowsParams,
@@ -102,12 +102,12 @@ fn no_cuda() -> Error {
 impl<E: CaseElement + crate::cuda::CudaElement> TopkDevice for E {
     fn cuda_rows(
         runner: &Runner,
-        r: usize,
-        n: usize,
+        shape: topk::RowsShape,
+        k: usize,
         x: &[E],
         p: topk::RowsParams,
     ) -> Result<(Vec<E>, Vec<i32>)> {
-        topk::cuda::rows_host(runner.device()?, r, n, x, p)
+        topk::cuda::rows_host(runner.device()?, &p, shape, k, x).map(|t| (t.values, t.indices))
     }
     fn cuda_encode(
         runner: &Runner,
@@ -247,11 +247,12 @@ impl Runner {
             k: usize,
             largest: bool,
         ) -> Result<Outputs> {
-            let params = topk::RowsParams::new(k).largest(largest);
+            let params = topk::RowsParams::new().largest(largest);
+            let shape = topk::RowsShape::new(r, n);
             let x = typed::<E>(case, "x")?;
             let (v, i) = match runner.kind {
-                DeviceKind::Cpu => topk::rows(r, n, x, params)?,
-                DeviceKind::Cuda => E::cuda_rows(runner, r, n, x, params)?,
+                DeviceKind::Cpu => topk::rows(&params, shape, k, x).map(|t| (t.values, t.indices))?,
+                DeviceKind::Cuda => E::cuda_rows(runner, shape, k, x, params)?,
             };
             let mut out = Outputs::new();
             put(&mut out, "values", vec![r, k], E::wrap(v));
@@ -296,7 +297,7 @@ impl Runner {
             match case.op.as_str() {
                 "sae.encode" => {
                     let (v, i) = match runner.kind {
-                        DeviceKind::Cpu => topk::encode(shape, inputs, k)?,
+                        DeviceKind::Cpu => topk::encode(shape, k, &inputs).map(|t| (t.values, t.indices))?,
                         DeviceKind::Cuda => E::cuda_encode(runner, shape, inputs, k)?,
                     };
                     put(&mut out, "values", vec![shape.batch, k], E::wrap(v));
@@ -304,7 +305,7 @@ impl Runner {
                 }
                 "sae.encode_batch_topk" => {
                     let csr = match runner.kind {
-                        DeviceKind::Cpu => topk::encode_batch_topk(shape, inputs, k)?,
+                        DeviceKind::Cpu => topk::encode_batch_topk(shape, k, &inputs)?,
                         DeviceKind::Cuda => E::cuda_batch_topk(runner, shape, inputs, k)?,
                     };
                     csr_out(&mut out, csr)
@@ -312,7 +313,7 @@ impl Runner {
                 _ => {
                     let threshold = typed::<E>(case, "threshold")?;
                     let csr = match runner.kind {
-                        DeviceKind::Cpu => topk::encode_jumprelu(shape, inputs, threshold)?,
+                        DeviceKind::Cpu => topk::encode_jumprelu(shape, &inputs, threshold)?,
                         DeviceKind::Cuda => E::cuda_jumprelu(runner, shape, inputs, threshold)?,
                     };
                     csr_out(&mut out, csr)
@@ -395,7 +396,7 @@ impl Runner {
                 d_xhat: typed::<E>(case, "d_xhat")?,
             };
             let g = match runner.kind {
-                DeviceKind::Cpu => topk::backward(shape, k, inputs)?,
+                DeviceKind::Cpu => topk::backward(shape, k, &inputs)?,
                 DeviceKind::Cuda => E::cuda_backward(runner, shape, k, inputs)?,
             };
             let (b, dm, l) = (shape.batch, shape.dm, shape.latents);
@@ -434,7 +435,7 @@ impl Runner {
                 optional::<E>(case, "b_dec")?,
             );
             let mp = match runner.kind {
-                DeviceKind::Cpu => topk::encode_mp(shape, x, w_dec, b_dec, k)?,
+                DeviceKind::Cpu => topk::encode_mp(shape, k, x, w_dec, b_dec)?,
                 DeviceKind::Cuda => E::cuda_mp(runner, shape, x, w_dec, b_dec, k)?,
             };
             let mut out = Outputs::new();
@@ -472,7 +473,9 @@ impl Runner {
         ) -> Result<Outputs> {
             let (x, codebook) = (typed::<E>(case, "x")?, typed::<E>(case, "codebook")?);
             let (s, i) = match runner.kind {
-                DeviceKind::Cpu => topk::nearest(shape, x, codebook, k, metric)?,
+                DeviceKind::Cpu => {
+                    topk::nearest(metric, shape, k, x, codebook).map(|t| (t.values, t.indices))?
+                }
                 DeviceKind::Cuda => E::cuda_nearest(runner, shape, x, codebook, k, metric)?,
             };
             let mut out = Outputs::new();

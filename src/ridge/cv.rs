@@ -29,7 +29,7 @@
 //! Results are identical for any thread count (tested); another `target_batch` changes the
 //! shapes of the products and so their rounding (agreement to f32 rounding, tested).
 
-use super::check_finite;
+use super::{RidgeShape, check_finite};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use faer::linalg::matmul::matmul;
@@ -41,14 +41,51 @@ pub trait RidgeReal: Element + faer::traits::RealField {
     /// Eigenvalues closer than this times (s + α_max) are scored as one cluster (see the
     /// module doc): the f64 scoring's rounding is amplified by at most its inverse, so
     /// 1e-8 leaves f32 results at f32 rounding and 1e-6 keeps f64 results to ~1e-10.
+    #[doc(hidden)]
     const CLUSTER_GAP: f64;
+    /// `ridge.cv` compiled for this type here, not in the caller's crate (see
+    /// `crate::dispatch`).
+    #[doc(hidden)]
+    fn ridge_cv(
+        params: &CvParams,
+        shape: RidgeShape,
+        inputs: &CvInputs<'_, Self>,
+        progress: Option<&(dyn Fn(CvProgress) + Sync)>,
+    ) -> Result<CvFit<Self>>;
+    /// `ridge.predict` compiled for this type here.
+    #[doc(hidden)]
+    fn ridge_predict(
+        shape: RidgeShape,
+        x: &[Self],
+        w: &[Self],
+        intercept: Option<&[Self]>,
+    ) -> Result<Vec<Self>>;
 }
-impl RidgeReal for f32 {
-    const CLUSTER_GAP: f64 = 1e-8;
+
+macro_rules! ridge_real {
+    ($($t:ty => $gap:expr),*) => {$(
+        impl RidgeReal for $t {
+            const CLUSTER_GAP: f64 = $gap;
+            fn ridge_cv(
+                params: &CvParams,
+                shape: RidgeShape,
+                inputs: &CvInputs<'_, Self>,
+                progress: Option<&(dyn Fn(CvProgress) + Sync)>,
+            ) -> Result<CvFit<Self>> {
+                cv_impl(params, shape, inputs, progress)
+            }
+            fn ridge_predict(
+                shape: RidgeShape,
+                x: &[Self],
+                w: &[Self],
+                intercept: Option<&[Self]>,
+            ) -> Result<Vec<Self>> {
+                predict_impl(shape, x, w, intercept)
+            }
+        }
+    )*};
 }
-impl RidgeReal for f64 {
-    const CLUSTER_GAP: f64 = 1e-6;
-}
+ridge_real!(f32 => 1e-8, f64 => 1e-6);
 
 fn cast<E: Element>(x: f64) -> E {
     <E as Element>::from_f64(x)
@@ -105,7 +142,7 @@ impl CvParams {
         self
     }
     pub fn target_batch(mut self, targets: usize) -> Self {
-        self.target_batch = targets.max(1);
+        self.target_batch = targets;
         self
     }
 }
@@ -145,16 +182,78 @@ pub struct CvInputs<'a, E> {
     pub folds: &'a [i32],
 }
 
-/// `ridge.cv` on the CPU for `x [samples, features]` and `y [samples, targets]`.
+/// `ridge.cv` on the CPU for `x [samples, features]` and `y [samples, targets]`: scores
+/// every alpha on every fold, picks each target's best alpha and refits on all samples.
+/// `progress`, when given, is called after each target batch of each fold and after the
+/// refit.
 pub fn cv<E: RidgeReal>(
     params: &CvParams,
-    samples: usize,
-    features: usize,
-    targets: usize,
+    shape: RidgeShape,
     inputs: &CvInputs<'_, E>,
     progress: Option<&(dyn Fn(CvProgress) + Sync)>,
 ) -> Result<CvFit<E>> {
-    let (n, p, t) = (samples, features, targets);
+    E::ridge_cv(params, shape, inputs, progress)
+}
+
+/// `ridge.predict`: `y [samples, targets] = x [samples, features] · w [features, targets]
+/// + intercept [targets]` (no intercept when `None`), for example with a [`CvFit`]'s `w` and
+/// `intercept`. Products in the element type by faer, parallel over rayon's threads.
+pub fn predict<E: RidgeReal>(
+    shape: RidgeShape,
+    x: &[E],
+    w: &[E],
+    intercept: Option<&[E]>,
+) -> Result<Vec<E>> {
+    E::ridge_predict(shape, x, w, intercept)
+}
+
+fn predict_impl<E: RidgeReal>(
+    shape: RidgeShape,
+    x: &[E],
+    w: &[E],
+    intercept: Option<&[E]>,
+) -> Result<Vec<E>> {
+    let RidgeShape {
+        samples: n,
+        features: p,
+        targets: t,
+    } = shape;
+    let (xs, ws, ys) = shape.sizes()?;
+    super::check_len("x", x.len(), xs, &format!("[{n}, {p}]"))?;
+    super::check_len("w", w.len(), ws, &format!("[{p}, {t}]"))?;
+    if let Some(b) = intercept {
+        super::check_len("intercept", b.len(), t, &format!("[{t}]"))?;
+    }
+    let mut y = vec![E::default(); ys];
+    if ys == 0 {
+        return Ok(y);
+    }
+    if p > 0 {
+        let xm = MatRef::from_row_major_slice(x, n, p);
+        let wm = MatRef::from_row_major_slice(w, p, t);
+        let ym = faer::MatMut::from_row_major_slice_mut(&mut y, n, t);
+        matmul(ym, Accum::Replace, xm, wm, cast::<E>(1.0), par());
+    }
+    if let Some(b) = intercept {
+        y.par_chunks_mut(t).for_each(|row| {
+            for (v, b) in row.iter_mut().zip(b) {
+                *v = *v + *b;
+            }
+        });
+    }
+    Ok(y)
+}
+
+fn cv_impl<E: RidgeReal>(
+    params: &CvParams,
+    shape: RidgeShape,
+    inputs: &CvInputs<'_, E>,
+    progress: Option<&(dyn Fn(CvProgress) + Sync)>,
+) -> Result<CvFit<E>> {
+    let (n, p, t) = (shape.samples, shape.features, shape.targets);
+    if params.target_batch == 0 {
+        return Err(Error::invalid("target_batch", "must be at least 1"));
+    }
     let fold_rows = check_inputs(n, p, t, inputs)?;
     let n_alphas = inputs.alphas.len();
     let n_folds = fold_rows.len();
@@ -163,7 +262,7 @@ pub fn cv<E: RidgeReal>(
     for (f, test) in fold_rows.iter().enumerate() {
         let train: Vec<usize> = (0..n).filter(|i| inputs.folds[*i] as usize != f).collect();
         let fold = Fold::new(params, p, t, inputs, &train, test)?;
-        let batch = params.target_batch.max(1);
+        let batch = params.target_batch;
         let mut t0 = 0;
         while t0 < t {
             let tb = batch.min(t - t0);

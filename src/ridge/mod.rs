@@ -17,7 +17,67 @@ use rayon::prelude::*;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod cv;
-pub use cv::{CvFit, CvInputs, CvParams, CvProgress, CvScore, cv};
+pub use cv::{CvFit, CvInputs, CvParams, CvProgress, CvScore, RidgeReal, cv, predict};
+
+/// The sizes of one design and its targets: `x [samples, features]`, `y [samples,
+/// targets]`, `w [features, targets]` (`ridge.cv`, `ridge.predict`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RidgeShape {
+    /// Rows of x and y (n).
+    pub samples: usize,
+    /// Columns of x (p).
+    pub features: usize,
+    /// Columns of y (t), each its own regression.
+    pub targets: usize,
+}
+
+impl RidgeShape {
+    /// `[samples, features]` designs with `targets` targets.
+    pub fn new(samples: usize, features: usize, targets: usize) -> Self {
+        Self {
+            samples,
+            features,
+            targets,
+        }
+    }
+
+    /// From the dims of `x [n, p]` and `y [n, t]`.
+    pub fn from_dims(x: &[usize], y: &[usize]) -> Result<Self> {
+        let [n, p] = *x else {
+            return Err(Error::shape("x", "rank 2 [n, p]", format!("{x:?}")));
+        };
+        match *y {
+            [m, t] if m == n => Ok(Self::new(n, p, t)),
+            _ => Err(Error::shape("y", format!("[{n}, t]"), format!("{y:?}"))),
+        }
+    }
+
+    /// (n·p, p·t, n·t), checked.
+    pub(crate) fn sizes(&self) -> Result<(usize, usize, usize)> {
+        let Self {
+            samples: n,
+            features: p,
+            targets: t,
+        } = *self;
+        let over = |tensor: &str| Error::overflow(tensor, format!("{self:?} overflows"));
+        let fits = |v: Option<usize>| v.filter(|v| v.checked_mul(8).is_some());
+        Ok((
+            fits(n.checked_mul(p)).ok_or_else(|| over("x"))?,
+            fits(p.checked_mul(t)).ok_or_else(|| over("w"))?,
+            fits(n.checked_mul(t)).ok_or_else(|| over("y"))?,
+        ))
+    }
+}
+
+/// The per-target scores of `ridge.score`.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Scores<E> {
+    /// `[t]`: the coefficient of determination.
+    pub r2: Vec<E>,
+    /// `[t]`: the Pearson correlation of prediction and target.
+    pub pearson: Vec<E>,
+}
 
 /// Sizes of `ridge.solve_batched`: G problems, each `x [n, p]`, `y [n, t]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +156,16 @@ fn check_finite<E: Element>(name: &str, x: &[E]) -> Result<()> {
 /// `w [G, p, t]`. Errors name the tensor: wrong lengths, NaN/Inf in x or y, an alpha ≤ 0 or
 /// NaN.
 pub fn solve_batched<E: Element>(
+    shape: BatchedShape,
+    x: &[E],
+    y: &[E],
+    alpha: &[E],
+) -> Result<Vec<E>> {
+    E::ridge_solve_batched(shape, x, y, alpha)
+}
+
+/// The CPU batched solve, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn solve_batched_impl<E: Element>(
     shape: BatchedShape,
     x: &[E],
     y: &[E],
@@ -565,20 +635,25 @@ fn check_score_inputs<E: Element>(
 }
 
 /// `ridge.score`: per target column of `y_true [n, t]` and `y_pred [n, t]`, returns
-/// `(r2 [t], pearson [t])`, computed in f64 in two passes:
+/// `r2 [t]` and `pearson [t]`, computed in f64 in two passes:
 /// R² = 1 − Σ(y − ŷ)² / Σ(y − ȳ)², and 0 where Σ(y − ȳ)² is exactly 0 (a constant target);
 /// Pearson = Σ(y − ȳ)(ŷ − ŷ̄) / √(Σ(y − ȳ)² Σ(ŷ − ŷ̄)²), and 0 where that denominator is 0
-/// (himalaya's conventions).
-pub fn score<E: Element>(
-    samples: usize,
-    targets: usize,
+/// (himalaya's conventions). `shape.features` is not used.
+pub fn score<E: Element>(shape: RidgeShape, y_true: &[E], y_pred: &[E]) -> Result<Scores<E>> {
+    E::ridge_score(shape, y_true, y_pred)
+}
+
+/// The CPU scores, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn score_impl<E: Element>(
+    shape: RidgeShape,
     y_true: &[E],
     y_pred: &[E],
-) -> Result<(Vec<E>, Vec<E>)> {
+) -> Result<Scores<E>> {
+    let (samples, targets) = (shape.samples, shape.targets);
     check_score_inputs(samples, targets, y_true, y_pred)?;
     let (mut r2, mut pearson) = (vec![E::default(); targets], vec![E::default(); targets]);
     if samples == 0 {
-        return Ok((r2, pearson));
+        return Ok(Scores { r2, pearson });
     }
     // Column blocks in parallel; within a block the rows are read in order (contiguous
     // slices of each row), each column summed over the rows in order, in f64.
@@ -631,5 +706,5 @@ pub fn score<E: Element>(
                 pearson[j] = E::from_f64(if denom == 0.0 { 0.0 } else { cross / denom });
             }
         });
-    Ok((r2, pearson))
+    Ok(Scores { r2, pearson })
 }

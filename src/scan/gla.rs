@@ -164,30 +164,43 @@ impl<E: Element> GlaInputs<'_, E> {
     }
 }
 
-/// `scan.gla` on the CPU: returns `(o [B, T, H, V], h_last [B, H, K, V])`.
+/// The outputs of `scan.gla`.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct GlaOut<E: Element> {
+    /// `[B, T, H, V]`: o[t] = scale·q[t]·S[t].
+    pub o: Vec<E>,
+    /// `[B, H, K, V]`: the state after the last step, in the accumulator type.
+    pub h_last: Vec<E::Acc>,
+}
+
+/// `scan.gla` on the CPU: returns `o [B, T, H, V]` and `h_last [B, H, K, V]`.
 pub fn gla<E: Element>(
     params: &GlaParams,
     shape: GlaShape,
     inputs: &GlaInputs<'_, E>,
-) -> Result<(Vec<E>, Vec<E::Acc>)> {
+) -> Result<GlaOut<E>> {
     gla_on(Isa::active(), params, shape, inputs)
 }
 
 /// [`gla`] on a chosen instruction set.
+#[doc(hidden)]
 pub fn gla_on<E: Element>(
     isa: Isa,
     params: &GlaParams,
     shape: GlaShape,
     inputs: &GlaInputs<'_, E>,
-) -> Result<(Vec<E>, Vec<E::Acc>)> {
+) -> Result<GlaOut<E>> {
     let (_, vv, state) = inputs.validate(&shape)?;
-    let mut o = vec![E::default(); vv];
-    let mut h_last = vec![<E::Acc as Accum>::ZERO; state];
-    gla_into_on(isa, params, shape, inputs, &mut o, &mut h_last)?;
-    Ok((o, h_last))
+    let mut out = GlaOut {
+        o: vec![E::default(); vv],
+        h_last: vec![<E::Acc as Accum>::ZERO; state],
+    };
+    E::scan_gla_into(isa, params, shape, inputs, &mut out.o, &mut out.h_last)?;
+    Ok(out)
 }
 
-/// `scan.gla` in place: writes `o [B, T, H, V]` and `h_last [B, H, K, V]`.
+/// [`gla`] into the caller's `o [B, T, H, V]` and `h_last [B, H, K, V]`.
 pub fn gla_into<E: Element>(
     params: &GlaParams,
     shape: GlaShape,
@@ -195,11 +208,24 @@ pub fn gla_into<E: Element>(
     o: &mut [E],
     h_last: &mut [E::Acc],
 ) -> Result<()> {
-    gla_into_on(Isa::active(), params, shape, inputs, o, h_last)
+    E::scan_gla_into(Isa::active(), params, shape, inputs, o, h_last)
 }
 
 /// [`gla_into`] on a chosen instruction set.
+#[doc(hidden)]
 pub fn gla_into_on<E: Element>(
+    isa: Isa,
+    params: &GlaParams,
+    shape: GlaShape,
+    inputs: &GlaInputs<'_, E>,
+    o: &mut [E],
+    h_last: &mut [E::Acc],
+) -> Result<()> {
+    E::scan_gla_into(isa, params, shape, inputs, o, h_last)
+}
+
+/// The CPU forward, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn gla_into_impl<E: Element>(
     isa: Isa,
     params: &GlaParams,
     shape: GlaShape,
@@ -498,7 +524,7 @@ impl<E: Element> SimdKernel for ForwardHead<'_, E> {
             for j in 0..steps {
                 let at = ((bi * t_len + t0 + j) * shape.heads + hi) * vd;
                 for (c, x) in o[j * vd..(j + 1) * vd].iter().enumerate() {
-                    // SAFETY: row (bi, t, hi) of o belongs to this head (see gla_into_on).
+                    // SAFETY: row (bi, t, hi) of o belongs to this head (see gla_into_impl).
                     unsafe { *o_out.get().add(at + c) = E::from_acc(*x) };
                 }
             }
@@ -513,13 +539,19 @@ impl<E: Element> SimdKernel for ForwardHead<'_, E> {
     }
 }
 
-/// Gradients of `scan.gla`; `dh0` only where h0 was given.
+/// Gradients of `scan.gla`, each with the shape of its input.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct GlaGrads<E: Element> {
+    /// `[B, T, H, K]`
     pub dq: Vec<E>,
+    /// `[B, T, H, K]`
     pub dk: Vec<E>,
+    /// `[B, T, H, V]`
     pub dv: Vec<E>,
+    /// `[B, T, H, K]`: the gradient of the log-gates.
     pub dg: Vec<E>,
+    /// `[B, H, K, V]`, in the accumulator type; `Some` only where `h0` was given.
     pub dh0: Option<Vec<E::Acc>>,
 }
 
@@ -531,7 +563,20 @@ pub fn gla_backward<E: Element>(
     d_o: &[E],
     dh_last: Option<&[E::Acc]>,
 ) -> Result<GlaGrads<E>> {
-    gla_backward_on(Isa::active(), params, shape, inputs, d_o, dh_last)
+    E::scan_gla_backward(Isa::active(), params, shape, inputs, d_o, dh_last)
+}
+
+/// [`gla_backward`] on a chosen instruction set.
+#[doc(hidden)]
+pub fn gla_backward_on<E: Element>(
+    isa: Isa,
+    params: &GlaParams,
+    shape: GlaShape,
+    inputs: &GlaInputs<'_, E>,
+    d_o: &[E],
+    dh_last: Option<&[E::Acc]>,
+) -> Result<GlaGrads<E>> {
+    E::scan_gla_backward(isa, params, shape, inputs, d_o, dh_last)
 }
 
 /// The lengths of the backward's incoming gradients, `do [B, T, H, V]` and `dh_last [B, H, K,
@@ -558,8 +603,8 @@ fn check_output_grads(
     Ok(())
 }
 
-/// [`gla_backward`] on a chosen instruction set.
-pub fn gla_backward_on<E: Element>(
+/// The CPU backward, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn gla_backward_impl<E: Element>(
     isa: Isa,
     params: &GlaParams,
     shape: GlaShape,

@@ -182,11 +182,23 @@ pub(crate) fn validate_backward<E: Element>(
     Ok((n, s))
 }
 
-/// `scan.linear` on the CPU, in place: writes `h [B, T, D]`.
+/// `scan.linear` on the CPU: returns `h [B, T, D]`, the state after every step.
 ///
-/// `h0 [B, D]` is the state before the first step (zeros when `None`). Accumulates in f32
-/// (f64 for f64). Deterministic: the result does not depend on the thread count.
+/// `a` and `b` are `[B, T, D]`; `h0 [B, D]` is the state before the first step (zeros when
+/// `None`). Accumulates in f32 (f64 for f64). Deterministic: the result does not depend on
+/// the thread count.
 pub fn linear<E: Element>(
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+) -> Result<Vec<E>> {
+    forward_alloc(Numbers::Real, params, shape, a, b, h0, E::scan_linear)
+}
+
+/// [`linear`] into the caller's `h [B, T, D]`.
+pub fn linear_into<E: Element>(
     params: &ScanParams,
     shape: ScanShape,
     a: &[E],
@@ -194,14 +206,15 @@ pub fn linear<E: Element>(
     h0: Option<&[E]>,
     h: &mut [E],
 ) -> Result<()> {
-    linear_on(Isa::active(), params, shape, a, b, h0, h)
+    E::scan_linear(Isa::active(), params, shape, a, b, h0, h)
 }
 
-/// [`linear`] on a chosen instruction set (`Err` if this CPU lacks it): for tests that
+/// [`linear_into`] on a chosen instruction set (`Err` if this CPU lacks it): for tests that
 /// compare the SIMD and scalar paths, and for benchmarks. With AVX-512 the forward of wide
 /// f32/f64 rows runs its AVX2 loop, which is faster there (memory-bound; see
 /// `cpu::streaming_isa`).
-pub fn linear_on<E: Element>(
+#[doc(hidden)]
+pub fn linear_into_on<E: Element>(
     isa: Isa,
     params: &ScanParams,
     shape: ScanShape,
@@ -210,11 +223,12 @@ pub fn linear_on<E: Element>(
     h0: Option<&[E]>,
     h: &mut [E],
 ) -> Result<()> {
-    forward_on::<E, cpu::Real>(isa, params, shape, a, b, h0, h)
+    E::scan_linear(isa, params, shape, a, b, h0, h)
 }
 
-/// The CPU forward for either kind of number, validated.
-fn forward_on<E: Element, F: cpu::Algebra>(
+/// The CPU forward for either kind of number, validated (instantiated per dtype in
+/// [`crate::dispatch`]).
+pub(crate) fn forward_on<E: Element, F: cpu::Algebra>(
     isa: Isa,
     params: &ScanParams,
     shape: ScanShape,
@@ -240,44 +254,54 @@ fn forward_on<E: Element, F: cpu::Algebra>(
     Ok(())
 }
 
-/// Allocating convenience for [`linear`]: returns `h`.
-pub fn linear_alloc<E: Element>(
-    params: &ScanParams,
-    shape: ScanShape,
-    a: &[E],
-    b: &[E],
-    h0: Option<&[E]>,
-) -> Result<Vec<E>> {
-    forward_alloc::<E, cpu::Real>(params, shape, a, b, h0)
-}
+/// A forward entry point of [`crate::dispatch::Kernels`].
+type ForwardKernel<E> =
+    fn(Isa, &ScanParams, ScanShape, &[E], &[E], Option<&[E]>, &mut [E]) -> Result<()>;
 
-/// The allocating forward for either kind of number.
-fn forward_alloc<E: Element, F: cpu::Algebra>(
+/// The allocating forward: sizes `h` (checking for overflow) and runs `kernel` into it.
+fn forward_alloc<E: Element>(
+    numbers: Numbers,
     params: &ScanParams,
     shape: ScanShape,
     a: &[E],
     b: &[E],
     h0: Option<&[E]>,
+    kernel: ForwardKernel<E>,
 ) -> Result<Vec<E>> {
-    let (n, _) = F::NUMBERS.sizes::<E>(&shape)?;
+    let (n, _) = numbers.sizes::<E>(&shape)?;
     let mut h = vec![E::default(); n];
-    forward_on::<E, F>(Isa::active(), params, shape, a, b, h0, &mut h)?;
+    kernel(Isa::active(), params, shape, a, b, h0, &mut h)?;
     Ok(h)
 }
 
-/// Gradients of `scan.linear`.
+/// Gradients of `scan.linear` (and `scan.linear_complex`, interleaved `[.., 2]`).
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct LinearGrads<E> {
+    /// `[B, T, D]`: the gradient with respect to `a`.
     pub da: Vec<E>,
+    /// `[B, T, D]`: the gradient with respect to `b`.
     pub db: Vec<E>,
+    /// `[B, D]`: the gradient with respect to the initial state (also when `h0` was `None`).
     pub dh0: Vec<E>,
 }
 
-/// `scan.linear_backward` on the CPU, in place. `h` is the forward output, `dh` the gradient
-/// of the loss with respect to it. Writes `da`, `db` (`[B, T, D]`) and `dh0` (`[B, D]`, the
-/// gradient with respect to the initial state, zeros-initial-state included).
-#[allow(clippy::too_many_arguments)]
+/// `scan.linear_backward` on the CPU. `h` is the forward output, `dh` the gradient of the
+/// loss with respect to it (both `[B, T, D]`). Returns `da`, `db` and `dh0`.
 pub fn linear_backward<E: Element>(
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
+) -> Result<LinearGrads<E>> {
+    backward_alloc(Numbers::Real, params, shape, a, h, dh, h0, E::scan_linear_backward)
+}
+
+/// [`linear_backward`] into the caller's `da`, `db` (`[B, T, D]`) and `dh0` (`[B, D]`).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_into<E: Element>(
     params: &ScanParams,
     shape: ScanShape,
     a: &[E],
@@ -288,12 +312,13 @@ pub fn linear_backward<E: Element>(
     db: &mut [E],
     dh0: &mut [E],
 ) -> Result<()> {
-    linear_backward_on(Isa::active(), params, shape, a, h, dh, h0, da, db, dh0)
+    E::scan_linear_backward(Isa::active(), params, shape, a, h, dh, h0, da, db, dh0)
 }
 
-/// [`linear_backward`] on a chosen instruction set.
+/// [`linear_backward_into`] on a chosen instruction set.
+#[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
-pub fn linear_backward_on<E: Element>(
+pub fn linear_backward_into_on<E: Element>(
     isa: Isa,
     params: &ScanParams,
     shape: ScanShape,
@@ -305,12 +330,13 @@ pub fn linear_backward_on<E: Element>(
     db: &mut [E],
     dh0: &mut [E],
 ) -> Result<()> {
-    backward_on::<E, cpu::Real>(isa, params, shape, a, h, dh, h0, da, db, dh0)
+    E::scan_linear_backward(isa, params, shape, a, h, dh, h0, da, db, dh0)
 }
 
-/// The CPU backward for either kind of number, validated.
+/// The CPU backward for either kind of number, validated (instantiated per dtype in
+/// [`crate::dispatch`]).
 #[allow(clippy::too_many_arguments)]
-fn backward_on<E: Element, F: cpu::Algebra>(
+pub(crate) fn backward_on<E: Element, F: cpu::Algebra>(
     isa: Isa,
     params: &ScanParams,
     shape: ScanShape,
@@ -359,34 +385,39 @@ fn backward_on<E: Element, F: cpu::Algebra>(
     Ok(())
 }
 
-/// Allocating convenience for [`linear_backward`].
-pub fn linear_backward_alloc<E: Element>(
-    params: &ScanParams,
-    shape: ScanShape,
-    a: &[E],
-    h: &[E],
-    dh: &[E],
-    h0: Option<&[E]>,
-) -> Result<LinearGrads<E>> {
-    backward_alloc::<E, cpu::Real>(params, shape, a, h, dh, h0)
-}
+/// A backward entry point of [`crate::dispatch::Kernels`].
+type BackwardKernel<E> = fn(
+    Isa,
+    &ScanParams,
+    ScanShape,
+    &[E],
+    &[E],
+    &[E],
+    Option<&[E]>,
+    &mut [E],
+    &mut [E],
+    &mut [E],
+) -> Result<()>;
 
-/// The allocating backward for either kind of number.
-fn backward_alloc<E: Element, F: cpu::Algebra>(
+/// The allocating backward: sizes the gradients and runs `kernel` into them.
+#[allow(clippy::too_many_arguments)]
+fn backward_alloc<E: Element>(
+    numbers: Numbers,
     params: &ScanParams,
     shape: ScanShape,
     a: &[E],
     h: &[E],
     dh: &[E],
     h0: Option<&[E]>,
+    kernel: BackwardKernel<E>,
 ) -> Result<LinearGrads<E>> {
-    let (n, s) = F::NUMBERS.sizes::<E>(&shape)?;
+    let (n, s) = numbers.sizes::<E>(&shape)?;
     let mut g = LinearGrads {
         da: vec![E::default(); n],
         db: vec![E::default(); n],
         dh0: vec![E::default(); s],
     };
-    backward_on::<E, F>(
+    kernel(
         Isa::active(),
         params,
         shape,
@@ -415,10 +446,21 @@ impl ScanShape {
     }
 }
 
-/// `scan.linear_complex` on the CPU, in place: the same recurrence over complex numbers,
-/// h[t] = a[t]·h[t-1] + b[t], with `a`, `b`, `h` laid out `[B, T, D, 2]` (real, imaginary
-/// interleaved) and `h0` `[B, D, 2]`. Accumulates in f32 (f64 for f64).
+/// `scan.linear_complex` on the CPU: the same recurrence over complex numbers,
+/// h[t] = a[t]·h[t-1] + b[t], with `a`, `b` and the returned `h` laid out `[B, T, D, 2]`
+/// (real, imaginary interleaved) and `h0` `[B, D, 2]`. Accumulates in f32 (f64 for f64).
 pub fn linear_complex<E: Element>(
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    b: &[E],
+    h0: Option<&[E]>,
+) -> Result<Vec<E>> {
+    forward_alloc(Numbers::Complex, params, shape, a, b, h0, E::scan_linear_complex)
+}
+
+/// [`linear_complex`] into the caller's `h [B, T, D, 2]`.
+pub fn linear_complex_into<E: Element>(
     params: &ScanParams,
     shape: ScanShape,
     a: &[E],
@@ -426,12 +468,13 @@ pub fn linear_complex<E: Element>(
     h0: Option<&[E]>,
     h: &mut [E],
 ) -> Result<()> {
-    linear_complex_on(Isa::active(), params, shape, a, b, h0, h)
+    E::scan_linear_complex(Isa::active(), params, shape, a, b, h0, h)
 }
 
-/// [`linear_complex`] on a chosen instruction set (with AVX-512, wide f32/f64 rows run the
-/// AVX2 loop, as in [`linear_on`]).
-pub fn linear_complex_on<E: Element>(
+/// [`linear_complex_into`] on a chosen instruction set (with AVX-512, wide f32/f64 rows run
+/// the AVX2 loop, as in [`linear_into_on`]).
+#[doc(hidden)]
+pub fn linear_complex_into_on<E: Element>(
     isa: Isa,
     params: &ScanParams,
     shape: ScanShape,
@@ -440,25 +483,13 @@ pub fn linear_complex_on<E: Element>(
     h0: Option<&[E]>,
     h: &mut [E],
 ) -> Result<()> {
-    forward_on::<E, cpu::Complex>(isa, params, shape, a, b, h0, h)
-}
-
-/// Allocating convenience for [`linear_complex`]: returns `h [B, T, D, 2]`.
-pub fn linear_complex_alloc<E: Element>(
-    params: &ScanParams,
-    shape: ScanShape,
-    a: &[E],
-    b: &[E],
-    h0: Option<&[E]>,
-) -> Result<Vec<E>> {
-    forward_alloc::<E, cpu::Complex>(params, shape, a, b, h0)
+    E::scan_linear_complex(isa, params, shape, a, b, h0, h)
 }
 
 /// Backward of [`linear_complex`]. Gradients follow PyTorch's convention for a real loss L:
 /// the gradient of a complex z is dL/dRe(z) + i·dL/dIm(z). With g the gradient of h including
 /// the future: g[s] = dh[s] + conj(a[s+1])·g[s+1], db = g, da = g·conj(h[s-1]),
-/// dh0 = conj(a[0])·g[0].
-#[allow(clippy::too_many_arguments)]
+/// dh0 = conj(a[0])·g[0]. Returns `da`, `db` (`[B, T, D, 2]`) and `dh0` (`[B, D, 2]`).
 pub fn linear_complex_backward<E: Element>(
     params: &ScanParams,
     shape: ScanShape,
@@ -466,16 +497,30 @@ pub fn linear_complex_backward<E: Element>(
     h: &[E],
     dh: &[E],
     h0: Option<&[E]>,
+) -> Result<LinearGrads<E>> {
+    backward_alloc(Numbers::Complex, params, shape, a, h, dh, h0, E::scan_linear_complex_backward)
+}
+
+/// [`linear_complex_backward`] into the caller's `da`, `db` and `dh0`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_complex_backward_into<E: Element>(
+    params: &ScanParams,
+    shape: ScanShape,
+    a: &[E],
+    h: &[E],
+    dh: &[E],
+    h0: Option<&[E]>,
     da: &mut [E],
     db: &mut [E],
     dh0: &mut [E],
 ) -> Result<()> {
-    linear_complex_backward_on(Isa::active(), params, shape, a, h, dh, h0, da, db, dh0)
+    E::scan_linear_complex_backward(Isa::active(), params, shape, a, h, dh, h0, da, db, dh0)
 }
 
-/// [`linear_complex_backward`] on a chosen instruction set.
+/// [`linear_complex_backward_into`] on a chosen instruction set.
+#[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
-pub fn linear_complex_backward_on<E: Element>(
+pub fn linear_complex_backward_into_on<E: Element>(
     isa: Isa,
     params: &ScanParams,
     shape: ScanShape,
@@ -487,17 +532,5 @@ pub fn linear_complex_backward_on<E: Element>(
     db: &mut [E],
     dh0: &mut [E],
 ) -> Result<()> {
-    backward_on::<E, cpu::Complex>(isa, params, shape, a, h, dh, h0, da, db, dh0)
-}
-
-/// Allocating convenience for [`linear_complex_backward`].
-pub fn linear_complex_backward_alloc<E: Element>(
-    params: &ScanParams,
-    shape: ScanShape,
-    a: &[E],
-    h: &[E],
-    dh: &[E],
-    h0: Option<&[E]>,
-) -> Result<LinearGrads<E>> {
-    backward_alloc::<E, cpu::Complex>(params, shape, a, h, dh, h0)
+    E::scan_linear_complex_backward(isa, params, shape, a, h, dh, h0, da, db, dh0)
 }

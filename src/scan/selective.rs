@@ -143,7 +143,47 @@ pub struct SelectiveInputs<'a, E: Element> {
     pub h0: Option<&'a [E::Acc]>,
 }
 
-impl<E: Element> SelectiveInputs<'_, E> {
+impl<'a, E: Element> SelectiveInputs<'a, E> {
+    /// The required inputs; the optional ones (`dskip`, `z`, `delta_bias`, `h0`) are `None`
+    /// until set. `u`, `delta [B, T, D]`; `a [D, N]`; `bm`, `cm [B, T, N]`.
+    pub fn new(u: &'a [E], delta: &'a [E], a: &'a [E::Acc], bm: &'a [E], cm: &'a [E]) -> Self {
+        Self {
+            u,
+            delta,
+            a,
+            bm,
+            cm,
+            dskip: None,
+            z: None,
+            delta_bias: None,
+            h0: None,
+        }
+    }
+
+    /// The skip weight `Dskip [D]`: y += Dskip·u.
+    pub fn dskip(mut self, dskip: Option<&'a [E::Acc]>) -> Self {
+        self.dskip = dskip;
+        self
+    }
+
+    /// The gate `z [B, T, D]`: y ·= silu(z).
+    pub fn z(mut self, z: Option<&'a [E]>) -> Self {
+        self.z = z;
+        self
+    }
+
+    /// `delta_bias [D]`, added to delta before the softplus.
+    pub fn delta_bias(mut self, delta_bias: Option<&'a [E::Acc]>) -> Self {
+        self.delta_bias = delta_bias;
+        self
+    }
+
+    /// The state before the first step, `h0 [B, D, N]` (zeros when `None`).
+    pub fn h0(mut self, h0: Option<&'a [E::Acc]>) -> Self {
+        self.h0 = h0;
+        self
+    }
+
     fn validate(&self, shape: &SelectiveShape) -> Result<Sizes> {
         Lengths {
             u: self.u.len(),
@@ -204,20 +244,69 @@ impl Lengths {
     }
 }
 
-/// `scan.selective` on the CPU: writes `y [B, T, D]` and `h_last [B, D, N]` (the state after
+/// The outputs of `scan.selective`.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct SelectiveOut<E: Element> {
+    /// `[B, T, D]`
+    pub y: Vec<E>,
+    /// `[B, D, N]`: the state after the last step, in the accumulator type.
+    pub h_last: Vec<E::Acc>,
+}
+
+/// `scan.selective` on the CPU: returns `y [B, T, D]` and `h_last [B, D, N]` (the state after
 /// the last step).
 pub fn selective<E: Element>(
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+) -> Result<SelectiveOut<E>> {
+    selective_on(Isa::active(), params, shape, inputs)
+}
+
+/// [`selective`] on a chosen instruction set.
+#[doc(hidden)]
+pub fn selective_on<E: Element>(
+    isa: Isa,
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+) -> Result<SelectiveOut<E>> {
+    let sizes = inputs.validate(&shape)?;
+    let mut out = SelectiveOut {
+        y: vec![E::default(); sizes.seq],
+        h_last: vec![<E::Acc as Accum>::ZERO; sizes.states],
+    };
+    E::scan_selective_into(isa, params, shape, inputs, &mut out.y, &mut out.h_last)?;
+    Ok(out)
+}
+
+/// [`selective`] into the caller's `y [B, T, D]` and `h_last [B, D, N]`.
+pub fn selective_into<E: Element>(
     params: &SelectiveParams,
     shape: SelectiveShape,
     inputs: &SelectiveInputs<'_, E>,
     y: &mut [E],
     h_last: &mut [E::Acc],
 ) -> Result<()> {
-    selective_on(Isa::active(), params, shape, inputs, y, h_last)
+    E::scan_selective_into(Isa::active(), params, shape, inputs, y, h_last)
 }
 
-/// [`selective`] on a chosen instruction set.
-pub fn selective_on<E: Element>(
+/// [`selective_into`] on a chosen instruction set.
+#[doc(hidden)]
+pub fn selective_into_on<E: Element>(
+    isa: Isa,
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+    y: &mut [E],
+    h_last: &mut [E::Acc],
+) -> Result<()> {
+    E::scan_selective_into(isa, params, shape, inputs, y, h_last)
+}
+
+/// The CPU forward, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn selective_into_impl<E: Element>(
     isa: Isa,
     params: &SelectiveParams,
     shape: SelectiveShape,
@@ -260,19 +349,6 @@ pub fn selective_on<E: Element>(
         dispatch(isa, kernel);
     });
     Ok(())
-}
-
-/// Allocating convenience: returns `(y, h_last)`.
-pub fn selective_alloc<E: Element>(
-    params: &SelectiveParams,
-    shape: SelectiveShape,
-    inputs: &SelectiveInputs<'_, E>,
-) -> Result<(Vec<E>, Vec<E::Acc>)> {
-    let sizes = inputs.validate(&shape)?;
-    let mut y = vec![E::default(); sizes.seq];
-    let mut h_last = vec![<E::Acc as Accum>::ZERO; sizes.states];
-    selective(params, shape, inputs, &mut y, &mut h_last)?;
-    Ok((y, h_last))
 }
 
 /// softplus(x) = ln(1 + e^x), exactly enough in f64 and f32 (x > 20: x itself to < 2e-9).
@@ -500,7 +576,7 @@ impl<E: Element> SimdKernel for SelectiveBlock<'_, E> {
             // y = Σ_n C·x + Dskip·u, gated by silu(z)
             let mut c = 0;
             if vector_prologue {
-                // SAFETY: as the prologue; y rows of this task only (see selective_on).
+                // SAFETY: as the prologue; y rows of this task only (see selective_into_impl).
                 unsafe {
                     while c + lanes <= w {
                         let mut out = E::Acc::vload::<S>(acc.as_ptr().add(c));
@@ -532,7 +608,7 @@ impl<E: Element> SimdKernel for SelectiveBlock<'_, E> {
                 if let Some(z) = inputs.z {
                     out = out * silu(z[row + c].to_acc());
                 }
-                // SAFETY: this task's own slice of y (see selective_on).
+                // SAFETY: this task's own slice of y (see selective_into_impl).
                 unsafe { *self.y.get().add(row + c) = E::from_acc(out) };
             }
         }
@@ -578,6 +654,16 @@ const BACKWARD_BLOCK: usize = 64;
 /// taken per task and reduced in a fixed order: the result does not depend on the thread
 /// count. Uses the scalar ISA-independent loops (the forward is the vectorized hot path).
 pub fn selective_backward<E: Element>(
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+    dy: &[E],
+) -> Result<SelectiveGrads<E>> {
+    E::scan_selective_backward(params, shape, inputs, dy)
+}
+
+/// The CPU backward, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn selective_backward_impl<E: Element>(
     params: &SelectiveParams,
     shape: SelectiveShape,
     inputs: &SelectiveInputs<'_, E>,

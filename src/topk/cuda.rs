@@ -58,16 +58,16 @@ fn blocks(tensor: &str, n: usize) -> Result<u32> {
 pub fn rows<E: CudaElement>(
     device: &Device,
     stream: &Arc<CudaStream>,
-    rows: usize,
-    n: usize,
+    params: &super::RowsParams,
+    shape: super::RowsShape,
+    k: usize,
     x: &CudaView<'_, E>,
-    params: super::RowsParams,
     values: &mut impl DevicePtrMut<E>,
     indices: &mut impl DevicePtrMut<i32>,
 ) -> Result<()> {
     device.check_stream(stream)?;
     no_f64::<E>("topk.rows")?;
-    let k = params.k;
+    let super::RowsShape { rows, cols: n } = shape;
     check_k("k", k, n, "the row length N")?;
     check_index_range("x", n)?;
     if k > NK_TOPK_MAX_K as usize {
@@ -272,30 +272,30 @@ fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 /// [`rows`] with host slices, on the device's default stream.
 pub fn rows_host<E: CudaElement>(
     device: &Device,
-    rows: usize,
-    n: usize,
+    params: &super::RowsParams,
+    shape: super::RowsShape,
+    k: usize,
     x: &[E],
-    params: super::RowsParams,
-) -> Result<(Vec<E>, Vec<i32>)> {
+) -> Result<super::TopK<E>> {
     let stream = device.stream();
-    let out = rows.saturating_mul(params.k);
+    let out = shape.rows.saturating_mul(k);
     let xd = upload(stream, x)?;
     let mut v = stream.alloc_zeros::<E>(out.max(1))?;
     let mut i = stream.alloc_zeros::<i32>(out.max(1))?;
     self::rows(
         device,
         stream,
-        rows,
-        n,
-        &xd.slice(0..x.len()),
         params,
+        shape,
+        k,
+        &xd.slice(0..x.len()),
         &mut v.slice_mut(0..out),
         &mut i.slice_mut(0..out),
     )?;
-    let (mut v, mut i) = (stream.clone_dtoh(&v)?, stream.clone_dtoh(&i)?);
-    v.truncate(out);
-    i.truncate(out);
-    Ok((v, i))
+    let (mut values, mut indices) = (stream.clone_dtoh(&v)?, stream.clone_dtoh(&i)?);
+    values.truncate(out);
+    indices.truncate(out);
+    Ok(super::TopK { values, indices })
 }
 
 /// [`encode`] with host slices, on the device's default stream.

@@ -24,8 +24,10 @@ mod screen;
 mod select;
 mod sparse;
 
-pub use select::{RowsParams, rows, rows_on};
+pub use select::{RowsParams, RowsShape, rows, rows_on};
 pub use sparse::{BackwardInputs, SaeGrads, backward, backward_on, decode, decode_on};
+pub(crate) use select::rows_impl;
+pub(crate) use sparse::{backward_impl, decode_impl};
 
 use crate::cpu::Isa;
 use crate::element::{Accum, Element};
@@ -62,6 +64,17 @@ impl SaeShape {
             .ok_or_else(|| over("w"))?;
         Ok((bx, lw))
     }
+}
+
+/// `k` selected entries per row: `values [rows, k]`, best first, and their column (latent,
+/// code) `indices [rows, k]`.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct TopK<E> {
+    /// `[rows, k]`, best first.
+    pub values: Vec<E>,
+    /// `[rows, k]`: the column of each value.
+    pub indices: Vec<i32>,
 }
 
 /// A sparse [B, L] matrix in compressed rows: row b holds `indices[indptr[b]..indptr[b+1]]`
@@ -147,19 +160,30 @@ impl<E: Element> EncoderInputs<'_, E> {
 /// positive the rest are zeros at the lowest latents with a non-positive pre-activation.
 pub fn encode<E: Element>(
     shape: SaeShape,
-    inputs: EncoderInputs<'_, E>,
     k: usize,
-) -> Result<(Vec<E>, Vec<i32>)> {
-    encode_on(Isa::active(), shape, inputs, k)
+    inputs: &EncoderInputs<'_, E>,
+) -> Result<TopK<E>> {
+    E::topk_encode(Isa::active(), shape, k, inputs)
 }
 
 /// [`encode`] on a chosen ISA.
+#[doc(hidden)]
 pub fn encode_on<E: Element>(
     isa: Isa,
     shape: SaeShape,
-    inputs: EncoderInputs<'_, E>,
     k: usize,
-) -> Result<(Vec<E>, Vec<i32>)> {
+    inputs: &EncoderInputs<'_, E>,
+) -> Result<TopK<E>> {
+    E::topk_encode(isa, shape, k, inputs)
+}
+
+/// The CPU encoder, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn encode_impl<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    k: usize,
+    inputs: &EncoderInputs<'_, E>,
+) -> Result<TopK<E>> {
     isa.check()?;
     inputs.validate(shape)?;
     check_k("k", k, shape.latents, "the number of latents L")?;
@@ -176,7 +200,7 @@ fn dense_topk<E: Element>(
     rows: usize,
     k: usize,
     map: impl Fn(E::Acc) -> E::Acc,
-) -> (Vec<E>, Vec<i32>) {
+) -> TopK<E> {
     let mut values = vec![E::default(); rows * k];
     let mut indices = vec![0i32; rows * k];
     for (b, row) in picked.iter().enumerate() {
@@ -185,7 +209,7 @@ fn dense_topk<E: Element>(
             indices[b * k + j] = i as i32;
         }
     }
-    (values, indices)
+    TopK { values, indices }
 }
 
 /// CSR of per-row (value, latent) lists, each already descending.
@@ -218,27 +242,38 @@ fn csr_with<E: Element, A: Copy>(rows: &[Vec<(A, u32)>], value: impl Fn(A) -> E)
 /// row descending. NaN pre-activations are never kept.
 pub fn encode_batch_topk<E: Element>(
     shape: SaeShape,
-    inputs: EncoderInputs<'_, E>,
     k: usize,
+    inputs: &EncoderInputs<'_, E>,
 ) -> Result<Csr<E>> {
-    encode_batch_topk_on(Isa::active(), shape, inputs, k)
+    E::topk_encode_batch_topk(Isa::active(), shape, k, inputs)
 }
 
 /// [`encode_batch_topk`] on a chosen ISA.
+#[doc(hidden)]
+pub fn encode_batch_topk_on<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    k: usize,
+    inputs: &EncoderInputs<'_, E>,
+) -> Result<Csr<E>> {
+    E::topk_encode_batch_topk(isa, shape, k, inputs)
+}
+
+/// The CPU batch top-k, validated (instantiated per dtype in [`crate::dispatch`]).
 ///
 /// A global threshold by selection without the dense matrix: each row first keeps its best
 /// m = 2k (exact per-row lists from the fused encoder); the (B·k)-th best positive entry of
 /// that pool is the candidate threshold. A row whose m-th kept entry still ranks above the
 /// threshold may hide more winners, so only such rows are encoded again with m doubled,
 /// until none is left (m reaches L at worst). The result is exact.
-pub fn encode_batch_topk_on<E: Element>(
+pub(crate) fn encode_batch_topk_impl<E: Element>(
     isa: Isa,
     shape: SaeShape,
-    inputs: EncoderInputs<'_, E>,
     k: usize,
+    inputs: &EncoderInputs<'_, E>,
 ) -> Result<Csr<E>> {
     isa.check()?;
-    let budget = check_batch_topk(shape, &inputs, k)?;
+    let budget = check_batch_topk(shape, inputs, k)?;
     let SaeShape { batch, dm, latents } = shape;
     let b_dec = inputs.b_dec.map(widen);
     let b_enc = widen(inputs.b_enc);
@@ -269,7 +304,7 @@ pub fn encode_batch_topk_on<E: Element>(
             .iter()
             .flat_map(|&b| inputs.x[b * dm..(b + 1) * dm].iter().copied())
             .collect();
-        let sub = EncoderInputs { x: &x, ..inputs };
+        let sub = EncoderInputs { x: &x, ..*inputs };
         let again = sub
             .encoder(SaeShape::new(open.len(), dm, latents), &b_dec, &b_enc)
             .run(isa, Collect::TopK { k: m, relu: true });
@@ -363,21 +398,32 @@ fn batch_threshold<A: Accum>(kept: &[Vec<(A, u32)>], budget: usize) -> Option<(A
 /// kept; a NaN threshold is an error.
 pub fn encode_jumprelu<E: Element>(
     shape: SaeShape,
-    inputs: EncoderInputs<'_, E>,
+    inputs: &EncoderInputs<'_, E>,
     threshold: &[E],
 ) -> Result<Csr<E>> {
-    encode_jumprelu_on(Isa::active(), shape, inputs, threshold)
+    E::topk_encode_jumprelu(Isa::active(), shape, inputs, threshold)
 }
 
 /// [`encode_jumprelu`] on a chosen ISA.
+#[doc(hidden)]
 pub fn encode_jumprelu_on<E: Element>(
     isa: Isa,
     shape: SaeShape,
-    inputs: EncoderInputs<'_, E>,
+    inputs: &EncoderInputs<'_, E>,
+    threshold: &[E],
+) -> Result<Csr<E>> {
+    E::topk_encode_jumprelu(isa, shape, inputs, threshold)
+}
+
+/// The CPU JumpReLU encoder, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn encode_jumprelu_impl<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    inputs: &EncoderInputs<'_, E>,
     threshold: &[E],
 ) -> Result<Csr<E>> {
     isa.check()?;
-    check_jumprelu(shape, &inputs, threshold)?;
+    check_jumprelu(shape, inputs, threshold)?;
     let b_dec = inputs.b_dec.map(widen);
     let b_enc = widen(inputs.b_enc);
     let theta = widen(threshold);
@@ -423,25 +469,35 @@ pub struct MatchingPursuit<E> {
 /// steps.
 pub fn encode_mp<E: Element>(
     shape: SaeShape,
+    k: usize,
     x: &[E],
     w_dec: &[E],
     b_dec: Option<&[E]>,
-    k: usize,
-) -> Result<MatchingPursuit<E>>
-where
-    E::Acc: Element<Acc = E::Acc>,
-{
-    encode_mp_on(Isa::active(), shape, x, w_dec, b_dec, k)
+) -> Result<MatchingPursuit<E>> {
+    E::topk_encode_mp(Isa::active(), shape, k, x, w_dec, b_dec)
 }
 
 /// [`encode_mp`] on a chosen ISA.
+#[doc(hidden)]
 pub fn encode_mp_on<E: Element>(
     isa: Isa,
     shape: SaeShape,
+    k: usize,
     x: &[E],
     w_dec: &[E],
     b_dec: Option<&[E]>,
+) -> Result<MatchingPursuit<E>> {
+    E::topk_encode_mp(isa, shape, k, x, w_dec, b_dec)
+}
+
+/// The CPU matching pursuit, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn encode_mp_impl<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
     k: usize,
+    x: &[E],
+    w_dec: &[E],
+    b_dec: Option<&[E]>,
 ) -> Result<MatchingPursuit<E>>
 where
     E::Acc: Element<Acc = E::Acc>,
@@ -542,24 +598,37 @@ impl Metric {
 /// `codebook.nearest`: per row of `x [B, Dm]`, the `k` best codebook rows (`codebook [L,
 /// Dm]`) by `metric`: `scores [B, k]` best first and `indices [B, k]`.
 pub fn nearest<E: Element>(
+    metric: Metric,
     shape: SaeShape,
+    k: usize,
     x: &[E],
     codebook: &[E],
-    k: usize,
-    metric: Metric,
-) -> Result<(Vec<E>, Vec<i32>)> {
-    nearest_on(Isa::active(), shape, x, codebook, k, metric)
+) -> Result<TopK<E>> {
+    E::topk_nearest(Isa::active(), metric, shape, k, x, codebook)
 }
 
 /// [`nearest`] on a chosen ISA.
+#[doc(hidden)]
 pub fn nearest_on<E: Element>(
     isa: Isa,
+    metric: Metric,
     shape: SaeShape,
+    k: usize,
     x: &[E],
     codebook: &[E],
-    k: usize,
+) -> Result<TopK<E>> {
+    E::topk_nearest(isa, metric, shape, k, x, codebook)
+}
+
+/// The CPU nearest codes, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn nearest_impl<E: Element>(
+    isa: Isa,
     metric: Metric,
-) -> Result<(Vec<E>, Vec<i32>)> {
+    shape: SaeShape,
+    k: usize,
+    x: &[E],
+    codebook: &[E],
+) -> Result<TopK<E>> {
     isa.check()?;
     check_nearest(shape, x, codebook, k)?;
     let SaeShape { batch, dm, latents } = shape;
@@ -626,7 +695,10 @@ pub fn nearest_on<E: Element>(
                     indices[b * k + j] = i as i32;
                 }
             }
-            Ok((scores, indices))
+            Ok(TopK {
+                values: scores,
+                indices,
+            })
         }
     }
 }

@@ -14,6 +14,7 @@
 
 use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element};
+use super::TopK;
 use crate::error::{Error, Result, check_len};
 use rayon::prelude::*;
 use std::cmp::Ordering;
@@ -105,46 +106,91 @@ impl<A: Accum> TopList<A> {
     }
 }
 
-/// Parameters of `topk.rows`.
+/// Options of `topk.rows`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RowsParams {
-    pub k: usize,
-    /// The largest values (default) or the smallest.
+    /// The largest values (default, `true`) or the smallest.
     pub largest: bool,
 }
 
-impl RowsParams {
-    pub fn new(k: usize) -> Self {
-        Self { k, largest: true }
+impl Default for RowsParams {
+    fn default() -> Self {
+        Self { largest: true }
     }
+}
+
+impl RowsParams {
+    /// The defaults: the largest values.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The largest values (`true`) or the smallest (`false`).
     pub fn largest(mut self, largest: bool) -> Self {
         self.largest = largest;
         self
     }
 }
 
-/// `topk.rows`: the `k` largest (or smallest) entries of each row of `x [rows, n]`:
+/// The shape `[rows, cols]` of the matrix `topk.rows` selects from, row-major.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowsShape {
+    /// Rows, each selected from independently.
+    pub rows: usize,
+    /// Entries per row (N).
+    pub cols: usize,
+}
+
+impl RowsShape {
+    /// `[rows, cols]`.
+    pub fn new(rows: usize, cols: usize) -> Self {
+        Self { rows, cols }
+    }
+
+    /// From a matrix's dims, which must have rank 2.
+    pub fn from_dims(dims: &[usize]) -> Result<Self> {
+        match *dims {
+            [rows, cols] => Ok(Self { rows, cols }),
+            _ => Err(Error::shape("x", "rank 2 [rows, N]", format!("{dims:?}"))),
+        }
+    }
+}
+
+/// `topk.rows`: the `k` largest (or smallest) entries of each row of `x [rows, N]`:
 /// `values [rows, k]` best first and their column `indices [rows, k]`. Ties go to the lower
 /// index; NaN ranks above every number (first with `largest`, last without, as torch.topk).
 pub fn rows<E: Element>(
-    rows: usize,
-    n: usize,
+    params: &RowsParams,
+    shape: RowsShape,
+    k: usize,
     x: &[E],
-    params: RowsParams,
-) -> Result<(Vec<E>, Vec<i32>)> {
-    rows_on(Isa::active(), rows, n, x, params)
+) -> Result<TopK<E>> {
+    E::topk_rows(Isa::active(), params, shape, k, x)
 }
 
 /// [`rows`] on a chosen ISA (tests compare every ISA with the scalar path).
+#[doc(hidden)]
 pub fn rows_on<E: Element>(
     isa: Isa,
-    rows: usize,
-    n: usize,
+    params: &RowsParams,
+    shape: RowsShape,
+    k: usize,
     x: &[E],
-    params: RowsParams,
-) -> Result<(Vec<E>, Vec<i32>)> {
+) -> Result<TopK<E>> {
+    E::topk_rows(isa, params, shape, k, x)
+}
+
+/// The CPU row top-k, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn rows_impl<E: Element>(
+    isa: Isa,
+    params: &RowsParams,
+    shape: RowsShape,
+    k: usize,
+    x: &[E],
+) -> Result<TopK<E>> {
+    let RowsShape { rows, cols: n } = shape;
     isa.check()?;
-    let k = params.k;
     super::check_k("k", k, n, "the row length N")?;
     super::check_index_range("x", n)?;
     let total = rows
@@ -155,7 +201,7 @@ pub fn rows_on<E: Element>(
     let mut values = vec![E::default(); out_len];
     let mut indices = vec![0i32; out_len];
     if out_len == 0 {
-        return Ok((values, indices));
+        return Ok(TopK { values, indices });
     }
     // Few long rows: split each row into column chunks (merged exactly, see the module doc).
     let threads = rayon::current_num_threads();
@@ -203,7 +249,7 @@ pub fn rows_on<E: Element>(
                 idxs[j] = (i & !NAN_LAST) as i32;
             }
         });
-    Ok((values, indices))
+    Ok(TopK { values, indices })
 }
 
 /// Pushes `value` if it beats the list's threshold; with `nan_last`, a NaN enters as the

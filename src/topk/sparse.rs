@@ -90,11 +90,25 @@ pub fn decode<E: Element>(
     w_dec: &[E],
     b_dec: Option<&[E]>,
 ) -> Result<Vec<E>> {
-    decode_on(Isa::active(), shape, k, indices, values, w_dec, b_dec)
+    E::topk_decode(Isa::active(), shape, k, indices, values, w_dec, b_dec)
 }
 
 /// [`decode`] on a chosen ISA.
+#[doc(hidden)]
 pub fn decode_on<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    k: usize,
+    indices: &[i32],
+    values: &[E],
+    w_dec: &[E],
+    b_dec: Option<&[E]>,
+) -> Result<Vec<E>> {
+    E::topk_decode(isa, shape, k, indices, values, w_dec, b_dec)
+}
+
+/// The CPU decode, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn decode_impl<E: Element>(
     isa: Isa,
     shape: SaeShape,
     k: usize,
@@ -455,13 +469,19 @@ unsafe fn dot<S: Simd, E: Element>(a: &[E], b: &[E]) -> E::Acc {
     total
 }
 
-/// The gradients of `sae.backward`.
+/// The gradients of `sae.backward`, each with the shape of its parameter.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct SaeGrads<E> {
+    /// `[L, Dm]`
     pub dw_dec: Vec<E>,
+    /// `[Dm]`
     pub db_dec: Vec<E>,
+    /// `[L, Dm]`
     pub dw_enc: Vec<E>,
+    /// `[L]`
     pub db_enc: Vec<E>,
+    /// `[B, Dm]`
     pub dx: Vec<E>,
 }
 
@@ -488,17 +508,28 @@ pub struct BackwardInputs<'a, E> {
 pub fn backward<E: Element>(
     shape: SaeShape,
     k: usize,
-    inputs: BackwardInputs<'_, E>,
+    inputs: &BackwardInputs<'_, E>,
 ) -> Result<SaeGrads<E>> {
-    backward_on(Isa::active(), shape, k, inputs)
+    E::topk_backward(Isa::active(), shape, k, inputs)
 }
 
 /// [`backward`] on a chosen ISA.
+#[doc(hidden)]
 pub fn backward_on<E: Element>(
     isa: Isa,
     shape: SaeShape,
     k: usize,
-    inputs: BackwardInputs<'_, E>,
+    inputs: &BackwardInputs<'_, E>,
+) -> Result<SaeGrads<E>> {
+    E::topk_backward(isa, shape, k, inputs)
+}
+
+/// The CPU backward, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn backward_impl<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    k: usize,
+    inputs: &BackwardInputs<'_, E>,
 ) -> Result<SaeGrads<E>> {
     isa.check()?;
     let BackwardInputs {
@@ -510,8 +541,8 @@ pub fn backward_on<E: Element>(
         indices,
         values,
         d_xhat,
-    } = inputs;
-    check_backward(shape, k, &inputs)?;
+    } = *inputs;
+    check_backward(shape, k, inputs)?;
     let (bx, lw) = shape.sizes()?;
     let SaeShape { batch, dm, latents } = shape;
     let zero = E::Acc::ZERO;
