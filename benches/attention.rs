@@ -13,7 +13,9 @@
 //! ```
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use neurokernels::attention::{self, AttentionInputs, AttentionParams, AttentionShape};
+use neurokernels::attention::{
+    self, AttentionInputs, AttentionOut, AttentionParams, AttentionShape,
+};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::Duration;
@@ -56,7 +58,8 @@ fn bench_prefill(c: &mut Criterion) {
         group.throughput(Throughput::Elements((3.5 * flops) as u64));
         group.bench_function(format!("forward_backward_{tag}"), |bench| {
             bench.iter(|| {
-                let (o, lse) = attention::forward(&params, shape, &inputs).unwrap();
+                let AttentionOut { o, lse, .. } =
+                    attention::forward(&params, shape, &inputs).unwrap();
                 black_box(attention::backward(&params, shape, &inputs, &o, &d_o, &lse).unwrap())
             })
         });

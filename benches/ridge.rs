@@ -5,7 +5,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use neurokernels::cpu::{Isa, set_force_scalar};
-use neurokernels::ridge::{self, BatchedShape};
+use neurokernels::ridge::{self, BatchedShape, RidgeShape};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -76,7 +76,15 @@ fn bench_cv(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(60))
         .warm_up_time(Duration::from_secs(1));
     group.bench_function("f32", |b| {
-        b.iter(|| ridge::cv(&ridge::CvParams::new(), n, p, t, black_box(&inputs), None).unwrap())
+        b.iter(|| {
+            ridge::cv(
+                &ridge::CvParams::new(),
+                RidgeShape::new(n, p, t),
+                black_box(&inputs),
+                None,
+            )
+            .unwrap()
+        })
     });
     group.finish();
 }

@@ -6,7 +6,9 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use neurokernels::cpu::{Isa, set_amx_enabled, set_force_scalar};
-use neurokernels::topk::{self, BackwardInputs, EncoderInputs, Metric, RowsParams, SaeShape};
+use neurokernels::topk::{
+    self, BackwardInputs, EncoderInputs, Metric, RowsParams, RowsShape, SaeShape,
+};
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -48,7 +50,16 @@ fn bench_rows(c: &mut Criterion) {
     group.throughput(Throughput::Bytes((r * n * 4) as u64));
     for isa in [Isa::active(), Isa::Scalar] {
         group.bench_function(BenchmarkId::new("f32", isa.name()), |b| {
-            b.iter(|| topk::rows_on(isa, r, n, black_box(&x), RowsParams::new(K)).unwrap())
+            b.iter(|| {
+                topk::rows_on(
+                    isa,
+                    &RowsParams::new(),
+                    RowsShape::new(r, n),
+                    K,
+                    black_box(&x),
+                )
+                .unwrap()
+            })
         });
     }
     group.finish();
@@ -69,22 +80,22 @@ fn bench_encode(c: &mut Criterion) {
     // bound: the 2·B·L·Dm flops of the encoder product
     group.throughput(Throughput::Elements((2 * B * L * DM) as u64));
     group.bench_function(BenchmarkId::new("f32", Isa::active().name()), |b| {
-        b.iter(|| topk::encode(s, black_box(inputs), K).unwrap())
+        b.iter(|| topk::encode(s, K, black_box(&inputs)).unwrap())
     });
     // the plain AVX-512 path (same results): where AMX is present, the row above screens
     // with AMX bf16 products and rescores exactly
     group.bench_function(BenchmarkId::new("f32_no_amx", Isa::active().name()), |b| {
         set_amx_enabled(false);
-        b.iter(|| topk::encode(s, black_box(inputs), K).unwrap());
+        b.iter(|| topk::encode(s, K, black_box(&inputs)).unwrap());
         set_amx_enabled(true);
     });
     group.bench_function(
         BenchmarkId::new("f32_batch_topk", Isa::active().name()),
-        |b| b.iter(|| topk::encode_batch_topk(s, black_box(inputs), K).unwrap()),
+        |b| b.iter(|| topk::encode_batch_topk(s, K, black_box(&inputs)).unwrap()),
     );
     group.bench_function(
         BenchmarkId::new("f32_nearest_l2", Isa::active().name()),
-        |b| b.iter(|| topk::nearest(s, black_box(&x), &w, K, Metric::L2).unwrap()),
+        |b| b.iter(|| topk::nearest(Metric::L2, s, K, black_box(&x), &w).unwrap()),
     );
     group.finish();
 }
@@ -128,7 +139,7 @@ fn bench_decode_backward(c: &mut Criterion) {
             topk::backward(
                 s,
                 K,
-                BackwardInputs {
+                &BackwardInputs {
                     x: black_box(&x),
                     w_enc: &w_enc,
                     b_enc: &b_enc,
@@ -225,10 +236,10 @@ fn bench_cuda(c: &mut Criterion) {
                 tc::rows(
                     &device,
                     &stream,
-                    r,
-                    n,
+                    &RowsParams::new(),
+                    RowsShape::new(r, n),
+                    K,
                     &xr.slice(..),
-                    RowsParams::new(K),
                     &mut v,
                     &mut i,
                 )

@@ -85,8 +85,9 @@ fn main() -> Result<()> {
     let shape = AttentionShape::new(IMAGES, regions, patches, 1, 1, DIM, DIM);
     let inputs = AttentionInputs::new(&queries, &tokens, &tokens);
     let params = AttentionParams::new();
-    let (gathered, _lse) = attention::forward(&params, shape, &inputs)?;
-    let (weights, indices) = attention::top_keys(&params, shape, &inputs, TOP)?;
+    let gathered = attention::forward(&params, shape, &inputs)?.o;
+    let keys = attention::top_keys(&params, shape, &inputs, TOP)?;
+    let (weights, indices) = (keys.weights, keys.indices);
 
     // readout: each region's response is a fixed linear map of what its query gathered
     let readout: Vec<f64> = (0..DIM)

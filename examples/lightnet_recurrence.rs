@@ -71,7 +71,7 @@ fn lightnet() -> Result<()> {
         h0: None,
     };
     let start = Instant::now();
-    let (o, _) = gla::gla(&GlaParams::new(), shape, &inputs)?;
+    let o = gla::gla(&GlaParams::new(), shape, &inputs)?.o;
     let ms = start.elapsed().as_secs_f64() * 1e3;
 
     // direct: prefix-softmax weights per key channel, in float64

@@ -133,7 +133,8 @@ fn main() -> neurokernels::Result<()> {
             b_enc: &b_enc,
             b_dec: Some(&b_dec),
         };
-        let (values, indices) = topk::encode(shape, inputs, K)?;
+        let sel = topk::encode(shape, K, &inputs)?;
+        let (values, indices) = (sel.values, sel.indices);
         let x_hat = topk::decode(shape, K, &indices, &values, &w_dec, Some(&b_dec))?;
         // loss = mean over rows of |x − x_hat|²; its gradient with respect to x_hat
         let mean: Vec<f32> = (0..DM)
@@ -155,7 +156,7 @@ fn main() -> neurokernels::Result<()> {
         let g = topk::backward(
             shape,
             K,
-            BackwardInputs {
+            &BackwardInputs {
                 x: &x,
                 w_enc: &w_enc,
                 b_enc: &b_enc,

@@ -216,7 +216,7 @@ fn gla_rows(rows: &mut Vec<Row>) -> Result<()> {
     };
     let mut o = Vec::new();
     let ms = median_ms(3, || {
-        o = gla::gla(&GlaParams::new(), shape, &inputs)?.0;
+        o = gla::gla(&GlaParams::new(), shape, &inputs)?.o;
         Ok(())
     })?;
     let scale = 1.0 / (k as f64).sqrt();
@@ -316,7 +316,8 @@ fn attention_rows(rows: &mut Vec<Row>) -> Result<()> {
     let mut o = Vec::new();
     let mut lse = Vec::new();
     let ms = median_ms(3, || {
-        (o, lse) = attention::forward(&params, shape, &inputs)?;
+        let out = attention::forward(&params, shape, &inputs)?;
+        (o, lse) = (out.o, out.lse);
         Ok(())
     })?;
     let flops = 4.0 * (h * s * s * d) as f64 / 2.0;
@@ -356,7 +357,7 @@ fn attention_rows(rows: &mut Vec<Row>) -> Result<()> {
     let top = 8;
     let mut weights = Vec::new();
     let ms = median_ms(3, || {
-        weights = attention::top_keys(&params, shape, &inputs, top)?.0;
+        weights = attention::top_keys(&params, shape, &inputs, top)?.weights;
         Ok(())
     })?;
     let mut want_w = Vec::new();
@@ -385,7 +386,7 @@ fn attention_rows(rows: &mut Vec<Row>) -> Result<()> {
     );
     let inputs = AttentionInputs::new(&q, &k, &v);
     let ms = median_ms(5, || {
-        o = attention::forward(&AttentionParams::new(), shape, &inputs)?.0;
+        o = attention::forward(&AttentionParams::new(), shape, &inputs)?.o;
         Ok(())
     })?;
     let (want, _) = attention_reference(&q, &k, &v, 1, sk, (hq, hk), (5, 1), d, false);
@@ -456,7 +457,7 @@ fn ridge_reference(x: &[f64], y: &[f64], n: usize, p: usize, t: usize, alpha: f6
 }
 
 fn ridge_rows(rows: &mut Vec<Row>) -> Result<()> {
-    use neurokernels::ridge::{self, BatchedShape, CvInputs, CvParams};
+    use neurokernels::ridge::{self, BatchedShape, CvInputs, CvParams, RidgeShape};
     // many small independent problems
     let (g, n, p, t) = (256, 128, 32, 8);
     let (x, y): (Vec<f32>, Vec<f32>) = (
@@ -510,7 +511,12 @@ fn ridge_rows(rows: &mut Vec<Row>) -> Result<()> {
     };
     let mut fit = None;
     let ms = median_ms(3, || {
-        fit = Some(ridge::cv(&CvParams::new(), n, p, t, &inputs, None)?);
+        fit = Some(ridge::cv(
+            &CvParams::new(),
+            RidgeShape::new(n, p, t),
+            &inputs,
+            None,
+        )?);
         Ok(())
     })?;
     let fit = fit.expect("ran");
@@ -722,7 +728,7 @@ fn open_cuda() -> (CudaHandle, String) {
 /// The sparse top-k family: the fused SAE encoder (GFLOP/s of its product), row top-k and
 /// the sparse decode (GB/s of what they must read), against dense float64 references.
 fn topk_rows(rows: &mut Vec<Row>) -> Result<()> {
-    use neurokernels::topk::{self, EncoderInputs, RowsParams, SaeShape};
+    use neurokernels::topk::{self, EncoderInputs, RowsParams, RowsShape, SaeShape};
     let (b, dm, l, k) = (256, 256, 8192, 32);
     let x: Vec<f32> = data(b * dm, 41, -1.0, 1.0);
     let w: Vec<f32> = data(l * dm, 42, -0.1, 0.1);
@@ -734,11 +740,12 @@ fn topk_rows(rows: &mut Vec<Row>) -> Result<()> {
         b_enc: &b_enc,
         b_dec: None,
     };
-    let mut picked = (Vec::new(), Vec::new());
+    let mut picked = None;
     let ms = median_ms(3, || {
-        picked = topk::encode(s, inputs, k)?;
+        picked = Some(topk::encode(s, k, &inputs)?);
         Ok(())
     })?;
+    let picked = picked.expect("ran");
     // reference: every pre-activation in f64, relu, sorted; compare the k best values
     let (xf, wf) = (to_f64(&x), to_f64(&w));
     let mut want = Vec::with_capacity(b * k);
@@ -759,16 +766,17 @@ fn topk_rows(rows: &mut Vec<Row>) -> Result<()> {
         shape: format!("B{b} D{dm} L{l} k{k}"),
         ms,
         throughput: (2 * b * l * dm) as f64 / ms / 1e6,
-        max_err: max_error(&picked.0, &want),
+        max_err: max_error(&picked.values, &want),
     });
 
     let (r, n) = (256, 32768);
     let m: Vec<f32> = data(r * n, 44, -1.0, 1.0);
-    let mut top = (Vec::new(), Vec::new());
+    let mut top = None;
     let ms = median_ms(3, || {
-        top = topk::rows(r, n, &m, RowsParams::new(k))?;
+        top = Some(topk::rows(&RowsParams::new(), RowsShape::new(r, n), k, &m)?);
         Ok(())
     })?;
+    let top = top.expect("ran");
     let mut want = Vec::with_capacity(r * k);
     for row in m.chunks(n) {
         let mut v = to_f64(row);
@@ -782,13 +790,13 @@ fn topk_rows(rows: &mut Vec<Row>) -> Result<()> {
         shape: format!("R{r} N{n} k{k}"),
         ms,
         throughput: (r * n * 4) as f64 / ms / 1e6,
-        max_err: max_error(&top.0, &want),
+        max_err: max_error(&top.values, &want),
     });
 
     let w_dec: Vec<f32> = data(l * dm, 45, -1.0, 1.0);
     let mut x_hat = Vec::new();
     let ms = median_ms(3, || {
-        x_hat = topk::decode(s, k, &picked.1, &picked.0, &w_dec, None)?;
+        x_hat = topk::decode(s, k, &picked.indices, &picked.values, &w_dec, None)?;
         Ok(())
     })?;
     let wd = to_f64(&w_dec);
@@ -798,7 +806,7 @@ fn topk_rows(rows: &mut Vec<Row>) -> Result<()> {
             (0..k)
                 .map(|j| {
                     let at = row * k + j;
-                    picked.0[at] as f64 * wd[picked.1[at] as usize * dm + d]
+                    picked.values[at] as f64 * wd[picked.indices[at] as usize * dm + d]
                 })
                 .sum()
         })

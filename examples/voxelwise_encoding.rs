@@ -10,7 +10,7 @@
 //! sixth is held out. The example prints the R² distribution on the held-out run, how many
 //! voxels are well predicted, and how the chosen alphas track the simulated noise.
 
-use neurokernels::ridge::{self, CvInputs, CvParams, CvProgress};
+use neurokernels::ridge::{self, CvInputs, CvParams, CvProgress, RidgeShape};
 use std::time::Instant;
 
 const RUNS: usize = 6;
@@ -128,9 +128,7 @@ fn main() -> neurokernels::Result<()> {
     };
     let fit = ridge::cv(
         &CvParams::new(),
-        fit_rows,
-        p,
-        VOXELS,
+        RidgeShape::new(fit_rows, p, VOXELS),
         &inputs,
         Some(&report),
     )?;
@@ -148,7 +146,12 @@ fn main() -> neurokernels::Result<()> {
             }
         }
     }
-    let (r2, _) = ridge::score(TRS_PER_RUN, VOXELS, &y[fit_rows * VOXELS..], &pred)?;
+    let r2 = ridge::score(
+        RidgeShape::new(TRS_PER_RUN, 0, VOXELS),
+        &y[fit_rows * VOXELS..],
+        &pred,
+    )?
+    .r2;
 
     let mut sorted = r2.clone();
     sorted.sort_by(f32::total_cmp);

@@ -11,8 +11,7 @@ use crate::error::{Error, Result};
 use crate::ridge;
 use crate::scan::gla::{GlaGrads, GlaInputs, GlaParams, GlaShape, gla, gla_backward};
 use crate::scan::selective::{
-    SelectiveGrads, SelectiveInputs, SelectiveParams, SelectiveShape, selective,
-    selective_backward,
+    SelectiveGrads, SelectiveInputs, SelectiveParams, SelectiveShape, selective, selective_backward,
 };
 use crate::scan::{self, Numbers, ScanParams, ScanShape};
 use half::{bf16, f16};
@@ -95,23 +94,32 @@ pub const IMPLEMENTED_OPS: &[&str] = &[
 /// A host tensor's data.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Data {
+    /// The tensor's values as f32.
     F32(Vec<f32>),
+    /// The tensor's values as f64.
     F64(Vec<f64>),
+    /// The tensor's values as f16.
     F16(Vec<f16>),
+    /// The tensor's values as bf16.
     BF16(Vec<bf16>),
+    /// An index tensor's values (I64 in a case file is narrowed to this on reading).
     I32(Vec<i32>),
 }
 
 /// A host tensor: row-major, contiguous.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
+    /// The dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// The values in row-major order, tagged with their dtype; as many as `shape`'s product.
     pub data: Data,
 }
 
 /// Element types a case tensor can hold as floats.
 pub trait CaseElement: Element {
+    /// The values in this type's [`Data`] variant.
     fn wrap(values: Vec<Self>) -> Data;
+    /// The values, when `data` holds this type; `None` for another dtype.
     fn unwrap(data: &Data) -> Option<&[Self]>;
 }
 
@@ -136,6 +144,8 @@ case_element!(f16, F16);
 case_element!(bf16, BF16);
 
 impl Tensor {
+    /// A float tensor of `shape` holding `values` (row-major; the length is not checked
+    /// against the shape).
     pub fn new<E: CaseElement>(shape: Vec<usize>, values: Vec<E>) -> Self {
         Self {
             shape,
@@ -143,6 +153,7 @@ impl Tensor {
         }
     }
 
+    /// The number of values.
     pub fn len(&self) -> usize {
         match &self.data {
             Data::F32(v) => v.len(),
@@ -153,6 +164,7 @@ impl Tensor {
         }
     }
 
+    /// Whether the tensor holds no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -168,6 +180,7 @@ impl Tensor {
         }
     }
 
+    /// The dtype's name: `"f32"`, `"f64"`, `"f16"`, `"bf16"`, or `"i32"` for an index tensor.
     pub fn dtype_name(&self) -> &'static str {
         self.dtype().map_or("i32", DType::name)
     }
@@ -222,13 +235,22 @@ impl safetensors::View for &Tensor {
 /// One reference case.
 #[derive(Clone, Debug)]
 pub struct Case {
+    /// The case's name in messages: its file name when loaded with [`Case::load`].
     pub name: String,
+    /// The op to call, from the metadata's `op`, e.g. `attention.forward`.
     pub op: String,
+    /// The op's parameters, from the metadata's `params` JSON object (empty when absent;
+    /// missing keys take the op's defaults).
     pub params: serde_json::Map<String, serde_json::Value>,
+    /// The metadata's `rtol`, overriding the dtype's default; `None` when absent.
     pub rtol: Option<f64>,
+    /// The metadata's `atol`, overriding the dtype's default; `None` when absent.
     pub atol: Option<f64>,
+    /// The metadata's `source`: free text naming the reference that made the outputs.
     pub source: Option<String>,
+    /// The inputs, from the `in.NAME` tensors, keyed by NAME.
     pub inputs: BTreeMap<String, Tensor>,
+    /// The reference's expected outputs, from the `out.NAME` tensors, keyed by NAME.
     pub outputs: BTreeMap<String, Tensor>,
 }
 
@@ -237,6 +259,8 @@ fn case_err(name: &str, what: impl std::fmt::Display) -> Error {
 }
 
 impl Case {
+    /// Reads the case file at `path`, named by its file name; `Err(Io)` when it cannot be
+    /// read, otherwise as [`Case::from_bytes`].
     pub fn load(path: &Path) -> Result<Case> {
         let bytes =
             std::fs::read(path).map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
@@ -247,6 +271,10 @@ impl Case {
         Case::from_bytes(&name, &bytes)
     }
 
+    /// Parses a case from a safetensors file's bytes, naming it `name`. `Err(Case)` when the
+    /// file is not safetensors, the metadata has no `op`, `params` is not a JSON object,
+    /// `rtol`/`atol` is not a number, a tensor is neither `in.` nor `out.`, a dtype is not
+    /// one of F32, F64, F16, BF16, I32, I64, or an I64 value does not fit in i32.
     pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Case> {
         let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| case_err(name, e))?;
         let meta: HashMap<String, String> = header.metadata().clone().unwrap_or_default();
@@ -445,11 +473,14 @@ impl<'a> Params<'a> {
 /// Where a case runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
+    /// The host CPU.
     Cpu,
+    /// A CUDA device (or the project's CUDA emulator).
     Cuda,
 }
 
 impl DeviceKind {
+    /// `"cpu"` or `"cuda"`, as the report lines print it.
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Cpu => "cpu",
@@ -466,6 +497,7 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// A runner on the CPU.
     pub fn cpu() -> Runner {
         Runner {
             kind: DeviceKind::Cpu,
@@ -490,6 +522,7 @@ impl Runner {
         }
     }
 
+    /// The device kind the runner runs cases on.
     pub fn kind(&self) -> DeviceKind {
         self.kind
     }
@@ -1117,7 +1150,9 @@ impl Runner {
                 folds,
             };
             let fit = match runner.kind {
-                DeviceKind::Cpu => ridge::cv(params, ridge::RidgeShape::new(n, p, t), &inputs, None)?,
+                DeviceKind::Cpu => {
+                    ridge::cv(params, ridge::RidgeShape::new(n, p, t), &inputs, None)?
+                }
                 DeviceKind::Cuda => E::cuda_cv(runner, params, (n, p, t), &inputs)?,
             };
             Ok([
@@ -1307,9 +1342,7 @@ impl ScanCall<'_> {
         );
         let h0 = optional::<E>(case, "h0")?;
         let g = match (self.runner.kind, self.numbers) {
-            (DeviceKind::Cpu, Numbers::Real) => {
-                scan::linear_backward(p, shape, a, h, dh, h0)?
-            }
+            (DeviceKind::Cpu, Numbers::Real) => scan::linear_backward(p, shape, a, h, dh, h0)?,
             (DeviceKind::Cpu, Numbers::Complex) => {
                 scan::linear_complex_backward(p, shape, a, h, dh, h0)?
             }
@@ -1710,7 +1743,9 @@ fn same_shape(case: &Case, name: &str, want: &[usize]) -> Result<()> {
 /// An elementwise tolerance: |got - want| <= atol + rtol·|want|.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Tolerance {
+    /// The relative tolerance, scaled by |want|.
     pub rtol: f64,
+    /// The absolute tolerance.
     pub atol: f64,
 }
 
@@ -1725,6 +1760,8 @@ impl Tolerance {
         Tolerance { rtol, atol }
     }
 
+    /// Whether `got` equals `want` exactly (so equal infinities pass) or is within
+    /// `atol + rtol·|want|` of it; a NaN on either side is never accepted.
     pub fn accepts(&self, got: f64, want: f64) -> bool {
         got == want || (got - want).abs() <= self.atol + self.rtol * want.abs()
     }
@@ -1733,9 +1770,15 @@ impl Tolerance {
 /// How one output compared.
 #[derive(Clone, Debug)]
 pub struct OutputCheck {
+    /// The output's name (NAME of `out.NAME`).
     pub name: String,
+    /// The largest |got - want| over the finite values compared (0 where none were); NaN for
+    /// a missing output or a failed `best_alpha` choice.
     pub max_abs: f64,
+    /// The largest |got - want| / |want| over the finite values compared with a nonzero
+    /// `want` (0 where none were); NaN as for `max_abs`.
     pub max_rel: f64,
+    /// Whether every value passed.
     pub passed: bool,
     /// Why it failed, when it did.
     pub problem: Option<String>,
@@ -1861,22 +1904,33 @@ pub fn compare_topk(
 /// The outcome of one case file.
 #[derive(Clone, Debug)]
 pub enum Outcome {
+    /// Every output matched; the check of each.
     Passed(Vec<OutputCheck>),
+    /// Why the case failed (the first failing output, or an error loading, running or
+    /// saving), and the output checks (empty when it failed before comparing).
     Failed(String, Vec<OutputCheck>),
+    /// Why the case did not run: no device, or a configuration the device's kernels do not
+    /// take.
     Skipped(String),
 }
 
 /// A case's report line.
 #[derive(Clone, Debug)]
 pub struct Report {
+    /// The case's file name.
     pub file: String,
+    /// The case's op, or `"?"` when the file could not be loaded.
     pub op: String,
+    /// The device the case ran on.
     pub device: DeviceKind,
+    /// The name of the case's dtype (see [`Case::dtype`]), or `"?"` when unknown.
     pub dtype: String,
+    /// How the case ended.
     pub outcome: Outcome,
 }
 
 impl Report {
+    /// Whether the outcome is [`Outcome::Passed`].
     pub fn passed(&self) -> bool {
         matches!(self.outcome, Outcome::Passed(_))
     }

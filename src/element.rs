@@ -9,13 +9,18 @@ use std::ops::{Add, Div, Mul, Sub};
 /// The dtype of a tensor, as named in reference cases and error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit IEEE float (`f32`).
     F32,
+    /// 64-bit IEEE float (`f64`).
     F64,
+    /// 16-bit IEEE half float ([`f16`](struct@f16)).
     F16,
+    /// 16-bit bfloat ([`bf16`]).
     BF16,
 }
 
 impl DType {
+    /// The lowercase name used in messages and by `Display`: `"f32"`, `"f64"`, `"f16"`, `"bf16"`.
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -25,6 +30,7 @@ impl DType {
         }
     }
 
+    /// Bytes per element: 4, 8, 2 or 2.
     pub fn size_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
@@ -64,7 +70,9 @@ pub trait Accum:
     + Div<Output = Self>
     + 'static
 {
+    /// 0.0.
     const ZERO: Self;
+    /// 1.0.
     const ONE: Self;
     /// The SIMD vector of this accumulator on ISA `S`.
     #[doc(hidden)]
@@ -128,7 +136,9 @@ pub trait Accum:
     fn exp(self) -> Self;
     /// The scalar 2^x matching `vexp2`.
     fn exp2(self) -> Self;
+    /// `x` converted from f64 (`as` cast: rounded to nearest for f32).
     fn from_f64(x: f64) -> Self;
+    /// `self` widened to f64 (exact).
     fn to_f64(self) -> f64;
 }
 
@@ -311,14 +321,29 @@ impl_accum!(
 
 /// A tensor element type: f32, f64, f16 or bf16. Sealed.
 pub trait Element:
-    sealed::Sealed + crate::dispatch::Kernels + Copy + Send + Sync + Default + PartialEq + Debug + bytemuck::Pod + 'static
+    sealed::Sealed
+    + crate::dispatch::Kernels
+    + Copy
+    + Send
+    + Sync
+    + Default
+    + PartialEq
+    + Debug
+    + bytemuck::Pod
+    + 'static
 {
     /// The type kernels accumulate in.
     type Acc: Accum;
+    /// This type's [`DType`].
     const DTYPE: DType;
+    /// `self` widened to the accumulator type (exact).
     fn to_acc(self) -> Self::Acc;
+    /// `x` rounded from the accumulator type to this type (to nearest even; identity for
+    /// f32 and f64).
     fn from_acc(x: Self::Acc) -> Self;
+    /// `self` widened to f64 (exact).
     fn to_f64(self) -> f64;
+    /// `x` rounded from f64 to this type (to nearest).
     fn from_f64(x: f64) -> Self;
     /// Loads `Acc::lanes::<S>()` elements, widened to the accumulator.
     #[doc(hidden)]

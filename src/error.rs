@@ -4,18 +4,32 @@ use std::fmt;
 
 /// Everything that can go wrong in a neurokernels call.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Error {
     /// A tensor has the wrong shape, rank or length.
     Shape {
+        /// The tensor's name, as in the op's docs (e.g. `q`).
         tensor: String,
+        /// The shape or length the op expected.
         expected: String,
+        /// The shape or length it was given.
         got: String,
     },
     /// A parameter or input value is outside what the op accepts.
-    InvalidArgument { name: String, problem: String },
+    InvalidArgument {
+        /// The parameter or input's name.
+        name: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
     /// A shape whose element count or byte size does not fit in `usize` (or in the
     /// kernel's index type).
-    Overflow { tensor: String, detail: String },
+    Overflow {
+        /// The tensor's name.
+        tensor: String,
+        /// Which size overflowed.
+        detail: String,
+    },
     /// A dtype the op or the device does not support.
     Unsupported(String),
     /// No CUDA device or driver is available (never a panic).
@@ -30,6 +44,7 @@ pub enum Error {
     Io(String),
 }
 
+/// `std::result::Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {

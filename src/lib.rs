@@ -3,27 +3,73 @@
 //! Compute kernels for neuro-AI and interpretability research, as hand-written CUDA kernels
 //! compiled at build time (feature `cuda`) and SIMD CPU kernels, behind one safe API.
 //!
-//! Families: linear-recurrence scans ([`scan`]: `scan.linear`, `scan.linear_complex`,
-//! Mamba's selective scan in [`scan::selective`], gated linear attention in [`scan::gla`],
-//! each with its backward); batched ridge in [`ridge`] (`ridge.cv`, `ridge.solve_batched`,
-//! `ridge.score`); fused attention in [`attention`] (`attention.forward` with a split-KV
-//! decode path, `attention.backward`, `attention.top_keys`: causal/window masks, softcap,
-//! ALiBi, bias, GQA/MQA, packed variable-length batches; CPU); sparse top-k encoding in
-//! [`topk`] (`topk.rows`, the SAE encoders, decode and backward, matching pursuit,
-//! `codebook.nearest`). [`cases`] runs reference cases in the format of CASES.md.
+//! | family | module | ops |
+//! |---|---|---|
+//! | linear-recurrence scans | [`scan`], [`scan::selective`], [`scan::gla`] | `linear`, `linear_complex`, Mamba's `selective`, gated linear attention `gla`, each with its backward |
+//! | fused attention | [`attention`] | `forward` (split-KV decode path), `backward`, `top_keys`: causal/window masks, softcap, ALiBi, bias, GQA/MQA, packed variable-length batches |
+//! | sparse top-k encoding | [`topk`] | `rows`, the SAE encoders (`encode`, `encode_batch_topk`, `encode_jumprelu`, `encode_mp`), `decode`, `backward`, `nearest` |
+//! | batched ridge | [`ridge`] | `cv` (an alpha per target), `predict`, `score`, `solve_batched` |
 //!
-//! Every call validates its inputs and returns [`Result`]; bad input is an [`Error`] naming
-//! the tensor, never a panic.
+//! Each family's module doc has a runnable example. The op contract (names, shapes, layouts
+//! and conventions shared with the reference cases) is `CASES.md` in the repository and the
+//! package.
+//!
+//! # One convention
+//!
+//! - **Tensors** are row-major slices; their layout is written `[B, T, D]` (last axis
+//!   contiguous) in every doc. A **shape** struct gives the sizes: build it with named fields
+//!   or `from_dims` (checks the dims of each tensor against the op's layout), never from
+//!   a long positional list you could misorder.
+//! - **Arguments** come in one order: options (`&Params`, built with `Params::new()` and
+//!   setters, defaults documented), then the shape, then the count to keep (`k`, `top`),
+//!   then the inputs, by reference (slices, or an `Inputs` struct with named fields).
+//! - `op(...)` **allocates** and returns `Result<Out>`: a `Vec` for one tensor, a named struct
+//!   (`AttentionOut { o, lse }`, `TopK { values, indices }`, `Scores { r2, pearson }`,
+//!   `…Grads`) for several. `op_into(..., &mut out)` **writes the caller's buffers** where
+//!   reusing them pays (the scans).
+//! - **Element types**: `f32`, `f64`, [`f16`](struct@f16), [`bf16`] (re-exported from `half`) through
+//!   [`Element`]; reductions accumulate in `E::Acc` (f32, or f64 for f64), and tensors in
+//!   the accumulator type (`lse`, states) say so.
+//! - **Errors**: every call validates its inputs before allocating or launching and returns
+//!   [`Result`]; bad input is an [`Error`] naming the tensor and both shapes, never a panic.
+//! - **Devices**: the CPU functions pick the best SIMD path of the running CPU. The CUDA
+//!   entry points (feature `cuda`) live in each family's `cuda` module, take a
+//!   `cuda::Device` and device buffers, and have `_host` variants taking slices.
+//!   Hidden `*_on(isa, ...)` variants run one chosen instruction set, for tests and benches.
+//!
+//! ```
+//! use neurokernels::scan::{self, ScanParams, ScanShape};
+//!
+//! // h[t] = a[t]·h[t-1] + b[t] over 2 sequences of 3 steps and 4 channels
+//! let shape = ScanShape { batch: 2, len: 3, channels: 4 };
+//! let (a, b) = (vec![0.5f32; 24], vec![1.0f32; 24]);
+//! let h = scan::linear(&ScanParams::new(), shape, &a, &b, None)?;
+//! assert_eq!(h[..4], [1.0; 4]);
+//! assert_eq!(h[8..12], [1.75; 4]);
+//!
+//! // bad input is an error naming the tensor
+//! let err = scan::linear(&ScanParams::new(), shape, &a[..5], &b, None).unwrap_err();
+//! assert!(err.to_string().contains("`a`"));
+//! # Ok::<(), neurokernels::Error>(())
+//! ```
+//!
+//! # Build time and debug builds
+//!
+//! The kernels are compiled once per element type in this crate (see `dispatch.rs`), so a
+//! crate using them does not re-optimize them on each of its own builds. In a debug build
+//! of your crate the kernels still run at debug speed unless neurokernels itself is
+//! optimized; the README gives the profile setting.
 
-// The docs write recurrences as h[t] = a[t]·h[t-1], which rustdoc would read as links.
-#![allow(rustdoc::broken_intra_doc_links)]
+#![deny(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod attention;
+#[cfg(feature = "cases")]
 pub mod cases;
 pub mod cpu;
-mod dispatch;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod dispatch;
 pub mod element;
 pub mod error;
 pub mod ridge;
@@ -31,7 +77,7 @@ pub mod scan;
 pub mod topk;
 
 pub use element::{DType, Element};
+pub use error::{Error, Result};
 /// The 16-bit float types the kernels take (`f16`, `bf16`), re-exported so a user's crate
 /// needs no `half` dependency of its own (and cannot get a mismatched version).
 pub use half::{self, bf16, f16};
-pub use error::{Error, Result};

@@ -9,7 +9,8 @@ mod common;
 use common::attention::{Config, Data, config, draw};
 use half::{bf16, f16};
 use neurokernels::attention::{
-    self, AttentionInputs, AttentionParams, AttentionShape, BackwardTasks, Bias, CuSeqlens, SplitKv,
+    self, AttentionInputs, AttentionOut, AttentionParams, AttentionShape, BackwardTasks, Bias,
+    CuSeqlens, SplitKv,
 };
 use neurokernels::cpu::Isa;
 use neurokernels::element::Accum;
@@ -195,7 +196,8 @@ fn forward_vs_naive<E: Element>(isa: Isa) {
 
 /// The forward on `isa` against the naive o and lse, at the dtype's tolerance.
 fn assert_forward_close<E: Element>(isa: Isa, c: &Config, x: &Data<E>, want: &Naive, what: &str) {
-    let (o, lse) = attention::forward_on(isa, &c.params, c.shape(), &x.inputs(c)).unwrap();
+    let AttentionOut { o, lse, .. } =
+        attention::forward_on(isa, &c.params, c.shape(), &x.inputs(c)).unwrap();
     let (rtol, atol) = tol::<E>(false);
     assert_close(
         &format!("o {what}"),
@@ -221,7 +223,8 @@ fn backward_vs_naive<E: Element>(isa: Isa) {
         let x = draw::<E>(c, 200 + n as u64);
         let want = naive(c, &x);
         let inputs = x.inputs(c);
-        let (o, lse) = attention::forward_on(isa, &c.params, c.shape(), &inputs).unwrap();
+        let AttentionOut { o, lse, .. } =
+            attention::forward_on(isa, &c.params, c.shape(), &inputs).unwrap();
         let g =
             attention::backward_on(isa, &c.params, c.shape(), &inputs, &o, &x.d_o, &lse).unwrap();
         let (rtol, atol) = tol::<E>(true);
@@ -317,9 +320,9 @@ fn every_isa_agrees_with_scalar() {
     let x = draw::<f32>(&c, 7);
     let inputs = x.inputs(&c);
     let run = |isa| attention::forward_on(isa, &c.params, c.shape(), &inputs).unwrap();
-    let (o0, l0) = run(Isa::Scalar);
+    let AttentionOut { o: o0, lse: l0, .. } = run(Isa::Scalar);
     for isa in Isa::available() {
-        let (o, l) = run(isa);
+        let AttentionOut { o, lse: l, .. } = run(isa);
         assert_close(
             &format!("{isa:?} o"),
             &f64s(&o, f64::from),
@@ -334,9 +337,10 @@ fn every_isa_agrees_with_scalar() {
             1e-5,
             1e-6,
         );
-        let (w, i) = attention::top_keys_on(isa, &c.params, c.shape(), &inputs, 5).unwrap();
-        let (w0, i0) =
-            attention::top_keys_on(Isa::Scalar, &c.params, c.shape(), &inputs, 5).unwrap();
+        let keys = attention::top_keys_on(isa, &c.params, c.shape(), &inputs, 5).unwrap();
+        let (w, i) = (keys.weights, keys.indices);
+        let keys = attention::top_keys_on(Isa::Scalar, &c.params, c.shape(), &inputs, 5).unwrap();
+        let (w0, i0) = (keys.weights, keys.indices);
         assert_eq!(i, i0, "{isa:?} top_keys indices");
         assert_close(
             &format!("{isa:?} weights"),
@@ -353,7 +357,8 @@ fn top_keys_vs_softmax<E: Element>() {
         let x = draw::<E>(c, 300 + n as u64);
         let want = naive(c, &x);
         for top in [1, 3, c.sk + 2] {
-            let (w, idx) = attention::top_keys(&c.params, c.shape(), &x.inputs(c), top).unwrap();
+            let keys = attention::top_keys(&c.params, c.shape(), &x.inputs(c), top).unwrap();
+            let (w, idx) = (keys.weights, keys.indices);
             let rows = c.b * c.hq * c.sq;
             assert_eq!(w.len(), rows * top);
             let (rtol, atol) = tol::<E>(false);
@@ -418,8 +423,10 @@ fn gqa_equals_repeated_kv() {
         bias: x.bias.clone(),
         cu: None,
     };
-    let (o, lse) = attention::forward(&c.params, c.shape(), &x.inputs(&c)).unwrap();
-    let (or, lr) = attention::forward(&r.params, r.shape(), &xr.inputs(&r)).unwrap();
+    let AttentionOut { o, lse, .. } =
+        attention::forward(&c.params, c.shape(), &x.inputs(&c)).unwrap();
+    let AttentionOut { o: or, lse: lr, .. } =
+        attention::forward(&r.params, r.shape(), &xr.inputs(&r)).unwrap();
     assert_close("o", &f64s(&o, f64::from), &f64s(&or, f64::from), 1e-6, 1e-7);
     assert_close(
         "lse",
@@ -473,7 +480,8 @@ fn packed_batch_equals_separate_runs() {
         .with(AttentionParams::new().causal(true))
         .alibi();
     let x = draw::<f32>(&c, 21);
-    let (o, lse) = attention::forward(&c.params, c.shape(), &x.inputs(&c)).unwrap();
+    let AttentionOut { o, lse, .. } =
+        attention::forward(&c.params, c.shape(), &x.inputs(&c)).unwrap();
     let g = attention::backward(&c.params, c.shape(), &x.inputs(&c), &o, &x.d_o, &lse).unwrap();
     let (mut q0, mut k0) = (0, 0);
     for (&nq, &nk) in lq.iter().zip(&lk) {
@@ -488,7 +496,8 @@ fn packed_batch_equals_separate_runs() {
             bias: Vec::new(),
             cu: None,
         };
-        let (so, sl) = attention::forward(&one.params, one.shape(), &sub.inputs(&one)).unwrap();
+        let AttentionOut { o: so, lse: sl, .. } =
+            attention::forward(&one.params, one.shape(), &sub.inputs(&one)).unwrap();
         let sg = attention::backward(
             &one.params,
             one.shape(),
@@ -542,10 +551,13 @@ fn finite_difference_gradients_f64() {
                 bias: x.bias.clone(),
                 cu: x.cu.clone(),
             };
-            let (o, _) = attention::forward(&c.params, c.shape(), &y.inputs(&c)).unwrap();
+            let o = attention::forward(&c.params, c.shape(), &y.inputs(&c))
+                .unwrap()
+                .o;
             o.iter().zip(&x.d_o).map(|(a, b)| a * b).sum()
         };
-        let (o, lse) = attention::forward(&c.params, c.shape(), &x.inputs(&c)).unwrap();
+        let AttentionOut { o, lse, .. } =
+            attention::forward(&c.params, c.shape(), &x.inputs(&c)).unwrap();
         let g = attention::backward(&c.params, c.shape(), &x.inputs(&c), &o, &x.d_o, &lse).unwrap();
         let h = 1e-6;
         for which in 0..3 {
@@ -623,9 +635,9 @@ fn split_kv_decode_equals_the_query_block_path() {
             let run = |split| {
                 attention::forward_on(isa, &c.params.split_kv(split), c.shape(), &inputs).unwrap()
             };
-            let (o1, l1) = run(SplitKv::Always);
-            let (o2, l2) = run(SplitKv::Never);
-            let (o3, l3) = run(SplitKv::Auto);
+            let AttentionOut { o: o1, lse: l1, .. } = run(SplitKv::Always);
+            let AttentionOut { o: o2, lse: l2, .. } = run(SplitKv::Never);
+            let AttentionOut { o: o3, lse: l3, .. } = run(SplitKv::Auto);
             assert_close(
                 "o",
                 &f64s(&o1, f64::from),
@@ -654,7 +666,8 @@ fn backward_tasks_agree<E: Element>(isa: Isa) {
     for (n, c) in configs().iter().enumerate() {
         let x = draw::<E>(c, 300 + n as u64);
         let inputs = x.inputs(c);
-        let (o, lse) = attention::forward_on(isa, &c.params, c.shape(), &inputs).unwrap();
+        let AttentionOut { o, lse, .. } =
+            attention::forward_on(isa, &c.params, c.shape(), &inputs).unwrap();
         let run = |tasks| {
             let params = c.params.backward_tasks(tasks);
             attention::backward_on(isa, &params, c.shape(), &inputs, &o, &x.d_o, &lse).unwrap()
@@ -692,7 +705,8 @@ fn identical_bits_whatever_the_thread_count() {
             .unwrap();
         pool.install(|| {
             let inputs = x.inputs(&c);
-            let (o, lse) = attention::forward(&c.params, c.shape(), &inputs).unwrap();
+            let AttentionOut { o, lse, .. } =
+                attention::forward(&c.params, c.shape(), &inputs).unwrap();
             let g = attention::backward(&c.params, c.shape(), &inputs, &o, &x.d_o, &lse).unwrap();
             let t = attention::top_keys(&c.params, c.shape(), &inputs, 7).unwrap();
             let dec = attention::forward(&d.params, d.shape(), &y.inputs(&d)).unwrap();
@@ -808,7 +822,7 @@ fn bad_inputs_are_errors_naming_the_tensor() {
     err_names(attention::top_keys(&p, c.shape(), &good, 0), "top");
     assert!(attention::top_keys(&p, c.shape(), &good, 9).is_ok());
     // backward: o, do, lse lengths
-    let (o, lse) = attention::forward(&p, c.shape(), &good).unwrap();
+    let AttentionOut { o, lse, .. } = attention::forward(&p, c.shape(), &good).unwrap();
     let bwd = |o: &[f32], d_o: &[f32], lse: &[f32]| {
         attention::backward(&p, c.shape(), &good, o, d_o, lse)
     };
@@ -831,7 +845,8 @@ fn empty_rows_give_zeros_and_neg_inf() {
     for j in 0..2 {
         x.bias[5 * 2 + j] = f32::NEG_INFINITY; // row 5 masked by the bias alone
     }
-    let (o, lse) = attention::forward(&c.params, c.shape(), &x.inputs(&c)).unwrap();
+    let AttentionOut { o, lse, .. } =
+        attention::forward(&c.params, c.shape(), &x.inputs(&c)).unwrap();
     for row in [0, 1, 2, 3, 5] {
         assert_eq!(lse[row], f32::NEG_INFINITY, "row {row}");
         assert!(o[row * 3..row * 3 + 3].iter().all(|v| *v == 0.0));
@@ -841,7 +856,8 @@ fn empty_rows_give_zeros_and_neg_inf() {
     for row in [0, 1, 2, 3, 5] {
         assert!(g.dq[row * 4..row * 4 + 4].iter().all(|v| *v == 0.0));
     }
-    let (w, i) = attention::top_keys(&c.params, c.shape(), &x.inputs(&c), 3).unwrap();
+    let keys = attention::top_keys(&c.params, c.shape(), &x.inputs(&c), 3).unwrap();
+    let (w, i) = (keys.weights, keys.indices);
     assert!(w[..12].iter().all(|v| *v == 0.0) && i[..12].iter().all(|v| *v == -1));
     // row 4 sees key 0 only: all its weight there, then padding
     assert_eq!(&i[12..15], &[0, -1, -1]);

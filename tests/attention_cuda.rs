@@ -13,7 +13,7 @@ use common::to_f64;
 use half::{bf16, f16};
 use neurokernels::attention::cuda::{self as gpu, AttentionViews};
 use neurokernels::attention::{
-    self, AttentionInputs, AttentionParams, AttentionShape, CuSeqlens, SplitKv,
+    self, AttentionInputs, AttentionOut, AttentionParams, AttentionShape, CuSeqlens, SplitKv,
 };
 use neurokernels::cuda::{CudaElement, Device};
 use neurokernels::element::Accum;
@@ -99,13 +99,13 @@ fn forward_case<E: CudaElement>(dev: &Device, n: usize, c: &Config) {
     assert_close(
         &format!("o {what}"),
         &to_f64(&got.0),
-        &to_f64(&want.0),
+        &to_f64(&want.o),
         tol::<E>(false),
     );
     assert_close(
         &format!("lse {what}"),
         &acc_f64(&got.1),
-        &acc_f64(&want.1),
+        &acc_f64(&want.lse),
         tol::<E>(false),
     );
 }
@@ -163,7 +163,7 @@ fn cuda_split_kv_equals_the_query_tile_path() {
 fn backward_case<E: CudaElement>(dev: &Device, n: usize, c: &Config) {
     let x = draw::<E>(c, 700 + n as u64);
     let inputs = x.inputs(c);
-    let (o, lse) = attention::forward(&c.params, c.shape(), &inputs).unwrap();
+    let AttentionOut { o, lse, .. } = attention::forward(&c.params, c.shape(), &inputs).unwrap();
     let want = attention::backward(&c.params, c.shape(), &inputs, &o, &x.d_o, &lse).unwrap();
     let got = gpu::backward_host(dev, &c.params, c.shape(), &inputs, &o, &x.d_o, &lse).unwrap();
     let what = format!("{} config {n} {c:?}", E::DTYPE);
@@ -220,10 +220,10 @@ fn top_keys_case<E: CudaElement>(dev: &Device, n: usize, c: &Config, top: usize)
     let want = attention::top_keys(&c.params, c.shape(), &inputs, top).unwrap();
     let got = gpu::top_keys_host(dev, &c.params, c.shape(), &inputs, top).unwrap();
     let what = format!("{} config {n} top {top} {c:?}", E::DTYPE);
-    let (gw, ww) = (acc_f64(&got.0), acc_f64(&want.0));
+    let (gw, ww) = (acc_f64(&got.0), acc_f64(&want.weights));
     let (rtol, atol) = tol::<E>(false);
     assert_close(&format!("weights {what}"), &gw, &ww, (rtol, atol));
-    for (slot, (gi, wi)) in got.1.iter().zip(&want.1).enumerate() {
+    for (slot, (gi, wi)) in got.1.iter().zip(&want.indices).enumerate() {
         // the same key, or a near tie of weights that rounding may order either way
         assert!(
             gi == wi || (*gi >= 0 && *wi >= 0 && (gw[slot] - ww[slot]).abs() <= 4.0 * atol),
@@ -385,7 +385,7 @@ fn cuda_bad_buffers_are_errors_naming_the_tensor() {
     assert_close(
         "o after the rejected calls",
         &to_f64(&s.clone_dtoh(&o).unwrap()),
-        &to_f64(&want.0),
+        &to_f64(&want.o),
         tol::<f32>(false),
     );
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::Rng;
-use neurokernels::ridge::{self, BatchedShape};
+use neurokernels::ridge::{self, BatchedShape, RidgeShape, Scores};
 
 /// max over problems of |(XᵀX + αI)w − XᵀY| relative to |XᵀY|, in f64.
 fn normal_equation_residual(
@@ -112,7 +112,8 @@ fn score_conventions() {
             [v, 0.3 * v, 2.0, -2.0 * v]
         })
         .collect();
-    let (r2, pearson) = ridge::score(n, 4, &y_true, &y_pred).unwrap();
+    let Scores { r2, pearson, .. } =
+        ridge::score(RidgeShape::new(n, 0, 4), &y_true, &y_pred).unwrap();
     assert_eq!(r2[0], 1.0);
     assert_eq!(pearson[0], 1.0);
     assert_eq!(r2[1], 0.0, "constant target: R² defined as 0");
@@ -155,8 +156,12 @@ fn bad_input_is_an_error_naming_the_tensor() {
     assert!(e.contains("flat index 4"), "{e}");
     let e = msg(ridge::solve_batched(s, &x_nan, &y_inf, &alpha).unwrap_err());
     assert!(e.contains("flat index 7"), "x is checked before y: {e}");
-    assert!(msg(ridge::score(3, 2, &y, &y[..5]).unwrap_err()).contains("y_pred"));
-    assert!(msg(ridge::score(3, 2, &y_inf, &y).unwrap_err()).contains("y_true"));
+    assert!(
+        msg(ridge::score(RidgeShape::new(3, 0, 2), &y, &y[..5]).unwrap_err()).contains("y_pred")
+    );
+    assert!(
+        msg(ridge::score(RidgeShape::new(3, 0, 2), &y_inf, &y).unwrap_err()).contains("y_true")
+    );
     // empty batch: Ok, nothing to solve
     assert!(
         ridge::solve_batched::<f32>(BatchedShape::new(0, 3, 2, 1), &[], &[], &[])
@@ -250,7 +255,7 @@ fn check_cv_design(
     };
     let reports = std::sync::Mutex::new(Vec::new());
     let record = |r: ridge::CvProgress| reports.lock().unwrap().push(r);
-    let fit = ridge::cv(&params, n, p, t, &inputs, Some(&record)).unwrap();
+    let fit = ridge::cv(&params, RidgeShape::new(n, p, t), &inputs, Some(&record)).unwrap();
     let n_folds = *folds.iter().max().unwrap() as usize + 1;
     let last = *reports.lock().unwrap().last().unwrap();
     assert_eq!(
@@ -299,7 +304,8 @@ fn check_cv_design(
                     pred.push(b[c] + (0..p).map(|j| x[r * p + j] * w[j * t + c]).sum::<f64>());
                 }
             }
-            let (r2, pearson) = ridge::score(test.len(), t, &truth, &pred).unwrap();
+            let Scores { r2, pearson, .. } =
+                ridge::score(RidgeShape::new(test.len(), 0, t), &truth, &pred).unwrap();
             let s = if score == ridge::CvScore::R2 {
                 r2
             } else {
@@ -428,9 +434,7 @@ fn cv_is_identical_for_any_thread_count_and_close_for_any_batch() {
             .install(|| {
                 ridge::cv(
                     &ridge::CvParams::new().target_batch(batch),
-                    n,
-                    p,
-                    t,
+                    RidgeShape::new(n, p, t),
                     &inputs,
                     None,
                 )
@@ -473,9 +477,14 @@ fn cv_bad_input_is_an_error_naming_the_tensor() {
             alphas,
             folds,
         };
-        ridge::cv(&ridge::CvParams::new(), n, p, t, &inputs, None)
-            .unwrap_err()
-            .to_string()
+        ridge::cv(
+            &ridge::CvParams::new(),
+            RidgeShape::new(n, p, t),
+            &inputs,
+            None,
+        )
+        .unwrap_err()
+        .to_string()
     };
     assert!(run(&x[..11], &y, &alphas, &good).contains("x"));
     assert!(run(&x, &y[..5], &alphas, &good).contains("y"));
@@ -504,7 +513,8 @@ fn score_matches_the_column_formulas_across_column_blocks() {
     let mut rng = Rng::new(3);
     let y_true: Vec<f64> = rng.vec(n * t, -1.0, 1.0);
     let y_pred: Vec<f64> = rng.vec(n * t, -1.0, 1.0);
-    let (r2, pearson) = ridge::score(n, t, &y_true, &y_pred).unwrap();
+    let Scores { r2, pearson, .. } =
+        ridge::score(RidgeShape::new(n, 0, t), &y_true, &y_pred).unwrap();
     for c in 0..t {
         let col = |v: &[f64]| (0..n).map(|i| v[i * t + c]).collect::<Vec<f64>>();
         let (yt, yp) = (col(&y_true), col(&y_pred));

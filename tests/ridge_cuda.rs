@@ -14,7 +14,7 @@ mod common;
 use common::{Rng, to_f64, worst_ratio};
 use neurokernels::cuda::Device;
 use neurokernels::ridge::cuda::CudaRidgeReal;
-use neurokernels::ridge::{self, BatchedShape, CvInputs, CvParams, CvScore};
+use neurokernels::ridge::{self, BatchedShape, CvInputs, CvParams, CvScore, RidgeShape};
 
 /// Well-conditioned problems: n ≈ 2p (primal) or p ≈ 2n (dual) with uniform entries.
 fn check_solve<E: CudaRidgeReal>(
@@ -176,7 +176,7 @@ fn check_cv<E: CudaRidgeReal>(device: &Device, seed: u64, tol: f64) {
             for center in [true, false] {
                 let params = CvParams::new().score(score).center(center).target_batch(3);
                 let what = format!("{} n{n} p{p} t{t} {score:?} center={center}", E::DTYPE);
-                let want = ridge::cv(&params, n, p, t, &inputs, None).unwrap();
+                let want = ridge::cv(&params, RidgeShape::new(n, p, t), &inputs, None).unwrap();
                 let got = ridge::cuda::cv_host(device, &params, n, p, t, &inputs, None).unwrap();
                 let (gs, ws) = (to_f64(&got.cv_scores), to_f64(&want.cv_scores));
                 let r = worst_ratio(&gs, &ws, tol, tol);
@@ -297,9 +297,9 @@ fn check_score<E: CudaRidgeReal>(device: &Device, tol: f64) {
                 y_pred[i * t + 1] = constant;
             }
         }
-        let want = ridge::score(n, t, &y_true, &y_pred).unwrap();
+        let want = ridge::score(RidgeShape::new(n, 0, t), &y_true, &y_pred).unwrap();
         let got = ridge::cuda::score_host(device, n, t, &y_true, &y_pred).unwrap();
-        for (what, g, w) in [("r2", &got.0, &want.0), ("pearson", &got.1, &want.1)] {
+        for (what, g, w) in [("r2", &got.0, &want.r2), ("pearson", &got.1, &want.pearson)] {
             let r = worst_ratio(&to_f64(g), &to_f64(w), tol, tol);
             assert!(r <= 1.0, "{} n{n} t{t} {what}: {r} x tolerance", E::DTYPE);
         }

@@ -156,7 +156,8 @@ fn results_do_not_depend_on_thread_count() {
         let isa = Isa::detected();
         pool.install(|| {
             let mut h = vec![0f32; n];
-            scan::linear_complex_into_on(isa, &ScanParams::new(), shape, &a, &b, None, &mut h).unwrap();
+            scan::linear_complex_into_on(isa, &ScanParams::new(), shape, &a, &b, None, &mut h)
+                .unwrap();
             let (mut da, mut db, mut dh0) = (vec![0f32; n], vec![0f32; n], vec![0f32; 6]);
             scan::linear_complex_backward_into_on(
                 isa,
@@ -246,5 +247,10 @@ fn bad_input_is_an_error_naming_the_tensor() {
         .contains("`dh0`")
     );
     let huge = ScanShape::new(usize::MAX / 4, 2, 2);
-    assert!(name(scan::linear_complex_into(&p, huge, &ok, &ok, None, &mut out)).contains("`a`"));
+    assert!(
+        name(scan::linear_complex_into(
+            &p, huge, &ok, &ok, None, &mut out
+        ))
+        .contains("`a`")
+    );
 }

@@ -319,7 +319,8 @@ fn check_selective<E: CudaElement>(device: &Device, seed: u64) {
                 h0: all.then_some(h0.as_slice()),
             };
             let p = SelectiveParams::new().delta_softplus(all);
-            let (want_y, want_h) = selective::selective(&p, s, &inputs).unwrap();
+            let out = selective::selective(&p, s, &inputs).unwrap();
+            let (want_y, want_h) = (out.y, out.h_last);
             let (got_y, got_h) = selective::cuda::selective_host(device, &p, s, &inputs).unwrap();
             let what = format!("selective {} {s:?} optional inputs={all}", E::DTYPE);
             let r = worst_ratio(&to_f64(&got_y), &to_f64(&want_y), rtol, atol);
@@ -494,7 +495,8 @@ fn check_gla<E: CudaElement>(device: &Device, seed: u64) {
                 h0: with_h0.then_some(h0.as_slice()),
             };
             let p = GlaParams::new().scale(Some(0.4));
-            let (want_o, want_h) = gla::gla(&p, s, &inputs).unwrap();
+            let out = gla::gla(&p, s, &inputs).unwrap();
+            let (want_o, want_h) = (out.o, out.h_last);
             let (got_o, got_h) = gla::cuda::gla_host(device, &p, s, &inputs).unwrap();
             let what = format!("gla {} {s:?} h0={with_h0}", E::DTYPE);
             let r = worst_ratio(&to_f64(&got_o), &to_f64(&want_o), rtol, atol);

@@ -8,7 +8,7 @@ mod common;
 use common::{Rng, to_f64, worst_ratio};
 use half::{bf16, f16};
 use neurokernels::cpu::Isa;
-use neurokernels::scan::gla::{self, GlaForm, GlaInputs, GlaParams, GlaShape};
+use neurokernels::scan::gla::{self, GlaForm, GlaInputs, GlaOut, GlaParams, GlaShape};
 use neurokernels::{DType, Element};
 
 struct Data<E: Element> {
@@ -120,7 +120,8 @@ where
                 sc,
             );
             for isa in Isa::available() {
-                let (o, hl) = gla::gla_on(isa, &GlaParams::new().scale(scale), s, &inputs).unwrap();
+                let GlaOut { o, h_last: hl, .. } =
+                    gla::gla_on(isa, &GlaParams::new().scale(scale), s, &inputs).unwrap();
                 let what = format!("{} {isa:?} {s:?} h0={with_h0}", E::DTYPE);
                 let r = worst_ratio(&to_f64(&o), &want_o, rtol, atol);
                 assert!(r <= 1.0, "o {what}: {r} x tolerance");
@@ -190,8 +191,10 @@ where
         };
         for isa in Isa::available() {
             let run = |form| gla::gla_on(isa, &GlaParams::new().form(form), s, &inputs).unwrap();
-            let (o_c, h_c) = run(GlaForm::Chunked);
-            let (o_r, h_r) = run(GlaForm::Recurrent);
+            let out = run(GlaForm::Chunked);
+            let (o_c, h_c) = (out.o, out.h_last);
+            let out = run(GlaForm::Recurrent);
+            let (o_r, h_r) = (out.o, out.h_last);
             let what = format!("{} {isa:?} {s:?} gates >= {gate_lo}", E::DTYPE);
             let r = worst_ratio(&to_f64(&o_c), &to_f64(&o_r), rtol, atol);
             assert!(r <= 1.0, "o {what}: {r} x tolerance");
@@ -255,7 +258,9 @@ fn zero_gates_give_causal_linear_attention() {
         g: &d.g,
         h0: None,
     };
-    let (o, _) = gla::gla(&GlaParams::new().scale(Some(1.0)), s, &inputs).unwrap();
+    let o = gla::gla(&GlaParams::new().scale(Some(1.0)), s, &inputs)
+        .unwrap()
+        .o;
     let (h, kd, vd) = (2, 8, 6);
     for t in 0..40 {
         for hi in 0..h {
@@ -292,7 +297,7 @@ fn extreme_gates_stay_finite() {
         g: &d.g,
         h0: None,
     };
-    let (o, h) = gla::gla(&GlaParams::new(), s, &inputs).unwrap();
+    let GlaOut { o, h_last: h, .. } = gla::gla(&GlaParams::new(), s, &inputs).unwrap();
     assert!(o.iter().chain(&h).all(|x| x.is_finite()));
     let dout: Vec<f32> = Rng::new(7).vec(5000 * 16, -1.0, 1.0);
     let g = gla::gla_backward(&GlaParams::new(), s, &inputs, &dout, None).unwrap();
@@ -321,7 +326,7 @@ fn backward_matches_finite_differences() {
                 g: &t[3],
                 h0: with_h0.then_some(t[4].as_slice()),
             };
-            let (o, h) = gla::gla(&p, s, &inputs).unwrap();
+            let GlaOut { o, h_last: h, .. } = gla::gla(&p, s, &inputs).unwrap();
             let mut l: f64 = o.iter().zip(&dout).map(|(a, b)| a * b).sum();
             if with_dh_last {
                 l += h.iter().zip(&dh_last).map(|(a, b)| a * b).sum::<f64>();
@@ -462,8 +467,6 @@ fn bad_input_is_an_error_naming_the_tensor() {
         g: &[],
         h0: None,
     };
-    assert_eq!(
-        gla::gla(&p, GlaShape::new(0, 3, 2, 4, 5), &none).unwrap(),
-        (vec![], vec![])
-    );
+    let out = gla::gla(&p, GlaShape::new(0, 3, 2, 4, 5), &none).unwrap();
+    assert_eq!((out.o, out.h_last), (vec![], vec![]));
 }

@@ -212,9 +212,18 @@ fn bad_input_is_an_error_naming_the_tensor() {
     expect_tensor_error(ScanShape::from_dims("a", &[2, 3]), "a");
     expect_tensor_error(ScanShape::from_dims("a", &[2, 3, 4, 1]), "a");
     // mismatched shapes
-    expect_tensor_error(scan::linear_into(&p, shape, &ok[..23], &ok, None, &mut out), "a");
-    expect_tensor_error(scan::linear_into(&p, shape, &ok, &ok[..20], None, &mut out), "b");
-    expect_tensor_error(scan::linear_into(&p, shape, &ok, &ok, None, &mut out[..1]), "h");
+    expect_tensor_error(
+        scan::linear_into(&p, shape, &ok[..23], &ok, None, &mut out),
+        "a",
+    );
+    expect_tensor_error(
+        scan::linear_into(&p, shape, &ok, &ok[..20], None, &mut out),
+        "b",
+    );
+    expect_tensor_error(
+        scan::linear_into(&p, shape, &ok, &ok, None, &mut out[..1]),
+        "h",
+    );
     // h0 of the wrong shape
     expect_tensor_error(
         scan::linear_into(&p, shape, &ok, &ok, Some(&state[..7]), &mut out),
@@ -224,10 +233,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
     let huge = ScanShape::new(usize::MAX / 2, 3, 1);
     expect_tensor_error(scan::linear_into(&p, huge, &ok, &ok, None, &mut out), "a");
     let huge_bytes = ScanShape::new(1, usize::MAX / 4, 1);
-    expect_tensor_error(
-        scan::linear_alloc::<f32>(&p, huge_bytes, &[], &[], None),
-        "a",
-    );
+    expect_tensor_error(scan::linear::<f32>(&p, huge_bytes, &[], &[], None), "a");
     // backward: each tensor
     let (mut da, mut db, mut dh0) = (vec![0f32; 24], vec![0f32; 24], vec![0f32; 8]);
     expect_tensor_error(
@@ -320,15 +326,14 @@ fn bad_input_is_an_error_naming_the_tensor() {
 fn empty_inputs_are_ok_no_ops() {
     let p = ScanParams::new();
     // empty batch
-    scan::linear::<f32>(&p, ScanShape::new(0, 5, 3), &[], &[], Some(&[]), &mut []).unwrap();
-    let g = scan::linear_backward_alloc::<f32>(&p, ScanShape::new(0, 5, 3), &[], &[], &[], None)
-        .unwrap();
+    scan::linear_into::<f32>(&p, ScanShape::new(0, 5, 3), &[], &[], Some(&[]), &mut []).unwrap();
+    let g = scan::linear_backward::<f32>(&p, ScanShape::new(0, 5, 3), &[], &[], &[], None).unwrap();
     assert!(g.da.is_empty() && g.dh0.is_empty());
     // no channels
-    scan::linear::<f32>(&p, ScanShape::new(2, 5, 0), &[], &[], None, &mut []).unwrap();
+    scan::linear_into::<f32>(&p, ScanShape::new(2, 5, 0), &[], &[], None, &mut []).unwrap();
     // no steps: h0 reaches no output, so its gradient is zero
     let mut dh0 = vec![f32::NAN; 6];
-    scan::linear_backward::<f32>(
+    scan::linear_backward_into::<f32>(
         &p,
         ScanShape::new(2, 0, 3),
         &[],

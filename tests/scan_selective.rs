@@ -211,9 +211,7 @@ fn results_do_not_depend_on_thread_count() {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            pool.install(|| {
-                selective::selective(&SelectiveParams::new(), s, &inputs).unwrap()
-            })
+            pool.install(|| selective::selective(&SelectiveParams::new(), s, &inputs).unwrap())
         };
         let one = run(1);
         assert!(run(2) == one && run(3) == one, "{s:?}");
@@ -332,10 +330,8 @@ fn bad_input_is_an_error_naming_the_tensor() {
         delta_bias: None,
         h0: None,
     };
-    assert_eq!(
-        selective::selective(&p, empty, &none).unwrap(),
-        (vec![], vec![])
-    );
+    let out = selective::selective(&p, empty, &none).unwrap();
+    assert_eq!((out.y, out.h_last), (vec![], vec![]));
 }
 
 /// Σ y·dy of the f64 kernel, for finite differences.
@@ -345,7 +341,7 @@ fn loss(
     p: &SelectiveParams,
     dy: &[f64],
 ) -> f64 {
-    let (y, _) = selective::selective(p, s, inputs).unwrap();
+    let y = selective::selective(p, s, inputs).unwrap().y;
     y.iter().zip(dy).map(|(a, b)| a * b).sum()
 }
 

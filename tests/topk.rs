@@ -9,7 +9,9 @@ mod common;
 use common::{Rng, to_f64};
 use half::{bf16, f16};
 use neurokernels::cpu::Isa;
-use neurokernels::topk::{self, BackwardInputs, EncoderInputs, Metric, RowsParams, SaeShape};
+use neurokernels::topk::{
+    self, BackwardInputs, EncoderInputs, Metric, RowsParams, RowsShape, SaeShape, TopK,
+};
 use neurokernels::{Element, Error};
 
 /// The stable top-k of `scores` (larger first, lower index first among equals).
@@ -99,7 +101,15 @@ fn rows_matches_stable_sort_on_every_isa_and_dtype() {
             rng.vec(r * n, -3.0, 3.0)
         };
         let xf = to_f64(&x);
-        let (v, i) = topk::rows_on(isa, r, n, &x, RowsParams::new(k).largest(largest)).unwrap();
+        let sel = topk::rows_on(
+            isa,
+            &RowsParams::new().largest(largest),
+            RowsShape::new(r, n),
+            k,
+            &x,
+        )
+        .unwrap();
+        let (v, i) = (sel.values, sel.indices);
         let sign = if largest { 1.0 } else { -1.0 };
         let signed: Vec<f64> = xf.iter().map(|v| v * sign).collect();
         let gv: Vec<f64> = to_f64(&v).iter().map(|v| v * sign).collect();
@@ -155,10 +165,19 @@ fn rows_ranks_nan_first_and_neg_inf_last() {
         -f32::INFINITY,
     ];
     for isa in Isa::available() {
-        let (v, i) = topk::rows_on(isa, 1, 6, &x, RowsParams::new(4)).unwrap();
+        let sel = topk::rows_on(isa, &RowsParams::new(), RowsShape::new(1, 6), 4, &x).unwrap();
+        let (v, i) = (sel.values, sel.indices);
         assert!(v[0].is_nan() && v[1].is_nan(), "{isa:?}: {v:?}");
         assert_eq!(&i[..], &[1, 4, 3, 0]);
-        let (v, i) = topk::rows_on(isa, 1, 6, &x, RowsParams::new(4).largest(false)).unwrap();
+        let sel = topk::rows_on(
+            isa,
+            &RowsParams::new().largest(false),
+            RowsShape::new(1, 6),
+            4,
+            &x,
+        )
+        .unwrap();
+        let (v, i) = (sel.values, sel.indices);
         assert_eq!(&i[..], &[2, 5, 0, 3], "{isa:?}: {v:?}");
     }
 }
@@ -225,7 +244,8 @@ fn encode_matches_dense_reference_on_every_isa_and_dtype() {
     fn run<E: Element>(isa: Isa, &(b, dm, l, k): &(usize, usize, usize, usize), bias: f64) {
         let d = sae::<E>(SaeShape::new(b, dm, l), (b * dm * l) as u64, bias);
         for with_b_dec in [false, true] {
-            let (v, i) = topk::encode_on(isa, d.s, d.inputs(with_b_dec), k).unwrap();
+            let sel = topk::encode_on(isa, d.s, k, &d.inputs(with_b_dec)).unwrap();
+            let (v, i) = (sel.values, sel.indices);
             let relu: Vec<f64> = d.pre(with_b_dec).iter().map(|p| p.max(0.0)).collect();
             let what = format!("{isa:?} {:?} {b}x{dm}x{l} k{k} bias {bias}", E::DTYPE);
             check_topk(&to_f64(&v), &i, &relu, b, k, tol_of::<E>(), &what);
@@ -262,9 +282,9 @@ fn encode_does_not_depend_on_the_thread_count() {
             .unwrap()
             .install(|| {
                 (
-                    topk::encode(d.s, d.inputs(true), 24).unwrap(),
-                    topk::encode_batch_topk(d.s, d.inputs(true), 5).unwrap(),
-                    topk::nearest(d.s, &d.x, &d.w_enc, 3, Metric::L2).unwrap(),
+                    topk::encode(d.s, 24, &d.inputs(true)).unwrap(),
+                    topk::encode_batch_topk(d.s, 5, &d.inputs(true)).unwrap(),
+                    topk::nearest(Metric::L2, d.s, 3, &d.x, &d.w_enc).unwrap(),
                 )
             })
     };
@@ -280,14 +300,15 @@ fn encode_of_a_nan_row_returns_nan_values_and_leaves_other_rows_alone() {
     for v in &mut d.x[16..32] {
         *v = f32::NAN;
     }
-    let (v, i) = topk::encode(d.s, d.inputs(false), 4).unwrap();
+    let sel = topk::encode(d.s, 4, &d.inputs(false)).unwrap();
+    let (v, i) = (sel.values, sel.indices);
     assert!(v[4..8].iter().all(|v| v.is_nan()));
     assert_eq!(&i[4..8], &[0, 1, 2, 3]);
     let relu: Vec<f64> = d.pre(false).iter().map(|p| p.max(0.0)).collect();
     check_topk(&to_f64(&v[..4]), &i[..4], &relu[..100], 1, 4, 2e-5, "row 0");
     check_topk(&to_f64(&v[8..]), &i[8..], &relu[200..], 1, 4, 2e-5, "row 2");
     // CSR encoders never keep a NaN
-    let c = topk::encode_batch_topk(d.s, d.inputs(false), 4).unwrap();
+    let c = topk::encode_batch_topk(d.s, 4, &d.inputs(false)).unwrap();
     assert!(c.values.iter().all(|v| !v.is_nan()));
     assert_eq!(c.indptr[1], c.indptr[2]);
 }
@@ -321,7 +342,7 @@ fn batch_topk_looks_past_nan_pre_activations() {
             b_dec: None,
         };
         for isa in Isa::available() {
-            let c = topk::encode_batch_topk_on(isa, SaeShape::new(b, dm, l), inputs, k).unwrap();
+            let c = topk::encode_batch_topk_on(isa, SaeShape::new(b, dm, l), k, &inputs).unwrap();
             let got: Vec<(usize, u32, f32)> = (0..b)
                 .flat_map(|r| {
                     let span = c.indptr[r] as usize..c.indptr[r + 1] as usize;
@@ -364,7 +385,7 @@ fn batch_topk_and_jumprelu_match_dense_references() {
             };
             let pre = d.pre(true);
             let what = format!("{isa:?} {:?} {b}x{dm}x{l} k{k} bias {bias}", E::DTYPE);
-            let c = topk::encode_batch_topk_on(isa, d.s, d.inputs(true), k).unwrap();
+            let c = topk::encode_batch_topk_on(isa, d.s, k, &d.inputs(true)).unwrap();
             let want = batch_topk_f64(&pre, b, l, k);
             assert_eq!(c.indptr.len(), b + 1);
             for r in 0..b {
@@ -401,7 +422,7 @@ fn batch_topk_and_jumprelu_match_dense_references() {
             let theta: Vec<E> = (0..l)
                 .map(|j| E::from_f64(0.1 + 0.4 * ((j * 7) % 5) as f64 / 5.0))
                 .collect();
-            let c = topk::encode_jumprelu_on(isa, d.s, d.inputs(true), &theta).unwrap();
+            let c = topk::encode_jumprelu_on(isa, d.s, &d.inputs(true), &theta).unwrap();
             if E::DTYPE != neurokernels::DType::F64 {
                 continue;
             }
@@ -488,7 +509,7 @@ fn decode_and_backward_match_direct_formulas() {
             isa,
             d.s,
             k,
-            BackwardInputs {
+            &BackwardInputs {
                 x: &d.x,
                 w_enc: &d.w_enc,
                 b_enc: &d.b_enc,
@@ -558,7 +579,7 @@ fn backward_matches_finite_differences() {
     let mut rng = Rng::new(5);
     let w_dec: Vec<f64> = rng.vec(l * dm, -0.5, 0.5);
     let d_xhat: Vec<f64> = rng.vec(b * dm, -1.0, 1.0);
-    let (_, indices) = topk::encode(s, d.inputs(true), k).unwrap();
+    let indices = topk::encode(s, k, &d.inputs(true)).unwrap().indices;
     let loss = |x: &[f64], we: &[f64], be: &[f64], bd: &[f64], wd: &[f64]| -> f64 {
         let pre = pre_f64(x, we, be, Some(bd), s);
         let mut total = 0.0;
@@ -583,7 +604,7 @@ fn backward_matches_finite_differences() {
     let g = topk::backward(
         s,
         k,
-        BackwardInputs {
+        &BackwardInputs {
             x: &d.x,
             w_enc: &d.w_enc,
             b_enc: &d.b_enc,
@@ -640,7 +661,7 @@ fn matching_pursuit_and_codebook_match_references() {
     let b_dec: Vec<f64> = rng.vec(dm, -0.1, 0.1);
     let s = SaeShape::new(b, dm, l);
     for isa in Isa::available() {
-        let mp = topk::encode_mp_on(isa, s, &x, &atoms, Some(&b_dec), k).unwrap();
+        let mp = topk::encode_mp_on(isa, s, k, &x, &atoms, Some(&b_dec)).unwrap();
         for r in 0..b {
             let mut res: Vec<f64> = (0..dm).map(|c| x[r * dm + c] - b_dec[c]).collect();
             for step in 0..k {
@@ -663,7 +684,8 @@ fn matching_pursuit_and_codebook_match_references() {
             }
         }
         for metric in [Metric::Dot, Metric::Cosine, Metric::L2] {
-            let (scores, idx) = topk::nearest_on(isa, s, &x, &atoms, 4, metric).unwrap();
+            let sel = topk::nearest_on(isa, metric, s, 4, &x, &atoms).unwrap();
+            let (scores, idx) = (sel.values, sel.indices);
             let norm = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>().sqrt();
             let table: Vec<f64> = (0..b * l)
                 .map(|f| {
@@ -703,26 +725,32 @@ fn matching_pursuit_and_codebook_match_references() {
 #[test]
 fn bad_input_is_an_error_naming_the_tensor() {
     let d = sae::<f32>(SaeShape::new(4, 8, 20), 1, 0.0);
-    let names = |r: Result<(Vec<f32>, Vec<i32>), Error>, want: &str| {
+    let names = |r: Result<TopK<f32>, Error>, want: &str| {
         let e = r.expect_err(want).to_string();
         assert!(e.contains(want), "{e:?} should name {want}");
     };
-    names(topk::encode(d.s, d.inputs(false), 0), "k");
-    names(topk::encode(d.s, d.inputs(false), 21), "k");
-    names(topk::rows(4, 40, &d.x, RowsParams::new(3)), "x");
-    names(topk::rows(4, 8, &d.x, RowsParams::new(0)), "k");
+    names(topk::encode(d.s, 0, &d.inputs(false)), "k");
+    names(topk::encode(d.s, 21, &d.inputs(false)), "k");
+    names(
+        topk::rows(&RowsParams::new(), RowsShape::new(4, 40), 3, &d.x),
+        "x",
+    );
+    names(
+        topk::rows(&RowsParams::new(), RowsShape::new(4, 8), 0, &d.x),
+        "k",
+    );
     let short = EncoderInputs {
         b_enc: &d.b_enc[..19],
         ..d.inputs(false)
     };
-    names(topk::encode(d.s, short, 2), "b_enc");
+    names(topk::encode(d.s, 2, &short), "b_enc");
     let bad_dec = EncoderInputs {
         b_dec: Some(&d.b_dec[..7]),
         ..d.inputs(false)
     };
-    names(topk::encode(d.s, bad_dec, 2), "b_dec");
+    names(topk::encode(d.s, 2, &bad_dec), "b_dec");
     names(
-        topk::nearest(d.s, &d.x, &d.w_enc[..100], 2, Metric::Dot),
+        topk::nearest(Metric::Dot, d.s, 2, &d.x, &d.w_enc[..100]),
         "codebook",
     );
     assert!(
@@ -731,9 +759,9 @@ fn bad_input_is_an_error_naming_the_tensor() {
             .to_string()
             .contains("metric")
     );
-    let e = topk::encode_jumprelu(d.s, d.inputs(false), &[f32::NAN; 20]).unwrap_err();
+    let e = topk::encode_jumprelu(d.s, &d.inputs(false), &[f32::NAN; 20]).unwrap_err();
     assert!(e.to_string().contains("threshold"));
-    let e = topk::encode_batch_topk(d.s, d.inputs(false), 0).unwrap_err();
+    let e = topk::encode_batch_topk(d.s, 0, &d.inputs(false)).unwrap_err();
     assert!(e.to_string().contains("k"));
     let w_dec = d.w_enc.clone();
     let values = vec![1.0f32; 8];
@@ -744,7 +772,7 @@ fn bad_input_is_an_error_naming_the_tensor() {
         let grads = topk::backward(
             d.s,
             2,
-            BackwardInputs {
+            &BackwardInputs {
                 x: &d.x,
                 w_enc: &d.w_enc,
                 b_enc: &d.b_enc,
@@ -759,19 +787,20 @@ fn bad_input_is_an_error_naming_the_tensor() {
     }
     let e = topk::decode(d.s, 2, &[0; 8], &values[..7], &w_dec, None).unwrap_err();
     assert!(e.to_string().contains("values"));
-    let e = topk::encode_mp(d.s, &d.x, &w_dec, None, 0).unwrap_err();
+    let e = topk::encode_mp(d.s, 0, &d.x, &w_dec, None).unwrap_err();
     assert!(e.to_string().contains("k"));
     // empty batch: empty outputs, no error
     let empty = SaeShape::new(0, 8, 20);
-    let (v, i) = topk::encode(
+    let sel = topk::encode(
         empty,
-        EncoderInputs {
+        3,
+        &EncoderInputs {
             x: &[],
             ..d.inputs(false)
         },
-        3,
     )
     .unwrap();
+    let (v, i) = (sel.values, sel.indices);
     assert!(v.is_empty() && i.is_empty());
 }
 
@@ -785,11 +814,12 @@ fn a_zero_model_dimension_does_not_panic() {
         let x_hat = topk::decode_on(isa, s, k, &indices, &values, &[], None).unwrap();
         assert!(x_hat.is_empty(), "{isa:?}");
         for metric in [Metric::Dot, Metric::Cosine, Metric::L2] {
-            let (v, i) = topk::nearest_on::<f32>(isa, s, &[], &[], k, metric).unwrap();
+            let sel = topk::nearest_on::<f32>(isa, metric, s, k, &[], &[]).unwrap();
+            let (v, i) = (sel.values, sel.indices);
             assert_eq!((v.len(), i.len()), (6, 6), "{isa:?} {metric:?}");
         }
     }
-    let mp = topk::encode_mp(s, &[] as &[f32], &[], None, k).unwrap();
+    let mp = topk::encode_mp(s, k, &[] as &[f32], &[], None).unwrap();
     assert_eq!((mp.values.len(), mp.indices.len()), (6, 6));
     assert!(mp.residual.is_empty());
 }

@@ -9,8 +9,15 @@ mod common;
 use common::{Rng, to_f64};
 use half::{bf16, f16};
 use neurokernels::cuda::{CudaElement, Device};
-use neurokernels::topk::{self, BackwardInputs, Csr, EncoderInputs, Metric, RowsParams, SaeShape};
+use neurokernels::topk::{
+    self, BackwardInputs, Csr, EncoderInputs, Metric, RowsParams, RowsShape, SaeShape, TopK,
+};
 use neurokernels::{Element, Error};
+
+/// A CPU (or `rows_host`) selection as the (values, indices) pair the other host calls return.
+fn pair<E>(t: TopK<E>) -> (Vec<E>, Vec<i32>) {
+    (t.values, t.indices)
+}
 
 /// Same rows of (value, index) pairs, value by value within `tol` and index by index where
 /// the values are not near-ties.
@@ -38,9 +45,9 @@ fn rows_case<E: CudaElement>(dev: &Device, r: usize, n: usize, k: usize, largest
         x[3] = E::from_f64(f64::NAN);
         x[7] = x[5]; // a tie
     }
-    let p = RowsParams::new(k).largest(largest);
-    let want = topk::rows(r, n, &x, p).unwrap();
-    let got = topk::cuda::rows_host(dev, r, n, &x, p).unwrap();
+    let (p, shape) = (RowsParams::new().largest(largest), RowsShape::new(r, n));
+    let want = pair(topk::rows(&p, shape, k, &x).unwrap());
+    let got = pair(topk::cuda::rows_host(dev, &p, shape, k, &x).unwrap());
     // exact: the same order keys decide on both
     assert_eq!(
         got.1,
@@ -85,7 +92,7 @@ fn encode_case<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: u
         b_enc: &be,
         b_dec: Some(&bd),
     };
-    let want = topk::encode(s, inputs, k).unwrap();
+    let want = pair(topk::encode(s, k, &inputs).unwrap());
     let got = topk::cuda::encode_host(dev, s, inputs, k).unwrap();
     let tol = if E::DTYPE == neurokernels::DType::F32 {
         1e-4
@@ -162,9 +169,11 @@ fn cuda_limits_are_errors() {
         Err(Error::Unsupported(_))
     ));
     let xd = vec![0.5f64; 40];
-    let e = topk::cuda::rows_host(&dev, 2, 20, &xd, RowsParams::new(3)).unwrap_err();
+    let e =
+        topk::cuda::rows_host(&dev, &RowsParams::new(), RowsShape::new(2, 20), 3, &xd).unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
-    let e = topk::cuda::rows_host(&dev, 2, 20, &x, RowsParams::new(3)).unwrap_err();
+    let e =
+        topk::cuda::rows_host(&dev, &RowsParams::new(), RowsShape::new(2, 20), 3, &x).unwrap_err();
     assert!(e.to_string().contains("x"), "{e}");
 }
 
@@ -261,7 +270,7 @@ fn cuda_nearest_matches_cpu() {
         let sae = Sae::<E>::new(b, dm, l, 0.0, (b + dm + l) as u64);
         let s = SaeShape::new(b, dm, l);
         for metric in [Metric::Dot, Metric::Cosine, Metric::L2] {
-            let want = topk::nearest(s, &sae.x, &sae.w, k, metric).unwrap();
+            let want = pair(topk::nearest(metric, s, k, &sae.x, &sae.w).unwrap());
             let got = topk::cuda::nearest_host(dev, s, &sae.x, &sae.w, k, metric).unwrap();
             let what = format!("{:?} nearest {metric:?} {b}x{dm}x{l} k{k}", E::DTYPE);
             same_selection(&what, &got, &want, tolerance::<E>());
@@ -286,7 +295,7 @@ fn cuda_jumprelu_matches_cpu() {
         // some negative thresholds: negative pre-activations may be kept too
         let theta: Vec<E> = rng.vec(l, -0.2, 0.8);
         let s = SaeShape::new(b, dm, l);
-        let want = topk::encode_jumprelu(s, sae.inputs(), &theta).unwrap();
+        let want = topk::encode_jumprelu(s, &sae.inputs(), &theta).unwrap();
         let got = topk::cuda::encode_jumprelu_host(dev, s, sae.inputs(), &theta).unwrap();
         let what = format!("{:?} jumprelu {b}x{dm}x{l}", E::DTYPE);
         let tol = tolerance::<E>();
@@ -317,7 +326,7 @@ fn cuda_batch_topk_matches_cpu() {
             }
         }
         let s = SaeShape::new(b, dm, l);
-        let want = topk::encode_batch_topk(s, sae.inputs(), k).unwrap();
+        let want = topk::encode_batch_topk(s, k, &sae.inputs()).unwrap();
         let got = topk::cuda::encode_batch_topk_host(dev, s, sae.inputs(), k).unwrap();
         let what = format!("{:?} batch_topk {b}x{dm}x{l} k{k} skew {skew}", E::DTYPE);
         // the batch threshold: the smallest kept value
@@ -356,7 +365,7 @@ fn cuda_mp_matches_cpu() {
             atoms.extend(row.iter().map(|v| E::from_f64(v / n)));
         }
         let s = SaeShape::new(b, dm, l);
-        let want = topk::encode_mp(s, &x, &atoms, Some(&bd), k).unwrap();
+        let want = topk::encode_mp(s, k, &x, &atoms, Some(&bd)).unwrap();
         let got = topk::cuda::encode_mp_host(dev, s, &x, &atoms, Some(&bd), k).unwrap();
         let what = format!("{:?} mp {b}x{dm}x{l} k{k}", E::DTYPE);
         assert_eq!(got.indices, want.indices, "{what}: indices");
@@ -404,7 +413,7 @@ fn cuda_backward_matches_cpu() {
             values: &values,
             d_xhat: &d_xhat,
         };
-        let want = topk::backward(s, k, inputs).unwrap();
+        let want = topk::backward(s, k, &inputs).unwrap();
         let got = topk::cuda::backward_host(dev, s, k, inputs).unwrap();
         let tol = 10.0 * tolerance::<E>();
         for (name, g, w) in [

@@ -41,18 +41,25 @@ const DIMS: [usize; 6] = [32, 64, 96, 128, 192, 256];
 
 /// The additive bias on the device: `[Bb, Hb, Sq, Sk]`, Bb in {1, B}, Hb in {1, Hq}.
 pub struct BiasView<'a, 'b, A> {
+    /// `[Bb, Hb, Sq, Sk]`: the bias values, in the accumulator type.
     pub data: &'a CudaView<'b, A>,
+    /// Bb: 1 (shared by every batch row) or B.
     pub batch: usize,
+    /// Hb: 1 (shared by every query head) or Hq.
     pub heads: usize,
 }
 
 /// The device inputs of the attention ops. `v` is needed by forward and backward only.
 pub struct AttentionViews<'a, 'b, E: CudaElement> {
+    /// `[B, Sq, Hq, D]`: the queries.
     pub q: &'a CudaView<'b, E>,
+    /// `[B, Sk, Hk, D]`: the keys.
     pub k: &'a CudaView<'b, E>,
+    /// `[B, Sk, Hk, Dv]`: the values; required by forward and backward, unused by `top_keys`.
     pub v: Option<&'a CudaView<'b, E>>,
-    /// `[Hq]`
+    /// `[Hq]`, accumulator type: ALiBi slopes, `s -= slope[h]·|i + Sk − Sq − j|`.
     pub alibi_slopes: Option<&'a CudaView<'b, E::Acc>>,
+    /// Additive score bias `[Bb, Hb, Sq, Sk]`, accumulator type.
     pub bias: Option<BiasView<'a, 'b, E::Acc>>,
     /// Host offsets of the packed sequences (B = 1).
     pub cu_seqlens: Option<CuSeqlens<'a>>,

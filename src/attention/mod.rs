@@ -14,6 +14,39 @@
 //!
 //! Every call validates its inputs first and returns an [`Error`] naming the tensor; results
 //! are bit-identical whatever the rayon thread count (see `cpu` for the plan of each kernel).
+//!
+//! # Example
+//!
+//! Causal attention with grouped-query heads (4 query heads share 2 KV heads), its
+//! backward, and the keys each query attends to most.
+//!
+//! ```
+//! use neurokernels::attention::{self, AttentionInputs, AttentionParams, AttentionShape};
+//!
+//! let (b, s, hq, hk, d) = (1, 16, 4, 2, 8);
+//! let shape = AttentionShape::from_dims(&[b, s, hq, d], &[b, s, hk, d], Some(&[b, s, hk, d]))?;
+//! let q: Vec<f32> = (0..b * s * hq * d).map(|i| (i % 7) as f32 * 0.1).collect();
+//! let k: Vec<f32> = (0..b * s * hk * d).map(|i| (i % 5) as f32 * 0.1).collect();
+//! let v: Vec<f32> = (0..b * s * hk * d).map(|i| (i % 3) as f32).collect();
+//! let inputs = AttentionInputs::new(&q, &k, &v);
+//! let params = AttentionParams::new().causal(true);
+//!
+//! let out = attention::forward(&params, shape, &inputs)?;
+//! assert_eq!(out.o.len(), b * s * hq * d); // o [B, Sq, Hq, Dv]
+//! assert_eq!(out.o[..d], v[..d]); // causal: query 0 sees only key 0, so o = v of key 0
+//!
+//! let d_o = vec![1.0f32; out.o.len()];
+//! let grads = attention::backward(&params, shape, &inputs, &out.o, &d_o, &out.lse)?;
+//! assert_eq!(grads.dk.len(), k.len());
+//!
+//! let top = attention::top_keys(&params, shape, &inputs, 2)?;
+//! assert!((top.weights[0] - 1.0).abs() < 1e-6); // query 0 sees only key 0
+//! assert_eq!(top.indices[..2], [0, -1]); // padded: fewer visible keys than `top`
+//!
+//! // k and v swapped is caught by the shapes when they differ; a wrong layout is an error
+//! assert!(AttentionShape::from_dims(&[b, s, hq, d], &[b, s, hk, d + 1], None).is_err());
+//! # Ok::<(), neurokernels::Error>(())
+//! ```
 
 mod cpu;
 #[cfg(feature = "cuda")]
@@ -56,6 +89,7 @@ pub enum BackwardTasks {
 
 /// Parameters of the attention ops (CASES.md names and defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct AttentionParams {
     /// Causal mask aligned bottom-right: query i sees key j when j <= i + Sk − Sq.
     pub causal: bool,
@@ -88,33 +122,42 @@ impl Default for AttentionParams {
 }
 
 impl AttentionParams {
+    /// The defaults: no causal or window mask, no softcap, scale 1/sqrt(D), both paths `Auto`.
     pub fn new() -> Self {
         Self::default()
     }
+    /// Causal mask (default false): query i sees key j only when j <= i + Sk − Sq.
     pub fn causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
     }
+    /// Left window (default −1 = unbounded): query i sees no key j < i + Sk − Sq − `keys`.
     pub fn window_left(mut self, keys: i64) -> Self {
         self.window_left = keys;
         self
     }
+    /// Right window (default −1 = unbounded): query i sees no key j > i + Sk − Sq + `keys`.
     pub fn window_right(mut self, keys: i64) -> Self {
         self.window_right = keys;
         self
     }
+    /// Score softcap (default 0 = off): `s = softcap·tanh(s / softcap)`, applied after the
+    /// scale and before ALiBi, bias and masks. Must be finite and >= 0.
     pub fn softcap(mut self, softcap: f64) -> Self {
         self.softcap = softcap;
         self
     }
+    /// Score scale (default `None` = 1/sqrt(D)); must be finite.
     pub fn scale(mut self, scale: Option<f64>) -> Self {
         self.scale = scale;
         self
     }
+    /// The forward's path (default [`SplitKv::Auto`]); changes rounding only.
     pub fn split_kv(mut self, split_kv: SplitKv) -> Self {
         self.split_kv = split_kv;
         self
     }
+    /// The CPU backward's task split (default [`BackwardTasks::Auto`]); same bits either way.
     pub fn backward_tasks(mut self, tasks: BackwardTasks) -> Self {
         self.backward_tasks = tasks;
         self
@@ -150,16 +193,25 @@ impl AttentionParams {
 /// The dims of `q [B, Sq, Hq, D]`, `k [B, Sk, Hk, D]` and `v [B, Sk, Hk, Dv]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
+    /// B, the batch size (1 with cu_seqlens).
     pub batch: usize,
+    /// Sq, the query length (the packed total with cu_seqlens).
     pub len_q: usize,
+    /// Sk, the key/value length (the packed total with cu_seqlens).
     pub len_k: usize,
+    /// Hq, the query heads: a multiple of `heads_kv`.
     pub heads_q: usize,
+    /// Hk, the key/value heads (Hk = Hq: MHA; 1: MQA; else GQA).
     pub heads_kv: usize,
+    /// D, the head dim of q and k.
     pub head_dim: usize,
+    /// Dv, the head dim of v and o (unused by `top_keys`).
     pub value_dim: usize,
 }
 
 impl AttentionShape {
+    /// From the dims in field order (B, Sq, Sk, Hq, Hk, D, Dv); prefer named fields or
+    /// [`from_dims`](Self::from_dims), which cannot misorder them.
     pub fn new(
         batch: usize,
         len_q: usize,
@@ -266,8 +318,11 @@ struct Sizes {
 /// the axes of size 1).
 #[derive(Clone, Copy, Debug)]
 pub struct Bias<'a, T> {
+    /// `[Bb, Hb, Sq, Sk]`: the bias values, in the accumulator type.
     pub data: &'a [T],
+    /// Bb: 1 (shared by every batch row) or B.
     pub batch: usize,
+    /// Hb: 1 (shared by every query head) or Hq.
     pub heads: usize,
 }
 
@@ -275,19 +330,26 @@ pub struct Bias<'a, T> {
 /// `q[n]..q[n+1]` and key rows `k[n]..k[n+1]` of the S axes (B = 1).
 #[derive(Clone, Copy, Debug)]
 pub struct CuSeqlens<'a> {
+    /// `[N+1]`: cumulative query lengths, from 0, non-decreasing, ending at Sq.
     pub q: &'a [i32],
+    /// `[N+1]`: cumulative key lengths, from 0, non-decreasing, ending at Sk.
     pub k: &'a [i32],
 }
 
 /// The inputs of the attention ops. `v` is not read by `top_keys` (pass `&[]`).
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionInputs<'a, E: Element> {
+    /// `[B, Sq, Hq, D]`: the queries.
     pub q: &'a [E],
+    /// `[B, Sk, Hk, D]`: the keys.
     pub k: &'a [E],
+    /// `[B, Sk, Hk, Dv]`: the values (ignored by `top_keys`).
     pub v: &'a [E],
-    /// `[Hq]`
+    /// `[Hq]`, accumulator type: ALiBi slopes, `s -= slope[h]·|i + Sk − Sq − j|` (default none).
     pub alibi_slopes: Option<&'a [E::Acc]>,
+    /// Additive score bias `[Bb, Hb, Sq, Sk]`, accumulator type (default none).
     pub bias: Option<Bias<'a, E::Acc>>,
+    /// Packed variable-length sequences, with B = 1 (default none).
     pub cu_seqlens: Option<CuSeqlens<'a>>,
 }
 
@@ -303,14 +365,17 @@ impl<'a, E: Element> AttentionInputs<'a, E> {
             cu_seqlens: None,
         }
     }
+    /// Sets the ALiBi slopes `[Hq]` (default none).
     pub fn alibi_slopes(mut self, slopes: Option<&'a [E::Acc]>) -> Self {
         self.alibi_slopes = slopes;
         self
     }
+    /// Sets the additive bias `[Bb, Hb, Sq, Sk]` (default none).
     pub fn bias(mut self, bias: Option<Bias<'a, E::Acc>>) -> Self {
         self.bias = bias;
         self
     }
+    /// Sets the packed sequences' cumulative lengths (default none; requires B = 1).
     pub fn cu_seqlens(mut self, cu: Option<CuSeqlens<'a>>) -> Self {
         self.cu_seqlens = cu;
         self
@@ -500,11 +565,12 @@ pub struct AttentionOut<E: Element> {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct AttentionGrads<E> {
-    /// `[B, Sq, Hq, D]`
+    /// `[B, Sq, Hq, D]`: the gradient of `q`.
     pub dq: Vec<E>,
-    /// `[B, Sk, Hk, D]`: summed over the query heads that share each KV head.
+    /// `[B, Sk, Hk, D]`: the gradient of `k`, summed over the query heads that share each KV head.
     pub dk: Vec<E>,
-    /// `[B, Sk, Hk, Dv]`: summed over the query heads that share each KV head.
+    /// `[B, Sk, Hk, Dv]`: the gradient of `v`, summed over the query heads that share each KV
+    /// head.
     pub dv: Vec<E>,
 }
 

@@ -251,7 +251,9 @@ impl Runner {
             let shape = topk::RowsShape::new(r, n);
             let x = typed::<E>(case, "x")?;
             let (v, i) = match runner.kind {
-                DeviceKind::Cpu => topk::rows(&params, shape, k, x).map(|t| (t.values, t.indices))?,
+                DeviceKind::Cpu => {
+                    topk::rows(&params, shape, k, x).map(|t| (t.values, t.indices))?
+                }
                 DeviceKind::Cuda => E::cuda_rows(runner, shape, k, x, params)?,
             };
             let mut out = Outputs::new();
@@ -297,7 +299,9 @@ impl Runner {
             match case.op.as_str() {
                 "sae.encode" => {
                     let (v, i) = match runner.kind {
-                        DeviceKind::Cpu => topk::encode(shape, k, &inputs).map(|t| (t.values, t.indices))?,
+                        DeviceKind::Cpu => {
+                            topk::encode(shape, k, &inputs).map(|t| (t.values, t.indices))?
+                        }
                         DeviceKind::Cuda => E::cuda_encode(runner, shape, inputs, k)?,
                     };
                     put(&mut out, "values", vec![shape.batch, k], E::wrap(v));

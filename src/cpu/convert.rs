@@ -3,6 +3,7 @@
 
 use half::{bf16, f16};
 
+/// `x` widened to f32 (exact; NaN stays NaN, made quiet).
 #[inline(always)]
 pub fn f16_to_f32(x: f16) -> f32 {
     let h = x.to_bits() as u32;
@@ -22,6 +23,7 @@ pub fn f16_to_f32(x: f16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// `x` rounded to f16, to nearest even (overflow gives ±inf; NaN stays NaN, made quiet).
 #[inline(always)]
 pub fn f32_to_f16(x: f32) -> f16 {
     let f = x.to_bits();
@@ -61,11 +63,13 @@ pub fn f32_to_f16(x: f32) -> f16 {
     f16::from_bits(sign | bits)
 }
 
+/// `x` widened to f32 (exact).
 #[inline(always)]
 pub fn bf16_to_f32(x: bf16) -> f32 {
     f32::from_bits((x.to_bits() as u32) << 16)
 }
 
+/// `x` rounded to bf16, to nearest even (NaN stays NaN, made quiet).
 #[inline(always)]
 pub fn f32_to_bf16(x: f32) -> bf16 {
     let f = x.to_bits();

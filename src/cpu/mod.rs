@@ -118,6 +118,8 @@ impl Isa {
             .collect()
     }
 
+    /// Whether this CPU can run `self` (AVX2 and AVX-512 also need FMA and F16C); scalar
+    /// always can.
     pub fn is_supported(self) -> bool {
         match self {
             Isa::Scalar => true,
@@ -152,6 +154,7 @@ impl Isa {
         }
     }
 
+    /// The lowercase name: `"scalar"`, `"avx2"`, `"avx512"` or `"neon"`.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",

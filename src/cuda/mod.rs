@@ -88,6 +88,7 @@ impl Device {
         })
     }
 
+    /// The device's CUDA context (the primary context of its GPU).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.context
     }
@@ -102,6 +103,7 @@ impl Device {
         Ok(self.context.new_stream()?)
     }
 
+    /// The device's name as the driver reports it (e.g. `"NVIDIA H100 80GB HBM3"`).
     pub fn name(&self) -> Result<String> {
         Ok(self.context.name()?)
     }

@@ -10,7 +10,7 @@
 //! solves (cuBLAS `trsmBatched`: cuSOLVER's `potrsBatched` takes one right-hand side only),
 //! in the element type.
 //!
-//! `ridge.cv` ([`cv_host`]): the CPU algorithm of [`super::cv`] with the products in cuBLAS,
+//! `ridge.cv` ([`cv_host`]): the CPU algorithm of [`super::cv()`] with the products in cuBLAS,
 //! the eigendecompositions in cuSOLVER (`syevd`) and our kernels for the rest (centering and
 //! splitting each target batch, scaling, the fused held-out scoring, the alpha selection).
 //! Targets are copied from host memory one batch (`target_batch` columns) at a time, so y
@@ -1363,7 +1363,7 @@ impl<E: CudaRidgeReal> CvRun<'_, E> {
         let no_rows = upload_rows(stream, &[])?;
         let mut w = vec![E::default(); p * t];
         let mut y_mean = vec![0.0f64; t];
-        let batch = self.params.target_batch.max(1);
+        let batch = self.params.target_batch;
         let mut t0 = 0;
         while t0 < t {
             let tb = batch.min(t - t0);
@@ -1455,13 +1455,16 @@ pub fn cv_host<E: CudaRidgeReal>(
 ) -> Result<CvFit<E>> {
     let (n, p, t) = (samples, features, targets);
     let fold_rows = super::cv::check_inputs(n, p, t, inputs)?;
+    if params.target_batch == 0 {
+        return Err(Error::invalid("target_batch", "must be at least 1"));
+    }
     if p == 0 || t == 0 {
-        return super::cv(params, n, p, t, inputs, progress);
+        return super::cv(params, super::RidgeShape::new(n, p, t), inputs, progress);
     }
     // every size the libraries and kernels see as i32
     int(n, "x")?;
     int(p, "x")?;
-    int(params.target_batch.max(1).min(t), "y")?;
+    int(params.target_batch.min(t), "y")?;
     let n_alphas = inputs.alphas.len();
     let a_len = int(n_alphas, "alphas")?;
     let n_folds = fold_rows.len();
@@ -1476,7 +1479,7 @@ pub fn cv_host<E: CudaRidgeReal>(
         t,
     };
     let mut sums = stream.alloc_zeros::<f64>(n_alphas * t)?;
-    let batch = params.target_batch.max(1);
+    let batch = params.target_batch;
     for (f, test) in fold_rows.iter().enumerate() {
         let train: Vec<usize> = (0..n).filter(|i| inputs.folds[*i] as usize != f).collect();
         let fold = DeviceFold::new(&run.la, params, p, inputs, &train, test)?;

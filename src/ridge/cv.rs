@@ -108,14 +108,16 @@ pub enum CvScore {
 
 /// Parameters of `ridge.cv`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CvParams {
+    /// The held-out score alphas are chosen by (default [`CvScore::R2`]).
     pub score: CvScore,
-    /// Center x and y with the training rows' means and fit an intercept.
+    /// Center x and y with the training rows' means and fit an intercept (default true).
     pub center: bool,
     /// Targets per batch: the working memory is about (p + 2·n) · target_batch values
     /// and 4 · rank · target_batch f64 (the scoring) beside the decompositions (per fold:
     /// the eigenvectors, the held-out projection and the rank × rank f64 matrix M;
-    /// rank = min(p, training rows)).
+    /// rank = min(p, training rows)). Default 2048; must be at least 1. Changes rounding only.
     pub target_batch: usize,
 }
 
@@ -130,17 +132,21 @@ impl Default for CvParams {
 }
 
 impl CvParams {
+    /// The defaults: R² scores, centered, target batches of 2048.
     pub fn new() -> Self {
         Self::default()
     }
+    /// The held-out score (default [`CvScore::R2`]).
     pub fn score(mut self, score: CvScore) -> Self {
         self.score = score;
         self
     }
+    /// Center x and y with the training rows' means and fit an intercept (default true).
     pub fn center(mut self, center: bool) -> Self {
         self.center = center;
         self
     }
+    /// Targets scored per batch (default 2048, at least 1): bounds the working memory.
     pub fn target_batch(mut self, targets: usize) -> Self {
         self.target_batch = targets;
         self
@@ -150,17 +156,21 @@ impl CvParams {
 /// Where a running `ridge.cv` is: reported after each target batch of each fold and after
 /// the refit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CvProgress {
     /// The fold being scored, or `folds` during the refit.
     pub fold: usize,
+    /// The number of folds F.
     pub folds: usize,
     /// Targets of this fold (or of the refit) done so far.
     pub targets_done: usize,
+    /// The number of targets t.
     pub targets: usize,
 }
 
 /// Outputs of `ridge.cv`.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct CvFit<E> {
     /// `[A, t]`: each alpha's held-out score, mean over folds (unweighted).
     pub cv_scores: Vec<E>,
@@ -175,10 +185,13 @@ pub struct CvFit<E> {
 /// The design of `ridge.cv`: `x [n, p]`, `y [n, t]`, `alphas [A]`, `folds [n]`.
 #[derive(Clone, Copy, Debug)]
 pub struct CvInputs<'a, E> {
+    /// `[n, p]`: the design, finite.
     pub x: &'a [E],
+    /// `[n, t]`: the targets, finite; each column is its own regression.
     pub y: &'a [E],
+    /// `[A]`: the candidate alphas, finite and > 0.
     pub alphas: &'a [E],
-    /// The fold of each sample, 0..F−1; each fold is held out once.
+    /// `[n]`: the fold of each sample, 0..F−1 (F ≥ 2, every id used); each fold is held out once.
     pub folds: &'a [i32],
 }
 
@@ -195,8 +208,8 @@ pub fn cv<E: RidgeReal>(
     E::ridge_cv(params, shape, inputs, progress)
 }
 
-/// `ridge.predict`: `y [samples, targets] = x [samples, features] · w [features, targets]
-/// + intercept [targets]` (no intercept when `None`), for example with a [`CvFit`]'s `w` and
+/// `ridge.predict`: `y [samples, targets] = x [samples, features] · w [features, targets] +
+/// intercept [targets]` (no intercept when `None`), for example with a [`CvFit`]'s `w` and
 /// `intercept`. Products in the element type by faer, parallel over rayon's threads.
 pub fn predict<E: RidgeReal>(
     shape: RidgeShape,
@@ -237,7 +250,7 @@ fn predict_impl<E: RidgeReal>(
     if let Some(b) = intercept {
         y.par_chunks_mut(t).for_each(|row| {
             for (v, b) in row.iter_mut().zip(b) {
-                *v = *v + *b;
+                *v += *b;
             }
         });
     }

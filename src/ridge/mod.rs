@@ -1,5 +1,5 @@
 //! Batched ridge regression (CPU): `ridge.cv` (one design matrix, many targets, an alpha per
-//! target by cross-validation; see [`cv`]), `ridge.solve_batched` (many independent small
+//! target by cross-validation; see [`cv()`]), `ridge.solve_batched` (many independent small
 //! problems) and `ridge.score` (R² and Pearson per target).
 //!
 //! Small problems: the products (XᵀX or XXᵀ, XᵀY) run in the accumulator type (f32, f64 for
@@ -7,6 +7,37 @@
 //! (n ≥ p) or of the dual XXᵀ + αI (n < p, then w = Xᵀ(XXᵀ + αI)⁻¹Y) and the triangular
 //! solves run in f64 (p³/3 against the products' n·p², and f64 keeps them stable). One task
 //! per problem: results do not depend on the thread count.
+//!
+//! # Example
+//!
+//! A voxelwise encoding model: one design, many targets, an alpha per target chosen by
+//! cross-validation, then predictions and their scores.
+//!
+//! ```
+//! use neurokernels::ridge::{self, CvInputs, CvParams, RidgeShape};
+//!
+//! let shape = RidgeShape { samples: 60, features: 3, targets: 2 };
+//! let x: Vec<f64> = (0..60 * 3).map(|i| ((i * 37 % 11) as f64 - 5.0) / 5.0).collect();
+//! // target 0 = 2·x0 − x2 exactly; target 1 = x1 plus a deterministic wobble
+//! let y: Vec<f64> = (0..60)
+//!     .flat_map(|r| {
+//!         let row = &x[r * 3..r * 3 + 3];
+//!         [2.0 * row[0] - row[2], row[1] + 0.3 * ((r * 7 % 5) as f64 - 2.0)]
+//!     })
+//!     .collect();
+//! let folds: Vec<i32> = (0..60).map(|r| r % 3).collect();
+//! let alphas = [1e-3, 1.0, 1e3];
+//! let inputs = CvInputs { x: &x, y: &y, alphas: &alphas, folds: &folds };
+//!
+//! let fit = ridge::cv(&CvParams::new(), shape, &inputs, None)?;
+//! assert_eq!(fit.best_alpha[0], 1e-3); // a noiseless target wants little shrinkage
+//! assert!((fit.w[0] - 2.0).abs() < 1e-2); // w [p, t]: w[feature 0, target 0]
+//!
+//! let y_hat = ridge::predict(shape, &x, &fit.w, Some(&fit.intercept))?;
+//! let scores = ridge::score(shape, &y, &y_hat)?;
+//! assert!(scores.r2[0] > 0.999 && scores.pearson[1] > 0.5);
+//! # Ok::<(), neurokernels::Error>(())
+//! ```
 
 use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
@@ -82,13 +113,18 @@ pub struct Scores<E> {
 /// Sizes of `ridge.solve_batched`: G problems, each `x [n, p]`, `y [n, t]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchedShape {
+    /// G, the independent problems.
     pub problems: usize,
+    /// n, the rows of each x and y.
     pub samples: usize,
+    /// p, the columns of each x.
     pub features: usize,
+    /// t, the columns of each y.
     pub targets: usize,
 }
 
 impl BatchedShape {
+    /// From the dims in field order (G, n, p, t).
     pub fn new(problems: usize, samples: usize, features: usize, targets: usize) -> Self {
         Self {
             problems,

@@ -1,7 +1,7 @@
 //! `scan.gla`: gated linear attention with a matrix-valued state, on the CPU.
 //!
-//! Per (batch, head): S[t] = diag(exp(g[t]))·S[t-1] + k[t]ᵀ·v[t] (S is K×V, S[-1] = h0 or
-//! zeros), o[t] = scale·q[t]·S[t]. Log-gates g <= 0 enter only through exp(g) <= 1, so no
+//! Per (batch, head): S\[t\] = diag(exp(g\[t\]))·S\[t-1\] + k\[t\]ᵀ·v\[t\] (S is K×V, S\[-1\] = h0 or
+//! zeros), o\[t\] = scale·q\[t\]·S\[t\]. Log-gates g <= 0 enter only through exp(g) <= 1, so no
 //! exponential of a large positive number is ever formed, however long the sequence.
 //!
 //! Two forms compute the forward (chosen by [`GlaForm`], both exact):
@@ -15,8 +15,8 @@
 //! count. The inner loops are plain slices, compiled per ISA through `cpu::dispatch`.
 //!
 //! Backward (with upstream do and optional dh_last): walking back with dS (from dh_last),
-//! dS += scale·q[t]ᵀ·do[t]; dq[t] = scale·S[t]·do[t]; dk[t] = dS·v[t]; dv[t] = dSᵀ·k[t];
-//! dg[t] = exp(g[t]) ∘ rowsum(dS ∘ S[t-1]); dS = diag(exp(g[t]))·dS; dh0 = dS at the end.
+//! dS += scale·q\[t\]ᵀ·do\[t\]; dq\[t\] = scale·S\[t\]·do\[t\]; dk\[t\] = dS·v\[t\]; dv\[t\] = dSᵀ·k\[t\];
+//! dg\[t\] = exp(g\[t\]) ∘ rowsum(dS ∘ S\[t-1\]); dS = diag(exp(g\[t\]))·dS; dh0 = dS at the end.
 //! The states are recomputed chunk by chunk from checkpoints, never stored for all steps.
 
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
@@ -42,6 +42,7 @@ pub enum GlaForm {
 
 /// Parameters of `scan.gla`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct GlaParams {
     /// Output scale; `None` = 1/sqrt(K).
     pub scale: Option<f64>,
@@ -50,15 +51,18 @@ pub struct GlaParams {
 }
 
 impl GlaParams {
+    /// The defaults: scale 1/sqrt(K), the [`GlaForm::Chunked`] forward.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Output scale (default `None` = 1/sqrt(K)): `o[t] = scale·q[t]·S[t]`.
     pub fn scale(mut self, scale: Option<f64>) -> Self {
         self.scale = scale;
         self
     }
 
+    /// The CPU forward's evaluation order (default [`GlaForm::Chunked`]); changes rounding only.
     pub fn form(mut self, form: GlaForm) -> Self {
         self.form = form;
         self
@@ -68,14 +72,20 @@ impl GlaParams {
 /// `[B, T, H, K]` queries/keys/gates and `[B, T, H, V]` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GlaShape {
+    /// B, the batch size.
     pub batch: usize,
+    /// T, the time steps.
     pub len: usize,
+    /// H, the heads (each with its own K×V state).
     pub heads: usize,
+    /// K, the head dim of q, k and g (rows of the state).
     pub key_dim: usize,
+    /// V, the head dim of v and o (columns of the state).
     pub value_dim: usize,
 }
 
 impl GlaShape {
+    /// From the dims in field order (B, T, H, K, V).
     pub fn new(batch: usize, len: usize, heads: usize, key_dim: usize, value_dim: usize) -> Self {
         Self {
             batch,
@@ -133,12 +143,15 @@ impl GlaShape {
 /// The inputs of `scan.gla`; `h0` is in the accumulator type (f32, f64 for f64).
 #[derive(Clone, Copy, Debug)]
 pub struct GlaInputs<'a, E: Element> {
+    /// `[B, T, H, K]`: the queries.
     pub q: &'a [E],
+    /// `[B, T, H, K]`: the keys.
     pub k: &'a [E],
+    /// `[B, T, H, V]`: the values.
     pub v: &'a [E],
     /// Log-gates, <= 0 (positive ones are accepted and used as given; they grow the state).
     pub g: &'a [E],
-    /// `[B, H, K, V]`
+    /// `[B, H, K, V]`, accumulator type: the initial state (default `None` = zeros).
     pub h0: Option<&'a [E::Acc]>,
 }
 
@@ -168,7 +181,7 @@ impl<E: Element> GlaInputs<'_, E> {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct GlaOut<E: Element> {
-    /// `[B, T, H, V]`: o[t] = scale·q[t]·S[t].
+    /// `[B, T, H, V]`: o\[t\] = scale·q\[t\]·S\[t\].
     pub o: Vec<E>,
     /// `[B, H, K, V]`: the state after the last step, in the accumulator type.
     pub h_last: Vec<E::Acc>,
@@ -543,11 +556,11 @@ impl<E: Element> SimdKernel for ForwardHead<'_, E> {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct GlaGrads<E: Element> {
-    /// `[B, T, H, K]`
+    /// `[B, T, H, K]`: the gradient of `q`.
     pub dq: Vec<E>,
-    /// `[B, T, H, K]`
+    /// `[B, T, H, K]`: the gradient of `k`.
     pub dk: Vec<E>,
-    /// `[B, T, H, V]`
+    /// `[B, T, H, V]`: the gradient of `v`.
     pub dv: Vec<E>,
     /// `[B, T, H, K]`: the gradient of the log-gates.
     pub dg: Vec<E>,
@@ -825,10 +838,15 @@ pub mod cuda {
 
     /// The inputs on the device; `h0` in the accumulator type.
     pub struct DeviceInputs<'a, E: CudaElement> {
+        /// `[B, T, H, K]`: the queries.
         pub q: CudaView<'a, E>,
+        /// `[B, T, H, K]`: the keys.
         pub k: CudaView<'a, E>,
+        /// `[B, T, H, V]`: the values.
         pub v: CudaView<'a, E>,
+        /// `[B, T, H, K]`: the log-gates, <= 0.
         pub g: CudaView<'a, E>,
+        /// `[B, H, K, V]`, accumulator type: the initial state (`None` = zeros).
         pub h0: Option<CudaView<'a, E::Acc>>,
     }
 
@@ -1046,10 +1064,15 @@ pub mod cuda {
     /// Gradients of `scan.gla` on the device, in new buffers (at least one element long, so
     /// an empty gradient is a 1-element buffer); `dh0` where h0 was given.
     pub struct DeviceGrads<E: CudaElement> {
+        /// `[B, T, H, K]`: the gradient of q.
         pub dq: CudaSlice<E>,
+        /// `[B, T, H, K]`: the gradient of k.
         pub dk: CudaSlice<E>,
+        /// `[B, T, H, V]`: the gradient of v.
         pub dv: CudaSlice<E>,
+        /// `[B, T, H, K]`: the gradient of the log-gates g.
         pub dg: CudaSlice<E>,
+        /// `[B, H, K, V]`, accumulator type: the gradient of h0; `Some` only where h0 was given.
         pub dh0: Option<CudaSlice<E::Acc>>,
     }
 

@@ -1,8 +1,37 @@
-//! Linear-recurrence scans. `scan.linear`: h[t] = a[t]·h[t-1] + b[t], elementwise over
+//! Linear-recurrence scans. `scan.linear`: h\[t\] = a\[t\]·h\[t-1\] + b\[t\], elementwise over
 //! channels, on tensors laid out `[B, T, D]` (channels contiguous), and its backward.
 //!
-//! CPU entry points take slices; CUDA ones ([`cuda`], feature `cuda`) take device slices and
+//! CPU entry points take slices; CUDA ones (`scan::cuda`, feature `cuda`) take device slices and
 //! a stream. All validate shapes up front and return `Err` naming the tensor.
+//!
+//! # Example
+//!
+//! A forward and its backward, then Mamba's selective scan ([`selective`]); gated linear
+//! attention ([`gla`]) follows the same pattern.
+//!
+//! ```
+//! use neurokernels::scan::{self, ScanParams, ScanShape};
+//! use neurokernels::scan::selective::{self, SelectiveInputs, SelectiveParams, SelectiveShape};
+//!
+//! let shape = ScanShape::from_dims("a", &[1, 4, 2])?; // [B, T, D]
+//! let a = vec![0.5f32; 8];
+//! let b = vec![1.0f32; 8];
+//! let h = scan::linear(&ScanParams::new(), shape, &a, &b, None)?;
+//! assert_eq!(h[6..8], [1.875; 2]); // 1, 1.5, 1.75, 1.875
+//!
+//! // gradients of sum(h): dh = 1
+//! let grads = scan::linear_backward(&ScanParams::new(), shape, &a, &h, &[1.0; 8], None)?;
+//! assert_eq!(grads.db[0], 1.875); // 1 + 0.5 + 0.25 + 0.125
+//!
+//! // Mamba: u, delta [B, T, D]; A [D, N]; Bm, Cm [B, T, N]
+//! let s = SelectiveShape::from_dims(&[1, 4, 2], &[2, 3])?;
+//! let (u, delta) = (vec![1.0f32; 8], vec![0.1f32; 8]);
+//! let (a, bm, cm) = (vec![-1.0f32; 6], vec![1.0f32; 12], vec![1.0f32; 12]);
+//! let inputs = SelectiveInputs::new(&u, &delta, &a, &bm, &cm);
+//! let out = selective::selective(&SelectiveParams::new().delta_softplus(true), s, &inputs)?;
+//! assert_eq!((out.y.len(), out.h_last.len()), (8, 6)); // y [B, T, D], h_last [B, D, N]
+//! # Ok::<(), neurokernels::Error>(())
+//! ```
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
@@ -16,17 +45,21 @@ use crate::error::{Error, Result};
 
 /// Parameters of `scan.linear` and `scan.linear_backward`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ScanParams {
-    /// Run the recurrence from t = T-1 down to 0: h[t] = a[t]·h[t+1] + b[t], with h0
+    /// Run the recurrence from t = T-1 down to 0: h\[t\] = a\[t\]·h\[t+1\] + b\[t\], with h0
     /// entering at t = T-1.
     pub reverse: bool,
 }
 
 impl ScanParams {
+    /// The defaults: a forward-in-time scan (`reverse` false).
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Scan from t = T-1 down to 0 (default false): `h[t] = a[t]·h[t+1] + b[t]`, with h0
+    /// entering at t = T-1.
     pub fn reverse(mut self, reverse: bool) -> Self {
         self.reverse = reverse;
         self
@@ -36,12 +69,16 @@ impl ScanParams {
 /// The shape `[batch, len, channels]` = `[B, T, D]` of a linear scan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScanShape {
+    /// B, the number of independent sequences.
     pub batch: usize,
+    /// T, the time steps of each sequence.
     pub len: usize,
+    /// D, the channels, each scanned independently (complex scans: complex channels).
     pub channels: usize,
 }
 
 impl ScanShape {
+    /// `[batch, len, channels]` = `[B, T, D]`.
     pub fn new(batch: usize, len: usize, channels: usize) -> Self {
         Self {
             batch,
@@ -91,7 +128,9 @@ pub(crate) use crate::error::check_len;
 /// Real or complex scans; a complex channel is two interleaved floats (re, im).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Numbers {
+    /// Real channels: tensors `[B, T, D]`, states `[B, D]`.
     Real,
+    /// Complex channels: tensors `[B, T, D, 2]`, states `[B, D, 2]` (real, imaginary last).
     Complex,
 }
 
@@ -296,7 +335,16 @@ pub fn linear_backward<E: Element>(
     dh: &[E],
     h0: Option<&[E]>,
 ) -> Result<LinearGrads<E>> {
-    backward_alloc(Numbers::Real, params, shape, a, h, dh, h0, E::scan_linear_backward)
+    backward_alloc(
+        Numbers::Real,
+        params,
+        shape,
+        a,
+        h,
+        dh,
+        h0,
+        E::scan_linear_backward,
+    )
 }
 
 /// [`linear_backward`] into the caller's `da`, `db` (`[B, T, D]`) and `dh0` (`[B, D]`).
@@ -434,6 +482,7 @@ fn backward_alloc<E: Element>(
 
 /// A shape from a complex tensor's dims, which must be `[B, T, D, 2]`.
 impl ScanShape {
+    /// A shape from a complex tensor's dims, which must be `[B, T, D, 2]`.
     pub fn from_complex_dims(tensor: &str, dims: &[usize]) -> Result<Self> {
         match *dims {
             [batch, len, channels, 2] => Ok(Self::new(batch, len, channels)),
@@ -447,7 +496,7 @@ impl ScanShape {
 }
 
 /// `scan.linear_complex` on the CPU: the same recurrence over complex numbers,
-/// h[t] = a[t]·h[t-1] + b[t], with `a`, `b` and the returned `h` laid out `[B, T, D, 2]`
+/// h\[t\] = a\[t\]·h\[t-1\] + b\[t\], with `a`, `b` and the returned `h` laid out `[B, T, D, 2]`
 /// (real, imaginary interleaved) and `h0` `[B, D, 2]`. Accumulates in f32 (f64 for f64).
 pub fn linear_complex<E: Element>(
     params: &ScanParams,
@@ -456,7 +505,15 @@ pub fn linear_complex<E: Element>(
     b: &[E],
     h0: Option<&[E]>,
 ) -> Result<Vec<E>> {
-    forward_alloc(Numbers::Complex, params, shape, a, b, h0, E::scan_linear_complex)
+    forward_alloc(
+        Numbers::Complex,
+        params,
+        shape,
+        a,
+        b,
+        h0,
+        E::scan_linear_complex,
+    )
 }
 
 /// [`linear_complex`] into the caller's `h [B, T, D, 2]`.
@@ -488,8 +545,8 @@ pub fn linear_complex_into_on<E: Element>(
 
 /// Backward of [`linear_complex`]. Gradients follow PyTorch's convention for a real loss L:
 /// the gradient of a complex z is dL/dRe(z) + i·dL/dIm(z). With g the gradient of h including
-/// the future: g[s] = dh[s] + conj(a[s+1])·g[s+1], db = g, da = g·conj(h[s-1]),
-/// dh0 = conj(a[0])·g[0]. Returns `da`, `db` (`[B, T, D, 2]`) and `dh0` (`[B, D, 2]`).
+/// the future: g\[s\] = dh\[s\] + conj(a\[s+1\])·g\[s+1\], db = g, da = g·conj(h\[s-1\]),
+/// dh0 = conj(a\[0\])·g\[0\]. Returns `da`, `db` (`[B, T, D, 2]`) and `dh0` (`[B, D, 2]`).
 pub fn linear_complex_backward<E: Element>(
     params: &ScanParams,
     shape: ScanShape,
@@ -498,7 +555,16 @@ pub fn linear_complex_backward<E: Element>(
     dh: &[E],
     h0: Option<&[E]>,
 ) -> Result<LinearGrads<E>> {
-    backward_alloc(Numbers::Complex, params, shape, a, h, dh, h0, E::scan_linear_complex_backward)
+    backward_alloc(
+        Numbers::Complex,
+        params,
+        shape,
+        a,
+        h,
+        dh,
+        h0,
+        E::scan_linear_complex_backward,
+    )
 }
 
 /// [`linear_complex_backward`] into the caller's `da`, `db` and `dh0`.

@@ -1,13 +1,13 @@
 //! `scan.selective`: the fused selective scan of Mamba-1, on the CPU.
 //!
 //! Per (batch, channel d, state n): dt = delta (+ delta_bias, then softplus if asked);
-//! x[t] = exp(dt·A[d,n])·x[t-1] + dt·Bm[t,n]·u[t]; y[t] = Σ_n Cm[t,n]·x[t,d,n] + Dskip·u[t];
+//! x\[t\] = exp(dt·A\[d,n\])·x\[t-1\] + dt·Bm\[t,n\]·u\[t\]; y\[t\] = Σ_n Cm\[t,n\]·x\[t,d,n\] + Dskip·u\[t\];
 //! y *= silu(z) where z is given. Discretization, scan, contraction, skip and gate run in one
 //! pass; the [B, T, D, N] states are never stored.
 //!
 //! Kernel plan: tasks are (batch, block of channels); a task keeps its block's states
 //! `x[n][d]` and `A` transposed to `[n][d]` in small buffers, so the vectors run across
-//! channels (contiguous in u, delta, y) and Bm[t,n], Cm[t,n] are broadcast. The bound is the
+//! channels (contiguous in u, delta, y) and Bm\[t,n\], Cm\[t,n\] are broadcast. The bound is the
 //! B·T·D·N exponentials (a vectorized exp), not memory. Each (batch, channel) is computed by
 //! one task in time order: deterministic whatever the thread count.
 
@@ -41,16 +41,19 @@ const PREFETCH_STEPS: usize = 6;
 
 /// Parameters of `scan.selective`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SelectiveParams {
     /// dt = softplus(delta + delta_bias) instead of delta + delta_bias.
     pub delta_softplus: bool,
 }
 
 impl SelectiveParams {
+    /// The defaults: `delta_softplus` false.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Apply softplus to delta (+ delta_bias) to get dt (default false: dt = delta + delta_bias).
     pub fn delta_softplus(mut self, on: bool) -> Self {
         self.delta_softplus = on;
         self
@@ -60,13 +63,18 @@ impl SelectiveParams {
 /// `[B, T, D]` sequences with an `N`-dimensional state per channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SelectiveShape {
+    /// B, the batch size.
     pub batch: usize,
+    /// T, the time steps.
     pub len: usize,
+    /// D, the channels (of u, delta, y).
     pub channels: usize,
+    /// N, the state size per channel (of A, Bm, Cm).
     pub state: usize,
 }
 
 impl SelectiveShape {
+    /// From the dims in field order (B, T, D, N).
     pub fn new(batch: usize, len: usize, channels: usize, state: usize) -> Self {
         Self {
             batch,
@@ -125,21 +133,23 @@ struct Sizes {
 /// delta_bias, h0) in its accumulator type (f32, or f64 for f64 sequences).
 #[derive(Clone, Copy, Debug)]
 pub struct SelectiveInputs<'a, E: Element> {
+    /// `[B, T, D]`: the input sequence.
     pub u: &'a [E],
+    /// `[B, T, D]`: the step sizes before `delta_bias` and softplus.
     pub delta: &'a [E],
-    /// `[D, N]`
+    /// `[D, N]`, accumulator type: the state matrix A (decay `exp(dt·A)`; negative in Mamba).
     pub a: &'a [E::Acc],
-    /// `[B, T, N]`
+    /// `[B, T, N]`: the input projection Bm.
     pub bm: &'a [E],
-    /// `[B, T, N]`
+    /// `[B, T, N]`: the output projection Cm.
     pub cm: &'a [E],
-    /// `[D]`
+    /// `[D]`, accumulator type: the skip weight, `y += Dskip·u` (default none).
     pub dskip: Option<&'a [E::Acc]>,
-    /// `[B, T, D]`
+    /// `[B, T, D]`: the gate, `y ·= silu(z)` (default none).
     pub z: Option<&'a [E]>,
-    /// `[D]`
+    /// `[D]`, accumulator type: added to delta before the softplus (default none).
     pub delta_bias: Option<&'a [E::Acc]>,
-    /// `[B, D, N]`
+    /// `[B, D, N]`, accumulator type: the state before the first step (default none = zeros).
     pub h0: Option<&'a [E::Acc]>,
 }
 
@@ -623,20 +633,25 @@ impl<E: Element> SimdKernel for SelectiveBlock<'_, E> {
 
 /// Gradients of `scan.selective`: `None` where the input was not given.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct SelectiveGrads<E: Element> {
-    /// `[B, T, D]`
+    /// `[B, T, D]`: the gradient of `u`.
     pub du: Vec<E>,
-    /// `[B, T, D]`
+    /// `[B, T, D]`: the gradient of `delta`.
     pub ddelta: Vec<E>,
-    /// `[D, N]`
+    /// `[D, N]`, accumulator type: the gradient of `a` (A).
     pub da: Vec<E::Acc>,
-    /// `[B, T, N]`
+    /// `[B, T, N]`: the gradient of `bm`.
     pub dbm: Vec<E>,
-    /// `[B, T, N]`
+    /// `[B, T, N]`: the gradient of `cm`.
     pub dcm: Vec<E>,
+    /// `[D]`, accumulator type: the gradient of `dskip`, where it was given.
     pub ddskip: Option<Vec<E::Acc>>,
+    /// `[B, T, D]`: the gradient of `z`, where it was given.
     pub dz: Option<Vec<E>>,
+    /// `[D]`, accumulator type: the gradient of `delta_bias`, where it was given.
     pub ddelta_bias: Option<Vec<E::Acc>>,
+    /// `[B, D, N]`, accumulator type: the gradient of `h0`, where it was given.
     pub dh0: Option<Vec<E::Acc>>,
 }
 
@@ -649,7 +664,7 @@ const BACKWARD_BLOCK: usize = 64;
 /// `scan.selective_backward` on the CPU: the gradients of Σ y·dy (no gradient flows into
 /// h_last). Tasks are (batch, channel block); each re-runs its forward in chunks of
 /// CHECKPOINT_STEPS from stored states and walks them in reverse:
-/// gx[t] = Cm[t]·dy'[t] + exp(dt[t+1]·A)·gx[t+1] with dy' = dy·silu(z) (dy without z).
+/// gx\[t\] = Cm\[t\]·dy'\[t\] + exp(dt\[t+1\]·A)·gx\[t+1\] with dy' = dy·silu(z) (dy without z).
 /// Sums over channels (dBm, dCm) and over batch and time (dA, dDskip, ddelta_bias) are
 /// taken per task and reduced in a fixed order: the result does not depend on the thread
 /// count. Uses the scalar ISA-independent loops (the forward is the vectorized hot path).
@@ -931,14 +946,23 @@ pub mod cuda {
 
     /// The inputs on the device; parameters (A, Dskip, delta_bias, h0) in the accumulator type.
     pub struct DeviceInputs<'a, E: CudaElement> {
+        /// `[B, T, D]`: the input sequence.
         pub u: CudaView<'a, E>,
+        /// `[B, T, D]`: the step sizes before `delta_bias` and softplus.
         pub delta: CudaView<'a, E>,
+        /// `[D, N]`, accumulator type: the state matrix A.
         pub a: CudaView<'a, E::Acc>,
+        /// `[B, T, N]`: the input projection Bm.
         pub bm: CudaView<'a, E>,
+        /// `[B, T, N]`: the output projection Cm.
         pub cm: CudaView<'a, E>,
+        /// `[D]`, accumulator type: the skip weight, `y += Dskip·u`.
         pub dskip: Option<CudaView<'a, E::Acc>>,
+        /// `[B, T, D]`: the gate, `y ·= silu(z)`.
         pub z: Option<CudaView<'a, E>>,
+        /// `[D]`, accumulator type: added to delta before the softplus.
         pub delta_bias: Option<CudaView<'a, E::Acc>>,
+        /// `[B, D, N]`, accumulator type: the state before the first step (`None` = zeros).
         pub h0: Option<CudaView<'a, E::Acc>>,
     }
 
@@ -1238,14 +1262,23 @@ pub mod cuda {
 
     /// Gradients of `scan.selective` on the device (`None` where the input was not given).
     pub struct DeviceGrads<E: CudaElement> {
+        /// `[B, T, D]`: the gradient of u.
         pub du: CudaSlice<E>,
+        /// `[B, T, D]`: the gradient of delta.
         pub ddelta: CudaSlice<E>,
+        /// `[D, N]`, accumulator type: the gradient of A.
         pub da: CudaSlice<E::Acc>,
+        /// `[B, T, N]`: the gradient of Bm.
         pub dbm: CudaSlice<E>,
+        /// `[B, T, N]`: the gradient of Cm.
         pub dcm: CudaSlice<E>,
+        /// `[D]`, accumulator type: the gradient of Dskip, where it was given.
         pub ddskip: Option<CudaSlice<E::Acc>>,
+        /// `[B, T, D]`: the gradient of z, where it was given.
         pub dz: Option<CudaSlice<E>>,
+        /// `[D]`, accumulator type: the gradient of delta_bias, where it was given.
         pub ddelta_bias: Option<CudaSlice<E::Acc>>,
+        /// `[B, D, N]`, accumulator type: the gradient of h0, where it was given.
         pub dh0: Option<CudaSlice<E::Acc>>,
     }
 

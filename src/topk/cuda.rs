@@ -117,9 +117,13 @@ pub fn rows<E: CudaElement>(
 
 /// The device inputs of `sae.encode`.
 pub struct EncoderViews<'a, 'b, E> {
+    /// `[B, Dm]`: the rows to encode.
     pub x: &'a CudaView<'b, E>,
+    /// `[L, Dm]`: the encoder weights, one row per latent.
     pub w_enc: &'a CudaView<'b, E>,
+    /// `[L]`: the encoder bias.
     pub b_enc: &'a CudaView<'b, E>,
+    /// `[Dm]`: the decoder bias, subtracted from x first (`None` = zeros).
     pub b_dec: Option<&'a CudaView<'b, E>>,
 }
 
@@ -1009,7 +1013,7 @@ pub fn nearest_host<E: CudaElement>(
 
 /// [`super::encode_mp`] on the device: the residual in f32 on the device; each step one
 /// top-1 run of the fused encoder on the residual (sae_select_residual_*), then a step
-/// kernel that records (j, c) and subtracts c·w_dec[j].
+/// kernel that records (j, c) and subtracts c·w_dec\[j\].
 pub fn encode_mp_host<E: CudaElement>(
     device: &Device,
     shape: SaeShape,

@@ -15,6 +15,38 @@
 //! Determinism: results are bit-identical whatever the thread count (exact selection under a
 //! total order; the backward groups its sparse updates by latent and sums them in a fixed
 //! order, no atomics).
+//!
+//! # Example
+//!
+//! One step of a top-k sparse autoencoder: encode (the dense `[B, L]` pre-activations are
+//! never formed), decode, and the gradients of the reconstruction.
+//!
+//! ```
+//! use neurokernels::topk::{self, BackwardInputs, EncoderInputs, SaeShape};
+//!
+//! // 2 rows of 3 features, 4 latents; latent l reads feature l % 3
+//! let shape = SaeShape { batch: 2, dm: 3, latents: 4 };
+//! let x = [1.0f32, 2.0, 3.0, 3.0, 2.0, 1.0];
+//! let w_enc = [1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0];
+//! let b_enc = [0.0f32; 4];
+//! let inputs = EncoderInputs { x: &x, w_enc: &w_enc, b_enc: &b_enc, b_dec: None };
+//!
+//! let code = topk::encode(shape, 2, &inputs)?; // k = 2 per row, largest first
+//! assert_eq!(code.indices, [2, 1, 0, 1]);
+//! assert_eq!(code.values, [3.0, 2.0, 3.0, 2.0]);
+//!
+//! let w_dec = w_enc; // tied weights
+//! let x_hat = topk::decode(shape, 2, &code.indices, &code.values, &w_dec, None)?;
+//! assert_eq!(x_hat, [0.0, 2.0, 3.0, 3.0, 2.0, 0.0]);
+//!
+//! let d_xhat: Vec<f32> = x_hat.iter().zip(&x).map(|(r, x)| r - x).collect();
+//! let grads = topk::backward(shape, 2, &BackwardInputs {
+//!     x: &x, w_enc: &w_enc, b_enc: &b_enc, b_dec: None, w_dec: &w_dec,
+//!     indices: &code.indices, values: &code.values, d_xhat: &d_xhat,
+//! })?;
+//! assert_eq!(grads.dw_enc.len(), w_enc.len()); // [L, Dm]
+//! # Ok::<(), neurokernels::Error>(())
+//! ```
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -24,9 +56,9 @@ mod screen;
 mod select;
 mod sparse;
 
+pub(crate) use select::rows_impl;
 pub use select::{RowsParams, RowsShape, rows, rows_on};
 pub use sparse::{BackwardInputs, SaeGrads, backward, backward_on, decode, decode_on};
-pub(crate) use select::rows_impl;
 pub(crate) use sparse::{backward_impl, decode_impl};
 
 use crate::cpu::Isa;
@@ -38,12 +70,16 @@ use select::rank;
 /// Sizes of the SAE ops: `batch` rows of `dm` features against `latents` dictionary rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SaeShape {
+    /// B, the rows of x.
     pub batch: usize,
+    /// Dm, the model (input) dim: columns of x and of the dictionary.
     pub dm: usize,
+    /// L, the latents (dictionary or codebook rows); must fit in i32.
     pub latents: usize,
 }
 
 impl SaeShape {
+    /// From the dims in field order (B, Dm, L).
     pub fn new(batch: usize, dm: usize, latents: usize) -> Self {
         Self { batch, dm, latents }
     }
@@ -80,9 +116,13 @@ pub struct TopK<E> {
 /// A sparse [B, L] matrix in compressed rows: row b holds `indices[indptr[b]..indptr[b+1]]`
 /// with their `values`, in descending value order.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Csr<E> {
+    /// `[B+1]`: row b's entries are `indptr[b]..indptr[b+1]`; `indptr[0] = 0`, `indptr[B]` = nnz.
     pub indptr: Vec<i32>,
+    /// `[nnz]`: the latent (column) of each entry.
     pub indices: Vec<i32>,
+    /// `[nnz]`: the entries' values, descending within each row.
     pub values: Vec<E>,
 }
 
@@ -90,9 +130,13 @@ pub struct Csr<E> {
 /// `b_dec [Dm]` (subtracted from x first).
 #[derive(Clone, Copy, Debug)]
 pub struct EncoderInputs<'a, E> {
+    /// `[B, Dm]`: the rows to encode.
     pub x: &'a [E],
+    /// `[L, Dm]`: the encoder weights, one row per latent.
     pub w_enc: &'a [E],
+    /// `[L]`: the encoder bias.
     pub b_enc: &'a [E],
+    /// `[Dm]`: the decoder bias, subtracted from x first (`None` = zeros).
     pub b_dec: Option<&'a [E]>,
 }
 
@@ -393,7 +437,7 @@ fn batch_threshold<A: Accum>(kept: &[Vec<(A, u32)>], budget: usize) -> Option<(A
     Some(*t)
 }
 
-/// `sae.encode_jumprelu`: keeps pre[b, l] where pre > threshold[l] (strictly), the value kept
+/// `sae.encode_jumprelu`: keeps pre\[b, l\] where pre > threshold\[l\] (strictly), the value kept
 /// being the pre-activation; CSR out, each row descending. A NaN pre-activation is never
 /// kept; a NaN threshold is an error.
 pub fn encode_jumprelu<E: Element>(
@@ -450,6 +494,7 @@ fn check_jumprelu<E: Element>(
 
 /// The outputs of `sae.encode_mp`.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct MatchingPursuit<E> {
     /// `[B, k]`: the coefficient of each step, in selection order.
     pub values: Vec<E>,
@@ -460,8 +505,8 @@ pub struct MatchingPursuit<E> {
 }
 
 /// `sae.encode_mp`: matching pursuit over the atoms `w_dec [L, Dm]` (assumed unit-norm, used
-/// as given): r = x − b_dec; k times j = argmax_l r·w_dec[l] (the signed dot; lowest index
-/// among ties), c = r·w_dec[j], r −= c·w_dec[j].
+/// as given): r = x − b_dec; k times j = argmax_l r·w_dec\[l\] (the signed dot; lowest index
+/// among ties), c = r·w_dec\[j\], r −= c·w_dec\[j\].
 ///
 /// Each step is one pass of the fused encoder (top-1 per row, the scores never stored):
 /// 2·B·L·Dm flops and one read of w_dec per block of rows, then an O(B·Dm) residual update
@@ -582,6 +627,8 @@ pub enum Metric {
 }
 
 impl Metric {
+    /// The metric named `"dot"`, `"cosine"` or `"l2"` (the contract's `metric` param); any
+    /// other name is `Err(InvalidArgument)`.
     pub fn parse(name: &str) -> Result<Metric> {
         match name {
             "dot" => Ok(Metric::Dot),

@@ -12,9 +12,9 @@
 //! and a candidate needs to be strictly better: `!(v <= threshold)`, which also lets NaN
 //! through. Until the first compaction the threshold is NaN, which lets everything through.
 
+use super::TopK;
 use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element};
-use super::TopK;
 use crate::error::{Error, Result, check_len};
 use rayon::prelude::*;
 use std::cmp::Ordering;

@@ -80,7 +80,7 @@ pub(super) fn check_sparse<E: Element>(
     check_indices(indices, shape.latents)
 }
 
-/// `sae.decode`: x_hat[b] = Σ_j values[b, j]·w_dec[indices[b, j]] + b_dec (repeated indices
+/// `sae.decode`: x_hat\[b\] = Σ_j values\[b, j\]·w_dec\[indices\[b, j\]\] + b_dec (repeated indices
 /// add up); returns `x_hat [B, Dm]`. `k` is the width of `indices`/`values`.
 pub fn decode<E: Element>(
     shape: SaeShape,
@@ -473,15 +473,15 @@ unsafe fn dot<S: Simd, E: Element>(a: &[E], b: &[E]) -> E::Acc {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct SaeGrads<E> {
-    /// `[L, Dm]`
+    /// `[L, Dm]`: the gradient of `w_dec`.
     pub dw_dec: Vec<E>,
-    /// `[Dm]`
+    /// `[Dm]`: the gradient of `b_dec` (at b_dec = 0 when it was not given).
     pub db_dec: Vec<E>,
-    /// `[L, Dm]`
+    /// `[L, Dm]`: the gradient of `w_enc`.
     pub dw_enc: Vec<E>,
-    /// `[L]`
+    /// `[L]`: the gradient of `b_enc`.
     pub db_enc: Vec<E>,
-    /// `[B, Dm]`
+    /// `[B, Dm]`: the gradient of `x`.
     pub dx: Vec<E>,
 }
 
@@ -489,21 +489,29 @@ pub struct SaeGrads<E> {
 /// decoder's `w_dec`, the selection (`indices`, `values [B, k]`) and `d_xhat [B, Dm]`.
 #[derive(Clone, Copy, Debug)]
 pub struct BackwardInputs<'a, E> {
+    /// `[B, Dm]`: the encoded rows.
     pub x: &'a [E],
+    /// `[L, Dm]`: the encoder weights.
     pub w_enc: &'a [E],
+    /// `[L]`: the encoder bias (its length is checked; its gradient does not depend on it).
     pub b_enc: &'a [E],
+    /// `[Dm]`: the decoder bias, subtracted from x by the encoder (`None` = zeros).
     pub b_dec: Option<&'a [E]>,
+    /// `[L, Dm]`: the decoder weights.
     pub w_dec: &'a [E],
+    /// `[B, k]`: the selected latents, each in 0..L.
     pub indices: &'a [i32],
+    /// `[B, k]`: the selected values (after ReLU); an entry <= 0 passes no gradient to the encoder.
     pub values: &'a [E],
+    /// `[B, Dm]`: the gradient of the loss with respect to the reconstruction x_hat.
     pub d_xhat: &'a [E],
 }
 
 /// `sae.backward`: gradients of sum(x_hat·d_xhat) where x_hat = decode(indices, values) and
 /// the values come from the encoder, v[b, j] = ReLU(pre[b, indices[b, j]]) with the ReLU's
-/// mask read from the given values (values > 0). With dpre[b, j] = (d_xhat[b]·w_dec[idx])·
-/// [v > 0]: dw_dec[l] = Σ v·d_xhat[b], db_enc[l] = Σ dpre, dw_enc[l] = Σ dpre·(x[b] − b_dec),
-/// dx[b] = Σ_j dpre·w_enc[idx], db_dec = Σ_b d_xhat[b] − Σ_b dx[b] (always returned; without
+/// mask read from the given values (values > 0). With dpre\[b, j\] = (d_xhat\[b\]·w_dec\[idx\])·
+/// `[v > 0]`: dw_dec\[l\] = Σ v·d_xhat\[b\], db_enc\[l\] = Σ dpre, dw_enc\[l\] = Σ dpre·(x\[b\] − b_dec),
+/// dx\[b\] = Σ_j dpre·w_enc\[idx\], db_dec = Σ_b d_xhat\[b\] − Σ_b dx\[b\] (always returned; without
 /// `b_dec` it is the gradient at b_dec = 0). Latents never selected get zero rows.
 pub fn backward<E: Element>(
     shape: SaeShape,
