@@ -1406,7 +1406,13 @@ macro_rules! ridge_element {
             ) -> Result<ridge::CvFit<Self>> {
                 #[cfg(feature = "cuda")]
                 {
-                    ridge::cuda::cv_host(runner.device()?, params, n, p, t, inputs, None)
+                    ridge::cuda::cv_host(
+                        runner.device()?,
+                        params,
+                        ridge::RidgeShape::new(n, p, t),
+                        inputs,
+                        None,
+                    )
                 }
                 #[cfg(not(feature = "cuda"))]
                 {
@@ -1422,7 +1428,13 @@ macro_rules! ridge_element {
             ) -> Result<(Vec<Self>, Vec<Self>)> {
                 #[cfg(feature = "cuda")]
                 {
-                    ridge::cuda::score_host(runner.device()?, n, t, y_true, y_pred)
+                    ridge::cuda::score_host(
+                        runner.device()?,
+                        ridge::RidgeShape::new(n, 0, t),
+                        y_true,
+                        y_pred,
+                    )
+                    .map(|s| (s.r2, s.pearson))
                 }
                 #[cfg(not(feature = "cuda"))]
                 {
@@ -1519,6 +1531,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
         let device = runner.device()?;
         crate::scan::selective::cuda::selective_host(device, params, shape, inputs)
+            .map(|r| (r.y, r.h_last))
     }
     fn cuda_selective_backward(
         runner: &Runner,
@@ -1537,7 +1550,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
         inputs: &GlaInputs<'_, E>,
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
         let device = runner.device()?;
-        crate::scan::gla::cuda::gla_host(device, params, shape, inputs)
+        crate::scan::gla::cuda::gla_host(device, params, shape, inputs).map(|r| (r.o, r.h_last))
     }
     fn cuda_gla_backward(
         runner: &Runner,
@@ -1589,7 +1602,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
         shape: AttentionShape,
         inputs: &AttentionInputs<'_, E>,
     ) -> Result<(Vec<E>, Vec<E::Acc>)> {
-        attention::cuda::forward_host(runner.device()?, params, shape, inputs)
+        attention::cuda::forward_host(runner.device()?, params, shape, inputs).map(|r| (r.o, r.lse))
     }
     fn cuda_attention_backward(
         runner: &Runner,
@@ -1610,6 +1623,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> RunElement for E {
         top: usize,
     ) -> Result<(Vec<E::Acc>, Vec<i32>)> {
         attention::cuda::top_keys_host(runner.device()?, params, shape, inputs, top)
+            .map(|r| (r.weights, r.indices))
     }
 }
 

@@ -33,9 +33,11 @@
 //! - **Errors**: every call validates its inputs before allocating or launching and returns
 //!   [`Result`]; bad input is an [`Error`] naming the tensor and both shapes, never a panic.
 //! - **Devices**: the CPU functions pick the best SIMD path of the running CPU. The CUDA
-//!   entry points (feature `cuda`) live in each family's `cuda` module, take a
-//!   `cuda::Device` and device buffers, and have `_host` variants taking slices.
-//!   Hidden `*_on(isa, ...)` variants run one chosen instruction set, for tests and benches.
+//!   entry points (feature `cuda`) live in each family's `cuda` module: they take a
+//!   `cuda::Device`, a stream and device buffers, and write the caller's device buffers;
+//!   their `_host` forms take the CPU function's arguments after the device and return the
+//!   CPU function's result type. Hidden `*_on(isa, ...)` variants run one chosen instruction
+//!   set, for tests and benches.
 //!
 //! ```
 //! use neurokernels::scan::{self, ScanParams, ScanShape};
@@ -72,6 +74,8 @@ pub mod cuda;
 mod dispatch;
 pub mod element;
 pub mod error;
+#[cfg(feature = "ndarray")]
+pub mod nd;
 pub mod ridge;
 pub mod scan;
 pub mod topk;

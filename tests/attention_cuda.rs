@@ -98,13 +98,13 @@ fn forward_case<E: CudaElement>(dev: &Device, n: usize, c: &Config) {
     let what = format!("{} config {n} {c:?}", E::DTYPE);
     assert_close(
         &format!("o {what}"),
-        &to_f64(&got.0),
+        &to_f64(&got.o),
         &to_f64(&want.o),
         tol::<E>(false),
     );
     assert_close(
         &format!("lse {what}"),
-        &acc_f64(&got.1),
+        &acc_f64(&got.lse),
         &acc_f64(&want.lse),
         tol::<E>(false),
     );
@@ -147,14 +147,14 @@ fn cuda_split_kv_equals_the_query_tile_path() {
         let what = format!("config {n} {c:?}");
         assert_close(
             &format!("o {what}"),
-            &to_f64(&split.0),
-            &to_f64(&tiles.0),
+            &to_f64(&split.o),
+            &to_f64(&tiles.o),
             tol::<f32>(false),
         );
         assert_close(
             &format!("lse {what}"),
-            &acc_f64(&split.1),
-            &acc_f64(&tiles.1),
+            &acc_f64(&split.lse),
+            &acc_f64(&tiles.lse),
             tol::<f32>(false),
         );
     }
@@ -202,8 +202,18 @@ fn cuda_backward_bits_repeat() {
     let c = config(1, 70, 131, 4, 1, 64, 64).with(AttentionParams::new().causal(true));
     let x = draw::<f32>(&c, 3);
     let inputs = x.inputs(&c);
-    let (o, lse) = gpu::forward_host(&dev, &c.params, c.shape(), &inputs).unwrap();
-    let run = || gpu::backward_host(&dev, &c.params, c.shape(), &inputs, &o, &x.d_o, &lse);
+    let out = gpu::forward_host(&dev, &c.params, c.shape(), &inputs).unwrap();
+    let run = || {
+        gpu::backward_host(
+            &dev,
+            &c.params,
+            c.shape(),
+            &inputs,
+            &out.o,
+            &x.d_o,
+            &out.lse,
+        )
+    };
     let (a, b) = (run().unwrap(), run().unwrap());
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&a.dq), bits(&b.dq));
@@ -220,10 +230,10 @@ fn top_keys_case<E: CudaElement>(dev: &Device, n: usize, c: &Config, top: usize)
     let want = attention::top_keys(&c.params, c.shape(), &inputs, top).unwrap();
     let got = gpu::top_keys_host(dev, &c.params, c.shape(), &inputs, top).unwrap();
     let what = format!("{} config {n} top {top} {c:?}", E::DTYPE);
-    let (gw, ww) = (acc_f64(&got.0), acc_f64(&want.weights));
+    let (gw, ww) = (acc_f64(&got.weights), acc_f64(&want.weights));
     let (rtol, atol) = tol::<E>(false);
     assert_close(&format!("weights {what}"), &gw, &ww, (rtol, atol));
-    for (slot, (gi, wi)) in got.1.iter().zip(&want.indices).enumerate() {
+    for (slot, (gi, wi)) in got.indices.iter().zip(&want.indices).enumerate() {
         // the same key, or a near tie of weights that rounding may order either way
         assert!(
             gi == wi || (*gi >= 0 && *wi >= 0 && (gw[slot] - ww[slot]).abs() <= 4.0 * atol),
@@ -257,7 +267,8 @@ fn cuda_top_keys_keep_the_lower_key_on_ties() {
     let q = vec![0.25f32; 3 * 32];
     let k = vec![0.5f32; 50 * 32];
     let inputs = AttentionInputs::new(&q, &k, &[]);
-    let (w, i) = gpu::top_keys_host(&dev, &c.params, c.shape(), &inputs, 60).unwrap();
+    let keys = gpu::top_keys_host(&dev, &c.params, c.shape(), &inputs, 60).unwrap();
+    let (w, i) = (keys.weights, keys.indices);
     for row in 0..3 {
         for t in 0..60 {
             let (wt, it) = (w[row * 60 + t], i[row * 60 + t]);
@@ -279,7 +290,8 @@ fn cuda_empty_rows_give_zeros_and_neg_inf() {
     // Sq > Sk with causal: the first Sq - Sk rows see no key
     let c = config(1, 6, 2, 1, 1, 32, 32).with(AttentionParams::new().causal(true));
     let x = draw::<f32>(&c, 11);
-    let (o, lse) = gpu::forward_host(&dev, &c.params, c.shape(), &x.inputs(&c)).unwrap();
+    let out = gpu::forward_host(&dev, &c.params, c.shape(), &x.inputs(&c)).unwrap();
+    let (o, lse) = (out.o, out.lse);
     for i in 0..4 {
         assert_eq!(lse[i], f32::NEG_INFINITY, "row {i}");
         assert!(o[i * 32..(i + 1) * 32].iter().all(|&v| v == 0.0), "row {i}");

@@ -177,7 +177,9 @@ fn check_cv<E: CudaRidgeReal>(device: &Device, seed: u64, tol: f64) {
                 let params = CvParams::new().score(score).center(center).target_batch(3);
                 let what = format!("{} n{n} p{p} t{t} {score:?} center={center}", E::DTYPE);
                 let want = ridge::cv(&params, RidgeShape::new(n, p, t), &inputs, None).unwrap();
-                let got = ridge::cuda::cv_host(device, &params, n, p, t, &inputs, None).unwrap();
+                let got =
+                    ridge::cuda::cv_host(device, &params, RidgeShape::new(n, p, t), &inputs, None)
+                        .unwrap();
                 let (gs, ws) = (to_f64(&got.cv_scores), to_f64(&want.cv_scores));
                 let r = worst_ratio(&gs, &ws, tol, tol);
                 assert!(r <= 1.0, "{what}: cv_scores {r} x tolerance");
@@ -239,7 +241,14 @@ fn cuda_cv_reports_progress_and_refuses_bad_inputs() {
     let params = CvParams::new().target_batch(2);
     let seen = std::sync::Mutex::new(Vec::new());
     let report = |r: ridge::CvProgress| seen.lock().unwrap().push((r.fold, r.targets_done));
-    ridge::cuda::cv_host(&dev, &params, n, p, t, &inputs, Some(&report)).unwrap();
+    ridge::cuda::cv_host(
+        &dev,
+        &params,
+        RidgeShape::new(n, p, t),
+        &inputs,
+        Some(&report),
+    )
+    .unwrap();
     // 3 folds and the refit, each in batches of 2 of 5 targets
     let want: Vec<(usize, usize)> = (0..4).flat_map(|f| [(f, 2), (f, 4), (f, 5)]).collect();
     assert_eq!(*seen.lock().unwrap(), want);
@@ -248,9 +257,7 @@ fn cuda_cv_reports_progress_and_refuses_bad_inputs() {
     let err = ridge::cuda::cv_host(
         &dev,
         &params,
-        n,
-        p,
-        t,
+        RidgeShape::new(n, p, t),
         &CvInputs {
             alphas: &bad_alphas,
             ..inputs
@@ -263,9 +270,7 @@ fn cuda_cv_reports_progress_and_refuses_bad_inputs() {
     let err = ridge::cuda::cv_host(
         &dev,
         &params,
-        n,
-        p,
-        t,
+        RidgeShape::new(n, p, t),
         &CvInputs {
             folds: &one_fold,
             ..inputs
@@ -274,7 +279,8 @@ fn cuda_cv_reports_progress_and_refuses_bad_inputs() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("folds"), "{err}");
-    let err = ridge::cuda::cv_host(&dev, &params, n, p, t + 1, &inputs, None).unwrap_err();
+    let err = ridge::cuda::cv_host(&dev, &params, RidgeShape::new(n, p, t + 1), &inputs, None)
+        .unwrap_err();
     assert!(err.to_string().contains("`y`"), "{err}");
 }
 
@@ -298,8 +304,12 @@ fn check_score<E: CudaRidgeReal>(device: &Device, tol: f64) {
             }
         }
         let want = ridge::score(RidgeShape::new(n, 0, t), &y_true, &y_pred).unwrap();
-        let got = ridge::cuda::score_host(device, n, t, &y_true, &y_pred).unwrap();
-        for (what, g, w) in [("r2", &got.0, &want.r2), ("pearson", &got.1, &want.pearson)] {
+        let got =
+            ridge::cuda::score_host(device, RidgeShape::new(n, 0, t), &y_true, &y_pred).unwrap();
+        for (what, g, w) in [
+            ("r2", &got.r2, &want.r2),
+            ("pearson", &got.pearson, &want.pearson),
+        ] {
             let r = worst_ratio(&to_f64(g), &to_f64(w), tol, tol);
             assert!(r <= 1.0, "{} n{n} t{t} {what}: {r} x tolerance", E::DTYPE);
         }
@@ -308,14 +318,16 @@ fn check_score<E: CudaRidgeReal>(device: &Device, tol: f64) {
     let (n, t) = (9, 2);
     let y_true: Vec<E> = (0..n * t).map(|i| E::from_f64((i % t) as f64)).collect();
     let y_pred: Vec<E> = Rng::new(5).vec(n * t, -1.0, 1.0);
-    let (r2, pearson) = ridge::cuda::score_host(device, n, t, &y_true, &y_pred).unwrap();
+    let got = ridge::cuda::score_host(device, RidgeShape::new(n, 0, t), &y_true, &y_pred).unwrap();
+    let (r2, pearson) = (got.r2, got.pearson);
     assert_eq!(to_f64(&r2), vec![0.0, 0.0]);
     assert_eq!(to_f64(&pearson), vec![0.0, 0.0]);
     let mut bad = y_pred.clone();
     bad[3] = E::from_f64(f64::NAN);
-    let e = ridge::cuda::score_host(device, n, t, &y_true, &bad).unwrap_err();
+    let e = ridge::cuda::score_host(device, RidgeShape::new(n, 0, t), &y_true, &bad).unwrap_err();
     assert!(e.to_string().contains("y_pred"), "{e}");
-    let e = ridge::cuda::score_host(device, n, t, &y_true[1..], &y_pred).unwrap_err();
+    let e = ridge::cuda::score_host(device, RidgeShape::new(n, 0, t), &y_true[1..], &y_pred)
+        .unwrap_err();
     assert!(e.to_string().contains("y_true"), "{e}");
 }
 

@@ -321,7 +321,8 @@ fn check_selective<E: CudaElement>(device: &Device, seed: u64) {
             let p = SelectiveParams::new().delta_softplus(all);
             let out = selective::selective(&p, s, &inputs).unwrap();
             let (want_y, want_h) = (out.y, out.h_last);
-            let (got_y, got_h) = selective::cuda::selective_host(device, &p, s, &inputs).unwrap();
+            let got = selective::cuda::selective_host(device, &p, s, &inputs).unwrap();
+            let (got_y, got_h) = (got.y, got.h_last);
             let what = format!("selective {} {s:?} optional inputs={all}", E::DTYPE);
             let r = worst_ratio(&to_f64(&got_y), &to_f64(&want_y), rtol, atol);
             assert!(r <= 1.0, "cuda y {what}: {r} x tolerance");
@@ -497,7 +498,8 @@ fn check_gla<E: CudaElement>(device: &Device, seed: u64) {
             let p = GlaParams::new().scale(Some(0.4));
             let out = gla::gla(&p, s, &inputs).unwrap();
             let (want_o, want_h) = (out.o, out.h_last);
-            let (got_o, got_h) = gla::cuda::gla_host(device, &p, s, &inputs).unwrap();
+            let got = gla::cuda::gla_host(device, &p, s, &inputs).unwrap();
+            let (got_o, got_h) = (got.o, got.h_last);
             let what = format!("gla {} {s:?} h0={with_h0}", E::DTYPE);
             let r = worst_ratio(&to_f64(&got_o), &to_f64(&want_o), rtol, atol);
             assert!(r <= 1.0, "cuda o {what}: {r} x tolerance");

@@ -93,7 +93,7 @@ fn encode_case<E: CudaElement>(dev: &Device, b: usize, dm: usize, l: usize, k: u
         b_dec: Some(&bd),
     };
     let want = pair(topk::encode(s, k, &inputs).unwrap());
-    let got = topk::cuda::encode_host(dev, s, inputs, k).unwrap();
+    let got = pair(topk::cuda::encode_host(dev, s, k, &inputs).unwrap());
     let tol = if E::DTYPE == neurokernels::DType::F32 {
         1e-4
     } else {
@@ -165,7 +165,7 @@ fn cuda_limits_are_errors() {
         b_dec: None,
     };
     assert!(matches!(
-        topk::cuda::encode_host(&dev, s, inputs, 257),
+        topk::cuda::encode_host(&dev, s, 257, &inputs),
         Err(Error::Unsupported(_))
     ));
     let xd = vec![0.5f64; 40];
@@ -271,7 +271,7 @@ fn cuda_nearest_matches_cpu() {
         let s = SaeShape::new(b, dm, l);
         for metric in [Metric::Dot, Metric::Cosine, Metric::L2] {
             let want = pair(topk::nearest(metric, s, k, &sae.x, &sae.w).unwrap());
-            let got = topk::cuda::nearest_host(dev, s, &sae.x, &sae.w, k, metric).unwrap();
+            let got = pair(topk::cuda::nearest_host(dev, metric, s, k, &sae.x, &sae.w).unwrap());
             let what = format!("{:?} nearest {metric:?} {b}x{dm}x{l} k{k}", E::DTYPE);
             same_selection(&what, &got, &want, tolerance::<E>());
         }
@@ -296,7 +296,7 @@ fn cuda_jumprelu_matches_cpu() {
         let theta: Vec<E> = rng.vec(l, -0.2, 0.8);
         let s = SaeShape::new(b, dm, l);
         let want = topk::encode_jumprelu(s, &sae.inputs(), &theta).unwrap();
-        let got = topk::cuda::encode_jumprelu_host(dev, s, sae.inputs(), &theta).unwrap();
+        let got = topk::cuda::encode_jumprelu_host(dev, s, &sae.inputs(), &theta).unwrap();
         let what = format!("{:?} jumprelu {b}x{dm}x{l}", E::DTYPE);
         let tol = tolerance::<E>();
         let near = |latent: usize, v: f64| {
@@ -327,7 +327,7 @@ fn cuda_batch_topk_matches_cpu() {
         }
         let s = SaeShape::new(b, dm, l);
         let want = topk::encode_batch_topk(s, k, &sae.inputs()).unwrap();
-        let got = topk::cuda::encode_batch_topk_host(dev, s, sae.inputs(), k).unwrap();
+        let got = topk::cuda::encode_batch_topk_host(dev, s, k, &sae.inputs()).unwrap();
         let what = format!("{:?} batch_topk {b}x{dm}x{l} k{k} skew {skew}", E::DTYPE);
         // the batch threshold: the smallest kept value
         let cut = to_f64(&want.values)
@@ -366,7 +366,7 @@ fn cuda_mp_matches_cpu() {
         }
         let s = SaeShape::new(b, dm, l);
         let want = topk::encode_mp(s, k, &x, &atoms, Some(&bd)).unwrap();
-        let got = topk::cuda::encode_mp_host(dev, s, &x, &atoms, Some(&bd), k).unwrap();
+        let got = topk::cuda::encode_mp_host(dev, s, k, &x, &atoms, Some(&bd)).unwrap();
         let what = format!("{:?} mp {b}x{dm}x{l} k{k}", E::DTYPE);
         assert_eq!(got.indices, want.indices, "{what}: indices");
         let tol = tolerance::<E>();
@@ -414,7 +414,7 @@ fn cuda_backward_matches_cpu() {
             d_xhat: &d_xhat,
         };
         let want = topk::backward(s, k, &inputs).unwrap();
-        let got = topk::cuda::backward_host(dev, s, k, inputs).unwrap();
+        let got = topk::cuda::backward_host(dev, s, k, &inputs).unwrap();
         let tol = 10.0 * tolerance::<E>();
         for (name, g, w) in [
             ("dw_dec", &got.dw_dec, &want.dw_dec),
@@ -441,19 +441,19 @@ fn cuda_new_ops_reject_what_the_cpu_rejects() {
     };
     let s = SaeShape::new(2, 8, 300);
     let sae = Sae::<f32>::new(2, 8, 300, 0.0, 51);
-    let e = topk::cuda::nearest_host(&dev, s, &sae.x, &sae.w, 257, Metric::Dot).unwrap_err();
+    let e = topk::cuda::nearest_host(&dev, Metric::Dot, s, 257, &sae.x, &sae.w).unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
-    let e = topk::cuda::nearest_host(&dev, s, &sae.x[1..], &sae.w, 3, Metric::Dot).unwrap_err();
+    let e = topk::cuda::nearest_host(&dev, Metric::Dot, s, 3, &sae.x[1..], &sae.w).unwrap_err();
     assert!(e.to_string().contains("x"), "{e}");
     let nan = vec![f32::NAN; 300];
-    let e = topk::cuda::encode_jumprelu_host(&dev, s, sae.inputs(), &nan).unwrap_err();
+    let e = topk::cuda::encode_jumprelu_host(&dev, s, &sae.inputs(), &nan).unwrap_err();
     assert!(e.to_string().contains("threshold"), "{e}");
-    let e = topk::cuda::encode_batch_topk_host(&dev, s, sae.inputs(), 0).unwrap_err();
+    let e = topk::cuda::encode_batch_topk_host(&dev, s, 0, &sae.inputs()).unwrap_err();
     assert!(e.to_string().contains("k"), "{e}");
-    let e = topk::cuda::encode_mp_host(&dev, s, &sae.x, &sae.w, None, 301).unwrap_err();
+    let e = topk::cuda::encode_mp_host(&dev, s, 301, &sae.x, &sae.w, None).unwrap_err();
     assert!(e.to_string().contains("k"), "{e}");
     let xd: Vec<f64> = vec![0.5; 16];
     let wd: Vec<f64> = vec![0.1; 2400];
-    let e = topk::cuda::encode_mp_host(&dev, s, &xd, &wd, None, 2).unwrap_err();
+    let e = topk::cuda::encode_mp_host(&dev, s, 2, &xd, &wd, None).unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)), "{e}");
 }

@@ -772,7 +772,7 @@ pub fn forward_host<E: CudaElement>(
     params: &AttentionParams,
     shape: AttentionShape,
     inputs: &AttentionInputs<'_, E>,
-) -> Result<(Vec<E>, Vec<E::Acc>)> {
+) -> Result<super::AttentionOut<E>> {
     // checked here too: the uploads below are sized by these lengths
     let (sizes, _) = inputs.validate(params, &shape, true)?;
     kernel_dim(&shape)?;
@@ -791,10 +791,10 @@ pub fn forward_host<E: CudaElement>(
             &mut lse.slice_mut(0..sizes.lse),
         )
     })?;
-    Ok((
-        download(stream, &o, sizes.o)?,
-        download(stream, &lse, sizes.lse)?,
-    ))
+    Ok(super::AttentionOut {
+        o: download(stream, &o, sizes.o)?,
+        lse: download(stream, &lse, sizes.lse)?,
+    })
 }
 
 /// [`backward`] with host slices, on the device's default stream.
@@ -849,7 +849,7 @@ pub fn top_keys_host<E: CudaElement>(
     shape: AttentionShape,
     inputs: &AttentionInputs<'_, E>,
     top: usize,
-) -> Result<(Vec<E::Acc>, Vec<i32>)> {
+) -> Result<super::TopKeys<E::Acc>> {
     let shape = AttentionShape {
         value_dim: 0,
         ..shape
@@ -872,5 +872,8 @@ pub fn top_keys_host<E: CudaElement>(
             &mut i.slice_mut(0..out),
         )
     })?;
-    Ok((download(stream, &w, out)?, download(stream, &i, out)?))
+    Ok(super::TopKeys {
+        weights: download(stream, &w, out)?,
+        indices: download(stream, &i, out)?,
+    })
 }

@@ -115,7 +115,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> TopkDevice for E {
         inputs: EncoderInputs<'_, E>,
         k: usize,
     ) -> Result<(Vec<E>, Vec<i32>)> {
-        topk::cuda::encode_host(runner.device()?, shape, inputs, k)
+        topk::cuda::encode_host(runner.device()?, shape, k, &inputs).map(|t| (t.values, t.indices))
     }
     fn cuda_batch_topk(
         runner: &Runner,
@@ -123,7 +123,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> TopkDevice for E {
         inputs: EncoderInputs<'_, E>,
         k: usize,
     ) -> Result<Csr<E>> {
-        topk::cuda::encode_batch_topk_host(runner.device()?, shape, inputs, k)
+        topk::cuda::encode_batch_topk_host(runner.device()?, shape, k, &inputs)
     }
     fn cuda_jumprelu(
         runner: &Runner,
@@ -131,7 +131,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> TopkDevice for E {
         inputs: EncoderInputs<'_, E>,
         threshold: &[E],
     ) -> Result<Csr<E>> {
-        topk::cuda::encode_jumprelu_host(runner.device()?, shape, inputs, threshold)
+        topk::cuda::encode_jumprelu_host(runner.device()?, shape, &inputs, threshold)
     }
     fn cuda_decode(
         runner: &Runner,
@@ -150,7 +150,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> TopkDevice for E {
         k: usize,
         inputs: BackwardInputs<'_, E>,
     ) -> Result<SaeGrads<E>> {
-        topk::cuda::backward_host(runner.device()?, shape, k, inputs)
+        topk::cuda::backward_host(runner.device()?, shape, k, &inputs)
     }
     fn cuda_mp(
         runner: &Runner,
@@ -160,7 +160,7 @@ impl<E: CaseElement + crate::cuda::CudaElement> TopkDevice for E {
         b_dec: Option<&[E]>,
         k: usize,
     ) -> Result<MatchingPursuit<E>> {
-        topk::cuda::encode_mp_host(runner.device()?, shape, x, w_dec, b_dec, k)
+        topk::cuda::encode_mp_host(runner.device()?, shape, k, x, w_dec, b_dec)
     }
     fn cuda_nearest(
         runner: &Runner,
@@ -170,7 +170,8 @@ impl<E: CaseElement + crate::cuda::CudaElement> TopkDevice for E {
         k: usize,
         metric: Metric,
     ) -> Result<(Vec<E>, Vec<i32>)> {
-        topk::cuda::nearest_host(runner.device()?, shape, x, codebook, k, metric)
+        topk::cuda::nearest_host(runner.device()?, metric, shape, k, x, codebook)
+            .map(|t| (t.values, t.indices))
     }
 }
 

@@ -897,17 +897,21 @@ pub fn score<E: CudaRidgeReal>(
 }
 
 /// Host in, host out on the device's default stream, with the CPU path's input checks
-/// (lengths, NaN/Inf in y_true or y_pred): `(r2, pearson)`.
+/// (lengths, NaN/Inf in y_true or y_pred): `r2 [t]` and `pearson [t]` (`shape.features` is
+/// not used).
 pub fn score_host<E: CudaRidgeReal>(
     device: &Device,
-    samples: usize,
-    targets: usize,
+    shape: super::RidgeShape,
     y_true: &[E],
     y_pred: &[E],
-) -> Result<(Vec<E>, Vec<E>)> {
+) -> Result<super::Scores<E>> {
+    let (samples, targets) = (shape.samples, shape.targets);
     let len = super::check_score_inputs(samples, targets, y_true, y_pred)?;
     if targets == 0 {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(super::Scores {
+            r2: Vec::new(),
+            pearson: Vec::new(),
+        });
     }
     let stream = device.stream();
     let (td, pd) = (upload(stream, y_true)?, upload(stream, y_pred)?);
@@ -925,7 +929,10 @@ pub fn score_host<E: CudaRidgeReal>(
         &mut r2,
         &mut pearson,
     )?;
-    Ok((stream.clone_dtoh(&r2)?, stream.clone_dtoh(&pearson)?))
+    Ok(super::Scores {
+        r2: stream.clone_dtoh(&r2)?,
+        pearson: stream.clone_dtoh(&pearson)?,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1447,19 +1454,17 @@ impl<E: CudaRidgeReal> CvRun<'_, E> {
 pub fn cv_host<E: CudaRidgeReal>(
     device: &Device,
     params: &CvParams,
-    samples: usize,
-    features: usize,
-    targets: usize,
+    shape: super::RidgeShape,
     inputs: &CvInputs<'_, E>,
     progress: Option<&(dyn Fn(CvProgress) + Sync)>,
 ) -> Result<CvFit<E>> {
-    let (n, p, t) = (samples, features, targets);
+    let (n, p, t) = (shape.samples, shape.features, shape.targets);
     let fold_rows = super::cv::check_inputs(n, p, t, inputs)?;
     if params.target_batch == 0 {
         return Err(Error::invalid("target_batch", "must be at least 1"));
     }
     if p == 0 || t == 0 {
-        return super::cv(params, super::RidgeShape::new(n, p, t), inputs, progress);
+        return super::cv(params, shape, inputs, progress);
     }
     // every size the libraries and kernels see as i32
     int(n, "x")?;

@@ -820,7 +820,7 @@ impl<E: Element> SimdKernel for BackwardHead<'_, E> {
 /// `Err(Unsupported)`.
 #[cfg(feature = "cuda")]
 pub mod cuda {
-    use super::GlaGrads;
+    use super::{GlaGrads, GlaOut};
     use super::{GlaInputs, GlaParams, GlaShape};
     use crate::cuda::config::{
         NK_GLA_BWD_CHUNK, NK_GLA_MAX_KEY, NK_GLA_MAX_KEY_F64, NK_GLA_TC_CHUNK, NK_GLA_TC_PAD,
@@ -1006,13 +1006,13 @@ pub mod cuda {
         Ok(())
     }
 
-    /// Host in, host out on the device's default stream: `(o, h_last)`.
+    /// Host in, host out on the device's default stream: `o` and `h_last`.
     pub fn gla_host<E: CudaElement>(
         device: &Device,
         params: &GlaParams,
         shape: GlaShape,
         inputs: &GlaInputs<'_, E>,
-    ) -> Result<(Vec<E>, Vec<E::Acc>)> {
+    ) -> Result<GlaOut<E>> {
         let (qk, vv, state) = inputs.validate(&shape)?;
         if vv == 0 || qk == 0 {
             // no step or no column to compute (and no zero-length device allocations):
@@ -1020,7 +1020,10 @@ pub mod cuda {
             let h_last = inputs
                 .h0
                 .map_or_else(|| vec![<E::Acc as Accum>::ZERO; state], <[_]>::to_vec);
-            return Ok((vec![E::default(); vv], h_last));
+            return Ok(GlaOut {
+                o: vec![E::default(); vv],
+                h_last,
+            });
         }
         let stream = device.stream();
         let up = |x: &[E]| -> Result<CudaSlice<E>> { Ok(stream.clone_htod(x)?) };
@@ -1050,10 +1053,10 @@ pub mod cuda {
                 &mut h_view,
             )?;
         }
-        Ok((
-            stream.clone_dtoh(&o)?,
-            stream.clone_dtoh(&h_last.slice(0..state))?,
-        ))
+        Ok(GlaOut {
+            o: stream.clone_dtoh(&o)?,
+            h_last: stream.clone_dtoh(&h_last.slice(0..state))?,
+        })
     }
 
     /// Bytes of checkpointed states the backward may keep (every block's state slice at the

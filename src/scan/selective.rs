@@ -930,8 +930,8 @@ fn backward_task<E: Element>(
 /// one thread per (batch, channel), re-running the forward chunk by chunk from stored states.
 #[cfg(feature = "cuda")]
 pub mod cuda {
-    use super::SelectiveGrads;
     use super::{Lengths, SelectiveInputs, SelectiveParams, SelectiveShape};
+    use super::{SelectiveGrads, SelectiveOut};
     use crate::cuda::config::{
         NK_SELECTIVE_BWD_CHUNK, NK_SELECTIVE_BWD_MAX_STATE, NK_SELECTIVE_MAX_STATE,
         NK_SELECTIVE_MAX_STATE_F64, NK_SELECTIVE_MIN_CHUNK, NK_SELECTIVE_THREADS,
@@ -1198,13 +1198,13 @@ pub mod cuda {
         (t.div_ceil(chunk_len).max(1), chunk_len)
     }
 
-    /// Host in, host out on the device's default stream: `(y, h_last)`.
+    /// Host in, host out on the device's default stream: `y` and `h_last`.
     pub fn selective_host<E: CudaElement>(
         device: &Device,
         params: &SelectiveParams,
         shape: SelectiveShape,
         inputs: &SelectiveInputs<'_, E>,
-    ) -> Result<(Vec<E>, Vec<E::Acc>)> {
+    ) -> Result<SelectiveOut<E>> {
         let sizes = inputs.validate(&shape)?;
         if sizes.seq == 0 {
             // no step to run (and no zero-length device allocations): h_last is h0
@@ -1212,7 +1212,10 @@ pub mod cuda {
                 || vec![<E::Acc as crate::element::Accum>::ZERO; sizes.states],
                 <[_]>::to_vec,
             );
-            return Ok((Vec::new(), h_last));
+            return Ok(SelectiveOut {
+                y: Vec::new(),
+                h_last,
+            });
         }
         let stream = device.stream();
         let up = |x: &[E]| stream.clone_htod(x);
@@ -1254,10 +1257,10 @@ pub mod cuda {
                 &mut h_view,
             )?;
         }
-        Ok((
-            stream.clone_dtoh(&y.slice(0..sizes.seq))?,
-            stream.clone_dtoh(&h_last.slice(0..sizes.states))?,
-        ))
+        Ok(SelectiveOut {
+            y: stream.clone_dtoh(&y.slice(0..sizes.seq))?,
+            h_last: stream.clone_dtoh(&h_last.slice(0..sizes.states))?,
+        })
     }
 
     /// Gradients of `scan.selective` on the device (`None` where the input was not given).

@@ -306,9 +306,9 @@ pub fn rows_host<E: CudaElement>(
 pub fn encode_host<E: CudaElement>(
     device: &Device,
     shape: SaeShape,
-    inputs: super::EncoderInputs<'_, E>,
     k: usize,
-) -> Result<(Vec<E>, Vec<i32>)> {
+    inputs: &super::EncoderInputs<'_, E>,
+) -> Result<super::TopK<E>> {
     // checked here too: the uploads below slice by these lengths
     inputs.validate(shape)?;
     let stream = device.stream();
@@ -336,10 +336,10 @@ pub fn encode_host<E: CudaElement>(
         &mut v.slice_mut(0..out),
         &mut i.slice_mut(0..out),
     )?;
-    let (mut v, mut i) = (stream.clone_dtoh(&v)?, stream.clone_dtoh(&i)?);
-    v.truncate(out);
-    i.truncate(out);
-    Ok((v, i))
+    let (mut values, mut indices) = (stream.clone_dtoh(&v)?, stream.clone_dtoh(&i)?);
+    values.truncate(out);
+    indices.truncate(out);
+    Ok(super::TopK { values, indices })
 }
 
 /// [`decode`] with host slices (the indices checked against L first), on the device's
@@ -848,17 +848,17 @@ impl<E: CudaElement> EncoderUpload<E> {
 pub fn encode_jumprelu_host<E: CudaElement>(
     device: &Device,
     shape: SaeShape,
-    inputs: EncoderInputs<'_, E>,
+    inputs: &EncoderInputs<'_, E>,
     threshold: &[E],
 ) -> Result<Csr<E>> {
     no_f64::<E>("sae.encode_jumprelu")?;
-    check_jumprelu(shape, &inputs, threshold)?;
+    check_jumprelu(shape, inputs, threshold)?;
     check_device_latents("w_enc", shape.latents)?;
     if shape.batch == 0 {
         return csr_of(&[]);
     }
     let stream = device.stream();
-    let up = EncoderUpload::new(stream, &inputs)?;
+    let up = EncoderUpload::new(stream, inputs)?;
     let theta = upload_f32(stream, threshold)?;
     let rows = up.with_select(device, stream, shape, |run| {
         let (tp, _g) = read_ptr(&theta, stream);
@@ -876,18 +876,18 @@ pub fn encode_jumprelu_host<E: CudaElement>(
 pub fn encode_batch_topk_host<E: CudaElement>(
     device: &Device,
     shape: SaeShape,
-    inputs: EncoderInputs<'_, E>,
     k: usize,
+    inputs: &EncoderInputs<'_, E>,
 ) -> Result<Csr<E>> {
     no_f64::<E>("sae.encode_batch_topk")?;
-    let budget = check_batch_topk(shape, &inputs, k)?;
+    let budget = check_batch_topk(shape, inputs, k)?;
     let SaeShape { batch, latents, .. } = shape;
     check_device_latents("w_enc", latents)?;
     if batch == 0 {
         return csr_of(&[]);
     }
     let stream = device.stream();
-    let up = EncoderUpload::new(stream, &inputs)?;
+    let up = EncoderUpload::new(stream, inputs)?;
     let m = (2 * k).min(latents).min(NK_SAE_MAX_K as usize);
     let keys = up.with_select(device, stream, shape, |run| run.top_k(m, true))?;
     let keys = stream.clone_dtoh(&keys)?;
@@ -952,19 +952,22 @@ fn row_norms<E: CudaElement>(
 /// turned into |x|² − s, clamped at 0). k ≤ 256.
 pub fn nearest_host<E: CudaElement>(
     device: &Device,
+    metric: Metric,
     shape: SaeShape,
+    k: usize,
     x: &[E],
     codebook: &[E],
-    k: usize,
-    metric: Metric,
-) -> Result<(Vec<E>, Vec<i32>)> {
+) -> Result<super::TopK<E>> {
     no_f64::<E>("codebook.nearest")?;
     check_nearest(shape, x, codebook, k)?;
     check_select_k("codebook.nearest", k)?;
     let SaeShape { batch, dm, latents } = shape;
     check_device_latents("codebook", latents)?;
     if batch == 0 {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(super::TopK {
+            values: Vec::new(),
+            indices: Vec::new(),
+        });
     }
     let stream = device.stream();
     let (xd, cd) = (upload(stream, x)?, upload(stream, codebook)?);
@@ -1008,7 +1011,10 @@ pub fn nearest_host<E: CudaElement>(
         &mut v,
         &mut i,
     )?;
-    Ok((stream.clone_dtoh(&v)?, stream.clone_dtoh(&i)?))
+    Ok(super::TopK {
+        values: stream.clone_dtoh(&v)?,
+        indices: stream.clone_dtoh(&i)?,
+    })
 }
 
 /// [`super::encode_mp`] on the device: the residual in f32 on the device; each step one
@@ -1017,10 +1023,10 @@ pub fn nearest_host<E: CudaElement>(
 pub fn encode_mp_host<E: CudaElement>(
     device: &Device,
     shape: SaeShape,
+    k: usize,
     x: &[E],
     w_dec: &[E],
     b_dec: Option<&[E]>,
-    k: usize,
 ) -> Result<MatchingPursuit<E>> {
     no_f64::<E>("sae.encode_mp")?;
     check_mp(shape, x, w_dec, b_dec, k)?;
@@ -1123,10 +1129,10 @@ pub fn backward_host<E: CudaElement>(
     device: &Device,
     shape: SaeShape,
     k: usize,
-    inputs: BackwardInputs<'_, E>,
+    inputs: &BackwardInputs<'_, E>,
 ) -> Result<SaeGrads<E>> {
     no_f64::<E>("sae.backward")?;
-    check_backward(shape, k, &inputs)?;
+    check_backward(shape, k, inputs)?;
     let (bx, lw) = shape.sizes()?;
     let SaeShape { batch, dm, latents } = shape;
     let bk = batch * k;
