@@ -1987,6 +1987,9 @@ impl<E: Element> Backward<'_, E> {
     /// Writes rows row0.. of (seg, hq) of dq: scale · acc (`rows × D`).
     fn store_dq(&self, seg: &Segment, hq: usize, row0: usize, acc: &[E::Acc], dq: SendPtr<E>) {
         let (sh, d) = (&self.shape, self.shape.head_dim);
+        if d == 0 {
+            return; // dq has no element
+        }
         for (r, row) in acc.chunks_exact(d).enumerate() {
             let at = ((seg.batch * sh.len_q + seg.q_start + row0 + r) * sh.heads_q + hq) * d;
             for (p, x) in row.iter().enumerate() {

@@ -367,6 +367,18 @@ fn fold_rows(folds: &[i32]) -> Result<Vec<Vec<usize>>> {
             format!("fold ids must be >= 0 (folds[{i}] = {})", folds[i]),
         ));
     }
+    // F non-empty folds need F samples: an id ≥ n leaves a fold empty, and is refused before
+    // anything is sized by it
+    if let Some(i) = folds.iter().position(|f| *f as usize >= folds.len()) {
+        return Err(Error::invalid(
+            "folds",
+            format!(
+                "fold ids must be 0..F-1, each used, so below n = {} (folds[{i}] = {})",
+                folds.len(),
+                folds[i]
+            ),
+        ));
+    }
     let count = folds.iter().map(|f| *f as usize + 1).max().unwrap_or(0);
     let mut rows = vec![Vec::new(); count];
     for (i, f) in folds.iter().enumerate() {

@@ -635,6 +635,17 @@ pub(crate) fn gla_backward_impl<E: Element>(
         value_dim: vd,
     } = shape;
     check_output_grads(&shape, vv, state, d_o.len(), dh_last.map(|x| x.len()))?;
+    if kd == 0 || vd == 0 {
+        // o [.., V] is empty or zero (q·S with K = 0) and the state is empty: every gradient
+        // of Σ o·do (+ Σ h_last·dh_last) is zero, as the CUDA backward returns
+        return Ok(GlaGrads {
+            dq: vec![E::default(); qk],
+            dk: vec![E::default(); qk],
+            dv: vec![E::default(); vv],
+            dg: vec![E::default(); qk],
+            dh0: inputs.h0.map(|_| vec![<E::Acc as Accum>::ZERO; state]),
+        });
+    }
     let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
     let heads: Vec<HeadGrads<E>> = (0..b * h)
         .into_par_iter()

@@ -308,6 +308,8 @@ fn forward_alloc<E: Element>(
     kernel: ForwardKernel<E>,
 ) -> Result<Vec<E>> {
     let (n, _) = numbers.sizes::<E>(&shape)?;
+    // the inputs first: h is sized by the shape only once a and b back it
+    validate_forward::<E>(numbers, &shape, a.len(), b.len(), h0.map(<[E]>::len), n)?;
     let mut h = vec![E::default(); n];
     kernel(Isa::active(), params, shape, a, b, h0, &mut h)?;
     Ok(h)
@@ -460,6 +462,9 @@ fn backward_alloc<E: Element>(
     kernel: BackwardKernel<E>,
 ) -> Result<LinearGrads<E>> {
     let (n, s) = numbers.sizes::<E>(&shape)?;
+    // the inputs first: the gradients are sized by the shape only once the inputs back it
+    let lens = (a.len(), h.len(), dh.len(), h0.map(<[E]>::len));
+    validate_backward::<E>(numbers, &shape, lens.0, lens.1, lens.2, lens.3, n, n, s)?;
     let mut g = LinearGrads {
         da: vec![E::default(); n],
         db: vec![E::default(); n],
