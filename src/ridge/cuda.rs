@@ -1459,10 +1459,7 @@ pub fn cv_host<E: CudaRidgeReal>(
     progress: Option<&(dyn Fn(CvProgress) + Sync)>,
 ) -> Result<CvFit<E>> {
     let (n, p, t) = (shape.samples, shape.features, shape.targets);
-    let fold_rows = super::cv::check_inputs(n, p, t, inputs)?;
-    if params.target_batch == 0 {
-        return Err(Error::invalid("target_batch", "must be at least 1"));
-    }
+    let fold_rows = super::cv::check_inputs(params, n, p, t, inputs)?;
     if p == 0 || t == 0 {
         return super::cv(params, shape, inputs, progress);
     }

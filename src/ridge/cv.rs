@@ -264,10 +264,7 @@ fn cv_impl<E: RidgeReal>(
     progress: Option<&(dyn Fn(CvProgress) + Sync)>,
 ) -> Result<CvFit<E>> {
     let (n, p, t) = (shape.samples, shape.features, shape.targets);
-    if params.target_batch == 0 {
-        return Err(Error::invalid("target_batch", "must be at least 1"));
-    }
-    let fold_rows = check_inputs(n, p, t, inputs)?;
+    let fold_rows = check_inputs(params, n, p, t, inputs)?;
     let n_alphas = inputs.alphas.len();
     let n_folds = fold_rows.len();
 
@@ -319,6 +316,7 @@ fn cv_impl<E: RidgeReal>(
 /// overflow, NaN/Inf in x or y, alphas finite and > 0, fold ids; returns the rows of each
 /// fold.
 pub(super) fn check_inputs<E: Element>(
+    params: &CvParams,
     n: usize,
     p: usize,
     t: usize,
@@ -342,6 +340,9 @@ pub(super) fn check_inputs<E: Element>(
     check_finite("y", inputs.y)?;
     if n_alphas == 0 {
         return Err(Error::invalid("alphas", "is empty"));
+    }
+    if params.target_batch == 0 {
+        return Err(Error::invalid("target_batch", "must be at least 1"));
     }
     if let Some(i) = inputs
         .alphas
