@@ -30,7 +30,7 @@ __device__ void gla_forward(const T* q, const T* k, const T* v, const T* g, cons
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const long long b = blockIdx.z;
   const int h = blockIdx.y;
-  const int c0 = blockIdx.x * VT, c = c0 + lane;
+  const long long c0 = (long long)blockIdx.x * VT, c = c0 + lane;  // 64-bit: c0 + 31 may pass 2^31
   const bool col_ok = c < V;
   const long long head = b * H + h;
   const A lo = exp(A(-40)), hi = exp(A(40));

@@ -77,7 +77,7 @@ __device__ void gla_backward(const T* q, const T* k, const T* v, const T* g, con
   const int tid = threadIdx.x, lane = tid % 32, w = tid / 32;
   const int tile = blockIdx.x, tiles = gridDim.x, h = blockIdx.y;
   const long long b = blockIdx.z;
-  const int c0 = tile * VT, c = c0 + lane;
+  const long long c0 = (long long)tile * VT, c = c0 + lane;  // 64-bit: c0 + 31 may pass 2^31
   const bool col_ok = c < V;
   const long long head = b * H + h;
   const long long chunks = (T_ + CH - 1) / CH;

@@ -93,7 +93,7 @@ __device__ void gla_forward_tc(const T* q, const T* k, const T* v, const T* g, c
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const long long b = blockIdx.z;
   const int h = blockIdx.y;
-  const int c0 = blockIdx.x * VT;
+  const long long c0 = (long long)blockIdx.x * VT;  // 64-bit: c0 + VT - 1 may pass 2^31
   const long long head = b * H + h;
 
   for (int e = tid; e < kp * VT; e += TPB) {

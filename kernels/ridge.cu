@@ -166,14 +166,14 @@ __device__ void ridge_solve(const T* x, const T* y, const T* alpha, T* w, int* s
     if (tid < tc) B[tid] *= rcp(L[0]);
     __syncthreads();
     if (primal) {
-      for (int idx = tid; idx < p * tc; idx += NT) {
+      for (int idx = tid; idx < p * tc; idx += NT) {  // p = m <= 256
         const int i = idx / tc, c = idx % tc;
         wg[(long long)i * t + c0 + c] = from_acc<T>((typename Acc<T>::type)B[i * RC + c]);
       }
     } else {
-      // w = X^T c
-      for (int idx = tid; idx < p * tc; idx += NT) {
-        const int k = idx / tc, c = idx % tc;
+      // w = X^T c; p is unbounded here (m = n < p), so p * tc is 64-bit
+      for (long long idx = tid; idx < (long long)p * tc; idx += NT) {
+        const int k = (int)(idx / tc), c = (int)(idx % tc);
         F acc = F(0);
         for (int i = 0; i < n; ++i) acc += (F)to_acc(xg[(long long)i * p + k]) * B[i * RC + c];
         wg[(long long)k * t + c0 + c] = from_acc<T>((typename Acc<T>::type)acc);

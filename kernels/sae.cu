@@ -406,7 +406,7 @@ __device__ void sae_bwd_dx(const int* indices, const float* dpre, const T* w_enc
 // db_dec[d] = Σ_b (d_xhat[b, d] − dx[b, d]), rows in order; a thread per column.
 template <typename T>
 __device__ void sae_bwd_db_dec(const T* d_xhat, const float* dx_acc, T* db_dec, long long batch, int dm) {
-  const int d = blockIdx.x * TPB + threadIdx.x;
+  const long long d = (long long)blockIdx.x * TPB + threadIdx.x;  // the last block passes dm
   if (d >= dm) return;
   float s = 0.0f;
   for (long long b = 0; b < batch; ++b) s += to_acc(d_xhat[b * dm + d]) - dx_acc[b * dm + d];

@@ -38,6 +38,16 @@ impl DType {
             DType::F16 | DType::BF16 => 2,
         }
     }
+
+    /// The largest finite value: 3.40e38, 1.80e308, 65504 or 3.39e38.
+    pub fn max_finite(self) -> f64 {
+        match self {
+            DType::F32 => f32::MAX as f64,
+            DType::F64 => f64::MAX,
+            DType::F16 => half::f16::MAX.to_f64(),
+            DType::BF16 => half::bf16::MAX.to_f64(),
+        }
+    }
 }
 
 impl std::fmt::Display for DType {
@@ -55,6 +65,12 @@ mod sealed {
 }
 
 /// An accumulator type (f32 or f64) and its SIMD vector operations for each ISA.
+///
+/// # Safety
+///
+/// The `unsafe fn v*` methods forward to the matching [`Simd`] method of `S` and carry its
+/// contract (see [`Simd`]): they run only on a CPU that supports `S` (inside `dispatch`),
+/// and a pointer is valid for `lanes::<S>()` elements.
 pub trait Accum:
     sealed::Sealed
     + Copy
@@ -144,6 +160,11 @@ pub trait Accum:
 
 macro_rules! impl_accum {
     ($t:ty, $v:ident, $lanes:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $mul:ident, $add:ident, $cmul:ident, $cmulc:ident, $exp:ident, $sexp:expr, $exp2:ident, $exp2x4:ident, $sexp2:expr, $sum4:ident, $div:ident, $max:ident, $min:ident, $gt:ident, $nle:ident, $key:ty, $bits:ty) => {
+        // SAFETY (every `unsafe {}` in this impl): each `v*` method is an `unsafe fn` that
+        // forwards its arguments unchanged to the `Simd` method of the same contract (ISA
+        // checked by `dispatch`; pointers valid for `lanes::<S>()` = S::F32_LANES or
+        // S::F64_LANES elements of $t), so the caller's guarantee is the callee's.
+        #[allow(clippy::undocumented_unsafe_blocks)]
         impl Accum for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -346,9 +367,19 @@ pub trait Element:
     /// `x` rounded from f64 to this type (to nearest).
     fn from_f64(x: f64) -> Self;
     /// Loads `Acc::lanes::<S>()` elements, widened to the accumulator.
+    ///
+    /// # Safety
+    ///
+    /// As [`Simd`]'s loads: the CPU supports `S`, and `p` is valid for reads of
+    /// `Acc::lanes::<S>()` elements of `Self`.
     #[doc(hidden)]
     unsafe fn vload<S: Simd>(p: *const Self) -> <Self::Acc as Accum>::V<S>;
     /// Stores `Acc::lanes::<S>()` elements, rounded to nearest even.
+    ///
+    /// # Safety
+    ///
+    /// As [`Simd`]'s stores: the CPU supports `S`, and `p` is valid for writes of
+    /// `Acc::lanes::<S>()` elements of `Self`.
     #[doc(hidden)]
     unsafe fn vstore<S: Simd>(p: *mut Self, v: <Self::Acc as Accum>::V<S>);
 }
@@ -374,10 +405,12 @@ impl Element for f32 {
     }
     #[inline(always)]
     unsafe fn vload<S: Simd>(p: *const Self) -> S::F32 {
+        // SAFETY: this fn's contract (ISA present, F32_LANES elements readable) is f32_load's.
         unsafe { S::f32_load(p) }
     }
     #[inline(always)]
     unsafe fn vstore<S: Simd>(p: *mut Self, v: S::F32) {
+        // SAFETY: this fn's contract is f32_store's.
         unsafe { S::f32_store(p, v) }
     }
 }
@@ -403,10 +436,12 @@ impl Element for f64 {
     }
     #[inline(always)]
     unsafe fn vload<S: Simd>(p: *const Self) -> S::F64 {
+        // SAFETY: this fn's contract (ISA present, F64_LANES elements readable) is f64_load's.
         unsafe { S::f64_load(p) }
     }
     #[inline(always)]
     unsafe fn vstore<S: Simd>(p: *mut Self, v: S::F64) {
+        // SAFETY: this fn's contract is f64_store's.
         unsafe { S::f64_store(p, v) }
     }
 }
@@ -432,10 +467,12 @@ impl Element for f16 {
     }
     #[inline(always)]
     unsafe fn vload<S: Simd>(p: *const Self) -> S::F32 {
+        // SAFETY: this fn's contract (ISA present, F32_LANES halves readable) is f16_load's.
         unsafe { S::f16_load(p) }
     }
     #[inline(always)]
     unsafe fn vstore<S: Simd>(p: *mut Self, v: S::F32) {
+        // SAFETY: this fn's contract is f16_store's.
         unsafe { S::f16_store(p, v) }
     }
 }
@@ -461,10 +498,12 @@ impl Element for bf16 {
     }
     #[inline(always)]
     unsafe fn vload<S: Simd>(p: *const Self) -> S::F32 {
+        // SAFETY: this fn's contract (ISA present, F32_LANES values readable) is bf16_load's.
         unsafe { S::bf16_load(p) }
     }
     #[inline(always)]
     unsafe fn vstore<S: Simd>(p: *mut Self, v: S::F32) {
+        // SAFETY: this fn's contract is bf16_store's.
         unsafe { S::bf16_store(p, v) }
     }
 }

@@ -1,4 +1,29 @@
 //! The crate's one error type. Every fallible call returns [`Result`].
+//!
+//! # The validation rule
+//!
+//! Every op, on the CPU and under CUDA, follows one rule, so that no input can panic, abort,
+//! hang or read out of bounds:
+//!
+//! 1. **All shape arithmetic is checked.** Element counts, byte sizes and offsets are
+//!    computed with checked arithmetic; a product that overflows `usize` (or the 32-bit
+//!    index a CUDA kernel uses) is an [`Error::Overflow`] naming the tensor.
+//! 2. **Inputs are validated before anything is allocated or launched.** Every length is
+//!    checked against the shape, every parameter against its range (non-finite scales,
+//!    counts of zero, fold ids no sample can fill), then outputs are sized.
+//! 3. **No allocation is sized by a dim the inputs do not back.** A dim is backed when a
+//!    non-empty input carries it (B is backed by a non-empty `q`, Sk by `k`, …). An output
+//!    with a dim that no non-empty input carries, such as a batch of a million rows of zero
+//!    columns, or a `top` past the keys that exist, may hold at most as many elements as
+//!    the inputs together, or [`UNBACKED_LIMIT`] (2^20), whichever is larger. Past that it
+//!    is an [`Error::Shape`] naming the input that should carry the dim. An empty tensor
+//!    never allocates by a huge dim.
+//! 4. **Every loop is bounded by input lengths.** Work over a dim that carries no data,
+//!    such as the heads of a call with no queries or the sequences of an empty scan, is skipped, not
+//!    iterated.
+//!
+//! Where a value is accepted but the arithmetic can still overflow the accumulator (an
+//! attention `scale` of 1e30 with large scores), the op's docs say what it returns.
 
 use std::fmt;
 
@@ -100,6 +125,27 @@ impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         Error::Io(e.to_string())
     }
+}
+
+/// The most elements an output may hold when one of its dims is carried by no non-empty
+/// input (rule 3 of the [module docs](self)): tiny degenerate calls still work, huge ones
+/// are refused before allocating.
+pub const UNBACKED_LIMIT: usize = 1 << 20;
+
+/// Rule 3: `Err(Shape)` naming `carrier` (the input that should carry the dim `what`) when an
+/// output of `len` elements exceeds both the `inputs`' total elements and [`UNBACKED_LIMIT`].
+pub(crate) fn check_backed(carrier: &str, what: &str, len: usize, inputs: usize) -> Result<()> {
+    if len <= inputs.max(UNBACKED_LIMIT) {
+        return Ok(());
+    }
+    Err(Error::shape(
+        carrier,
+        format!(
+            "a non-empty tensor carrying {what}, or outputs of at most max(the inputs' \
+             {inputs} elements, {UNBACKED_LIMIT})"
+        ),
+        format!("an output of {len} elements sized by {what} alone"),
+    ))
 }
 
 /// `Err(Shape)` naming `tensor` unless it holds `expected` elements (`shape` says which dims).

@@ -64,6 +64,7 @@
 
 #![deny(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod attention;
 #[cfg(feature = "cases")]

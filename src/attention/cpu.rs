@@ -499,12 +499,17 @@ unsafe fn matmul_packed<S: Simd, A: Accum>(
     debug_assert!(pack.len() >= strips * MR * k);
     for strip in 0..strips {
         let rows = MR.min(m - strip * MR);
+        // SAFETY: strip < strips = ceil(m / MR): the packed strip starts inside `pack`
+        // (len >= strips·MR·k, asserted in debug; pack_queries sizes it so) and row
+        // strip·MR < m of C (this fn's contract).
         let (ap, cp) = unsafe {
             (
                 pack.as_ptr().add(strip * MR * k),
                 c.add(strip * MR * c_stride),
             )
         };
+        // SAFETY: strip_product's contract: `rows` rows of C from cp, the strip's MR·k packed
+        // values at ap, B as given to this fn; the ISA is this fn's caller's guarantee.
         unsafe {
             match rows {
                 6 => strip_product::<S, A, 6>(n, k, ap, b, b_stride, cp, c_stride, accumulate),
@@ -519,6 +524,10 @@ unsafe fn matmul_packed<S: Simd, A: Accum>(
 }
 
 /// One strip of R packed rows of A against all n columns of B.
+///
+/// # Safety
+/// The CPU supports `S`; `ap` holds a packed strip (k × MR values); B (k rows of n at
+/// `b_stride`) readable; C (R rows of n at `c_stride`) writable, not overlapping A or B.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn strip_product<S: Simd, A: Accum, const R: usize>(
@@ -533,6 +542,8 @@ unsafe fn strip_product<S: Simd, A: Accum, const R: usize>(
 ) {
     let lanes = A::lanes::<S>();
     let mut j = 0;
+    // SAFETY: columns j..j + NV·lanes <= n (the loop conditions) and then col < n, rows
+    // r < R, p < k: all inside the extents of this fn's contract.
     unsafe {
         while S::WIDE_TILES && j + 4 * lanes <= n {
             micro::<S, A, R, 4>(k, ap, b.add(j), b_stride, c.add(j), c_stride, accumulate);
@@ -561,6 +572,9 @@ unsafe fn strip_product<S: Simd, A: Accum, const R: usize>(
 }
 
 /// The register tile: R rows × NV vectors of C over the packed strip.
+///
+/// # Safety
+/// As [`strip_product`], for the NV·lanes columns from `b` and `c`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro<S: Simd, A: Accum, const R: usize, const NV: usize>(
@@ -573,6 +587,8 @@ unsafe fn micro<S: Simd, A: Accum, const R: usize, const NV: usize>(
     accumulate: bool,
 ) {
     let lanes = A::lanes::<S>();
+    // SAFETY: C accesses are r < R rows × v < NV vectors, in bounds per this fn's contract;
+    // tile_sums gets the same strip and B.
     unsafe {
         let mut acc = [[A::vsplat::<S>(A::ZERO); NV]; R];
         if accumulate {
@@ -592,6 +608,10 @@ unsafe fn micro<S: Simd, A: Accum, const R: usize, const NV: usize>(
 }
 
 /// acc += the R × NV tile of (packed strip) · B over k, in order over p.
+///
+/// # Safety
+/// The CPU supports `S`; `ap` holds k × MR packed values (R <= MR used); B holds k rows of
+/// NV·lanes values at `b_stride`.
 #[inline(always)]
 unsafe fn tile_sums<S: Simd, A: Accum, const R: usize, const NV: usize>(
     k: usize,
@@ -601,6 +621,10 @@ unsafe fn tile_sums<S: Simd, A: Accum, const R: usize, const NV: usize>(
     acc: &mut [[A::V<S>; NV]; R],
 ) {
     let lanes = A::lanes::<S>();
+    // SAFETY: step p reads ap[p·MR + r] (r < R <= MR) and B row p's NV vectors, p < k: in
+    // bounds per this fn's contract. After the last step a_at is at most one past the
+    // strip; b_at is advanced with `wrapping_add`, as row k (never read) may lie further
+    // than one past the end of B's buffer, where `add` would be UB.
     unsafe {
         let (mut a_at, mut b_at) = (ap, b);
         for _ in 0..k {
@@ -615,7 +639,7 @@ unsafe fn tile_sums<S: Simd, A: Accum, const R: usize, const NV: usize>(
                 }
             }
             a_at = a_at.add(MR);
-            b_at = b_at.add(b_stride);
+            b_at = b_at.wrapping_add(b_stride);
         }
     }
 }
@@ -650,9 +674,12 @@ unsafe fn scores_to_probs<S: Simd, A: Accum>(
     debug_assert!(sums_in.len() >= rows && sums.len() >= rows);
     for strip in 0..rows.div_ceil(MR) {
         let (r0, r) = (strip * MR, MR.min(rows - strip * MR));
+        // SAFETY: r0 < rows: the strip starts inside `pack` and C, as in matmul_packed.
         let (ap, cp) = unsafe { (pack.as_ptr().add(r0 * k), c.add(r0 * c_stride)) };
         let m = &m[r0..r0 + r];
         let sums = (&sums_in[r0..r0 + r], &mut sums[r0..r0 + r]);
+        // SAFETY: strip_to_probs's contract: r rows of C from cp, the packed strip at ap, B
+        // as given to this fn (n a multiple of lanes), m and sums sliced to the r rows.
         let held = unsafe {
             match r {
                 6 => strip_to_probs::<S, A, 6>(n, k, ap, b, b_stride, cp, c_stride, m, sums),
@@ -673,6 +700,10 @@ unsafe fn scores_to_probs<S: Simd, A: Accum>(
 /// One strip of [`scores_to_probs`]: the tiles left to right, as [`strip_product`] runs
 /// them, so each row's lane sums take its vectors in column order (the first tile adds to
 /// `sums_in`, the later ones to what the earlier wrote to `sums`).
+///
+/// # Safety
+/// As [`strip_product`], with n a multiple of the vector width; `m`, `sums_in` and `sums`
+/// hold R rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn strip_to_probs<S: Simd, A: Accum, const R: usize>(
@@ -694,8 +725,11 @@ unsafe fn strip_to_probs<S: Simd, A: Accum, const R: usize>(
         ($nv:literal, $wide:expr) => {
             while held && $wide && j + $nv * lanes <= n {
                 let first = (j == 0).then_some(sums_in);
+                // SAFETY: j + NV·lanes <= n (loop condition): column j of B and C in bounds.
                 let (bj, cj) = unsafe { (b.add(j), c.add(j)) };
                 let sums = (first, &mut *sums);
+                // SAFETY: tile_to_probs's contract: the NV·lanes columns from j of this
+                // fn's B and C (in bounds, see above), the same strip, m and sums.
                 held = unsafe {
                     tile_to_probs::<S, A, R, $nv>(k, ap, bj, b_stride, cj, c_stride, m, sums)
                 };
@@ -713,6 +747,9 @@ unsafe fn strip_to_probs<S: Simd, A: Accum, const R: usize>(
 /// then, still in registers, s → 2^(s − m) of its row, stored to C and added to the row's
 /// lane sums (read from `sums_in` if given, else from `sums`; written to `sums`); false if a
 /// score passed m + MAX_SLACK.
+///
+/// # Safety
+/// As [`micro`] (NV·lanes columns); `m`, `sums` (and `sums_in`) hold R rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_to_probs<S: Simd, A: Accum, const R: usize, const NV: usize>(
@@ -727,6 +764,9 @@ unsafe fn tile_to_probs<S: Simd, A: Accum, const R: usize, const NV: usize>(
 ) -> bool {
     let lanes = A::lanes::<S>();
     let mut over = 0u32;
+    // SAFETY: C accesses are r < R rows × v < NV vectors (this fn's contract); the lane-sum
+    // loads/stores use [A; L_LANES] arrays, L_LANES = 16 >= lanes on every ISA, through
+    // pointers from the whole arrays.
     unsafe {
         let mut acc = [[A::vsplat::<S>(A::ZERO); NV]; R];
         tile_sums::<S, A, R, NV>(k, ap, b, b_stride, &mut acc);
@@ -1965,6 +2005,10 @@ impl<E: Element> Backward<'_, E> {
         dq_rows: &mut [E::Acc],
     ) {
         debug_assert!(dq_rows.len() >= rows * self.shape.head_dim);
+        // SAFETY: gemm_acc's contract: A = ds (rows × w at stride BLOCK_K, per this fn's
+        // contract), B = w key rows of K from key k_start + j0 (inside the segment's keys,
+        // validated by the attention shape checks), C = dq_rows (rows × D, a separate
+        // buffer); the ISA is the caller's (`run` under dispatch).
         unsafe {
             gemm_acc::<S, E::Acc>(
                 rows,

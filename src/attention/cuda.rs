@@ -27,7 +27,7 @@ use crate::cuda::config::{
     NK_ATTN_MAX_TOP, NK_ATTN_SPLIT_CHUNK, NK_ATTN_TC_MAX_DIM, NK_ATTN_TC_ROWS, NK_ATTN_THREADS,
     NK_ATTN_TOP_ROWS,
 };
-use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
+use crate::cuda::{CudaElement, Device, grid_x, grid_yz, i32_dim, read_ptr, scratch, write_ptr};
 use crate::element::{Accum, DType};
 use crate::error::{Error, Result, check_len};
 use cudarc::driver::{
@@ -85,6 +85,7 @@ impl<E: CudaElement> AttentionViews<'_, '_, E> {
         if with_v && self.v.is_none() {
             return Err(Error::invalid("v", "forward and backward need the values"));
         }
+        super::check_params_fit::<E::Acc>(params)?;
         self.lens().validate(params, shape, self.cu_seqlens, with_v)
     }
 }
@@ -100,16 +101,39 @@ fn kernel_dim(shape: &AttentionShape) -> Result<usize> {
     })
 }
 
-fn to_i32(tensor: &str, n: usize) -> Result<i32> {
-    i32::try_from(n)
-        .map_err(|_| Error::overflow(tensor, format!("{n} does not fit the kernel's indices")))
+/// The dims as the kernels' `int` arguments, and the instantiation's padded head dim.
+struct KernelDims {
+    dmax: usize,
+    batch: i32,
+    len_q: i32,
+    len_k: i32,
+    heads_q: i32,
+    heads_kv: i32,
+    d: i32,
+    dv: i32,
 }
 
-fn grid_dim(tensor: &str, n: usize, max: u32) -> Result<u32> {
-    u32::try_from(n)
-        .ok()
-        .filter(|&x| x <= max)
-        .ok_or_else(|| Error::overflow(tensor, format!("{n} blocks along one grid axis")))
+/// `shape` within the kernels' limits, checked before anything is uploaded, allocated or
+/// launched: D and Dv within an instantiation (`Err(Unsupported)`); B, Sq, Sk, Hq, Hk as
+/// `int`s of at most [`MAX_I32_EXTENT`](crate::cuda::MAX_I32_EXTENT) (the kernels' row and
+/// key counters are `int` and step up to one tile past Sq and Sk; their offsets are 64-bit);
+/// Hq and B (the sequences without cu_seqlens) at most 65535, grid y and z.
+/// `Err(Overflow)` naming `q`, `k` or `v` past them.
+fn kernel_dims(shape: &AttentionShape) -> Result<KernelDims> {
+    let s = shape;
+    let dims = KernelDims {
+        dmax: kernel_dim(s)?,
+        batch: i32_dim("q", "B", s.batch)?,
+        len_q: i32_dim("q", "Sq", s.len_q)?,
+        len_k: i32_dim("k", "Sk", s.len_k)?,
+        heads_q: i32_dim("q", "Hq", s.heads_q)?,
+        heads_kv: i32_dim("k", "Hk", s.heads_kv)?,
+        d: i32_dim("q", "D", s.head_dim)?,
+        dv: i32_dim("v", "Dv", s.value_dim)?,
+    };
+    grid_yz("q", "Hq (query heads)", s.heads_q)?;
+    grid_yz("q", "B (batch)", s.batch)?;
+    Ok(dims)
 }
 
 /// The scalar arguments every score kernel shares.
@@ -137,15 +161,25 @@ impl Launch {
         // a window past Sq + Sk sees what an unbounded one does: clamped, no sum overflows
         let reach = (s.len_q as i64).saturating_add(s.len_k as i64);
         let window = |w: i64| if w < 0 { -1 } else { w.min(reach) };
+        let KernelDims {
+            dmax,
+            batch,
+            len_q,
+            len_k,
+            heads_q,
+            heads_kv,
+            d,
+            dv,
+        } = kernel_dims(s)?;
         Ok(Launch {
-            dmax: kernel_dim(s)?,
-            batch: to_i32("q", s.batch)?,
-            len_q: to_i32("q", s.len_q)?,
-            len_k: to_i32("k", s.len_k)?,
-            heads_q: to_i32("q", s.heads_q)?,
-            heads_kv: to_i32("k", s.heads_kv)?,
-            d: to_i32("q", s.head_dim)?,
-            dv: to_i32("v", s.value_dim)?,
+            dmax,
+            batch,
+            len_q,
+            len_k,
+            heads_q,
+            heads_kv,
+            d,
+            dv,
             causal: params.causal as i32,
             window_left: window(params.window_left),
             window_right: window(params.window_right),
@@ -161,10 +195,10 @@ impl Launch {
             return Ok(None);
         }
         Ok(Some((
-            grid_dim(tensor, x, i32::MAX as u32)?,
-            grid_dim(tensor, heads, 65535)?,
+            grid_x(tensor, "row or key tiles", x)?,
+            grid_yz(tensor, "heads", heads)?,
             // one grid layer per sequence (batch entry or cu_seqlens_q piece)
-            grid_dim("q", self.sequences, 65535)?,
+            grid_yz("q", "sequences", self.sequences)?,
         )))
     }
 }
@@ -331,7 +365,7 @@ pub fn forward<E: CudaElement>(
     let scale = E::Acc::from_f64(shape.scale(params));
     let softcap = E::Acc::from_f64(params.softcap);
     let batch = launch.batch;
-    let chunks = to_i32("k", n_chunks)?;
+    let chunks = i32_dim("k", "split-KV chunks", n_chunks)?;
     let (qp, _g1) = read_ptr(inputs.q, stream);
     let (kp, _g2) = read_ptr(inputs.k, stream);
     let v = inputs.v.ok_or_else(|| Error::invalid("v", "missing"))?;
@@ -380,8 +414,8 @@ pub fn forward<E: CudaElement>(
         let rows = shape.batch * shape.len_q;
         let merge = device.function("attention_fwd", &format!("attn_merge_{}", E::SUFFIX))?;
         let mgrid = (
-            grid_dim("q", rows, i32::MAX as u32)?,
-            grid_dim("q", shape.heads_q, 65535)?,
+            grid_x("q", "B·Sq", rows)?,
+            grid_yz("q", "Hq (query heads)", shape.heads_q)?,
             1,
         );
         let mut b = stream.launch_builder(&merge);
@@ -466,11 +500,7 @@ pub fn backward<E: CudaElement>(
         let f = device.function("attention_bwd", &format!("attn_bwd_dot_{}", E::SUFFIX))?;
         let pairs = sizes.lse as i64;
         let warps = (NK_ATTN_THREADS / 32) as usize;
-        let grid = (
-            grid_dim("q", sizes.lse.div_ceil(warps), i32::MAX as u32)?,
-            1,
-            1,
-        );
+        let grid = (grid_x("q", "B·Hq·Sq", sizes.lse.div_ceil(warps))?, 1, 1);
         let mut b = stream.launch_builder(&f);
         b.arg(&op)
             .arg(&dop)
@@ -585,7 +615,12 @@ pub fn top_keys<E: CudaElement>(
         ..shape
     };
     let (sizes, segments) = inputs.validate(params, &shape, false)?;
-    let out = check_top(&shape, sizes, top)?;
+    let out = check_top(
+        &shape,
+        sizes,
+        top,
+        inputs.q.len().saturating_add(inputs.k.len()),
+    )?;
     if top > NK_ATTN_MAX_TOP as usize {
         return Err(Error::Unsupported(format!(
             "attention.top_keys on CUDA with top = {top} (at most {NK_ATTN_MAX_TOP})"
@@ -657,7 +692,7 @@ pub fn top_keys<E: CudaElement>(
             "attention_fwd",
             &format!("attn_top_keys_d{}_{}", launch.dmax, E::SUFFIX),
         )?;
-        let top_i = to_i32("top", top)?;
+        let top_i = i32_dim("top", "top", top)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&qp)
             .arg(&kp)
@@ -775,7 +810,7 @@ pub fn forward_host<E: CudaElement>(
 ) -> Result<super::AttentionOut<E>> {
     // checked here too: the uploads below are sized by these lengths
     let (sizes, _) = inputs.validate(params, &shape, true)?;
-    kernel_dim(&shape)?;
+    kernel_dims(&shape)?;
     let stream = device.stream();
     let up = Uploaded::new(stream, inputs)?;
     let mut o = stream.alloc_zeros::<E>(sizes.o.max(1))?;
@@ -809,7 +844,7 @@ pub fn backward_host<E: CudaElement>(
 ) -> Result<AttentionGrads<E>> {
     let (sizes, _) = inputs.validate(params, &shape, true)?;
     check_backward_lens(&shape, sizes, o.len(), d_o.len(), lse.len())?;
-    kernel_dim(&shape)?;
+    kernel_dims(&shape)?;
     let stream = device.stream();
     let up = Uploaded::new(stream, inputs)?;
     let (od, dod, ld) = (
@@ -855,7 +890,13 @@ pub fn top_keys_host<E: CudaElement>(
         ..shape
     };
     let (sizes, _) = inputs.validate(params, &shape, false)?;
-    let out = check_top(&shape, sizes, top)?;
+    let out = check_top(
+        &shape,
+        sizes,
+        top,
+        inputs.q.len().saturating_add(inputs.k.len()),
+    )?;
+    kernel_dims(&shape)?;
     let stream = device.stream();
     let up = Uploaded::new(stream, inputs)?;
     let mut w = stream.alloc_zeros::<E::Acc>(out.max(1))?;

@@ -53,8 +53,8 @@ mod cpu;
 pub mod cuda;
 
 use crate::cpu::Isa;
-use crate::element::Element;
-use crate::error::{Error, Result, check_len};
+use crate::element::{Accum, Element};
+use crate::error::{Error, Result, check_backed, check_len};
 
 /// Which forward path runs: the split-KV decode path (parallel over key chunks, merged
 /// through their log-sum-exps) or the query-block path. Both are exact; they differ in
@@ -147,7 +147,11 @@ impl AttentionParams {
         self.softcap = softcap;
         self
     }
-    /// Score scale (default `None` = 1/sqrt(D)); must be finite.
+    /// Score scale (default `None` = 1/sqrt(D)); must be finite in the accumulator type
+    /// (|scale| <= 3.4e38 for f32, f16 and bf16). The outputs are defined while the scaled
+    /// scores `scale·q·k` stay finite there: a scale so large that they overflow (1e30
+    /// with |q·k| > 1e9 in f32) gives NaN or infinite outputs, and very large scales give
+    /// gradients of a near-hard maximum, dominated by rounding.
     pub fn scale(mut self, scale: Option<f64>) -> Self {
         self.scale = scale;
         self
@@ -163,6 +167,7 @@ impl AttentionParams {
         self
     }
 
+    /// The range checks that do not depend on the element type.
     fn validate(&self) -> Result<()> {
         if let Some(s) = self.scale
             && !s.is_finite()
@@ -188,6 +193,34 @@ impl AttentionParams {
         }
         Ok(())
     }
+}
+
+/// The scale and softcap must also be finite in the accumulator type `A` the kernels compute
+/// in (1e300 is finite in f64 and infinite in f32, where it would turn every score to NaN).
+fn check_params_fit<A: Accum>(params: &AttentionParams) -> Result<()> {
+    let fits = |x: f64| A::from_f64(x).to_f64().is_finite();
+    if let Some(s) = params.scale
+        && !fits(s)
+    {
+        return Err(Error::invalid(
+            "scale",
+            format!(
+                "{s:e} overflows the {}-bit accumulator",
+                8 * std::mem::size_of::<A>()
+            ),
+        ));
+    }
+    if !fits(params.softcap) {
+        return Err(Error::invalid(
+            "softcap",
+            format!(
+                "{:e} overflows the {}-bit accumulator",
+                params.softcap,
+                8 * std::mem::size_of::<A>()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The dims of `q [B, Sq, Hq, D]`, `k [B, Sk, Hk, D]` and `v [B, Sk, Hk, Dv]`.
@@ -395,6 +428,7 @@ impl<'a, E: Element> AttentionInputs<'a, E> {
             alibi_slopes: self.alibi_slopes.map(<[_]>::len),
             bias: self.bias.map(|b| (b.data.len(), b.batch, b.heads)),
         };
+        check_params_fit::<E::Acc>(params)?;
         lens.validate(params, shape, self.cu_seqlens, with_v)
     }
 }
@@ -451,6 +485,33 @@ impl InputLens {
                 .try_fold(1usize, |acc, x| acc.checked_mul(*x))
                 .ok_or_else(|| Error::overflow("bias", format!("{shape:?}")))?;
             check_len("bias", len, n, &format!("[{bb}, {hb}, {sq}, {sk}]"))?;
+        }
+        // rule 3 of crate::error: B·Hq·Sq is carried by q, Dv by v, B by any of q, k, v
+        let v_len = if with_v { self.v } else { 0 };
+        let bias_len = self.bias.map_or(0, |b| b.0);
+        let inputs = [
+            self.q,
+            self.k,
+            v_len,
+            bias_len,
+            self.alibi_slopes.unwrap_or(0),
+        ]
+        .iter()
+        .fold(0usize, |acc, n| acc.saturating_add(*n));
+        if self.q == 0 {
+            let out = sizes.lse.max(if with_v { sizes.o } else { 0 });
+            check_backed("q", "B·Hq·Sq", out, inputs)?;
+        }
+        if with_v && self.v == 0 {
+            check_backed("v", "Dv", sizes.o, inputs)?;
+        }
+        if self.k == 0 && v_len == 0 {
+            // rule 4: with no key or value data Sk is carried by no input (bias aside), and
+            // the B·Hq·Sq·Sk scores would be a loop over nothing
+            check_backed("k", "Sk", sizes.lse.saturating_mul(sk), inputs)?;
+        }
+        if cu_seqlens.is_none() && self.q == 0 && self.k == 0 && v_len == 0 {
+            check_backed("q", "B", b, inputs)?;
         }
         let segments = match cu_seqlens {
             None => (0..b)
@@ -613,6 +674,7 @@ pub(crate) fn forward_impl<E: Element>(
 ) -> Result<AttentionOut<E>> {
     let isa = isa.check()?;
     let (sizes, segments) = inputs.validate(params, &shape, true)?;
+    let segments = with_queries(segments, sizes);
     let (o, lse) = cpu::forward(isa, params, &shape, inputs, &segments, sizes);
     Ok(AttentionOut { o, lse })
 }
@@ -658,6 +720,7 @@ pub(crate) fn backward_impl<E: Element>(
     let (sizes, segments) = inputs.validate(params, &shape, true)?;
     let s = &shape;
     check_backward_lens(s, sizes, o.len(), d_o.len(), lse.len())?;
+    let segments = with_queries(segments, sizes);
     Ok(cpu::backward(
         isa, params, s, inputs, &segments, sizes, o, d_o, lse,
     ))
@@ -666,7 +729,9 @@ pub(crate) fn backward_impl<E: Element>(
 /// `attention.top_keys` on the CPU: the exact softmax probabilities `[B, Hq, Sq, top]` of each
 /// query's `top` most attended keys (descending; ties to the lower key) and their key
 /// positions along the S axis of k (packed positions with cu_seqlens). A row with fewer
-/// visible keys than `top` is padded with weight 0 and index −1. `top` may exceed Sk.
+/// visible keys than `top` is padded with weight 0 and index −1. `top` may exceed Sk, as
+/// long as the padded outputs are no larger than q and k together (or 2^20 elements): a `top`
+/// of 2^40 is an `Err`, not a 16 TB allocation.
 pub fn top_keys<E: Element>(
     params: &AttentionParams,
     shape: AttentionShape,
@@ -702,9 +767,23 @@ pub(crate) fn top_keys_impl<E: Element>(
         ..shape
     };
     let (sizes, segments) = inputs.validate(params, &shape, false)?;
-    let out = check_top(&shape, sizes, top)?;
+    let out = check_top(
+        &shape,
+        sizes,
+        top,
+        inputs.q.len().saturating_add(inputs.k.len()),
+    )?;
+    let segments = with_queries(segments, sizes);
     let (weights, indices) = cpu::top_keys(isa, params, &shape, inputs, &segments, sizes, top, out);
     Ok(TopKeys { weights, indices })
+}
+
+/// The sequences that have query rows: one without any adds nothing to any output (its key
+/// gradients are zero), so the CPU paths never loop over its heads or size scratch by its
+/// dims (rule 4 of crate::error). With no query head (Hq = 0) none has.
+fn with_queries(mut segments: Vec<Segment>, sizes: Sizes) -> Vec<Segment> {
+    segments.retain(|s| s.q_len > 0 && sizes.lse > 0);
+    segments
 }
 
 /// The lengths of the backward's `o`, `do` and `lse`.
@@ -726,8 +805,10 @@ fn check_backward_lens(
     )
 }
 
-/// Checks `top` and returns the element count of top_keys' outputs.
-fn check_top(shape: &AttentionShape, sizes: Sizes, top: usize) -> Result<usize> {
+/// Checks `top` and returns the element count of top_keys' outputs. A `top` past Sk only
+/// pads, so its outputs may then hold no more than q and k together (`inputs` elements) or
+/// [`crate::error::UNBACKED_LIMIT`].
+fn check_top(shape: &AttentionShape, sizes: Sizes, top: usize, inputs: usize) -> Result<usize> {
     if top == 0 {
         return Err(Error::invalid("top", "must be at least 1"));
     }
@@ -747,5 +828,8 @@ fn check_top(shape: &AttentionShape, sizes: Sizes, top: usize) -> Result<usize> 
                 format!("[B·Hq·Sq = {}] × top = {top}", sizes.lse),
             )
         })?;
+    if top > shape.len_k {
+        check_backed("k", "a `top` past Sk", out, inputs)?;
+    }
     Ok(out)
 }

@@ -54,7 +54,12 @@ pub(crate) fn available() -> bool {
 fn permitted() -> bool {
     static GRANTED: OnceLock<bool> = OnceLock::new();
     *GRANTED.get_or_init(|| {
-        cpu_has_amx() && std::arch::is_x86_feature_detected!("avx512bf16") && os_grants_tiles()
+        // avx512bw too: `pack_rows`/`pack_columns` enable it (every AVX512-BF16 CPU has it,
+        // but the `#[target_feature]` contract needs it checked)
+        cpu_has_amx()
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && os_grants_tiles()
     })
 }
 
@@ -209,8 +214,13 @@ impl Drop for Tiles {
 }
 
 /// Transposes a 16×16 block of 32-bit values held as 16 row vectors (64 shuffles).
+///
+/// # Safety
+/// AVX-512F is available (call it from a `#[target_feature(enable = "avx512f")]` fn whose
+/// caller checked it).
 #[inline(always)]
 pub(crate) unsafe fn transpose16(r: &mut [__m512; 16]) {
+    // SAFETY: register-only AVX-512F shuffles; the ISA per this fn's contract.
     unsafe {
         // 32-bit interleave of row pairs, within 128-bit lanes
         let mut t = [_mm512_setzero_ps(); 16];
@@ -252,11 +262,19 @@ pub(crate) fn lanes_mask(n: usize) -> u16 {
 /// 32 f32 at `p` (the first `n` ≤ 32 of them; the rest zero) as 32 bf16, nearest even, and
 /// the residuals' and values' squares added to `sums` (lane-wise: [Σ v², Σ (v − ṽ)²]), where
 /// ṽ is the value the tile product uses (a bf16 denormal counts as zero: AMX flushes it).
+///
+/// # Safety
+/// AVX-512F, AVX512-BW and AVX512-BF16 are available (the callers are `#[target_feature]`
+/// fns with those features, whose callers checked [`available`]); `p` is valid for reads of
+/// `n` values (lanes past `n` are masked off and never read).
 #[inline(always)]
 unsafe fn bf16x32(p: *const f32, n: usize, sums: &mut [__m512; 2]) -> __m512i {
+    // SAFETY: the ISA and the n readable values per this fn's contract; the masked loads
+    // touch only lanes < n. `wrapping_add`: with n <= 16 the second (fully masked) load's
+    // address may lie past the end of p's allocation, where `add` would be UB.
     unsafe {
         let lo = _mm512_maskz_loadu_ps(lanes_mask(n), p);
-        let hi = _mm512_maskz_loadu_ps(lanes_mask(n.saturating_sub(16)), p.add(16));
+        let hi = _mm512_maskz_loadu_ps(lanes_mask(n.saturating_sub(16)), p.wrapping_add(16));
         let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
         // the bf16 values back as f32: elements 0–15 (from lo) and 16–31 (from hi), each
         // widened to 32 bits and shifted into the f32's high half
@@ -279,9 +297,13 @@ unsafe fn bf16x32(p: *const f32, n: usize, sums: &mut [__m512; 2]) -> __m512i {
 
 /// Lane sums of `v` in f64 (each lane an f32 sum of at most `terms` squares): an upper bound
 /// of the exact sum, inflated by the f32 summation error.
+///
+/// # Safety
+/// AVX-512F is available.
 #[inline(always)]
 unsafe fn upper_sum(v: __m512, terms: usize) -> f64 {
     let mut lanes = [0f32; 16];
+    // SAFETY: AVX-512F per this fn's contract; the store writes the 16 lanes of `lanes`.
     unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
     let sum: f64 = lanes.iter().map(|&x| x as f64).sum();
     sum * (1.0 + (terms + 1) as f64 * f32::EPSILON as f64)
@@ -292,7 +314,8 @@ unsafe fn upper_sum(v: __m512, terms: usize) -> f64 {
 /// of row i's ‖x‖² and ‖x − x̃‖² (x̃ the values the tiles hold).
 ///
 /// # Safety
-/// The CPU has AVX-512F and AVX512-BF16 ([`available`] implies it); `x.len() >= n · dm`;
+/// The CPU has AVX-512F, AVX512-BW and AVX512-BF16 ([`available`] implies it);
+/// `x.len() >= n · dm`;
 /// `out.len() == row_tiles · steps · TILE_ELEMS` with `steps = dm.div_ceil(32)`;
 /// `norms.len() >= n`.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -398,14 +421,20 @@ mod tests {
             eprintln!("no AVX-512 here: transpose16 not run");
             return;
         }
+        /// # Safety
+        /// The CPU has AVX-512F.
         #[target_feature(enable = "avx512f")]
         unsafe fn run(a: &[f32; 256]) -> [f32; 256] {
+            // SAFETY: AVX-512F is enabled on this fn (checked by the caller); each row
+            // 16·i..16·i+16 lies in the 256-value arrays, and the pointers come from the whole
+            // arrays (a pointer made from `&a[16 * i]` may only touch that one element).
             unsafe {
-                let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(&a[16 * i]));
+                let mut r: [__m512; 16] =
+                    std::array::from_fn(|i| _mm512_loadu_ps(a.as_ptr().add(16 * i)));
                 transpose16(&mut r);
                 let mut out = [0f32; 256];
                 for (i, v) in r.iter().enumerate() {
-                    _mm512_storeu_ps(&mut out[16 * i], *v);
+                    _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), *v);
                 }
                 out
             }

@@ -19,6 +19,12 @@ pub(crate) struct Strided<A> {
 
 /// Operand B of the products: `k` rows of `n` values at a row stride, read in the accumulator
 /// type (as stored, or widened from f16/bf16 as each vector is loaded).
+///
+/// # Safety
+///
+/// For every method: the pointer was derived from the whole B buffer and `p < k`,
+/// `col (+ lanes for vload) <= n` of the product's B (so the address is in bounds); `vload`
+/// also needs a CPU supporting `S` (inside `dispatch`).
 trait RowsB<A: Accum>: Copy {
     /// `lanes` values of row p from column `col`.
     unsafe fn vload<S: Simd>(self, p: usize, col: usize) -> A::V<S>;
@@ -35,6 +41,9 @@ struct Plain<A> {
     stride: usize,
 }
 
+// SAFETY (the blocks of this impl and of `Widening`'s): the offsets are in bounds of B by
+// the RowsB contract (p < k, col + lanes <= n), and the ISA is the caller's guarantee.
+#[allow(clippy::undocumented_unsafe_blocks)]
 impl<A: Accum> RowsB<A> for Plain<A> {
     #[inline(always)]
     unsafe fn vload<S: Simd>(self, p: usize, col: usize) -> A::V<S> {
@@ -60,6 +69,8 @@ struct Widening<E> {
     stride: usize,
 }
 
+// SAFETY: see `impl RowsB for Plain`.
+#[allow(clippy::undocumented_unsafe_blocks)]
 impl<E: Element> RowsB<E::Acc> for Widening<E> {
     #[inline(always)]
     unsafe fn vload<S: Simd>(self, p: usize, col: usize) -> <E::Acc as Accum>::V<S> {
@@ -83,8 +94,10 @@ impl<E: Element> RowsB<E::Acc> for Widening<E> {
 /// the entries above the diagonal inside a tile are still read, so they must hold zeros.
 ///
 /// # Safety
-/// A (m × k through its strides), B (k rows of `n` at `b_stride`) and C (m rows of `n` at
-/// `c_stride`) must be valid, and C must not overlap A or B.
+/// The CPU supports `S` (call inside a `SimdKernel::run` entered by `dispatch`). A (m × k
+/// through its strides), B (k rows of `n` at `b_stride`) and C (m rows of `n` at
+/// `c_stride`) must be valid for reads (C also writes), each pointer derived from its whole
+/// buffer, and C must not overlap A or B.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_acc<S: Simd, A: Accum>(
@@ -102,6 +115,7 @@ pub(crate) unsafe fn gemm_acc<S: Simd, A: Accum>(
         ptr: b,
         stride: b_stride,
     };
+    // SAFETY: this fn's contract is product's.
     unsafe { product::<S, A, _>(m, n, k, a, b, c, c_stride, lower_triangular, true) }
 }
 
@@ -126,6 +140,7 @@ pub(crate) unsafe fn gemm_acc_widening<S: Simd, E: Element>(
         ptr: b,
         stride: b_stride,
     };
+    // SAFETY: this fn's contract is product's.
     unsafe { product::<S, E::Acc, _>(m, n, k, a, b, c, c_stride, false, true) }
 }
 
@@ -150,9 +165,14 @@ pub(crate) unsafe fn gemm_set<S: Simd, A: Accum>(
         ptr: b,
         stride: b_stride,
     };
+    // SAFETY: this fn's contract is product's.
     unsafe { product::<S, A, _>(m, n, k, a, b, c, c_stride, false, false) }
 }
 
+/// The body of the three products.
+///
+/// # Safety
+/// As [`gemm_acc`] (B through any [`RowsB`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
@@ -178,14 +198,16 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
     while i < m {
         let rows = (m - i).min(6);
         let kk = inner(i, rows);
-        let a_at = Strided {
-            ptr: unsafe { a.ptr.add(i * a.row_stride) },
-            ..a
-        };
+        // SAFETY: row i < m of A and of C, in bounds by this fn's contract.
+        let a_ptr = unsafe { a.ptr.add(i * a.row_stride) };
+        let a_at = Strided { ptr: a_ptr, ..a };
+        // SAFETY: as above.
         let c_at = unsafe { c.add(i * c_stride) };
         let mut j = 0;
         // 32 registers: 4-vector tiles, so a row strip reads B once per 4 vectors of C
         while S::WIDE_TILES && j + 4 * lanes <= n {
+            // SAFETY: rows i..i + rows <= m, columns j..j + 4·lanes <= n, inner kk <= k:
+            // inside A, B and C per this fn's contract; the ISA likewise.
             unsafe {
                 tile_rows::<S, A, B, 4>(
                     rows,
@@ -199,6 +221,7 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
             j += 4 * lanes;
         }
         while j + 2 * lanes <= n {
+            // SAFETY: as above, columns j..j + 2·lanes <= n.
             unsafe {
                 tile_rows::<S, A, B, 2>(
                     rows,
@@ -212,6 +235,7 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
             j += 2 * lanes;
         }
         if j + lanes <= n {
+            // SAFETY: as above, columns j..j + lanes <= n.
             unsafe {
                 tile_rows::<S, A, B, 1>(
                     rows,
@@ -227,6 +251,8 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
         // columns past the last whole vector, one at a time (same order over p)
         for col in j..n {
             for r in 0..rows {
+                // SAFETY: row i + r < m, column col < n, p < kk <= k: in bounds per this
+                // fn's contract.
                 unsafe {
                     let out = c_at.add(r * c_stride + col);
                     let mut acc = if accumulate { *out } else { A::ZERO };
@@ -243,6 +269,9 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
 }
 
 /// [`tile`] for a strip of `rows` (1..=6) rows.
+///
+/// # Safety
+/// As [`tile`], for `rows` rows.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_rows<S: Simd, A: Accum, B: RowsB<A>, const NV: usize>(
@@ -253,6 +282,7 @@ unsafe fn tile_rows<S: Simd, A: Accum, B: RowsB<A>, const NV: usize>(
     c: (*mut A, usize),
     accumulate: bool,
 ) {
+    // SAFETY: this fn's contract is tile's with MR = rows (the `_` arm is rows = 1).
     unsafe {
         match rows {
             6 => tile::<S, A, B, 6, NV>(k, a, b, c, accumulate),
@@ -267,6 +297,10 @@ unsafe fn tile_rows<S: Simd, A: Accum, B: RowsB<A>, const NV: usize>(
 
 /// One register tile: MR rows × NV vectors of C over `k`, added to C's values with
 /// `accumulate`, else from zero. C is (pointer, row stride).
+///
+/// # Safety
+/// The CPU supports `S`; A's MR rows × k, B's k rows × NV·lanes columns and C's MR rows ×
+/// NV·lanes columns are in bounds (C writable, not overlapping A or B).
 #[inline(always)]
 unsafe fn tile<S: Simd, A: Accum, B: RowsB<A>, const MR: usize, const NV: usize>(
     k: usize,
@@ -276,6 +310,7 @@ unsafe fn tile<S: Simd, A: Accum, B: RowsB<A>, const MR: usize, const NV: usize>
     accumulate: bool,
 ) {
     let lanes = A::lanes::<S>();
+    // SAFETY: every access is r < MR, p < k, v < NV of the extents this fn's contract covers.
     unsafe {
         let mut acc = [[A::vsplat::<S>(A::ZERO); NV]; MR];
         if accumulate {

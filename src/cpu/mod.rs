@@ -118,8 +118,8 @@ impl Isa {
             .collect()
     }
 
-    /// Whether this CPU can run `self` (AVX2 and AVX-512 also need FMA and F16C); scalar
-    /// always can.
+    /// Whether this CPU can run `self` (AVX2 and AVX-512 also need FMA and F16C, AVX-512
+    /// also AVX2); scalar always can.
     pub fn is_supported(self) -> bool {
         match self {
             Isa::Scalar => true,
@@ -130,8 +130,11 @@ impl Isa {
                     && std::arch::is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
+            // avx2 too: `run_avx512` enables it (every AVX-512F CPU has it, but the
+            // `#[target_feature]` contract needs it checked, not assumed)
             Isa::Avx512 => {
                 std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                     && std::arch::is_x86_feature_detected!("f16c")
             }
@@ -167,6 +170,18 @@ impl Isa {
 
 /// Vector operations of one ISA, as a zero-sized token type. Loads and stores are
 /// unaligned; `*_LANES` elements are read or written per call.
+///
+/// # Safety
+///
+/// Every method is an `unsafe fn` with the same contract:
+/// - the CPU supports the implementing ISA. Inside the crate this holds because the methods
+///   are only reached through [`SimdKernel::run`], which [`dispatch`] enters for an ISA only
+///   after [`Isa::is_supported`] said yes (the scalar token needs nothing);
+/// - a pointer argument is valid for reads (loads) or writes (stores) of `F32_LANES`
+///   (f32/f16/bf16 methods) or `F64_LANES` (f64 methods) consecutive elements, and derived
+///   from the whole buffer it points into (not from a reference to one element).
+///
+/// Register-only methods (arithmetic, compares) have no requirement beyond the first.
 #[doc(hidden)]
 pub trait Simd: Copy + 'static {
     type F32: Copy;
@@ -222,6 +237,7 @@ pub trait Simd: Copy + 'static {
     /// vector intrinsics are not inlined (AVX-512's selective scan ran 16× slower so).
     #[inline(always)]
     unsafe fn f32_exp2_x4(x: [Self::F32; 4]) -> [Self::F32; 4] {
+        // SAFETY: register-only calls on this ISA, which the caller guarantees (trait contract).
         unsafe {
             [
                 Self::f32_exp2(x[0]),
@@ -233,6 +249,7 @@ pub trait Simd: Copy + 'static {
     }
     #[inline(always)]
     unsafe fn f64_exp2_x4(x: [Self::F64; 4]) -> [Self::F64; 4] {
+        // SAFETY: as f32_exp2_x4.
         unsafe {
             [
                 Self::f64_exp2(x[0]),
@@ -386,12 +403,18 @@ pub(crate) trait SimdKernel {
 /// Runs `kernel` on `isa`. The caller has checked that the CPU supports `isa`
 /// ([`Isa::check`]); an unsupported one falls back to scalar rather than faulting.
 pub(crate) fn dispatch<K: SimdKernel>(isa: Isa, kernel: K) -> K::Output {
+    // Each arm's guard checks with `is_supported` that the CPU has every feature its
+    // `#[target_feature]` wrapper enables. This is the one place the crate enters SIMD
+    // kernels, so every `Simd` method runs on a CPU that supports its ISA.
     match isa {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: see above (avx2, fma, f16c checked by the guard).
         Isa::Avx2 if Isa::Avx2.is_supported() => unsafe { x86::run_avx2(kernel) },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: see above (avx512f, avx2, fma, f16c checked by the guard).
         Isa::Avx512 if Isa::Avx512.is_supported() => unsafe { x86::run_avx512(kernel) },
         #[cfg(target_arch = "aarch64")]
+        // SAFETY: see above (neon checked by the guard).
         Isa::Neon if Isa::Neon.is_supported() => unsafe { neon::run_neon(kernel) },
         _ => kernel.run::<Scalar>(),
     }
@@ -401,7 +424,11 @@ pub(crate) fn dispatch<K: SimdKernel>(isa: Isa, kernel: K) -> K::Output {
 /// disjoint, interleaved parts of one output; each use states why the parts are disjoint.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);
+// SAFETY: the wrapper only carries the address; every dereference is an `unsafe` block at
+// the use site, which states why the tasks' parts are disjoint (no data race). T is one of
+// the crate's plain numeric types (Send + Sync) wherever it is used.
 unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as Send: sharing the wrapper shares only the address.
 unsafe impl<T> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
@@ -415,7 +442,10 @@ impl<T> SendPtr<T> {
 /// The read-only counterpart of [`SendPtr`].
 #[derive(Clone, Copy)]
 pub(crate) struct SendConstPtr<T>(pub *const T);
+// SAFETY: as SendPtr; reads through it happen while the source slice is borrowed shared
+// by the calling op, so nothing writes the pointee meanwhile.
 unsafe impl<T> Send for SendConstPtr<T> {}
+// SAFETY: as Send.
 unsafe impl<T> Sync for SendConstPtr<T> {}
 
 impl<T> SendConstPtr<T> {
@@ -447,6 +477,7 @@ mod tests {
         fn run<S: Simd>(self) {
             let lanes = S::F32_LANES;
             for chunk in self.0.chunks_exact_mut(lanes) {
+                // SAFETY: run through `dispatch` (ISA checked); each chunk holds `lanes` values.
                 unsafe {
                     let x = S::f32_load(chunk.as_ptr());
                     let y = if self.1 {
@@ -525,6 +556,8 @@ mod tests {
         fn run<S: Simd>(self) {
             let lanes = S::F32_LANES;
             for chunk in self.0.chunks_exact_mut(4 * lanes) {
+                // SAFETY: run through `dispatch` (ISA checked); vector i reads and writes
+                // lanes i·lanes..(i+1)·lanes of a 4·lanes chunk.
                 unsafe {
                     let x = std::array::from_fn(|i| S::f32_load(chunk.as_ptr().add(i * lanes)));
                     for (i, y) in S::f32_exp2_x4(x).into_iter().enumerate() {

@@ -10,11 +10,24 @@ use std::arch::aarch64::*;
 #[derive(Clone, Copy)]
 pub struct Neon;
 
+/// Runs `kernel` compiled for NEON.
+///
+/// # Safety
+///
+/// The CPU supports neon (`dispatch` checks `Isa::Neon.is_supported()`).
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn run_neon<K: SimdKernel>(kernel: K) -> K::Output {
     kernel.run::<Neon>()
 }
 
+// SAFETY (every `unsafe {}` in this impl, one justification for the group): each method is
+// an `unsafe fn` under the `Simd` trait contract (cpu/mod.rs): it runs only where NEON is
+// present, because `dispatch` checked `Isa::Neon.is_supported()` before entering
+// `run_neon`, the only caller of `Kernel::run::<Neon>`; and each pointer argument is valid
+// for F32_LANES (4) or F64_LANES (2) elements, exactly what the loads/stores touch. The
+// blocks only forward those guarantees to the intrinsics; spills go to local arrays of at
+// least one vector.
+#[allow(clippy::undocumented_unsafe_blocks)]
 impl Simd for Neon {
     type F32 = float32x4_t;
     type F64 = float64x2_t;
@@ -235,14 +248,25 @@ impl Simd for Neon {
 }
 
 /// Lane i's comparison result (all ones or zero) as bit i.
+///
+/// # Safety
+///
+/// NEON is available (called only from `Simd for Neon` methods, see their contract).
 #[inline(always)]
 unsafe fn f32_bits(m: uint32x4_t) -> u32 {
     const BITS: [u32; 4] = [1, 2, 4, 8];
+    // SAFETY: NEON per this fn's contract; the load reads the 4 values of BITS.
     unsafe { vaddvq_u32(vandq_u32(m, vld1q_u32(BITS.as_ptr()))) }
 }
 
+/// [`f32_bits`] for two f64 lanes.
+///
+/// # Safety
+///
+/// As [`f32_bits`].
 #[inline(always)]
 unsafe fn f64_bits(m: uint64x2_t) -> u32 {
     const BITS: [u64; 2] = [1, 2];
+    // SAFETY: NEON per this fn's contract; the load reads the 2 values of BITS.
     unsafe { vaddvq_u64(vandq_u64(m, vld1q_u64(BITS.as_ptr()))) as u32 }
 }

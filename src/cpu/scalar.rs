@@ -9,6 +9,11 @@ use std::cmp::Ordering;
 #[derive(Clone, Copy)]
 pub struct Scalar;
 
+// SAFETY (every `unsafe {}` in this impl, one justification for the group): the only unsafe
+// operations are the one-element reads and writes of the load/store methods, whose pointer
+// the `Simd` trait contract (cpu/mod.rs) requires to be valid for F32_LANES = F64_LANES = 1
+// element. No ISA is needed.
+#[allow(clippy::undocumented_unsafe_blocks)]
 impl Simd for Scalar {
     type F32 = f32;
     type F64 = f64;

@@ -12,16 +12,36 @@ pub struct Avx2;
 #[derive(Clone, Copy)]
 pub struct Avx512;
 
+/// Runs `kernel` compiled for AVX2 + FMA + F16C.
+///
+/// # Safety
+///
+/// The CPU supports avx2, fma and f16c (`dispatch` checks `Isa::Avx2.is_supported()`).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn run_avx2<K: SimdKernel>(kernel: K) -> K::Output {
     kernel.run::<Avx2>()
 }
 
+/// Runs `kernel` compiled for AVX-512F (+ AVX2, FMA, F16C).
+///
+/// # Safety
+///
+/// The CPU supports avx512f, avx2, fma and f16c (`dispatch` checks
+/// `Isa::Avx512.is_supported()`).
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub(super) unsafe fn run_avx512<K: SimdKernel>(kernel: K) -> K::Output {
     kernel.run::<Avx512>()
 }
 
+// SAFETY (every `unsafe {}` in the two impls below, one justification for the group): each
+// method is an `unsafe fn` under the `Simd` trait contract (cpu/mod.rs): it runs only on a
+// CPU with the ISA, because `dispatch` checked `Isa::is_supported` before entering
+// `run_avx2`/`run_avx512`, the only callers of `Kernel::run::<Avx2/Avx512>`; and each
+// pointer argument is valid for F32_LANES/F64_LANES elements (the loads/stores read or
+// write exactly that many: 8 or 4 for AVX2, 16 or 8 for AVX-512; f16/bf16 loads read 16 or
+// 32 bytes = F32_LANES halves). The blocks only forward those guarantees to the intrinsics;
+// the few that spill a vector to memory do so into a local array of at least one vector.
+#[allow(clippy::undocumented_unsafe_blocks)]
 impl Simd for Avx2 {
     type F32 = __m256;
     type F64 = __m256d;
@@ -314,6 +334,8 @@ impl Simd for Avx2 {
     }
 }
 
+// SAFETY: see the group comment above `impl Simd for Avx2`.
+#[allow(clippy::undocumented_unsafe_blocks)]
 impl Simd for Avx512 {
     type F32 = __m512;
     type F64 = __m512d;

@@ -158,6 +158,67 @@ impl Device {
     }
 }
 
+/// The longest axis the kernels index with 32-bit `int`s (sequence lengths, row lengths,
+/// model and value dims): `i32::MAX` less 2^16. Their loop counters and tile starts step past
+/// an axis's last index by up to one tile or one block (at most 1024 anywhere in kernels/)
+/// before the next comparison, and that step must not overflow. Every CUDA entry point
+/// refuses a longer axis with `Err(Overflow)` naming the tensor, before it allocates or
+/// launches; products of dims (offsets) are 64-bit in the kernels and have no such limit.
+pub const MAX_I32_EXTENT: usize = i32::MAX as usize - (1 << 16);
+
+/// The most blocks along grid x (`gridDim.x` ≤ 2^31 − 1).
+pub const MAX_GRID_X: usize = i32::MAX as usize;
+
+/// The most blocks along grid y or z (`gridDim.y`, `gridDim.z` ≤ 65535).
+pub const MAX_GRID_YZ: usize = 65_535;
+
+/// Dim `what` (= `n`) of `tensor` as a kernel's `int`: `Err(Overflow)` naming the tensor past
+/// [`MAX_I32_EXTENT`]. Every kernel `int` that holds a dim comes through here.
+pub(crate) fn i32_dim(tensor: &str, what: &str, n: usize) -> Result<i32> {
+    if n > MAX_I32_EXTENT {
+        return Err(Error::overflow(
+            tensor,
+            format!(
+                "{what} = {n} exceeds the CUDA kernels' 32-bit index range (at most {MAX_I32_EXTENT})"
+            ),
+        ));
+    }
+    // in range: MAX_I32_EXTENT < i32::MAX
+    Ok(n as i32)
+}
+
+/// Dim `what` (= `n`) of `tensor` as a kernel's `long long`: `Err(Overflow)` past `i64::MAX`.
+pub(crate) fn i64_dim(tensor: &str, what: &str, n: usize) -> Result<i64> {
+    i64::try_from(n).map_err(|_| {
+        Error::overflow(
+            tensor,
+            format!("{what} = {n} exceeds the CUDA kernels' 64-bit index range"),
+        )
+    })
+}
+
+/// `n` blocks along grid x (`what` says what they cover): `Err(Overflow)` naming `tensor`
+/// past [`MAX_GRID_X`].
+pub(crate) fn grid_x(tensor: &str, what: &str, n: usize) -> Result<u32> {
+    grid_axis(tensor, what, n, MAX_GRID_X, "x")
+}
+
+/// `n` blocks along grid y or z: `Err(Overflow)` naming `tensor` past [`MAX_GRID_YZ`].
+pub(crate) fn grid_yz(tensor: &str, what: &str, n: usize) -> Result<u32> {
+    grid_axis(tensor, what, n, MAX_GRID_YZ, "y/z")
+}
+
+fn grid_axis(tensor: &str, what: &str, n: usize, max: usize, axis: &str) -> Result<u32> {
+    if n > max {
+        return Err(Error::overflow(
+            tensor,
+            format!("{what} needs {n} blocks along grid {axis} (at most {max})"),
+        ));
+    }
+    // in range: max ≤ i32::MAX
+    Ok(n as u32)
+}
+
 /// Zeroed scratch of accumulators on `stream`.
 pub(crate) fn scratch<A: Accum + DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,

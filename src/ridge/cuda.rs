@@ -29,7 +29,7 @@ use crate::cuda::config::{
     NK_RIDGE_CV_COLS, NK_RIDGE_CV_LANES, NK_RIDGE_CV_THREADS, NK_RIDGE_MAX_ORDER,
     NK_RIDGE_RHS_CHUNK, NK_RIDGE_ROW_TILE, NK_RIDGE_THREADS,
 };
-use crate::cuda::{CudaElement, Device, read_ptr, write_ptr};
+use crate::cuda::{CudaElement, Device, grid_x, i32_dim, i64_dim, read_ptr, write_ptr};
 use crate::element::DType;
 use crate::error::{Error, Result};
 use cudarc::cublas::result::CublasError;
@@ -273,10 +273,11 @@ ridge_real!(
 const N: blas_sys::cublasOperation_t = blas_sys::cublasOperation_t::CUBLAS_OP_N;
 const T: blas_sys::cublasOperation_t = blas_sys::cublasOperation_t::CUBLAS_OP_T;
 
-/// A size as the i32 the libraries and kernels take.
+/// A size of tensor `what` as the i32 the libraries and kernels take ([`i32_dim`]: at most
+/// [`MAX_I32_EXTENT`](crate::cuda::MAX_I32_EXTENT), since the kernels' loops over rows and
+/// columns step a tile past the end).
 fn int(v: usize, what: &str) -> Result<i32> {
-    i32::try_from(v)
-        .map_err(|_| Error::overflow(what, format!("{v} does not fit the CUDA libraries' i32")))
+    i32_dim(what, "a size", v)
 }
 
 /// The cuBLAS and cuSOLVER handles of one call, on its stream.
@@ -499,9 +500,9 @@ pub fn solve_batched<E: CudaRidgeReal>(
     }
     let over = || Error::overflow("x", format!("{shape:?} does not fit the kernel's indices"));
     let (nn, pp, tt) = (
-        i32::try_from(n).map_err(|_| over())?,
-        i32::try_from(p).map_err(|_| over())?,
-        i32::try_from(t).map_err(|_| over())?,
+        i32_dim("x", "n (samples)", n)?,
+        i32_dim("x", "p (features)", p)?,
+        i32_dim("y", "t (targets)", t)?,
     );
     let order = n.min(p);
     let limit = device
@@ -533,7 +534,7 @@ pub fn solve_batched<E: CudaRidgeReal>(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         int(smem, "x")?,
     )?;
-    let blocks = u32::try_from(g).map_err(|_| over())?;
+    let blocks = grid_x("alpha", "G (problems)", g)?;
     let mut status: CudaSlice<i32> = stream.alloc_zeros::<i32>(g)?;
     {
         let (xp, _g1) = read_ptr(x, stream);
@@ -871,9 +872,8 @@ pub fn score<E: CudaRidgeReal>(
         stream.memset_zeros(pearson)?;
         return Ok(());
     }
-    let nn = i32::try_from(n)
-        .map_err(|_| Error::overflow("y_true", format!("{n} rows do not fit the kernel's i32")))?;
-    let tt = i64::try_from(t).map_err(|_| Error::overflow("y_true", format!("{t} targets")))?;
+    let nn = i32_dim("y_true", "n (samples)", n)?;
+    let tt = i64_dim("y_true", "t (targets)", t)?;
     let f = device.function("ridge", &format!("ridge_score_{}", E::SUFFIX))?;
     let cfg = column_blocks(t)?;
     let (tp, _g1) = read_ptr(y_true, stream);
@@ -962,8 +962,11 @@ impl CvKernels {
 
 /// Grid of the column-block kernels (split, score): NK_RIDGE_CV_COLS columns per block.
 fn column_blocks(columns: usize) -> Result<LaunchConfig> {
-    let blocks = u32::try_from(columns.div_ceil(NK_RIDGE_CV_COLS as usize).max(1))
-        .map_err(|_| Error::overflow("y", format!("{columns} target columns")))?;
+    let blocks = grid_x(
+        "y",
+        "the target columns",
+        columns.div_ceil(NK_RIDGE_CV_COLS as usize).max(1),
+    )?;
     Ok(LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (NK_RIDGE_CV_COLS, NK_RIDGE_CV_LANES, 1),
@@ -1512,7 +1515,7 @@ pub fn cv_host<E: CudaRidgeReal>(
         let (cp, _g3) = write_ptr(&mut cv_scores, stream);
         let (bp, _g4) = write_ptr(&mut best_alpha, stream);
         let (chp, _g5) = write_ptr(&mut chosen, stream);
-        let (tt, folds) = (t as i64, int(n_folds, "folds")?);
+        let (tt, folds) = (i64_dim("y", "t (targets)", t)?, int(n_folds, "folds")?);
         // SAFETY: sums and cv_scores hold A·t values, alphas A, best_alpha and chosen t.
         unsafe {
             stream

@@ -237,6 +237,11 @@ fn predict_impl<E: RidgeReal>(
     if let Some(b) = intercept {
         super::check_len("intercept", b.len(), t, &format!("[{t}]"))?;
     }
+    if p == 0 {
+        // rule 3 of crate::error: x [n, 0] and w [0, t] are empty and carry neither n nor t
+        let inputs = intercept.map_or(0, <[E]>::len);
+        crate::error::check_backed("x", "n and t (p = 0 columns)", ys, inputs)?;
+    }
     let mut y = vec![E::default(); ys];
     if ys == 0 {
         return Ok(y);
@@ -288,7 +293,7 @@ fn cv_impl<E: RidgeReal>(
             }
         }
     }
-    let cv_scores: Vec<f64> = sums.iter().map(|s| s / n_folds as f64).collect();
+    let cv_scores: Vec<f64> = sums.iter().map(|s| mean_score(*s, n_folds)).collect();
     // best alpha per target: the highest mean score, the largest alpha among equal scores
     let best: Vec<usize> = (0..t)
         .map(|c| {
@@ -344,20 +349,32 @@ pub(super) fn check_inputs<E: Element>(
     if params.target_batch == 0 {
         return Err(Error::invalid("target_batch", "must be at least 1"));
     }
-    if let Some(i) = inputs
-        .alphas
-        .iter()
-        .position(|a| !(widen(*a) > 0.0 && widen(*a).is_finite()))
-    {
+    if let Some(i) = inputs.alphas.iter().position(|a| !usable_alpha(widen(*a))) {
         return Err(Error::invalid(
             "alphas",
             format!(
-                "must be finite and > 0 (alphas[{i}] = {})",
+                "must be finite, > 0 and not subnormal (alphas[{i}] = {})",
                 widen(inputs.alphas[i])
             ),
         ));
     }
     fold_rows(inputs.folds)
+}
+
+/// An alpha ridge can divide by: finite, > 0 and normal (1/α of a subnormal overflows).
+pub(super) fn usable_alpha(a: f64) -> bool {
+    a.is_normal() && a > 0.0
+}
+
+/// The mean held-out score over folds; −inf where the fit overflowed to NaN (an alpha so
+/// small that 1/α blows up a rank-deficient direction), so it ranks below every real score.
+pub(super) fn mean_score(sum: f64, folds: usize) -> f64 {
+    let mean = sum / folds as f64;
+    if mean.is_nan() {
+        f64::NEG_INFINITY
+    } else {
+        mean
+    }
 }
 
 /// The rows of each fold, checked: ids 0..F−1, each present, F ≥ 2.

@@ -42,7 +42,7 @@
 use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{Isa, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element, widened};
-use crate::error::{Error, Result, check_len};
+use crate::error::{Error, Result, check_backed, check_len};
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
@@ -151,15 +151,14 @@ impl BatchedShape {
     }
 }
 
-/// Every alpha finite and > 0, or an `Err` naming the problem.
+/// Every alpha finite, > 0 and not subnormal, or an `Err` naming the problem.
 fn check_alpha<E: Element>(alpha: &[E]) -> Result<()> {
-    let usable = |a: f64| a.is_finite() && a > 0.0;
-    match alpha.iter().position(|a| !usable(a.to_f64())) {
+    match alpha.iter().position(|a| !cv::usable_alpha(a.to_f64())) {
         None => Ok(()),
         Some(i) => Err(Error::invalid(
             "alpha",
             format!(
-                "must be finite and > 0 (problem {i} has {})",
+                "must be finite, > 0 and not subnormal (problem {i} has {})",
                 alpha[i].to_f64()
             ),
         )),
@@ -217,6 +216,10 @@ pub(crate) fn solve_batched_impl<E: Element>(
     check_len("x", x.len(), xs, &format!("[{g}, {n}, {p}]"))?;
     check_len("y", y.len(), ys, &format!("[{g}, {n}, {t}]"))?;
     check_len("alpha", alpha.len(), g, &format!("[{g}]"))?;
+    if n == 0 {
+        // rule 3 of crate::error: with no rows, x and y do not carry p and t of w [G, p, t]
+        check_backed("x", "p and t (n = 0 rows)", ws, alpha.len())?;
+    }
     // The NaN/Inf checks of x and y run per problem, on data the solve is about to read
     // from cache (a separate pass over the inputs cost a whole extra read from DRAM). On
     // any failure the full checks run in the documented order (x, y, then alpha), so the
@@ -653,6 +656,10 @@ fn check_score_lens(
     let shape = format!("[{samples}, {targets}]");
     check_len("y_true", y_true_len, len, &shape)?;
     check_len("y_pred", y_pred_len, len, &shape)?;
+    if samples == 0 {
+        // rule 3 of crate::error: with no rows, no input carries t of the [t] outputs
+        check_backed("y_true", "t (n = 0 rows)", targets, 0)?;
+    }
     Ok(len)
 }
 
@@ -674,7 +681,8 @@ fn check_score_inputs<E: Element>(
 /// `r2 [t]` and `pearson [t]`, computed in f64 in two passes:
 /// R² = 1 − Σ(y − ŷ)² / Σ(y − ȳ)², and 0 where Σ(y − ȳ)² is exactly 0 (a constant target);
 /// Pearson = Σ(y − ȳ)(ŷ − ŷ̄) / √(Σ(y − ȳ)² Σ(ŷ − ŷ̄)²), and 0 where that denominator is 0
-/// (himalaya's conventions). `shape.features` is not used.
+/// (himalaya's conventions). R² saturates at the element type's lowest finite value (−65504
+/// in f16) rather than overflow to −inf. `shape.features` is not used.
 pub fn score<E: Element>(shape: RidgeShape, y_true: &[E], y_pred: &[E]) -> Result<Scores<E>> {
     E::ridge_score(shape, y_true, y_pred)
 }
@@ -733,10 +741,13 @@ pub(crate) fn score_impl<E: Element>(
                 }
             }
             for (j, [ss_tot, ss_res, ss_pred, cross]) in sums.into_iter().enumerate() {
+                // R² has no lower bound: it saturates at the element type's lowest finite
+                // value (−65504 in f16) instead of becoming −inf
+                let lowest = -E::DTYPE.max_finite();
                 r2[j] = E::from_f64(if ss_tot == 0.0 {
                     0.0
                 } else {
-                    1.0 - ss_res / ss_tot
+                    (1.0 - ss_res / ss_tot).max(lowest)
                 });
                 let denom = (ss_tot * ss_pred).sqrt();
                 pearson[j] = E::from_f64(if denom == 0.0 { 0.0 } else { cross / denom });

@@ -103,9 +103,23 @@ pub(crate) trait Algebra: Copy + Send + Sync + 'static {
     /// The same, as the API's shape bookkeeping names it.
     const NUMBERS: crate::scan::Numbers;
     /// a·x + b.
+    ///
+    /// # Safety
+    ///
+    /// The `v*` methods are register-only; like the [`Accum`] methods they call, they need
+    /// a CPU that supports `S` (true inside a `SimdKernel::run` entered by `dispatch`).
     unsafe fn vmul_add<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>, b: A::V<S>) -> A::V<S>;
+    /// a·x.
+    ///
+    /// # Safety
+    ///
+    /// As [`Algebra::vmul_add`].
     unsafe fn vmul<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>) -> A::V<S>;
     /// conj(a)·x.
+    ///
+    /// # Safety
+    ///
+    /// As [`Algebra::vmul_add`].
     unsafe fn vmul_conj<S: Simd, A: Accum>(a: A::V<S>, x: A::V<S>) -> A::V<S>;
     fn mul<A: Accum>(a: [A; 2], x: [A; 2]) -> [A; 2];
     fn mul_conj<A: Accum>(a: [A; 2], x: [A; 2]) -> [A; 2];
@@ -119,6 +133,9 @@ pub(crate) struct Real;
 #[derive(Clone, Copy)]
 pub(crate) struct Complex;
 
+// SAFETY (the `unsafe {}` blocks of both impls): register-only Accum calls whose contract
+// (the CPU supports S) is the calling method's own (Algebra's # Safety).
+#[allow(clippy::undocumented_unsafe_blocks)]
 impl Algebra for Real {
     const WIDTH: usize = 1;
     const NUMBERS: crate::scan::Numbers = crate::scan::Numbers::Real;
@@ -148,6 +165,8 @@ impl Algebra for Real {
     }
 }
 
+// SAFETY: as for `impl Algebra for Real`.
+#[allow(clippy::undocumented_unsafe_blocks)]
 impl Algebra for Complex {
     const WIDTH: usize = 2;
     const NUMBERS: crate::scan::Numbers = crate::scan::Numbers::Complex;
@@ -183,8 +202,14 @@ fn add2<A: Accum>(x: [A; 2], y: [A; 2]) -> [A; 2] {
 }
 
 /// Reads one channel (F::WIDTH values) as accumulators.
+///
+/// # Safety
+///
+/// `p` is valid for reads of F::WIDTH values and was derived from the whole buffer (a
+/// `*const` made from `&x[i]` may not reach x[i + 1], the imaginary part).
 #[inline(always)]
 unsafe fn load_channel<E: Element, F: Algebra>(p: *const E) -> [E::Acc; 2] {
+    // SAFETY: p.add(i) for i < F::WIDTH, readable per this fn's contract.
     unsafe {
         let mut v = [<E::Acc as Accum>::ZERO; 2];
         for (i, x) in v.iter_mut().take(F::WIDTH).enumerate() {
@@ -194,8 +219,14 @@ unsafe fn load_channel<E: Element, F: Algebra>(p: *const E) -> [E::Acc; 2] {
     }
 }
 
+/// Writes one channel (F::WIDTH values), rounded to E.
+///
+/// # Safety
+///
+/// `p` is valid for writes of F::WIDTH values and was derived from the whole buffer.
 #[inline(always)]
 unsafe fn store_channel<E: Element, F: Algebra>(p: *mut E, v: [E::Acc; 2]) {
+    // SAFETY: p.add(i) for i < F::WIDTH, writable per this fn's contract.
     unsafe {
         for (i, x) in v.iter().take(F::WIDTH).enumerate() {
             *p.add(i) = E::from_acc(*x);
@@ -203,8 +234,16 @@ unsafe fn store_channel<E: Element, F: Algebra>(p: *mut E, v: [E::Acc; 2]) {
     }
 }
 
+/// Reads one channel of a kernel's state buffer (`state`, `end`, `prod`: raw pointers
+/// the kernels hold). Safe code indexes a slice instead: [`channel_of`].
+///
+/// # Safety
+///
+/// As [`load_channel`]: `p` is valid for F::WIDTH reads and derived from the whole
+/// buffer (never from a reference to one element).
 #[inline(always)]
 unsafe fn load_state<A: Accum, F: Algebra>(p: *const A) -> [A; 2] {
+    // SAFETY: p.add(i) for i < F::WIDTH, readable per this fn's contract.
     unsafe {
         let mut v = [A::ZERO; 2];
         for (i, x) in v.iter_mut().take(F::WIDTH).enumerate() {
@@ -214,13 +253,33 @@ unsafe fn load_state<A: Accum, F: Algebra>(p: *const A) -> [A; 2] {
     }
 }
 
+/// Writes one channel of a kernel's state buffer ([`set_channel`] for slices).
+///
+/// # Safety
+///
+/// As [`store_channel`].
 #[inline(always)]
 unsafe fn store_state<A: Accum, F: Algebra>(p: *mut A, v: [A; 2]) {
+    // SAFETY: p.add(i) for i < F::WIDTH, writable per this fn's contract.
     unsafe {
         for (i, x) in v.iter().take(F::WIDTH).enumerate() {
             *p.add(i) = *x;
         }
     }
+}
+
+/// The channel (F::WIDTH values) at offset `i` of a state buffer, bounds-checked.
+#[inline(always)]
+fn channel_of<A: Accum, F: Algebra>(buf: &[A], i: usize) -> [A; 2] {
+    let mut v = [A::ZERO; 2];
+    v[..F::WIDTH].copy_from_slice(&buf[i..i + F::WIDTH]);
+    v
+}
+
+/// Writes the channel at offset `i` of a state buffer, bounds-checked.
+#[inline(always)]
+fn set_channel<A: Accum, F: Algebra>(buf: &mut [A], i: usize, v: [A; 2]) {
+    buf[i..i + F::WIDTH].copy_from_slice(&v[..F::WIDTH]);
 }
 
 /// Floats the vector loop covers of a w-float span: whole vectors, and only when a vector
@@ -261,7 +320,8 @@ fn register_vectors<F: Algebra>(w: usize, lanes: usize) -> Option<usize> {
 /// 512-bit access splits a cache line: B8 T4096 D512 complex 26.7–27.8 → 21.8 ms, the real
 /// scan at D1024 26.2–26.9 → 23.2–23.7 ms (Intel Xeon, two threads; a C model of the loop
 /// agrees). The register path (narrow spans) and the backward stay faster with AVX-512.
-/// (AVX2 support is checked here: `Isa::Avx512`'s detection does not test for it.)
+/// (`Isa::Avx512`'s detection includes AVX2; it is checked again here all the same, as
+/// `dispatch` does for whatever ISA it is given.)
 fn streaming_isa<E: Element>(isa: Isa, w: usize) -> Isa {
     let zmm_lanes = 64 / size_of::<E::Acc>();
     let plain = size_of::<E>() == size_of::<E::Acc>();
@@ -287,12 +347,22 @@ fn row_walk(span: &Span, descending: bool) -> (isize, isize) {
 }
 
 /// ForwardApply with the state of N vectors held in registers.
+///
+/// # Safety (this fn and the three other `*_registers` fns)
+///
+/// The CPU supports `S` (they run inside the kernel's `run`, entered by `dispatch`); the
+/// kernel's pointers satisfy its struct's invariant (see [`ForwardApply`]); and
+/// `N · lanes == span.w` (checked by `register_vectors`, the only way in via
+/// `try_registers!`), so the vector accesses cover exactly the span's w floats.
 #[inline(always)]
 unsafe fn forward_apply_registers<S: Simd, E: Element, F: Algebra, const N: usize>(
     k: ForwardApply<E, F>,
 ) {
     let lanes = E::Acc::lanes::<S>();
     let (step, mut row) = row_walk(&k.span, false);
+    // SAFETY: per this fn's contract: rows s0..s1 of the span (row_walk starts at s0 and
+    // steps one row per step) and floats c0..c0 + N·lanes = c0 + w of each are in bounds of
+    // a, b, h; `state` holds w values.
     unsafe {
         let mut st = [E::Acc::vsplat::<S>(<E::Acc as Accum>::ZERO); N];
         for (i, v) in st.iter_mut().enumerate() {
@@ -317,12 +387,17 @@ unsafe fn forward_apply_registers<S: Simd, E: Element, F: Algebra, const N: usiz
 }
 
 /// ForwardSummary with end state and gate product in registers.
+///
+/// # Safety
+///
+/// As [`forward_apply_registers`], for [`ForwardSummary`]'s pointers.
 #[inline(always)]
 unsafe fn forward_summary_registers<S: Simd, E: Element, F: Algebra, const N: usize>(
     k: ForwardSummary<E, F>,
 ) {
     let lanes = E::Acc::lanes::<S>();
     let (step, mut row) = row_walk(&k.span, false);
+    // SAFETY: as in forward_apply_registers; `end` and `prod` hold w values.
     unsafe {
         let mut end = [E::Acc::vsplat::<S>(<E::Acc as Accum>::ZERO); N];
         let mut prod = end;
@@ -347,12 +422,18 @@ unsafe fn forward_summary_registers<S: Simd, E: Element, F: Algebra, const N: us
 }
 
 /// BackwardSummary with q and the gate product in registers.
+///
+/// # Safety
+///
+/// As [`forward_apply_registers`], for [`BackwardSummary`]'s pointers.
 #[inline(always)]
 unsafe fn backward_summary_registers<S: Simd, E: Element, F: Algebra, const N: usize>(
     k: BackwardSummary<E, F>,
 ) {
     let lanes = E::Acc::lanes::<S>();
     let (step, mut row) = row_walk(&k.span, true);
+    // SAFETY: as in forward_apply_registers (rows s1-1 down to s0); `end` and `prod` hold w
+    // values.
     unsafe {
         let mut end = [E::Acc::vsplat::<S>(<E::Acc as Accum>::ZERO); N];
         let mut prod = end;
@@ -378,6 +459,10 @@ unsafe fn backward_summary_registers<S: Simd, E: Element, F: Algebra, const N: u
 }
 
 /// BackwardApply with q in registers (h[s-1] is read from memory as in the general loop).
+///
+/// # Safety
+///
+/// As [`forward_apply_registers`], for [`BackwardApply`]'s pointers.
 #[inline(always)]
 unsafe fn backward_apply_registers<S: Simd, E: Element, F: Algebra, const N: usize>(
     k: BackwardApply<E, F>,
@@ -385,6 +470,8 @@ unsafe fn backward_apply_registers<S: Simd, E: Element, F: Algebra, const N: usi
     let lanes = E::Acc::lanes::<S>();
     let zero = <E::Acc as Accum>::ZERO;
     let (step, mut row) = row_walk(&k.span, true);
+    // SAFETY: as in forward_apply_registers (rows s1-1 down to s0); `prev_row` is asked for
+    // row s-1 only when s > 0 (else h0's row or null), and `state` holds w values.
     unsafe {
         let mut q = [E::Acc::vsplat::<S>(zero); N];
         for (i, v) in q.iter_mut().enumerate() {
@@ -422,10 +509,15 @@ unsafe fn backward_apply_registers<S: Simd, E: Element, F: Algebra, const N: usi
 macro_rules! try_registers {
     ($kernel:ident, $self:ident, $S:ident, $E:ident, $F:ident) => {
         match register_vectors::<$F>($self.span.w, $E::Acc::lanes::<$S>()) {
-            // SAFETY: same bounds as the general loop, which the caller validated.
+            // SAFETY: we are in the kernel's `run` (entered by `dispatch`: ISA checked), its
+            // pointers satisfy the struct's invariant, and register_vectors just said
+            // N · lanes == span.w: the register fn's contract (the same for every arm).
             Some(1) => return unsafe { $kernel::<$S, $E, $F, 1>($self) },
+            // SAFETY: as the arm above
             Some(2) => return unsafe { $kernel::<$S, $E, $F, 2>($self) },
+            // SAFETY: as the arm above
             Some(3) => return unsafe { $kernel::<$S, $E, $F, 3>($self) },
+            // SAFETY: as the arm above
             Some(4) => return unsafe { $kernel::<$S, $E, $F, 4>($self) },
             _ => {}
         }
@@ -434,6 +526,14 @@ macro_rules! try_registers {
 
 /// Forward over a span from the carry in `state` (w floats), writing h; leaves the last
 /// state in `state`.
+///
+/// Invariant of this and the three other kernel structs below (their safe `run`
+/// dereferences the raw pointers on it; they are built only in [`forward`] and
+/// [`backward`], which justify it where they compute the pointers): for every logical step
+/// s in span.s0..span.s1, each tensor pointer plus `span.row(s)` (and h0 plus c0) starts w
+/// in-bounds elements of one batch's `[T, D]` block; the state pointers (`state`, `end`,
+/// `prod`) hold w accumulators of a buffer the task owns; and no other thread or live
+/// reference touches the parts this kernel writes while it runs.
 #[derive(Clone, Copy)]
 struct ForwardApply<E: Element, F: Algebra> {
     span: Span,
@@ -459,8 +559,11 @@ impl<E: Element, F: Algebra> SimdKernel for ForwardApply<E, F> {
         } = self;
         let lanes = E::Acc::lanes::<S>();
         let vec_end = vector_floats::<F>(span.w, lanes);
-        // SAFETY: the caller validated that every row offset of the span plus w is in bounds
-        // of a, b and h, and that `state` holds w values.
+        // SAFETY: the struct's invariant (established where `forward` builds the kernel):
+        // every row offset of the span plus w is in bounds of a, b and h, `state` holds w
+        // values, and only this task writes its part of h; c < w in both loops (the channel
+        // loop reads F::WIDTH values at c, and w is a multiple of F::WIDTH). The ISA was
+        // checked by `dispatch`, which entered this `run`.
         unsafe {
             for s in span.s0..span.s1 {
                 let row = span.row(s);
@@ -576,8 +679,14 @@ struct BackwardApply<E: Element, F: Algebra> {
 impl<E: Element, F: Algebra> BackwardApply<E, F> {
     /// h[s-1] at this span's first channel (row `prev_row` of h), h0 for s = 0, or null for
     /// a zero initial state.
+    ///
+    /// # Safety
+    ///
+    /// When s > 0, `prev_row` is the offset of logical row s - 1 (`span.row(s - 1)`), so it
+    /// is in bounds of h by the struct's invariant; h0 (non-null) holds the batch's D values.
     #[inline(always)]
     unsafe fn prev_row(&self, s: usize, prev_row: isize) -> *const E {
+        // SAFETY: per this fn's contract (h.offset only for s > 0; h0.add(c0) with c0 < D).
         unsafe {
             if s > 0 {
                 self.h.offset(prev_row)
@@ -816,19 +925,19 @@ fn time_parallel<A: Accum, F: Algebra>(
             states[first..first + d].copy_from_slice(&carry[bi * d..(bi + 1) * d]);
             for p in 1..TIME_PIECES {
                 let (prev, next) = (first + (p - 1) * d, first + p * d);
+                // Safe, bounds-checked indexing: this pass touches B·TIME_PIECES·D values per
+                // round (nothing next to the scan itself). A channel is F::WIDTH values, so
+                // it is read as a sub-slice, never through a pointer made from one element.
                 for c in (0..d).step_by(F::WIDTH) {
                     let (i, j) = (prev + c, next + c);
-                    // SAFETY: i and j index whole channels inside `states`, `prods`, `ends`.
-                    let carried = unsafe {
-                        add2(
-                            F::mul(
-                                load_state::<A, F>(&prods[i]),
-                                load_state::<A, F>(&states[i]),
-                            ),
-                            load_state::<A, F>(&ends[i]),
-                        )
-                    };
-                    unsafe { store_state::<A, F>(&mut states[j], carried) };
+                    let carried = add2(
+                        F::mul(
+                            channel_of::<A, F>(&prods, i),
+                            channel_of::<A, F>(&states, i),
+                        ),
+                        channel_of::<A, F>(&ends, i),
+                    );
+                    set_channel::<A, F>(&mut states, j, carried);
                 }
             }
         }
@@ -866,12 +975,31 @@ pub(crate) fn forward<E: Element, F: Algebra>(
         len: t_len,
         channels: d,
     } = shape;
+    // Every pointer offset below relies on these lengths (`shape` counts floats: D·width
+    // per row). The entry point (forward_on in scan/mod.rs) checked them already with
+    // named errors (validate_forward); re-checking costs O(1) and keeps this safe fn sound
+    // for any caller.
+    let n = shape
+        .numel("a")
+        .expect("scan shape validated by validate_forward");
+    assert!(a.len() == n && b.len() == n && h.len() == n);
+    assert!(h0.is_none_or(|h0| h0.len() == batch * d));
     let (ap, bp, hp) = (
         SendConstPtr(a.as_ptr()),
         SendConstPtr(b.as_ptr()),
         SendPtr(h.as_mut_ptr()),
     );
     let batch_stride = t_len * d;
+    // The start of batch bi's [T, D] block of a, b and h.
+    let batch_ptrs = move |bi: usize| {
+        assert!(bi < batch);
+        let base = bi * batch_stride;
+        // SAFETY: bi < B (asserted; channel_tasks and time_parallel only give such bi), so
+        // base + T·D <= B·T·D = n, the length of a, b and h (asserted on entry): each
+        // offset stays inside its slice, and the block [base, base + T·D) too. The pointers
+        // come from the whole slices (`as_ptr`/`as_mut_ptr`), so they may reach all of it.
+        unsafe { (ap.get().add(base), bp.get().add(base), hp.get().add(base)) }
+    };
     match plan(shape, E::DTYPE.size_bytes()) {
         Plan::Channels { block } => {
             channel_tasks(shape, block)
@@ -881,7 +1009,7 @@ pub(crate) fn forward<E: Element, F: Algebra>(
                         Some(h0) => state_from(Some(&h0[bi * d + c0..bi * d + c0 + w]), w),
                         None => state_from::<E>(None, w),
                     };
-                    let base = bi * batch_stride;
+                    let (a, b, h) = batch_ptrs(bi);
                     let span = Span {
                         d,
                         t_len,
@@ -891,12 +1019,15 @@ pub(crate) fn forward<E: Element, F: Algebra>(
                         s0: 0,
                         s1: t_len,
                     };
-                    // SAFETY: tasks own disjoint (batch, channel block) parts of h.
+                    // The kernel's invariant: rows t·D + c0 .. + w with t < T and
+                    // c0 + w <= D (channel_tasks) lie in batch bi's block; `state` holds w
+                    // values; tasks own disjoint (batch, channel block) parts of h, and
+                    // nothing else borrows h while the tasks run (`h` is &mut here).
                     let kernel = ForwardApply {
                         span,
-                        a: unsafe { ap.get().add(base) },
-                        b: unsafe { bp.get().add(base) },
-                        h: unsafe { hp.get().add(base) },
+                        a,
+                        b,
+                        h,
                         state: state.as_mut_ptr(),
                         algebra: std::marker::PhantomData::<F>,
                     };
@@ -920,11 +1051,16 @@ pub(crate) fn forward<E: Element, F: Algebra>(
                 false,
                 &mut carry,
                 |bi, s0, s1, end: &mut [E::Acc], prod: &mut [E::Acc]| {
-                    let base = bi * batch_stride;
+                    let (a, b, _) = batch_ptrs(bi);
+                    // The kernel's invariant: whole rows (c0 = 0, w = D) of steps
+                    // s0..s1 <= T (piece_range stays inside the round, the round inside
+                    // 0..T); `end` and `prod` are this piece's D-value chunks. Writes
+                    // nothing in a tensor.
+                    debug_assert!(s1 <= t_len && end.len() == d && prod.len() == d);
                     let kernel = ForwardSummary {
                         span: Span { s0, s1, ..span },
-                        a: unsafe { ap.get().add(base) },
-                        b: unsafe { bp.get().add(base) },
+                        a,
+                        b,
                         end: end.as_mut_ptr(),
                         prod: prod.as_mut_ptr(),
                         algebra: std::marker::PhantomData::<F>,
@@ -932,13 +1068,16 @@ pub(crate) fn forward<E: Element, F: Algebra>(
                     dispatch(isa, kernel);
                 },
                 |bi, s0, s1, state: &mut [E::Acc]| {
-                    let base = bi * batch_stride;
-                    // SAFETY: pieces own disjoint (batch, time range) parts of h.
+                    let (a, b, h) = batch_ptrs(bi);
+                    // The kernel's invariant: as the summary's, with `state` this piece's
+                    // D-value chunk; pieces own disjoint (batch, time range) parts of h,
+                    // and nothing else borrows h while they run.
+                    debug_assert!(s1 <= t_len && state.len() == d);
                     let kernel = ForwardApply {
                         span: Span { s0, s1, ..span },
-                        a: unsafe { ap.get().add(base) },
-                        b: unsafe { bp.get().add(base) },
-                        h: unsafe { hp.get().add(base) },
+                        a,
+                        b,
+                        h,
                         state: state.as_mut_ptr(),
                         algebra: std::marker::PhantomData::<F>,
                     };
@@ -967,6 +1106,13 @@ pub(crate) fn backward<E: Element, F: Algebra>(
         len: t_len,
         channels: d,
     } = shape;
+    // As in `forward`: the pointer offsets below rely on these lengths, which the entry point
+    // (backward_on in scan/mod.rs, validate_backward) checked; re-checked here in O(1).
+    let n = shape
+        .numel("a")
+        .expect("scan shape validated by validate_backward");
+    assert!(a.len() == n && h.len() == n && dh.len() == n && da.len() == n && db.len() == n);
+    assert!(h0.is_none_or(|h0| h0.len() == batch * d) && dh0.len() == batch * d);
     let (ap, hp, dhp) = (
         SendConstPtr(a.as_ptr()),
         SendConstPtr(h.as_ptr()),
@@ -975,10 +1121,29 @@ pub(crate) fn backward<E: Element, F: Algebra>(
     let h0p = SendConstPtr(h0.map_or(std::ptr::null(), <[E]>::as_ptr));
     let (dap, dbp) = (SendPtr(da.as_mut_ptr()), SendPtr(db.as_mut_ptr()));
     let batch_stride = t_len * d;
+    // The start of batch bi's [T, D] block of a, h, dh, da and db.
+    let batch_ptrs = move |bi: usize| {
+        assert!(bi < batch);
+        let base = bi * batch_stride;
+        // SAFETY: bi < B (asserted), so base + T·D <= B·T·D = n, the length of all five
+        // slices (asserted on entry); the pointers come from the whole slices.
+        unsafe {
+            (
+                ap.get().add(base),
+                hp.get().add(base),
+                dhp.get().add(base),
+                dap.get().add(base),
+                dbp.get().add(base),
+            )
+        }
+    };
+    // Batch bi's row of h0 [B, D], or null for a zero initial state.
     let h0_row = move |bi: usize| {
         if h0p.get().is_null() {
             std::ptr::null()
         } else {
+            assert!(bi < batch);
+            // SAFETY: bi < B and h0.len() == B·D (asserted on entry): the row is in bounds.
             unsafe { h0p.get().add(bi * d) }
         }
     };
@@ -989,7 +1154,7 @@ pub(crate) fn backward<E: Element, F: Algebra>(
                 .into_par_iter()
                 .for_each(|(bi, c0, w)| {
                     let mut state = vec![<E::Acc as Accum>::ZERO; w];
-                    let base = bi * batch_stride;
+                    let (a, h, dh, da, db) = batch_ptrs(bi);
                     let span = Span {
                         d,
                         t_len,
@@ -999,20 +1164,25 @@ pub(crate) fn backward<E: Element, F: Algebra>(
                         s0: 0,
                         s1: t_len,
                     };
-                    // SAFETY: tasks own disjoint (batch, channel block) parts of da, db and dh0.
+                    // The kernel's invariant: rows t·D + c0 .. + w with t < T and
+                    // c0 + w <= D (channel_tasks) lie in batch bi's block, and h0's row holds
+                    // D values; tasks own disjoint (batch, channel block) parts of da and db,
+                    // which nothing else borrows while the tasks run.
                     let kernel = BackwardApply {
                         span,
-                        a: unsafe { ap.get().add(base) },
-                        h: unsafe { hp.get().add(base) },
-                        dh: unsafe { dhp.get().add(base) },
+                        a,
+                        h,
+                        dh,
                         h0: h0_row(bi),
-                        da: unsafe { dap.get().add(base) },
-                        db: unsafe { dbp.get().add(base) },
+                        da,
+                        db,
                         state: state.as_mut_ptr(),
                         algebra: std::marker::PhantomData::<F>,
                     };
                     dispatch(isa, kernel);
                     for (c, q) in state.iter().enumerate() {
+                        // SAFETY: bi·D + c0 + c < B·D = dh0.len() (bi < B, c0 + w <= D,
+                        // c < w); tasks own disjoint (batch, channel block) parts of dh0.
                         unsafe { *dh0p.get().add(bi * d + c0 + c) = E::from_acc(*q) };
                     }
                 });
@@ -1034,11 +1204,16 @@ pub(crate) fn backward<E: Element, F: Algebra>(
                 true,
                 &mut carry,
                 |bi, s0, s1, end: &mut [E::Acc], prod: &mut [E::Acc]| {
-                    let base = bi * batch_stride;
+                    let (a, _, dh, _, _) = batch_ptrs(bi);
+                    // The kernel's invariant: whole rows (c0 = 0, w = D) of steps
+                    // s0..s1 <= T (piece_range stays inside the round, the round inside
+                    // 0..T); `end` and `prod` are this piece's D-value chunks. Writes
+                    // nothing in a tensor.
+                    debug_assert!(s1 <= t_len && end.len() == d && prod.len() == d);
                     let kernel = BackwardSummary {
                         span: Span { s0, s1, ..span },
-                        a: unsafe { ap.get().add(base) },
-                        dh: unsafe { dhp.get().add(base) },
+                        a,
+                        dh,
                         end: end.as_mut_ptr(),
                         prod: prod.as_mut_ptr(),
                         algebra: std::marker::PhantomData::<F>,
@@ -1046,16 +1221,19 @@ pub(crate) fn backward<E: Element, F: Algebra>(
                     dispatch(isa, kernel);
                 },
                 |bi, s0, s1, state: &mut [E::Acc]| {
-                    let base = bi * batch_stride;
-                    // SAFETY: pieces own disjoint (batch, time range) parts of da and db.
+                    let (a, h, dh, da, db) = batch_ptrs(bi);
+                    // The kernel's invariant: as the summary's, with `state` this piece's
+                    // D-value chunk and h0's row D values; pieces own disjoint (batch, time
+                    // range) parts of da and db, which nothing else borrows meanwhile.
+                    debug_assert!(s1 <= t_len && state.len() == d);
                     let kernel = BackwardApply {
                         span: Span { s0, s1, ..span },
-                        a: unsafe { ap.get().add(base) },
-                        h: unsafe { hp.get().add(base) },
-                        dh: unsafe { dhp.get().add(base) },
+                        a,
+                        h,
+                        dh,
                         h0: h0_row(bi),
-                        da: unsafe { dap.get().add(base) },
-                        db: unsafe { dbp.get().add(base) },
+                        da,
+                        db,
                         state: state.as_mut_ptr(),
                         algebra: std::marker::PhantomData::<F>,
                     };

@@ -3,7 +3,7 @@
 
 use super::{LinearGrads, Numbers, ScanParams, ScanShape};
 use crate::cuda::config::{NK_SCAN_LANES, NK_SCAN_STEPS, NK_SCAN_WARPS};
-use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
+use crate::cuda::{CudaElement, Device, grid_x, grid_yz, read_ptr, scratch, write_ptr};
 use crate::error::{Error, Result};
 use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -36,31 +36,33 @@ fn chunking(shape: ScanShape) -> (usize, usize) {
     (shape.len.div_ceil(chunk_len).max(1), chunk_len)
 }
 
+/// The main and summary kernels' grid: x = B·⌈D/32⌉ (batch, channel group) blocks (the
+/// kernels split blockIdx.x by the `int` group count, so it must fit grid x), y = the time
+/// chunks (at most 65535 by `chunking`). All offsets in kernels/scan.cu are 64-bit.
 fn grid(shape: ScanShape, chunks: usize) -> Result<LaunchConfig> {
     let groups = shape.channels.div_ceil(NK_SCAN_LANES as usize);
-    let x = shape.batch * groups;
-    let x = u32::try_from(x)
-        .ok()
-        .filter(|&x| x < i32::MAX as u32)
-        .ok_or_else(|| {
-            Error::overflow(
-                "a",
-                format!("{shape} needs {x} blocks, over the grid limit"),
-            )
-        })?;
+    let x = shape
+        .batch
+        .checked_mul(groups)
+        .ok_or_else(|| Error::overflow("a", format!("{shape} overflows")))?;
     Ok(LaunchConfig {
-        grid_dim: (x, chunks as u32, 1),
+        grid_dim: (
+            grid_x("a", "B·⌈D/32⌉ (batch, channel group)", x)?,
+            grid_yz("a", "time chunks", chunks)?,
+            1,
+        ),
         block_dim: (NK_SCAN_LANES, NK_SCAN_WARPS, 1),
         shared_mem_bytes: 0,
     })
 }
 
-fn carry_grid(states: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (states.div_ceil(256) as u32, 1, 1),
+/// The carry kernel's grid: a thread per (batch, channel) state.
+fn carry_grid(states: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (grid_x("a", "B·D", states.div_ceil(256))?, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
 /// What every launch of one call shares.
@@ -126,7 +128,7 @@ impl Launch<'_> {
                 .arg(&batch)
                 .arg(&self.d)
                 .arg(&chunks)
-                .launch(carry_grid(self.shape.batch * self.shape.channels))?;
+                .launch(carry_grid(self.shape.batch * self.shape.channels)?)?;
         }
         Ok(carries)
     }

@@ -21,7 +21,7 @@
 
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
 use crate::element::{Accum, Element};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_backed};
 use crate::scan::check_len;
 use rayon::prelude::*;
 
@@ -56,7 +56,8 @@ impl GlaParams {
         Self::default()
     }
 
-    /// Output scale (default `None` = 1/sqrt(K)): `o[t] = scale·q[t]·S[t]`.
+    /// Output scale (default `None` = 1/sqrt(K)): `o[t] = scale·q[t]·S[t]`. Must be finite
+    /// in the accumulator type (NaN, ±inf and, for f32, |scale| > 3.4e38 are an `Err`).
     pub fn scale(mut self, scale: Option<f64>) -> Self {
         self.scale = scale;
         self
@@ -66,6 +67,21 @@ impl GlaParams {
     pub fn form(mut self, form: GlaForm) -> Self {
         self.form = form;
         self
+    }
+
+    /// A given `scale` must be finite in the accumulator type `A` (as attention's): a NaN or
+    /// infinite one would turn every output into NaN.
+    fn validate<A: Accum>(&self) -> Result<()> {
+        match self.scale {
+            Some(s) if !A::from_f64(s).to_f64().is_finite() => Err(Error::invalid(
+                "scale",
+                format!(
+                    "must be finite in the {}-bit accumulator, got {s:e}",
+                    8 * std::mem::size_of::<A>()
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -133,6 +149,15 @@ impl GlaShape {
         Ok((qk, vv, state))
     }
 
+    /// Rule 3 of [`crate::error`]: with T = 0 and no `h0`, no input carries B·H·K·V, the
+    /// size of `h_last`.
+    fn check_state_backed(&self, has_h0: bool, state: usize) -> Result<()> {
+        if self.len == 0 && !has_h0 {
+            check_backed("h0", "B·H·K·V (T = 0 steps)", state, 0)?;
+        }
+        Ok(())
+    }
+
     fn scale(&self, params: &GlaParams) -> f64 {
         params
             .scale
@@ -156,7 +181,8 @@ pub struct GlaInputs<'a, E: Element> {
 }
 
 impl<E: Element> GlaInputs<'_, E> {
-    fn validate(&self, shape: &GlaShape) -> Result<(usize, usize, usize)> {
+    fn validate(&self, params: &GlaParams, shape: &GlaShape) -> Result<(usize, usize, usize)> {
+        params.validate::<E::Acc>()?;
         let (qk, vv, state) = shape.sizes()?;
         let GlaShape {
             batch: b,
@@ -165,6 +191,7 @@ impl<E: Element> GlaInputs<'_, E> {
             key_dim: k,
             value_dim: v,
         } = *shape;
+        shape.check_state_backed(self.h0.is_some(), state)?;
         let keys = format!("[{b}, {t}, {h}, {k}]");
         check_len("q", self.q.len(), qk, &keys)?;
         check_len("k", self.k.len(), qk, &keys)?;
@@ -204,7 +231,7 @@ pub fn gla_on<E: Element>(
     shape: GlaShape,
     inputs: &GlaInputs<'_, E>,
 ) -> Result<GlaOut<E>> {
-    let (_, vv, state) = inputs.validate(&shape)?;
+    let (_, vv, state) = inputs.validate(params, &shape)?;
     let mut out = GlaOut {
         o: vec![E::default(); vv],
         h_last: vec![<E::Acc as Accum>::ZERO; state],
@@ -247,7 +274,7 @@ pub(crate) fn gla_into_impl<E: Element>(
     h_last: &mut [E::Acc],
 ) -> Result<()> {
     isa.check()?;
-    let (_, vv, state) = inputs.validate(&shape)?;
+    let (qk, vv, state) = inputs.validate(params, &shape)?;
     let (b, t, h, k, v) = (
         shape.batch,
         shape.len,
@@ -262,6 +289,15 @@ pub(crate) fn gla_into_impl<E: Element>(
         state,
         &format!("[{b}, {h}, {k}, {v}]"),
     )?;
+    if t == 0 || (qk == 0 && vv == 0) {
+        // no step or no column: o is empty and h_last is h0 (zeros without one); rule 4 of
+        // crate::error, the B·H heads are not iterated
+        match inputs.h0 {
+            Some(h0) => h_last.copy_from_slice(h0),
+            None => h_last.fill(<E::Acc as Accum>::ZERO),
+        }
+        return Ok(());
+    }
     let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
     let (op, hp) = (SendPtr(o.as_mut_ptr()), SendPtr(h_last.as_mut_ptr()));
     match params.form {
@@ -626,7 +662,7 @@ pub(crate) fn gla_backward_impl<E: Element>(
     dh_last: Option<&[E::Acc]>,
 ) -> Result<GlaGrads<E>> {
     isa.check()?;
-    let (qk, vv, state) = inputs.validate(&shape)?;
+    let (qk, vv, state) = inputs.validate(params, &shape)?;
     let GlaShape {
         batch: b,
         len: t_len,
@@ -635,6 +671,17 @@ pub(crate) fn gla_backward_impl<E: Element>(
         value_dim: vd,
     } = shape;
     check_output_grads(&shape, vv, state, d_o.len(), dh_last.map(|x| x.len()))?;
+    if t_len == 0 {
+        // h_last = h0: dh0 = dh_last, and there is no step to differentiate
+        let dh0 = |_| dh_last.map_or_else(|| vec![<E::Acc as Accum>::ZERO; state], <[_]>::to_vec);
+        return Ok(GlaGrads {
+            dq: Vec::new(),
+            dk: Vec::new(),
+            dv: Vec::new(),
+            dg: Vec::new(),
+            dh0: inputs.h0.map(dh0),
+        });
+    }
     if kd == 0 || vd == 0 {
         // o [.., V] is empty or zero (q·S with K = 0) and the state is empty: every gradient
         // of Σ o·do (+ Σ h_last·dh_last) is zero, as the CUDA backward returns
@@ -837,7 +884,9 @@ pub mod cuda {
         NK_GLA_BWD_CHUNK, NK_GLA_MAX_KEY, NK_GLA_MAX_KEY_F64, NK_GLA_TC_CHUNK, NK_GLA_TC_PAD,
         NK_GLA_TC_VALUE_TILE, NK_GLA_THREADS, NK_GLA_VALUE_TILE,
     };
-    use crate::cuda::{CudaElement, Device, read_ptr, scratch, write_ptr};
+    use crate::cuda::{
+        CudaElement, Device, grid_x, grid_yz, i32_dim, i64_dim, read_ptr, scratch, write_ptr,
+    };
     use crate::element::{Accum, DType};
     use crate::error::{Error, Result};
     use crate::scan::check_len;
@@ -864,7 +913,8 @@ pub mod cuda {
     impl<E: CudaElement> DeviceInputs<'_, E> {
         /// The length checks of the host inputs, on the device views: (B·T·H·K, B·T·H·V,
         /// B·H·K·V).
-        fn validate(&self, shape: &GlaShape) -> Result<(usize, usize, usize)> {
+        fn validate(&self, params: &GlaParams, shape: &GlaShape) -> Result<(usize, usize, usize)> {
+            params.validate::<E::Acc>()?;
             let (qk, vv, state) = shape.sizes()?;
             let GlaShape {
                 batch: b,
@@ -873,6 +923,7 @@ pub mod cuda {
                 key_dim: kd,
                 value_dim: vd,
             } = *shape;
+            shape.check_state_backed(self.h0.is_some(), state)?;
             let keys = format!("[{b}, {t}, {h}, {kd}]");
             check_len("q", self.q.len(), qk, &keys)?;
             check_len("k", self.k.len(), qk, &keys)?;
@@ -902,16 +953,37 @@ pub mod cuda {
         Ok(max_key)
     }
 
-    /// The grid of the kernels: (value tiles of `tile` columns, heads, batch); heads and batch
-    /// at most 65535.
+    /// The kernels' integer arguments: B and T as `long long`, H, K and V as `int`.
+    struct KernelDims {
+        b: i64,
+        t: i64,
+        h: i32,
+        k: i32,
+        v: i32,
+    }
+
+    /// `shape` within the kernels' limits, checked before anything is allocated or launched:
+    /// B and H index grid z and y (at most 65535 each), H, K and V are `int`s (V at most
+    /// [`MAX_I32_EXTENT`](crate::cuda::MAX_I32_EXTENT); the kernels' column and offset
+    /// arithmetic is 64-bit). `Err(Overflow)` naming `q` (B, H, K) or `v` (V) past them.
+    fn kernel_dims(shape: &GlaShape) -> Result<KernelDims> {
+        grid_yz("q", "B (batch)", shape.batch)?;
+        grid_yz("q", "H (heads)", shape.heads)?;
+        Ok(KernelDims {
+            b: i64_dim("q", "B", shape.batch)?,
+            t: i64_dim("q", "T", shape.len)?,
+            h: i32_dim("q", "H", shape.heads)?,
+            k: i32_dim("q", "K", shape.key_dim)?,
+            v: i32_dim("v", "V", shape.value_dim)?,
+        })
+    }
+
+    /// The grid of the kernels: (value tiles of `tile` columns, heads, batch).
     fn grid(shape: &GlaShape, tile: u32) -> Result<(u32, u32, u32)> {
-        let over = || Error::overflow("q", format!("{shape:?} needs too many blocks"));
-        let tiles = shape.value_dim.div_ceil(tile as usize);
-        let small = |x: usize| u32::try_from(x).ok().filter(|&x| x <= 65_535);
         Ok((
-            u32::try_from(tiles).map_err(|_| over())?,
-            small(shape.heads).ok_or_else(over)?,
-            small(shape.batch).ok_or_else(over)?,
+            grid_x("v", "V", shape.value_dim.div_ceil(tile as usize))?,
+            grid_yz("q", "H (heads)", shape.heads)?,
+            grid_yz("q", "B (batch)", shape.batch)?,
         ))
     }
 
@@ -926,7 +998,7 @@ pub mod cuda {
         h_last: &mut impl DevicePtrMut<E::Acc>,
     ) -> Result<()> {
         device.check_stream(stream)?;
-        let (_, vv, state) = inputs.validate(&shape)?;
+        let (_, vv, state) = inputs.validate(params, &shape)?;
         let GlaShape {
             batch: b,
             len: t,
@@ -942,6 +1014,7 @@ pub mod cuda {
             &format!("[{b}, {h}, {kd}, {vd}]"),
         )?;
         check_key_dim::<E>("scan.gla", kd)?;
+        let dims = kernel_dims(&shape)?;
         if b == 0 || h == 0 || vd == 0 || kd == 0 {
             return Ok(());
         }
@@ -991,11 +1064,17 @@ pub mod cuda {
         let (o_p, _g5) = write_ptr(o, stream);
         let (hl_p, _g6) = write_ptr(h_last, stream);
         let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
-        let (bb, tt, hh, kk, vv32) = (b as i64, t as i64, h as i32, kd as i32, vd as i32);
+        let KernelDims {
+            b: bb,
+            t: tt,
+            h: hh,
+            k: kk,
+            v: vv32,
+        } = dims;
         // SAFETY: arguments match scan_gla_fwd_* in kernels/gla.cu and scan_gla_fwd_tc_* in
         // kernels/gla_tc.cu (the same list); every buffer holds the element counts validated
-        // above, K fits the kernels' shared rows and the dynamic shared memory is gla_tc's
-        // layout for this K.
+        // above, K fits the kernels' shared rows, the dims are within the kernels' int and
+        // grid limits (kernel_dims) and the dynamic shared memory is gla_tc's layout for this K.
         unsafe {
             stream
                 .launch_builder(&f)
@@ -1024,7 +1103,8 @@ pub mod cuda {
         shape: GlaShape,
         inputs: &GlaInputs<'_, E>,
     ) -> Result<GlaOut<E>> {
-        let (qk, vv, state) = inputs.validate(&shape)?;
+        let (qk, vv, state) = inputs.validate(params, &shape)?;
+        kernel_dims(&shape)?;
         if vv == 0 || qk == 0 {
             // no step or no column to compute (and no zero-length device allocations):
             // o is empty or all zeros, h_last is h0
@@ -1105,16 +1185,17 @@ pub mod cuda {
         dh_last: Option<&CudaView<'_, E::Acc>>,
     ) -> Result<DeviceGrads<E>> {
         device.check_stream(stream)?;
-        let (qk, vv, state) = inputs.validate(&shape)?;
+        let (qk, vv, state) = inputs.validate(params, &shape)?;
         let GlaShape {
             batch: b,
             len: t,
             heads: h,
             key_dim: kd,
-            value_dim: vd,
+            ..
         } = shape;
         super::check_output_grads(&shape, vv, state, d_o.len(), dh_last.map(|x| x.len()))?;
         check_key_dim::<E>("scan.gla_backward", kd)?;
+        let dims = kernel_dims(&shape)?;
         let zeros =
             |len: usize| -> Result<CudaSlice<E>> { Ok(stream.alloc_zeros::<E>(len.max(1))?) };
         let mut grads = DeviceGrads {
@@ -1168,9 +1249,15 @@ pub mod cuda {
         )?;
         let sum = device.function("gla_backward", &format!("scan_gla_bwd_sum_{}", E::SUFFIX))?;
         let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
-        let (bb, tt, hh, kk, vv32, per64) = (
-            b as i64, t as i64, h as i32, kd as i32, vd as i32, per as i64,
-        );
+        let KernelDims {
+            b: bb,
+            t: tt,
+            h: hh,
+            k: kk,
+            v: vv32,
+        } = dims;
+        // per ≤ chunks ≤ T, which fits i64 (kernel_dims)
+        let per64 = per as i64;
         {
             let (q, _g1) = read_ptr(&inputs.q, stream);
             let (k, _g2) = read_ptr(&inputs.k, stream);
@@ -1223,8 +1310,9 @@ pub mod cuda {
             let (dq_p, _w1) = write_ptr(&mut grads.dq, stream);
             let (dk_p, _w2) = write_ptr(&mut grads.dk, stream);
             let (dg_p, _w3) = write_ptr(&mut grads.dg, stream);
-            let (n, tiles32) = (qk as i64, tiles as i32);
+            let (n, tiles32) = (i64_dim("q", "B·T·H·K", qk)?, i32_dim("v", "V / 32", tiles)?);
             let cfg = LaunchConfig {
+                // 3·qk fits (sizes() checks 8·qk); at most 8192 blocks, grid-stride
                 grid_dim: ((3 * qk).div_ceil(256).min(8192) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
@@ -1254,9 +1342,10 @@ pub mod cuda {
         d_o: &[E],
         dh_last: Option<&[E::Acc]>,
     ) -> Result<GlaGrads<E>> {
-        let (qk, vv, state) = inputs.validate(&shape)?;
+        let (qk, vv, state) = inputs.validate(params, &shape)?;
         super::check_output_grads(&shape, vv, state, d_o.len(), dh_last.map(|x| x.len()))?;
         check_key_dim::<E>("scan.gla_backward", shape.key_dim)?;
+        kernel_dims(&shape)?;
         let stream = device.stream();
         // zero-length inputs go up as one zero (a view of length 0 is then taken)
         let up = |x: &[E]| -> Result<CudaSlice<E>> {

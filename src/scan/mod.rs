@@ -465,6 +465,10 @@ fn backward_alloc<E: Element>(
     // the inputs first: the gradients are sized by the shape only once the inputs back it
     let lens = (a.len(), h.len(), dh.len(), h0.map(<[E]>::len));
     validate_backward::<E>(numbers, &shape, lens.0, lens.1, lens.2, lens.3, n, n, s)?;
+    if shape.len == 0 && h0.is_none() {
+        // rule 3 of crate::error: with no step and no h0, no input carries B·D of dh0
+        crate::error::check_backed("h0", "B·D (T = 0 steps)", s, 0)?;
+    }
     let mut g = LinearGrads {
         da: vec![E::default(); n],
         db: vec![E::default(); n],

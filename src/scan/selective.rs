@@ -249,6 +249,11 @@ impl Lengths {
         }
         if let Some(x) = self.h0 {
             check_len("h0", x, sizes.states, &format!("[{b}, {d}, {n}]"))?;
+        } else if t == 0 {
+            // rule 3 of crate::error: with no step and no h0, no input carries the B of
+            // h_last [B, D, N]
+            let inputs = self.a + self.dskip.unwrap_or(0) + self.delta_bias.unwrap_or(0);
+            crate::error::check_backed("h0", "B (T = 0 steps)", sizes.states, inputs)?;
         }
         Ok(sizes)
     }
@@ -337,6 +342,15 @@ pub(crate) fn selective_into_impl<E: Element>(
     if b == 0 || d == 0 {
         return Ok(());
     }
+    if t == 0 {
+        // no step: h_last is h0 (zeros without one); rule 4 of crate::error, the B·D
+        // channels are not iterated
+        match inputs.h0 {
+            Some(h0) => h_last.copy_from_slice(h0),
+            None => h_last.fill(<E::Acc as Accum>::ZERO),
+        }
+        return Ok(());
+    }
     let (yp, hp) = (SendPtr(y.as_mut_ptr()), SendPtr(h_last.as_mut_ptr()));
     let block = channel_block(b, d);
     let tasks: Vec<(usize, usize)> = (0..b)
@@ -375,8 +389,12 @@ pub(crate) fn silu<A: Accum>(z: A) -> A {
 
 /// Vector softplus for f32: max(x, 0) + ln(1 + e^-|x|), with ln(1 + y) = 2·atanh(s),
 /// s = y / (2 + y) in [0, 1/3], summed to s^13 (truncation below 5e-9).
+///
+/// # Safety
+/// The CPU supports `S` (call inside a `SimdKernel::run` entered by `dispatch`).
 #[inline(always)]
 unsafe fn vsoftplus<S: Simd, A: Accum>(x: A::V<S>) -> A::V<S> {
+    // SAFETY: register-only vector operations; the ISA per this fn's contract.
     unsafe {
         let splat = |v: f64| A::vsplat::<S>(A::from_f64(v));
         let neg_abs = A::vmin::<S>(x, A::vmul::<S>(x, splat(-1.0)));
@@ -448,8 +466,12 @@ impl<A: Accum> StateRows<'_, A> {
 }
 
 /// Vector silu(z) = z / (1 + e^-z).
+///
+/// # Safety
+/// The CPU supports `S` (call inside a `SimdKernel::run` entered by `dispatch`).
 #[inline(always)]
 unsafe fn vsilu<S: Simd, A: Accum>(z: A::V<S>) -> A::V<S> {
+    // SAFETY: register-only vector operations; the ISA per this fn's contract.
     unsafe {
         let one = A::vsplat::<S>(A::ONE);
         let e = A::vexp::<S>(A::vmul::<S>(z, A::vsplat::<S>(A::from_f64(-1.0))));
@@ -689,9 +711,15 @@ pub(crate) fn selective_backward_impl<E: Element>(
     check_len("dy", dy.len(), sizes.seq, &format!("[{b}, {t_len}, {d}]"))?;
     let zero = <E::Acc as Accum>::ZERO;
     let blocks = d.div_ceil(BACKWARD_BLOCK);
-    let tasks: Vec<(usize, usize)> = (0..b)
-        .flat_map(|bi| (0..blocks).map(move |k| (bi, k)))
-        .collect();
+    // no step or no channel: every gradient is zero (y is empty), and the batch is not
+    // iterated (rule 4 of crate::error)
+    let tasks: Vec<(usize, usize)> = if t_len == 0 || d == 0 {
+        Vec::new()
+    } else {
+        (0..b)
+            .flat_map(|bi| (0..blocks).map(move |k| (bi, k)))
+            .collect()
+    };
     let partials: Vec<TaskGrads<E>> = tasks
         .into_par_iter()
         .map(|(bi, k)| {
@@ -1116,7 +1144,8 @@ pub mod cuda {
                 }
             }
             if states > 0 {
-                let blocks = u32::try_from((b * d * n).div_ceil(256)).map_err(|_| over())?;
+                let blocks =
+                    crate::cuda::grid_x("h0", "⌈B·D·N/256⌉ blocks", (b * d * n).div_ceil(256))?;
                 let (end_p, _g1) = read_ptr(&end, stream);
                 let (dts_p, _g2) = read_ptr(&dt_sum, stream);
                 let (car_p, _w1) = write_ptr(&mut carries, stream);
@@ -1319,8 +1348,8 @@ pub mod cuda {
             .checked_mul(blocks_d)
             .and_then(|x| x.checked_mul(n))
             .ok_or_else(over)?;
-        let grid_x = u32::try_from(blocks_d).map_err(|_| over())?;
-        let grid_y = u32::try_from(b).map_err(|_| over())?;
+        let grid_x = crate::cuda::grid_x("u", "⌈D/128⌉ channel blocks", blocks_d)?;
+        let grid_y = crate::cuda::grid_yz("u", "B (batch)", b)?;
 
         let zeros =
             |len: usize| -> Result<CudaSlice<E>> { Ok(stream.alloc_zeros::<E>(len.max(1))?) };
@@ -1496,8 +1525,7 @@ pub mod cuda {
             "selective_backward",
             &format!("scan_selective_sum_parts_{suffix}"),
         )?;
-        let blocks = u32::try_from(total.div_ceil(256))
-            .map_err(|_| Error::overflow("u", "backward reduction needs too many blocks"))?;
+        let blocks = crate::cuda::grid_x("u", "backward reduction blocks", total.div_ceil(256))?;
         let cfg = LaunchConfig {
             grid_dim: (blocks, 1, 1),
             block_dim: (256, 1, 1),

@@ -26,7 +26,7 @@ use crate::cuda::config::{
     NK_SAE_DEPTH, NK_SAE_LATENTS, NK_SAE_MAX_K, NK_SAE_ROWS, NK_SAE_THREADS, NK_TOPK_MAX_K,
     NK_TOPK_THREADS,
 };
-use crate::cuda::{CudaElement, Device, read_ptr, write_ptr};
+use crate::cuda::{CudaElement, Device, grid_x, grid_yz, i32_dim, i64_dim, read_ptr, write_ptr};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result, check_len};
 use cudarc::driver::sys::CUfunction_attribute;
@@ -42,13 +42,47 @@ fn no_f64<E: CudaElement>(op: &str) -> Result<()> {
     Ok(())
 }
 
+/// A dim or count of `tensor` as a kernel's `int` ([`i32_dim`]: at most
+/// [`MAX_I32_EXTENT`](crate::cuda::MAX_I32_EXTENT)).
 fn to_i32(tensor: &str, n: usize) -> Result<i32> {
-    i32::try_from(n)
-        .map_err(|_| Error::overflow(tensor, format!("{n} does not fit the kernel's indices")))
+    i32_dim(tensor, "a dim", n)
 }
 
+/// `n` blocks along grid x ([`grid_x`]: at most 2^31 − 1).
 fn blocks(tensor: &str, n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| Error::overflow(tensor, format!("{n} blocks are too many")))
+    grid_x(tensor, "its rows", n)
+}
+
+/// Dm within the kernels' `int` model dim (their loops over Dm step a block or a tile past
+/// it), checked before anything is uploaded: `Err(Overflow)` naming `tensor`.
+fn check_dm(tensor: &str, shape: SaeShape) -> Result<i32> {
+    i32_dim(tensor, "Dm", shape.dm)
+}
+
+/// topk.rows' checks on the device path, before anything is uploaded, allocated or
+/// launched: k in 1..=N and at most NK_TOPK_MAX_K, x of `x_len` = rows·N elements, N within
+/// the kernel's `int` (it indexes the row; the i32 indices hold positions in it) and one
+/// block per row within grid x. Returns (N, k, blocks).
+fn check_rows<E: CudaElement>(
+    shape: super::RowsShape,
+    k: usize,
+    x_len: usize,
+) -> Result<(i32, i32, u32)> {
+    no_f64::<E>("topk.rows")?;
+    let super::RowsShape { rows, cols: n } = shape;
+    check_k("k", k, n, "the row length N")?;
+    check_index_range("x", n)?;
+    if k > NK_TOPK_MAX_K as usize {
+        return Err(Error::Unsupported(format!(
+            "topk.rows on CUDA with k = {k} (at most {NK_TOPK_MAX_K})"
+        )));
+    }
+    let total = rows
+        .checked_mul(n)
+        .ok_or_else(|| Error::overflow("x", format!("[{rows}, {n}] overflows")))?;
+    check_len("x", x_len, total, &format!("[{rows}, {n}]"))?;
+    // k ≤ N, so rows·k ≤ rows·N fits
+    Ok((to_i32("x", n)?, to_i32("k", k)?, blocks("x", rows)?))
 }
 
 /// `topk.rows` on the device: `values [rows, k]`, `indices [rows, k]` from `x [rows, n]`,
@@ -66,19 +100,8 @@ pub fn rows<E: CudaElement>(
     indices: &mut impl DevicePtrMut<i32>,
 ) -> Result<()> {
     device.check_stream(stream)?;
-    no_f64::<E>("topk.rows")?;
-    let super::RowsShape { rows, cols: n } = shape;
-    check_k("k", k, n, "the row length N")?;
-    check_index_range("x", n)?;
-    if k > NK_TOPK_MAX_K as usize {
-        return Err(Error::Unsupported(format!(
-            "topk.rows on CUDA with k = {k} (at most {NK_TOPK_MAX_K})"
-        )));
-    }
-    let total = rows
-        .checked_mul(n)
-        .ok_or_else(|| Error::overflow("x", format!("[{rows}, {n}] overflows")))?;
-    check_len("x", x.len(), total, &format!("[{rows}, {n}]"))?;
+    let (nn, kk, grid) = check_rows::<E>(shape, k, x.len())?;
+    let rows = shape.rows;
     check_len("values", values.len(), rows * k, &format!("[{rows}, {k}]"))?;
     check_len(
         "indices",
@@ -90,12 +113,12 @@ pub fn rows<E: CudaElement>(
         return Ok(());
     }
     let f = device.function("topk", &format!("topk_rows_{}", E::SUFFIX))?;
-    let (nn, kk, largest) = (to_i32("x", n)?, to_i32("k", k)?, params.largest as i32);
+    let largest = params.largest as i32;
     let (xp, _g1) = read_ptr(x, stream);
     let (vp, _g2) = write_ptr(values, stream);
     let (ip, _g3) = write_ptr(indices, stream);
     let cfg = LaunchConfig {
-        grid_dim: (blocks("x", rows)?, 1, 1),
+        grid_dim: (grid, 1, 1),
         block_dim: (NK_TOPK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -161,6 +184,7 @@ pub fn encode<E: CudaElement>(
     check_k("k", k, latents, "the number of latents L")?;
     check_select_k("sae.encode", k)?;
     check_device_latents("w_enc", latents)?;
+    check_dm("x", shape)?;
     check_len(
         "values",
         values.len(),
@@ -225,6 +249,7 @@ pub unsafe fn decode<E: CudaElement>(
         w_dec.len(),
         b_dec.map(|b| b.len()),
     )?;
+    check_dm("w_dec", shape)?;
     let (bx, _) = shape.sizes()?;
     let SaeShape { batch, dm, .. } = shape;
     check_len("x_hat", x_hat.len(), bx, &format!("[{batch}, {dm}]"))?;
@@ -281,8 +306,9 @@ pub fn rows_host<E: CudaElement>(
     k: usize,
     x: &[E],
 ) -> Result<super::TopK<E>> {
+    check_rows::<E>(shape, k, x.len())?;
     let stream = device.stream();
-    let out = shape.rows.saturating_mul(k);
+    let out = shape.rows * k; // k ≤ N: rows·k ≤ rows·N = x.len() (check_rows)
     let xd = upload(stream, x)?;
     let mut v = stream.alloc_zeros::<E>(out.max(1))?;
     let mut i = stream.alloc_zeros::<i32>(out.max(1))?;
@@ -309,10 +335,17 @@ pub fn encode_host<E: CudaElement>(
     k: usize,
     inputs: &super::EncoderInputs<'_, E>,
 ) -> Result<super::TopK<E>> {
-    // checked here too: the uploads below slice by these lengths
+    // checked here too: the uploads below slice by these lengths, the outputs by B·k
     inputs.validate(shape)?;
+    check_k("k", k, shape.latents, "the number of latents L")?;
+    check_select_k("sae.encode", k)?;
+    check_device_latents("w_enc", shape.latents)?;
+    check_dm("x", shape)?;
     let stream = device.stream();
-    let out = shape.batch * k;
+    let out = shape
+        .batch
+        .checked_mul(k)
+        .ok_or_else(|| Error::overflow("values", format!("[{}, {k}]", shape.batch)))?;
     let (x, w, b) = (
         upload(stream, inputs.x)?,
         upload(stream, inputs.w_enc)?,
@@ -354,6 +387,7 @@ pub fn decode_host<E: CudaElement>(
     b_dec: Option<&[E]>,
 ) -> Result<Vec<E>> {
     super::sparse::check_sparse(shape, k, indices, values, w_dec, b_dec)?;
+    check_dm("w_dec", shape)?;
     let stream = device.stream();
     let out = shape.batch * shape.dm;
     let (id, vd, wd) = (
@@ -395,7 +429,7 @@ fn check_select_k(op: &str, k: usize) -> Result<()> {
 
 /// `n` as the kernels' `long long`.
 fn to_i64(tensor: &str, n: usize) -> Result<i64> {
-    i64::try_from(n).map_err(|_| Error::overflow(tensor, format!("{n} elements are too many")))
+    i64_dim(tensor, "an element count", n)
 }
 
 /// Grid of one thread per element of an n-element buffer.
@@ -669,7 +703,11 @@ impl<'a> Select<'a> {
         let (kk, cc) = (to_i32("k", k)?, to_i32("k", cap)?);
         let e = self.epilogue;
         let cfg = LaunchConfig {
-            grid_dim: (blocks("x", self.row_tiles)?, blocks("w", self.ranges)?, 1),
+            grid_dim: (
+                blocks("x", self.row_tiles)?,
+                grid_yz("w", "latent ranges", self.ranges)?,
+                1,
+            ),
             block_dim: (NK_SAE_THREADS, 1, 1),
             shared_mem_bytes: to_i32("w", smem)? as u32,
         };
@@ -854,6 +892,7 @@ pub fn encode_jumprelu_host<E: CudaElement>(
     no_f64::<E>("sae.encode_jumprelu")?;
     check_jumprelu(shape, inputs, threshold)?;
     check_device_latents("w_enc", shape.latents)?;
+    check_dm("x", shape)?;
     if shape.batch == 0 {
         return csr_of(&[]);
     }
@@ -883,6 +922,7 @@ pub fn encode_batch_topk_host<E: CudaElement>(
     let budget = check_batch_topk(shape, inputs, k)?;
     let SaeShape { batch, latents, .. } = shape;
     check_device_latents("w_enc", latents)?;
+    check_dm("x", shape)?;
     if batch == 0 {
         return csr_of(&[]);
     }
@@ -963,6 +1003,7 @@ pub fn nearest_host<E: CudaElement>(
     check_select_k("codebook.nearest", k)?;
     let SaeShape { batch, dm, latents } = shape;
     check_device_latents("codebook", latents)?;
+    check_dm("x", shape)?;
     if batch == 0 {
         return Ok(super::TopK {
             values: Vec::new(),
@@ -1032,6 +1073,7 @@ pub fn encode_mp_host<E: CudaElement>(
     check_mp(shape, x, w_dec, b_dec, k)?;
     let SaeShape { batch, dm, latents } = shape;
     check_device_latents("w_dec", latents)?;
+    check_dm("x", shape)?;
     let (bx, _) = shape.sizes()?;
     if batch == 0 {
         return Ok(MatchingPursuit {
@@ -1138,6 +1180,7 @@ pub fn backward_host<E: CudaElement>(
     let bk = batch * k;
     check_index_range("indices", bk)?;
     check_index_range("w_dec", latents)?;
+    check_dm("x", shape)?;
     let (start, by_latent) = group_by_latent(inputs.indices, latents);
     // both fit i32: entries ≤ B·k, checked above
     let start: Vec<i32> = start.into_iter().map(|v| v as i32).collect();

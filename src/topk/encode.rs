@@ -389,6 +389,9 @@ unsafe fn product<S: Simd, A: Accum, const MR: usize>(
 ) -> [[A::V<S>; 2]; MR] {
     let lanes = A::lanes::<S>();
     debug_assert!(w.len() >= steps * MR && panel.len() >= steps * 2 * lanes);
+    // SAFETY: reads w[p·MR + r], panel[p·2·lanes ..+ 2·lanes] (p < steps) and part's MR·2
+    // vectors: within the lengths of this fn's contract, through pointers from the whole
+    // slices; the ISA is the caller's (`run` under dispatch).
     unsafe {
         let mut acc = [[A::vsplat::<S>(A::ZERO); 2]; MR];
         if !fresh {

@@ -63,7 +63,7 @@ pub(crate) use sparse::{backward_impl, decode_impl};
 
 use crate::cpu::Isa;
 use crate::element::{Accum, Element};
-use crate::error::{Error, Result, check_len};
+use crate::error::{Error, Result, check_backed, check_len};
 use encode::{Collect, Encoder};
 use select::rank;
 
@@ -162,6 +162,28 @@ pub(crate) fn check_index_range(tensor: &str, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Rules 3 and 4 of [`crate::error`]: with Dm = 0, x (and every weight matrix) is empty, so
+/// B (and L, but for a bias) is carried by no input: the B·L scores, times `steps` passes,
+/// are bounded by the `inputs` elements.
+fn check_rows_backed(shape: SaeShape, steps: usize, inputs: usize) -> Result<()> {
+    if shape.dm > 0 {
+        return Ok(());
+    }
+    let work = shape
+        .batch
+        .saturating_mul(shape.latents.max(1))
+        .saturating_mul(steps.max(1));
+    check_backed("x", "B and L (x has Dm = 0 columns)", work, inputs)
+}
+
+/// The element count B·k of `[B, k]` outputs, checked.
+fn out_len(shape: SaeShape, k: usize, tensor: &str) -> Result<usize> {
+    shape
+        .batch
+        .checked_mul(k)
+        .ok_or_else(|| Error::overflow(tensor, format!("[B = {}, k = {k}]", shape.batch)))
+}
+
 fn widen<E: Element>(v: &[E]) -> Vec<E::Acc> {
     v.iter().map(|x| x.to_acc()).collect()
 }
@@ -176,7 +198,7 @@ impl<E: Element> EncoderInputs<'_, E> {
         if let Some(b) = self.b_dec {
             check_len("b_dec", b.len(), dm, &format!("[{dm}]"))?;
         }
-        Ok(())
+        check_rows_backed(shape, 1, self.b_enc.len())
     }
 
     fn encoder<'s>(
@@ -231,6 +253,7 @@ pub(crate) fn encode_impl<E: Element>(
     isa.check()?;
     inputs.validate(shape)?;
     check_k("k", k, shape.latents, "the number of latents L")?;
+    out_len(shape, k, "values")?;
     let b_dec = inputs.b_dec.map(widen);
     let b_enc = widen(inputs.b_enc);
     let enc = inputs.encoder(shape, &b_dec, &b_enc);
@@ -368,10 +391,7 @@ fn check_batch_topk<E: Element>(
 ) -> Result<usize> {
     inputs.validate(shape)?;
     check_k("k", k, shape.latents, "the number of latents L")?;
-    shape
-        .batch
-        .checked_mul(k)
-        .ok_or_else(|| Error::overflow("k", "B·k overflows"))
+    out_len(shape, k, "k")
 }
 
 /// Strict order of batch entries (value, row, latent): larger value, then lower flat index.
@@ -505,7 +525,8 @@ pub struct MatchingPursuit<E> {
 }
 
 /// `sae.encode_mp`: matching pursuit over the atoms `w_dec [L, Dm]` (assumed unit-norm, used
-/// as given): r = x − b_dec; k times j = argmax_l r·w_dec\[l\] (the signed dot; lowest index
+/// as given; an atom of norm above √2 grows the residual at each step it is chosen, which
+/// over many steps can overflow the accumulator, so normalize the atoms): r = x − b_dec; k times j = argmax_l r·w_dec\[l\] (the signed dot; lowest index
 /// among ties), c = r·w_dec\[j\], r −= c·w_dec\[j\].
 ///
 /// Each step is one pass of the fused encoder (top-1 per row, the scores never stored):
@@ -611,7 +632,8 @@ fn check_mp<E: Element>(
     if latents == 0 {
         return Err(Error::invalid("w_dec", "has no atoms (L = 0)"));
     }
-    Ok(())
+    out_len(shape, k, "values")?;
+    check_rows_backed(shape, k, 0)
 }
 
 /// The score of `codebook.nearest`.
@@ -761,5 +783,7 @@ fn check_nearest<E: Element>(shape: SaeShape, x: &[E], codebook: &[E], k: usize)
         lw,
         &format!("[{latents}, {dm}]"),
     )?;
-    check_k("k", k, latents, "the number of codebook rows L")
+    check_k("k", k, latents, "the number of codebook rows L")?;
+    out_len(shape, k, "values")?;
+    check_rows_backed(shape, 1, 0)
 }

@@ -153,7 +153,8 @@ where
         .for_each(|(p, (tiles, norms))| {
             let r0 = p * 2 * TILE_ROWS;
             let n = norms.len();
-            // SAFETY: AMX available implies AVX-512F/BF16; 32 rows' tiles, x rows r0..r0+n.
+            // SAFETY: `amx::available()` (checked on entry) implies AVX-512F/BW/BF16; 32 rows'
+            // tiles, x rows r0..r0+n.
             unsafe { amx::pack_rows(&xc[r0 * dm..(r0 + n) * dm], n, dm, tiles, norms) };
         });
     // per row: ‖x‖ + δ and ‖x − x̃‖ + δ, rounded up (NaN where not finite)
@@ -448,6 +449,9 @@ impl Block<'_> {
     }
 
     /// The epilogue of one 32 × 32 block: bounds, admission compare, candidates.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (`screen` calls it; AMX availability implies it).
     #[target_feature(enable = "avx512f")]
     unsafe fn examine(&self, c: &TileBuf, consts: &LatentPair, rp: usize, states: &mut [RowState]) {
         let tiny = _mm512_set1_ps(2f32.powi(-100));

@@ -17,7 +17,7 @@
 
 use crate::cpu::{Isa, Simd, SimdKernel, dispatch, last_level_cache_bytes, prefetch};
 use crate::element::{Accum, Element};
-use crate::error::{Error, Result, check_len};
+use crate::error::{Error, Result, check_backed, check_len};
 use rayon::prelude::*;
 
 use super::SaeShape;
@@ -46,7 +46,7 @@ pub(super) fn check_sparse_lengths(
     w_dec: usize,
     b_dec: Option<usize>,
 ) -> Result<()> {
-    let (_, lw) = shape.sizes()?;
+    let (bx, lw) = shape.sizes()?;
     let SaeShape { batch, dm, latents } = shape;
     let bk = batch
         .checked_mul(k)
@@ -56,6 +56,15 @@ pub(super) fn check_sparse_lengths(
     check_len("w_dec", w_dec, lw, &format!("[{latents}, {dm}]"))?;
     if let Some(b) = b_dec {
         check_len("b_dec", b, dm, &format!("[{dm}]"))?;
+    }
+    if bk == 0 {
+        // rule 3 of crate::error: with k = 0, no input carries B of the [B, Dm] output
+        check_backed(
+            "values",
+            "B (k = 0)",
+            bx,
+            w_dec.saturating_add(b_dec.unwrap_or(0)),
+        )?;
     }
     Ok(())
 }
@@ -421,11 +430,16 @@ impl<E: Element> SimdKernel for Gather<'_, E> {
 }
 
 /// acc += c·src (src widened to the accumulator).
+///
+/// # Safety
+/// The CPU supports `S` (call inside a `SimdKernel::run` entered by `dispatch`).
 #[inline(always)]
 unsafe fn axpy<S: Simd, E: Element>(c: E::Acc, src: &[E], acc: &mut [E::Acc]) {
     let lanes = E::Acc::lanes::<S>();
     let n = src.len().min(acc.len());
     let mut d = 0;
+    // SAFETY: d + lanes <= n <= both lengths, pointers from the whole slices; the ISA per
+    // this fn's contract.
     unsafe {
         let cv = E::Acc::vsplat::<S>(c);
         while d + lanes <= n {
@@ -441,12 +455,17 @@ unsafe fn axpy<S: Simd, E: Element>(c: E::Acc, src: &[E], acc: &mut [E::Acc]) {
 }
 
 /// dot(a, b) in the accumulator type, in a fixed order (lane-wise, then lanes in order).
+///
+/// # Safety
+/// The CPU supports `S` (call inside a `SimdKernel::run` entered by `dispatch`).
 #[inline(always)]
 unsafe fn dot<S: Simd, E: Element>(a: &[E], b: &[E]) -> E::Acc {
     let lanes = E::Acc::lanes::<S>();
     let n = a.len().min(b.len());
     let mut d = 0;
     let mut total = E::Acc::ZERO;
+    // SAFETY: d + lanes <= n <= both lengths, pointers from the whole slices; `buf` holds
+    // 64 >= lanes values; the ISA per this fn's contract.
     unsafe {
         let mut acc = E::Acc::vsplat::<S>(E::Acc::ZERO);
         while d + lanes <= n {
@@ -672,7 +691,13 @@ pub(super) fn check_backward<E: Element>(
     check_len("x", i.x.len(), bx, &format!("[{batch}, {dm}]"))?;
     check_len("w_enc", i.w_enc.len(), lw, &format!("[{latents}, {dm}]"))?;
     check_len("b_enc", i.b_enc.len(), latents, &format!("[{latents}]"))?;
-    check_len("d_xhat", i.d_xhat.len(), bx, &format!("[{batch}, {dm}]"))
+    check_len("d_xhat", i.d_xhat.len(), bx, &format!("[{batch}, {dm}]"))?;
+    if bx == 0 && lw == 0 {
+        // rule 3 of crate::error: x and the weights are empty, so only b_dec carries the Dm
+        // of db_dec [Dm]
+        check_backed("x", "Dm (B = L = 0)", dm, i.b_dec.map_or(0, <[E]>::len))?;
+    }
+    Ok(())
 }
 
 /// The selections grouped by latent (a counting sort): latent l's flat positions b·k + j
