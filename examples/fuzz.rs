@@ -7,8 +7,9 @@
 //!
 //! Options: `--seed S` (default 1), `--seconds N` (default 60), `--calls N` per batch
 //! (default 2000), `--timeout N` seconds per batch (default 60), `--ops a,b` (substrings of
-//! the op names; default all). Each batch runs in a child process (this binary with
-//! `--child`) under a 4 GiB address-space limit: an abort or a hang is reported with the
+//! the op names; default all), `--no-limit` (no address-space limit: for AddressSanitizer
+//! builds, whose shadow memory needs terabytes of it). Each batch runs in a child process
+//! (this binary with `--child`) under a 4 GiB address-space limit: an abort or a hang is reported with the
 //! call that was running, and the run goes on with the next batch. Every call is named by
 //! `seed:batch:call`, which `--replay` runs alone. Exits 1 on any panic, abort, hang or
 //! non-finite output.
@@ -755,7 +756,7 @@ fn one_call(
     } else {
         g.rng.below(5)
     };
-    g.note(format!("{}", ["f32", "f64", "f32", "f16", "bf16"][dtype]));
+    g.note(["f32", "f64", "f32", "f16", "bf16"][dtype]);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match dtype {
         1 => run_ridge::<f64>(&mut g, name),
         0 | 2 => run_ridge::<f32>(&mut g, name),
@@ -829,6 +830,7 @@ struct Args {
     ops: Option<String>,
     child_batch: Option<u64>,
     replay: Option<(u64, u64, u64)>,
+    no_limit: bool,
 }
 
 fn parse_args() -> Args {
@@ -840,6 +842,7 @@ fn parse_args() -> Args {
         ops: None,
         child_batch: None,
         replay: None,
+        no_limit: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -863,10 +866,15 @@ fn parse_args() -> Args {
                 }
                 a.replay = Some((p[0], p[1], p[2]));
             }
+            "--no-limit" => a.no_limit = true,
             "--bench" => {} // cargo may pass it to examples run as benches
             other => usage(&format!("unknown argument {other}")),
         }
-        i += if argv[i] == "--bench" { 1 } else { 2 };
+        i += if argv[i] == "--bench" || argv[i] == "--no-limit" {
+            1
+        } else {
+            2
+        };
     }
     a
 }
@@ -931,8 +939,13 @@ fn parent(args: &Args) {
         let mut cmd = Command::new("sh");
         // a 4 GiB address-space limit: an allocation past it aborts the child, not the
         // machine (ulimit may be refused; the run goes on without it)
+        let limit = if args.no_limit {
+            ""
+        } else {
+            "ulimit -v 4194304 2>/dev/null; "
+        };
         cmd.arg("-c")
-            .arg("ulimit -v 4194304 2>/dev/null; exec \"$0\" \"$@\"")
+            .arg(format!("{limit}exec \"$0\" \"$@\""))
             .arg(&exe)
             .args(["--seed", &args.seed.to_string()])
             .args(["--calls", &args.calls.to_string()])
