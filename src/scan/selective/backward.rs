@@ -326,37 +326,73 @@ unsafe fn advance<S: Simd, A: Accum, const V: usize>(
     (bm, cm): (*const A, *const A),
     (x_in, x_out): (*const A, *mut A),
     keep: Option<(*mut A, *mut A)>,
-    exp2: impl Fn([A::V<S>; V]) -> [A::V<S>; V],
 ) {
     let lanes = A::lanes::<S>();
-    let at0: [usize; V] = std::array::from_fn(|v| c + v * lanes);
+    // plain loops, no closures: a closure does not inherit the kernel's target features
+    // (see `Simd::f32_exp2_x4`)
     // SAFETY: every index is below c + V·lanes <= wp, or j·wp + that, below n·wp.
     unsafe {
-        let dtv = at0.map(|i| A::vload::<S>(dt.add(i)));
-        let dtuv = at0.map(|i| A::vload::<S>(dtu.add(i)));
-        let mut yv = [A::vsplat::<S>(A::ZERO); V];
+        let zero = A::vsplat::<S>(A::ZERO);
+        let (mut dtv, mut dtuv, mut yv) = ([zero; V], [zero; V], [zero; V]);
+        for v in 0..V {
+            dtv[v] = A::vload::<S>(dt.add(c + v * lanes));
+            dtuv[v] = A::vload::<S>(dtu.add(c + v * lanes));
+        }
         for j in 0..n {
-            let at = at0.map(|i| j * wp + i);
-            let decay = exp2(std::array::from_fn(|v| {
-                A::vmul::<S>(dtv[v], A::vload::<S>(a_t.add(at[v])))
-            }));
+            let at = j * wp + c;
+            let mut decay = [zero; V];
+            for v in 0..V {
+                decay[v] = A::vmul::<S>(dtv[v], A::vload::<S>(a_t.add(at + v * lanes)));
+            }
+            let decay = vexp2_n::<S, A, V>(decay);
             let (b_j, c_j) = (A::vsplat::<S>(*bm.add(j)), A::vsplat::<S>(*cm.add(j)));
             for v in 0..V {
+                let k = at + v * lanes;
                 let input = A::vmul::<S>(dtuv[v], b_j);
-                let xv = A::vfma::<S>(decay[v], A::vload::<S>(x_in.add(at[v])), input);
-                A::vstore::<S>(x_out.add(at[v]), xv);
+                let xv = A::vfma::<S>(decay[v], A::vload::<S>(x_in.add(k)), input);
+                A::vstore::<S>(x_out.add(k), xv);
                 if let Some((dec, _)) = keep {
-                    A::vstore::<S>(dec.add(at[v]), decay[v]);
+                    A::vstore::<S>(dec.add(k), decay[v]);
                     yv[v] = A::vfma::<S>(c_j, xv, yv[v]);
                 }
             }
         }
         if let Some((_, y)) = keep {
             for v in 0..V {
-                A::vstore::<S>(y.add(at0[v]), yv[v]);
+                A::vstore::<S>(y.add(c + v * lanes), yv[v]);
             }
         }
     }
+}
+
+/// 2^x of V vectors: four side by side through `vexp2_x4`, else one by one.
+///
+/// # Safety
+/// The CPU supports `S`.
+#[inline(always)]
+unsafe fn vexp2_n<S: Simd, A: Accum, const V: usize>(mut x: [A::V<S>; V]) -> [A::V<S>; V] {
+    // SAFETY: register-only vector operations on this ISA (this fn's contract).
+    unsafe {
+        if V == 4 {
+            let y = A::vexp2_x4::<S>([x[0], x[1], x[2], x[3]]);
+            x[..4].copy_from_slice(&y);
+        } else {
+            for v in x.iter_mut() {
+                *v = A::vexp2::<S>(*v);
+            }
+        }
+    }
+    x
+}
+
+/// An unaligned vector load of `p[k..k + lanes]`.
+///
+/// # Safety
+/// The CPU supports `S`; k + lanes <= p.len().
+#[inline(always)]
+unsafe fn ld<S: Simd, A: Accum>(p: &[A], k: usize) -> A::V<S> {
+    // SAFETY: per this fn's contract.
+    unsafe { A::vload::<S>(p.as_ptr().add(k)) }
 }
 
 /// [`advance`] over all `wp` channels: four vectors at a time (their decays through the
@@ -380,11 +416,11 @@ unsafe fn advance_all<S: Simd, A: Accum>(
     // SAFETY: c + 4·lanes (then c + lanes) <= wp; the rest per this fn's contract.
     unsafe {
         while c + 4 * lanes <= wp {
-            advance::<S, A, 4>(n, wp, c, a_t, steps, bc, x, keep, |v| A::vexp2_x4::<S>(v));
+            advance::<S, A, 4>(n, wp, c, a_t, steps, bc, x, keep);
             c += 4 * lanes;
         }
         while c < wp {
-            advance::<S, A, 1>(n, wp, c, a_t, steps, bc, x, keep, |[v]| [A::vexp2::<S>(v)]);
+            advance::<S, A, 1>(n, wp, c, a_t, steps, bc, x, keep);
             c += lanes;
         }
     }
@@ -522,11 +558,19 @@ impl<E: Element> SimdKernel for BackwardBlock<'_, E> {
                 for q in 0..groups {
                     // SAFETY: vectors 4q..4q + 4 of the lanes buffers (4·groups·lanes values).
                     unsafe {
-                        let v = |p: &[E::Acc], r: usize| {
-                            E::Acc::vload::<S>(p.as_ptr().add((4 * q + r) * lanes))
-                        };
-                        let sc = E::Acc::vsum4::<S>(std::array::from_fn(|r| v(&lanes_c, r)));
-                        let sb = E::Acc::vsum4::<S>(std::array::from_fn(|r| v(&lanes_b, r)));
+                        let at = 4 * q * lanes;
+                        let sc = E::Acc::vsum4::<S>([
+                            ld::<S, E::Acc>(&lanes_c, at),
+                            ld::<S, E::Acc>(&lanes_c, at + lanes),
+                            ld::<S, E::Acc>(&lanes_c, at + 2 * lanes),
+                            ld::<S, E::Acc>(&lanes_c, at + 3 * lanes),
+                        ]);
+                        let sb = E::Acc::vsum4::<S>([
+                            ld::<S, E::Acc>(&lanes_b, at),
+                            ld::<S, E::Acc>(&lanes_b, at + lanes),
+                            ld::<S, E::Acc>(&lanes_b, at + 2 * lanes),
+                            ld::<S, E::Acc>(&lanes_b, at + 3 * lanes),
+                        ]);
                         for r in 0..4.min(n - 4 * q) {
                             dcm[t * n + 4 * q + r] = sc[r];
                             dbm[t * n + 4 * q + r] = sb[r];
@@ -605,15 +649,14 @@ impl<E: Element> BackwardBlock<'_, E> {
         unsafe {
             let one = E::Acc::vsplat::<S>(one);
             while i < m {
-                let ld = |p: &[E::Acc]| E::Acc::vload::<S>(p.as_ptr().add(i));
                 let y = E::Acc::vfma::<S>(
-                    E::Acc::vload::<S>(dskip.as_ptr().add(i % wp)),
-                    ld(&rows.u),
-                    ld(&rows.y),
+                    ld::<S, E::Acc>(dskip, i % wp),
+                    ld::<S, E::Acc>(&rows.u, i),
+                    ld::<S, E::Acc>(&rows.y, i),
                 );
-                let dy = ld(&rows.g);
+                let dy = ld::<S, E::Acc>(&rows.g, i);
                 if has_z {
-                    let z = ld(&rows.z);
+                    let z = ld::<S, E::Acc>(&rows.z, i);
                     let s = vsigmoid::<S, E::Acc>(z);
                     // silu'(z) = s·(1 + z·(1 - s))
                     let slope = E::Acc::vmul::<S>(
@@ -667,7 +710,7 @@ impl<E: Element> BackwardBlock<'_, E> {
         let lanes = E::Acc::lanes::<S>();
         // SAFETY: indices per this fn's contract.
         unsafe {
-            let ld = |p: &[E::Acc], k: usize| E::Acc::vload::<S>(p.as_ptr().add(k));
+            let ld = ld::<S, E::Acc>;
             let (g, dt) = (ld(&rows.g, at + c), ld(&rows.dt, at + c));
             let (dtu, u) = (ld(&rows.dtu, at + c), ld(&rows.u, at + c));
             let mut sb: V<E, S> = E::Acc::vsplat::<S>(E::Acc::ZERO);
