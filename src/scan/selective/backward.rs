@@ -241,7 +241,14 @@ impl<E: Element> BackwardBlock<'_, E> {
     /// Steps [t0, t0 + len) of the block into `rows`: dt, dt·u, Bm, and with `full` also
     /// the softplus slope, Cm, dy and z.
     #[inline(always)]
-    fn load<S: Simd>(&self, rows: &mut ChunkRows<E::Acc>, wp: usize, t0: usize, len: usize, full: bool) {
+    fn load<S: Simd>(
+        &self,
+        rows: &mut ChunkRows<E::Acc>,
+        wp: usize,
+        t0: usize,
+        len: usize,
+        full: bool,
+    ) {
         let (inputs, (bi, d0, w)) = (self.inputs, (self.bi, self.d0, self.w));
         let (t_len, d, n) = (self.shape.len, self.shape.channels, self.shape.state);
         for i in 0..len {
@@ -715,7 +722,10 @@ impl<E: Element> BackwardBlock<'_, E> {
             let (dtu, u) = (ld(&rows.dtu, at + c), ld(&rows.u, at + c));
             let mut sb: V<E, S> = E::Acc::vsplat::<S>(E::Acc::ZERO);
             let mut sa = sb;
-            let (now, prev) = (rows.states.as_ptr().add(st + n * wp), rows.states.as_ptr().add(st));
+            let (now, prev) = (
+                rows.states.as_ptr().add(st + n * wp),
+                rows.states.as_ptr().add(st),
+            );
             for j in 0..n {
                 let k = j * wp + c;
                 let (b_j, c_j) = (
@@ -732,8 +742,10 @@ impl<E: Element> BackwardBlock<'_, E> {
                 let lb = lanes_b.as_mut_ptr().add(j * lanes);
                 E::Acc::vstore::<S>(lb, E::Acc::vfma::<S>(gxv, dtu, E::Acc::vload::<S>(lb)));
                 sb = E::Acc::vfma::<S>(gxv, b_j, sb);
-                let through_decay =
-                    E::Acc::vmul::<S>(E::Acc::vmul::<S>(gxv, E::Acc::vload::<S>(prev.add(k))), decay);
+                let through_decay = E::Acc::vmul::<S>(
+                    E::Acc::vmul::<S>(gxv, E::Acc::vload::<S>(prev.add(k))),
+                    decay,
+                );
                 sa = E::Acc::vfma::<S>(through_decay, ld(a, k), sa);
                 E::Acc::vstore::<S>(
                     da.as_mut_ptr().add(k),
