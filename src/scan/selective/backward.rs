@@ -365,8 +365,8 @@ unsafe fn advance<S: Simd, A: Accum, const V: usize>(
             }
         }
         if let Some((_, y)) = keep {
-            for v in 0..V {
-                A::vstore::<S>(y.add(c + v * lanes), yv[v]);
+            for (v, yv) in yv.iter().enumerate() {
+                A::vstore::<S>(y.add(c + v * lanes), *yv);
             }
         }
     }
