@@ -201,6 +201,7 @@ fn bench_cpu_selective(c: &mut Criterion) {
         h0: None,
     };
     let (mut y, mut h_last) = (vec![0f32; seq], vec![0f32; b * d * n]);
+    let dy = centered(data(seq, 18));
     let params = SelectiveParams::new().delta_softplus(true);
     let mut group = c.benchmark_group("scan_selective_cpu/B2_T2048_D1536_N16");
     group
@@ -220,6 +221,13 @@ fn bench_cpu_selective(c: &mut Criterion) {
                     &mut h_last,
                 )
                 .unwrap()
+            })
+        });
+        // beside the forward, so the ratio shows in one run (issue 29: at most 3×)
+        group.bench_function(BenchmarkId::new("backward_f32", isa.name()), |bench| {
+            bench.iter(|| {
+                selective::selective_backward_on(isa, &params, shape, black_box(&inputs), &dy)
+                    .unwrap()
             })
         });
     }

@@ -82,10 +82,10 @@ kernels! {
         ) -> Result<()>
             => selective::selective_into_impl(isa, params, shape, inputs, y, h_last);
         fn scan_selective_backward(
-            params: &SelectiveParams, shape: SelectiveShape, inputs: &SelectiveInputs<'_, Self>,
+            isa: Isa, params: &SelectiveParams, shape: SelectiveShape, inputs: &SelectiveInputs<'_, Self>,
             dy: &[Self]
         ) -> Result<SelectiveGrads<Self>>
-            => selective::selective_backward_impl(params, shape, inputs, dy);
+            => selective::selective_backward_impl(isa, params, shape, inputs, dy);
         fn scan_gla_into(
             isa: Isa, params: &GlaParams, shape: GlaShape, inputs: &GlaInputs<'_, Self>,
             o: &mut [Self], h_last: &mut [<Self as Element>::Acc]

@@ -519,3 +519,75 @@ fn backward_low_precision_matches_f64() {
             .contains("`dy`")
     );
 }
+
+#[test]
+fn backward_every_isa_matches_f64() {
+    // odd sizes: a channel block and a tail not a whole vector (70), N not a multiple of 4,
+    // several checkpoint chunks and a partial one (T = 70)
+    for (k, &(b, t, dd, n)) in [(2, 70, 70, 5), (1, 3, 1, 1), (1, 33, 17, 16)]
+        .iter()
+        .enumerate()
+    {
+        let s = SelectiveShape::new(b, t, dd, n);
+        let d32 = data::<f32>(s, 40 + k as u64);
+        let up = |v: &[f32]| v.iter().map(|x| *x as f64).collect::<Vec<f64>>();
+        let d64 = [&d32.u, &d32.delta, &d32.bm, &d32.cm, &d32.z].map(|v| up(v));
+        let p64 = [&d32.a, &d32.dskip, &d32.bias, &d32.h0].map(|v| up(v));
+        let dy32: Vec<f32> = Rng::new(41).vec(b * t * dd, -1.0, 1.0);
+        for (mask, softplus) in [(0u32, false), (15, true), (5, true), (10, false)] {
+            let opt = |i: u32| mask & (1 << i) != 0;
+            let p = SelectiveParams::new().delta_softplus(softplus);
+            let i32_ = SelectiveInputs::new(&d32.u, &d32.delta, &d32.a, &d32.bm, &d32.cm)
+                .dskip(opt(0).then_some(d32.dskip.as_slice()))
+                .z(opt(1).then_some(d32.z.as_slice()))
+                .delta_bias(opt(2).then_some(d32.bias.as_slice()))
+                .h0(opt(3).then_some(d32.h0.as_slice()));
+            let i64_ = SelectiveInputs::new(&d64[0], &d64[1], &p64[0], &d64[2], &d64[3])
+                .dskip(opt(0).then_some(p64[1].as_slice()))
+                .z(opt(1).then_some(d64[4].as_slice()))
+                .delta_bias(opt(2).then_some(p64[2].as_slice()))
+                .h0(opt(3).then_some(p64[3].as_slice()));
+            let want =
+                selective::selective_backward_on(Isa::Scalar, &p, s, &i64_, &up(&dy32)).unwrap();
+            for isa in Isa::available() {
+                let got = selective::selective_backward_on(isa, &p, s, &i32_, &dy32).unwrap();
+                let pairs = [
+                    ("du", up(&got.du), want.du.clone()),
+                    ("ddelta", up(&got.ddelta), want.ddelta.clone()),
+                    ("dA", up(&got.da), want.da.clone()),
+                    ("dBm", up(&got.dbm), want.dbm.clone()),
+                    ("dCm", up(&got.dcm), want.dcm.clone()),
+                    (
+                        "dz",
+                        up(&got.dz.unwrap_or_default()),
+                        want.dz.clone().unwrap_or_default(),
+                    ),
+                    (
+                        "dh0",
+                        up(&got.dh0.unwrap_or_default()),
+                        want.dh0.clone().unwrap_or_default(),
+                    ),
+                    (
+                        "dDskip",
+                        up(&got.ddskip.unwrap_or_default()),
+                        want.ddskip.clone().unwrap_or_default(),
+                    ),
+                    (
+                        "ddelta_bias",
+                        up(&got.ddelta_bias.unwrap_or_default()),
+                        want.ddelta_bias.clone().unwrap_or_default(),
+                    ),
+                ];
+                for (name, got, want) in pairs {
+                    // as backward_low_precision_matches_f64: sums over many terms
+                    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                    let r = worst_ratio(&got, &want, 1e-3, 1e-5 * scale.max(1.0));
+                    assert!(
+                        r <= 1.0,
+                        "{name} {isa:?} {s:?} mask {mask} softplus={softplus}: {r}"
+                    );
+                }
+            }
+        }
+    }
+}

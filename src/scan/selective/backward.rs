@@ -1,0 +1,774 @@
+//! `scan.selective_backward` on the CPU: the gradients of Σ y·dy (no gradient flows into
+//! h_last).
+//!
+//! Kernel plan: tasks are (batch, block of [`BLOCK`] channels) with the forward's layout:
+//! states, A and the running sums as `[n][w]` rows, vectors across channels, Bm\[t,n\] and
+//! Cm\[t,n\] broadcast. A task runs its forward once, keeping the state every [`CHUNK`]
+//! steps, then takes the chunks in reverse: it re-runs a chunk from its checkpoint, keeping
+//! the chunk's states and decays (2·CHUNK·N·w accumulators, an L2-sized block), and walks
+//! its steps back:
+//! gx\[t\] = Cm\[t\]·dy'\[t\] + exp(dt\[t+1\]·A)·gx\[t+1\] with dy' = dy·silu(z) (dy without z).
+//! Two exponentials per (step, channel, state) against the forward's one; the bound is those
+//! and the reverse walk's loads, all from L1/L2.
+//!
+//! Sums over channels (dBm, dCm) are taken per task (in lanes, channel vector by channel
+//! vector, then the lanes folded in a fixed order) and then over tasks in task order; sums
+//! over time (dA, dDskip, ddelta_bias) per task, then over batch in task order. The blocks
+//! do not depend on the thread count, so neither do the results.
+
+use super::{SelectiveInputs, SelectiveParams, SelectiveShape, softplus, vsoftplus};
+use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
+use crate::element::{Accum, Element};
+use crate::error::Result;
+use crate::scan::check_len;
+use rayon::prelude::*;
+
+/// Gradients of `scan.selective`: `None` where the input was not given.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct SelectiveGrads<E: Element> {
+    /// `[B, T, D]`: the gradient of `u`.
+    pub du: Vec<E>,
+    /// `[B, T, D]`: the gradient of `delta`.
+    pub ddelta: Vec<E>,
+    /// `[D, N]`, accumulator type: the gradient of `a` (A).
+    pub da: Vec<E::Acc>,
+    /// `[B, T, N]`: the gradient of `bm`.
+    pub dbm: Vec<E>,
+    /// `[B, T, N]`: the gradient of `cm`.
+    pub dcm: Vec<E>,
+    /// `[D]`, accumulator type: the gradient of `dskip`, where it was given.
+    pub ddskip: Option<Vec<E::Acc>>,
+    /// `[B, T, D]`: the gradient of `z`, where it was given.
+    pub dz: Option<Vec<E>>,
+    /// `[D]`, accumulator type: the gradient of `delta_bias`, where it was given.
+    pub ddelta_bias: Option<Vec<E::Acc>>,
+    /// `[B, D, N]`, accumulator type: the gradient of `h0`, where it was given.
+    pub dh0: Option<Vec<E::Acc>>,
+}
+
+/// Channels per task, whatever the thread count (the reductions' order depends on it).
+/// A chunk's states and decays take 2·CHUNK·N·BLOCK accumulators: 256 KiB at N = 16 in f32.
+const BLOCK: usize = 64;
+/// Steps between checkpoints, and so the steps re-run and kept at once.
+const CHUNK: usize = 32;
+
+/// `scan.selective_backward` on the CPU: the gradients of Σ y·dy (no gradient flows into
+/// h_last). Each (batch, channel block) re-runs its forward in chunks from stored states and
+/// walks them in reverse: gx\[t\] = Cm\[t\]·dy'\[t\] + exp(dt\[t+1\]·A)·gx\[t+1\] with
+/// dy' = dy·silu(z) (dy without z). Sums over channels (dBm, dCm) and over batch and time
+/// (dA, dDskip, ddelta_bias) are taken in a fixed order: the result does not depend on the
+/// thread count.
+pub fn selective_backward<E: Element>(
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+    dy: &[E],
+) -> Result<SelectiveGrads<E>> {
+    E::scan_selective_backward(Isa::active(), params, shape, inputs, dy)
+}
+
+/// [`selective_backward`] on a chosen instruction set.
+#[doc(hidden)]
+pub fn selective_backward_on<E: Element>(
+    isa: Isa,
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+    dy: &[E],
+) -> Result<SelectiveGrads<E>> {
+    E::scan_selective_backward(isa, params, shape, inputs, dy)
+}
+
+/// The outputs tasks write directly: rows `[B, T, D]` and `dh0 [B, D, N]`, each task its
+/// own channels.
+struct Outputs<E: Element> {
+    du: SendPtr<E>,
+    ddelta: SendPtr<E>,
+    dz: Option<SendPtr<E>>,
+    dh0: Option<SendPtr<E::Acc>>,
+}
+
+impl<E: Element> Clone for Outputs<E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E: Element> Copy for Outputs<E> {}
+
+/// One task's sums, reduced over tasks in task order.
+struct Partials<A> {
+    /// `[T, N]`, summed over the block's channels.
+    dbm: Vec<A>,
+    dcm: Vec<A>,
+    /// `[w, N]`, `[w]`, `[w]`: summed over time.
+    da: Vec<A>,
+    ddskip: Vec<A>,
+    ddelta_bias: Vec<A>,
+}
+
+/// The CPU backward, validated (instantiated per dtype in [`crate::dispatch`]).
+pub(crate) fn selective_backward_impl<E: Element>(
+    isa: Isa,
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+    dy: &[E],
+) -> Result<SelectiveGrads<E>> {
+    isa.check()?;
+    let sizes = inputs.validate(&shape)?;
+    let (b, t_len, d, n) = (shape.batch, shape.len, shape.channels, shape.state);
+    check_len("dy", dy.len(), sizes.seq, &format!("[{b}, {t_len}, {d}]"))?;
+    let zero = <E::Acc as Accum>::ZERO;
+    let mut g = SelectiveGrads {
+        du: vec![E::default(); sizes.seq],
+        ddelta: vec![E::default(); sizes.seq],
+        da: vec![zero; sizes.a],
+        dbm: Vec::new(),
+        dcm: Vec::new(),
+        ddskip: inputs.dskip.map(|_| vec![zero; d]),
+        dz: inputs.z.map(|_| vec![E::default(); sizes.seq]),
+        ddelta_bias: inputs.delta_bias.map(|_| vec![zero; d]),
+        dh0: inputs.h0.map(|_| vec![zero; sizes.states]),
+    };
+    let (mut dbm, mut dcm) = (vec![zero; sizes.bc], vec![zero; sizes.bc]);
+    // no step or no channel: every gradient is zero (y is empty), and the batch is not
+    // iterated (rule 4 of crate::error)
+    if t_len > 0 && d > 0 {
+        let blocks = d.div_ceil(BLOCK);
+        let out = Outputs {
+            du: SendPtr(g.du.as_mut_ptr()),
+            ddelta: SendPtr(g.ddelta.as_mut_ptr()),
+            dz: g.dz.as_mut().map(|v| SendPtr(v.as_mut_ptr())),
+            dh0: g.dh0.as_mut().map(|v| SendPtr(v.as_mut_ptr())),
+        };
+        let tasks: Vec<(usize, usize)> = (0..b)
+            .flat_map(|bi| (0..blocks).map(move |k| (bi, k * BLOCK)))
+            .collect();
+        let partials: Vec<Partials<E::Acc>> = tasks
+            .par_iter()
+            .map(|&(bi, d0)| {
+                let kernel = BackwardBlock {
+                    params: *params,
+                    shape,
+                    inputs,
+                    dy,
+                    bi,
+                    d0,
+                    w: BLOCK.min(d - d0),
+                    out,
+                };
+                dispatch(isa, kernel)
+            })
+            .collect();
+        // the sums over tasks, in task order (batch-major, then block)
+        let add = |to: &mut [E::Acc], from: &[E::Acc]| {
+            for (x, y) in to.iter_mut().zip(from) {
+                *x = *x + *y;
+            }
+        };
+        for (&(bi, d0), part) in tasks.iter().zip(&partials) {
+            let rows = bi * t_len * n..(bi + 1) * t_len * n;
+            add(&mut dbm[rows.clone()], &part.dbm);
+            add(&mut dcm[rows], &part.dcm);
+            let w = part.ddskip.len();
+            add(&mut g.da[d0 * n..(d0 + w) * n], &part.da);
+            if let Some(v) = &mut g.ddskip {
+                add(&mut v[d0..d0 + w], &part.ddskip);
+            }
+            if let Some(v) = &mut g.ddelta_bias {
+                add(&mut v[d0..d0 + w], &part.ddelta_bias);
+            }
+        }
+    }
+    g.dbm = dbm.into_iter().map(E::from_acc).collect();
+    g.dcm = dcm.into_iter().map(E::from_acc).collect();
+    Ok(g)
+}
+
+/// One task: batch `bi`, channels [d0, d0 + w).
+struct BackwardBlock<'a, E: Element> {
+    params: SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &'a SelectiveInputs<'a, E>,
+    dy: &'a [E],
+    bi: usize,
+    d0: usize,
+    w: usize,
+    out: Outputs<E>,
+}
+
+/// A chunk's per-step rows, `[CHUNK][wp]` (channels padded to whole vectors with zeros, so
+/// every channel takes the vector path and padded lanes carry zero gradients), and its
+/// states and decays, `[CHUNK + 1][n][wp]` and `[CHUNK][n][wp]`.
+struct ChunkRows<A> {
+    /// delta + delta_bias, before the softplus.
+    pre: Vec<A>,
+    dt: Vec<A>,
+    u: Vec<A>,
+    dtu: Vec<A>,
+    /// d(dt)/d(delta): the softplus slope (unused without softplus).
+    slope: Vec<A>,
+    /// dy, then dy' = dy·silu(z) once the gate is through.
+    g: Vec<A>,
+    z: Vec<A>,
+    /// Σ_n Cm·x, then the gradient of delta.
+    y: Vec<A>,
+    du: Vec<A>,
+    dz: Vec<A>,
+    /// `[CHUNK][n]`
+    bm: Vec<A>,
+    cm: Vec<A>,
+    states: Vec<A>,
+    decay: Vec<A>,
+}
+
+/// Vector sigmoid 1 / (1 + e^-x).
+///
+/// # Safety
+/// The CPU supports `S` (call inside a `SimdKernel::run` entered by `dispatch`).
+#[inline(always)]
+unsafe fn vsigmoid<S: Simd, A: Accum>(x: A::V<S>) -> A::V<S> {
+    // SAFETY: register-only vector operations; the ISA per this fn's contract.
+    unsafe {
+        let one = A::vsplat::<S>(A::ONE);
+        let e = A::vexp::<S>(A::vmul::<S>(x, A::vsplat::<S>(A::from_f64(-1.0))));
+        A::vdiv::<S>(one, A::vadd::<S>(one, e))
+    }
+}
+
+impl<E: Element> BackwardBlock<'_, E> {
+    /// Steps [t0, t0 + len) of the block into `rows`: dt, dt·u, Bm, and with `full` also
+    /// the softplus slope, Cm, dy and z.
+    #[inline(always)]
+    fn load<S: Simd>(
+        &self,
+        rows: &mut ChunkRows<E::Acc>,
+        wp: usize,
+        t0: usize,
+        len: usize,
+        full: bool,
+    ) {
+        let (inputs, (bi, d0, w)) = (self.inputs, (self.bi, self.d0, self.w));
+        let (t_len, d, n) = (self.shape.len, self.shape.channels, self.shape.state);
+        for i in 0..len {
+            let row = (bi * t_len + t0 + i) * d + d0;
+            let at = i * wp;
+            for c in 0..w {
+                let mut v = inputs.delta[row + c].to_acc();
+                if let Some(bias) = inputs.delta_bias {
+                    v = v + bias[d0 + c];
+                }
+                rows.pre[at + c] = v;
+                rows.u[at + c] = inputs.u[row + c].to_acc();
+            }
+            if full {
+                for c in 0..w {
+                    rows.g[at + c] = self.dy[row + c].to_acc();
+                }
+                if let Some(z) = inputs.z {
+                    for c in 0..w {
+                        rows.z[at + c] = z[row + c].to_acc();
+                    }
+                }
+            }
+            let bc = (bi * t_len + t0 + i) * n;
+            for j in 0..n {
+                rows.bm[i * n + j] = inputs.bm[bc + j].to_acc();
+                if full {
+                    rows.cm[i * n + j] = inputs.cm[bc + j].to_acc();
+                }
+            }
+        }
+        let m = len * wp;
+        let softplus_on = self.params.delta_softplus;
+        // f64 keeps the exact scalar softplus, as the forward (the vector one is f32-accurate)
+        let vector_softplus = std::mem::size_of::<E::Acc>() == 4;
+        if softplus_on && !vector_softplus {
+            for i in 0..m {
+                rows.dt[i] = softplus(rows.pre[i]);
+            }
+        }
+        let lanes = E::Acc::lanes::<S>();
+        let mut i = 0;
+        // SAFETY: i + lanes <= m = len·wp (wp a multiple of lanes), within every buffer's
+        // CHUNK·wp values.
+        unsafe {
+            while i < m {
+                let v = E::Acc::vload::<S>(rows.pre.as_ptr().add(i));
+                let dt = match (softplus_on, vector_softplus) {
+                    (false, _) => v,
+                    (true, true) => vsoftplus::<S, E::Acc>(v),
+                    (true, false) => E::Acc::vload::<S>(rows.dt.as_ptr().add(i)),
+                };
+                E::Acc::vstore::<S>(rows.dt.as_mut_ptr().add(i), dt);
+                let u = E::Acc::vload::<S>(rows.u.as_ptr().add(i));
+                E::Acc::vstore::<S>(rows.dtu.as_mut_ptr().add(i), E::Acc::vmul::<S>(dt, u));
+                if full && softplus_on {
+                    let s = vsigmoid::<S, E::Acc>(v);
+                    E::Acc::vstore::<S>(rows.slope.as_mut_ptr().add(i), s);
+                }
+                i += lanes;
+            }
+        }
+    }
+}
+
+/// One step of the recurrence for channels [c, c + V·lanes) of `[n][wp]` rows:
+/// x_out = 2^(dt·a_t)·x_in + dt·u·Bm\[j\] for every state j; with `keep`, the decays go to
+/// `decay` and Σ_j Cm\[j\]·x_out to `y`.
+///
+/// # Safety
+/// The CPU supports `S`; c + V·lanes <= wp; `x_in`, `x_out`, `a_t` (and with `keep`,
+/// `decay`) point to n·wp values, `dt`, `dtu` (and `y`) to wp, `bm`, `cm` to n; `x_in` and
+/// `x_out` are the same or disjoint.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn advance<S: Simd, A: Accum, const V: usize>(
+    n: usize,
+    wp: usize,
+    c: usize,
+    a_t: *const A,
+    (dt, dtu): (*const A, *const A),
+    (bm, cm): (*const A, *const A),
+    (x_in, x_out): (*const A, *mut A),
+    keep: Option<(*mut A, *mut A)>,
+) {
+    let lanes = A::lanes::<S>();
+    // plain loops, no closures: a closure does not inherit the kernel's target features
+    // (see `Simd::f32_exp2_x4`)
+    // SAFETY: every index is below c + V·lanes <= wp, or j·wp + that, below n·wp.
+    unsafe {
+        let zero = A::vsplat::<S>(A::ZERO);
+        let (mut dtv, mut dtuv, mut yv) = ([zero; V], [zero; V], [zero; V]);
+        for v in 0..V {
+            dtv[v] = A::vload::<S>(dt.add(c + v * lanes));
+            dtuv[v] = A::vload::<S>(dtu.add(c + v * lanes));
+        }
+        for j in 0..n {
+            let at = j * wp + c;
+            let mut decay = [zero; V];
+            for v in 0..V {
+                decay[v] = A::vmul::<S>(dtv[v], A::vload::<S>(a_t.add(at + v * lanes)));
+            }
+            let decay = vexp2_n::<S, A, V>(decay);
+            let (b_j, c_j) = (A::vsplat::<S>(*bm.add(j)), A::vsplat::<S>(*cm.add(j)));
+            for v in 0..V {
+                let k = at + v * lanes;
+                let input = A::vmul::<S>(dtuv[v], b_j);
+                let xv = A::vfma::<S>(decay[v], A::vload::<S>(x_in.add(k)), input);
+                A::vstore::<S>(x_out.add(k), xv);
+                if let Some((dec, _)) = keep {
+                    A::vstore::<S>(dec.add(k), decay[v]);
+                    yv[v] = A::vfma::<S>(c_j, xv, yv[v]);
+                }
+            }
+        }
+        if let Some((_, y)) = keep {
+            for (v, yv) in yv.iter().enumerate() {
+                A::vstore::<S>(y.add(c + v * lanes), *yv);
+            }
+        }
+    }
+}
+
+/// 2^x of V vectors: four side by side through `vexp2_x4`, else one by one.
+///
+/// # Safety
+/// The CPU supports `S`.
+#[inline(always)]
+unsafe fn vexp2_n<S: Simd, A: Accum, const V: usize>(mut x: [A::V<S>; V]) -> [A::V<S>; V] {
+    // SAFETY: register-only vector operations on this ISA (this fn's contract).
+    unsafe {
+        if V == 4 {
+            let y = A::vexp2_x4::<S>([x[0], x[1], x[2], x[3]]);
+            x[..4].copy_from_slice(&y);
+        } else {
+            for v in x.iter_mut() {
+                *v = A::vexp2::<S>(*v);
+            }
+        }
+    }
+    x
+}
+
+/// An unaligned vector load of `p[k..k + lanes]`.
+///
+/// # Safety
+/// The CPU supports `S`; k + lanes <= p.len().
+#[inline(always)]
+unsafe fn ld<S: Simd, A: Accum>(p: &[A], k: usize) -> A::V<S> {
+    // SAFETY: per this fn's contract.
+    unsafe { A::vload::<S>(p.as_ptr().add(k)) }
+}
+
+/// [`advance`] over all `wp` channels: four vectors at a time (their decays through the
+/// exp2 side by side), then one.
+///
+/// # Safety
+/// As [`advance`], for c = 0 to wp.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn advance_all<S: Simd, A: Accum>(
+    n: usize,
+    wp: usize,
+    a_t: *const A,
+    steps: (*const A, *const A),
+    bc: (*const A, *const A),
+    x: (*const A, *mut A),
+    keep: Option<(*mut A, *mut A)>,
+) {
+    let lanes = A::lanes::<S>();
+    let mut c = 0;
+    // SAFETY: c + 4·lanes (then c + lanes) <= wp; the rest per this fn's contract.
+    unsafe {
+        while c + 4 * lanes <= wp {
+            advance::<S, A, 4>(n, wp, c, a_t, steps, bc, x, keep);
+            c += 4 * lanes;
+        }
+        while c < wp {
+            advance::<S, A, 1>(n, wp, c, a_t, steps, bc, x, keep);
+            c += lanes;
+        }
+    }
+}
+
+impl<E: Element> SimdKernel for BackwardBlock<'_, E> {
+    type Output = Partials<E::Acc>;
+    #[inline(always)]
+    fn run<S: Simd>(self) -> Partials<E::Acc> {
+        let (inputs, (bi, d0, w)) = (self.inputs, (self.bi, self.d0, self.w));
+        let (t_len, d, n) = (self.shape.len, self.shape.channels, self.shape.state);
+        let zero = <E::Acc as Accum>::ZERO;
+        let lanes = E::Acc::lanes::<S>();
+        let wp = w.div_ceil(lanes) * lanes;
+        let nw = n * wp;
+        // A as [n][wp] rows, as is and times log2(e) (the decay is 2^(dt·log2(e)·A), as in
+        // the forward); the state before the first step; Dskip. Padded channels stay zero.
+        let log2e = <E::Acc as Accum>::from_f64(std::f64::consts::LOG2_E);
+        let (mut a, mut a_t, mut x) = (vec![zero; nw], vec![zero; nw], vec![zero; nw]);
+        let mut dskip = vec![zero; wp];
+        for c in 0..w {
+            for j in 0..n {
+                a[j * wp + c] = inputs.a[(d0 + c) * n + j];
+                a_t[j * wp + c] = log2e * a[j * wp + c];
+                if let Some(h0) = inputs.h0 {
+                    x[j * wp + c] = h0[(bi * d + d0 + c) * n + j];
+                }
+            }
+            if let Some(v) = inputs.dskip {
+                dskip[c] = v[d0 + c];
+            }
+        }
+        let buf = |len: usize| vec![zero; len];
+        let mut rows = ChunkRows {
+            pre: buf(CHUNK * wp),
+            dt: buf(CHUNK * wp),
+            u: buf(CHUNK * wp),
+            dtu: buf(CHUNK * wp),
+            slope: buf(CHUNK * wp),
+            g: buf(CHUNK * wp),
+            z: buf(CHUNK * wp),
+            y: buf(CHUNK * wp),
+            du: buf(CHUNK * wp),
+            dz: buf(CHUNK * wp),
+            bm: buf(CHUNK * n),
+            cm: buf(CHUNK * n),
+            states: buf((CHUNK + 1) * nw),
+            decay: buf(CHUNK * nw),
+        };
+
+        // the forward once, keeping the state at the start of every chunk
+        let chunks = t_len.div_ceil(CHUNK);
+        let mut checkpoints = vec![zero; chunks * nw];
+        for k in 0..chunks {
+            let (t0, len) = (k * CHUNK, CHUNK.min(t_len - k * CHUNK));
+            checkpoints[k * nw..(k + 1) * nw].copy_from_slice(&x);
+            self.load::<S>(&mut rows, wp, t0, len, false);
+            for i in 0..len {
+                let at = i * wp;
+                // SAFETY: the rows of step i < CHUNK and `x`, `a_t` of n·wp values (advance's
+                // contract); x updated in place.
+                unsafe {
+                    advance_all::<S, E::Acc>(
+                        n,
+                        wp,
+                        a_t.as_ptr(),
+                        (rows.dt.as_ptr().add(at), rows.dtu.as_ptr().add(at)),
+                        (rows.bm.as_ptr().add(i * n), rows.cm.as_ptr()),
+                        (x.as_ptr(), x.as_mut_ptr()),
+                        None,
+                    );
+                }
+            }
+        }
+
+        // gx: the state gradient flowing back into the current step, exp(dt[t+1]·A)·gx[t+1]
+        let (mut gx, mut da) = (vec![zero; nw], vec![zero; nw]);
+        let (mut ddskip, mut dbias) = (vec![zero; wp], vec![zero; wp]);
+        let (mut dbm, mut dcm) = (vec![zero; t_len * n], vec![zero; t_len * n]);
+        // per state, the lanes of the step's dCm and dBm sums; padded to whole groups of four
+        let groups = n.div_ceil(4);
+        let (mut lanes_c, mut lanes_b) = (buf(4 * groups * lanes), buf(4 * groups * lanes));
+        for k in (0..chunks).rev() {
+            let (t0, len) = (k * CHUNK, CHUNK.min(t_len - k * CHUNK));
+            self.load::<S>(&mut rows, wp, t0, len, true);
+            // re-run the chunk, keeping its states (states[i] before step t0 + i) and decays
+            rows.states[..nw].copy_from_slice(&checkpoints[k * nw..(k + 1) * nw]);
+            for i in 0..len {
+                let (at, st) = (i * wp, i * nw);
+                let states = rows.states.as_mut_ptr();
+                // SAFETY: step i < CHUNK: rows at i·wp, Bm/Cm at i·n, states i and i + 1 of
+                // CHUNK + 1 (disjoint), decays i of CHUNK, each of n·wp values.
+                unsafe {
+                    advance_all::<S, E::Acc>(
+                        n,
+                        wp,
+                        a_t.as_ptr(),
+                        (rows.dt.as_ptr().add(at), rows.dtu.as_ptr().add(at)),
+                        (rows.bm.as_ptr().add(i * n), rows.cm.as_ptr().add(i * n)),
+                        (states.add(st), states.add(st + nw)),
+                        Some((rows.decay.as_mut_ptr().add(st), rows.y.as_mut_ptr().add(at))),
+                    );
+                }
+            }
+            self.gate::<S>(&mut rows, &dskip, len * wp);
+            for i in (0..len).rev() {
+                let (at, st, t) = (i * wp, i * nw, t0 + i);
+                let mut c = 0;
+                while c < wp {
+                    // SAFETY: c + lanes <= wp; rows of step i at i·wp + c; states i and i + 1
+                    // and decays i at (i or i + 1)·nw + j·wp + c, within (CHUNK + 1)·nw;
+                    // gx, da, a of n·wp values; the lanes buffers hold 4·groups·lanes >=
+                    // n·lanes values; Bm, Cm of step i at i·n + j.
+                    unsafe {
+                        self.walk::<S>(
+                            &mut rows,
+                            Walk {
+                                n,
+                                wp,
+                                c,
+                                at,
+                                st,
+                                i,
+                            },
+                            &a,
+                            &dskip,
+                            (&mut gx, &mut da),
+                            (&mut ddskip, &mut dbias),
+                            (&mut lanes_c, &mut lanes_b),
+                        );
+                    }
+                    c += lanes;
+                }
+                // the step's sums over channels: lanes folded four states at a time
+                for q in 0..groups {
+                    // SAFETY: vectors 4q..4q + 4 of the lanes buffers (4·groups·lanes values).
+                    unsafe {
+                        let at = 4 * q * lanes;
+                        let sc = E::Acc::vsum4::<S>([
+                            ld::<S, E::Acc>(&lanes_c, at),
+                            ld::<S, E::Acc>(&lanes_c, at + lanes),
+                            ld::<S, E::Acc>(&lanes_c, at + 2 * lanes),
+                            ld::<S, E::Acc>(&lanes_c, at + 3 * lanes),
+                        ]);
+                        let sb = E::Acc::vsum4::<S>([
+                            ld::<S, E::Acc>(&lanes_b, at),
+                            ld::<S, E::Acc>(&lanes_b, at + lanes),
+                            ld::<S, E::Acc>(&lanes_b, at + 2 * lanes),
+                            ld::<S, E::Acc>(&lanes_b, at + 3 * lanes),
+                        ]);
+                        for r in 0..4.min(n - 4 * q) {
+                            dcm[t * n + 4 * q + r] = sc[r];
+                            dbm[t * n + 4 * q + r] = sb[r];
+                        }
+                    }
+                }
+                lanes_c.fill(zero);
+                lanes_b.fill(zero);
+            }
+            // this task's rows of du, ddelta and dz (see selective_backward_impl)
+            for i in 0..len {
+                let row = (bi * t_len + t0 + i) * d + d0;
+                for c in 0..w {
+                    let at = i * wp + c;
+                    // SAFETY: rows bi, channels [d0, d0 + w) of [B, T, D] outputs: this
+                    // task's own, disjoint from every other task's; row + c < B·T·D.
+                    unsafe {
+                        *self.out.du.get().add(row + c) = E::from_acc(rows.du[at]);
+                        *self.out.ddelta.get().add(row + c) = E::from_acc(rows.y[at]);
+                        if let Some(dz) = self.out.dz {
+                            *dz.get().add(row + c) = E::from_acc(rows.dz[at]);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(dh0) = self.out.dh0 {
+            for c in 0..w {
+                for j in 0..n {
+                    // SAFETY: entries (bi, d0 + c, j) of dh0 [B, D, N]: this task's own.
+                    unsafe { *dh0.get().add((bi * d + d0 + c) * n + j) = gx[j * wp + c] };
+                }
+            }
+        }
+        let mut da_rows = vec![zero; w * n];
+        for c in 0..w {
+            for j in 0..n {
+                da_rows[c * n + j] = da[j * wp + c];
+            }
+        }
+        ddskip.truncate(w);
+        dbias.truncate(w);
+        Partials {
+            dbm,
+            dcm,
+            da: da_rows,
+            ddskip,
+            ddelta_bias: dbias,
+        }
+    }
+}
+
+/// Where [`BackwardBlock::walk`] works: step i of the chunk (rows at `at` = i·wp, states at
+/// `st` = i·nw), channels [c, c + lanes).
+#[derive(Clone, Copy)]
+struct Walk {
+    n: usize,
+    wp: usize,
+    c: usize,
+    at: usize,
+    st: usize,
+    i: usize,
+}
+
+impl<E: Element> BackwardBlock<'_, E> {
+    /// The gate and skip of a chunk's `m` row values: y = Σ_n C·x + Dskip·u; with z,
+    /// dz = dy·y·silu'(z) and dy' = dy·silu(z) (in `g`), else dy' = dy.
+    #[inline(always)]
+    fn gate<S: Simd>(&self, rows: &mut ChunkRows<E::Acc>, dskip: &[E::Acc], m: usize) {
+        let (lanes, wp) = (E::Acc::lanes::<S>(), dskip.len());
+        let has_z = self.inputs.z.is_some();
+        let one = <E::Acc as Accum>::ONE;
+        let mut i = 0;
+        // SAFETY: i + lanes <= m <= CHUNK·wp (every row buffer's length), i % wp + lanes <=
+        // wp (dskip's length), as wp is a multiple of lanes.
+        unsafe {
+            let one = E::Acc::vsplat::<S>(one);
+            while i < m {
+                let y = E::Acc::vfma::<S>(
+                    ld::<S, E::Acc>(dskip, i % wp),
+                    ld::<S, E::Acc>(&rows.u, i),
+                    ld::<S, E::Acc>(&rows.y, i),
+                );
+                let dy = ld::<S, E::Acc>(&rows.g, i);
+                if has_z {
+                    let z = ld::<S, E::Acc>(&rows.z, i);
+                    let s = vsigmoid::<S, E::Acc>(z);
+                    // silu'(z) = s·(1 + z·(1 - s))
+                    let slope = E::Acc::vmul::<S>(
+                        s,
+                        E::Acc::vfma::<S>(
+                            z,
+                            E::Acc::vadd::<S>(
+                                one,
+                                E::Acc::vmul::<S>(s, E::Acc::vsplat::<S>(E::Acc::from_f64(-1.0))),
+                            ),
+                            one,
+                        ),
+                    );
+                    let dz = E::Acc::vmul::<S>(E::Acc::vmul::<S>(dy, y), slope);
+                    E::Acc::vstore::<S>(rows.dz.as_mut_ptr().add(i), dz);
+                    let silu = E::Acc::vmul::<S>(z, s);
+                    E::Acc::vstore::<S>(rows.g.as_mut_ptr().add(i), E::Acc::vmul::<S>(dy, silu));
+                }
+                i += lanes;
+            }
+        }
+    }
+
+    /// One reverse step for one channel vector: every state's gx = Cm·dy' + gx_next, its
+    /// contributions to dCm and dBm (lanes), dA, and the channel's du and ddelta (into the
+    /// `du` and `y` rows), dDskip and ddelta_bias; then gx_next = decay·gx.
+    ///
+    /// # Safety
+    /// The CPU supports `S`; the indices of `p` are as in the caller's SAFETY comment.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn walk<S: Simd>(
+        &self,
+        rows: &mut ChunkRows<E::Acc>,
+        p: Walk,
+        a: &[E::Acc],
+        dskip: &[E::Acc],
+        (gx, da): (&mut [E::Acc], &mut [E::Acc]),
+        (ddskip, dbias): (&mut [E::Acc], &mut [E::Acc]),
+        (lanes_c, lanes_b): (&mut [E::Acc], &mut [E::Acc]),
+    ) {
+        type V<E, S> = <<E as Element>::Acc as Accum>::V<S>;
+        let Walk {
+            n,
+            wp,
+            c,
+            at,
+            st,
+            i,
+        } = p;
+        let lanes = E::Acc::lanes::<S>();
+        // SAFETY: indices per this fn's contract.
+        unsafe {
+            let ld = ld::<S, E::Acc>;
+            let (g, dt) = (ld(&rows.g, at + c), ld(&rows.dt, at + c));
+            let (dtu, u) = (ld(&rows.dtu, at + c), ld(&rows.u, at + c));
+            let mut sb: V<E, S> = E::Acc::vsplat::<S>(E::Acc::ZERO);
+            let mut sa = sb;
+            let (now, prev) = (
+                rows.states.as_ptr().add(st + n * wp),
+                rows.states.as_ptr().add(st),
+            );
+            for j in 0..n {
+                let k = j * wp + c;
+                let (b_j, c_j) = (
+                    E::Acc::vsplat::<S>(rows.bm[i * n + j]),
+                    E::Acc::vsplat::<S>(rows.cm[i * n + j]),
+                );
+                let decay = ld(&rows.decay, st + k);
+                let gxv = E::Acc::vfma::<S>(c_j, g, ld(gx, k));
+                let lc = lanes_c.as_mut_ptr().add(j * lanes);
+                E::Acc::vstore::<S>(
+                    lc,
+                    E::Acc::vfma::<S>(g, E::Acc::vload::<S>(now.add(k)), E::Acc::vload::<S>(lc)),
+                );
+                let lb = lanes_b.as_mut_ptr().add(j * lanes);
+                E::Acc::vstore::<S>(lb, E::Acc::vfma::<S>(gxv, dtu, E::Acc::vload::<S>(lb)));
+                sb = E::Acc::vfma::<S>(gxv, b_j, sb);
+                let through_decay = E::Acc::vmul::<S>(
+                    E::Acc::vmul::<S>(gxv, E::Acc::vload::<S>(prev.add(k))),
+                    decay,
+                );
+                sa = E::Acc::vfma::<S>(through_decay, ld(a, k), sa);
+                E::Acc::vstore::<S>(
+                    da.as_mut_ptr().add(k),
+                    E::Acc::vfma::<S>(through_decay, dt, ld(da, k)),
+                );
+                E::Acc::vstore::<S>(gx.as_mut_ptr().add(k), E::Acc::vmul::<S>(decay, gxv));
+            }
+            // du = dt·Σ gx·Bm + dy'·Dskip; ddt = u·Σ gx·Bm + Σ gx·x_prev·decay·A
+            let du = E::Acc::vfma::<S>(g, ld(dskip, c), E::Acc::vmul::<S>(dt, sb));
+            E::Acc::vstore::<S>(rows.du.as_mut_ptr().add(at + c), du);
+            let mut dd = E::Acc::vfma::<S>(u, sb, sa);
+            if self.params.delta_softplus {
+                dd = E::Acc::vmul::<S>(dd, ld(&rows.slope, at + c));
+            }
+            E::Acc::vstore::<S>(rows.y.as_mut_ptr().add(at + c), dd);
+            E::Acc::vstore::<S>(
+                dbias.as_mut_ptr().add(c),
+                E::Acc::vadd::<S>(ld(dbias, c), dd),
+            );
+            E::Acc::vstore::<S>(
+                ddskip.as_mut_ptr().add(c),
+                E::Acc::vfma::<S>(g, u, ld(ddskip, c)),
+            );
+        }
+    }
+}
