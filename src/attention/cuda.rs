@@ -138,14 +138,8 @@ fn kernel_dims(shape: &AttentionShape) -> Result<KernelDims> {
 
 /// The scalar arguments every score kernel shares.
 struct Launch {
-    dmax: usize,
-    batch: i32,
-    len_q: i32,
-    len_k: i32,
-    heads_q: i32,
-    heads_kv: i32,
-    d: i32,
-    dv: i32,
+    /// The dims as `int`s, checked by [`kernel_dims`].
+    dims: KernelDims,
     causal: i32,
     window_left: i64,
     window_right: i64,
@@ -161,25 +155,8 @@ impl Launch {
         // a window past Sq + Sk sees what an unbounded one does: clamped, no sum overflows
         let reach = (s.len_q as i64).saturating_add(s.len_k as i64);
         let window = |w: i64| if w < 0 { -1 } else { w.min(reach) };
-        let KernelDims {
-            dmax,
-            batch,
-            len_q,
-            len_k,
-            heads_q,
-            heads_kv,
-            d,
-            dv,
-        } = kernel_dims(s)?;
         Ok(Launch {
-            dmax,
-            batch,
-            len_q,
-            len_k,
-            heads_q,
-            heads_kv,
-            d,
-            dv,
+            dims: kernel_dims(s)?,
             causal: params.causal as i32,
             window_left: window(params.window_left),
             window_right: window(params.window_right),
@@ -317,7 +294,7 @@ pub fn forward<E: CudaElement>(
     // f16/bf16 on tensor cores (head dims up to NK_ATTN_TC_MAX_DIM, not the split-KV decode)
     let tensor = matches!(E::DTYPE, DType::F16 | DType::BF16)
         && n_chunks == 1
-        && launch.dmax <= NK_ATTN_TC_MAX_DIM as usize;
+        && launch.dims.dmax <= NK_ATTN_TC_MAX_DIM as usize;
     let rows = if tensor {
         NK_ATTN_TC_ROWS
     } else {
@@ -354,17 +331,17 @@ pub fn forward<E: CudaElement>(
     let f = if tensor {
         device.function(
             "attention_fwd_tc",
-            &format!("attn_fwd_tc_d{}_{}", launch.dmax, E::SUFFIX),
+            &format!("attn_fwd_tc_d{}_{}", launch.dims.dmax, E::SUFFIX),
         )?
     } else {
         device.function(
             "attention_fwd",
-            &format!("attn_fwd_d{}_{}", launch.dmax, E::SUFFIX),
+            &format!("attn_fwd_d{}_{}", launch.dims.dmax, E::SUFFIX),
         )?
     };
     let scale = E::Acc::from_f64(shape.scale(params));
     let softcap = E::Acc::from_f64(params.softcap);
-    let batch = launch.batch;
+    let batch = launch.dims.batch;
     let chunks = i32_dim("k", "split-KV chunks", n_chunks)?;
     let (qp, _g1) = read_ptr(inputs.q, stream);
     let (kp, _g2) = read_ptr(inputs.k, stream);
@@ -393,12 +370,12 @@ pub fn forward<E: CudaElement>(
         .arg(&pop)
         .arg(&pmp)
         .arg(&batch)
-        .arg(&launch.len_q)
-        .arg(&launch.len_k)
-        .arg(&launch.heads_q)
-        .arg(&launch.heads_kv)
-        .arg(&launch.d)
-        .arg(&launch.dv)
+        .arg(&launch.dims.len_q)
+        .arg(&launch.dims.len_k)
+        .arg(&launch.dims.heads_q)
+        .arg(&launch.dims.heads_kv)
+        .arg(&launch.dims.d)
+        .arg(&launch.dims.dv)
         .arg(&scale)
         .arg(&softcap)
         .arg(&launch.causal)
@@ -424,9 +401,9 @@ pub fn forward<E: CudaElement>(
             .arg(&op)
             .arg(&lp)
             .arg(&batch)
-            .arg(&launch.len_q)
-            .arg(&launch.heads_q)
-            .arg(&launch.dv)
+            .arg(&launch.dims.len_q)
+            .arg(&launch.dims.heads_q)
+            .arg(&launch.dims.dv)
             .arg(&chunks);
         // SAFETY: arguments match attn_merge_* in kernels/attention_fwd.cu; the partial
         // buffers were filled for every (chunk, row, head) by the launch above.
@@ -506,9 +483,9 @@ pub fn backward<E: CudaElement>(
             .arg(&dop)
             .arg(&dsp)
             .arg(&pairs)
-            .arg(&launch.len_q)
-            .arg(&launch.heads_q)
-            .arg(&launch.dv);
+            .arg(&launch.dims.len_q)
+            .arg(&launch.dims.heads_q)
+            .arg(&launch.dims.dv);
         // SAFETY: arguments match attn_bwd_dot_* in kernels/attention_bwd.cu; o and do hold
         // B·Sq·Hq·Dv elements and dsum B·Hq·Sq.
         unsafe { b.launch(config(grid))? };
@@ -521,7 +498,7 @@ pub fn backward<E: CudaElement>(
     )? {
         let f = device.function(
             "attention_bwd",
-            &format!("attn_bwd_dkdv_d{}_{}", launch.dmax, E::SUFFIX),
+            &format!("attn_bwd_dkdv_d{}_{}", launch.dims.dmax, E::SUFFIX),
         )?;
         let mut b = stream.launch_builder(&f);
         b.arg(&qp)
@@ -538,12 +515,12 @@ pub fn backward<E: CudaElement>(
             .arg(&opt.cu_k)
             .arg(&dkp)
             .arg(&dvp)
-            .arg(&launch.len_q)
-            .arg(&launch.len_k)
-            .arg(&launch.heads_q)
-            .arg(&launch.heads_kv)
-            .arg(&launch.d)
-            .arg(&launch.dv)
+            .arg(&launch.dims.len_q)
+            .arg(&launch.dims.len_k)
+            .arg(&launch.dims.heads_q)
+            .arg(&launch.dims.heads_kv)
+            .arg(&launch.dims.d)
+            .arg(&launch.dims.dv)
             .arg(&scale)
             .arg(&softcap)
             .arg(&launch.causal)
@@ -561,7 +538,7 @@ pub fn backward<E: CudaElement>(
     )? {
         let f = device.function(
             "attention_bwd",
-            &format!("attn_bwd_dq_d{}_{}", launch.dmax, E::SUFFIX),
+            &format!("attn_bwd_dq_d{}_{}", launch.dims.dmax, E::SUFFIX),
         )?;
         let mut b = stream.launch_builder(&f);
         b.arg(&qp)
@@ -577,12 +554,12 @@ pub fn backward<E: CudaElement>(
             .arg(&opt.cu_q)
             .arg(&opt.cu_k)
             .arg(&dqp)
-            .arg(&launch.len_q)
-            .arg(&launch.len_k)
-            .arg(&launch.heads_q)
-            .arg(&launch.heads_kv)
-            .arg(&launch.d)
-            .arg(&launch.dv)
+            .arg(&launch.dims.len_q)
+            .arg(&launch.dims.len_k)
+            .arg(&launch.dims.heads_q)
+            .arg(&launch.dims.heads_kv)
+            .arg(&launch.dims.d)
+            .arg(&launch.dims.dv)
             .arg(&scale)
             .arg(&softcap)
             .arg(&launch.causal)
@@ -645,14 +622,14 @@ pub fn top_keys<E: CudaElement>(
     let (wp, _g4) = write_ptr(weights, stream);
     let (ip, _g5) = write_ptr(indices, stream);
     let null = 0u64;
-    let (batch, one) = (launch.batch, 1i32);
+    let (batch, one) = (launch.dims.batch, 1i32);
 
     // pass 1: the forward without values (Dv = 0) gives lse
     let tiles = launch.max_q.div_ceil(NK_ATTN_FWD_ROWS as usize);
     if let Some(grid) = launch.grid(tiles, shape.heads_q, "q")? {
         let f = device.function(
             "attention_fwd",
-            &format!("attn_fwd_d{}_{}", launch.dmax, E::SUFFIX),
+            &format!("attn_fwd_d{}_{}", launch.dims.dmax, E::SUFFIX),
         )?;
         let mut b = stream.launch_builder(&f);
         b.arg(&qp)
@@ -669,12 +646,12 @@ pub fn top_keys<E: CudaElement>(
             .arg(&null)
             .arg(&null)
             .arg(&batch)
-            .arg(&launch.len_q)
-            .arg(&launch.len_k)
-            .arg(&launch.heads_q)
-            .arg(&launch.heads_kv)
-            .arg(&launch.d)
-            .arg(&launch.dv)
+            .arg(&launch.dims.len_q)
+            .arg(&launch.dims.len_k)
+            .arg(&launch.dims.heads_q)
+            .arg(&launch.dims.heads_kv)
+            .arg(&launch.dims.d)
+            .arg(&launch.dims.dv)
             .arg(&scale)
             .arg(&softcap)
             .arg(&launch.causal)
@@ -690,7 +667,7 @@ pub fn top_keys<E: CudaElement>(
     if let Some(grid) = launch.grid(rows, shape.heads_q, "q")? {
         let f = device.function(
             "attention_fwd",
-            &format!("attn_top_keys_d{}_{}", launch.dmax, E::SUFFIX),
+            &format!("attn_top_keys_d{}_{}", launch.dims.dmax, E::SUFFIX),
         )?;
         let top_i = i32_dim("top", "top", top)?;
         let mut b = stream.launch_builder(&f);
@@ -705,11 +682,11 @@ pub fn top_keys<E: CudaElement>(
             .arg(&lp)
             .arg(&wp)
             .arg(&ip)
-            .arg(&launch.len_q)
-            .arg(&launch.len_k)
-            .arg(&launch.heads_q)
-            .arg(&launch.heads_kv)
-            .arg(&launch.d)
+            .arg(&launch.dims.len_q)
+            .arg(&launch.dims.len_k)
+            .arg(&launch.dims.heads_q)
+            .arg(&launch.dims.heads_kv)
+            .arg(&launch.dims.d)
             .arg(&scale)
             .arg(&softcap)
             .arg(&launch.causal)
