@@ -2,7 +2,8 @@
 //! `../shared/anchors/cpu.py` (compare in the same sitting):
 //! - forward B1 H8 S2048 D64 f32, non-causal and causal: throughput in elements = flops
 //!   (4·B·H·S²·D, halved with causal; criterion's "elem/s" reads as FLOP/s);
-//! - forward + backward at the same size: 3.5 × the forward flops (the anchor's count);
+//! - the backward alone at the same size (2.5 × the forward flops), and forward + backward:
+//!   3.5 × the forward flops (the anchor's count);
 //! - decode Hq32 Hk8 Sk8192 D128, one query: throughput in bytes of f32 K and V read
 //!   (2·Hk·Sk·D·4; the bf16 row reads half of that), next to a parallel copy of the same
 //!   bytes.
@@ -54,6 +55,15 @@ fn bench_prefill(c: &mut Criterion) {
         group.throughput(Throughput::Elements(flops as u64));
         group.bench_function(format!("forward_{tag}"), |bench| {
             bench.iter(|| black_box(attention::forward(&params, shape, &inputs).unwrap()))
+        });
+        // the backward alone (2.5 × the forward flops: dS = dO·Vᵀ, dV, dQ, dK and the
+        // recomputed S) from one forward's o and lse
+        let AttentionOut { o, lse, .. } = attention::forward(&params, shape, &inputs).unwrap();
+        group.throughput(Throughput::Elements((2.5 * flops) as u64));
+        group.bench_function(format!("backward_{tag}"), |bench| {
+            bench.iter(|| {
+                black_box(attention::backward(&params, shape, &inputs, &o, &d_o, &lse).unwrap())
+            })
         });
         group.throughput(Throughput::Elements((3.5 * flops) as u64));
         group.bench_function(format!("forward_backward_{tag}"), |bench| {

@@ -166,6 +166,34 @@ fn bench_cpu_complex(c: &mut Criterion) {
             })
         });
     }
+    // the backward beside its forward: reads a, h, dh and writes da, db (5 tensors)
+    let dh = data(n, 8);
+    let (mut da, mut db, mut dh0) = (vec![0f32; n], vec![0f32; n], vec![0f32; 2 * bsz * d]);
+    group.throughput(Throughput::Bytes((5 * n * 4) as u64));
+    group.bench_function("copy_same_bytes_as_backward", |bench| {
+        let src = data(5 * n / 2, 9);
+        let mut dst = vec![0f32; src.len()];
+        bench.iter(|| parallel_copy(black_box(&src), &mut dst))
+    });
+    group.bench_function(
+        BenchmarkId::new("backward_f32", Isa::detected().name()),
+        |bench| {
+            bench.iter(|| {
+                scan::linear_complex_backward_into(
+                    &ScanParams::new(),
+                    shape,
+                    black_box(&a),
+                    black_box(&h),
+                    black_box(&dh),
+                    None,
+                    &mut da,
+                    &mut db,
+                    &mut dh0,
+                )
+                .unwrap()
+            })
+        },
+    );
     group.finish();
 }
 
@@ -287,14 +315,38 @@ fn bench_cpu_gla(c: &mut Criterion) {
             });
         }
     }
-    group.bench_function(
-        BenchmarkId::new("backward_f32", Isa::detected().name()),
-        |bench| {
-            bench.iter(|| {
-                gla::gla_backward(&GlaParams::new(), shape, black_box(&inputs), &d_o, None).unwrap()
-            })
-        },
+    // the backward beside its forward, into reused buffers as the forward writes o
+    let n = b * t * h * k;
+    let (mut dq, mut dk, mut dv, mut dg) = (
+        vec![0f32; n],
+        vec![0f32; n],
+        vec![0f32; b * t * h * v],
+        vec![0f32; n],
     );
+    for isa in Isa::available() {
+        for (form, name) in [
+            (GlaForm::Chunked, "backward_f32"),
+            (GlaForm::Recurrent, "backward_recurrent_f32"),
+        ] {
+            if isa == Isa::Scalar && form == GlaForm::Recurrent {
+                continue;
+            }
+            group.bench_function(BenchmarkId::new(name, isa.name()), |bench| {
+                bench.iter(|| {
+                    let grads = gla::GlaGradsMut {
+                        dq: &mut dq,
+                        dk: &mut dk,
+                        dv: &mut dv,
+                        dg: &mut dg,
+                        dh0: None,
+                    };
+                    let p = GlaParams::new().form(form);
+                    gla::gla_backward_into_on(isa, &p, shape, black_box(&inputs), &d_o, None, grads)
+                        .unwrap()
+                })
+            });
+        }
+    }
     group.finish();
 }
 

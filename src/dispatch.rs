@@ -17,7 +17,7 @@ use crate::cpu::Isa;
 use crate::element::Element;
 use crate::error::Result;
 use crate::ridge::{self, BatchedShape, RidgeShape, Scores};
-use crate::scan::gla::{self, GlaGrads, GlaInputs, GlaParams, GlaShape};
+use crate::scan::gla::{self, GlaGradsMut, GlaInputs, GlaParams, GlaShape};
 use crate::scan::selective::{
     self, SelectiveGrads, SelectiveInputs, SelectiveParams, SelectiveShape,
 };
@@ -91,11 +91,11 @@ kernels! {
             o: &mut [Self], h_last: &mut [<Self as Element>::Acc]
         ) -> Result<()>
             => gla::gla_into_impl(isa, params, shape, inputs, o, h_last);
-        fn scan_gla_backward(
+        fn scan_gla_backward_into(
             isa: Isa, params: &GlaParams, shape: GlaShape, inputs: &GlaInputs<'_, Self>,
-            d_o: &[Self], dh_last: Option<&[<Self as Element>::Acc]>
-        ) -> Result<GlaGrads<Self>>
-            => gla::gla_backward_impl(isa, params, shape, inputs, d_o, dh_last);
+            d_o: &[Self], dh_last: Option<&[<Self as Element>::Acc]>, grads: GlaGradsMut<'_, Self>
+        ) -> Result<()>
+            => gla::gla_backward_into_impl(isa, params, shape, inputs, d_o, dh_last, grads);
         fn attention_forward(
             isa: Isa, params: &AttentionParams, shape: AttentionShape,
             inputs: &AttentionInputs<'_, Self>

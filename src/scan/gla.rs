@@ -14,7 +14,10 @@
 //! Tasks are (batch, head), each walked in time order: deterministic whatever the thread
 //! count. The inner loops are plain slices, compiled per ISA through `cpu::dispatch`.
 //!
-//! Backward (with upstream do and optional dh_last): walking back with dS (from dh_last),
+//! Backward (with upstream do and optional dh_last), in the form the params choose: chunked
+//! (the default; see `chunked_backward`), the chunk's gradients as small matrix products
+//! from the states stored at every chunk start; or recurrent, step by step:
+//! walking back with dS (from dh_last),
 //! dS += scale·q\[t\]ᵀ·do\[t\]; dq\[t\] = scale·S\[t\]·do\[t\]; dk\[t\] = dS·v\[t\]; dv\[t\] = dSᵀ·k\[t\];
 //! dg\[t\] = exp(g\[t\]) ∘ rowsum(dS ∘ S\[t-1\]); dS = diag(exp(g\[t\]))·dS; dh0 = dS at the end.
 //! The states are recomputed chunk by chunk from checkpoints, never stored for all steps.
@@ -26,17 +29,20 @@ use crate::scan::check_len;
 use rayon::prelude::*;
 
 mod chunked;
+mod chunked_backward;
+use chunked_backward::{ChunkedBackwardHead, GradPtrs};
 
-/// Steps between stored states in the backward (a chunk of states stays in L2).
+/// Steps between stored states in the recurrent backward (a chunk of states stays in L2).
 const CHECKPOINT_STEPS: usize = 16;
 
-/// Which exact evaluation order the CPU forward uses; the two agree to rounding.
+/// Which exact evaluation order the CPU forward and backward use; the two agree to rounding.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GlaForm {
     /// Chunks of 16 steps as small matrix products (the faster one).
     #[default]
     Chunked,
-    /// One rank-1 state update per step.
+    /// One rank-1 state update per step (forward), one step at a time walking back
+    /// (backward; the same bits on every ISA).
     Recurrent,
 }
 
@@ -604,6 +610,22 @@ pub struct GlaGrads<E: Element> {
     pub dh0: Option<Vec<E::Acc>>,
 }
 
+/// The caller's buffers for [`gla_backward_into`], each with the shape of its input (as
+/// [`GlaGrads`]): every value is overwritten.
+#[derive(Debug)]
+pub struct GlaGradsMut<'a, E: Element> {
+    /// `[B, T, H, K]`: the gradient of `q`.
+    pub dq: &'a mut [E],
+    /// `[B, T, H, K]`: the gradient of `k`.
+    pub dk: &'a mut [E],
+    /// `[B, T, H, V]`: the gradient of `v`.
+    pub dv: &'a mut [E],
+    /// `[B, T, H, K]`: the gradient of the log-gates.
+    pub dg: &'a mut [E],
+    /// `[B, H, K, V]`, in the accumulator type: given exactly when `h0` is.
+    pub dh0: Option<&'a mut [E::Acc]>,
+}
+
 /// `scan.gla_backward` on the CPU: gradients of Σ o·do (+ Σ h_last·dh_last when given).
 pub fn gla_backward<E: Element>(
     params: &GlaParams,
@@ -612,7 +634,7 @@ pub fn gla_backward<E: Element>(
     d_o: &[E],
     dh_last: Option<&[E::Acc]>,
 ) -> Result<GlaGrads<E>> {
-    E::scan_gla_backward(Isa::active(), params, shape, inputs, d_o, dh_last)
+    gla_backward_on(Isa::active(), params, shape, inputs, d_o, dh_last)
 }
 
 /// [`gla_backward`] on a chosen instruction set.
@@ -625,7 +647,52 @@ pub fn gla_backward_on<E: Element>(
     d_o: &[E],
     dh_last: Option<&[E::Acc]>,
 ) -> Result<GlaGrads<E>> {
-    E::scan_gla_backward(isa, params, shape, inputs, d_o, dh_last)
+    // validated before allocating (and again, cheaply, by the call below)
+    let (qk, vv, state) = inputs.validate(params, &shape)?;
+    check_output_grads(&shape, vv, state, d_o.len(), dh_last.map(<[_]>::len))?;
+    let mut grads = GlaGrads {
+        dq: vec![E::default(); qk],
+        dk: vec![E::default(); qk],
+        dv: vec![E::default(); vv],
+        dg: vec![E::default(); qk],
+        dh0: inputs.h0.map(|_| vec![<E::Acc as Accum>::ZERO; state]),
+    };
+    let out = GlaGradsMut {
+        dq: &mut grads.dq,
+        dk: &mut grads.dk,
+        dv: &mut grads.dv,
+        dg: &mut grads.dg,
+        dh0: grads.dh0.as_deref_mut(),
+    };
+    E::scan_gla_backward_into(isa, params, shape, inputs, d_o, dh_last, out)?;
+    Ok(grads)
+}
+
+/// [`gla_backward`] into the caller's buffers (no allocation of the gradients: for a
+/// training loop that reuses them).
+pub fn gla_backward_into<E: Element>(
+    params: &GlaParams,
+    shape: GlaShape,
+    inputs: &GlaInputs<'_, E>,
+    d_o: &[E],
+    dh_last: Option<&[E::Acc]>,
+    grads: GlaGradsMut<'_, E>,
+) -> Result<()> {
+    E::scan_gla_backward_into(Isa::active(), params, shape, inputs, d_o, dh_last, grads)
+}
+
+/// [`gla_backward_into`] on a chosen instruction set.
+#[doc(hidden)]
+pub fn gla_backward_into_on<E: Element>(
+    isa: Isa,
+    params: &GlaParams,
+    shape: GlaShape,
+    inputs: &GlaInputs<'_, E>,
+    d_o: &[E],
+    dh_last: Option<&[E::Acc]>,
+    grads: GlaGradsMut<'_, E>,
+) -> Result<()> {
+    E::scan_gla_backward_into(isa, params, shape, inputs, d_o, dh_last, grads)
 }
 
 /// The lengths of the backward's incoming gradients, `do [B, T, H, V]` and `dh_last [B, H, K,
@@ -653,14 +720,15 @@ fn check_output_grads(
 }
 
 /// The CPU backward, validated (instantiated per dtype in [`crate::dispatch`]).
-pub(crate) fn gla_backward_impl<E: Element>(
+pub(crate) fn gla_backward_into_impl<E: Element>(
     isa: Isa,
     params: &GlaParams,
     shape: GlaShape,
     inputs: &GlaInputs<'_, E>,
     d_o: &[E],
     dh_last: Option<&[E::Acc]>,
-) -> Result<GlaGrads<E>> {
+    grads: GlaGradsMut<'_, E>,
+) -> Result<()> {
     isa.check()?;
     let (qk, vv, state) = inputs.validate(params, &shape)?;
     let GlaShape {
@@ -671,29 +739,66 @@ pub(crate) fn gla_backward_impl<E: Element>(
         value_dim: vd,
     } = shape;
     check_output_grads(&shape, vv, state, d_o.len(), dh_last.map(|x| x.len()))?;
-    if t_len == 0 {
-        // h_last = h0: dh0 = dh_last, and there is no step to differentiate
-        let dh0 = |_| dh_last.map_or_else(|| vec![<E::Acc as Accum>::ZERO; state], <[_]>::to_vec);
-        return Ok(GlaGrads {
-            dq: Vec::new(),
-            dk: Vec::new(),
-            dv: Vec::new(),
-            dg: Vec::new(),
-            dh0: inputs.h0.map(dh0),
-        });
+    let GlaGradsMut {
+        dq,
+        dk,
+        dv,
+        dg,
+        mut dh0,
+    } = grads;
+    let keys = format!("[{b}, {t_len}, {h}, {kd}]");
+    check_len("dq", dq.len(), qk, &keys)?;
+    check_len("dk", dk.len(), qk, &keys)?;
+    check_len("dg", dg.len(), qk, &keys)?;
+    check_len("dv", dv.len(), vv, &format!("[{b}, {t_len}, {h}, {vd}]"))?;
+    match (&dh0, inputs.h0) {
+        (Some(x), Some(_)) => check_len("dh0", x.len(), state, &format!("[{b}, {h}, {kd}, {vd}]"))?,
+        (None, None) => {}
+        (x, _) => {
+            let given = if x.is_some() { "given" } else { "missing" };
+            return Err(Error::shape("dh0", "given exactly when h0 is", given));
+        }
     }
-    if kd == 0 || vd == 0 {
-        // o [.., V] is empty or zero (q·S with K = 0) and the state is empty: every gradient
-        // of Σ o·do (+ Σ h_last·dh_last) is zero, as the CUDA backward returns
-        return Ok(GlaGrads {
-            dq: vec![E::default(); qk],
-            dk: vec![E::default(); qk],
-            dv: vec![E::default(); vv],
-            dg: vec![E::default(); qk],
-            dh0: inputs.h0.map(|_| vec![<E::Acc as Accum>::ZERO; state]),
-        });
+    if t_len == 0 || kd == 0 || vd == 0 {
+        // no step (h_last = h0: dh0 = dh_last), or o [.., V] empty or zero (q·S with K = 0)
+        // and an empty state: every other gradient of Σ o·do (+ Σ h_last·dh_last) is zero,
+        // as the CUDA backward returns
+        for x in [&mut *dq, &mut *dk, &mut *dv, &mut *dg] {
+            x.fill(E::default());
+        }
+        if let Some(dh0) = dh0 {
+            match dh_last {
+                Some(x) if t_len == 0 => dh0.copy_from_slice(x),
+                _ => dh0.fill(<E::Acc as Accum>::ZERO),
+            }
+        }
+        return Ok(());
     }
     let scale = <E::Acc as Accum>::from_f64(shape.scale(params));
+    if params.form == GlaForm::Chunked {
+        let out = GradPtrs {
+            dq: SendPtr(dq.as_mut_ptr()),
+            dk: SendPtr(dk.as_mut_ptr()),
+            dv: SendPtr(dv.as_mut_ptr()),
+            dg: SendPtr(dg.as_mut_ptr()),
+            dh0: dh0.as_mut().map(|x| SendPtr(x.as_mut_ptr())),
+        };
+        (0..b * h).into_par_iter().for_each(|bh| {
+            dispatch(
+                isa,
+                ChunkedBackwardHead {
+                    shape,
+                    inputs,
+                    d_o,
+                    dh_last,
+                    bh,
+                    scale,
+                    out,
+                },
+            )
+        });
+        return Ok(());
+    }
     let heads: Vec<HeadGrads<E>> = (0..b * h)
         .into_par_iter()
         .map(|bh| {
@@ -710,28 +815,21 @@ pub(crate) fn gla_backward_impl<E: Element>(
             )
         })
         .collect();
-    let mut grads = GlaGrads {
-        dq: vec![E::default(); qk],
-        dk: vec![E::default(); qk],
-        dv: vec![E::default(); vv],
-        dg: vec![E::default(); qk],
-        dh0: inputs.h0.map(|_| vec![<E::Acc as Accum>::ZERO; state]),
-    };
     for (bh, head) in heads.into_iter().enumerate() {
         let (bi, hi) = (bh / h, bh % h);
         for t in 0..t_len {
             let base = (bi * t_len + t) * h + hi;
             let (kq, kv) = (base * kd, base * vd);
-            grads.dq[kq..kq + kd].copy_from_slice(&head.dq[t * kd..(t + 1) * kd]);
-            grads.dk[kq..kq + kd].copy_from_slice(&head.dk[t * kd..(t + 1) * kd]);
-            grads.dg[kq..kq + kd].copy_from_slice(&head.dg[t * kd..(t + 1) * kd]);
-            grads.dv[kv..kv + vd].copy_from_slice(&head.dv[t * vd..(t + 1) * vd]);
+            dq[kq..kq + kd].copy_from_slice(&head.dq[t * kd..(t + 1) * kd]);
+            dk[kq..kq + kd].copy_from_slice(&head.dk[t * kd..(t + 1) * kd]);
+            dg[kq..kq + kd].copy_from_slice(&head.dg[t * kd..(t + 1) * kd]);
+            dv[kv..kv + vd].copy_from_slice(&head.dv[t * vd..(t + 1) * vd]);
         }
-        if let Some(dh0) = &mut grads.dh0 {
+        if let Some(dh0) = &mut dh0 {
             dh0[bh * kd * vd..(bh + 1) * kd * vd].copy_from_slice(&head.ds);
         }
     }
-    Ok(grads)
+    Ok(())
 }
 
 struct HeadGrads<E: Element> {

@@ -37,7 +37,7 @@ use crate::element::{Accum, Element, as_acc};
 pub(super) const CHUNK: usize = 16;
 
 /// Bound on |cumulative log-gate| within a chunk for the factored form of A.
-const GATE_LIMIT: f64 = 40.0;
+pub(super) const GATE_LIMIT: f64 = 40.0;
 
 pub(super) struct ChunkedHeads<'a, E: Element> {
     pub shape: GlaShape,
@@ -221,7 +221,7 @@ impl<A: Accum> Workspace<A> {
         self.backward_pass::<S, E>(inputs, rows, t0, n, factored, in_place.is_none());
         self.attn.fill(A::ZERO);
         if factored {
-            self.factored_scores::<S>(n);
+            causal_scores::<S, A>(&self.q, &self.k_scores, self.kd, n, &mut self.attn);
         } else {
             self.direct_scores(inputs, rows, t0, n, scale);
         }
@@ -437,65 +437,6 @@ impl<A: Accum> Workspace<A> {
         }
     }
 
-    /// A[t,τ] = q̃[t]·k_scores[τ] for τ <= t, in blocks of 2 rows × 4 columns: 8 independent
-    /// vector sums, each q̃ and k_scores vector loaded once per block.
-    #[inline(always)]
-    fn factored_scores<S: Simd>(&mut self, n: usize) {
-        const ROWS: usize = 2;
-        const COLS: usize = 4;
-        let kd = self.kd;
-        let lanes = A::lanes::<S>();
-        let whole = kd - kd % lanes;
-        let (q, k) = (&self.q[..n * kd], &self.k_scores[..n * kd]);
-        for t in (0..n).step_by(ROWS) {
-            let last_row = (t + ROWS - 1).min(n - 1);
-            // rows past the chunk or columns past the diagonal repeat a valid row; their sums
-            // are not stored
-            let ts: [usize; ROWS] = std::array::from_fn(|i| (t + i).min(last_row));
-            for tau in (0..=last_row).step_by(COLS) {
-                let taus: [usize; COLS] = std::array::from_fn(|j| (tau + j).min(last_row));
-                let mut sums = [[A::ZERO; COLS]; ROWS];
-                // SAFETY: every row index is < n and c + lanes <= whole <= kd; the lane
-                // buffer holds 16 values, the widest vector (AVX-512 f32).
-                unsafe {
-                    let mut acc = [[A::vsplat::<S>(A::ZERO); COLS]; ROWS];
-                    for c in (0..whole).step_by(lanes) {
-                        let kv: [A::V<S>; COLS] = std::array::from_fn(|j| {
-                            A::vload::<S>(k.as_ptr().add(taus[j] * kd + c))
-                        });
-                        for (i, row) in acc.iter_mut().enumerate() {
-                            let qv = A::vload::<S>(q.as_ptr().add(ts[i] * kd + c));
-                            for (x, kv) in row.iter_mut().zip(&kv) {
-                                *x = A::vfma::<S>(qv, *kv, *x);
-                            }
-                        }
-                    }
-                    let mut parts = [A::ZERO; 16];
-                    for (row, sum_row) in acc.iter().zip(&mut sums) {
-                        for (x, sum) in row.iter().zip(sum_row) {
-                            A::vstore::<S>(parts.as_mut_ptr(), *x);
-                            *sum = lane_sum(&mut parts[..lanes]);
-                        }
-                    }
-                }
-                for (i, sum_row) in sums.iter_mut().enumerate() {
-                    for (j, sum) in sum_row.iter_mut().enumerate() {
-                        for c in whole..kd {
-                            *sum = *sum + q[ts[i] * kd + c] * k[taus[j] * kd + c];
-                        }
-                    }
-                }
-                for (i, sum_row) in sums.iter().enumerate() {
-                    for (j, sum) in sum_row.iter().enumerate() {
-                        if t + i < n && tau + j <= t + i {
-                            self.attn[(t + i) * CHUNK + tau + j] = *sum;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// A[t,τ] = scale·Σ_k q·k·e^{Σ_{τ<u<=t} g[u]}, from the raw rows, walking τ down from t
     /// so that the exponent is a running sum of the log-gates.
     fn direct_scores<E: Element<Acc = A>>(
@@ -537,6 +478,71 @@ impl<A: Accum> Workspace<A> {
                     acc = acc + *x * *y * s.exp();
                 }
                 self.attn[t * CHUNK + tau] = scale * acc;
+            }
+        }
+    }
+}
+
+/// out[t·CHUNK + τ] = x[t]·y[τ] for τ <= t < n (rows of `dim` values; entries above the
+/// diagonal are left as they are), in blocks of 2 rows × 4 columns: 8 independent vector
+/// sums, each x and y vector loaded once per block. The chunk's A (q̃ by k_scores) in the
+/// forward, and A and dA (do by v) in the backward.
+#[inline(always)]
+pub(super) fn causal_scores<S: Simd, A: Accum>(
+    x: &[A],
+    y: &[A],
+    dim: usize,
+    n: usize,
+    out: &mut [A; CHUNK * CHUNK],
+) {
+    const ROWS: usize = 2;
+    const COLS: usize = 4;
+    let lanes = A::lanes::<S>();
+    let whole = dim - dim % lanes;
+    let (q, k) = (&x[..n * dim], &y[..n * dim]);
+    for t in (0..n).step_by(ROWS) {
+        let last_row = (t + ROWS - 1).min(n - 1);
+        // rows past the chunk or columns past the diagonal repeat a valid row; their sums
+        // are not stored
+        let ts: [usize; ROWS] = std::array::from_fn(|i| (t + i).min(last_row));
+        for tau in (0..=last_row).step_by(COLS) {
+            let taus: [usize; COLS] = std::array::from_fn(|j| (tau + j).min(last_row));
+            let mut sums = [[A::ZERO; COLS]; ROWS];
+            // SAFETY: every row index is < n and c + lanes <= whole <= dim; the lane
+            // buffer holds 16 values, the widest vector (AVX-512 f32).
+            unsafe {
+                let mut acc = [[A::vsplat::<S>(A::ZERO); COLS]; ROWS];
+                for c in (0..whole).step_by(lanes) {
+                    let kv: [A::V<S>; COLS] =
+                        std::array::from_fn(|j| A::vload::<S>(k.as_ptr().add(taus[j] * dim + c)));
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let qv = A::vload::<S>(q.as_ptr().add(ts[i] * dim + c));
+                        for (x, kv) in row.iter_mut().zip(&kv) {
+                            *x = A::vfma::<S>(qv, *kv, *x);
+                        }
+                    }
+                }
+                let mut parts = [A::ZERO; 16];
+                for (row, sum_row) in acc.iter().zip(&mut sums) {
+                    for (x, sum) in row.iter().zip(sum_row) {
+                        A::vstore::<S>(parts.as_mut_ptr(), *x);
+                        *sum = lane_sum(&mut parts[..lanes]);
+                    }
+                }
+            }
+            for (i, sum_row) in sums.iter_mut().enumerate() {
+                for (j, sum) in sum_row.iter_mut().enumerate() {
+                    for c in whole..dim {
+                        *sum = *sum + q[ts[i] * dim + c] * k[taus[j] * dim + c];
+                    }
+                }
+            }
+            for (i, sum_row) in sums.iter().enumerate() {
+                for (j, sum) in sum_row.iter().enumerate() {
+                    if t + i < n && tau + j <= t + i {
+                        out[(t + i) * CHUNK + tau + j] = *sum;
+                    }
+                }
             }
         }
     }
