@@ -190,6 +190,16 @@ fn check_groups(groups: &[i32], spaces: usize) -> Result<Vec<Vec<usize>>> {
     if spaces == 0 {
         return Err(Error::invalid("groups", "S = 0 feature spaces"));
     }
+    if spaces > groups.len() {
+        // every space needs a column: refused before anything is sized by S
+        return Err(Error::invalid(
+            "groups",
+            format!(
+                "S = {spaces} feature spaces need at least S columns (p = {})",
+                groups.len()
+            ),
+        ));
+    }
     if let Some(j) = groups.iter().position(|g| *g < 0 || *g as usize >= spaces) {
         return Err(Error::invalid(
             "groups",
