@@ -692,7 +692,11 @@ fn space_ids(g: &mut Gen, p: usize, spaces: usize) -> Vec<i32> {
 }
 
 fn ridge_banded_cv<E: RidgeReal>(g: &mut Gen) -> Result<bool> {
-    let spaces = if g.rng.chance(0.05) { g.dim() } else { 1 + g.rng.below(3) };
+    let spaces = if g.rng.chance(0.05) {
+        g.dim()
+    } else {
+        1 + g.rng.below(3)
+    };
     let shape = BandedShape::new(g.dim(), g.dim(), g.dim(), spaces);
     let params = CvParams::new()
         .score(if g.bool() {
@@ -742,7 +746,11 @@ fn ridge_banded_cv<E: RidgeReal>(g: &mut Gen) -> Result<bool> {
 }
 
 fn ridge_split_scores<E: RidgeReal>(g: &mut Gen) -> Result<bool> {
-    let spaces = if g.rng.chance(0.05) { g.dim() } else { 1 + g.rng.below(3) };
+    let spaces = if g.rng.chance(0.05) {
+        g.dim()
+    } else {
+        1 + g.rng.below(3)
+    };
     let shape = BandedShape::new(g.dim(), g.dim(), g.dim(), spaces);
     g.note(format!("{shape:?}"));
     let (n, p, t) = (shape.samples, shape.features, shape.targets);

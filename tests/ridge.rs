@@ -580,8 +580,8 @@ fn banded_cv_with_a_uniform_candidate_is_ridge_cv_float64() {
             folds: &folds,
         };
         let params = ridge::CvParams::new();
-        let fit = ridge::banded_cv(&params, ridge::BandedShape::new(n, p, t, 2), &inputs, None)
-            .unwrap();
+        let fit =
+            ridge::banded_cv(&params, ridge::BandedShape::new(n, p, t, 2), &inputs, None).unwrap();
         let cv_inputs = ridge::CvInputs {
             x: &x,
             y: &y,
@@ -594,8 +594,15 @@ fn banded_cv_with_a_uniform_candidate_is_ridge_cv_float64() {
                 .map(|a| plain.cv_scores[a * t + c])
                 .fold(f64::NEG_INFINITY, f64::max);
             let got = fit.cv_scores[c];
-            assert!((got - best).abs() < 1e-10, "n {n} target {c}: {got} vs {best}");
-            assert_eq!(2.0 * fit.best_alpha[c], plain.best_alpha[c], "n {n} target {c}");
+            assert!(
+                (got - best).abs() < 1e-10,
+                "n {n} target {c}: {got} vs {best}"
+            );
+            assert_eq!(
+                2.0 * fit.best_alpha[c],
+                plain.best_alpha[c],
+                "n {n} target {c}"
+            );
             let delta = (0.5 / fit.best_alpha[c]).ln();
             assert!((fit.deltas[c] - delta).abs() < 1e-12 && fit.deltas[t + c] == fit.deltas[c]);
         }
@@ -703,7 +710,10 @@ fn banded_cv_is_identical_for_any_thread_count() {
     let base = run(1);
     // progress: every (fold, candidate), then at most one report per candidate of the refit
     let calls = *reports.lock().unwrap();
-    assert!((3 * 3 + 1..=3 * 3 + 3).contains(&calls), "{calls} progress reports");
+    assert!(
+        (3 * 3 + 1..=3 * 3 + 3).contains(&calls),
+        "{calls} progress reports"
+    );
     for threads in [2, 3] {
         assert!(run(threads) == base, "{threads} threads");
     }
@@ -747,7 +757,10 @@ fn split_scores_match_the_formulas_float64() {
             let shared: f64 = (0..n).map(|i| q[sp][i] * tot[i]).sum();
             let r2 = (2.0 * inter - shared) / sst;
             let pr = inter / n as f64 / (sd_a * sd_p);
-            assert!((s.r2[sp * t + c] - r2).abs() < 1e-12, "r2 space {sp} target {c}");
+            assert!(
+                (s.r2[sp * t + c] - r2).abs() < 1e-12,
+                "r2 space {sp} target {c}"
+            );
             assert!((s.pearson[sp * t + c] - pr).abs() < 1e-12);
             sum += s.r2[sp * t + c];
         }
@@ -801,26 +814,108 @@ fn banded_bad_input_is_an_error_naming_the_tensor() {
     assert!(run(Call { ..good }).is_ok());
     let err = |c: Call<'_>| run(c).unwrap_err();
     // a group id out of range, negative, an empty space, a wrong length
-    assert!(err(Call { groups: &[0, 2, 0, 1], ..good }).contains("`groups`"));
-    assert!(err(Call { groups: &[0, -1, 0, 1], ..good }).contains("`groups`"));
-    let empty = err(Call { groups: &[0, 0, 0, 0], ..good });
-    assert!(empty.contains("`groups`") && empty.contains("space 1 has no column"), "{empty}");
-    assert!(err(Call { groups: &[0, 1, 0], ..good }).contains("`groups`"));
+    assert!(
+        err(Call {
+            groups: &[0, 2, 0, 1],
+            ..good
+        })
+        .contains("`groups`")
+    );
+    assert!(
+        err(Call {
+            groups: &[0, -1, 0, 1],
+            ..good
+        })
+        .contains("`groups`")
+    );
+    let empty = err(Call {
+        groups: &[0, 0, 0, 0],
+        ..good
+    });
+    assert!(
+        empty.contains("`groups`") && empty.contains("space 1 has no column"),
+        "{empty}"
+    );
+    assert!(
+        err(Call {
+            groups: &[0, 1, 0],
+            ..good
+        })
+        .contains("`groups`")
+    );
     // more spaces than columns is refused before anything is sized by S
-    assert!(err(Call { spaces: 1 << 40, gammas: &[], ..good }).contains("`gammas`"));
-    assert!(err(Call { spaces: usize::MAX, ..good }).contains("`deltas`"));
+    assert!(
+        err(Call {
+            spaces: 1 << 40,
+            gammas: &[],
+            ..good
+        })
+        .contains("`gammas`")
+    );
+    assert!(
+        err(Call {
+            spaces: usize::MAX,
+            ..good
+        })
+        .contains("`deltas`")
+    );
     // gamma rows: negative, off the simplex, NaN, a length that is no multiple of S
-    assert!(err(Call { gammas: &[1.5, -0.5, 0.5, 0.5], ..good }).contains("`gammas`"));
-    let off = err(Call { gammas: &[0.5, 0.5, 0.3, 0.3], ..good });
+    assert!(
+        err(Call {
+            gammas: &[1.5, -0.5, 0.5, 0.5],
+            ..good
+        })
+        .contains("`gammas`")
+    );
+    let off = err(Call {
+        gammas: &[0.5, 0.5, 0.3, 0.3],
+        ..good
+    });
     assert!(off.contains("`gammas`") && off.contains("simplex"), "{off}");
-    assert!(err(Call { gammas: &[0.5, f64::NAN], ..good }).contains("`gammas`"));
-    assert!(err(Call { gammas: &[0.5, 0.5, 1.0], ..good }).contains("`gammas`"));
-    assert!(err(Call { gammas: &[], ..good }).contains("`gammas`"));
+    assert!(
+        err(Call {
+            gammas: &[0.5, f64::NAN],
+            ..good
+        })
+        .contains("`gammas`")
+    );
+    assert!(
+        err(Call {
+            gammas: &[0.5, 0.5, 1.0],
+            ..good
+        })
+        .contains("`gammas`")
+    );
+    assert!(
+        err(Call {
+            gammas: &[],
+            ..good
+        })
+        .contains("`gammas`")
+    );
     // within the tolerance (1e-5) a row is on the simplex
-    assert!(run(Call { gammas: &[0.5, 0.500004], ..good }).is_ok());
+    assert!(
+        run(Call {
+            gammas: &[0.5, 0.500004],
+            ..good
+        })
+        .is_ok()
+    );
     // x, y lengths and values
-    assert!(err(Call { x: &x[..23], ..good }).contains("`x`"));
-    assert!(err(Call { y: &y[..11], ..good }).contains("`y`"));
+    assert!(
+        err(Call {
+            x: &x[..23],
+            ..good
+        })
+        .contains("`x`")
+    );
+    assert!(
+        err(Call {
+            y: &y[..11],
+            ..good
+        })
+        .contains("`y`")
+    );
     let mut x_nan = x.clone();
     x_nan[5] = f64::NAN;
     assert!(err(Call { x: &x_nan, ..good }).contains("`x`"));
@@ -832,8 +927,20 @@ fn banded_bad_input_is_an_error_naming_the_tensor() {
             .map_err(|e| e.to_string())
     };
     assert!(split(&groups, &w, 2).is_ok());
-    assert!(split(&[0, 3, 0, 1], &w, 2).unwrap_err().contains("`groups`"));
-    assert!(split(&[1, 1, 1, 1], &w, 2).unwrap_err().contains("`groups`"));
+    assert!(
+        split(&[0, 3, 0, 1], &w, 2)
+            .unwrap_err()
+            .contains("`groups`")
+    );
+    assert!(
+        split(&[1, 1, 1, 1], &w, 2)
+            .unwrap_err()
+            .contains("`groups`")
+    );
     assert!(split(&groups, &w[..7], 2).unwrap_err().contains("`w`"));
-    assert!(split(&groups, &w, 1 << 40).unwrap_err().contains("`groups`"));
+    assert!(
+        split(&groups, &w, 1 << 40)
+            .unwrap_err()
+            .contains("`groups`")
+    );
 }
