@@ -2286,7 +2286,7 @@ fn index_input<'c>(case: &'c Case, name: &str) -> Result<&'c [i32]> {
         Data::I32(v) => Ok(v.as_slice()),
         _ => Err(case_err(
             &case.name,
-            &format!("`in.{name}` must be an index tensor"),
+            format!("`in.{name}` must be an index tensor"),
         )),
     }
 }

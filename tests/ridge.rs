@@ -752,9 +752,9 @@ fn split_scores_match_the_formulas_float64() {
         let sd_a = (sst / n as f64).sqrt();
         let sd_p = (tot.iter().map(|v| v * v).sum::<f64>() / n as f64).sqrt();
         let mut sum = 0.0;
-        for sp in 0..3 {
-            let inter: f64 = (0..n).map(|i| a[i] * q[sp][i]).sum();
-            let shared: f64 = (0..n).map(|i| q[sp][i] * tot[i]).sum();
+        for (sp, qs) in q.iter().enumerate() {
+            let inter: f64 = a.iter().zip(qs).map(|(a, q)| a * q).sum();
+            let shared: f64 = qs.iter().zip(&tot).map(|(q, t)| q * t).sum();
             let r2 = (2.0 * inter - shared) / sst;
             let pr = inter / n as f64 / (sd_a * sd_p);
             assert!(

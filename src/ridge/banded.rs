@@ -25,6 +25,42 @@
 //! candidate that some target chose and maps the weights back to the original column scale
 //! (w_j = √γ_{groups[j]} · w_scaled,j). Products and decompositions are faer's; the scores
 //! are summed in f64; results are identical for any thread count.
+//!
+//! # Example
+//!
+//! Two feature spaces; the target depends on the first only, so the candidate that weights it
+//! most wins, and the split puts the explained variance on it.
+//!
+//! ```
+//! use neurokernels::ridge::{self, BandedInputs, BandedShape, CvParams};
+//!
+//! let (n, p, t) = (80, 6, 1);
+//! let mut state = 12345u64;
+//! let mut uniform = move || {
+//!     state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+//!     (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+//! };
+//! let x: Vec<f64> = (0..n * p).map(|_| uniform()).collect();
+//! let groups = [0, 0, 0, 1, 1, 1]; // columns 0..3: space 0, 3..6: space 1
+//! // y depends on space 0 only
+//! let y: Vec<f64> = (0..n)
+//!     .map(|i| x[i * p] - 2.0 * x[i * p + 1] + 0.5 * x[i * p + 2] + 0.05 * uniform())
+//!     .collect();
+//! let gammas = [0.5, 0.5, 0.95, 0.05, 0.05, 0.95]; // three candidates [C = 3, S = 2]
+//! let alphas = [0.01, 0.1, 1.0, 10.0];
+//! let folds: Vec<i32> = (0..n).map(|i| (i % 4) as i32).collect();
+//! let shape = BandedShape::new(n, p, t, 2);
+//! let inputs = BandedInputs {
+//!     x: &x, groups: &groups, y: &y, alphas: &alphas, gammas: &gammas, folds: &folds,
+//! };
+//! let fit = ridge::banded_cv(&CvParams::new(), shape, &inputs, None)?;
+//! assert_eq!(fit.best_candidate[0], 1); // most weight on space 0
+//! assert!((fit.w[0] - 1.0).abs() < 0.1); // w [p, t] in the original column scale
+//!
+//! let split = ridge::split_scores(shape, &x, &groups, &fit.w, &y)?;
+//! assert!(split.r2[0] > 0.95 && split.r2[1].abs() < 0.01); // [S, t]
+//! # Ok::<(), neurokernels::Error>(())
+//! ```
 
 use super::cv::{
     CvParams, HeldOut, RidgeReal, Scoring, cast, eigh, fold_rows, gather, held_out_batch,
@@ -136,6 +172,14 @@ pub struct SplitScores<E> {
 /// target's best and refits on all samples. `params` as [`crate::ridge::cv()`] (`score`,
 /// `center` default true, `target_batch` default 2048). `progress`, when given, is called
 /// after each candidate of each fold and of the refit.
+///
+/// Working memory beside the outputs (`[C, A, t]` f64 score sums among them): per fold the
+/// centered rows of x, and either XᵀX plus XᵀY and X_teᵀA for every target (2·p·t values,
+/// primal) or S kernels and S cross kernels (dual); per candidate one decomposition (p × p or
+/// n_train × n_train) and its scoring terms (rank × rank f64); per target batch the products
+/// of that batch. Errors name the tensor: wrong lengths, NaN/Inf in x or y, a group id
+/// outside 0..S−1 or a space without a column, a gamma row negative or off the simplex, bad
+/// alphas or folds (as `ridge.cv`).
 pub fn banded_cv<E: RidgeReal>(
     params: &CvParams,
     shape: BandedShape,
@@ -223,13 +267,16 @@ fn check_groups(groups: &[i32], spaces: usize) -> Result<Vec<Vec<usize>>> {
     Ok(columns)
 }
 
+/// The rows of each fold, the columns of each space, and C.
+type Checked = (Vec<Vec<usize>>, Vec<Vec<usize>>, usize);
+
 /// The checks of `ridge.banded_cv`'s inputs, before anything is allocated by them: returns
 /// (the rows of each fold, the columns of each space, C).
 fn check_inputs<E: RidgeReal>(
     params: &CvParams,
     shape: BandedShape,
     inputs: &BandedInputs<'_, E>,
-) -> Result<(Vec<Vec<usize>>, Vec<Vec<usize>>, usize)> {
+) -> Result<Checked> {
     let BandedShape {
         samples: n,
         features: p,
