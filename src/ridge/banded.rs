@@ -4,7 +4,7 @@
 //!
 //! The columns of `x [n, p]` belong to S feature spaces (`groups [p]`). Candidate c weights
 //! space s by γ[c, s] (each row of `gammas [C, S]` on the simplex); with alpha α the model is
-//! ridge on the columns scaled by √γ[c, groups[j]] with penalty α, i.e. kernel ridge with
+//! ridge on the columns scaled by `√γ[c, groups[j]]` with penalty α, i.e. kernel ridge with
 //! K = Σ_s γ_s X_s X_sᵀ. Each target keeps the (candidate, alpha) with the best mean held-out
 //! score: per candidate the best alpha (the largest among equal scores), then the best
 //! candidate (the earliest among equal scores; himalaya replaces its best only on a strict
@@ -13,7 +13,7 @@
 //! Per fold (after centering with the training rows' means when `center`):
 //! * primal, n_train ≥ p: the unscaled Gram XᵀX (p × p) and the products XᵀY (training
 //!   targets) and X_teᵀA (A: held-out targets centered on their own means) for every target,
-//!   once. A candidate's Gram is D·XᵀX·D with D = diag(√γ[groups[j]]) (the blocks scaled by
+//!   once. A candidate's Gram is D·XᵀX·D with D = `diag(√γ[groups[j]])` (the blocks scaled by
 //!   √(γ_s γ_s')), its eigenvectors V give Z = (DV)ᵀXᵀY, the projection X_te·DV and
 //!   projᵀA = (DV)ᵀX_teᵀA without touching the rows again;
 //! * dual, n_train < p: the per-space kernels X_s X_sᵀ and cross kernels X_te,s X_sᵀ, once; a
@@ -23,7 +23,7 @@
 //! `ridge.cv` scores them (the same code: the predictions over alphas are never formed).
 //! Targets stream in batches of `target_batch`. The refit on all rows decomposes once per
 //! candidate that some target chose and maps the weights back to the original column scale
-//! (w_j = √γ_{groups[j]} · w_scaled,j). Products and decompositions are faer's; the scores
+//! (w_j = `√γ_{groups[j]}` · w_scaled,j). Products and decompositions are faer's; the scores
 //! are summed in f64; results are identical for any thread count.
 //!
 //! # Example
@@ -192,9 +192,9 @@ pub fn banded_cv<E: RidgeReal>(
 /// `ridge.split_scores`: per feature space s and target, the share of the prediction score
 /// of `x [n, p]` · `w [p, t]` against `y [n, t]` that the space's prediction ŷ_s = X_s w_s
 /// carries. With a = y − ȳ and q_s = ŷ_s − mean(ŷ_s) (over the n rows):
-/// * r2[s] = Σ_i (2 a_i q_s,i − q_s,i Σ_s' q_s',i) / Σ_i a_i²  (0 where Σa² = 0), which is
+/// * `r2[s]` = Σ_i (2 a_i q_s,i − q_s,i Σ_s' q_s',i) / Σ_i a_i²  (0 where Σa² = 0), which is
 ///   himalaya's `r2_score_split(a, q)`;
-/// * pearson[s] = mean_i(a_i q_s,i) / (σ_a σ_Σq), population σ, a σ of 0 read as 1, which is
+/// * `pearson[s]` = mean_i(a_i q_s,i) / (σ_a σ_Σq), population σ, a σ of 0 read as 1, which is
 ///   himalaya's `correlation_score_split(y, ŷ)`.
 ///
 /// Both center, so an intercept (a constant shift of every ŷ) changes neither and is not an
