@@ -1,6 +1,9 @@
 """Reference cases of the batched-ridge family: ``ridge.cv``,
-``ridge.solve_batched`` and ``ridge.score`` (loaded by ``generate.py``, see
-FAMILY_MODULES there; all three ops have landed, so ``PENDING`` is empty).
+``ridge.solve_batched``, ``ridge.score``, ``ridge.banded_cv`` and
+``ridge.split_scores`` (loaded by ``generate.py``, see FAMILY_MODULES there;
+all five ops have landed, so ``PENDING`` is empty). The banded-ridge cases
+store himalaya's own float64 outputs (see ``build_banded_cv`` and
+tests/reference/README.md, "Banded ridge"); the rest is described below.
 
 Usage::
 
