@@ -24,7 +24,10 @@ use neurokernels::attention::{
     self, AttentionInputs, AttentionParams, AttentionShape, Bias, CuSeqlens, SplitKv,
 };
 use neurokernels::element::Accum;
-use neurokernels::ridge::{self, BatchedShape, CvInputs, CvParams, CvScore, RidgeReal, RidgeShape};
+use neurokernels::ridge::{
+    self, BandedInputs, BandedShape, BatchedShape, CvInputs, CvParams, CvScore, RidgeReal,
+    RidgeShape,
+};
 use neurokernels::scan::gla::{self, GlaForm, GlaInputs, GlaParams, GlaShape};
 use neurokernels::scan::selective::{self, SelectiveInputs, SelectiveParams, SelectiveShape};
 use neurokernels::scan::{self, ScanParams, ScanShape};
@@ -287,6 +290,8 @@ fn run<E: Element>(g: &mut Gen, name: &str) -> Result<bool> {
 fn run_ridge<E: RidgeReal>(g: &mut Gen, name: &str) -> Result<bool> {
     match name {
         "ridge.cv" => ridge_cv::<E>(g),
+        "ridge.banded_cv" => ridge_banded_cv::<E>(g),
+        "ridge.split_scores" => ridge_split_scores::<E>(g),
         "ridge.predict" => ridge_predict::<E>(g),
         other => run::<E>(g, other),
     }
@@ -672,6 +677,91 @@ fn ridge_cv<E: RidgeReal>(g: &mut Gen) -> Result<bool> {
     Ok(fin(&fit.best_alpha) && fin(&fit.w) && fin(&fit.intercept) && fin(&fit.cv_scores))
 }
 
+/// `groups [p]` for S spaces: column j in space j % S, sometimes an id out of range.
+fn space_ids(g: &mut Gen, p: usize, spaces: usize) -> Vec<i32> {
+    let len = g.len(Some(p));
+    g.note(format!("groups:{len}"));
+    let s = spaces.clamp(1, i32::MAX as usize);
+    let mut v: Vec<i32> = (0..len).map(|j| (j % s) as i32).collect();
+    if len > 0 && g.rng.chance(0.05) {
+        g.valid = false;
+        let at = g.rng.below(len);
+        v[at] = g.rng.pick(&[-1, i32::MIN, s as i32, i32::MAX]);
+    }
+    v
+}
+
+fn ridge_banded_cv<E: RidgeReal>(g: &mut Gen) -> Result<bool> {
+    let spaces = if g.rng.chance(0.05) {
+        g.dim()
+    } else {
+        1 + g.rng.below(3)
+    };
+    let shape = BandedShape::new(g.dim(), g.dim(), g.dim(), spaces);
+    let params = CvParams::new()
+        .score(if g.bool() {
+            CvScore::R2
+        } else {
+            CvScore::Pearson
+        })
+        .center(g.bool())
+        .target_batch(1 + g.rng.below(64));
+    g.note(format!("{shape:?} {params:?}"));
+    let (n, p, t) = (shape.samples, shape.features, shape.targets);
+    let x = g.data::<E>("x", &[n, p], -1.0, 1.0);
+    let y = g.data::<E>("y", &[n, t], -1.0, 1.0);
+    let groups = space_ids(g, p, spaces);
+    let alphas: Vec<E> = (0..1 + g.rng.below(4))
+        .map(|_| E::from_f64(g.param("alpha", ALPHAS, BAD_ALPHAS)))
+        .collect();
+    // candidates: positive weights normalized to the simplex, sometimes a bad row
+    let candidates = 1 + g.rng.below(3);
+    let width = spaces.min(64);
+    let mut gammas: Vec<E> = Vec::new();
+    for _ in 0..candidates {
+        let raw: Vec<f64> = (0..width).map(|_| 0.05 + g.rng.unit()).collect();
+        let sum: f64 = raw.iter().sum();
+        gammas.extend(raw.iter().map(|v| E::from_f64(v / sum)));
+    }
+    if !gammas.is_empty() && g.rng.chance(0.1) {
+        g.valid = false;
+        let at = g.rng.below(gammas.len());
+        gammas[at] = E::from_f64(g.rng.pick(&[-0.1, f64::NAN, 2.0, f64::INFINITY]));
+    }
+    g.note(format!("gammas:{}", gammas.len()));
+    let len = g.len(Some(n));
+    let folds_n = 2 + g.rng.below(3);
+    let folds: Vec<i32> = (0..len).map(|i| (i % folds_n) as i32).collect();
+    g.note(format!("folds:{len}"));
+    let inputs = BandedInputs {
+        x: &x,
+        groups: &groups,
+        y: &y,
+        alphas: &alphas,
+        gammas: &gammas,
+        folds: &folds,
+    };
+    let fit = ridge::banded_cv(&params, shape, &inputs, None)?;
+    Ok(fin(&fit.deltas) && fin(&fit.w) && fin(&fit.intercept) && fin(&fit.cv_scores))
+}
+
+fn ridge_split_scores<E: RidgeReal>(g: &mut Gen) -> Result<bool> {
+    let spaces = if g.rng.chance(0.05) {
+        g.dim()
+    } else {
+        1 + g.rng.below(3)
+    };
+    let shape = BandedShape::new(g.dim(), g.dim(), g.dim(), spaces);
+    g.note(format!("{shape:?}"));
+    let (n, p, t) = (shape.samples, shape.features, shape.targets);
+    let x = g.data::<E>("x", &[n, p], -1.0, 1.0);
+    let groups = space_ids(g, p, spaces);
+    let w = g.data::<E>("w", &[p, t], -1.0, 1.0);
+    let y = g.data::<E>("y", &[n, t], -1.0, 1.0);
+    let s = ridge::split_scores(shape, &x, &groups, &w, &y)?;
+    Ok(fin(&s.r2) && fin(&s.pearson))
+}
+
 fn ridge_predict<E: RidgeReal>(g: &mut Gen) -> Result<bool> {
     let shape = RidgeShape::new(g.dim(), g.dim(), g.dim());
     g.note(format!("{shape:?}"));
@@ -731,7 +821,10 @@ fn one_call(
 ) -> (&'static str, String, Outcome) {
     let mut g = Gen::new(seed, batch, call);
     let name = ops[g.rng.below(ops.len())];
-    let ridge_only = name == "ridge.cv" || name == "ridge.predict";
+    let ridge_only = matches!(
+        name,
+        "ridge.cv" | "ridge.banded_cv" | "ridge.split_scores" | "ridge.predict"
+    );
     let dtype = if ridge_only {
         g.rng.below(2)
     } else {

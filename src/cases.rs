@@ -45,6 +45,8 @@ pub const CONTRACT_OPS: &[&str] = &[
     "codebook.nearest",
     "ridge.solve_batched",
     "ridge.cv",
+    "ridge.banded_cv",
+    "ridge.split_scores",
     "ridge.score",
 ];
 
@@ -79,6 +81,8 @@ pub const IMPLEMENTED_OPS: &[&str] = &[
     "scan.gla",
     "scan.gla_backward",
     "ridge.cv",
+    "ridge.banded_cv",
+    "ridge.split_scores",
     "ridge.solve_batched",
     "ridge.score",
     "topk.rows",
@@ -570,6 +574,8 @@ impl Runner {
             "scan.gla" => self.scan_gla(case, false),
             "scan.gla_backward" => self.scan_gla(case, true),
             "ridge.cv" => self.ridge_cv(case),
+            "ridge.banded_cv" => self.ridge_banded_cv(case),
+            "ridge.split_scores" => self.ridge_split_scores(case),
             "ridge.solve_batched" => self.ridge_solve_batched(case),
             "ridge.score" => self.ridge_score(case),
             "topk.rows" => self.topk_rows(case),
@@ -1177,6 +1183,134 @@ impl Runner {
         ] {
             out.insert(name.to_string(), Tensor { shape, data });
         }
+        Ok(out)
+    }
+
+    fn ridge_banded_cv(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
+        case.only_inputs(&["x", "groups", "y", "alphas", "gammas", "folds"])?;
+        let mut p = Params::new(case);
+        let score = match p.choice("score", &["r2", "pearson"])? {
+            "pearson" => ridge::CvScore::Pearson,
+            _ => ridge::CvScore::R2,
+        };
+        let center = p.bool("center", true)?;
+        p.finish()?;
+        let params = ridge::CvParams::new().score(score).center(center);
+        let (n, features, targets) = ridge_design(case)?;
+        let gammas = case.input("gammas")?.shape.clone();
+        let [candidates, spaces] = gammas[..] else {
+            return Err(Error::shape(
+                "gammas",
+                "rank 2 [C, S]",
+                format!("{gammas:?}"),
+            ));
+        };
+        same_shape(case, "folds", &[n])?;
+        same_shape(case, "groups", &[features])?;
+        if case.input("alphas")?.shape.len() != 1 {
+            let got = format!("{:?}", case.input("alphas")?.shape);
+            return Err(Error::shape("alphas", "rank 1 [A]", got));
+        }
+        let (folds, groups) = (index_input(case, "folds")?, index_input(case, "groups")?);
+        if self.kind == DeviceKind::Cuda {
+            return Err(Error::Unsupported(
+                "ridge.banded_cv has no CUDA path yet (CPU only)".into(),
+            ));
+        }
+        fn run<E: RidgeElement>(
+            case: &Case,
+            params: &ridge::CvParams,
+            shape: ridge::BandedShape,
+            folds: &[i32],
+            groups: &[i32],
+        ) -> Result<[Data; 4]> {
+            let inputs = ridge::BandedInputs {
+                x: typed::<E>(case, "x")?,
+                groups,
+                y: typed::<E>(case, "y")?,
+                alphas: typed::<E>(case, "alphas")?,
+                gammas: typed::<E>(case, "gammas")?,
+                folds,
+            };
+            let fit = ridge::banded_cv(params, shape, &inputs, None)?;
+            Ok([
+                E::wrap(fit.cv_scores),
+                E::wrap(fit.deltas),
+                E::wrap(fit.w),
+                E::wrap(fit.intercept),
+            ])
+        }
+        let shape = ridge::BandedShape::new(n, features, targets, spaces);
+        let [cv_scores, deltas, w, intercept] = match case.input("x")?.dtype() {
+            Some(DType::F32) => run::<f32>(case, &params, shape, folds, groups)?,
+            Some(DType::F64) => run::<f64>(case, &params, shape, folds, groups)?,
+            _ => return Err(case_err(&case.name, "`in.x` must be F32 or F64")),
+        };
+        let mut out = BTreeMap::new();
+        for (name, shape, data) in [
+            ("cv_scores", vec![candidates, targets], cv_scores),
+            ("deltas", vec![spaces, targets], deltas),
+            ("w", vec![features, targets], w),
+            ("intercept", vec![targets], intercept),
+        ] {
+            out.insert(name.to_string(), Tensor { shape, data });
+        }
+        Ok(out)
+    }
+
+    /// `ridge.split_scores`: S is the largest group id + 1 (the contract gives no S input;
+    /// a space without a column is then an `Err`). `intercept` is checked and does not enter
+    /// (both splits center).
+    fn ridge_split_scores(&self, case: &Case) -> Result<BTreeMap<String, Tensor>> {
+        case.only_inputs(&["x", "groups", "w", "intercept", "y"])?;
+        let mut p = Params::new(case);
+        let r2 = p.choice("score", &["r2", "pearson"])? == "r2";
+        p.finish()?;
+        let (n, features, targets) = ridge_design(case)?;
+        same_shape(case, "groups", &[features])?;
+        same_shape(case, "w", &[features, targets])?;
+        same_shape(case, "intercept", &[targets])?;
+        let groups = index_input(case, "groups")?;
+        let spaces = groups
+            .iter()
+            .map(|g| (*g).max(0) as usize + 1)
+            .max()
+            .unwrap_or(0);
+        if self.kind == DeviceKind::Cuda {
+            return Err(Error::Unsupported(
+                "ridge.split_scores has no CUDA path yet (CPU only)".into(),
+            ));
+        }
+        fn run<E: RidgeElement>(
+            case: &Case,
+            shape: ridge::BandedShape,
+            groups: &[i32],
+            r2: bool,
+        ) -> Result<Data> {
+            typed::<E>(case, "intercept")?;
+            let s = ridge::split_scores(
+                shape,
+                typed::<E>(case, "x")?,
+                groups,
+                typed::<E>(case, "w")?,
+                typed::<E>(case, "y")?,
+            )?;
+            Ok(E::wrap(if r2 { s.r2 } else { s.pearson }))
+        }
+        let shape = ridge::BandedShape::new(n, features, targets, spaces);
+        let data = match case.input("x")?.dtype() {
+            Some(DType::F32) => run::<f32>(case, shape, groups, r2)?,
+            Some(DType::F64) => run::<f64>(case, shape, groups, r2)?,
+            _ => return Err(case_err(&case.name, "`in.x` must be F32 or F64")),
+        };
+        let mut out = BTreeMap::new();
+        out.insert(
+            "scores".to_string(),
+            Tensor {
+                shape: vec![spaces, targets],
+                data,
+            },
+        );
         Ok(out)
     }
 
@@ -2131,4 +2265,28 @@ pub fn collect_case_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+/// `x [n, p]` and `y [n, t]` of a ridge case: (n, p, t).
+fn ridge_design(case: &Case) -> Result<(usize, usize, usize)> {
+    let x = case.input("x")?.shape.clone();
+    let [n, p] = x[..] else {
+        return Err(Error::shape("x", "rank 2 [n, p]", format!("{x:?}")));
+    };
+    let y = case.input("y")?.shape.clone();
+    match y[..] {
+        [yn, t] if yn == n => Ok((n, p, t)),
+        _ => Err(Error::shape("y", format!("[{n}, t]"), format!("{y:?}"))),
+    }
+}
+
+/// An I32 input's values.
+fn index_input<'c>(case: &'c Case, name: &str) -> Result<&'c [i32]> {
+    match &case.input(name)?.data {
+        Data::I32(v) => Ok(v.as_slice()),
+        _ => Err(case_err(
+            &case.name,
+            format!("`in.{name}` must be an index tensor"),
+        )),
+    }
 }

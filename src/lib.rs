@@ -8,7 +8,7 @@
 //! | linear-recurrence scans | [`scan`], [`scan::selective`], [`scan::gla`] | `linear`, `linear_complex`, Mamba's `selective`, gated linear attention `gla`, each with its backward |
 //! | fused attention | [`attention`] | `forward` (split-KV decode path), `backward`, `top_keys`: causal/window masks, softcap, ALiBi, bias, GQA/MQA, packed variable-length batches |
 //! | sparse top-k encoding | [`topk`] | `rows`, the SAE encoders (`encode`, `encode_batch_topk`, `encode_jumprelu`, `encode_mp`), `decode`, `backward`, `nearest` |
-//! | batched ridge | [`ridge`] | `cv` (an alpha per target), `predict`, `score`, `solve_batched` |
+//! | batched ridge | [`ridge`] | `cv` (an alpha per target), `banded_cv` (a weight per feature space and an alpha per target) and `split_scores`, `predict`, `score`, `solve_batched` |
 //!
 //! Each family's module doc has a runnable example. The op contract (names, shapes, layouts
 //! and conventions shared with the reference cases) is `CASES.md` in the repository and the

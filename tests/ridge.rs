@@ -531,3 +531,416 @@ fn score_matches_the_column_formulas_across_column_blocks() {
         assert_eq!(pearson[c], cross / (ss_tot * ss_pred).sqrt(), "pearson {c}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// ridge.banded_cv and ridge.split_scores
+// ---------------------------------------------------------------------------------------
+
+/// A design of two spaces (columns interleaved: even columns space 0, odd space 1) whose
+/// targets lean on one space or the other.
+fn banded_design(n: usize, p: usize, t: usize, seed: u64) -> (Vec<f64>, Vec<i32>, Vec<f64>) {
+    let mut rng = Rng::new(seed);
+    let x: Vec<f64> = rng.vec(n * p, -1.0, 1.0);
+    let groups: Vec<i32> = (0..p).map(|j| (j % 2) as i32).collect();
+    let w: Vec<f64> = rng.vec(p * t, -1.0, 1.0);
+    let mut y: Vec<f64> = rng.vec(n * t, -0.5, 0.5);
+    for i in 0..n {
+        for c in 0..t {
+            // target c weights space 0 by c/(t-1) and space 1 by the rest
+            let lean = c as f64 / (t - 1).max(1) as f64;
+            let pred: f64 = (0..p)
+                .map(|j| {
+                    let k = if groups[j] == 0 { lean } else { 1.0 - lean };
+                    k * x[i * p + j] * w[j * t + c]
+                })
+                .sum();
+            y[i * t + c] += pred + 0.25;
+        }
+    }
+    (x, groups, y)
+}
+
+/// With the single uniform candidate γ = (1/2, 1/2), banded ridge is ridge on the columns
+/// scaled by √(1/2), i.e. ridge.cv with the alphas doubled: the same scores and weights, in
+/// float64, primal (n ≥ p) and dual (n < p).
+#[test]
+fn banded_cv_with_a_uniform_candidate_is_ridge_cv_float64() {
+    for (n, p, t, seed) in [(48, 10, 5, 1), (21, 30, 4, 2)] {
+        let (x, groups, y) = banded_design(n, p, t, seed);
+        let alphas = [0.01, 0.3, 4.0, 100.0];
+        let doubled: Vec<f64> = alphas.iter().map(|a| 2.0 * a).collect();
+        let folds: Vec<i32> = (0..n).map(|i| (i % 3) as i32).collect();
+        let gammas = [0.5, 0.5];
+        let inputs = ridge::BandedInputs {
+            x: &x,
+            groups: &groups,
+            y: &y,
+            alphas: &alphas,
+            gammas: &gammas,
+            folds: &folds,
+        };
+        let params = ridge::CvParams::new();
+        let fit =
+            ridge::banded_cv(&params, ridge::BandedShape::new(n, p, t, 2), &inputs, None).unwrap();
+        let cv_inputs = ridge::CvInputs {
+            x: &x,
+            y: &y,
+            alphas: &doubled,
+            folds: &folds,
+        };
+        let plain = ridge::cv(&params, RidgeShape::new(n, p, t), &cv_inputs, None).unwrap();
+        for c in 0..t {
+            let best = (0..alphas.len())
+                .map(|a| plain.cv_scores[a * t + c])
+                .fold(f64::NEG_INFINITY, f64::max);
+            let got = fit.cv_scores[c];
+            assert!(
+                (got - best).abs() < 1e-10,
+                "n {n} target {c}: {got} vs {best}"
+            );
+            assert_eq!(
+                2.0 * fit.best_alpha[c],
+                plain.best_alpha[c],
+                "n {n} target {c}"
+            );
+            let delta = (0.5 / fit.best_alpha[c]).ln();
+            assert!((fit.deltas[c] - delta).abs() < 1e-12 && fit.deltas[t + c] == fit.deltas[c]);
+        }
+        let r = common::worst_ratio(&fit.w, &plain.w, 1e-9, 1e-11);
+        assert!(r <= 1.0, "n {n}: w differs from ridge.cv's (ratio {r})");
+        let r = common::worst_ratio(&fit.intercept, &plain.intercept, 1e-9, 1e-11);
+        assert!(r <= 1.0, "n {n}: intercept differs (ratio {r})");
+    }
+}
+
+/// The refit solves the banded normal equations of each target's choice:
+/// (XcᵀXc + α·diag(1/γ_groups[j])) w = Xcᵀyc (Xc, yc centered), in float64, and a space of
+/// weight 0 gets w = 0 and δ = −inf.
+#[test]
+fn banded_cv_refit_satisfies_the_banded_normal_equations_float64() {
+    for (n, p, t, seed) in [(40, 8, 6, 3), (14, 20, 6, 4)] {
+        let (x, groups, y) = banded_design(n, p, t, seed);
+        let alphas = [0.05, 1.0, 20.0];
+        let gammas = [0.5, 0.5, 0.9, 0.1, 0.2, 0.8, 1.0, 0.0];
+        let folds: Vec<i32> = (0..n).map(|i| (i * 7 % 4) as i32).collect();
+        let inputs = ridge::BandedInputs {
+            x: &x,
+            groups: &groups,
+            y: &y,
+            alphas: &alphas,
+            gammas: &gammas,
+            folds: &folds,
+        };
+        let fit = ridge::banded_cv(
+            &ridge::CvParams::new(),
+            ridge::BandedShape::new(n, p, t, 2),
+            &inputs,
+            None,
+        )
+        .unwrap();
+        let xm: Vec<f64> = (0..p)
+            .map(|j| (0..n).map(|i| x[i * p + j]).sum::<f64>() / n as f64)
+            .collect();
+        for c in 0..t {
+            let cand = fit.best_candidate[c];
+            let gamma = &gammas[cand * 2..cand * 2 + 2];
+            let alpha = fit.best_alpha[c];
+            let ym = (0..n).map(|i| y[i * t + c]).sum::<f64>() / n as f64;
+            let w: Vec<f64> = (0..p).map(|j| fit.w[j * t + c]).collect();
+            for a in 0..p {
+                let g = gamma[groups[a] as usize];
+                if g == 0.0 {
+                    assert_eq!(w[a], 0.0, "target {c}: a space of weight 0 has w = 0");
+                    assert_eq!(fit.deltas[groups[a] as usize * t + c], f64::NEG_INFINITY);
+                    continue;
+                }
+                // (XcᵀXc w)_a + α/γ w_a = (Xcᵀ yc)_a, on the columns of nonzero weight
+                let (mut lhs, mut rhs) = (alpha / g * w[a], 0.0);
+                for i in 0..n {
+                    let xa = x[i * p + a] - xm[a];
+                    let pred: f64 = (0..p).map(|b| (x[i * p + b] - xm[b]) * w[b]).sum();
+                    lhs += xa * pred;
+                    rhs += xa * (y[i * t + c] - ym);
+                }
+                let r = (lhs - rhs).abs() / (1.0 + rhs.abs());
+                assert!(r < 1e-9, "n {n} target {c} column {a}: residual {r}");
+            }
+            let b: f64 = ym - (0..p).map(|j| xm[j] * w[j]).sum::<f64>();
+            assert!((fit.intercept[c] - b).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn banded_cv_is_identical_for_any_thread_count() {
+    let (n, p, t) = (45, 12, 9);
+    let (x, groups, y) = banded_design(n, p, t, 5);
+    let (x, y): (Vec<f32>, Vec<f32>) = (
+        x.iter().map(|v| *v as f32).collect(),
+        y.iter().map(|v| *v as f32).collect(),
+    );
+    let alphas = [0.1f32, 3.0, 50.0];
+    let gammas = [0.5f32, 0.5, 0.8, 0.2, 0.3, 0.7];
+    let folds: Vec<i32> = (0..n).map(|i| (i % 3) as i32).collect();
+    let inputs = ridge::BandedInputs {
+        x: &x,
+        groups: &groups,
+        y: &y,
+        alphas: &alphas,
+        gammas: &gammas,
+        folds: &folds,
+    };
+    let reports = std::sync::Mutex::new(0usize);
+    let run = |threads| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                let count = |_: ridge::BandedProgress| *reports.lock().unwrap() += 1;
+                ridge::banded_cv(
+                    &ridge::CvParams::new().target_batch(4),
+                    ridge::BandedShape::new(n, p, t, 2),
+                    &inputs,
+                    Some(&count),
+                )
+                .unwrap()
+            })
+    };
+    let base = run(1);
+    // progress: every (fold, candidate), then at most one report per candidate of the refit
+    let calls = *reports.lock().unwrap();
+    assert!(
+        (3 * 3 + 1..=3 * 3 + 3).contains(&calls),
+        "{calls} progress reports"
+    );
+    for threads in [2, 3] {
+        assert!(run(threads) == base, "{threads} threads");
+    }
+}
+
+/// The split scores equal the formulas computed directly, sum to the R² of the centered
+/// prediction, and one space carries everything when the other's weights are 0.
+#[test]
+fn split_scores_match_the_formulas_float64() {
+    let (n, p, t) = (30, 6, 3);
+    let mut rng = Rng::new(9);
+    let x: Vec<f64> = rng.vec(n * p, -1.0, 1.0);
+    let groups = [0, 1, 2, 0, 1, 2];
+    let mut w: Vec<f64> = rng.vec(p * t, -1.0, 1.0);
+    for j in [1, 4] {
+        w[j * t + 2] = 0.0; // target 2: space 1 contributes nothing
+    }
+    let y: Vec<f64> = rng.vec(n * t, -2.0, 2.0);
+    let s = ridge::split_scores(ridge::BandedShape::new(n, p, t, 3), &x, &groups, &w, &y).unwrap();
+    for c in 0..t {
+        let ym = (0..n).map(|i| y[i * t + c]).sum::<f64>() / n as f64;
+        let a: Vec<f64> = (0..n).map(|i| y[i * t + c] - ym).collect();
+        let mut q = vec![vec![0.0; n]; 3];
+        for (sp, qs) in q.iter_mut().enumerate() {
+            for (i, v) in qs.iter_mut().enumerate() {
+                *v = (0..p)
+                    .filter(|j| groups[*j] == sp as i32)
+                    .map(|j| x[i * p + j] * w[j * t + c])
+                    .sum();
+            }
+            let m = qs.iter().sum::<f64>() / n as f64;
+            qs.iter_mut().for_each(|v| *v -= m);
+        }
+        let tot: Vec<f64> = (0..n).map(|i| q[0][i] + q[1][i] + q[2][i]).collect();
+        let sst: f64 = a.iter().map(|v| v * v).sum();
+        let sd_a = (sst / n as f64).sqrt();
+        let sd_p = (tot.iter().map(|v| v * v).sum::<f64>() / n as f64).sqrt();
+        let mut sum = 0.0;
+        for (sp, qs) in q.iter().enumerate() {
+            let inter: f64 = a.iter().zip(qs).map(|(a, q)| a * q).sum();
+            let shared: f64 = qs.iter().zip(&tot).map(|(q, t)| q * t).sum();
+            let r2 = (2.0 * inter - shared) / sst;
+            let pr = inter / n as f64 / (sd_a * sd_p);
+            assert!(
+                (s.r2[sp * t + c] - r2).abs() < 1e-12,
+                "r2 space {sp} target {c}"
+            );
+            assert!((s.pearson[sp * t + c] - pr).abs() < 1e-12);
+            sum += s.r2[sp * t + c];
+        }
+        let joint = 1.0 - (0..n).map(|i| (a[i] - tot[i]).powi(2)).sum::<f64>() / sst;
+        assert!((sum - joint).abs() < 1e-12, "target {c}: {sum} vs {joint}");
+    }
+    assert_eq!(s.r2[t + 2], 0.0);
+    assert_eq!(s.pearson[t + 2], 0.0);
+}
+
+#[test]
+fn banded_bad_input_is_an_error_naming_the_tensor() {
+    let (n, p, t) = (6, 4, 2);
+    let x = vec![0.5f64; n * p];
+    let y: Vec<f64> = (0..n * t).map(|i| i as f64).collect();
+    let groups = [0, 1, 0, 1];
+    let gammas = [0.5, 0.5, 0.25, 0.75];
+    let folds = [0, 1, 0, 1, 0, 1];
+    struct Call<'a> {
+        x: &'a [f64],
+        groups: &'a [i32],
+        y: &'a [f64],
+        gammas: &'a [f64],
+        spaces: usize,
+    }
+    let good = Call {
+        x: &x,
+        groups: &groups,
+        y: &y,
+        gammas: &gammas,
+        spaces: 2,
+    };
+    let run = |c: Call<'_>| {
+        let inputs = ridge::BandedInputs {
+            x: c.x,
+            groups: c.groups,
+            y: c.y,
+            alphas: &[1.0],
+            gammas: c.gammas,
+            folds: &folds,
+        };
+        ridge::banded_cv(
+            &ridge::CvParams::new(),
+            ridge::BandedShape::new(n, p, t, c.spaces),
+            &inputs,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    assert!(run(Call { ..good }).is_ok());
+    let err = |c: Call<'_>| run(c).unwrap_err();
+    // a group id out of range, negative, an empty space, a wrong length
+    assert!(
+        err(Call {
+            groups: &[0, 2, 0, 1],
+            ..good
+        })
+        .contains("`groups`")
+    );
+    assert!(
+        err(Call {
+            groups: &[0, -1, 0, 1],
+            ..good
+        })
+        .contains("`groups`")
+    );
+    let empty = err(Call {
+        groups: &[0, 0, 0, 0],
+        ..good
+    });
+    assert!(
+        empty.contains("`groups`") && empty.contains("space 1 has no column"),
+        "{empty}"
+    );
+    assert!(
+        err(Call {
+            groups: &[0, 1, 0],
+            ..good
+        })
+        .contains("`groups`")
+    );
+    // more spaces than columns is refused before anything is sized by S
+    assert!(
+        err(Call {
+            spaces: 1 << 40,
+            gammas: &[],
+            ..good
+        })
+        .contains("`gammas`")
+    );
+    assert!(
+        err(Call {
+            spaces: usize::MAX,
+            ..good
+        })
+        .contains("`deltas`")
+    );
+    // gamma rows: negative, off the simplex, NaN, a length that is no multiple of S
+    assert!(
+        err(Call {
+            gammas: &[1.5, -0.5, 0.5, 0.5],
+            ..good
+        })
+        .contains("`gammas`")
+    );
+    let off = err(Call {
+        gammas: &[0.5, 0.5, 0.3, 0.3],
+        ..good
+    });
+    assert!(off.contains("`gammas`") && off.contains("simplex"), "{off}");
+    assert!(
+        err(Call {
+            gammas: &[0.5, f64::NAN],
+            ..good
+        })
+        .contains("`gammas`")
+    );
+    assert!(
+        err(Call {
+            gammas: &[0.5, 0.5, 1.0],
+            ..good
+        })
+        .contains("`gammas`")
+    );
+    assert!(
+        err(Call {
+            gammas: &[],
+            ..good
+        })
+        .contains("`gammas`")
+    );
+    // within the tolerance (1e-5) a row is on the simplex
+    assert!(
+        run(Call {
+            gammas: &[0.5, 0.500004],
+            ..good
+        })
+        .is_ok()
+    );
+    // x, y lengths and values
+    assert!(
+        err(Call {
+            x: &x[..23],
+            ..good
+        })
+        .contains("`x`")
+    );
+    assert!(
+        err(Call {
+            y: &y[..11],
+            ..good
+        })
+        .contains("`y`")
+    );
+    let mut x_nan = x.clone();
+    x_nan[5] = f64::NAN;
+    assert!(err(Call { x: &x_nan, ..good }).contains("`x`"));
+    // split_scores: the same group checks, and w's shape
+    let w = vec![0.1f64; p * t];
+    let split = |groups: &[i32], w: &[f64], spaces: usize| {
+        ridge::split_scores(ridge::BandedShape::new(n, p, t, spaces), &x, groups, w, &y)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    assert!(split(&groups, &w, 2).is_ok());
+    assert!(
+        split(&[0, 3, 0, 1], &w, 2)
+            .unwrap_err()
+            .contains("`groups`")
+    );
+    assert!(
+        split(&[1, 1, 1, 1], &w, 2)
+            .unwrap_err()
+            .contains("`groups`")
+    );
+    assert!(split(&groups, &w[..7], 2).unwrap_err().contains("`w`"));
+    assert!(
+        split(&groups, &w, 1 << 40)
+            .unwrap_err()
+            .contains("`groups`")
+    );
+}

@@ -52,6 +52,23 @@ pub trait RidgeReal: Element + faer::traits::RealField {
         inputs: &CvInputs<'_, Self>,
         progress: Option<&(dyn Fn(CvProgress) + Sync)>,
     ) -> Result<CvFit<Self>>;
+    /// `ridge.banded_cv` compiled for this type here.
+    #[doc(hidden)]
+    fn ridge_banded_cv(
+        params: &CvParams,
+        shape: super::BandedShape,
+        inputs: &super::BandedInputs<'_, Self>,
+        progress: Option<&(dyn Fn(super::BandedProgress) + Sync)>,
+    ) -> Result<super::BandedFit<Self>>;
+    /// `ridge.split_scores` compiled for this type here.
+    #[doc(hidden)]
+    fn ridge_split_scores(
+        shape: super::BandedShape,
+        x: &[Self],
+        groups: &[i32],
+        w: &[Self],
+        y: &[Self],
+    ) -> Result<super::SplitScores<Self>>;
     /// `ridge.predict` compiled for this type here.
     #[doc(hidden)]
     fn ridge_predict(
@@ -74,6 +91,23 @@ macro_rules! ridge_real {
             ) -> Result<CvFit<Self>> {
                 cv_impl(params, shape, inputs, progress)
             }
+            fn ridge_banded_cv(
+                params: &CvParams,
+                shape: super::BandedShape,
+                inputs: &super::BandedInputs<'_, Self>,
+                progress: Option<&(dyn Fn(super::BandedProgress) + Sync)>,
+            ) -> Result<super::BandedFit<Self>> {
+                super::banded::banded_impl(params, shape, inputs, progress)
+            }
+            fn ridge_split_scores(
+                shape: super::BandedShape,
+                x: &[Self],
+                groups: &[i32],
+                w: &[Self],
+                y: &[Self],
+            ) -> Result<super::SplitScores<Self>> {
+                super::banded::split_impl(shape, x, groups, w, y)
+            }
             fn ridge_predict(
                 shape: RidgeShape,
                 x: &[Self],
@@ -87,11 +121,11 @@ macro_rules! ridge_real {
 }
 ridge_real!(f32 => 1e-8, f64 => 1e-6);
 
-fn cast<E: Element>(x: f64) -> E {
+pub(super) fn cast<E: Element>(x: f64) -> E {
     <E as Element>::from_f64(x)
 }
 
-fn widen<E: Element>(x: E) -> f64 {
+pub(super) fn widen<E: Element>(x: E) -> f64 {
     <E as Element>::to_f64(x)
 }
 
@@ -378,7 +412,7 @@ pub(super) fn mean_score(sum: f64, folds: usize) -> f64 {
 }
 
 /// The rows of each fold, checked: ids 0..F−1, each present, F ≥ 2.
-fn fold_rows(folds: &[i32]) -> Result<Vec<Vec<usize>>> {
+pub(super) fn fold_rows(folds: &[i32]) -> Result<Vec<Vec<usize>>> {
     if let Some(i) = folds.iter().position(|f| *f < 0) {
         return Err(Error::invalid(
             "folds",
@@ -417,12 +451,12 @@ fn fold_rows(folds: &[i32]) -> Result<Vec<Vec<usize>>> {
     Ok(rows)
 }
 
-fn par() -> Par {
+pub(super) fn par() -> Par {
     Par::rayon(0)
 }
 
 /// dst = a · b
-fn product<E: RidgeReal>(a: MatRef<'_, E>, b: MatRef<'_, E>) -> Mat<E> {
+pub(super) fn product<E: RidgeReal>(a: MatRef<'_, E>, b: MatRef<'_, E>) -> Mat<E> {
     let mut dst = Mat::<E>::zeros(a.nrows(), b.ncols());
     matmul(dst.as_mut(), Accum::Replace, a, b, cast::<E>(1.0), par());
     dst
@@ -442,7 +476,7 @@ pub(super) fn means<E: Element>(data: &[E], width: usize, rows: &[usize]) -> Vec
 }
 
 /// The given rows of a row-major matrix, columns [c0, c0 + w), minus `offset` (per column).
-fn gather<E: RidgeReal>(
+pub(super) fn gather<E: RidgeReal>(
     data: &[E],
     width: usize,
     rows: &[usize],
@@ -485,7 +519,7 @@ pub(super) fn rows_of<E: RidgeReal>(
 }
 
 /// Eigendecomposition of a symmetric matrix: (vectors, values clamped at 0).
-fn eigh<E: RidgeReal>(gram: &Mat<E>, what: &str) -> Result<(Mat<E>, Vec<f64>)> {
+pub(super) fn eigh<E: RidgeReal>(gram: &Mat<E>, what: &str) -> Result<(Mat<E>, Vec<f64>)> {
     let eig = gram
         .self_adjoint_eigen(Side::Lower)
         .map_err(|e| Error::invalid("x", format!("{what}: eigendecomposition failed ({e:?})")))?;
@@ -505,9 +539,18 @@ struct Fold<E: RidgeReal> {
     x_train: Mat<E>,
     /// Eigenvectors of the Gram matrix (V or U).
     vectors: Mat<E>,
-    values: Vec<f64>,
     /// X_te V (primal) or X_te Xᵀ U (dual): n_te × rank.
     proj: Mat<E>,
+    /// The eigenvalues and the scoring terms derived from proj.
+    scoring: Scoring,
+    primal: bool,
+}
+
+/// What scores every alpha of one decomposition from Z and projᵀa (see the module doc):
+/// shared by `ridge.cv` and `ridge.banded_cv`.
+pub(super) struct Scoring {
+    /// The eigenvalues s (or λ), clamped at 0.
+    values: Vec<f64>,
     /// Column sums of proj (over the held-out rows), in f64.
     proj_sums: Vec<f64>,
     /// M = G_jk / (s_k − s_j) for j, k in different clusters, 0 within one (rank × rank).
@@ -516,97 +559,80 @@ struct Fold<E: RidgeReal> {
     gram_diag: Vec<f64>,
     /// The clusters of two or more eigenvalues: their indices and G restricted to them.
     clusters: Vec<(Vec<usize>, Mat<f64>)>,
-    primal: bool,
 }
 
-impl<E: RidgeReal> Fold<E> {
-    fn new(
-        params: &CvParams,
-        p: usize,
-        t: usize,
-        inputs: &CvInputs<'_, E>,
-        train: &[usize],
-        test: &[usize],
-    ) -> Result<Self> {
-        let x = inputs.x;
-        let x_mean = params.center.then(|| means(x, p, train));
-        let y_mean = params.center.then(|| means(inputs.y, t, train));
-        let x_train = gather(x, p, train, 0, p, x_mean.as_deref());
-        let x_test = gather(x, p, test, 0, p, x_mean.as_deref());
-        let primal = train.len() >= p;
-        let (vectors, values, proj) = if primal {
-            let gram = product(x_train.transpose(), x_train.as_ref());
-            let (v, s) = eigh(&gram, "training Gram matrix")?;
-            let proj = product(x_test.as_ref(), v.as_ref());
-            (v, s, proj)
-        } else {
-            let kernel = product(x_train.as_ref(), x_train.transpose());
-            let (u, l) = eigh(&kernel, "training kernel matrix")?;
-            let cross = product(x_test.as_ref(), x_train.transpose());
-            let proj = product(cross.as_ref(), u.as_ref());
-            (u, l, proj)
-        };
+/// The held-out targets of one batch, centered on their own means: (a [n_te, tb] row-major,
+/// the means [tb], SS_tot [tb]).
+pub(super) fn held_out_batch<E: RidgeReal>(
+    y: &[E],
+    t: usize,
+    test: &[usize],
+    t0: usize,
+    tb: usize,
+) -> (Vec<E>, Vec<f64>, Vec<f64>) {
+    let n_te = test.len();
+    let mut held_out = rows_of(y, t, test, t0, tb, None);
+    let y_te_mean = means(&held_out, tb, &(0..n_te).collect::<Vec<_>>());
+    for row in held_out.chunks_exact_mut(tb) {
+        for (v, m) in row.iter_mut().zip(&y_te_mean) {
+            *v = cast(widen(*v) - m);
+        }
+    }
+    let mut ss_tot = vec![0.0f64; tb];
+    for row in held_out.chunks_exact(tb) {
+        for (acc, v) in ss_tot.iter_mut().zip(row) {
+            *acc += widen(*v).powi(2);
+        }
+    }
+    (held_out, y_te_mean, ss_tot)
+}
+
+/// The held-out statistics of one target batch that do not depend on the decomposition.
+pub(super) struct HeldOut<'a> {
+    /// The held-out row count.
+    pub n_te: usize,
+    /// SS_tot per target of the batch (around the held-out mean).
+    pub ss_tot: &'a [f64],
+    /// The held-out mean per target of the batch.
+    pub y_te_mean: &'a [f64],
+    /// The training mean per target of the batch (centered fits), else None.
+    pub y_mean: Option<&'a [f64]>,
+}
+
+impl Scoring {
+    /// From the held-out projection (n_te × rank) and the eigenvalues.
+    pub(super) fn new<E: RidgeReal>(proj: &Mat<E>, values: Vec<f64>, alpha_max: f64) -> Self {
         let proj_sums = (0..proj.ncols())
             .map(|j| proj.col_as_slice(j).iter().map(|v| widen(*v)).sum())
             .collect();
-        let alpha_max = inputs.alphas.iter().map(|a| widen(*a)).fold(0.0, f64::max);
         let (gap_product, gram_diag, clusters) =
-            gap_terms(&proj, &values, alpha_max, E::CLUSTER_GAP);
-        Ok(Self {
-            y_mean,
-            x_train,
-            vectors,
+            gap_terms(proj, &values, alpha_max, E::CLUSTER_GAP);
+        Self {
             values,
-            proj,
             proj_sums,
             gap_product,
             gram_diag,
             clusters,
-            primal,
-        })
+        }
     }
 
-    /// Adds each alpha's held-out score of targets [t0, t0 + tb) into `sums [A, t]`.
+    /// Adds each alpha's held-out score of targets [t0, t0 + tb) into `sums [A, t]`, from
+    /// z = Uᵀ-projected training targets (rank × tb) and cross = projᵀa (rank × tb).
     #[allow(clippy::too_many_arguments)]
-    fn score_batch(
+    pub(super) fn add_scores<E: RidgeReal>(
         &self,
-        params: &CvParams,
-        inputs: &CvInputs<'_, E>,
+        kind: CvScore,
+        alphas: &[E],
+        z: &Mat<E>,
+        cross: &Mat<E>,
+        held: &HeldOut<'_>,
         t: usize,
         t0: usize,
-        tb: usize,
-        train: &[usize],
-        test: &[usize],
         sums: &mut [f64],
-    ) -> Result<()> {
-        let y_mean = self.y_mean.as_deref();
-        let y_train = rows_of(inputs.y, t, train, t0, tb, y_mean);
-        let y_train = MatRef::from_row_major_slice(&y_train, train.len(), tb);
-        let z = if self.primal {
-            let xty = product(self.x_train.transpose(), y_train);
-            product(self.vectors.transpose(), xty.as_ref())
-        } else {
-            product(self.vectors.transpose(), y_train)
-        };
-        // held-out targets, centered on their own means: a (n_te × tb), SS_tot per target
-        let n_te = test.len();
-        let mut held_out = rows_of(inputs.y, t, test, t0, tb, None);
-        let y_te_mean = means(&held_out, tb, &(0..n_te).collect::<Vec<_>>());
-        for row in held_out.chunks_exact_mut(tb) {
-            for (v, m) in row.iter_mut().zip(&y_te_mean) {
-                *v = cast(widen(*v) - m);
-            }
-        }
-        let centered = MatRef::from_row_major_slice(&held_out, n_te, tb);
-        let mut ss_tot = vec![0.0f64; tb];
-        for row in held_out.chunks_exact(tb) {
-            for (acc, v) in ss_tot.iter_mut().zip(row) {
-                *acc += widen(*v).powi(2);
-            }
-        }
-        // projᵀ·a: the cross terms Σ a·ŷ of every alpha come from it
-        let cross = product(self.proj.transpose(), centered);
-        let (rank, n_alphas) = (self.values.len(), inputs.alphas.len());
+    ) {
+        let tb = z.ncols();
+        let n_te = held.n_te;
+        let (rank, n_alphas) = (self.values.len(), alphas.len());
         let z = Mat::<f64>::from_fn(rank, tb, |j, c| widen(z[(j, c)]));
         let mut mz = Mat::<f64>::zeros(rank, tb);
         matmul(
@@ -620,7 +646,7 @@ impl<E: RidgeReal> Fold<E> {
         // Each sum is linear in 1/(s_j + α) (or its square): one product of per-target
         // weights [tb, rank] with the alphas' factors [rank, A] gives it for every alpha.
         let inv = Mat::<f64>::from_fn(rank, n_alphas, |j, a| {
-            1.0 / (self.values[j] + widen(inputs.alphas[a]))
+            1.0 / (self.values[j] + widen(alphas[a]))
         });
         let inv_sq = Mat::<f64>::from_fn(rank, n_alphas, |j, a| inv[(j, a)].powi(2));
         let over_alphas =
@@ -689,17 +715,95 @@ impl<E: RidgeReal> Fold<E> {
                 (&sum_pred_all, &sum_cross_all, &sum_sq_all);
             row.par_iter_mut().enumerate().for_each(|(c, acc)| {
                 let (sum_pred, sum_cross) = (sum_pred_all[(c, a)], sum_cross_all[(c, a)]);
-                let offset = y_mean.map_or(0.0, |m| m[t0 + c]);
+                let offset = held.y_mean.map_or(0.0, |m| m[c]);
                 *acc += held_out_score(
-                    params.score,
+                    kind,
                     n_te,
-                    ss_tot[c],
+                    held.ss_tot[c],
                     sum_cross,
                     (sum_sq_all[(c, a)] - sum_pred * sum_pred / n_te as f64).max(0.0),
-                    (sum_pred / n_te as f64 + offset) - y_te_mean[c],
+                    (sum_pred / n_te as f64 + offset) - held.y_te_mean[c],
                 );
             });
         }
+    }
+}
+
+impl<E: RidgeReal> Fold<E> {
+    fn new(
+        params: &CvParams,
+        p: usize,
+        t: usize,
+        inputs: &CvInputs<'_, E>,
+        train: &[usize],
+        test: &[usize],
+    ) -> Result<Self> {
+        let x = inputs.x;
+        let x_mean = params.center.then(|| means(x, p, train));
+        let y_mean = params.center.then(|| means(inputs.y, t, train));
+        let x_train = gather(x, p, train, 0, p, x_mean.as_deref());
+        let x_test = gather(x, p, test, 0, p, x_mean.as_deref());
+        let primal = train.len() >= p;
+        let (vectors, values, proj) = if primal {
+            let gram = product(x_train.transpose(), x_train.as_ref());
+            let (v, s) = eigh(&gram, "training Gram matrix")?;
+            let proj = product(x_test.as_ref(), v.as_ref());
+            (v, s, proj)
+        } else {
+            let kernel = product(x_train.as_ref(), x_train.transpose());
+            let (u, l) = eigh(&kernel, "training kernel matrix")?;
+            let cross = product(x_test.as_ref(), x_train.transpose());
+            let proj = product(cross.as_ref(), u.as_ref());
+            (u, l, proj)
+        };
+        let alpha_max = inputs.alphas.iter().map(|a| widen(*a)).fold(0.0, f64::max);
+        let scoring = Scoring::new(&proj, values, alpha_max);
+        Ok(Self {
+            y_mean,
+            x_train,
+            vectors,
+            proj,
+            scoring,
+            primal,
+        })
+    }
+
+    /// Adds each alpha's held-out score of targets [t0, t0 + tb) into `sums [A, t]`.
+    #[allow(clippy::too_many_arguments)]
+    fn score_batch(
+        &self,
+        params: &CvParams,
+        inputs: &CvInputs<'_, E>,
+        t: usize,
+        t0: usize,
+        tb: usize,
+        train: &[usize],
+        test: &[usize],
+        sums: &mut [f64],
+    ) -> Result<()> {
+        let y_mean = self.y_mean.as_deref();
+        let y_train = rows_of(inputs.y, t, train, t0, tb, y_mean);
+        let y_train = MatRef::from_row_major_slice(&y_train, train.len(), tb);
+        let z = if self.primal {
+            let xty = product(self.x_train.transpose(), y_train);
+            product(self.vectors.transpose(), xty.as_ref())
+        } else {
+            product(self.vectors.transpose(), y_train)
+        };
+        // held-out targets, centered on their own means: a (n_te × tb), SS_tot per target
+        let n_te = test.len();
+        let (held_out, y_te_mean, ss_tot) = held_out_batch(inputs.y, t, test, t0, tb);
+        let centered = MatRef::from_row_major_slice(&held_out, n_te, tb);
+        // projᵀ·a: the cross terms Σ a·ŷ of every alpha come from it
+        let cross = product(self.proj.transpose(), centered);
+        let held = HeldOut {
+            n_te,
+            ss_tot: &ss_tot,
+            y_te_mean: &y_te_mean,
+            y_mean: y_mean.map(|m| &m[t0..t0 + tb]),
+        };
+        self.scoring
+            .add_scores(params.score, inputs.alphas, &z, &cross, &held, t, t0, sums);
         Ok(())
     }
 }
@@ -772,7 +876,7 @@ fn gap_terms<E: RidgeReal>(
 /// R² or Pearson from the sums of one target's held-out rows (a = y − ȳ, ŷ the prediction):
 /// ss_tot = Σa², cross = Σa·ŷ, ss_pred = Σ(ŷ − mean ŷ)², shift = mean ŷ − ȳ. Then
 /// SS_res = Σ(a − (ŷ − ȳ))² = ss_tot − 2·cross + ss_pred + n·shift² (Σa = 0).
-fn held_out_score(
+pub(super) fn held_out_score(
     kind: CvScore,
     count: usize,
     ss_tot: f64,

@@ -1,6 +1,8 @@
 //! Batched ridge regression (CPU): `ridge.cv` (one design matrix, many targets, an alpha per
-//! target by cross-validation; see [`cv()`]), `ridge.solve_batched` (many independent small
-//! problems) and `ridge.score` (R² and Pearson per target).
+//! target by cross-validation; see [`cv()`]), `ridge.banded_cv` (several feature spaces, a
+//! weight per space and an alpha per target by cross-validation; see [`banded_cv()`] and
+//! [`split_scores()`]), `ridge.solve_batched` (many independent small problems) and
+//! `ridge.score` (R² and Pearson per target).
 //!
 //! Small problems: the products (XᵀX or XXᵀ, XᵀY) run in the accumulator type (f32, f64 for
 //! f64) on the SIMD register tiles of `cpu::gemm`; the Cholesky factorization of XᵀX + αI
@@ -45,9 +47,13 @@ use crate::element::{Accum, Element, widened};
 use crate::error::{Error, Result, check_backed, check_len};
 use rayon::prelude::*;
 
+pub mod banded;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod cv;
+pub use banded::{
+    BandedFit, BandedInputs, BandedProgress, BandedShape, SplitScores, banded_cv, split_scores,
+};
 pub use cv::{CvFit, CvInputs, CvParams, CvProgress, CvScore, RidgeReal, cv, predict};
 
 /// The sizes of one design and its targets: `x [samples, features]`, `y [samples,
@@ -170,7 +176,7 @@ fn all_finite<E: Element>(c: &[E]) -> bool {
     c.iter().fold(true, |ok, v| ok & v.to_f64().is_finite())
 }
 
-fn check_finite<E: Element>(name: &str, x: &[E]) -> Result<()> {
+pub(super) fn check_finite<E: Element>(name: &str, x: &[E]) -> Result<()> {
     // chunks in parallel; the position only on failure
     if x.par_chunks(1 << 16).all(all_finite) {
         return Ok(());

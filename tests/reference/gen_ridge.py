@@ -1,6 +1,9 @@
 """Reference cases of the batched-ridge family: ``ridge.cv``,
-``ridge.solve_batched`` and ``ridge.score`` (loaded by ``generate.py``, see
-FAMILY_MODULES there; all three ops have landed, so ``PENDING`` is empty).
+``ridge.solve_batched``, ``ridge.score``, ``ridge.banded_cv`` and
+``ridge.split_scores`` (loaded by ``generate.py``, see FAMILY_MODULES there;
+all five ops have landed, so ``PENDING`` is empty). The banded-ridge cases
+store himalaya's own float64 outputs (see ``build_banded_cv`` and
+tests/reference/README.md, "Banded ridge"); the rest is described below.
 
 Usage::
 
@@ -173,6 +176,16 @@ def _sb(dtype, G, n, p, t):
     return dict(op="ridge.solve_batched", dtype=dtype, G=G, n=n, p=p, t=t)
 
 
+def _bcv(dtype, n, sizes, t, A, C, fold_sizes, score="r2", center=True):
+    return dict(op="ridge.banded_cv", dtype=dtype, n=n, sizes=tuple(sizes), t=t, A=A, C=C,
+                fold_sizes=tuple(fold_sizes), score=score, center=center)
+
+
+def _ss(dtype, n, sizes, t, score):
+    return dict(op="ridge.split_scores", dtype=dtype, n=n, sizes=tuple(sizes), t=t,
+                score=score)
+
+
 def _sc(dtype, n, t, const=False):
     return dict(op="ridge.score", dtype=dtype, n=n, t=t, const=const)
 
@@ -222,9 +235,32 @@ CASES = {
     "ridge_score_f32_n50_t6_const": _sc("f32", 50, 6, const=True),
     "ridge_score_f32_n1000_t3": _sc("f32", 1000, 3),
     "ridge_score_f64_n50_t6_const": _sc("f64", 50, 6, const=True),
+    # ridge.banded_cv: ridge_banded_cv_<dtype>_n<n>_p<p>_s<S>_t<t>_a<A>_c<C>_f<F>_<score>[_nc]
+    # (groups interleaved, not contiguous; the first candidate is the uniform weights, as
+    # in himalaya's random search, the others fixed draws).
+    "ridge_banded_cv_f32_n60_p12_s2_t6_a5_c4_f3_r2": _bcv("f32", 60, (5, 7), 6, 5, 4,
+                                                        (18, 20, 22)),
+    "ridge_banded_cv_f32_n30_p50_s2_t5_a5_c4_f3_pearson": _bcv(
+        "f32", 30, (20, 30), 5, 5, 4, (9, 10, 11), score="pearson"),
+    "ridge_banded_cv_f32_n60_p16_s4_t6_a5_c5_f3_pearson": _bcv(
+        "f32", 60, (3, 4, 4, 5), 6, 5, 5, (18, 20, 22), score="pearson"),
+    "ridge_banded_cv_f64_n60_p16_s4_t6_a5_c5_f3_r2": _bcv("f64", 60, (3, 4, 4, 5), 6, 5, 5,
+                                                        (18, 20, 22)),
+    "ridge_banded_cv_f64_n30_p48_s4_t5_a5_c5_f3_pearson": _bcv(
+        "f64", 30, (10, 12, 12, 14), 5, 5, 5, (9, 10, 11), score="pearson"),
+    "ridge_banded_cv_f64_n40_p10_s2_t5_a5_c4_f3_r2_nc": _bcv(
+        "f64", 40, (4, 6), 5, 5, 4, (12, 13, 15), center=False),
+    "ridge_banded_cv_f32_n24_p40_s2_t4_a5_c4_f3_r2": _bcv("f32", 24, (15, 25), 4, 5, 4,
+                                                        (7, 8, 9)),
+    # ridge.split_scores: ridge_split_scores_<dtype>_n<n>_p<p>_s<S>_t<t>_<score>
+    "ridge_split_scores_f32_n50_p12_s2_t6_r2": _ss("f32", 50, (5, 7), 6, "r2"),
+    "ridge_split_scores_f32_n50_p12_s2_t6_pearson": _ss("f32", 50, (5, 7), 6, "pearson"),
+    "ridge_split_scores_f64_n50_p16_s4_t6_r2": _ss("f64", 50, (3, 4, 4, 5), 6, "r2"),
+    "ridge_split_scores_f64_n50_p16_s4_t6_pearson": _ss("f64", 50, (3, 4, 4, 5), 6,
+                                                      "pearson"),
 }
 for _spec in CASES.values():
-    if _spec["op"] == "ridge.cv":
+    if _spec["op"] in ("ridge.cv", "ridge.banded_cv"):
         assert len(_spec["fold_sizes"]) >= 2 and sum(_spec["fold_sizes"]) == _spec["n"]
 
 # Dyadic constants for constant target columns (exact means in F32).
@@ -725,4 +761,233 @@ def build(name, spec):
         return build_solve_batched(name, spec)
     if op == "ridge.score":
         return build_score(name, spec)
+    if op == "ridge.banded_cv":
+        return build_banded_cv(name, spec)
+    if op == "ridge.split_scores":
+        return build_split_scores(name, spec)
     raise ValueError(op)
+
+
+# --------------------------------------------------------------------------
+# Banded ridge (ridge.banded_cv, ridge.split_scores).
+# --------------------------------------------------------------------------
+def _groups(rng, sizes):
+    """Interleaved space ids: sizes[s] columns of space s, in a shuffled order."""
+    g = np.repeat(np.arange(len(sizes)), sizes)
+    return g[rng.permutation(len(g))].astype(np.int32)
+
+
+def draw_banded_inputs(name, spec):
+    """x: per-space columns with their own scales; y: each target driven by the spaces
+    with target-dependent weights and noise, so that targets prefer different candidates."""
+    rng = _rng_key(name)
+    n, sizes, t, A, C = spec["n"], spec["sizes"], spec["t"], spec["A"], spec["C"]
+    S, p = len(sizes), sum(sizes)
+    groups = _groups(rng, sizes)
+    x = rng.standard_normal((n, p)) * np.logspace(0, -0.5, p) + 0.3 * rng.standard_normal(p)
+    mix = rng.dirichlet(np.full(S, 0.5), size=t)  # [t, S]: each target's space weights
+    w = rng.standard_normal((p, t)) / np.sqrt(p) * np.sqrt(3.0 * mix[:, groups].T)
+    sig = np.logspace(-1.0, 0.3, t)
+    y = _mm(x, w) + sig * rng.standard_normal((n, t)) + 0.5 * rng.standard_normal(t)
+    alphas = np.logspace(-2, 3, A)
+    gammas = np.vstack([np.full((1, S), 1.0 / S), rng.dirichlet(np.full(S, 1.0), size=C - 1)])
+    sizes_f = spec["fold_sizes"]
+    folds = np.repeat(np.arange(len(sizes_f)), sizes_f)
+    folds = folds[rng.permutation(n)]
+    dt = spec["dtype"]
+    # gamma rows are rounded to the dtype, then renormalized in float64 (still within the
+    # simplex tolerance after the dtype rounding)
+    gammas = _round(gammas, dt)
+    return dict(x=_round(x, dt), y=_round(y, dt), alphas=_round(alphas, dt),
+                gammas=gammas, groups=groups, folds=folds.astype(np.int32))
+
+
+def banded_cv_ref(X, Y, groups, alphas, gammas, folds, score, center):
+    """float64: ridge_cv_ref on the columns scaled by sqrt(gamma) for each candidate, then
+    per target the best candidate (the earliest among equal scores)."""
+    C, S = gammas.shape
+    per = [ridge_cv_ref(X * np.sqrt(g[groups]), Y, alphas, folds, score, center)
+           for g in gammas]
+    best_cv = np.stack([r["cv_scores"].max(0) for r in per])  # [C, t]
+    best_c = np.argmax(best_cv, axis=0)  # first maximum: the earliest candidate
+    t = Y.shape[1]
+    W = np.zeros((X.shape[1], t))
+    intercept = np.zeros(t)
+    best_alpha = np.zeros(t)
+    for j in range(t):
+        r, g = per[best_c[j]], gammas[best_c[j]]
+        W[:, j] = r["w"][:, j] * np.sqrt(g[groups])
+        intercept[j] = r["intercept"][j] if center else 0.0
+        best_alpha[j] = r["best_alpha"][j]
+    with np.errstate(divide="ignore"):
+        deltas = np.log(gammas[best_c].T / best_alpha[None, :])
+    return dict(cv_scores=best_cv, deltas=deltas, w=W, intercept=intercept, best_c=best_c,
+                per=per)
+
+
+def _himalaya_banded(X, Y, groups, alphas, gammas, folds, score, center, dtype):
+    """himalaya's solve_group_ridge_random_search with the candidates given, in `dtype`;
+    returns outputs in the original column order, cv_scores without its tie-break slope."""
+    import warnings
+    from himalaya.backend import set_backend
+    from himalaya.ridge import solve_group_ridge_random_search
+    from himalaya.scoring import correlation_score, r2_score
+    from sklearn.model_selection import PredefinedSplit
+
+    set_backend("numpy", on_error="raise")
+    npdt = _NP_DTYPE[dtype]
+    S = gammas.shape[1]
+    order = np.concatenate([np.flatnonzero(groups == s) for s in range(S)])
+    Xs = [X[:, groups == s].astype(npdt) for s in range(S)]
+    score_func = {"r2": r2_score, "pearson": correlation_score}[score]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = solve_group_ridge_random_search(
+            Xs, Y.astype(npdt), n_iter=gammas.astype(npdt), alphas=alphas.astype(npdt),
+            fit_intercept=center, score_func=score_func, cv=PredefinedSplit(folds),
+            return_weights=True, progress_bar=False, warn=False)
+    deltas, coef, cv_scores = (np.asarray(v, dtype=np.float64) for v in res[:3])
+    W = np.zeros_like(coef)
+    W[order] = coef
+    intercept = np.asarray(res[3], dtype=np.float64) if center else np.zeros(Y.shape[1])
+    return dict(cv_scores=cv_scores, deltas=deltas, w=W, intercept=intercept)
+
+
+def _banded_margins_ok(ref, dt):
+    """Choices must be clear: per target the best candidate beats the next one, and within
+    it the best alpha beats the runner-up, by a margin."""
+    for j in range(ref["w"].shape[1]):
+        s = np.sort(ref["cv_scores"][:, j])[::-1]
+        cv = np.sort(ref["per"][ref["best_c"][j]]["cv_scores"][:, j])[::-1]
+        if s[0] - s[1] <= _MARGIN[dt] or (len(cv) > 1 and cv[0] - cv[1] <= _MARGIN[dt]):
+            return False
+    return True
+
+
+def build_banded_cv(name, spec):
+    dt = spec["dtype"]
+    score, center = spec["score"], spec["center"]
+    # the first draw (seeds name, name#1, ...) whose choices are clear
+    for attempt in range(100):
+        inp = draw_banded_inputs(name if attempt == 0 else f"{name}#{attempt}", spec)
+        X, Y, groups, alphas, gammas, folds = (
+            inp[k] for k in ("x", "y", "groups", "alphas", "gammas", "folds"))
+        ref = banded_cv_ref(X, Y, groups, alphas, gammas, folds, score, center)
+        if _banded_margins_ok(ref, dt):
+            break
+    else:
+        raise AssertionError((name, "no draw with clear choices"))
+    # The stored outputs are himalaya's (float64), without its 1e-10 log(alpha) slope
+    # (cv_scores per candidate at that candidate's best alpha; the reference tells which).
+    hm = _himalaya_banded(X, Y, groups, alphas, gammas, folds, score, center, "f64")
+    best_idx = np.stack([r["best_idx"] for r in ref["per"]])  # [C, t]
+    hm["cv_scores"] = hm["cv_scores"] - 1e-10 * np.log(alphas[best_idx])
+    for k in ("cv_scores", "deltas", "w", "intercept"):
+        _assert_close(hm[k], ref[k], (name, "numpy reference " + k))
+    v = _versions()
+    meta = {
+        "op": "ridge.banded_cv",
+        "params": json.dumps({"score": score, "center": center}),
+        "source": (f"himalaya {v['himalaya']} solve_group_ridge_random_search (BandedRidgeCV's "
+                   f"solver, numpy backend, float64, the candidates given as n_iter; cv_scores "
+                   f"without its 1e-10 log(alpha) tie-break slope); agrees with a numpy float64 "
+                   f"Cholesky ridge per candidate (ridge_cv_ref on the scaled columns)"),
+    }
+    tensors = {
+        "in.x": _t(X, dt), "in.groups": torch.from_numpy(groups.copy()),
+        "in.y": _t(Y, dt), "in.alphas": _t(alphas, dt), "in.gammas": _t(gammas, dt),
+        "in.folds": torch.from_numpy(folds.copy()),
+        "out.cv_scores": _t(hm["cv_scores"], dt), "out.deltas": _t(hm["deltas"], dt),
+        "out.w": _t(hm["w"], dt), "out.intercept": _t(hm["intercept"], dt),
+    }
+    # self-check: himalaya itself run in the case dtype (F32), the numpy reference (F64)
+    if dt == "f64":
+        hd = ref
+    else:
+        hd = _himalaya_banded(X, Y, groups, alphas, gammas, folds, score, center, dt)
+        hd["cv_scores"] = hd["cv_scores"] - 1e-10 * np.log(alphas[best_idx])
+    tdt = _TORCH_DTYPE[dt]
+    checks = [(k, torch.from_numpy(hd[k]).to(tdt), tensors["out." + k])
+              for k in ("cv_scores", "deltas", "w", "intercept")]
+    return tensors, meta, checks
+
+
+def split_scores_ref(X, groups, W, Y):
+    """float64, written out: a = y - mean(y), q_s = X_s w_s centered; r2_s = sum(2 a q_s -
+    q_s sum_s' q_s') / sum(a^2); pearson_s = mean(a q_s) / (std(a) std(sum q))."""
+    S = int(groups.max()) + 1
+    a = Y - Y.mean(0)
+    q = np.stack([_mm(X[:, groups == s], W[groups == s]) for s in range(S)])
+    q = q - q.mean(1, keepdims=True)
+    tot = q.sum(0)
+    sst = (a ** 2).sum(0)
+    r2 = np.stack([(2 * a * q[s] - q[s] * tot).sum(0) / sst for s in range(S)])
+    sd_a = np.sqrt((a ** 2).mean(0))
+    sd_p = np.sqrt((tot ** 2).mean(0))
+    pr = np.stack([(a * q[s]).mean(0) / (sd_a * sd_p) for s in range(S)])
+    return r2, pr, q
+
+
+def build_split_scores(name, spec):
+    """w from a banded fit (himalaya, float64) on the first half of the rows; x and y are the
+    other half (held out), so the split scores are those of a test set."""
+    import warnings
+    from himalaya.backend import set_backend
+    from himalaya.scoring import correlation_score_split, r2_score_split
+
+    dt = spec["dtype"]
+    fit_spec = dict(spec, A=5, C=4, fold_sizes=(spec["n"] // 2,) * 2)
+    inp = draw_banded_inputs(name, fit_spec)
+    X, Y, groups = inp["x"], inp["y"], inp["groups"]
+    n = spec["n"]
+    tr, te = slice(0, n // 2), slice(n // 2, n)
+    folds = np.repeat([0, 1], [n // 4, n // 2 - n // 4]).astype(np.int32)
+    hm = _himalaya_banded(X[tr], Y[tr], groups, inp["alphas"], inp["gammas"], folds, "r2",
+                          True, "f64")
+    W = _round(hm["w"], dt)
+    Xte, Yte = X[te], Y[te]
+    r2, pr, q = split_scores_ref(Xte, groups, W, Yte)
+    set_backend("numpy", on_error="raise")
+    S = len(spec["sizes"])
+    qraw = np.stack([_mm(Xte[:, groups == s], W[groups == s]) for s in range(S)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        h_r2 = np.asarray(r2_score_split(Yte - Yte.mean(0), q))
+        h_pr = np.asarray(correlation_score_split(Yte, qraw))
+    _assert_close(h_r2, r2, (name, "himalaya r2_score_split"))
+    _assert_close(h_pr, pr, (name, "himalaya correlation_score_split"))
+    # the r2 split sums to the R² of the prediction shifted to the targets' mean
+    joint = 1 - ((Yte - Yte.mean(0) - q.sum(0)) ** 2).sum(0) / ((Yte - Yte.mean(0)) ** 2).sum(0)
+    _assert_close(r2.sum(0), joint, (name, "r2 split sums to the joint R2"))
+    v = _versions()
+    score = spec["score"]
+    meta = {
+        "op": "ridge.split_scores",
+        "params": json.dumps({"score": score}),
+        "source": (f"himalaya {v['himalaya']} "
+                   + ("r2_score_split of y - mean(y) and the per-space predictions centered "
+                      "over the rows" if score == "r2" else "correlation_score_split")
+                   + " (numpy backend, float64; in.intercept, the fit's, shifts every "
+                   "prediction by a constant and so does not enter); agrees with a numpy "
+                   "float64 evaluation of the same formula"),
+    }
+    want = h_r2 if score == "r2" else h_pr
+    tensors = {"in.x": _t(Xte, dt), "in.groups": torch.from_numpy(groups.copy()),
+               "in.w": _t(W, dt), "in.intercept": _t(hm["intercept"], dt),
+               "in.y": _t(Yte, dt), "out.scores": _t(want, dt)}
+    # self-check: the formulas on the dtype's inputs, in the dtype (torch)
+    tdt = _TORCH_DTYPE[dt]
+    xt, wt, yt = tensors["in.x"], tensors["in.w"], tensors["in.y"]
+    a = yt - yt.mean(0)
+    qs = torch.stack([xt[:, torch.from_numpy(groups == s)] @ wt[torch.from_numpy(groups == s)]
+                      for s in range(S)])
+    qs = qs - qs.mean(1, keepdim=True)
+    tot = qs.sum(0)
+    if score == "r2":
+        emu = torch.stack([(2 * a * qs[s] - qs[s] * tot).sum(0) / (a ** 2).sum(0)
+                           for s in range(S)])
+    else:
+        emu = torch.stack([(a * qs[s]).mean(0) / ((a ** 2).mean(0).sqrt()
+                                                  * (tot ** 2).mean(0).sqrt())
+                           for s in range(S)])
+    return tensors, meta, [(score, emu.to(tdt), tensors["out.scores"])]
