@@ -67,6 +67,8 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod attention;
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "cases")]
 pub mod cases;
 pub mod cpu;

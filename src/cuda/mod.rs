@@ -54,7 +54,11 @@ impl CudaElement for half::bf16 {
 /// already loaded.
 pub(crate) fn library_present(name: &str) -> bool {
     use std::env::consts::{DLL_PREFIX as P, DLL_SUFFIX as X};
-    let w = if cfg!(target_pointer_width = "32") { "32" } else { "64" };
+    let w = if cfg!(target_pointer_width = "32") {
+        "32"
+    } else {
+        "64"
+    };
     let (major, minor) = (13, 0);
     let candidates = [
         format!("{P}{name}{X}"),
