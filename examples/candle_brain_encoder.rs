@@ -307,7 +307,7 @@ fn main() -> Result<()> {
         "readout attention (top-3 weights from top_keys, mean over heads and 8 test stimuli): voxel: true token -> top tokens (weight)"
     );
     for vox in 0..VOXELS {
-        let mut per_token = vec![0.0f64; TOKENS];
+        let mut per_token = [0.0f64; TOKENS];
         for b in 0..8 {
             for h in 0..HEADS {
                 for j in 0..3 {

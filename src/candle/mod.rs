@@ -23,9 +23,10 @@
 //! - **Devices**: the inputs of one call share one device (a mismatch is an error naming the
 //!   tensor). The kernels run on CPU tensors; on a CUDA tensor the op returns candle's
 //!   "no cuda implementation" error (`cuda_fwd` is not implemented yet: move tensors to the
-//!   CPU, or call [`crate::cuda`]-side APIs on cudarc slices directly).
-//! - **Gradients** are first order: the backward passes are not themselves differentiable
-//!   (a second `backward` through a gradient is an error in candle's autograd). Constant
+//!   CPU, or call the `cuda` feature's APIs on cudarc slices directly).
+//! - **Gradients** are first order: the gradients a backward returns are new tensors that
+//!   candle does not track, so derivatives of gradients (double backward) through these ops
+//!   are not available. Constant
 //!   inputs (attention's `bias` and `alibi_slopes`) get no gradient.
 //! - Errors of the kernels (shapes, parameters) come back as candle errors wrapping
 //!   [`crate::Error`], which names the tensor.

@@ -91,6 +91,8 @@ impl EncodeOp {
 
     /// dx = Σ_j dv·w_enc[idx], dw_enc[idx] += dv·x, db_enc[idx] += dv over the selected
     /// latents whose value is positive; sums in a fixed order, in the accumulator type.
+    // the accumulator trait has `+` but not `+=`
+    #[allow(clippy::assign_op_pattern)]
     fn bwd_typed<E: CandleElement>(
         &self,
         x: &Tensor,
@@ -231,6 +233,8 @@ impl DecodeOp {
     }
 
     /// d_values[r, j] = d_xhat[r]·w_dec[idx], dw_dec[idx] += values[r, j]·d_xhat[r].
+    // the accumulator trait has `+` but not `+=`
+    #[allow(clippy::assign_op_pattern)]
     fn bwd_typed<E: CandleElement>(
         &self,
         values: &Tensor,
