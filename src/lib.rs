@@ -38,6 +38,9 @@
 //!   their `_host` forms take the CPU function's arguments after the device and return the
 //!   CPU function's result type. Hidden `*_on(isa, ...)` variants run one chosen instruction
 //!   set, for tests and benches.
+//! - **Frameworks**: `nd` (feature `ndarray`) takes `ndarray` views; `candle` (feature
+//!   `candle`) runs the ops on candle tensors as custom ops with backward passes, so
+//!   `Tensor::backward` differentiates a candle model through them.
 //!
 //! ```
 //! use neurokernels::scan::{self, ScanParams, ScanShape};
@@ -67,6 +70,8 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod attention;
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "cases")]
 pub mod cases;
 pub mod cpu;

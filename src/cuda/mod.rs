@@ -46,6 +46,46 @@ impl CudaElement for half::bf16 {
     const SUFFIX: &'static str = "bf16";
 }
 
+/// Whether the shared library `name` (e.g. `"cuda"`, `"cublas"`) can be opened under one of
+/// the file names cudarc's run-time loader tries (cudarc 0.19's `get_lib_name_candidates`
+/// for CUDA 13.0). cudarc's own `is_culib_present` exists only when cudarc loads libraries at
+/// run time; this probe works in every linking mode, so the crate builds next to candle-core's
+/// `cuda` (cudarc `dynamic-linking`), where the libraries are linked and the probe finds them
+/// already loaded.
+pub(crate) fn library_present(name: &str) -> bool {
+    use std::env::consts::{DLL_PREFIX as P, DLL_SUFFIX as X};
+    let w = if cfg!(target_pointer_width = "32") {
+        "32"
+    } else {
+        "64"
+    };
+    let (major, minor) = (13, 0);
+    let candidates = [
+        format!("{P}{name}{X}"),
+        format!("{P}{name}{w}{X}"),
+        format!("{P}{name}{w}_{major}{X}"),
+        format!("{P}{name}{w}_{major}{minor}{X}"),
+        format!("{P}{name}{w}_{major}{minor}_0{X}"),
+        format!("{P}{name}{w}_{major}0_{minor}{X}"),
+        format!("{P}{name}{w}_10{X}"),
+        format!("{P}{name}{w}_11{X}"),
+        format!("{P}{name}{w}_12{X}"),
+        format!("{P}{name}{w}_{major}0_0{X}"),
+        format!("{P}{name}{w}_9{X}"),
+        format!("{P}{name}{X}.{major}"),
+        format!("{P}{name}{X}.12"),
+        format!("{P}{name}{X}.11"),
+        format!("{P}{name}{X}.10"),
+        format!("{P}{name}{X}.9"),
+        format!("{P}{name}{X}.1"),
+    ];
+    // SAFETY: opening a CUDA library runs its initializers, as cudarc's loader would; the
+    // handle is closed again when it drops.
+    candidates
+        .iter()
+        .any(|c| unsafe { libloading::Library::new(c) }.is_ok())
+}
+
 /// True when the CUDA driver library can be loaded and reports at least one device.
 pub fn is_available() -> bool {
     Device::device_count().is_ok_and(|n| n > 0)
@@ -61,8 +101,7 @@ pub struct Device {
 impl Device {
     /// Number of CUDA devices; `Err(NoDevice)` when there is no driver.
     pub fn device_count() -> Result<usize> {
-        // SAFETY: only probes whether the shared library can be opened.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !library_present("cuda") {
             return Err(Error::NoDevice(
                 "the CUDA driver library (libcuda) was not found".into(),
             ));

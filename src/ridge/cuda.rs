@@ -289,15 +289,14 @@ struct Linalg {
 
 impl Linalg {
     fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        // SAFETY: only probe whether the shared libraries can be opened (their loaders panic
-        // when they cannot).
-        if !unsafe { blas_sys::is_culib_present() } {
+        // probe whether the shared libraries can be opened (cudarc's loaders panic when they
+        // cannot)
+        if !crate::cuda::library_present("cublas") {
             return Err(Error::NoDevice(
                 "the cuBLAS library (libcublas) was not found; put its directory on LD_LIBRARY_PATH".into(),
             ));
         }
-        // SAFETY: as above.
-        if !unsafe { solver_sys::is_culib_present() } {
+        if !crate::cuda::library_present("cusolver") {
             return Err(Error::NoDevice(
                 "the cuSOLVER library (libcusolver) was not found; put its directory on LD_LIBRARY_PATH".into(),
             ));

@@ -1,0 +1,446 @@
+//! Fused attention on candle tensors: [`crate::attention`]'s forward as a `CustomOp3` on
+//! (q, k, v) whose backward gives dq, dk, dv, and `top_keys`.
+//!
+//! Layouts (the slice API's, heads third): `q [B, Sq, Hq, D]`, `k [B, Sk, Hk, D]`,
+//! `v [B, Sk, Hk, Dv]`, `o [B, Sq, Hq, Dv]`, `lse [B, Hq, Sq]`; query head h reads KV head
+//! `h / (Hq / Hk)` (GQA/MQA). `alibi_slopes [Hq]` and `bias [Bb, Hb, Sq, Sk]` (Bb in {1, B},
+//! Hb in {1, Hq}) are constants: converted to the accumulator type (f32; f64 for f64 inputs),
+//! no gradient. Packed variable-length sequences take B = 1 and integer cumulative lengths
+//! `[N+1]` (any integer dtype; see [`crate::attention`]). Masks, softcap, scale and the order
+//! in which they apply are [`AttentionParams`]'.
+//!
+//! ```
+//! use neurokernels::candle::attention::{self, AttentionInputs, AttentionParams};
+//! use neurokernels::candle::candle_core::{Device, Tensor, Var};
+//!
+//! let dev = Device::Cpu;
+//! let q = Var::randn(0f32, 1., (1, 8, 4, 16), &dev)?; // [B, Sq, Hq, D]
+//! let k = Tensor::randn(0f32, 1., (1, 8, 2, 16), &dev)?; // [B, Sk, Hk, D]: GQA, 2 KV heads
+//! let v = Tensor::randn(0f32, 1., (1, 8, 2, 16), &dev)?;
+//! let params = AttentionParams::new().causal(true);
+//! let o = attention::forward(&params, &AttentionInputs::new(&q, &k, &v))?;
+//! let grads = o.sqr()?.sum_all()?.backward()?;
+//! assert_eq!(grads.get(&q).unwrap().dims(), &[1, 8, 4, 16]);
+//! # Ok::<(), neurokernels::candle::candle_core::Error>(())
+//! ```
+
+use super::{
+    CandleElement, acc_dtype, check_cpu, check_device, check_float, check_like, cpu_slice,
+    host_vec, with_dtype, wrap,
+};
+use crate::attention::{self as flat, AttentionShape, Bias};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use std::any::Any;
+use std::sync::{Arc, Mutex};
+
+#[doc(no_inline)]
+pub use crate::attention::{AttentionParams, BackwardTasks, SplitKv};
+
+const OP: &str = "attention";
+
+/// Packed variable-length sequences (B = 1): sequence n holds query rows `q[n]..q[n+1]` and
+/// key rows `k[n]..k[n+1]`, as [`crate::attention::CuSeqlens`]. Any integer dtype; values
+/// must fit in i32.
+#[derive(Clone, Copy, Debug)]
+pub struct CuSeqlens<'a> {
+    /// `[N+1]`: cumulative query lengths, from 0, non-decreasing, ending at Sq.
+    pub q: &'a Tensor,
+    /// `[N+1]`: cumulative key lengths, from 0, non-decreasing, ending at Sk.
+    pub k: &'a Tensor,
+}
+
+/// The inputs of the attention functions; `v` is ignored by [`top_keys`].
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionInputs<'a> {
+    /// `[B, Sq, Hq, D]`: the queries (differentiable).
+    pub q: &'a Tensor,
+    /// `[B, Sk, Hk, D]`: the keys (differentiable), dtype and device of `q`.
+    pub k: &'a Tensor,
+    /// `[B, Sk, Hk, Dv]`: the values (differentiable), dtype and device of `q`.
+    pub v: &'a Tensor,
+    /// `[Hq]`: ALiBi slopes, `s -= slope[h]·|i + Sk − Sq − j|` (default none; constant).
+    pub alibi_slopes: Option<&'a Tensor>,
+    /// `[Bb, Hb, Sq, Sk]`: additive score bias, Bb in {1, B}, Hb in {1, Hq} (default none;
+    /// constant).
+    pub bias: Option<&'a Tensor>,
+    /// Packed variable-length sequences, with B = 1 (default none).
+    pub cu_seqlens: Option<CuSeqlens<'a>>,
+}
+
+impl<'a> AttentionInputs<'a> {
+    /// q, k, v without optional inputs.
+    pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            alibi_slopes: None,
+            bias: None,
+            cu_seqlens: None,
+        }
+    }
+
+    /// Sets the ALiBi slopes `[Hq]` (default none).
+    pub fn alibi_slopes(mut self, slopes: Option<&'a Tensor>) -> Self {
+        self.alibi_slopes = slopes;
+        self
+    }
+
+    /// Sets the additive bias `[Bb, Hb, Sq, Sk]` (default none).
+    pub fn bias(mut self, bias: Option<&'a Tensor>) -> Self {
+        self.bias = bias;
+        self
+    }
+
+    /// Sets the packed sequences' cumulative lengths (default none; requires B = 1).
+    pub fn cu_seqlens(mut self, cu: Option<CuSeqlens<'a>>) -> Self {
+        self.cu_seqlens = cu;
+        self
+    }
+
+    /// Checks dtypes and devices (`v` only `with_v`) and prepares the constant inputs.
+    fn prepare(&self, with_v: bool) -> candle_core::Result<Extras> {
+        check_float(OP, "q", self.q)?;
+        let (dtype, device) = (self.q.dtype(), self.q.device());
+        check_like(OP, "k", self.k, dtype, device, "q")?;
+        if with_v {
+            check_like(OP, "v", self.v, dtype, device, "q")?;
+        }
+        let acc = acc_dtype(dtype);
+        let constant = |name: &str, t: &Tensor| -> candle_core::Result<Box<dyn AnyVec>> {
+            check_device(OP, name, t, device, "q")?;
+            check_float(OP, name, t)?;
+            check_cpu(OP, name, t)?;
+            let t = t.to_dtype(acc)?;
+            Ok(if acc == DType::F64 {
+                Box::new(host_vec::<f64>(&t)?)
+            } else {
+                Box::new(host_vec::<f32>(&t)?)
+            })
+        };
+        let slopes = match self.alibi_slopes {
+            Some(t) => {
+                if t.rank() != 1 {
+                    candle_core::bail!(
+                        "neurokernels {OP}: tensor `alibi_slopes` has shape {:?}, expected [Hq]",
+                        t.dims()
+                    );
+                }
+                Some(constant("alibi_slopes", t)?)
+            }
+            None => None,
+        };
+        let bias = match self.bias {
+            Some(t) => {
+                let &[bb, hb, _, _] = t.dims() else {
+                    candle_core::bail!(
+                        "neurokernels {OP}: tensor `bias` has shape {:?}, expected [Bb, Hb, Sq, Sk]",
+                        t.dims()
+                    );
+                };
+                Some((constant("bias", t)?, bb, hb))
+            }
+            None => None,
+        };
+        let cu = match self.cu_seqlens {
+            Some(cu) => Some((lengths("cu_seqlens_q", cu.q, device)?, {
+                lengths("cu_seqlens_k", cu.k, device)?
+            })),
+            None => None,
+        };
+        Ok(Extras { slopes, bias, cu })
+    }
+}
+
+/// An integer tensor `[N+1]` as i32s.
+fn lengths(name: &str, t: &Tensor, device: &candle_core::Device) -> candle_core::Result<Vec<i32>> {
+    check_device(OP, name, t, device, "q")?;
+    if t.dtype().is_float() {
+        candle_core::bail!(
+            "neurokernels {OP}: tensor `{name}` has dtype {:?}, expected an integer dtype",
+            t.dtype()
+        );
+    }
+    if t.rank() != 1 {
+        candle_core::bail!(
+            "neurokernels {OP}: tensor `{name}` has shape {:?}, expected [N+1]",
+            t.dims()
+        );
+    }
+    host_vec::<i64>(&t.to_dtype(DType::I64)?)?
+        .into_iter()
+        .map(|x| {
+            i32::try_from(x).map_err(|_| {
+                candle_core::Error::Msg(format!(
+                    "neurokernels {OP}: tensor `{name}` holds {x}, outside i32"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// A `Vec<A>` of the accumulator type, behind `Any`.
+trait AnyVec: Any + Send + Sync {
+    fn as_any(&self) -> &dyn Any;
+}
+impl<T: Any + Send + Sync> AnyVec for Vec<T> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Downcasts a stored accumulator vector.
+fn acc_slice<A: 'static>(v: &dyn AnyVec) -> candle_core::Result<&[A]> {
+    v.as_any()
+        .downcast_ref::<Vec<A>>()
+        .map(|v| v.as_slice())
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "neurokernels {OP}: a constant input's dtype does not match the inputs' accumulator"
+            ))
+        })
+}
+
+/// The constant inputs, on the host in the accumulator type.
+struct Extras {
+    slopes: Option<Box<dyn AnyVec>>,
+    bias: Option<(Box<dyn AnyVec>, usize, usize)>,
+    cu: Option<(Vec<i32>, Vec<i32>)>,
+}
+
+impl Extras {
+    /// Runs `f` on the slice API's inputs for q, k, v.
+    fn with_inputs<E: CandleElement, R>(
+        &self,
+        q: &[E],
+        k: &[E],
+        v: &[E],
+        f: impl FnOnce(&flat::AttentionInputs<'_, E>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let slopes = match &self.slopes {
+            Some(s) => Some(acc_slice::<E::Acc>(s.as_ref())?),
+            None => None,
+        };
+        let bias = match &self.bias {
+            Some((b, batch, heads)) => Some(Bias {
+                data: acc_slice::<E::Acc>(b.as_ref())?,
+                batch: *batch,
+                heads: *heads,
+            }),
+            None => None,
+        };
+        let inputs = flat::AttentionInputs::new(q, k, v)
+            .alibi_slopes(slopes)
+            .bias(bias)
+            .cu_seqlens(self.cu.as_ref().map(|(q, k)| flat::CuSeqlens {
+                q: q.as_slice(),
+                k: k.as_slice(),
+            }));
+        f(&inputs)
+    }
+}
+
+/// The forward's log-sum-exps, kept for the backward (and for [`forward_with_lse`]).
+type LseCache = Arc<Mutex<Option<Box<dyn AnyVec>>>>;
+
+/// The attention forward as a candle op on (q, k, v).
+struct AttentionOp {
+    params: AttentionParams,
+    extras: Extras,
+    lse: LseCache,
+}
+
+/// The slice API's shape of q, k, v's dims.
+fn shape_of(q: &[usize], k: &[usize], v: &[usize]) -> candle_core::Result<AttentionShape> {
+    AttentionShape::from_dims(q, k, Some(v)).map_err(wrap)
+}
+
+impl AttentionOp {
+    fn fwd<E: CandleElement>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        (s3, l3): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = shape_of(l1.dims(), l2.dims(), l3.dims())?;
+        let q = cpu_slice::<E>(OP, "q", s1, l1)?;
+        let k = cpu_slice::<E>(OP, "k", s2, l2)?;
+        let v = cpu_slice::<E>(OP, "v", s3, l3)?;
+        let out = self.extras.with_inputs(q, k, v, |inputs| {
+            flat::forward(&self.params, shape, inputs).map_err(wrap)
+        })?;
+        if let Ok(mut cache) = self.lse.lock() {
+            *cache = Some(Box::new(out.lse));
+        }
+        let dims = match &self.extras.cu {
+            Some((cq, _)) => {
+                // packed: o [total_q, Hq, Dv] with the batch axis of 1
+                let total_q = cq.last().copied().unwrap_or(0).max(0) as usize;
+                vec![1, total_q, shape.heads_q, shape.value_dim]
+            }
+            None => vec![shape.batch, shape.len_q, shape.heads_q, shape.value_dim],
+        };
+        Ok((E::to_cpu_storage_owned(out.o), Shape::from(dims)))
+    }
+
+    fn bwd_typed<E: CandleElement>(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let shape = shape_of(q.dims(), k.dims(), v.dims())?;
+        let (qh, kh, vh) = (host_vec::<E>(q)?, host_vec::<E>(k)?, host_vec::<E>(v)?);
+        let oh = host_vec::<E>(o)?;
+        let doh = host_vec::<E>(&d_o.to_dtype(q.dtype())?)?;
+        let cached = self.lse.lock().ok().and_then(|mut c| c.take());
+        let grads = self.extras.with_inputs(&qh, &kh, &vh, |inputs| {
+            let recomputed;
+            let lse: &[E::Acc] = match &cached {
+                Some(l) => acc_slice::<E::Acc>(l.as_ref())?,
+                None => {
+                    recomputed = flat::forward(&self.params, shape, inputs)
+                        .map_err(wrap)?
+                        .lse;
+                    &recomputed
+                }
+            };
+            flat::backward(&self.params, shape, inputs, &oh, &doh, lse).map_err(wrap)
+        })?;
+        if let Ok(mut c) = self.lse.lock() {
+            *c = cached;
+        }
+        let dq = Tensor::from_vec(grads.dq, q.shape(), q.device())?;
+        let dk = Tensor::from_vec(grads.dk, k.shape(), k.device())?;
+        let dv = Tensor::from_vec(grads.dv, v.shape(), v.device())?;
+        Ok((dq, dk, dv))
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "neurokernels-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        with_dtype!(OP, s1.dtype(), T => self.fwd::<T>((s1, l1), (s2, l2), (s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = with_dtype!(OP, q.dtype(), T => self.bwd_typed::<T>(q, k, v, o, d_o))?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Runs the forward op, returning o and the lse cache.
+fn run(
+    params: &AttentionParams,
+    inputs: &AttentionInputs<'_>,
+) -> candle_core::Result<(Tensor, LseCache)> {
+    let extras = inputs.prepare(true)?;
+    let lse: LseCache = Arc::new(Mutex::new(None));
+    let op = AttentionOp {
+        params: *params,
+        extras,
+        lse: lse.clone(),
+    };
+    let (q, k, v) = (
+        inputs.q.contiguous()?,
+        inputs.k.contiguous()?,
+        inputs.v.contiguous()?,
+    );
+    let o = q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))?;
+    Ok((o, lse))
+}
+
+/// Attention's output `o [B, Sq, Hq, Dv]` (packed: `[1, total_q, Hq, Dv]`), dtype of q;
+/// differentiable in q, k and v. A query that sees no key gives a zero row.
+pub fn forward(
+    params: &AttentionParams,
+    inputs: &AttentionInputs<'_>,
+) -> candle_core::Result<Tensor> {
+    Ok(run(params, inputs)?.0)
+}
+
+/// [`forward`], also returning `lse [B, Hq, Sq]` (packed: `[1, Hq, total_q]`) in the
+/// accumulator dtype (f32; f64 for f64 inputs): the natural-log sum of exp of each query's
+/// scores, −inf for a query that sees no key. `lse` carries no gradient.
+pub fn forward_with_lse(
+    params: &AttentionParams,
+    inputs: &AttentionInputs<'_>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (o, cache) = run(params, inputs)?;
+    let (b, sq, hq, _) = o.dims4()?;
+    let acc = acc_dtype(o.dtype());
+    let guard = cache
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("neurokernels {OP}: lse cache poisoned")))?;
+    let stored = guard.as_ref().ok_or_else(|| {
+        candle_core::Error::Msg(format!("neurokernels {OP}: the forward kept no lse"))
+    })?;
+    let lse = if acc == DType::F64 {
+        Tensor::from_slice(acc_slice::<f64>(stored.as_ref())?, (b, hq, sq), o.device())?
+    } else {
+        Tensor::from_slice(acc_slice::<f32>(stored.as_ref())?, (b, hq, sq), o.device())?
+    };
+    drop(guard);
+    Ok((o, lse))
+}
+
+/// `attention.top_keys`: the softmax probabilities of each query's `top` most attended keys
+/// (descending, ties to the lower key), `weights [B, Hq, Sq, top]` in the accumulator dtype,
+/// and their key positions `indices [B, Hq, Sq, top]` as i64; rows with fewer visible keys
+/// than `top` are padded with weight 0 and index −1. No gradient; `inputs.v` is not read.
+/// CPU tensors only.
+pub fn top_keys(
+    params: &AttentionParams,
+    inputs: &AttentionInputs<'_>,
+    top: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let extras = inputs.prepare(false)?;
+    let device = inputs.q.device().clone();
+    check_cpu(OP, "q", inputs.q)?;
+    let (q, k) = (inputs.q, inputs.k);
+    let shape = AttentionShape::from_dims(q.dims(), k.dims(), None).map_err(wrap)?;
+    let rows = match &extras.cu {
+        Some((cq, _)) => cq.last().copied().unwrap_or(0).max(0) as usize,
+        None => shape.batch * shape.len_q,
+    };
+    let dims = match &extras.cu {
+        Some(_) => (1, shape.heads_q, rows, top),
+        None => (shape.batch, shape.heads_q, shape.len_q, top),
+    };
+    let (weights, indices) = with_dtype!(OP, q.dtype(), T => {
+        let (qh, kh) = (host_vec::<T>(q)?, host_vec::<T>(k)?);
+        let out = extras.with_inputs(&qh, &kh, &[], |inputs| {
+            flat::top_keys(params, shape, inputs, top).map_err(wrap)
+        })?;
+        (
+            Tensor::from_vec(out.weights, dims, &device)?,
+            Tensor::from_vec(
+                out.indices.into_iter().map(i64::from).collect::<Vec<_>>(),
+                dims,
+                &device,
+            )?,
+        )
+    });
+    Ok((weights, indices))
+}

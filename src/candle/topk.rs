@@ -1,0 +1,343 @@
+//! The top-k sparse autoencoder on candle tensors: [`encode`] (values + latent indices) with
+//! gradients into x, w_enc and b_enc through the selected latents, and [`decode`] with
+//! gradients into the values and w_dec. A top-k SAE's reconstruction is
+//! `decode(encode(x − b_dec)) + b_dec`; write the b_dec terms with candle's ops (as below),
+//! and autograd gives b_dec its gradient too.
+//!
+//! Layouts: `x [B, Dm]`, `w_enc [L, Dm]`, `b_enc [L]`, `values [B, k]` (dtype of x),
+//! `indices [B, k]` (u32), `w_dec [L, Dm]`, `x_hat [B, Dm]`. The selection is the slice API's
+//! ([`crate::topk::encode`]: the k largest of ReLU(x·W_encᵀ + b_enc), descending, ties to
+//! the lower latent); it is piecewise constant, so no gradient flows through the indices, and
+//! a selected value that is 0 (ReLU off) passes none to the encoder.
+//!
+//! ```
+//! use neurokernels::candle::topk;
+//! use neurokernels::candle::candle_core::{Device, Tensor, Var};
+//!
+//! let dev = Device::Cpu;
+//! let x = Tensor::randn(0f32, 1., (4, 16), &dev)?; // [B, Dm]
+//! let w_enc = Var::randn(0f32, 0.3, (64, 16), &dev)?; // [L, Dm]
+//! let b_enc = Var::zeros(64, candle_core::DType::F32, &dev)?;
+//! let w_dec = Var::randn(0f32, 0.3, (64, 16), &dev)?;
+//! let b_dec = Var::zeros(16, candle_core::DType::F32, &dev)?;
+//! let (values, indices) = topk::encode(&x.broadcast_sub(&b_dec)?, &w_enc, &b_enc, 8)?;
+//! let x_hat = topk::decode(&values, &indices, &w_dec)?.broadcast_add(&b_dec)?;
+//! let loss = (x_hat - &x)?.sqr()?.mean_all()?;
+//! let grads = loss.backward()?;
+//! assert_eq!(grads.get(&w_enc).unwrap().dims(), &[64, 16]);
+//! # use neurokernels::candle::candle_core;
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use super::{CandleElement, check_float, check_like, cpu_slice, host_vec, with_dtype, wrap};
+use crate::topk::{self as flat, EncoderInputs, SaeShape};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// The selected latents of one encode, kept for its backward and returned as a tensor.
+type Selection = Arc<Mutex<Option<Vec<i32>>>>;
+
+/// `sae.encode` on (x, w_enc, b_enc): returns the values, keeps the indices.
+struct EncodeOp {
+    k: usize,
+    indices: Selection,
+}
+
+const ENC: &str = "sae.encode";
+const DEC: &str = "sae.decode";
+
+fn sae_shape(op: &str, x: &[usize], w: &[usize], wname: &str) -> candle_core::Result<SaeShape> {
+    let (&[b, dm], &[l, dm2]) = (x, w) else {
+        candle_core::bail!(
+            "neurokernels {op}: expected x [B, Dm] and {wname} [L, Dm], got {x:?} and {w:?}"
+        );
+    };
+    if dm != dm2 {
+        candle_core::bail!(
+            "neurokernels {op}: tensor `{wname}` has shape {w:?}, expected [L, {dm}] (Dm from x)"
+        );
+    }
+    Ok(SaeShape::new(b, dm, l))
+}
+
+/// The lock of a selection (poisoning is a candle error).
+fn lock(s: &Selection) -> candle_core::Result<std::sync::MutexGuard<'_, Option<Vec<i32>>>> {
+    s.lock()
+        .map_err(|_| candle_core::Error::Msg("neurokernels: selection lock poisoned".into()))
+}
+
+impl EncodeOp {
+    fn fwd<E: CandleElement>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        (s3, l3): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = sae_shape(ENC, l1.dims(), l2.dims(), "w_enc")?;
+        let inputs = EncoderInputs {
+            x: cpu_slice::<E>(ENC, "x", s1, l1)?,
+            w_enc: cpu_slice::<E>(ENC, "w_enc", s2, l2)?,
+            b_enc: cpu_slice::<E>(ENC, "b_enc", s3, l3)?,
+            b_dec: None,
+        };
+        let out = flat::encode(shape, self.k, &inputs).map_err(wrap)?;
+        *lock(&self.indices)? = Some(out.indices);
+        Ok((
+            E::to_cpu_storage_owned(out.values),
+            Shape::from((shape.batch, self.k)),
+        ))
+    }
+
+    /// dx = Σ_j dv·w_enc[idx], dw_enc[idx] += dv·x, db_enc[idx] += dv over the selected
+    /// latents whose value is positive; sums in a fixed order, in the accumulator type.
+    // the accumulator trait has `+` but not `+=`
+    #[allow(clippy::assign_op_pattern)]
+    fn bwd_typed<E: CandleElement>(
+        &self,
+        x: &Tensor,
+        w_enc: &Tensor,
+        b_enc: &Tensor,
+        values: &Tensor,
+        d_values: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let shape = sae_shape(ENC, x.dims(), w_enc.dims(), "w_enc")?;
+        let (b, dm, l, k) = (shape.batch, shape.dm, shape.latents, self.k);
+        let guard = lock(&self.indices)?;
+        let Some(idx) = guard.as_ref() else {
+            candle_core::bail!("neurokernels {ENC}: the forward kept no selection");
+        };
+        let (xh, wh) = (host_vec::<E>(x)?, host_vec::<E>(w_enc)?);
+        let vals = host_vec::<E>(values)?;
+        let dv = host_vec::<E>(&d_values.to_dtype(x.dtype())?)?;
+        let zero = <E::Acc as crate::element::Accum>::ZERO;
+        let mut dx = vec![zero; b * dm];
+        let mut dw = vec![zero; l * dm];
+        let mut db = vec![zero; l];
+        for r in 0..b {
+            for j in 0..k {
+                let (v, g) = (vals[r * k + j].to_acc(), dv[r * k + j].to_acc());
+                // a value that is not positive (ReLU off, or NaN) passes no gradient
+                if v.partial_cmp(&zero) != Some(std::cmp::Ordering::Greater) {
+                    continue;
+                }
+                let lat = idx[r * k + j] as usize;
+                db[lat] = db[lat] + g;
+                for c in 0..dm {
+                    dx[r * dm + c] = dx[r * dm + c] + g * wh[lat * dm + c].to_acc();
+                    dw[lat * dm + c] = dw[lat * dm + c] + g * xh[r * dm + c].to_acc();
+                }
+            }
+        }
+        let cast = |v: Vec<E::Acc>| -> Vec<E> { v.into_iter().map(E::from_acc).collect() };
+        Ok((
+            Tensor::from_vec(cast(dx), x.shape(), x.device())?,
+            Tensor::from_vec(cast(dw), w_enc.shape(), w_enc.device())?,
+            Tensor::from_vec(cast(db), b_enc.shape(), b_enc.device())?,
+        ))
+    }
+}
+
+impl CustomOp3 for EncodeOp {
+    fn name(&self) -> &'static str {
+        "neurokernels-sae-encode"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        with_dtype!(ENC, s1.dtype(), T => self.fwd::<T>((s1, l1), (s2, l2), (s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w_enc: &Tensor,
+        b_enc: &Tensor,
+        values: &Tensor,
+        d_values: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = with_dtype!(ENC, x.dtype(),
+            T => self.bwd_typed::<T>(x, w_enc, b_enc, values, d_values))?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `sae.encode`: per row of `x [B, Dm]`, the `k` largest of ReLU(x·W_encᵀ + b_enc)
+/// (`w_enc [L, Dm]`, `b_enc [L]`), descending, as `values [B, k]` (dtype of x) and their
+/// latents `indices [B, k]` (u32); where fewer than k are positive the rest are zeros at the
+/// lowest latents with a non-positive pre-activation. `values` is differentiable in x, w_enc
+/// and b_enc through the selected latents; `indices` carries no gradient. `k` in 1..=L.
+pub fn encode(
+    x: &Tensor,
+    w_enc: &Tensor,
+    b_enc: &Tensor,
+    k: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    check_float(ENC, "x", x)?;
+    check_like(ENC, "w_enc", w_enc, x.dtype(), x.device(), "x")?;
+    check_like(ENC, "b_enc", b_enc, x.dtype(), x.device(), "x")?;
+    let indices: Selection = Arc::new(Mutex::new(None));
+    let op = EncodeOp {
+        k,
+        indices: indices.clone(),
+    };
+    let values = x.contiguous()?.apply_op3_arc(
+        &w_enc.contiguous()?,
+        &b_enc.contiguous()?,
+        Arc::new(Box::new(op)),
+    )?;
+    let idx: Vec<u32> = match lock(&indices)?.as_ref() {
+        Some(idx) => idx.iter().map(|&i| i as u32).collect(),
+        None => candle_core::bail!("neurokernels {ENC}: the forward kept no selection"),
+    };
+    let indices = Tensor::from_vec(idx, values.shape(), values.device())?;
+    Ok((values, indices))
+}
+
+/// `sae.decode` on (values, w_dec), the indices captured.
+struct DecodeOp {
+    indices: Vec<i32>,
+    k: usize,
+}
+
+impl DecodeOp {
+    fn fwd<E: CandleElement>(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let &[b, _] = l1.dims() else {
+            candle_core::bail!(
+                "neurokernels {DEC}: tensor `values` has shape {:?}, expected [B, k]",
+                l1.dims()
+            );
+        };
+        let &[l, dm] = l2.dims() else {
+            candle_core::bail!(
+                "neurokernels {DEC}: tensor `w_dec` has shape {:?}, expected [L, Dm]",
+                l2.dims()
+            );
+        };
+        let shape = SaeShape::new(b, dm, l);
+        let values = cpu_slice::<E>(DEC, "values", s1, l1)?;
+        let w = cpu_slice::<E>(DEC, "w_dec", s2, l2)?;
+        let x_hat = flat::decode(shape, self.k, &self.indices, values, w, None).map_err(wrap)?;
+        Ok((E::to_cpu_storage_owned(x_hat), Shape::from((b, dm))))
+    }
+
+    /// d_values[r, j] = d_xhat[r]·w_dec[idx], dw_dec[idx] += values[r, j]·d_xhat[r].
+    // the accumulator trait has `+` but not `+=`
+    #[allow(clippy::assign_op_pattern)]
+    fn bwd_typed<E: CandleElement>(
+        &self,
+        values: &Tensor,
+        w_dec: &Tensor,
+        d_xhat: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, k) = values.dims2()?;
+        let (l, dm) = w_dec.dims2()?;
+        let (vh, wh) = (host_vec::<E>(values)?, host_vec::<E>(w_dec)?);
+        let gh = host_vec::<E>(&d_xhat.to_dtype(values.dtype())?)?;
+        let zero = <E::Acc as crate::element::Accum>::ZERO;
+        let mut dv = vec![zero; b * k];
+        let mut dw = vec![zero; l * dm];
+        for r in 0..b {
+            for j in 0..k {
+                let lat = self.indices[r * k + j] as usize;
+                let v = vh[r * k + j].to_acc();
+                let mut acc = zero;
+                for c in 0..dm {
+                    let g = gh[r * dm + c].to_acc();
+                    acc = acc + g * wh[lat * dm + c].to_acc();
+                    dw[lat * dm + c] = dw[lat * dm + c] + v * g;
+                }
+                dv[r * k + j] = acc;
+            }
+        }
+        let cast = |v: Vec<E::Acc>| -> Vec<E> { v.into_iter().map(E::from_acc).collect() };
+        Ok((
+            Tensor::from_vec(cast(dv), values.shape(), values.device())?,
+            Tensor::from_vec(cast(dw), w_dec.shape(), w_dec.device())?,
+        ))
+    }
+}
+
+impl CustomOp2 for DecodeOp {
+    fn name(&self) -> &'static str {
+        "neurokernels-sae-decode"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        with_dtype!(DEC, s1.dtype(), T => self.fwd::<T>((s1, l1), (s2, l2)))
+    }
+
+    fn bwd(
+        &self,
+        values: &Tensor,
+        w_dec: &Tensor,
+        _x_hat: &Tensor,
+        d_xhat: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dv, dw) =
+            with_dtype!(DEC, values.dtype(), T => self.bwd_typed::<T>(values, w_dec, d_xhat))?;
+        Ok((Some(dv), Some(dw)))
+    }
+}
+
+/// `sae.decode`: `x_hat [B, Dm]`, row r = Σ_j values[r, j]·w_dec[indices[r, j]]
+/// (`values [B, k]`, `indices [B, k]` any integer dtype with entries in 0..L,
+/// `w_dec [L, Dm]`). Differentiable in values and w_dec.
+pub fn decode(values: &Tensor, indices: &Tensor, w_dec: &Tensor) -> candle_core::Result<Tensor> {
+    check_float(DEC, "values", values)?;
+    check_like(
+        DEC,
+        "w_dec",
+        w_dec,
+        values.dtype(),
+        values.device(),
+        "values",
+    )?;
+    if indices.dtype().is_float() {
+        candle_core::bail!(
+            "neurokernels {DEC}: tensor `indices` has dtype {:?}, expected an integer dtype",
+            indices.dtype()
+        );
+    }
+    if indices.dims() != values.dims() {
+        candle_core::bail!(
+            "neurokernels {DEC}: tensor `indices` has shape {:?}, expected {:?} (the shape of `values`)",
+            indices.dims(),
+            values.dims()
+        );
+    }
+    let (_, k) = values.dims2()?;
+    let l = w_dec.dim(0)?;
+    let idx = host_vec::<i64>(&indices.to_dtype(DType::I64)?)?
+        .into_iter()
+        .map(|i| {
+            if i < 0 || i as usize >= l {
+                Err(candle_core::Error::Msg(format!(
+                    "neurokernels {DEC}: tensor `indices` holds {i}, outside 0..{l} (L from w_dec)"
+                )))
+            } else {
+                Ok(i as i32)
+            }
+        })
+        .collect::<candle_core::Result<Vec<i32>>>()?;
+    values
+        .contiguous()?
+        .apply_op2(&w_dec.contiguous()?, DecodeOp { indices: idx, k })
+}
