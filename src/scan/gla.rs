@@ -380,6 +380,47 @@ fn advance<A: Accum>(state: &mut [A], decay: &[A], k: &[A], v: &[A]) {
     }
 }
 
+/// A row of E widened into the accumulator type, a vector at a time.
+#[inline(always)]
+fn widen<S: Simd, E: Element>(from: &[E], to: &mut [E::Acc]) {
+    let lanes = E::Acc::lanes::<S>();
+    let whole = from.len() - from.len() % lanes;
+    for c in (0..whole).step_by(lanes) {
+        // SAFETY: c + lanes <= whole <= the length of both rows.
+        unsafe {
+            <E::Acc as Accum>::vstore::<S>(
+                to.as_mut_ptr().add(c),
+                E::vload::<S>(from.as_ptr().add(c)),
+            )
+        };
+    }
+    for (t, f) in to[whole..].iter_mut().zip(&from[whole..]) {
+        *t = f.to_acc();
+    }
+}
+
+/// A row in the accumulator type rounded to E at `to`, a vector at a time.
+///
+/// # Safety
+/// `to` is valid for writing `from.len()` values of E.
+#[inline(always)]
+unsafe fn narrow<S: Simd, E: Element>(from: &[E::Acc], to: *mut E) {
+    let lanes = E::Acc::lanes::<S>();
+    let whole = from.len() - from.len() % lanes;
+    // SAFETY: c + lanes <= whole <= from.len(), which `to` holds by this fn's contract.
+    unsafe {
+        for c in (0..whole).step_by(lanes) {
+            E::vstore::<S>(
+                to.add(c),
+                <E::Acc as Accum>::vload::<S>(from.as_ptr().add(c)),
+            );
+        }
+        for (c, x) in from.iter().enumerate().skip(whole) {
+            *to.add(c) = E::from_acc(*x);
+        }
+    }
+}
+
 /// e^x over a slice, vectorized (the same polynomial as the scalar `exp` of the tail).
 #[inline(always)]
 fn exp_in_place<S: Simd, A: Accum>(x: &mut [A]) {

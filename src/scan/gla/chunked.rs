@@ -27,7 +27,7 @@
 //! When the element type is the accumulator type (f32, f64), the products also read v and
 //! write o in the tensors themselves, rows H apart, instead of through workspace copies.
 
-use super::{GlaInputs, GlaShape, padded_stride, row};
+use super::{GlaInputs, GlaShape, narrow, padded_stride, row, widen};
 use crate::cpu::gemm::{Strided, gemm_acc};
 use crate::cpu::{SendPtr, Simd, SimdKernel, prefetch};
 use crate::element::{Accum, Element, as_acc};
@@ -107,21 +107,11 @@ impl<E: Element> SimdKernel for ChunkedHeads<'_, E> {
                 if direct {
                     continue;
                 }
-                let lanes = E::Acc::lanes::<S>();
-                let whole = vd - vd % lanes;
                 for j in 0..n {
                     let (at, from) = (rows.at(t0 + j, vd), &work.o[j * vd..(j + 1) * vd]);
                     // SAFETY: row (batch, t, hi) of o belongs to this task's heads and holds
-                    // vd elements; `from` holds vd.
-                    unsafe {
-                        let to = o.get().add(at);
-                        for c in (0..whole).step_by(lanes) {
-                            E::vstore::<S>(to.add(c), E::Acc::vload::<S>(from.as_ptr().add(c)));
-                        }
-                        for (c, x) in from.iter().enumerate().skip(whole) {
-                            *to.add(c) = E::from_acc(*x);
-                        }
-                    }
+                    // vd elements, as many as `from`.
+                    unsafe { narrow::<S, E>(from, o.get().add(at)) };
                 }
             }
             t0 += n;
@@ -378,7 +368,7 @@ impl<A: Accum> Workspace<A> {
     ) {
         let (kd, vd) = (self.kd, self.vd);
         let lanes = A::lanes::<S>();
-        let (k_whole, v_whole) = (kd - kd % lanes, vd - vd % lanes);
+        let k_whole = kd - kd % lanes;
         if factored {
             for (i, p) in self.inv_last.iter_mut().zip(&self.prefix) {
                 *i = A::ONE / *p;
@@ -421,19 +411,7 @@ impl<A: Accum> Workspace<A> {
                 continue;
             }
             let at = rows.at(t0 + t, vd);
-            let (v_in, v_row) = (&inputs.v[at..at + vd], &mut self.v[t * vd..][..vd]);
-            // SAFETY: c + lanes <= v_whole <= vd, the length of both rows.
-            unsafe {
-                for c in (0..v_whole).step_by(lanes) {
-                    A::vstore::<S>(
-                        v_row.as_mut_ptr().add(c),
-                        E::vload::<S>(v_in.as_ptr().add(c)),
-                    );
-                }
-            }
-            for c in v_whole..vd {
-                v_row[c] = v_in[c].to_acc();
-            }
+            widen::<S, E>(&inputs.v[at..at + vd], &mut self.v[t * vd..][..vd]);
         }
     }
 
@@ -485,10 +463,9 @@ impl<A: Accum> Workspace<A> {
 
 /// out[t·CHUNK + τ] = x[t]·y[τ] for τ <= t < n (rows of `dim` values; entries above the
 /// diagonal are left as they are), in blocks of 2 rows × 4 columns: 8 independent vector
-/// sums, each x and y vector loaded once per block. The chunk's A (q̃ by k_scores) in the
-/// forward, and A and dA (do by v) in the backward.
+/// sums, each x and y vector loaded once per block: the chunk's A (q̃ by k_scores).
 #[inline(always)]
-pub(super) fn causal_scores<S: Simd, A: Accum>(
+fn causal_scores<S: Simd, A: Accum>(
     x: &[A],
     y: &[A],
     dim: usize,

@@ -28,7 +28,7 @@
 //! gradients, so the result does not depend on the thread count.
 
 use super::chunked::{CHUNK, GATE_LIMIT};
-use super::{GlaInputs, GlaShape, exp_in_place};
+use super::{GlaInputs, GlaShape, exp_in_place, narrow, widen};
 use crate::cpu::gemm::{Strided, gemm_acc, gemm_set};
 use crate::cpu::scratch::Scratch;
 use crate::cpu::{SendPtr, Simd, SimdKernel};
@@ -271,8 +271,8 @@ impl<A: Accum> Work<A> {
     }
 
     /// E, suffix, E_last and k̃ from the loaded rows; with `all` also q̃, and kŝ where the
-    /// factored form applies. Returns whether it does (every E[t] within [e^-L, e^L]; NaN
-    /// fails the test and takes the pairwise form).
+    /// factored form applies, returning whether it does (every E[t] within [e^-L, e^L]; NaN
+    /// fails the test and takes the pairwise form). Without `all`, returns false.
     #[inline(always)]
     fn gates<S: Simd>(&mut self, n: usize, scale: A, all: bool) -> bool {
         let kd = self.kd;
@@ -288,14 +288,6 @@ impl<A: Accum> Work<A> {
                 *p = *x * *eg;
             }
         }
-        let (low, high) = (
-            A::from_f64((-GATE_LIMIT).exp()),
-            A::from_f64(GATE_LIMIT.exp()),
-        );
-        // `&`, not `&&`: one pass without branches
-        let outside = (self.e[..nk].iter()).fold(0u32, |count, p| {
-            count + u32::from(!((*p >= low) & (*p <= high)))
-        });
         self.last.copy_from_slice(&self.e[(n - 1) * kd..nk]);
         // suffix[τ] = Π_{τ<u<n} e^{g[u]}, from the end, replacing e^{g} row by row
         let run = &mut self.run;
@@ -319,10 +311,19 @@ impl<A: Accum> Work<A> {
                 }
             }
         }
-        let inside = outside == 0;
         if !all {
-            return inside;
+            // the state's update needs neither q̃ nor the factored form
+            return false;
         }
+        let (low, high) = (
+            A::from_f64((-GATE_LIMIT).exp()),
+            A::from_f64(GATE_LIMIT.exp()),
+        );
+        // `&`, not `&&`: one pass without branches
+        let outside = (self.e[..nk].iter()).fold(0u32, |count, p| {
+            count + u32::from(!((*p >= low) & (*p <= high)))
+        });
+        let inside = outside == 0;
         for (x, (q, e)) in self.qt[..nk].iter_mut().zip(self.q.iter().zip(&self.e)) {
             *x = scale * *q * *e;
         }
@@ -623,47 +624,6 @@ fn transpose<A: Accum>(from: &[A], kd: usize, vd: usize, to: &mut [A]) {
     for (kk, row) in from.chunks_exact(vd).enumerate() {
         for (c, x) in row.iter().enumerate() {
             to[c * kd + kk] = *x;
-        }
-    }
-}
-
-/// A row of E widened into the accumulator type, a vector at a time.
-#[inline(always)]
-fn widen<S: Simd, E: Element>(from: &[E], to: &mut [E::Acc]) {
-    let lanes = E::Acc::lanes::<S>();
-    let whole = from.len() - from.len() % lanes;
-    for c in (0..whole).step_by(lanes) {
-        // SAFETY: c + lanes <= whole <= the length of both rows.
-        unsafe {
-            <E::Acc as Accum>::vstore::<S>(
-                to.as_mut_ptr().add(c),
-                E::vload::<S>(from.as_ptr().add(c)),
-            )
-        };
-    }
-    for (t, f) in to[whole..].iter_mut().zip(&from[whole..]) {
-        *t = f.to_acc();
-    }
-}
-
-/// A row in the accumulator type rounded to E at `to`, a vector at a time.
-///
-/// # Safety
-/// `to` is valid for writing `from.len()` values of E.
-#[inline(always)]
-unsafe fn narrow<S: Simd, E: Element>(from: &[E::Acc], to: *mut E) {
-    let lanes = E::Acc::lanes::<S>();
-    let whole = from.len() - from.len() % lanes;
-    // SAFETY: c + lanes <= whole <= from.len(), which `to` holds by this fn's contract.
-    unsafe {
-        for c in (0..whole).step_by(lanes) {
-            E::vstore::<S>(
-                to.add(c),
-                <E::Acc as Accum>::vload::<S>(from.as_ptr().add(c)),
-            );
-        }
-        for (c, x) in from.iter().enumerate().skip(whole) {
-            *to.add(c) = E::from_acc(*x);
         }
     }
 }
