@@ -268,6 +268,34 @@ __device__ void cv_scale_cols(const T* src, T* dst, const double* values, double
   }
 }
 
+// ridge.banded_cv: dst[i, j] = src[i, j] * row_scale[i] * col_scale[j] for column-major
+// [rows x cols] matrices, in f64 then rounded to T as on the CPU (D G D with both scales,
+// D V with col_scale null). dst may be src. Elementwise, grid-stride.
+template <typename T>
+__device__ void banded_scale(T* dst, const T* src, const double* row_scale, const double* col_scale, int rows,
+                             int cols) {
+  const long long total = (long long)rows * cols;
+  for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+    const int i = (int)(k % rows);
+    const int j = (int)(k / rows);
+    double v = (double)to_acc(src[k]) * row_scale[i];
+    if (col_scale) v *= col_scale[j];
+    dst[k] = from_acc<T>((typename Acc<T>::type)v);
+  }
+}
+
+// ridge.banded_cv: one candidate's kernel from the per-space ones, dst[k] = sum_s gamma[s]
+// mats[s len + k] (mats [S, len], contiguous), summed in f64 in space order and rounded once,
+// as on the CPU. Elementwise, grid-stride.
+template <typename T>
+__device__ void banded_mix(T* dst, const T* mats, const double* gamma, int spaces, long long len) {
+  for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < len; k += (long long)gridDim.x * blockDim.x) {
+    double v = 0.0;
+    for (int s = 0; s < spaces; ++s) v += gamma[s] * (double)to_acc(mats[s * len + k]);
+    dst[k] = from_acc<T>((typename Acc<T>::type)v);
+  }
+}
+
 // ridge.cv refit: z[i, c] *= 1 / (values[i] + chosen[c]) for z column-major [rank x tb]
 // (each target's own alpha). Elementwise, grid-stride.
 template <typename T>
@@ -463,6 +491,15 @@ NK_RIDGE_ENTRY(double, f64, double, f64)
       ridge_cv_select_##NAME(const double* sums, const double* alphas, int n_alphas, long long t, int folds,         \
                              T* cv_scores, T* best_alpha, double* chosen) {                                          \
     cv_select<T>(sums, alphas, n_alphas, t, folds, cv_scores, best_alpha, chosen);                                   \
+  }                                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_THREADS)                                                  \
+      ridge_banded_scale_##NAME(T* dst, const T* src, const double* row_scale, const double* col_scale, int rows,    \
+                                int cols) {                                                                           \
+    banded_scale<T>(dst, src, row_scale, col_scale, rows, cols);                                                     \
+  }                                                                                                                   \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_THREADS)                                                  \
+      ridge_banded_mix_##NAME(T* dst, const T* mats, const double* gamma, int spaces, long long len) {               \
+    banded_mix<T>(dst, mats, gamma, spaces, len);                                                                    \
   }
 
 #define NK_RIDGE_SCORE_ENTRY(T, NAME)                                                                 \

@@ -1212,12 +1212,8 @@ impl Runner {
             return Err(Error::shape("alphas", "rank 1 [A]", got));
         }
         let (folds, groups) = (index_input(case, "folds")?, index_input(case, "groups")?);
-        if self.kind == DeviceKind::Cuda {
-            return Err(Error::Unsupported(
-                "ridge.banded_cv has no CUDA path yet (CPU only)".into(),
-            ));
-        }
         fn run<E: RidgeElement>(
+            runner: &Runner,
             case: &Case,
             params: &ridge::CvParams,
             shape: ridge::BandedShape,
@@ -1232,7 +1228,10 @@ impl Runner {
                 gammas: typed::<E>(case, "gammas")?,
                 folds,
             };
-            let fit = ridge::banded_cv(params, shape, &inputs, None)?;
+            let fit = match runner.kind {
+                DeviceKind::Cuda => E::cuda_banded_cv(runner, params, shape, &inputs)?,
+                DeviceKind::Cpu => ridge::banded_cv(params, shape, &inputs, None)?,
+            };
             Ok([
                 E::wrap(fit.cv_scores),
                 E::wrap(fit.deltas),
@@ -1242,8 +1241,8 @@ impl Runner {
         }
         let shape = ridge::BandedShape::new(n, features, targets, spaces);
         let [cv_scores, deltas, w, intercept] = match case.input("x")?.dtype() {
-            Some(DType::F32) => run::<f32>(case, &params, shape, folds, groups)?,
-            Some(DType::F64) => run::<f64>(case, &params, shape, folds, groups)?,
+            Some(DType::F32) => run::<f32>(self, case, &params, shape, folds, groups)?,
+            Some(DType::F64) => run::<f64>(self, case, &params, shape, folds, groups)?,
             _ => return Err(case_err(&case.name, "`in.x` must be F32 or F64")),
         };
         let mut out = BTreeMap::new();
@@ -1509,6 +1508,12 @@ trait RidgeElement: CaseElement + ridge::cv::RidgeReal {
         y_true: &[Self],
         y_pred: &[Self],
     ) -> Result<(Vec<Self>, Vec<Self>)>;
+    fn cuda_banded_cv(
+        runner: &Runner,
+        params: &ridge::CvParams,
+        shape: ridge::BandedShape,
+        inputs: &ridge::BandedInputs<'_, Self>,
+    ) -> Result<ridge::BandedFit<Self>>;
 }
 
 macro_rules! ridge_element {
@@ -1547,6 +1552,22 @@ macro_rules! ridge_element {
                         inputs,
                         None,
                     )
+                }
+                #[cfg(not(feature = "cuda"))]
+                {
+                    Err(Error::NoDevice("this build has no `cuda` feature".into()))
+                }
+            }
+            #[allow(unused_variables)]
+            fn cuda_banded_cv(
+                runner: &Runner,
+                params: &ridge::CvParams,
+                shape: ridge::BandedShape,
+                inputs: &ridge::BandedInputs<'_, Self>,
+            ) -> Result<ridge::BandedFit<Self>> {
+                #[cfg(feature = "cuda")]
+                {
+                    ridge::cuda::banded_cv_host(runner.device()?, params, shape, inputs, None)
                 }
                 #[cfg(not(feature = "cuda"))]
                 {

@@ -4,8 +4,10 @@
 //! orders 64, 65, 200, 256 (the shared-memory kernel; f32 elements past the f64 factor's fit
 //! factor in f32) and 300 (cuBLAS + cuSOLVER), failed factorizations reported as errors.
 //! ridge.cv: f32 and f64, n < p and n ≥ p folds, R² and Pearson, centered or not, several
-//! target batches, bad inputs refused naming the tensor. ridge.score: f32 and f64, the
-//! constant target/prediction conventions, one row, no rows.
+//! target batches, bad inputs refused naming the tensor. ridge.banded_cv: f32 and f64, primal
+//! and dual folds and refits, 2 and 3 interleaved feature spaces, R² and Pearson, centered or
+//! not, several target batches, progress, bad groups and gammas refused. ridge.score: f32 and
+//! f64, the constant target/prediction conventions, one row, no rows.
 
 #![cfg(feature = "cuda")]
 
@@ -14,7 +16,9 @@ mod common;
 use common::{Rng, to_f64, worst_ratio};
 use neurokernels::cuda::Device;
 use neurokernels::ridge::cuda::CudaRidgeReal;
-use neurokernels::ridge::{self, BatchedShape, CvInputs, CvParams, CvScore, RidgeShape};
+use neurokernels::ridge::{
+    self, BandedInputs, BandedShape, BatchedShape, CvInputs, CvParams, CvScore, RidgeShape,
+};
 
 /// Well-conditioned problems: n ≈ 2p (primal) or p ≈ 2n (dual) with uniform entries.
 fn check_solve<E: CudaRidgeReal>(
@@ -281,6 +285,231 @@ fn cuda_cv_reports_progress_and_refuses_bad_inputs() {
     assert!(err.to_string().contains("folds"), "{err}");
     let err = ridge::cuda::cv_host(&dev, &params, RidgeShape::new(n, p, t + 1), &inputs, None)
         .unwrap_err();
+    assert!(err.to_string().contains("`y`"), "{err}");
+}
+
+/// Banded data: x [n, p] whose columns belong to `spaces` interleaved spaces (column j in
+/// space (j·5 + j/3) mod S, so spaces are not contiguous); target c draws on each space with
+/// its own strength, so different candidates win; candidates: the simplex's corners (nearly),
+/// its centre and a few in between.
+struct BandedData<E> {
+    x: Vec<E>,
+    groups: Vec<i32>,
+    y: Vec<E>,
+    alphas: Vec<E>,
+    gammas: Vec<E>,
+    folds: Vec<i32>,
+}
+
+fn banded_data<E: CudaRidgeReal>(
+    seed: u64,
+    (n, p, t, spaces): (usize, usize, usize, usize),
+    folds: usize,
+) -> BandedData<E> {
+    let mut rng = Rng::new(seed);
+    let groups: Vec<i32> = (0..p).map(|j| ((j * 5 + j / 3) % spaces) as i32).collect();
+    let x: Vec<f64> = rng.vec(n * p, -1.0, 1.0);
+    let w: Vec<f64> = rng.vec(p * t, -1.0, 1.0);
+    let noise: Vec<f64> = rng.vec(n * t, -1.0, 1.0);
+    let mut y = vec![0.0; n * t];
+    for i in 0..n {
+        for c in 0..t {
+            let s: f64 = (0..p)
+                .map(|k| {
+                    // target c weighs space (c mod S) most and the others little
+                    let strength = if groups[k] as usize == c % spaces {
+                        1.0
+                    } else {
+                        0.1
+                    };
+                    strength * x[i * p + k] * w[k * t + c]
+                })
+                .sum();
+            y[i * t + c] = s / (p as f64).sqrt() + (0.1 + 0.3 * c as f64) * noise[i * t + c] - 2.0;
+        }
+    }
+    let mut gammas = Vec::new();
+    for s in 0..spaces {
+        // near a corner
+        gammas.extend((0..spaces).map(|k| {
+            if k == s {
+                0.9
+            } else {
+                0.1 / (spaces - 1) as f64
+            }
+        }));
+    }
+    gammas.extend((0..spaces).map(|_| 1.0 / spaces as f64));
+    // one exact corner (a space weighted 0)
+    gammas.extend((0..spaces).map(|k| if k == 0 { 1.0 } else { 0.0 }));
+    BandedData {
+        x: x.into_iter().map(E::from_f64).collect(),
+        groups,
+        y: y.into_iter().map(E::from_f64).collect(),
+        alphas: [0.1, 1.0, 10.0, 100.0]
+            .into_iter()
+            .map(E::from_f64)
+            .collect(),
+        gammas: gammas.into_iter().map(E::from_f64).collect(),
+        folds: (0..n).map(|i| ((i * 7) % folds) as i32).collect(),
+    }
+}
+
+fn check_banded<E: CudaRidgeReal>(device: &Device, seed: u64, tol: f64) {
+    // primal folds and refit; dual folds and refit; dual folds, primal refit (n ≥ p > n_train)
+    for (i, &(n, p, t, spaces, folds)) in [(60, 12, 7, 2, 3), (30, 40, 5, 3, 3), (48, 40, 4, 2, 4)]
+        .iter()
+        .enumerate()
+    {
+        let data = banded_data::<E>(seed + i as u64, (n, p, t, spaces), folds);
+        let inputs = BandedInputs {
+            x: &data.x,
+            groups: &data.groups,
+            y: &data.y,
+            alphas: &data.alphas,
+            gammas: &data.gammas,
+            folds: &data.folds,
+        };
+        let shape = BandedShape::new(n, p, t, spaces);
+        let n_cand = data.gammas.len() / spaces;
+        let mut several_chosen = false;
+        for score in [CvScore::R2, CvScore::Pearson] {
+            for center in [true, false] {
+                let params = CvParams::new().score(score).center(center).target_batch(3);
+                let what = format!(
+                    "{} n{n} p{p} t{t} S{spaces} {score:?} center={center}",
+                    E::DTYPE
+                );
+                let want = ridge::banded_cv(&params, shape, &inputs, None).unwrap();
+                let got =
+                    ridge::cuda::banded_cv_host(device, &params, shape, &inputs, None).unwrap();
+                let (gs, ws) = (to_f64(&got.cv_scores), to_f64(&want.cv_scores));
+                assert_eq!(gs.len(), n_cand * t);
+                let r = worst_ratio(&gs, &ws, tol, tol);
+                assert!(r <= 1.0, "{what}: cv_scores {r} x tolerance");
+                let mut same = 0;
+                for c in 0..t {
+                    let (gb, wb) = (got.best_candidate[c], want.best_candidate[c]);
+                    let (ga, wa) = (got.best_alpha[c].to_f64(), want.best_alpha[c].to_f64());
+                    if gb != wb || ga != wa {
+                        // a different choice only between (nearly) equal mean scores
+                        let (sg, sw) = (ws[gb * t + c], ws[wb * t + c]);
+                        assert!(
+                            (sg - sw).abs() <= tol,
+                            "{what}: target {c} chose {gb} vs {wb}"
+                        );
+                        continue;
+                    }
+                    same += 1;
+                    let col = |m: &[E], rows: usize| {
+                        (0..rows).map(|r| m[r * t + c].to_f64()).collect::<Vec<_>>()
+                    };
+                    let (gd, wd) = (col(&got.deltas, spaces), col(&want.deltas, spaces));
+                    assert!(
+                        gd.iter()
+                            .zip(&wd)
+                            .all(|(g, w)| g == w || (g - w).abs() <= tol),
+                        "{what}: deltas of target {c}: {gd:?} vs {wd:?}"
+                    );
+                    let r = worst_ratio(&col(&got.w, p), &col(&want.w, p), tol * 10.0, tol);
+                    assert!(r <= 1.0, "{what}: w of target {c} {r} x tolerance");
+                    let r = worst_ratio(
+                        &[got.intercept[c].to_f64()],
+                        &[want.intercept[c].to_f64()],
+                        tol * 10.0,
+                        tol,
+                    );
+                    assert!(r <= 1.0, "{what}: intercept of target {c} {r} x tolerance");
+                }
+                assert!(same > 0, "{what}: no target chose alike");
+                let chosen: std::collections::BTreeSet<usize> =
+                    want.best_candidate.iter().copied().collect();
+                several_chosen |= chosen.len() > 1;
+            }
+        }
+        // some fit has targets on different candidates (the refit decomposes several)
+        assert!(
+            several_chosen,
+            "n{n} p{p}: every target of every fit chose one candidate"
+        );
+    }
+}
+
+#[test]
+fn cuda_banded_cv_matches_cpu() {
+    if let Some(dev) = common::device_or_skip("cuda_banded_cv_matches_cpu") {
+        check_banded::<f32>(&dev, 40, 2e-4);
+        check_banded::<f64>(&dev, 50, 1e-9);
+    }
+}
+
+#[test]
+fn cuda_banded_cv_reports_progress_and_refuses_bad_inputs() {
+    let Some(dev) =
+        common::device_or_skip("cuda_banded_cv_reports_progress_and_refuses_bad_inputs")
+    else {
+        return;
+    };
+    let (n, p, t, spaces) = (30, 8, 5, 2);
+    let data = banded_data::<f32>(6, (n, p, t, spaces), 3);
+    let inputs = BandedInputs {
+        x: &data.x,
+        groups: &data.groups,
+        y: &data.y,
+        alphas: &data.alphas,
+        gammas: &data.gammas,
+        folds: &data.folds,
+    };
+    let shape = BandedShape::new(n, p, t, spaces);
+    let params = CvParams::new().target_batch(2);
+    let seen = std::sync::Mutex::new(Vec::new());
+    let report = |r: ridge::BandedProgress| seen.lock().unwrap().push((r.fold, r.candidate));
+    let fit = ridge::cuda::banded_cv_host(&dev, &params, shape, &inputs, Some(&report)).unwrap();
+    // every candidate of the 3 folds, then the chosen candidates of the refit in order
+    let n_cand = data.gammas.len() / spaces;
+    let mut want: Vec<(usize, usize)> = (0..3)
+        .flat_map(|f| (0..n_cand).map(move |c| (f, c)))
+        .collect();
+    let chosen: std::collections::BTreeSet<usize> = fit.best_candidate.iter().copied().collect();
+    want.extend(chosen.iter().map(|c| (3, *c)));
+    assert_eq!(*seen.lock().unwrap(), want);
+
+    let mut bad_groups = data.groups.clone();
+    bad_groups[3] = 2;
+    let err = ridge::cuda::banded_cv_host(
+        &dev,
+        &params,
+        shape,
+        &BandedInputs {
+            groups: &bad_groups,
+            ..inputs
+        },
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("groups"), "{err}");
+    let mut off_simplex = data.gammas.clone();
+    off_simplex[0] = 0.5;
+    let err = ridge::cuda::banded_cv_host(
+        &dev,
+        &params,
+        shape,
+        &BandedInputs {
+            gammas: &off_simplex,
+            ..inputs
+        },
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("gammas"), "{err}");
+    let err = ridge::cuda::banded_cv_host(
+        &dev,
+        &params,
+        BandedShape::new(n, p, t + 1, spaces),
+        &inputs,
+        None,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("`y`"), "{err}");
 }
 

@@ -268,11 +268,11 @@ fn check_groups(groups: &[i32], spaces: usize) -> Result<Vec<Vec<usize>>> {
 }
 
 /// The rows of each fold, the columns of each space, and C.
-type Checked = (Vec<Vec<usize>>, Vec<Vec<usize>>, usize);
+pub(super) type Checked = (Vec<Vec<usize>>, Vec<Vec<usize>>, usize);
 
 /// The checks of `ridge.banded_cv`'s inputs, before anything is allocated by them: returns
 /// (the rows of each fold, the columns of each space, C).
-fn check_inputs<E: RidgeReal>(
+pub(super) fn check_inputs<E: RidgeReal>(
     params: &CvParams,
     shape: BandedShape,
     inputs: &BandedInputs<'_, E>,
@@ -345,7 +345,7 @@ fn check_inputs<E: RidgeReal>(
 }
 
 /// √γ of each column's space for one candidate's weights.
-fn column_scales(gamma: &[f64], groups: &[i32]) -> Vec<f64> {
+pub(super) fn column_scales(gamma: &[f64], groups: &[i32]) -> Vec<f64> {
     groups.iter().map(|g| gamma[*g as usize].sqrt()).collect()
 }
 
@@ -585,8 +585,60 @@ pub(super) fn banded_impl<E: RidgeReal>(
             }
         }
     }
-    // per candidate the best alpha (the largest among equal scores), then the best
-    // candidate (the earliest among equal scores)
+    let chosen = select(&sums, inputs.alphas, &gammas, spaces, t, n_folds);
+    let (w, intercept) = refit(
+        params,
+        shape,
+        inputs,
+        &columns,
+        &gammas,
+        &chosen.best_candidate,
+        &chosen.best_alpha,
+        progress,
+        n_folds,
+    )?;
+    Ok(chosen.into_fit(w, intercept))
+}
+
+/// What the held-out scores choose for every target.
+pub(super) struct Selection {
+    /// `[C, t]`: per candidate the mean score of its best alpha.
+    pub cv_scores: Vec<f64>,
+    /// `[t]`.
+    pub best_candidate: Vec<usize>,
+    /// `[t]`.
+    pub best_alpha: Vec<f64>,
+    /// `[S, t]`: log(γ[best, s] / α_best).
+    pub deltas: Vec<f64>,
+}
+
+impl Selection {
+    pub(super) fn into_fit<E: RidgeReal>(self, w: Vec<E>, intercept: Vec<E>) -> BandedFit<E> {
+        BandedFit {
+            cv_scores: self.cv_scores.into_iter().map(cast).collect(),
+            deltas: self.deltas.into_iter().map(cast).collect(),
+            best_candidate: self.best_candidate,
+            best_alpha: self.best_alpha.into_iter().map(cast).collect(),
+            w,
+            intercept,
+        }
+    }
+}
+
+/// Each target's choice from the score sums `[C, A, t]` over `folds` folds: per candidate
+/// the best alpha (the largest among equal scores), then the best candidate (the earliest
+/// among equal scores). Shared by the CPU and CUDA paths so both choose alike.
+pub(super) fn select<E: RidgeReal>(
+    sums: &[f64],
+    alphas: &[E],
+    gammas: &[f64],
+    spaces: usize,
+    t: usize,
+    n_folds: usize,
+) -> Selection {
+    let n_cand = gammas.len() / spaces;
+    let n_alphas = alphas.len();
+    let gamma = |c: usize| &gammas[c * spaces..(c + 1) * spaces];
     let mut cv_scores = vec![0.0f64; n_cand * t];
     let mut best_alpha_index = vec![0usize; n_cand * t];
     for c in 0..n_cand {
@@ -595,7 +647,7 @@ pub(super) fn banded_impl<E: RidgeReal>(
             let mut best = 0;
             for a in 1..n_alphas {
                 let (sa, sb) = (score(a), score(best));
-                if sa > sb || (sa == sb && widen(inputs.alphas[a]) > widen(inputs.alphas[best])) {
+                if sa > sb || (sa == sb && widen(alphas[a]) > widen(alphas[best])) {
                     best = a;
                 }
             }
@@ -615,34 +667,21 @@ pub(super) fn banded_impl<E: RidgeReal>(
         })
         .collect();
     let best_alpha: Vec<f64> = (0..t)
-        .map(|j| widen(inputs.alphas[best_alpha_index[best_candidate[j] * t + j]]))
+        .map(|j| widen(alphas[best_alpha_index[best_candidate[j] * t + j]]))
         .collect();
-    let mut deltas = vec![E::default(); spaces * t];
+    let mut deltas = vec![0.0f64; spaces * t];
     for j in 0..t {
         let g = gamma(best_candidate[j]);
         for s in 0..spaces {
-            deltas[s * t + j] = cast((g[s] / best_alpha[j]).ln());
+            deltas[s * t + j] = (g[s] / best_alpha[j]).ln();
         }
     }
-    let (w, intercept) = refit(
-        params,
-        shape,
-        inputs,
-        &columns,
-        &gammas,
-        &best_candidate,
-        &best_alpha,
-        progress,
-        n_folds,
-    )?;
-    Ok(BandedFit {
-        cv_scores: cv_scores.into_iter().map(cast).collect(),
-        deltas,
+    Selection {
+        cv_scores,
         best_candidate,
-        best_alpha: best_alpha.into_iter().map(cast).collect(),
-        w,
-        intercept,
-    })
+        best_alpha,
+        deltas,
+    }
 }
 
 /// Refit on all rows, one decomposition per chosen candidate: (w [p, t], intercept [t]).

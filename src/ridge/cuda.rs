@@ -42,6 +42,9 @@ use cudarc::driver::{
 };
 use std::sync::Arc;
 
+mod banded;
+pub use banded::banded_cv_host;
+
 // ---------------------------------------------------------------------------------------------
 // cuBLAS / cuSOLVER in the element type
 
@@ -317,8 +320,8 @@ impl Linalg {
     #[allow(clippy::too_many_arguments)]
     fn gemm<E: CudaRidgeReal>(
         &self,
-        (ta, tb): (bool, bool),
-        (m, n, k): (usize, usize, usize),
+        ops: (bool, bool),
+        mnk: (usize, usize, usize),
         a: &CudaSlice<E>,
         lda: usize,
         b: &CudaSlice<E>,
@@ -326,29 +329,45 @@ impl Linalg {
         c: &mut CudaSlice<E>,
         ldc: usize,
     ) -> Result<()> {
+        self.gemm_at(ops, mnk, (a, 0, lda), (b, 0, ldb), (c, 0, ldc))
+    }
+
+    /// [`Linalg::gemm`] on operands that start `offset` elements into their buffers.
+    #[allow(clippy::type_complexity)]
+    fn gemm_at<E: CudaRidgeReal>(
+        &self,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (a, a_off, lda): (&CudaSlice<E>, usize, usize),
+        (b, b_off, ldb): (&CudaSlice<E>, usize, usize),
+        (c, c_off, ldc): (&mut CudaSlice<E>, usize, usize),
+    ) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
         }
         let (a_rows, a_cols) = if ta { (k, m) } else { (m, k) };
         let (b_rows, b_cols) = if tb { (n, k) } else { (k, n) };
-        check_extent("gemm A", a.len(), a_rows, a_cols, lda)?;
-        check_extent("gemm B", b.len(), b_rows, b_cols, ldb)?;
-        check_extent("gemm C", c.len(), m, n, ldc)?;
+        let rest = |len: usize, off: usize| len.saturating_sub(off);
+        check_extent("gemm A", rest(a.len(), a_off), a_rows, a_cols, lda)?;
+        check_extent("gemm B", rest(b.len(), b_off), b_rows, b_cols, ldb)?;
+        check_extent("gemm C", rest(c.len(), c_off), m, n, ldc)?;
         let op = |t: bool| if t { T } else { N };
         let dims = (int(m, "x")?, int(n, "x")?, int(k, "x")?);
         let (lda, ldb, ldc) = (int(lda, "x")?, int(ldb, "x")?, int(ldc, "x")?);
+        let bytes = |off: usize| (off * std::mem::size_of::<E>()) as u64;
         let (pa, _ga) = read_ptr(a, &self.stream);
         let (pb, _gb) = read_ptr(b, &self.stream);
         let (pc, _gc) = write_ptr(c, &self.stream);
-        // SAFETY: the extents were checked against the buffers' lengths above.
+        // SAFETY: the extents from the offsets were checked against the buffers' lengths
+        // above.
         unsafe {
             E::gemm_raw(
                 *self.blas.handle(),
                 (op(ta), op(tb)),
                 dims,
-                (pa, lda, 0),
-                (pb, ldb, 0),
-                (pc, ldc, 0),
+                (pa + bytes(a_off), lda, 0),
+                (pb + bytes(b_off), ldb, 0),
+                (pc + bytes(c_off), ldc, 0),
                 1,
             )
         }
@@ -1244,14 +1263,24 @@ impl<E: CudaRidgeReal> CvRun<'_, E> {
     }
 
     /// Adds each alpha's held-out score of targets [t0, t0 + tb) of fold `fold` into
-    /// `sums [A, t]`.
+    /// `sums [A, t]`, which starts `base` values into its buffer.
     fn score_batch(
         &self,
         fold: &DeviceFold<E>,
         t0: usize,
         tb: usize,
-        sums: &mut CudaSlice<f64>,
+        (sums, base): (&mut CudaSlice<f64>, usize),
     ) -> Result<()> {
+        let rows_end = self.inputs.alphas.len() * self.t;
+        if base
+            .checked_add(rows_end)
+            .is_none_or(|end| end > sums.len())
+        {
+            return Err(Error::Cuda(format!(
+                "internal: score sums of {} values cannot hold [{base}, {base} + {rows_end})",
+                sums.len()
+            )));
+        }
         let stream = self.stream();
         let yb = upload_batch(stream, self.inputs.y, self.n, self.t, t0, tb)?;
         let split = split_batch(
@@ -1301,7 +1330,7 @@ impl<E: CudaRidgeReal> CvRun<'_, E> {
                 &mut pred,
                 tb,
             )?;
-            let offset = (a * self.t + t0) * std::mem::size_of::<f64>();
+            let offset = (base + a * self.t + t0) * std::mem::size_of::<f64>();
             let (pp, _g1) = read_ptr(&pred, stream);
             let (ap, _g2) = read_ptr(&split.a_test, stream);
             let (tmp, _g3) = read_ptr(&split.train_mean, stream);
@@ -1310,7 +1339,8 @@ impl<E: CudaRidgeReal> CvRun<'_, E> {
             let (sums_p, _g6) = write_ptr(sums, stream);
             let row = sums_p + offset as u64;
             // SAFETY: pred and a_test hold [n_te, tb], the statistics tb values, and the
-            // kernel adds into sums[a·t + t0 .. a·t + t0 + tb) ⊂ [0, A·t).
+            // kernel adds into sums[base + a·t + t0 .. + tb) ⊂ [0, base + A·t), inside the
+            // buffer (checked above).
             unsafe {
                 stream
                     .launch_builder(&self.kernels.score)
@@ -1490,7 +1520,7 @@ pub fn cv_host<E: CudaRidgeReal>(
         let mut t0 = 0;
         while t0 < t {
             let tb = batch.min(t - t0);
-            run.score_batch(&fold, t0, tb, &mut sums)?;
+            run.score_batch(&fold, t0, tb, (&mut sums, 0))?;
             t0 += tb;
             if let Some(report) = progress {
                 report(CvProgress {

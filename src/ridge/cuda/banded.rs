@@ -1,0 +1,595 @@
+//! `ridge.banded_cv` on the GPU ([`banded_cv_host`]): the CPU algorithm of
+//! [`crate::ridge::banded_cv()`] with the products in cuBLAS, the eigendecompositions in
+//! cuSOLVER and the scoring of `ridge.cv`'s CUDA path.
+//!
+//! Per fold, once: the centered training and held-out rows on the device and either the Gram
+//! matrix XᵀX (primal, n_train ≥ p) or the per-space kernels X_s X_sᵀ and cross kernels
+//! X_te,s X_sᵀ, stored `[S, ·]` in one buffer (dual). Per candidate: D·XᵀX·D (our scale
+//! kernel, D = diag(√γ of each column's space)) or Σ_s γ_s K_s (our mix kernel), one
+//! `syevd`, the held-out projection and the map from a target batch to Z; then every target
+//! batch is scored for every alpha by `ridge.cv`'s kernels into a `[C, A, t]` f64 buffer.
+//! Target batches are copied from host memory per (fold, candidate), so y need not fit on the
+//! device. The choice per target is the CPU's own code ([`super::super::banded::select`]) on
+//! the sums brought back; the refit decomposes once per chosen candidate.
+
+use super::{CudaRidgeReal, Device};
+use super::{
+    CvKernels, CvRun, DeviceFold, Linalg, elementwise_config, int, split_batch, upload,
+    upload_rows, upload_values,
+};
+use crate::cuda::{CudaElement, i64_dim, read_ptr, write_ptr};
+use crate::error::{Error, Result};
+use crate::ridge::banded::{
+    BandedFit, BandedInputs, BandedProgress, BandedShape, check_inputs, column_scales, select,
+};
+use crate::ridge::cv::{CvInputs, CvParams, means, rows_of};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
+use std::sync::Arc;
+
+/// The kernels only banded ridge uses.
+struct BandedKernels {
+    /// dst = diag(row_scale)·src·diag(col_scale) (col_scale may be null).
+    scale: CudaFunction,
+    /// dst = Σ_s γ_s mats[s].
+    mix: CudaFunction,
+}
+
+impl BandedKernels {
+    fn load<E: CudaElement>(device: &Device) -> Result<Self> {
+        let f = |op: &str| device.function("ridge", &format!("ridge_banded_{op}_{}", E::SUFFIX));
+        Ok(Self {
+            scale: f("scale")?,
+            mix: f("mix")?,
+        })
+    }
+
+    /// `dst = diag(rows)·src·diag(cols)` for column-major `[m, k]` matrices, `cols` absent
+    /// meaning 1.
+    fn scale<E: CudaRidgeReal>(
+        &self,
+        stream: &Arc<CudaStream>,
+        dst: &mut CudaSlice<E>,
+        src: &CudaSlice<E>,
+        (rows, cols): (&CudaSlice<f64>, Option<&CudaSlice<f64>>),
+        (m, k): (usize, usize),
+    ) -> Result<()> {
+        let total = m * k;
+        if dst.len() < total
+            || src.len() < total
+            || rows.len() < m
+            || cols.is_some_and(|c| c.len() < k)
+        {
+            return Err(Error::Cuda(format!(
+                "internal: banded scale of [{m}, {k}] on buffers too small"
+            )));
+        }
+        let (mi, ki) = (int(m, "x")?, int(k, "x")?);
+        let (dp, _g1) = write_ptr(dst, stream);
+        let (sp, _g2) = read_ptr(src, stream);
+        let (rp, _g3) = read_ptr(rows, stream);
+        let (cp, _g4) = match cols {
+            Some(c) => {
+                let (p, g) = read_ptr(c, stream);
+                (p, Some(g))
+            }
+            None => (0u64, None),
+        };
+        // SAFETY: dst and src hold m·k elements, rows m and cols (when given) k values,
+        // checked above; a null cols is read as ones by the kernel.
+        unsafe {
+            stream
+                .launch_builder(&self.scale)
+                .arg(&dp)
+                .arg(&sp)
+                .arg(&rp)
+                .arg(&cp)
+                .arg(&mi)
+                .arg(&ki)
+                .launch(elementwise_config(total))?;
+        }
+        Ok(())
+    }
+
+    /// `dst[..len] = Σ_s gamma[s] · mats[s·len..(s+1)·len]`.
+    fn mix<E: CudaRidgeReal>(
+        &self,
+        stream: &Arc<CudaStream>,
+        dst: &mut CudaSlice<E>,
+        mats: &CudaSlice<E>,
+        gamma: &CudaSlice<f64>,
+        len: usize,
+    ) -> Result<()> {
+        let spaces = gamma.len();
+        if dst.len() < len || spaces.checked_mul(len).is_none_or(|v| v > mats.len()) {
+            return Err(Error::Cuda(format!(
+                "internal: banded mix of {spaces} × {len} on buffers too small"
+            )));
+        }
+        let (si, li) = (int(spaces, "gammas")?, i64_dim("x", "a kernel", len)?);
+        let (dp, _g1) = write_ptr(dst, stream);
+        let (mp, _g2) = read_ptr(mats, stream);
+        let (gp, _g3) = read_ptr(gamma, stream);
+        // SAFETY: dst holds len elements, mats S·len and gamma S values, checked above.
+        unsafe {
+            stream
+                .launch_builder(&self.mix)
+                .arg(&dp)
+                .arg(&mp)
+                .arg(&gp)
+                .arg(&si)
+                .arg(&li)
+                .launch(elementwise_config(len))?;
+        }
+        Ok(())
+    }
+}
+
+/// Row-major `[rows, |cols|]` copies of the given columns of a row-major `[rows, p]` matrix.
+fn space_columns<E: Copy>(m: &[E], p: usize, cols: &[usize]) -> Vec<E> {
+    m.chunks_exact(p.max(1))
+        .flat_map(|row| cols.iter().map(move |&j| row[j]))
+        .collect()
+}
+
+/// The part of a fold (or of all rows, for the refit) that every candidate shares.
+enum Shared<E> {
+    /// x_train's XᵀX (p × p), and the rows themselves: column-major Xᵀ (p × rows).
+    Primal {
+        gram: CudaSlice<E>,
+        x_train: CudaSlice<E>,
+        x_test: CudaSlice<E>,
+    },
+    /// `kernels [S, n_tr, n_tr]` and `cross [S, n_te, n_tr]` (column-major blocks).
+    Dual {
+        /// n_train, the kernels' order.
+        order: usize,
+        kernels: CudaSlice<E>,
+        cross: CudaSlice<E>,
+    },
+}
+
+/// One candidate's eigendecomposition: column-major square matrices.
+struct Decomposition<E> {
+    /// The eigenvalues, clamped at 0.
+    values: Vec<f64>,
+    /// The eigenvectors (columns).
+    vectors: CudaSlice<E>,
+    /// Primal form: D·V, the eigenvectors in the original column scale; dual: absent.
+    scaled: Option<CudaSlice<E>>,
+}
+
+/// Everything one [`banded_cv_host`] call shares between its steps.
+struct BandedRun<'a, E> {
+    cv: CvRun<'a, E>,
+    kernels: BandedKernels,
+    inputs: &'a BandedInputs<'a, E>,
+    columns: Vec<Vec<usize>>,
+}
+
+impl<E: CudaRidgeReal> BandedRun<'_, E> {
+    fn la(&self) -> &Linalg {
+        &self.cv.la
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.cv.la.stream
+    }
+
+    /// The shared products of training rows `train` and held-out rows `test` (may be empty:
+    /// the refit), with x centered on the training rows' means when asked.
+    fn shared(&self, train: &[usize], test: &[usize]) -> Result<Shared<E>> {
+        let (p, la, stream) = (self.cv.p, self.la(), self.stream());
+        let x = self.inputs.x;
+        let x_mean = self.cv.params.center.then(|| means(x, p, train));
+        let x_tr = rows_of(x, p, train, 0, p, x_mean.as_deref());
+        let x_te = rows_of(x, p, test, 0, p, x_mean.as_deref());
+        let (n_tr, n_te) = (train.len(), test.len());
+        if n_tr >= p {
+            let x_train = upload(stream, &x_tr)?;
+            let x_test = upload(stream, &x_te)?;
+            let mut gram = stream.alloc_zeros::<E>(p * p)?;
+            la.gemm(
+                (false, true),
+                (p, p, n_tr),
+                &x_train,
+                p,
+                &x_train,
+                p,
+                &mut gram,
+                p,
+            )?;
+            return Ok(Shared::Primal {
+                gram,
+                x_train,
+                x_test,
+            });
+        }
+        let spaces = self.columns.len();
+        let mut kernels = stream.alloc_zeros::<E>(spaces * n_tr * n_tr)?;
+        let mut cross = stream.alloc_zeros::<E>((spaces * n_te * n_tr).max(1))?;
+        for (s, cols) in self.columns.iter().enumerate() {
+            let ps = cols.len();
+            // row-major [rows, p_s] = column-major X_sᵀ (p_s × rows, ld p_s)
+            let tr = upload(stream, &space_columns(&x_tr, p, cols))?;
+            la.gemm_at(
+                (true, false),
+                (n_tr, n_tr, ps),
+                (&tr, 0, ps),
+                (&tr, 0, ps),
+                (&mut kernels, s * n_tr * n_tr, n_tr),
+            )?;
+            if n_te > 0 {
+                let te = upload(stream, &space_columns(&x_te, p, cols))?;
+                la.gemm_at(
+                    (true, false),
+                    (n_te, n_tr, ps),
+                    (&te, 0, ps),
+                    (&tr, 0, ps),
+                    (&mut cross, s * n_te * n_tr, n_te),
+                )?;
+            }
+        }
+        Ok(Shared::Dual {
+            order: n_tr,
+            kernels,
+            cross,
+        })
+    }
+
+    /// Candidate `gamma`'s decomposition (`d`: its column scales on the device); `what`
+    /// names the matrix in errors.
+    fn decompose(
+        &self,
+        shared: &Shared<E>,
+        gamma: &[f64],
+        d: &CudaSlice<f64>,
+        what: &str,
+    ) -> Result<Decomposition<E>> {
+        let (la, stream) = (self.la(), self.stream());
+        match shared {
+            Shared::Primal { gram, .. } => {
+                let p = self.cv.p;
+                let mut v = stream.alloc_zeros::<E>(p * p)?;
+                self.kernels
+                    .scale(stream, &mut v, gram, (d, Some(d)), (p, p))?;
+                let values = la.eigh(&mut v, p, what)?;
+                let mut dv = stream.alloc_zeros::<E>(p * p)?;
+                self.kernels.scale(stream, &mut dv, &v, (d, None), (p, p))?;
+                Ok(Decomposition {
+                    values,
+                    vectors: v,
+                    scaled: Some(dv),
+                })
+            }
+            Shared::Dual { order, kernels, .. } => {
+                let order = *order;
+                let g = upload(stream, gamma)?;
+                let mut u = stream.alloc_zeros::<E>(order * order)?;
+                self.kernels
+                    .mix(stream, &mut u, kernels, &g, order * order)?;
+                let values = la.eigh(&mut u, order, what)?;
+                Ok(Decomposition {
+                    values,
+                    vectors: u,
+                    scaled: None,
+                })
+            }
+        }
+    }
+
+    /// One candidate of one fold, ready for `ridge.cv`'s scoring.
+    fn candidate_fold(
+        &self,
+        shared: &Shared<E>,
+        gamma: &[f64],
+        (train, test): (&[usize], &[usize]),
+    ) -> Result<DeviceFold<E>> {
+        let (la, stream) = (self.la(), self.stream());
+        let (n_tr, n_te, p) = (train.len(), test.len(), self.cv.p);
+        let d = upload(stream, &column_scales(gamma, self.inputs.groups))?;
+        let what = match shared {
+            Shared::Primal { .. } => "training Gram matrix",
+            Shared::Dual { .. } => "training kernel matrix",
+        };
+        let Decomposition {
+            values,
+            vectors,
+            scaled: dv,
+        } = self.decompose(shared, gamma, &d, what)?;
+        let (rank, proj, to_z) = match (shared, dv) {
+            (
+                Shared::Primal {
+                    x_train, x_test, ..
+                },
+                Some(dv),
+            ) => {
+                // proj = X_te·DV; to_z = (DV)ᵀ·X_trᵀ
+                let mut proj = stream.alloc_zeros::<E>(n_te * p)?;
+                la.gemm(
+                    (true, false),
+                    (n_te, p, p),
+                    x_test,
+                    p,
+                    &dv,
+                    p,
+                    &mut proj,
+                    n_te,
+                )?;
+                let mut to_z = stream.alloc_zeros::<E>(p * n_tr)?;
+                la.gemm(
+                    (true, false),
+                    (p, n_tr, p),
+                    &dv,
+                    p,
+                    x_train,
+                    p,
+                    &mut to_z,
+                    p,
+                )?;
+                (p, proj, to_z)
+            }
+            (Shared::Dual { cross, .. }, _) => {
+                // proj = (Σ γ_s X_te,s X_sᵀ)·U; to_z = U
+                let g = upload(stream, gamma)?;
+                let mut mixed = stream.alloc_zeros::<E>(n_te * n_tr)?;
+                self.kernels
+                    .mix(stream, &mut mixed, cross, &g, n_te * n_tr)?;
+                let mut proj = stream.alloc_zeros::<E>(n_te * n_tr)?;
+                la.gemm(
+                    (false, false),
+                    (n_te, n_tr, n_tr),
+                    &mixed,
+                    n_te,
+                    &vectors,
+                    n_tr,
+                    &mut proj,
+                    n_te,
+                )?;
+                (n_tr, proj, vectors)
+            }
+            (Shared::Primal { .. }, None) => unreachable!("the primal form returns D·V"),
+        };
+        Ok(DeviceFold {
+            primal: matches!(shared, Shared::Primal { .. }),
+            rank,
+            n_tr,
+            n_te,
+            values: upload_values(stream, &values)?,
+            proj,
+            to_z,
+            train: upload_rows(stream, train)?,
+            test: upload_rows(stream, test)?,
+        })
+    }
+
+    /// Refit on all rows, one decomposition per chosen candidate: (w [p, t], intercept [t]).
+    fn refit(
+        &self,
+        gammas: &[f64],
+        (best_candidate, best_alpha): (&[usize], &[f64]),
+        progress: Option<&(dyn Fn(BandedProgress) + Sync)>,
+        n_folds: usize,
+    ) -> Result<(Vec<E>, Vec<E>)> {
+        let (n, p, t) = (self.cv.n, self.cv.p, self.cv.t);
+        let (la, stream) = (self.la(), self.stream());
+        let spaces = self.columns.len();
+        let n_cand = gammas.len() / spaces;
+        let center = self.cv.params.center;
+        let all: Vec<usize> = (0..n).collect();
+        let x_mean = center.then(|| means(self.inputs.x, p, &all));
+        let y_mean = center.then(|| means(self.inputs.y, t, &all));
+        let shared = self.shared(&all, &[])?;
+        // the dual form's back-map needs X itself: column-major Xᵀ (p × n)
+        let xc = match &shared {
+            Shared::Primal { .. } => None,
+            Shared::Dual { .. } => Some(upload(
+                stream,
+                &rows_of(self.inputs.x, p, &all, 0, p, x_mean.as_deref()),
+            )?),
+        };
+        let rows = upload_rows(stream, &all)?;
+        let no_rows = upload_rows(stream, &[])?;
+        let mut w = vec![E::default(); p * t];
+        let batch = self.cv.params.target_batch;
+        for c in 0..n_cand {
+            let chosen: Vec<usize> = (0..t).filter(|j| best_candidate[*j] == c).collect();
+            if chosen.is_empty() {
+                continue;
+            }
+            let gamma = &gammas[c * spaces..(c + 1) * spaces];
+            let d = column_scales(gamma, self.inputs.groups);
+            let d_dev = upload(stream, &d)?;
+            let what = match &shared {
+                Shared::Primal { .. } => "Gram matrix of all rows",
+                Shared::Dual { .. } => "kernel matrix of all rows",
+            };
+            let Decomposition {
+                values,
+                vectors,
+                scaled: dv,
+            } = self.decompose(&shared, gamma, &d_dev, what)?;
+            // w = back · (Z ∘ 1/(s + α)): primal back = D·V, Z = (DV)ᵀ·Xᵀ·Y;
+            // dual back = diag(γ_g)·Xᵀ·U, Z = Uᵀ·Y
+            let (rank, to_z, back) = match (&shared, dv, &xc) {
+                (Shared::Primal { x_train, .. }, Some(dv), _) => {
+                    let mut to_z = stream.alloc_zeros::<E>(p * n)?;
+                    la.gemm((true, false), (p, n, p), &dv, p, x_train, p, &mut to_z, p)?;
+                    (p, to_z, dv)
+                }
+                (Shared::Dual { .. }, _, Some(xc)) => {
+                    let mut xtu = stream.alloc_zeros::<E>(p * n)?;
+                    la.gemm((false, false), (p, n, n), xc, p, &vectors, n, &mut xtu, p)?;
+                    let dd = upload(stream, &d.iter().map(|v| v * v).collect::<Vec<_>>())?;
+                    let mut back = stream.alloc_zeros::<E>(p * n)?;
+                    self.kernels
+                        .scale(stream, &mut back, &xtu, (&dd, None), (p, n))?;
+                    (n, vectors, back)
+                }
+                _ => unreachable!("the primal form returns D·V; the dual keeps X"),
+            };
+            let values = upload_values(stream, &values)?;
+            for part in chosen.chunks(batch) {
+                let k = part.len();
+                let mut yb = Vec::with_capacity(n * k);
+                for r in 0..n {
+                    yb.extend(part.iter().map(|j| self.inputs.y[r * t + j]));
+                }
+                let yb = upload(stream, &yb)?;
+                let split = split_batch(
+                    stream,
+                    &self.cv.kernels,
+                    &yb,
+                    (&rows, n),
+                    (&no_rows, 0),
+                    k,
+                    center,
+                )?;
+                let mut z = stream.alloc_zeros::<E>(rank * k)?;
+                let primal = matches!(shared, Shared::Primal { .. });
+                la.gemm(
+                    (!primal, true),
+                    (rank, k, n),
+                    &to_z,
+                    rank,
+                    &split.y_train,
+                    k,
+                    &mut z,
+                    rank,
+                )?;
+                let alphas = upload(
+                    stream,
+                    &part.iter().map(|j| best_alpha[*j]).collect::<Vec<_>>(),
+                )?;
+                {
+                    let (zp, _g1) = write_ptr(&mut z, stream);
+                    let (vp, _g2) = read_ptr(&values, stream);
+                    let (ap, _g3) = read_ptr(&alphas, stream);
+                    let (ri, ki) = (int(rank, "x")?, int(k, "y")?);
+                    // SAFETY: z holds rank × k, values rank and alphas k values.
+                    unsafe {
+                        stream
+                            .launch_builder(&self.cv.kernels.scale_refit)
+                            .arg(&zp)
+                            .arg(&vp)
+                            .arg(&ap)
+                            .arg(&ri)
+                            .arg(&ki)
+                            .launch(elementwise_config(rank * k))?;
+                    }
+                }
+                // row-major [p, k] = column-major (k × p) = Zᵀ · backᵀ
+                let mut wb = stream.alloc_zeros::<E>(p * k)?;
+                la.gemm((true, true), (k, p, rank), &z, rank, &back, p, &mut wb, k)?;
+                let wb = stream.clone_dtoh(&wb)?;
+                for r in 0..p {
+                    for (m, target) in part.iter().enumerate() {
+                        w[r * t + target] = wb[r * k + m];
+                    }
+                }
+            }
+            if let Some(report) = progress {
+                report(BandedProgress {
+                    fold: n_folds,
+                    folds: n_folds,
+                    candidate: c,
+                    candidates: n_cand,
+                });
+            }
+        }
+        let intercept = (0..t)
+            .map(|c| match (&x_mean, &y_mean) {
+                (Some(xm), Some(ym)) => {
+                    let dot: f64 = (0..p).map(|r| xm[r] * w[r * t + c].to_f64()).sum();
+                    E::from_f64(ym[c] - dot)
+                }
+                _ => E::default(),
+            })
+            .collect();
+        Ok((w, intercept))
+    }
+}
+
+/// `ridge.banded_cv` on the GPU, host in, host out, on the device's default stream: the same
+/// inputs, checks, choice rules and outputs as the CPU [`crate::ridge::banded_cv()`]
+/// (agreement to the element type's rounding: the products and decompositions are cuBLAS's
+/// and cuSOLVER's). y stays in host memory and is copied one batch of `params.target_batch`
+/// targets at a time, once per (fold, candidate) and once for the refit. What stays on the
+/// device: one fold's rows and shared products (p² or 2·S·n_train² elements), one
+/// candidate's decomposition and the `[C, A, t]` f64 score sums. `progress` is called after
+/// each candidate of each fold and of the refit. Shapes with no target run the CPU path.
+pub fn banded_cv_host<E: CudaRidgeReal>(
+    device: &Device,
+    params: &CvParams,
+    shape: BandedShape,
+    inputs: &BandedInputs<'_, E>,
+    progress: Option<&(dyn Fn(BandedProgress) + Sync)>,
+) -> Result<BandedFit<E>> {
+    let (fold_rows, columns, n_cand) = check_inputs(params, shape, inputs)?;
+    let (n, p, t, spaces) = (shape.samples, shape.features, shape.targets, shape.spaces);
+    if t == 0 {
+        return crate::ridge::banded_cv(params, shape, inputs, progress);
+    }
+    // every size the libraries and kernels see as i32
+    int(n, "x")?;
+    int(p, "x")?;
+    int(params.target_batch.min(t), "y")?;
+    let n_alphas = inputs.alphas.len();
+    int(n_alphas, "alphas")?;
+    let n_folds = fold_rows.len();
+    let stream = device.stream();
+    let cv_inputs = CvInputs {
+        x: inputs.x,
+        y: inputs.y,
+        alphas: inputs.alphas,
+        folds: inputs.folds,
+    };
+    let run = BandedRun {
+        cv: CvRun {
+            la: Linalg::new(stream)?,
+            kernels: CvKernels::load::<E>(device)?,
+            params,
+            inputs: &cv_inputs,
+            n,
+            p,
+            t,
+        },
+        kernels: BandedKernels::load::<E>(device)?,
+        inputs,
+        columns,
+    };
+    let gammas: Vec<f64> = inputs.gammas.iter().map(|g| g.to_f64()).collect();
+    let block = n_alphas * t;
+    let mut sums = stream.alloc_zeros::<f64>(n_cand * block)?;
+    let batch = params.target_batch;
+    for (f, test) in fold_rows.iter().enumerate() {
+        let train: Vec<usize> = (0..n).filter(|i| inputs.folds[*i] as usize != f).collect();
+        let shared = run.shared(&train, test)?;
+        for c in 0..n_cand {
+            let gamma = &gammas[c * spaces..(c + 1) * spaces];
+            let fold = run.candidate_fold(&shared, gamma, (&train, test))?;
+            let mut t0 = 0;
+            while t0 < t {
+                let tb = batch.min(t - t0);
+                run.cv.score_batch(&fold, t0, tb, (&mut sums, c * block))?;
+                t0 += tb;
+            }
+            if let Some(report) = progress {
+                report(BandedProgress {
+                    fold: f,
+                    folds: n_folds,
+                    candidate: c,
+                    candidates: n_cand,
+                });
+            }
+        }
+    }
+    let sums = stream.clone_dtoh(&sums)?;
+    let chosen = select(&sums, inputs.alphas, &gammas, spaces, t, n_folds);
+    let (w, intercept) = run.refit(
+        &gammas,
+        (&chosen.best_candidate, &chosen.best_alpha),
+        progress,
+        n_folds,
+    )?;
+    Ok(chosen.into_fit(w, intercept))
+}
