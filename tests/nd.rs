@@ -1100,6 +1100,88 @@ fn ridge_matches_slices() {
 }
 
 #[test]
+fn banded_ridge_matches_slices() {
+    let (n, p, t, spaces) = (36, 6, 3, 2);
+    let mut rng = Rng::new(31);
+    let x = rand::<f64>(&mut rng, &[n, p], -1.0, 1.0);
+    let y = rand::<f64>(&mut rng, &[n, t], -1.0, 1.0);
+    let groups = arr(&[p], vec![0i32, 1, 0, 1, 1, 0]);
+    let alphas = arr(&[3], vec![0.1f64, 1.0, 10.0]);
+    let gammas = arr(&[3, spaces], vec![0.5f64, 0.5, 0.9, 0.1, 0.2, 0.8]);
+    let folds = arr(&[n], (0..n as i32).map(|r| r % 3).collect());
+    let shape = ridge::BandedShape::new(n, p, t, spaces);
+    let params = CvParams::new();
+    let want = ridge::banded_cv(
+        &params,
+        shape,
+        &ridge::BandedInputs {
+            x: flat(&x),
+            groups: flat(&groups),
+            y: flat(&y),
+            alphas: flat(&alphas),
+            gammas: flat(&gammas),
+            folds: flat(&folds),
+        },
+        None,
+    )
+    .unwrap();
+    let ni = nd::ridge::BandedInputs {
+        x: x.view(),
+        groups: groups.view(),
+        y: y.view(),
+        alphas: alphas.view(),
+        gammas: gammas.view(),
+        folds: folds.view(),
+    };
+    let fit = nd::ridge::banded_cv(&params, &ni, None).unwrap();
+    same(&fit.cv_scores, &[3, t], &want.cv_scores);
+    same(&fit.deltas, &[spaces, t], &want.deltas);
+    same(&fit.best_alpha, &[t], &want.best_alpha);
+    assert_eq!(
+        fit.best_candidate.as_slice().unwrap(),
+        &want.best_candidate[..]
+    );
+    same(&fit.w, &[p, t], &want.w);
+    same(&fit.intercept, &[t], &want.intercept);
+
+    let want_s = ridge::split_scores(shape, flat(&x), flat(&groups), &want.w, flat(&y)).unwrap();
+    let w = fit.w.view().into_dyn();
+    let split =
+        nd::ridge::split_scores(x.view(), groups.view(), spaces, w.clone(), y.view()).unwrap();
+    same(&split.r2, &[spaces, t], &want_s.r2);
+    same(&split.pearson, &[spaces, t], &want_s.pearson);
+
+    // wrong layouts name the tensor
+    let bad = nd::ridge::BandedInputs {
+        groups: groups.slice(s![..4]).into_dyn(),
+        ..ni.clone()
+    };
+    shape_err(
+        nd::ridge::banded_cv(&params, &bad, None),
+        "groups",
+        "[6] ([p], p from x)",
+        "[4]",
+    );
+    let flat_gammas = arr(&[6], flat(&gammas).to_vec());
+    let bad = nd::ridge::BandedInputs {
+        gammas: flat_gammas.view(),
+        ..ni.clone()
+    };
+    shape_err(
+        nd::ridge::banded_cv(&params, &bad, None),
+        "gammas",
+        "rank 2",
+        "[6]",
+    );
+    shape_err(
+        nd::ridge::split_scores(x.view(), groups.view(), spaces, w, x.view()),
+        "y",
+        "[36, 3] ([n, t], n from x and t from w)",
+        "[36, 6]",
+    );
+}
+
+#[test]
 fn ridge_cv_progress_is_forwarded() {
     let (n, p, t) = (12, 2, 2);
     let mut rng = Rng::new(31);

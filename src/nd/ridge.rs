@@ -1,8 +1,10 @@
-//! Batched ridge regression on arrays: [`crate::ridge`]'s `cv`, `predict`, `score` and
-//! `solve_batched`, with every input's dims checked.
+//! Batched ridge regression on arrays: [`crate::ridge`]'s `cv`, `banded_cv`,
+//! `split_scores`, `predict`, `score` and `solve_batched`, with every input's dims checked.
 //!
 //! Layouts: `x [n, p]`, `y [n, t]`, `w [p, t]`, `intercept [t]`, `alphas [A]`, `folds [n]`;
-//! `solve_batched` `x [G, n, p]`, `y [G, n, t]`, `alpha [G]` and `w [G, p, t]`.
+//! banded ridge adds `groups [p]` (each column's feature space, 0..S−1) and
+//! `gammas [C, S]`; `solve_batched` `x [G, n, p]`, `y [G, n, t]`, `alpha [G]` and
+//! `w [G, p, t]`.
 //!
 //! ```
 //! use neurokernels::nd::ndarray::{self, Array, ArrayD};
@@ -23,11 +25,11 @@
 use super::{array, dims, dims_opt, slice};
 use crate::element::Element;
 use crate::error::Result;
-use crate::ridge::{self as flat, BatchedShape, RidgeShape};
+use crate::ridge::{self as flat, BandedShape, BatchedShape, RidgeShape};
 use ndarray::{Array1, Array2, Array3, ArrayViewD};
 
 #[doc(no_inline)]
-pub use crate::ridge::{CvParams, CvProgress, CvScore, RidgeReal};
+pub use crate::ridge::{BandedProgress, CvParams, CvProgress, CvScore, RidgeReal};
 
 /// The design of [`cv`], as [`crate::ridge::CvInputs`].
 #[derive(Clone, Debug)]
@@ -82,6 +84,111 @@ pub fn cv<E: RidgeReal>(
         best_alpha: array("best_alpha", [t], fit.best_alpha)?,
         w: array("w", [p, t], fit.w)?,
         intercept: array("intercept", [t], fit.intercept)?,
+    })
+}
+
+/// The design of [`banded_cv`], as [`crate::ridge::BandedInputs`].
+#[derive(Clone, Debug)]
+pub struct BandedInputs<'a, E> {
+    /// `[n, p]`: the design (all spaces' columns), finite.
+    pub x: ArrayViewD<'a, E>,
+    /// `[p]`: the feature space of each column, 0..S−1, every space used.
+    pub groups: ArrayViewD<'a, i32>,
+    /// `[n, t]`: the targets, finite.
+    pub y: ArrayViewD<'a, E>,
+    /// `[A]`: the candidate alphas, finite and > 0.
+    pub alphas: ArrayViewD<'a, E>,
+    /// `[C, S]`: the candidate per-space weights, each row ≥ 0 and on the simplex; S is
+    /// read from here.
+    pub gammas: ArrayViewD<'a, E>,
+    /// `[n]`: the fold of each sample, 0..F−1 (F ≥ 2, every id used).
+    pub folds: ArrayViewD<'a, i32>,
+}
+
+/// Outputs of [`banded_cv`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct BandedFit<E> {
+    /// `[C, t]`: per candidate, the mean held-out score of its best alpha.
+    pub cv_scores: Array2<E>,
+    /// `[S, t]`: log(γ[best, s] / α_best) (himalaya's `deltas_`); −inf where γ = 0.
+    pub deltas: Array2<E>,
+    /// `[t]`: the chosen candidate (row of `gammas`) of each target.
+    pub best_candidate: Array1<usize>,
+    /// `[t]`: the chosen alpha of each target.
+    pub best_alpha: Array1<E>,
+    /// `[p, t]`: refit on all rows with each target's choice, in the original column scale.
+    pub w: Array2<E>,
+    /// `[t]`: mean(y) − mean(x)·w when centered, else 0.
+    pub intercept: Array1<E>,
+}
+
+/// [`crate::ridge::banded_cv()`] (`ridge.banded_cv`) on arrays: banded ridge over the
+/// feature spaces of `groups [p]`, each target keeping the (candidate of `gammas [C, S]`,
+/// alpha) with the best mean held-out score. `params` and `progress` as the slice API.
+pub fn banded_cv<E: RidgeReal>(
+    params: &CvParams,
+    inputs: &BandedInputs<'_, E>,
+    progress: Option<&(dyn Fn(BandedProgress) + Sync)>,
+) -> Result<BandedFit<E>> {
+    let [n, p] = dims("x", &inputs.x, [None; 2], "[n, p]")?;
+    let [_, t] = dims("y", &inputs.y, [Some(n), None], "[n, t], n from x")?;
+    let [c, spaces] = dims("gammas", &inputs.gammas, [None; 2], "[C, S]")?;
+    dims("groups", &inputs.groups, [Some(p)], "[p], p from x")?;
+    dims("alphas", &inputs.alphas, [None], "[A]")?;
+    dims("folds", &inputs.folds, [Some(n)], "[n], n from x")?;
+    let (x, y, groups) = (slice(&inputs.x), slice(&inputs.y), slice(&inputs.groups));
+    let (alphas, gammas) = (slice(&inputs.alphas), slice(&inputs.gammas));
+    let folds = slice(&inputs.folds);
+    let flat_inputs = flat::BandedInputs {
+        x: &x,
+        groups: &groups,
+        y: &y,
+        alphas: &alphas,
+        gammas: &gammas,
+        folds: &folds,
+    };
+    let shape = BandedShape::new(n, p, t, spaces);
+    let fit = flat::banded_cv(params, shape, &flat_inputs, progress)?;
+    Ok(BandedFit {
+        cv_scores: array("cv_scores", [c, t], fit.cv_scores)?,
+        deltas: array("deltas", [spaces, t], fit.deltas)?,
+        best_candidate: array("best_candidate", [t], fit.best_candidate)?,
+        best_alpha: array("best_alpha", [t], fit.best_alpha)?,
+        w: array("w", [p, t], fit.w)?,
+        intercept: array("intercept", [t], fit.intercept)?,
+    })
+}
+
+/// The per-space scores of [`split_scores`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct SplitScores<E> {
+    /// `[S, t]`: each space's share of R² (himalaya's `r2_score_split`).
+    pub r2: Array2<E>,
+    /// `[S, t]`: each space's share of the Pearson correlation.
+    pub pearson: Array2<E>,
+}
+
+/// [`crate::ridge::split_scores()`] (`ridge.split_scores`) on arrays: per feature space of
+/// `groups [p]` (values 0..`spaces`−1) and target, the share of the score of
+/// `x [n, p] · w [p, t]` against `y [n, t]` that the space's prediction carries.
+pub fn split_scores<E: RidgeReal>(
+    x: ArrayViewD<'_, E>,
+    groups: ArrayViewD<'_, i32>,
+    spaces: usize,
+    w: ArrayViewD<'_, E>,
+    y: ArrayViewD<'_, E>,
+) -> Result<SplitScores<E>> {
+    let [n, p] = dims("x", &x, [None; 2], "[n, p]")?;
+    dims("groups", &groups, [Some(p)], "[p], p from x")?;
+    let [_, t] = dims("w", &w, [Some(p), None], "[p, t], p from x")?;
+    dims("y", &y, [Some(n), Some(t)], "[n, t], n from x and t from w")?;
+    let shape = BandedShape::new(n, p, t, spaces);
+    let s = flat::split_scores(shape, &slice(&x), &slice(&groups), &slice(&w), &slice(&y))?;
+    Ok(SplitScores {
+        r2: array("r2", [spaces, t], s.r2)?,
+        pearson: array("pearson", [spaces, t], s.pearson)?,
     })
 }
 
