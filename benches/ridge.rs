@@ -157,17 +157,31 @@ fn bench_banded_cv(c: &mut Criterion) {
         .sample_size(10)
         .measurement_time(Duration::from_secs(60))
         .warm_up_time(Duration::from_secs(1));
+    let shape = ridge::BandedShape::new(n, p, t, 2);
     group.bench_function("f32", |b| {
         b.iter(|| {
-            ridge::banded_cv(
-                &ridge::CvParams::new(),
-                ridge::BandedShape::new(n, p, t, 2),
-                black_box(&inputs),
-                None,
-            )
-            .unwrap()
+            ridge::banded_cv(&ridge::CvParams::new(), shape, black_box(&inputs), None).unwrap()
         })
     });
+    // the CUDA path, host in and host out (y copied per fold and candidate), where a device is
+    #[cfg(feature = "cuda")]
+    match neurokernels::cuda::Device::open(0) {
+        Ok(device) => {
+            group.bench_function("f32_cuda", |b| {
+                b.iter(|| {
+                    ridge::cuda::banded_cv_host(
+                        &device,
+                        &ridge::CvParams::new(),
+                        shape,
+                        black_box(&inputs),
+                        None,
+                    )
+                    .unwrap()
+                })
+            });
+        }
+        Err(e) => eprintln!("SKIPPED ridge_banded_cv f32_cuda: {e}"),
+    }
     group.finish();
 }
 

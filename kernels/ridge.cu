@@ -425,6 +425,101 @@ __device__ void score_columns(const T* y_true, const T* y_pred, int n, long long
   }
 }
 
+// ridge.split_scores for one target batch: y [n, tb] and the spaces' predictions q [S, n, tb]
+// (row-major), per column c and space s, with a = y - mean y, q~_s = q_s - mean q_s and
+// tot = sum_s q~_s (in f64):
+//   r2[s, c] = (2 sum a q~_s - sum q~_s tot) / sum a^2      (0 when sum a^2 == 0)
+//   pearson[s, c] = (sum a q~_s / n) / (sd(a) sd(tot))      (population sd; 0 read as 1)
+// the CPU's formulas. Same block plan as cv_split (CV_COLS columns x CV_LANES row lanes,
+// lane partials added by lane 0 in a fixed order). means [S + 1, tb] is scratch: the block
+// writes its columns' means there and reads them back after a barrier. A pass per mean, one
+// for sum a^2 and sum tot^2, and one per space for its two sums (tot recomputed: S^2 n work
+// per column, small against the products that made q).
+template <typename T>
+__device__ void split_columns(const T* y, const T* q, int spaces, int n, int tb, double* means, T* r2, T* pearson) {
+  __shared__ double part[2][CV_LANES][CV_COLS];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int c = blockIdx.x * CV_COLS + tx;
+  const bool active = c < tb;
+  const long long plane = (long long)n * tb;
+  // means: space s < S reads q[s], s == S reads y
+  for (int s = 0; s <= spaces; ++s) {
+    const T* v = s < spaces ? q + s * plane : y;
+    double sum = 0.0;
+    if (active)
+      for (int i = ty; i < n; i += CV_LANES) sum += (double)to_acc(v[(long long)i * tb + c]);
+    part[0][ty][tx] = sum;
+    __syncthreads();
+    if (ty == 0 && active) {
+      sum = 0.0;
+      for (int l = 0; l < CV_LANES; ++l) sum += part[0][l][tx];
+      means[(long long)s * tb + c] = sum / (double)n;
+    }
+    __syncthreads();
+  }
+  // the total prediction at row i, centered
+  auto total = [&](int i) {
+    double tot = 0.0;
+    for (int s = 0; s < spaces; ++s)
+      tot += (double)to_acc(q[s * plane + (long long)i * tb + c]) - means[(long long)s * tb + c];
+    return tot;
+  };
+  double ss_a = 0.0, ss_tot = 0.0;
+  const double mean_y = active ? means[(long long)spaces * tb + c] : 0.0;
+  if (active)
+    for (int i = ty; i < n; i += CV_LANES) {
+      const double a = (double)to_acc(y[(long long)i * tb + c]) - mean_y;
+      const double tot = total(i);
+      ss_a += a * a;
+      ss_tot += tot * tot;
+    }
+  part[0][ty][tx] = ss_a;
+  part[1][ty][tx] = ss_tot;
+  __syncthreads();
+  __shared__ double ss_sh[2][CV_COLS];
+  if (ty == 0) {
+    ss_a = ss_tot = 0.0;
+    for (int l = 0; l < CV_LANES; ++l) {
+      ss_a += part[0][l][tx];
+      ss_tot += part[1][l][tx];
+    }
+    ss_sh[0][tx] = ss_a;
+    ss_sh[1][tx] = ss_tot;
+  }
+  __syncthreads();
+  ss_a = ss_sh[0][tx];
+  ss_tot = ss_sh[1][tx];
+  double sd_a = sqrt(ss_a / (double)n), sd_pred = sqrt(ss_tot / (double)n);
+  if (sd_a == 0.0) sd_a = 1.0;
+  if (sd_pred == 0.0) sd_pred = 1.0;
+  for (int s = 0; s < spaces; ++s) {
+    double inter = 0.0, shared = 0.0;
+    if (active) {
+      const double mean_s = means[(long long)s * tb + c];
+      for (int i = ty; i < n; i += CV_LANES) {
+        const double a = (double)to_acc(y[(long long)i * tb + c]) - mean_y;
+        const double qs = (double)to_acc(q[s * plane + (long long)i * tb + c]) - mean_s;
+        inter += a * qs;
+        shared += qs * total(i);
+      }
+    }
+    part[0][ty][tx] = inter;
+    part[1][ty][tx] = shared;
+    __syncthreads();
+    if (ty == 0 && active) {
+      inter = shared = 0.0;
+      for (int l = 0; l < CV_LANES; ++l) {
+        inter += part[0][l][tx];
+        shared += part[1][l][tx];
+      }
+      const double r = ss_a == 0.0 ? 0.0 : (2.0 * inter - shared) / ss_a;
+      r2[(long long)s * tb + c] = from_acc<T>((typename Acc<T>::type)r);
+      pearson[(long long)s * tb + c] = from_acc<T>((typename Acc<T>::type)(inter / (double)n / (sd_a * sd_pred)));
+    }
+    __syncthreads();
+  }
+}
+
 // ridge.cv selection: per target c, cv_scores[a, c] = sums[a, c] / folds and the best alpha
 // (the highest mean score, the largest alpha among equal scores; alphas scanned in order,
 // as on the CPU). One thread per target, grid-stride.
@@ -507,6 +602,16 @@ NK_RIDGE_ENTRY(double, f64, double, f64)
       ridge_score_##NAME(const T* y_true, const T* y_pred, int n, long long t, T* r2, T* pearson) { \
     score_columns<T>(y_true, y_pred, n, t, r2, pearson);                                             \
   }
+
+#define NK_RIDGE_SPLIT_ENTRY(T, NAME)                                                                      \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_COLS * NK_RIDGE_CV_LANES)                      \
+      ridge_split_scores_##NAME(const T* y, const T* q, int spaces, int n, int tb, double* means, T* r2, \
+                                T* pearson) {                                                            \
+    split_columns<T>(y, q, spaces, n, tb, means, r2, pearson);                                            \
+  }
+
+NK_RIDGE_SPLIT_ENTRY(float, f32)
+NK_RIDGE_SPLIT_ENTRY(double, f64)
 
 NK_RIDGE_SCORE_ENTRY(float, f32)
 NK_RIDGE_SCORE_ENTRY(double, f64)

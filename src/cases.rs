@@ -1275,31 +1275,29 @@ impl Runner {
             .map(|g| (*g).max(0) as usize + 1)
             .max()
             .unwrap_or(0);
-        if self.kind == DeviceKind::Cuda {
-            return Err(Error::Unsupported(
-                "ridge.split_scores has no CUDA path yet (CPU only)".into(),
-            ));
-        }
         fn run<E: RidgeElement>(
+            runner: &Runner,
             case: &Case,
             shape: ridge::BandedShape,
             groups: &[i32],
             r2: bool,
         ) -> Result<Data> {
             typed::<E>(case, "intercept")?;
-            let s = ridge::split_scores(
-                shape,
+            let (x, w, y) = (
                 typed::<E>(case, "x")?,
-                groups,
                 typed::<E>(case, "w")?,
                 typed::<E>(case, "y")?,
-            )?;
+            );
+            let s = match runner.kind {
+                DeviceKind::Cuda => E::cuda_split_scores(runner, shape, x, groups, w, y)?,
+                DeviceKind::Cpu => ridge::split_scores(shape, x, groups, w, y)?,
+            };
             Ok(E::wrap(if r2 { s.r2 } else { s.pearson }))
         }
         let shape = ridge::BandedShape::new(n, features, targets, spaces);
         let data = match case.input("x")?.dtype() {
-            Some(DType::F32) => run::<f32>(case, shape, groups, r2)?,
-            Some(DType::F64) => run::<f64>(case, shape, groups, r2)?,
+            Some(DType::F32) => run::<f32>(self, case, shape, groups, r2)?,
+            Some(DType::F64) => run::<f64>(self, case, shape, groups, r2)?,
             _ => return Err(case_err(&case.name, "`in.x` must be F32 or F64")),
         };
         let mut out = BTreeMap::new();
@@ -1514,6 +1512,14 @@ trait RidgeElement: CaseElement + ridge::cv::RidgeReal {
         shape: ridge::BandedShape,
         inputs: &ridge::BandedInputs<'_, Self>,
     ) -> Result<ridge::BandedFit<Self>>;
+    fn cuda_split_scores(
+        runner: &Runner,
+        shape: ridge::BandedShape,
+        x: &[Self],
+        groups: &[i32],
+        w: &[Self],
+        y: &[Self],
+    ) -> Result<ridge::SplitScores<Self>>;
 }
 
 macro_rules! ridge_element {
@@ -1568,6 +1574,24 @@ macro_rules! ridge_element {
                 #[cfg(feature = "cuda")]
                 {
                     ridge::cuda::banded_cv_host(runner.device()?, params, shape, inputs, None)
+                }
+                #[cfg(not(feature = "cuda"))]
+                {
+                    Err(Error::NoDevice("this build has no `cuda` feature".into()))
+                }
+            }
+            #[allow(unused_variables)]
+            fn cuda_split_scores(
+                runner: &Runner,
+                shape: ridge::BandedShape,
+                x: &[Self],
+                groups: &[i32],
+                w: &[Self],
+                y: &[Self],
+            ) -> Result<ridge::SplitScores<Self>> {
+                #[cfg(feature = "cuda")]
+                {
+                    ridge::cuda::split_scores_host(runner.device()?, shape, x, groups, w, y)
                 }
                 #[cfg(not(feature = "cuda"))]
                 {

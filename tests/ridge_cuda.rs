@@ -6,7 +6,9 @@
 //! ridge.cv: f32 and f64, n < p and n ≥ p folds, R² and Pearson, centered or not, several
 //! target batches, bad inputs refused naming the tensor. ridge.banded_cv: f32 and f64, primal
 //! and dual folds and refits, 2 and 3 interleaved feature spaces, R² and Pearson, centered or
-//! not, several target batches, progress, bad groups and gammas refused. ridge.score: f32 and
+//! not, several target batches, progress, bad groups and gammas refused. ridge.split_scores:
+//! f32 and f64, 1 to 4 spaces, a constant target and a zero space, more targets than one
+//! block holds, one row, no rows, bad groups refused. ridge.score: f32 and
 //! f64, the constant target/prediction conventions, one row, no rows.
 
 #![cfg(feature = "cuda")]
@@ -289,7 +291,7 @@ fn cuda_cv_reports_progress_and_refuses_bad_inputs() {
 }
 
 /// Banded data: x [n, p] whose columns belong to `spaces` interleaved spaces (column j in
-/// space (j·5 + j/3) mod S, so spaces are not contiguous); target c draws on each space with
+/// space (j·5 + j/4) mod S, so spaces are not contiguous); target c draws on each space with
 /// its own strength, so different candidates win; candidates: the simplex's corners (nearly),
 /// its centre and a few in between.
 struct BandedData<E> {
@@ -307,7 +309,7 @@ fn banded_data<E: CudaRidgeReal>(
     folds: usize,
 ) -> BandedData<E> {
     let mut rng = Rng::new(seed);
-    let groups: Vec<i32> = (0..p).map(|j| ((j * 5 + j / 3) % spaces) as i32).collect();
+    let groups: Vec<i32> = (0..p).map(|j| ((j * 5 + j / 4) % spaces) as i32).collect();
     let x: Vec<f64> = rng.vec(n * p, -1.0, 1.0);
     let w: Vec<f64> = rng.vec(p * t, -1.0, 1.0);
     let noise: Vec<f64> = rng.vec(n * t, -1.0, 1.0);
@@ -511,6 +513,75 @@ fn cuda_banded_cv_reports_progress_and_refuses_bad_inputs() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("`y`"), "{err}");
+}
+
+fn check_split<E: CudaRidgeReal>(device: &Device, tol: f64) {
+    for (i, &(n, p, t, spaces)) in [
+        (40, 12, 7, 2),
+        (25, 30, 70, 3),
+        (50, 9, 5, 1),
+        (33, 16, 4, 4),
+        (1, 6, 3, 2),
+        (0, 6, 3, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let data = banded_data::<E>(60 + i as u64, (n, p, t, spaces), 3);
+        let mut rng = Rng::new(70 + i as u64);
+        let mut w: Vec<E> = rng
+            .vec(p * t, -1.0, 1.0)
+            .into_iter()
+            .map(E::from_f64)
+            .collect();
+        let mut y = data.y.clone();
+        if t > 1 && n > 0 {
+            // a constant target (R² shares 0), and space 0 weighted 0 for target 1
+            for r in 0..n {
+                y[r * t] = E::from_f64(1.5);
+            }
+            for (j, g) in data.groups.iter().enumerate() {
+                if *g == 0 {
+                    w[j * t + 1] = E::from_f64(0.0);
+                }
+            }
+        }
+        let shape = BandedShape::new(n, p, t, spaces);
+        let want = ridge::split_scores(shape, &data.x, &data.groups, &w, &y).unwrap();
+        let got =
+            ridge::cuda::split_scores_host(device, shape, &data.x, &data.groups, &w, &y).unwrap();
+        let what = format!("{} n{n} p{p} t{t} S{spaces}", E::DTYPE);
+        for (name, g, wv) in [
+            ("r2", &got.r2, &want.r2),
+            ("pearson", &got.pearson, &want.pearson),
+        ] {
+            let r = worst_ratio(&to_f64(g), &to_f64(wv), tol, tol);
+            assert!(r <= 1.0, "{what}: {name} {r} x tolerance");
+        }
+    }
+    // a group id out of range names `groups`
+    let data = banded_data::<E>(80, (10, 4, 2, 2), 2);
+    let mut groups = data.groups.clone();
+    groups[1] = -1;
+    let w = vec![E::from_f64(0.5); 4 * 2];
+    let err = ridge::cuda::split_scores_host(
+        device,
+        BandedShape::new(10, 4, 2, 2),
+        &data.x,
+        &groups,
+        &w,
+        &data.y,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("groups"), "{err}");
+}
+
+#[test]
+fn cuda_split_scores_matches_cpu() {
+    if let Some(dev) = common::device_or_skip("cuda_split_scores_matches_cpu") {
+        check_split::<f32>(&dev, 2e-5);
+        check_split::<f64>(&dev, 1e-12);
+    }
 }
 
 /// ridge.score on the device against the CPU: random columns, a constant target (R² and

@@ -787,13 +787,15 @@ fn refit<E: RidgeReal>(
     Ok((w, intercept))
 }
 
-pub(super) fn split_impl<E: RidgeReal>(
+/// The checks of `ridge.split_scores`' inputs, before anything is allocated by them:
+/// returns the columns of each space.
+pub(super) fn check_split<E: RidgeReal>(
     shape: BandedShape,
     x: &[E],
     groups: &[i32],
     w: &[E],
     y: &[E],
-) -> Result<SplitScores<E>> {
+) -> Result<Vec<Vec<usize>>> {
     let BandedShape {
         samples: n,
         features: p,
@@ -813,6 +815,24 @@ pub(super) fn split_impl<E: RidgeReal>(
         // rule 3 of crate::error: with no rows only w carries t
         crate::error::check_backed("w", "t (n = 0 rows)", st, ws)?;
     }
+    Ok(columns)
+}
+
+pub(super) fn split_impl<E: RidgeReal>(
+    shape: BandedShape,
+    x: &[E],
+    groups: &[i32],
+    w: &[E],
+    y: &[E],
+) -> Result<SplitScores<E>> {
+    let BandedShape {
+        samples: n,
+        features: p,
+        targets: t,
+        spaces,
+    } = shape;
+    let columns = check_split(shape, x, groups, w, y)?;
+    let st = spaces * t;
     let (mut r2, mut pearson) = (vec![E::default(); st], vec![E::default(); st]);
     if n == 0 || t == 0 {
         return Ok(SplitScores { r2, pearson });

@@ -43,7 +43,7 @@ use cudarc::driver::{
 use std::sync::Arc;
 
 mod banded;
-pub use banded::banded_cv_host;
+pub use banded::{banded_cv_host, split_scores_host};
 
 // ---------------------------------------------------------------------------------------------
 // cuBLAS / cuSOLVER in the element type

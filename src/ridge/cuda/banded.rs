@@ -11,6 +11,9 @@
 //! Target batches are copied from host memory per (fold, candidate), so y need not fit on the
 //! device. The choice per target is the CPU's own code ([`super::super::banded::select`]) on
 //! the sums brought back; the refit decomposes once per chosen candidate.
+//!
+//! `ridge.split_scores` ([`split_scores_host`]): each space's prediction by cuBLAS and one
+//! kernel for the centered sums.
 
 use super::{CudaRidgeReal, Device};
 use super::{
@@ -20,7 +23,8 @@ use super::{
 use crate::cuda::{CudaElement, i64_dim, read_ptr, write_ptr};
 use crate::error::{Error, Result};
 use crate::ridge::banded::{
-    BandedFit, BandedInputs, BandedProgress, BandedShape, check_inputs, column_scales, select,
+    BandedFit, BandedInputs, BandedProgress, BandedShape, SplitScores, check_inputs, check_split,
+    column_scales, select,
 };
 use crate::ridge::cv::{CvInputs, CvParams, means, rows_of};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
@@ -592,4 +596,105 @@ pub fn banded_cv_host<E: CudaRidgeReal>(
         n_folds,
     )?;
     Ok(chosen.into_fit(w, intercept))
+}
+
+/// Target columns per batch of [`split_scores_host`]: the spaces' predictions of a batch
+/// take S·n·`SPLIT_TARGETS` elements on the device.
+const SPLIT_TARGETS: usize = 2048;
+
+/// `ridge.split_scores` on the GPU, host in, host out, on the device's default stream: the
+/// same inputs, checks and outputs as the CPU [`crate::ridge::split_scores()`] (agreement to
+/// the element type's rounding). Per batch of targets, each space's prediction X_s·W_s by
+/// cuBLAS, then one kernel for the centered sums of every (space, target), in f64. Shapes
+/// with no row or no target run the CPU path.
+pub fn split_scores_host<E: CudaRidgeReal>(
+    device: &Device,
+    shape: BandedShape,
+    x: &[E],
+    groups: &[i32],
+    w: &[E],
+    y: &[E],
+) -> Result<SplitScores<E>> {
+    let columns = check_split(shape, x, groups, w, y)?;
+    let (n, p, t, spaces) = (shape.samples, shape.features, shape.targets, shape.spaces);
+    if n == 0 || t == 0 {
+        return crate::ridge::split_scores(shape, x, groups, w, y);
+    }
+    let batch = SPLIT_TARGETS.min(t);
+    let (ni, si) = (int(n, "x")?, int(spaces, "groups")?);
+    int(p, "x")?;
+    int(batch, "w")?;
+    spaces
+        .checked_mul(n)
+        .and_then(|v| v.checked_mul(batch))
+        .and_then(|v| i64::try_from(v).ok())
+        .ok_or_else(|| Error::overflow("x", format!("S·n·{batch} predictions of {shape:?}")))?;
+    let stream = device.stream();
+    let la = Linalg::new(stream)?;
+    let kernel = device.function("ridge", &format!("ridge_split_scores_{}", E::SUFFIX))?;
+    // each space's columns of x, row-major [n, p_s] = column-major X_sᵀ (p_s × n, ld p_s)
+    let xs: Vec<CudaSlice<E>> = columns
+        .iter()
+        .map(|cols| upload(stream, &space_columns(x, p, cols)))
+        .collect::<Result<_>>()?;
+    let (mut r2, mut pearson) = (
+        vec![E::default(); spaces * t],
+        vec![E::default(); spaces * t],
+    );
+    let mut t0 = 0;
+    while t0 < t {
+        let tb = batch.min(t - t0);
+        let yb = super::upload_batch(stream, y, n, t, t0, tb)?;
+        let mut q = stream.alloc_zeros::<E>(spaces * n * tb)?;
+        for (s, cols) in columns.iter().enumerate() {
+            // W_s row-major [p_s, tb] = column-major W_sᵀ (tb × p_s, ld tb);
+            // q_s row-major [n, tb] = column-major (tb × n) = W_sᵀ·X_sᵀ
+            let ws: Vec<E> = cols
+                .iter()
+                .flat_map(|&j| w[j * t + t0..j * t + t0 + tb].iter().copied())
+                .collect();
+            let ws = upload(stream, &ws)?;
+            let ps = cols.len();
+            la.gemm_at(
+                (false, false),
+                (tb, n, ps),
+                (&ws, 0, tb),
+                (&xs[s], 0, ps),
+                (&mut q, s * n * tb, tb),
+            )?;
+        }
+        let mut means = stream.alloc_zeros::<f64>((spaces + 1) * tb)?;
+        let mut r2b = stream.alloc_zeros::<E>(spaces * tb)?;
+        let mut pearson_b = stream.alloc_zeros::<E>(spaces * tb)?;
+        {
+            let tbi = int(tb, "w")?;
+            let (yp, _g1) = read_ptr(&yb, stream);
+            let (qp, _g2) = read_ptr(&q, stream);
+            let (mp, _g3) = write_ptr(&mut means, stream);
+            let (rp, _g4) = write_ptr(&mut r2b, stream);
+            let (pp, _g5) = write_ptr(&mut pearson_b, stream);
+            // SAFETY: yb holds [n, tb], q [S, n, tb], means (S + 1)·tb values, r2b and
+            // pearson_b [S, tb]; the kernel's block plan covers tb columns.
+            unsafe {
+                stream
+                    .launch_builder(&kernel)
+                    .arg(&yp)
+                    .arg(&qp)
+                    .arg(&si)
+                    .arg(&ni)
+                    .arg(&tbi)
+                    .arg(&mp)
+                    .arg(&rp)
+                    .arg(&pp)
+                    .launch(super::column_blocks(tb)?)?;
+            }
+        }
+        let (r2b, pearson_b) = (stream.clone_dtoh(&r2b)?, stream.clone_dtoh(&pearson_b)?);
+        for s in 0..spaces {
+            r2[s * t + t0..s * t + t0 + tb].copy_from_slice(&r2b[s * tb..(s + 1) * tb]);
+            pearson[s * t + t0..s * t + t0 + tb].copy_from_slice(&pearson_b[s * tb..(s + 1) * tb]);
+        }
+        t0 += tb;
+    }
+    Ok(SplitScores { r2, pearson })
 }
