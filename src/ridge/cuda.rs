@@ -20,6 +20,9 @@
 //! `ridge.score` ([`score`]): one pass per column block for the means and one for the
 //! sums, in f64, with the CPU's conventions for constant targets and predictions.
 //!
+//! `ridge.banded_cv` ([`banded_cv_host`]) and `ridge.split_scores` ([`split_scores_host`]):
+//! the banded ops, in `cuda/banded.rs`, on the same products, decompositions and scoring.
+//!
 //! cuBLAS and cuSOLVER are loaded (dynamically) by the calls that need them, and only then:
 //! an absent library is `Err(NoDevice)` naming it.
 
