@@ -897,3 +897,160 @@ fn ridge_on_tensors() -> R {
     assert!(e.to_string().contains("`y_pred`"), "{e}");
     Ok(())
 }
+
+#[test]
+fn banded_ridge_on_tensors() -> R {
+    use neurokernels::candle::ridge;
+    let mut rng = Rng::new(26);
+    let dev = Device::Cpu;
+    let (n, p, t, spaces) = (36, 6, 3, 2);
+    let x = rand(&mut rng, &[n, p], -1.0, 1.0);
+    let y = rand(&mut rng, &[n, t], -1.0, 1.0);
+    let groups: Vec<i64> = vec![0, 1, 0, 1, 1, 0];
+    let gammas_v = [0.5f64, 0.5, 0.9, 0.1, 0.2, 0.8];
+    let gammas = Tensor::from_vec(gammas_v.to_vec(), (3, spaces), &dev)?;
+    let alphas = Tensor::new(&[0.1f64, 1.0, 10.0], &dev)?;
+    let folds: Vec<i64> = (0..n as i64).map(|i| i % 3).collect();
+    let (groups_t, folds_t) = (
+        Tensor::new(groups.as_slice(), &dev)?,
+        Tensor::new(folds.as_slice(), &dev)?,
+    );
+    let params = ridge::CvParams::new();
+    let fit = ridge::banded_cv(&params, &x, &groups_t, &y, &alphas, &gammas, &folds_t)?;
+    // bit-identical to the slice API
+    let (fx, fy) = (
+        x.flatten_all()?.to_vec1::<f64>()?,
+        y.flatten_all()?.to_vec1::<f64>()?,
+    );
+    let groups32: Vec<i32> = groups.iter().map(|&g| g as i32).collect();
+    let folds32: Vec<i32> = folds.iter().map(|&f| f as i32).collect();
+    let shape = neurokernels::ridge::BandedShape::new(n, p, t, spaces);
+    let want = neurokernels::ridge::banded_cv(
+        &params,
+        shape,
+        &neurokernels::ridge::BandedInputs {
+            x: &fx,
+            groups: &groups32,
+            y: &fy,
+            alphas: &[0.1, 1.0, 10.0],
+            gammas: &gammas_v,
+            folds: &folds32,
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(fit.cv_scores.dims(), &[3, t]);
+    assert_eq!(
+        fit.cv_scores.flatten_all()?.to_vec1::<f64>()?,
+        want.cv_scores
+    );
+    assert_eq!(fit.deltas.flatten_all()?.to_vec1::<f64>()?, want.deltas);
+    assert_eq!(fit.w.flatten_all()?.to_vec1::<f64>()?, want.w);
+    assert_eq!(fit.intercept.to_vec1::<f64>()?, want.intercept);
+    let best: Vec<usize> = fit
+        .best_candidate
+        .to_vec1::<u32>()?
+        .iter()
+        .map(|b| *b as usize)
+        .collect();
+    assert_eq!(best, want.best_candidate);
+
+    let (r2, pearson) = ridge::split_scores(&x, &groups_t, spaces, &fit.w, &y)?;
+    let want_s = neurokernels::ridge::split_scores(shape, &fx, &groups32, &want.w, &fy).unwrap();
+    assert_eq!(r2.dims(), &[spaces, t]);
+    assert_eq!(r2.flatten_all()?.to_vec1::<f64>()?, want_s.r2);
+    assert_eq!(pearson.flatten_all()?.to_vec1::<f64>()?, want_s.pearson);
+    // the shares add up to the score of the whole prediction (himalaya's definition), here
+    // checked with candle's own ops: Σ_s r2[s] = R² of x·w shifted to y's mean
+    let pred = x.matmul(&fit.w)?;
+    let yc = y.broadcast_sub(&y.mean_keepdim(0)?)?;
+    let pc = pred.broadcast_sub(&pred.mean_keepdim(0)?)?;
+    let want_r2 = (1.0 - ((&yc - &pc)?.sqr()?.sum(0)? / yc.sqr()?.sum(0)?)?)?;
+    close("Σ split r2", &r2.sum(0)?, &want_r2, 1e-12, 1e-12);
+
+    let e = ridge::banded_cv(
+        &params,
+        &x,
+        &groups_t,
+        &y,
+        &alphas,
+        &gammas.to_dtype(DType::F32)?,
+        &folds_t,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`gammas`"), "{e}");
+    let e = ridge::split_scores(&x, &gammas, spaces, &fit.w, &y).unwrap_err();
+    assert!(e.to_string().contains("`groups`"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn topk_forward_only_ops_on_tensors() -> R {
+    use neurokernels::candle::topk;
+    use neurokernels::topk::{self as flat, Metric, RowsParams, SaeShape};
+    let mut rng = Rng::new(27);
+    let (b, dm, l, k) = (5, 8, 24, 3);
+    let x = rand(&mut rng, &[b, dm], -1.0, 1.0);
+    let w = rand(&mut rng, &[l, dm], -0.5, 0.5);
+    let bias = rand(&mut rng, &[l], -0.1, 0.1);
+    let fx = x.flatten_all()?.to_vec1::<f64>()?;
+    let fw = w.flatten_all()?.to_vec1::<f64>()?;
+    let fb = bias.to_vec1::<f64>()?;
+    let shape = SaeShape::new(b, dm, l);
+
+    // topk.rows and codebook.nearest (dot): the values are the k largest, found at the indices
+    let scores = x.matmul(&w.t()?)?; // [B, L]
+    let sorted = scores.sort_last_dim(false)?.0.narrow(1, 0, k)?;
+    let (v, i) = topk::rows(&RowsParams::new(), &scores, k)?;
+    close("rows values", &v, &sorted, 0.0, 0.0);
+    close(
+        "rows at indices",
+        &scores.gather(&i.contiguous()?, 1)?,
+        &v,
+        0.0,
+        0.0,
+    );
+    let (v, i) = topk::nearest(Metric::Dot, &x, &w, k)?;
+    close("nearest values", &v, &sorted, 1e-12, 1e-12);
+    close(
+        "nearest at indices",
+        &scores.gather(&i.contiguous()?, 1)?,
+        &v,
+        1e-12,
+        1e-12,
+    );
+
+    // the other encoders: bit-identical to the slice API
+    let inputs = flat::EncoderInputs {
+        x: &fx,
+        w_enc: &fw,
+        b_enc: &fb,
+        b_dec: None,
+    };
+    let csr = topk::encode_batch_topk(&x, &w, &bias, None, k)?;
+    let want = flat::encode_batch_topk(shape, k, &inputs).unwrap();
+    let u32s = |v: &[i32]| v.iter().map(|i| *i as u32).collect::<Vec<_>>();
+    assert_eq!(csr.indptr.to_vec1::<u32>()?, u32s(&want.indptr));
+    assert_eq!(csr.indices.to_vec1::<u32>()?, u32s(&want.indices));
+    assert_eq!(csr.values.to_vec1::<f64>()?, want.values);
+    let threshold = Tensor::from_vec(vec![0.05f64; l], l, &Device::Cpu)?;
+    let csr = topk::encode_jumprelu(&x, &w, &bias, None, &threshold)?;
+    let want = flat::encode_jumprelu(shape, &inputs, &[0.05; 24]).unwrap();
+    assert_eq!(csr.indices.to_vec1::<u32>()?, u32s(&want.indices));
+    assert_eq!(csr.values.to_vec1::<f64>()?, want.values);
+    assert!(want.values.iter().all(|v| *v > 0.05));
+    let mp = topk::encode_mp(&x, &w, None, k)?;
+    let want = flat::encode_mp(shape, k, &fx, &fw, None).unwrap();
+    assert_eq!(
+        mp.indices.flatten_all()?.to_vec1::<u32>()?,
+        u32s(&want.indices)
+    );
+    assert_eq!(mp.values.flatten_all()?.to_vec1::<f64>()?, want.values);
+    assert_eq!(mp.residual.dims(), &[b, dm]);
+
+    let e = topk::nearest(Metric::L2, &x, &w.to_dtype(DType::F32)?, k).unwrap_err();
+    assert!(e.to_string().contains("`codebook`"), "{e}");
+    let e = topk::encode_jumprelu(&x, &w, &bias, None, &threshold.narrow(0, 0, 3)?).unwrap_err();
+    assert!(e.to_string().contains("threshold"), "{e}");
+    Ok(())
+}

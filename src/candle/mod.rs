@@ -7,9 +7,11 @@
 //!   q, k and v.
 //! - [`scan`]: `scan.linear`, `scan.linear_complex` (interleaved real/imaginary layout),
 //!   `scan.selective`, `scan.gla`, gradients for every differentiable input.
-//! - [`ridge`]: `cv`, `predict`, `solve_batched`, `score` on tensors (no autograd).
+//! - [`ridge`]: `cv`, `banded_cv`, `split_scores`, `predict`, `solve_batched`, `score` on
+//!   tensors (no autograd).
 //! - [`topk`]: the top-k SAE `encode` (values + indices; gradients into x, w_enc, b_enc) and
-//!   `decode` (gradients into values, w_dec).
+//!   `decode` (gradients into values, w_dec); forward only: `encode_batch_topk`,
+//!   `encode_jumprelu`, `encode_mp`, `nearest` (`codebook.nearest`), `rows` (`topk.rows`).
 //!
 //! Conventions, for every function here:
 //!

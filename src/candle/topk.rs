@@ -10,6 +10,10 @@
 //! the lower latent); it is piecewise constant, so no gradient flows through the indices, and
 //! a selected value that is 0 (ReLU off) passes none to the encoder.
 //!
+//! Forward only, on CPU tensors: the other encoders ([`encode_batch_topk`],
+//! [`encode_jumprelu`] as [`CsrTensors`], [`encode_mp`]), [`nearest`] (`codebook.nearest`)
+//! and [`rows`] (`topk.rows`).
+//!
 //! ```
 //! use neurokernels::candle::topk;
 //! use neurokernels::candle::candle_core::{Device, Tensor, Var};
@@ -340,4 +344,203 @@ pub fn decode(values: &Tensor, indices: &Tensor, w_dec: &Tensor) -> candle_core:
     values
         .contiguous()?
         .apply_op2(&w_dec.contiguous()?, DecodeOp { indices: idx, k })
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward-only ops: the other encoders, codebook search and row top-k (no gradient: their
+// outputs are selections, or the encoders are used for inference and analysis)
+
+/// The rows of a CSR result as tensors: `indptr [B + 1]` and `indices [nnz]` (u32), `values
+/// [nnz]` (dtype of x).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct CsrTensors {
+    /// `[B + 1]`: row b's entries are `indptr[b]..indptr[b + 1]`.
+    pub indptr: Tensor,
+    /// `[nnz]`: the latent of each entry.
+    pub indices: Tensor,
+    /// `[nnz]`: the entries, descending within each row.
+    pub values: Tensor,
+}
+
+/// The matching pursuit of [`encode_mp`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct MatchingPursuit {
+    /// `[B, k]`: the coefficient of each step, in selection order.
+    pub values: Tensor,
+    /// `[B, k]` (u32): the atom of each step.
+    pub indices: Tensor,
+    /// `[B, Dm]`: what is left of x − b_dec.
+    pub residual: Tensor,
+}
+
+/// The contiguous host elements of a CPU tensor (the forward-only ops are not custom ops).
+fn cpu_vec<T: candle_core::WithDType>(
+    op: &str,
+    name: &str,
+    t: &Tensor,
+) -> candle_core::Result<Vec<T>> {
+    super::check_cpu(op, name, t)?;
+    host_vec::<T>(t)
+}
+
+fn u32_tensor(
+    v: Vec<i32>,
+    shape: impl Into<Shape>,
+    dev: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(
+        v.into_iter().map(|i| i as u32).collect::<Vec<_>>(),
+        shape,
+        dev,
+    )
+}
+
+fn csr_tensors<T: CandleElement>(
+    csr: flat::Csr<T>,
+    dev: &candle_core::Device,
+) -> candle_core::Result<CsrTensors> {
+    let (rows, nnz) = (csr.indptr.len(), csr.indices.len());
+    Ok(CsrTensors {
+        indptr: u32_tensor(csr.indptr, rows, dev)?,
+        indices: u32_tensor(csr.indices, nnz, dev)?,
+        values: Tensor::from_vec(csr.values, nnz, dev)?,
+    })
+}
+
+/// Checks x [B, Dm], w_enc [L, Dm] and b_enc [L] (and b_dec [Dm]) of one dtype and device.
+fn encoder_checks(
+    op: &str,
+    x: &Tensor,
+    w_enc: &Tensor,
+    b_enc: &Tensor,
+    b_dec: Option<&Tensor>,
+) -> candle_core::Result<SaeShape> {
+    check_float(op, "x", x)?;
+    check_like(op, "w_enc", w_enc, x.dtype(), x.device(), "x")?;
+    check_like(op, "b_enc", b_enc, x.dtype(), x.device(), "x")?;
+    if let Some(b) = b_dec {
+        check_like(op, "b_dec", b, x.dtype(), x.device(), "x")?;
+    }
+    sae_shape(op, x.dims(), w_enc.dims(), "w_enc")
+}
+
+/// `sae.encode_batch_topk` (BatchTopK): the B·k largest positive pre-activations
+/// ReLU((x − b_dec)·W_encᵀ + b_enc) over the whole batch, as CSR tensors (each row
+/// descending). `x [B, Dm]`, `w_enc [L, Dm]`, `b_enc [L]`, `b_dec [Dm]` optional; CPU
+/// tensors; no gradient. See [`crate::topk::encode_batch_topk`].
+pub fn encode_batch_topk(
+    x: &Tensor,
+    w_enc: &Tensor,
+    b_enc: &Tensor,
+    b_dec: Option<&Tensor>,
+    k: usize,
+) -> candle_core::Result<CsrTensors> {
+    const OP: &str = "sae.encode_batch_topk";
+    let shape = encoder_checks(OP, x, w_enc, b_enc, b_dec)?;
+    with_dtype!(OP, x.dtype(), T => {
+        let (xh, wh, bh) = (cpu_vec::<T>(OP, "x", x)?, host_vec::<T>(w_enc)?, host_vec::<T>(b_enc)?);
+        let bd = b_dec.map(host_vec::<T>).transpose()?;
+        let inputs = EncoderInputs { x: &xh, w_enc: &wh, b_enc: &bh, b_dec: bd.as_deref() };
+        let csr = flat::encode_batch_topk(shape, k, &inputs).map_err(wrap)?;
+        csr_tensors(csr, x.device())
+    })
+}
+
+/// `sae.encode_jumprelu`: keeps the pre-activations (x − b_dec)·W_encᵀ + b_enc above
+/// `threshold [L]` (strictly), as CSR tensors (each row descending). Shapes and dtypes as
+/// [`encode_batch_topk`]; CPU tensors; no gradient.
+pub fn encode_jumprelu(
+    x: &Tensor,
+    w_enc: &Tensor,
+    b_enc: &Tensor,
+    b_dec: Option<&Tensor>,
+    threshold: &Tensor,
+) -> candle_core::Result<CsrTensors> {
+    const OP: &str = "sae.encode_jumprelu";
+    let shape = encoder_checks(OP, x, w_enc, b_enc, b_dec)?;
+    check_like(OP, "threshold", threshold, x.dtype(), x.device(), "x")?;
+    with_dtype!(OP, x.dtype(), T => {
+        let (xh, wh, bh) = (cpu_vec::<T>(OP, "x", x)?, host_vec::<T>(w_enc)?, host_vec::<T>(b_enc)?);
+        let (bd, th) = (b_dec.map(host_vec::<T>).transpose()?, host_vec::<T>(threshold)?);
+        let inputs = EncoderInputs { x: &xh, w_enc: &wh, b_enc: &bh, b_dec: bd.as_deref() };
+        let csr = flat::encode_jumprelu(shape, &inputs, &th).map_err(wrap)?;
+        csr_tensors(csr, x.device())
+    })
+}
+
+/// `sae.encode_mp`: `k` steps of matching pursuit of x − b_dec over the atoms `w_dec [L, Dm]`
+/// (normalize them first), `b_dec [Dm]` optional; returns each step's coefficient and atom
+/// and the residual. CPU tensors; no gradient. See [`crate::topk::encode_mp`].
+pub fn encode_mp(
+    x: &Tensor,
+    w_dec: &Tensor,
+    b_dec: Option<&Tensor>,
+    k: usize,
+) -> candle_core::Result<MatchingPursuit> {
+    const OP: &str = "sae.encode_mp";
+    check_float(OP, "x", x)?;
+    check_like(OP, "w_dec", w_dec, x.dtype(), x.device(), "x")?;
+    if let Some(b) = b_dec {
+        check_like(OP, "b_dec", b, x.dtype(), x.device(), "x")?;
+    }
+    let shape = sae_shape(OP, x.dims(), w_dec.dims(), "w_dec")?;
+    with_dtype!(OP, x.dtype(), T => {
+        let (xh, wh) = (cpu_vec::<T>(OP, "x", x)?, host_vec::<T>(w_dec)?);
+        let bd = b_dec.map(host_vec::<T>).transpose()?;
+        let mp = flat::encode_mp(shape, k, &xh, &wh, bd.as_deref()).map_err(wrap)?;
+        let dev = x.device();
+        Ok(MatchingPursuit {
+            values: Tensor::from_vec(mp.values, (shape.batch, k), dev)?,
+            indices: u32_tensor(mp.indices, (shape.batch, k), dev)?,
+            residual: Tensor::from_vec(mp.residual, (shape.batch, shape.dm), dev)?,
+        })
+    })
+}
+
+/// `codebook.nearest`: per row of `x [B, Dm]`, the `k` best rows of `codebook [L, Dm]` by
+/// `metric` (dot, cosine: largest first; L2: smallest first), as `(scores [B, k],
+/// indices [B, k] u32)`. CPU tensors; no gradient.
+pub fn nearest(
+    metric: flat::Metric,
+    x: &Tensor,
+    codebook: &Tensor,
+    k: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    const OP: &str = "codebook.nearest";
+    check_float(OP, "x", x)?;
+    check_like(OP, "codebook", codebook, x.dtype(), x.device(), "x")?;
+    let shape = sae_shape(OP, x.dims(), codebook.dims(), "codebook")?;
+    with_dtype!(OP, x.dtype(), T => {
+        let (xh, ch) = (cpu_vec::<T>(OP, "x", x)?, host_vec::<T>(codebook)?);
+        let top = flat::nearest(metric, shape, k, &xh, &ch).map_err(wrap)?;
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(top.values, (shape.batch, k), dev)?,
+            u32_tensor(top.indices, (shape.batch, k), dev)?,
+        ))
+    })
+}
+
+/// `topk.rows`: the `k` largest (or, with `params.largest = false`, smallest) entries of each
+/// row of `x [rows, N]`, best first, as `(values [rows, k], indices [rows, k] u32)`; ties to the
+/// lower index, NaN above every number (as torch.topk). CPU tensors; no gradient.
+pub fn rows(
+    params: &flat::RowsParams,
+    x: &Tensor,
+    k: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    const OP: &str = "topk.rows";
+    check_float(OP, "x", x)?;
+    let shape = flat::RowsShape::from_dims(x.dims()).map_err(wrap)?;
+    with_dtype!(OP, x.dtype(), T => {
+        let xh = cpu_vec::<T>(OP, "x", x)?;
+        let top = flat::rows(params, shape, k, &xh).map_err(wrap)?;
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(top.values, (shape.rows, k), dev)?,
+            u32_tensor(top.indices, (shape.rows, k), dev)?,
+        ))
+    })
 }
