@@ -1054,3 +1054,89 @@ fn topk_forward_only_ops_on_tensors() -> R {
     assert!(e.to_string().contains("threshold"), "{e}");
     Ok(())
 }
+
+/// A sequence run in two segments, the first's final state as the second's h0, equals the
+/// sequence run at once (gla and selective, f64).
+#[test]
+fn scans_carry_their_state_across_segments() -> R {
+    let mut rng = Rng::new(28);
+    // gla: T = 37 cut at 21 (chunk boundaries anywhere)
+    let (b, t, h, kd, vd, cut) = (2, 37, 2, 4, 3, 21);
+    let q = rand(&mut rng, &[b, t, h, kd], -1.0, 1.0);
+    let k = rand(&mut rng, &[b, t, h, kd], -1.0, 1.0);
+    let v = rand(&mut rng, &[b, t, h, vd], -1.0, 1.0);
+    let g = rand(&mut rng, &[b, t, h, kd], -0.5, 0.0);
+    let params = scan::GlaParams::new();
+    let (whole, h_end) = scan::gla_with_state(&params, &q, &k, &v, &g, None)?;
+    assert_eq!(h_end.dims(), &[b, h, kd, vd]);
+    let part = |x: &Tensor, from: usize, len: usize| x.narrow(1, from, len).unwrap();
+    let (o1, h_mid) = scan::gla_with_state(
+        &params,
+        &part(&q, 0, cut),
+        &part(&k, 0, cut),
+        &part(&v, 0, cut),
+        &part(&g, 0, cut),
+        None,
+    )?;
+    let rest = t - cut;
+    let (o2, h_last) = scan::gla_with_state(
+        &params,
+        &part(&q, cut, rest),
+        &part(&k, cut, rest),
+        &part(&v, cut, rest),
+        &part(&g, cut, rest),
+        Some(&h_mid),
+    )?;
+    close(
+        "gla o in two segments",
+        &Tensor::cat(&[&o1, &o2], 1)?,
+        &whole,
+        1e-12,
+        1e-12,
+    );
+    close("gla h_last in two segments", &h_last, &h_end, 1e-12, 1e-12);
+
+    // selective: T = 13 cut at 6, with every optional input
+    let (b, t, d, n, cut) = (2, 13, 5, 4, 6);
+    let u = rand(&mut rng, &[b, t, d], -1.0, 1.0);
+    let delta = rand(&mut rng, &[b, t, d], -1.0, 1.0);
+    let a = rand(&mut rng, &[d, n], -1.5, -0.1);
+    let bm = rand(&mut rng, &[b, t, n], -1.0, 1.0);
+    let cm = rand(&mut rng, &[b, t, n], -1.0, 1.0);
+    let z = rand(&mut rng, &[b, t, d], -1.0, 1.0);
+    let dskip = rand(&mut rng, &[d], -1.0, 1.0);
+    let params = scan::SelectiveParams::new().delta_softplus(true);
+    let run = |from: usize, len: usize, h0: Option<&Tensor>| {
+        let (u, delta, bm, cm, z) = (
+            part(&u, from, len),
+            part(&delta, from, len),
+            part(&bm, from, len),
+            part(&cm, from, len),
+            part(&z, from, len),
+        );
+        let mut args = scan::SelectiveArgs::new(&u, &delta, &a, &bm, &cm);
+        args.z = Some(&z);
+        args.dskip = Some(&dskip);
+        args.h0 = h0;
+        scan::selective_with_state(&params, &args)
+    };
+    let (whole, h_end) = run(0, t, None)?;
+    assert_eq!(h_end.dims(), &[b, d, n]);
+    let (y1, h_mid) = run(0, cut, None)?;
+    let (y2, h_last) = run(cut, t - cut, Some(&h_mid))?;
+    close(
+        "selective y in two segments",
+        &Tensor::cat(&[&y1, &y2], 1)?,
+        &whole,
+        1e-12,
+        1e-12,
+    );
+    close(
+        "selective h_last in two segments",
+        &h_last,
+        &h_end,
+        1e-12,
+        1e-12,
+    );
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! Linear-recurrence scans on candle tensors, differentiable in every input:
 //! [`linear`] (`h[t] = a[t]·h[t-1] + b[t]`), [`linear_complex`] (the same over complex
-//! numbers), [`selective`] (Mamba) and [`gla`] (gated linear attention).
+//! numbers), [`selective`] (Mamba) and [`gla`] (gated linear attention);
+//! [`selective_with_state`] and [`gla_with_state`] also return the final state, to carry
+//! into the next segment (its gradient is not propagated: truncated BPTT).
 //!
 //! **Complex layout.** candle has no complex dtype: a complex tensor is a real tensor with a
 //! trailing axis of 2 holding (real, imaginary), interleaved: `a`, `b`, `h` are
@@ -31,7 +33,8 @@
 use super::{CandleElement, check_float, check_like, cpu_slice, host_vec, with_dtype, wrap};
 use crate::scan::{self as flat, ScanShape};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+use std::sync::{Arc, Mutex};
 
 #[doc(no_inline)]
 pub use crate::scan::ScanParams;
@@ -264,10 +267,39 @@ pub use crate::scan::gla::{GlaForm, GlaParams};
 
 const GLA: &str = "scan.gla";
 
+/// The final state of a forward, kept by the op for the `*_with_state` functions.
+type StateSlot = Arc<Mutex<Option<Tensor>>>;
+
+/// Keeps `h_last` (accumulator type, `dims`) in `slot`.
+fn keep_state<A: WithDType>(
+    slot: &StateSlot,
+    h_last: Vec<A>,
+    dims: &[usize],
+) -> candle_core::Result<()> {
+    let t = Tensor::from_vec(h_last, dims, &candle_core::Device::Cpu)?;
+    *slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("neurokernels: state lock poisoned".into()))? =
+        Some(t);
+    Ok(())
+}
+
+/// The state a forward kept, or an error naming the op.
+fn take_state(op: &str, slot: &StateSlot) -> candle_core::Result<Tensor> {
+    slot.lock()
+        .map_err(|_| candle_core::Error::Msg("neurokernels: state lock poisoned".into()))?
+        .take()
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!("neurokernels {op}: the forward kept no state"))
+        })
+}
+
 /// `scan.gla` on (packed q, k, v, g; h0).
 struct GlaOp {
     params: GlaParams,
     shape: GlaShape,
+    /// Where the forward leaves h_last.
+    state: StateSlot,
 }
 
 impl GlaOp {
@@ -294,6 +326,11 @@ impl GlaOp {
         };
         let out = flat_gla::gla(&self.params, self.shape, &inputs).map_err(wrap)?;
         let s = &self.shape;
+        keep_state(
+            &self.state,
+            out.h_last,
+            &[s.batch, s.heads, s.key_dim, s.value_dim],
+        )?;
         Ok((
             E::to_cpu_storage_owned(out.o),
             Shape::from((s.batch, s.len, s.heads, s.value_dim)),
@@ -375,6 +412,21 @@ pub fn gla(
     g: &Tensor,
     h0: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    Ok(gla_with_state(params, q, k, v, g, h0)?.0)
+}
+
+/// [`gla`] that also returns the final state `h_last [B, H, K, V]` (accumulator dtype), to
+/// carry into the next segment as its `h0` (streaming, truncated backpropagation through
+/// time). `o` is differentiable as in [`gla`]; `h_last` is a constant to candle (no gradient
+/// flows back through it: detach semantics, as truncated BPTT uses).
+pub fn gla_with_state(
+    params: &GlaParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    h0: Option<&Tensor>,
+) -> candle_core::Result<(Tensor, Tensor)> {
     check_float(GLA, "q", q)?;
     let shape = GlaShape::from_dims(q.dims(), v.dims()).map_err(wrap)?;
     check_input(GLA, "k", k, q, "q", q.dims(), false)?;
@@ -389,13 +441,16 @@ pub fn gla(
         None => Tensor::zeros(&state, super::acc_dtype(q.dtype()), q.device())?,
     };
     let packed = pack(&[q, k, v, g])?;
-    packed.apply_op2(
+    let slot = StateSlot::default();
+    let o = packed.apply_op2(
         &h0,
         GlaOp {
             params: *params,
             shape,
+            state: slot.clone(),
         },
-    )
+    )?;
+    Ok((o, take_state(GLA, &slot)?.to_device(q.device())?))
 }
 
 pub use crate::scan::selective::SelectiveParams;
@@ -457,6 +512,8 @@ struct SelectiveOp {
     shape: SelectiveShape,
     /// Which optional inputs are packed: z, dskip, delta_bias, h0.
     has: [bool; 4],
+    /// Where the forward leaves h_last.
+    state: StateSlot,
 }
 
 impl SelectiveOp {
@@ -523,6 +580,7 @@ impl SelectiveOp {
             flat_sel::selective(&self.params, self.shape, inputs).map_err(wrap)
         })?;
         let s = &self.shape;
+        keep_state(&self.state, out.h_last, &[s.batch, s.channels, s.state])?;
         Ok((
             E::to_cpu_storage_owned(out.y),
             Shape::from((s.batch, s.len, s.channels)),
@@ -598,6 +656,17 @@ pub fn selective(
     params: &SelectiveParams,
     args: &SelectiveArgs<'_>,
 ) -> candle_core::Result<Tensor> {
+    Ok(selective_with_state(params, args)?.0)
+}
+
+/// [`selective`] that also returns the final state `h_last [B, D, N]` (accumulator dtype),
+/// to carry into the next segment as its `h0` (streaming inference, truncated BPTT). `y` is
+/// differentiable as in [`selective`]; `h_last` is a constant to candle (no gradient flows
+/// back through it, as in Mamba's own selective scan).
+pub fn selective_with_state(
+    params: &SelectiveParams,
+    args: &SelectiveArgs<'_>,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let u = args.u;
     check_float(SEL, "u", u)?;
     let shape = SelectiveShape::from_dims(u.dims(), args.a.dims()).map_err(wrap)?;
@@ -631,6 +700,9 @@ pub fn selective(
             args.delta_bias.is_some(),
             args.h0.is_some(),
         ],
+        state: StateSlot::default(),
     };
-    pack(&seq)?.apply_op2(&pack(&acc)?, op)
+    let slot = op.state.clone();
+    let y = pack(&seq)?.apply_op2(&pack(&acc)?, op)?;
+    Ok((y, take_state(SEL, &slot)?.to_device(u.device())?))
 }
