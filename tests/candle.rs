@@ -1140,3 +1140,62 @@ fn scans_carry_their_state_across_segments() -> R {
     );
     Ok(())
 }
+
+/// Generation on a KV cache: a 5-token causal prefill then one token at a time gives the
+/// rows of one causal forward over the whole sequence (GQA, f64); a mismatched step is an
+/// error naming the tensor and leaves the cache as it was.
+#[test]
+fn attention_decode_on_a_kv_cache_matches_the_full_forward() -> R {
+    let mut rng = Rng::new(29);
+    let (b, s, hq, hk, d) = (2, 11, 4, 2, 8);
+    let q = rand(&mut rng, &[b, s, hq, d], -1.0, 1.0);
+    let k = rand(&mut rng, &[b, s, hk, d], -1.0, 1.0);
+    let v = rand(&mut rng, &[b, s, hk, d], -1.0, 1.0);
+    let params = AttentionParams::new().causal(true);
+    let whole = attention::forward(&params, &AttentionInputs::new(&q, &k, &v))?;
+    let mut cache = attention::KvCache::new();
+    assert!(cache.is_empty());
+    let rows = |t: &Tensor, from: usize, len: usize| t.narrow(1, from, len).unwrap();
+    let mut outs = vec![attention::decode(
+        &params,
+        &rows(&q, 0, 5),
+        &rows(&k, 0, 5),
+        &rows(&v, 0, 5),
+        &mut cache,
+    )?];
+    for i in 5..s {
+        outs.push(attention::decode(
+            &params,
+            &rows(&q, i, 1),
+            &rows(&k, i, 1),
+            &rows(&v, i, 1),
+            &mut cache,
+        )?);
+    }
+    assert_eq!(cache.len(), s);
+    let outs: Vec<&Tensor> = outs.iter().collect();
+    close(
+        "decoded rows",
+        &Tensor::cat(&outs, 1)?,
+        &whole,
+        1e-12,
+        1e-12,
+    );
+
+    let e = attention::decode(
+        &params,
+        &rows(&q, 0, 1),
+        &rows(&k, 0, 1).to_dtype(DType::F32)?,
+        &rows(&v, 0, 1),
+        &mut cache,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`k_new`"), "{e}");
+    let wrong_heads = rand(&mut rng, &[b, 1, hq, d], -1.0, 1.0);
+    let e = cache.append(&wrong_heads, &wrong_heads).unwrap_err();
+    assert!(e.to_string().contains("`k`"), "{e}");
+    assert_eq!(cache.len(), s);
+    cache.reset();
+    assert!(cache.is_empty() && cache.k().is_none());
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! Fused attention on candle tensors: [`crate::attention`]'s forward as a `CustomOp3` on
-//! (q, k, v) whose backward gives dq, dk, dv, and `top_keys`.
+//! (q, k, v) whose backward gives dq, dk, dv, `top_keys`, and [`decode`] on a [`KvCache`]
+//! (token-by-token generation).
 //!
 //! Layouts (the slice API's, heads third): `q [B, Sq, Hq, D]`, `k [B, Sk, Hk, D]`,
 //! `v [B, Sk, Hk, Dv]`, `o [B, Sq, Hq, Dv]`, `lse [B, Hq, Sq]`; query head h reads KV head
@@ -443,4 +444,120 @@ pub fn top_keys(
         )
     });
     Ok((weights, indices))
+}
+
+/// The keys and values of the tokens seen so far, for decoding one token (or a few) at a
+/// time: `k [B, len, Hk, D]` and `v [B, len, Hk, Dv]`, grown by [`KvCache::append`] along the
+/// sequence axis. [`decode`] appends a step's keys and values and attends its queries to the
+/// whole cache; with `params.causal` the queries sit at the cache's last positions (the
+/// mask is aligned bottom-right), so a multi-token prefill and one-token steps use the same
+/// call. Every sequence of the batch has the same length; for ragged batches keep one cache
+/// per sequence (or pack them with `cu_seqlens` in [`forward`]).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The positions cached (0 when empty).
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0))
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The cached keys `[B, len, Hk, D]`, if any.
+    pub fn k(&self) -> Option<&Tensor> {
+        self.k.as_ref()
+    }
+
+    /// The cached values `[B, len, Hk, Dv]`, if any.
+    pub fn v(&self) -> Option<&Tensor> {
+        self.v.as_ref()
+    }
+
+    /// Forgets every position (a new sequence).
+    pub fn reset(&mut self) {
+        self.k = None;
+        self.v = None;
+    }
+
+    /// Appends `k [B, S, Hk, D]` and `v [B, S, Hk, Dv]` (S ≥ 1 new positions). Their batch,
+    /// heads, head sizes, dtype and device must match what is cached (an error names the
+    /// tensor); the cache is unchanged on error. Costs a copy of the cache (`Tensor::cat`).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<()> {
+        const OP: &str = "attention.decode";
+        check_float(OP, "k", k)?;
+        check_like(OP, "v", v, k.dtype(), k.device(), "k")?;
+        let (b, s, hk, _) = k.dims4()?;
+        let Ok((bv, sv, hv, _)) = v.dims4() else {
+            candle_core::bail!(
+                "neurokernels {OP}: tensor `v` has shape {:?}, expected [{b}, {s}, {hk}, Dv]",
+                v.dims()
+            );
+        };
+        if (bv, sv, hv) != (b, s, hk) {
+            candle_core::bail!(
+                "neurokernels {OP}: tensor `v` has shape {:?}, expected [{b}, {s}, {hk}, Dv] (B, S, Hk from k)",
+                v.dims()
+            );
+        }
+        let grown = |cached: &Option<Tensor>, new: &Tensor, name: &str| match cached {
+            None => Ok(new.clone()),
+            Some(c) => {
+                check_like(OP, name, new, c.dtype(), c.device(), "the cache")?;
+                let (cd, nd) = (c.dims(), new.dims());
+                if (cd[0], cd[2], cd[3]) != (nd[0], nd[2], nd[3]) {
+                    candle_core::bail!(
+                        "neurokernels {OP}: tensor `{name}` has shape {nd:?}, expected [{}, S, {}, {}] (the cache's)",
+                        cd[0],
+                        cd[2],
+                        cd[3]
+                    );
+                }
+                Tensor::cat(&[c, new], 1)
+            }
+        };
+        let (k_all, v_all) = (grown(&self.k, k, "k")?, grown(&self.v, v, "v")?);
+        self.k = Some(k_all);
+        self.v = Some(v_all);
+        Ok(())
+    }
+}
+
+/// One decoding step on a [`KvCache`]: appends `k_new [B, S, Hk, D]` and
+/// `v_new [B, S, Hk, Dv]` to `cache`, then attends `q [B, S, Hq, D]` (this step's queries)
+/// to every cached position with `params` (use `causal` so that a multi-token step masks its
+/// own future; one token sees the whole cache either way). Returns `o [B, S, Hq, Dv]`.
+/// A one-query step takes the split-KV path (keys spread over the threads); the forward is
+/// [`forward`]'s, differentiable as it is.
+pub fn decode(
+    params: &AttentionParams,
+    q: &Tensor,
+    k_new: &Tensor,
+    v_new: &Tensor,
+    cache: &mut KvCache,
+) -> candle_core::Result<Tensor> {
+    check_like(
+        "attention.decode",
+        "k_new",
+        k_new,
+        q.dtype(),
+        q.device(),
+        "q",
+    )?;
+    cache.append(k_new, v_new)?;
+    let (Some(k), Some(v)) = (cache.k(), cache.v()) else {
+        candle_core::bail!("neurokernels attention.decode: the cache is empty after an append");
+    };
+    forward(params, &AttentionInputs::new(q, k, v))
 }

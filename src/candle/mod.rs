@@ -3,8 +3,8 @@
 //! `bwd` runs the op's backward, so `Tensor::backward` differentiates a candle model through
 //! them.
 //!
-//! - [`attention`]: fused attention (`forward`, `forward_with_lse`, `top_keys`), gradients for
-//!   q, k and v.
+//! - [`attention`]: fused attention (`forward`, `forward_with_lse`, `top_keys`, `decode` on a
+//!   `KvCache`), gradients for q, k and v.
 //! - [`scan`]: `scan.linear`, `scan.linear_complex` (interleaved real/imaginary layout),
 //!   `scan.selective`, `scan.gla`, gradients for every differentiable input.
 //! - [`ridge`]: `cv`, `banded_cv`, `split_scores`, `predict`, `solve_batched`, `score` on
