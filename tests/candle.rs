@@ -167,16 +167,22 @@ fn check_attention(c: &Cfg, seed: u64) -> R {
     let k = Var::from_tensor(&rand(&mut rng, &[c.b, c.sk, c.hk, c.d], -1.0, 1.0))?;
     let v = Var::from_tensor(&rand(&mut rng, &[c.b, c.sk, c.hk, c.dv], -1.0, 1.0))?;
     let w = rand(&mut rng, &[c.b, c.sq, c.hq, c.dv], -1.0, 1.0);
-    let slopes = c.alibi.then(|| rand(&mut rng, &[c.hq], 0.05, 0.5));
-    let bias = c
-        .bias
-        .map(|(bb, hb)| rand(&mut rng, &[bb, hb, c.sq, c.sk], -1.0, 1.0));
+    let slopes = c
+        .alibi
+        .then(|| Var::from_tensor(&rand(&mut rng, &[c.hq], 0.05, 0.5)).unwrap());
+    let bias = c.bias.map(|(bb, hb)| {
+        Var::from_tensor(&rand(&mut rng, &[bb, hb, c.sq, c.sk], -1.0, 1.0)).unwrap()
+    });
+    let (slopes, bias) = (
+        slopes.as_ref().map(Var::as_tensor),
+        bias.as_ref().map(Var::as_tensor),
+    );
 
     let inputs = AttentionInputs::new(&q, &k, &v)
-        .alibi_slopes(slopes.as_ref())
-        .bias(bias.as_ref());
+        .alibi_slopes(slopes)
+        .bias(bias);
     let (o, lse) = attention::forward_with_lse(&c.params, &inputs)?;
-    let want = reference_attention(c, &q, &k, &v, slopes.as_ref(), bias.as_ref())?;
+    let want = reference_attention(c, &q, &k, &v, slopes, bias)?;
     close("o", &o, &want, 1e-10, 1e-12);
     assert_eq!(lse.dims(), &[c.b, c.hq, c.sq]);
 
@@ -186,6 +192,13 @@ fn check_attention(c: &Cfg, seed: u64) -> R {
         let got = ours.get(var).expect("a gradient for every input");
         let want = theirs.get(var).expect("a reference gradient");
         close(name, got, want, 1e-9, 1e-11);
+    }
+    // the bias and the ALiBi slopes, tracked as Vars, get theirs too
+    for (name, t) in [("dbias", bias), ("dalibi_slopes", slopes)] {
+        if let Some(t) = t {
+            let got = ours.get(t).expect("a gradient for a tracked bias or slope");
+            close(name, got, theirs.get(t).unwrap(), 1e-9, 1e-11);
+        }
     }
     Ok(())
 }

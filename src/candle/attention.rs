@@ -5,8 +5,10 @@
 //! Layouts (the slice API's, heads third): `q [B, Sq, Hq, D]`, `k [B, Sk, Hk, D]`,
 //! `v [B, Sk, Hk, Dv]`, `o [B, Sq, Hq, Dv]`, `lse [B, Hq, Sq]`; query head h reads KV head
 //! `h / (Hq / Hk)` (GQA/MQA). `alibi_slopes [Hq]` and `bias [Bb, Hb, Sq, Sk]` (Bb in {1, B},
-//! Hb in {1, Hq}) are constants: converted to the accumulator type (f32; f64 for f64 inputs),
-//! no gradient. Packed variable-length sequences take B = 1 and integer cumulative lengths
+//! Hb in {1, Hq}) enter the kernels in the accumulator type (f32; f64 for f64 inputs); when
+//! candle tracks them (a `Var`, or computed from one) they get gradients from the scores'
+//! gradient dS = P∘(dP − rowsum(P∘dP)), formed densely in the backward (not with packed
+//! sequences, where they stay constants). Packed variable-length sequences take B = 1 and integer cumulative lengths
 //! `[N+1]` (any integer dtype; see [`crate::attention`]). Masks, softcap, scale and the order
 //! in which they apply are [`AttentionParams`]'.
 //!
@@ -31,7 +33,7 @@ use super::{
 };
 use crate::attention::{self as flat, AttentionShape, Bias};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use std::any::Any;
 use std::sync::{Arc, Mutex};
 
@@ -60,10 +62,13 @@ pub struct AttentionInputs<'a> {
     pub k: &'a Tensor,
     /// `[B, Sk, Hk, Dv]`: the values (differentiable), dtype and device of `q`.
     pub v: &'a Tensor,
-    /// `[Hq]`: ALiBi slopes, `s -= slope[h]·|i + Sk − Sq − j|` (default none; constant).
+    /// `[Hq]`: ALiBi slopes, `s -= slope[h]·|i + Sk − Sq − j|` (default none). Gets a
+    /// gradient when candle tracks it (a `Var`, or computed from one), except with packed
+    /// sequences.
     pub alibi_slopes: Option<&'a Tensor>,
-    /// `[Bb, Hb, Sq, Sk]`: additive score bias, Bb in {1, B}, Hb in {1, Hq} (default none;
-    /// constant).
+    /// `[Bb, Hb, Sq, Sk]`: additive score bias, Bb in {1, B}, Hb in {1, Hq} (default none).
+    /// Gets a gradient (dense, [B, Hq, Sq, Sk] of work memory) when candle tracks it, except
+    /// with packed sequences.
     pub bias: Option<&'a Tensor>,
     /// Packed variable-length sequences, with B = 1 (default none).
     pub cu_seqlens: Option<CuSeqlens<'a>>,
@@ -368,8 +373,138 @@ fn run(
         inputs.k.contiguous()?,
         inputs.v.contiguous()?,
     );
-    let o = q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))?;
+    let mut o = q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))?;
+    // the constant inputs that candle tracks get their gradient through a bridge (identity
+    // forward); with packed sequences they stay constants
+    if inputs.cu_seqlens.is_none() {
+        for (kind, t) in [
+            (ScoreInput::Bias, inputs.bias),
+            (ScoreInput::Alibi, inputs.alibi_slopes),
+        ] {
+            if let Some(t) = t.filter(|t| t.track_op()) {
+                let bridge = ScoreGrad {
+                    params: *params,
+                    kind,
+                    q: q.detach(),
+                    k: k.detach(),
+                    v: v.detach(),
+                    alibi: inputs.alibi_slopes.map(Tensor::detach),
+                    bias: inputs.bias.map(Tensor::detach),
+                };
+                o = o.apply_op2(t, bridge)?;
+            }
+        }
+    }
     Ok((o, lse))
+}
+
+/// The constant input a [`ScoreGrad`] differentiates.
+#[derive(Clone, Copy, Debug)]
+enum ScoreInput {
+    /// `bias [Bb, Hb, Sq, Sk]`: its gradient is dS summed over its broadcast axes.
+    Bias,
+    /// `alibi_slopes [Hq]`: −Σ dS·|i + Sk − Sq − j| per head.
+    Alibi,
+}
+
+/// The identity on `o` whose backward passes `do` through unchanged and gives the bias (or
+/// the ALiBi slopes) its gradient from the scores' gradient dS = P∘(dP − rowsum(P∘dP)),
+/// dP = dO·Vᵀ; P comes from [`top_keys`] over every key (exact probabilities, masks and all).
+/// Dense in [B, Hq, Sq, Sk], as any dense bias gradient is.
+struct ScoreGrad {
+    params: AttentionParams,
+    kind: ScoreInput,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    alibi: Option<Tensor>,
+    bias: Option<Tensor>,
+}
+
+impl ScoreGrad {
+    /// dS `[B, Hq, Sq, Sk]` in the accumulator dtype, for the upstream gradient `d_o`.
+    fn scores_grad(&self, d_o: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, sq, hq, _) = self.q.dims4()?;
+        let (_, sk, hk, dv) = self.v.dims4()?;
+        let inputs = AttentionInputs::new(&self.q, &self.k, &self.v)
+            .alibi_slopes(self.alibi.as_ref())
+            .bias(self.bias.as_ref());
+        let (w, idx) = top_keys(&self.params, &inputs, sk)?;
+        let acc = w.dtype();
+        // padded entries (index −1) carry weight 0: adding them at key 0 changes nothing
+        let idx = idx.clamp(0i64, sk.saturating_sub(1) as i64)?;
+        let p = Tensor::zeros((b, hq, sq, sk), acc, w.device())?.scatter_add(&idx, &w, 3)?;
+        let d_o = d_o.to_dtype(acc)?.transpose(1, 2)?.contiguous()?; // [B, Hq, Sq, Dv]
+        let group = hq / hk.max(1);
+        let v = self.v.to_dtype(acc)?.transpose(1, 2)?; // [B, Hk, Sk, Dv]
+        let v = v
+            .unsqueeze(2)?
+            .broadcast_as((b, hk, group, sk, dv))?
+            .reshape((b, hq, sk, dv))?;
+        let dp = d_o.matmul(&v.transpose(2, 3)?.contiguous()?)?; // [B, Hq, Sq, Sk]
+        let pdp = (&p * &dp)?;
+        let row = pdp.sum_keepdim(3)?;
+        pdp - p.broadcast_mul(&row)?
+    }
+
+    fn grad(&self, param: &Tensor, d_o: &Tensor) -> candle_core::Result<Tensor> {
+        let ds = self.scores_grad(d_o)?;
+        let (b, hq, sq, sk) = ds.dims4()?;
+        let g = match self.kind {
+            ScoreInput::Bias => {
+                let (bb, hb) = (param.dim(0)?, param.dim(1)?);
+                let ds = if bb == 1 && b > 1 {
+                    ds.sum_keepdim(0)?
+                } else {
+                    ds
+                };
+                if hb == 1 && hq > 1 {
+                    ds.sum_keepdim(1)?
+                } else {
+                    ds
+                }
+            }
+            ScoreInput::Alibi => {
+                let off = sk as i64 - sq as i64;
+                let dist: Vec<f64> = (0..sq as i64)
+                    .flat_map(|i| (0..sk as i64).map(move |j| (i + off - j).abs() as f64))
+                    .collect();
+                let dist =
+                    Tensor::from_vec(dist, (1, 1, sq, sk), ds.device())?.to_dtype(ds.dtype())?;
+                ds.broadcast_mul(&dist)?.sum((0, 2, 3))?.neg()?
+            }
+        };
+        g.to_dtype(param.dtype())
+    }
+}
+
+impl CustomOp2 for ScoreGrad {
+    fn name(&self) -> &'static str {
+        "neurokernels-attention-score-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        with_dtype!(OP, s1.dtype(), T => {
+            let o = cpu_slice::<T>(OP, "o", s1, l1)?;
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(o.to_vec()), l1.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        _o: &Tensor,
+        param: &Tensor,
+        _res: &Tensor,
+        d_o: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(d_o.clone()), Some(self.grad(param, d_o)?)))
+    }
 }
 
 /// Attention's output `o [B, Sq, Hq, Dv]` (packed: `[1, total_q, Hq, Dv]`), dtype of q;
