@@ -94,9 +94,9 @@ impl EncodeOp {
     }
 
     /// dx = Σ_j dv·w_enc[idx], dw_enc[idx] += dv·x, db_enc[idx] += dv over the selected
-    /// latents whose value is positive; sums in a fixed order, in the accumulator type.
-    // the accumulator trait has `+` but not `+=`
-    #[allow(clippy::assign_op_pattern)]
+    /// latents whose value is positive: the fused `sae.backward`'s encoder part (SIMD,
+    /// parallel over rows for dx and over latents for dw_enc and db_enc, the same bits for
+    /// any thread count).
     fn bwd_typed<E: CandleElement>(
         &self,
         x: &Tensor,
@@ -106,7 +106,7 @@ impl EncodeOp {
         d_values: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let shape = sae_shape(ENC, x.dims(), w_enc.dims(), "w_enc")?;
-        let (b, dm, l, k) = (shape.batch, shape.dm, shape.latents, self.k);
+        let k = self.k;
         let guard = lock(&self.indices)?;
         let Some(idx) = guard.as_ref() else {
             candle_core::bail!("neurokernels {ENC}: the forward kept no selection");
@@ -115,28 +115,19 @@ impl EncodeOp {
         let vals = host_vec::<E>(values)?;
         let dv = host_vec::<E>(&d_values.to_dtype(x.dtype())?)?;
         let zero = <E::Acc as crate::element::Accum>::ZERO;
-        let mut dx = vec![zero; b * dm];
-        let mut dw = vec![zero; l * dm];
-        let mut db = vec![zero; l];
-        for r in 0..b {
-            for j in 0..k {
-                let (v, g) = (vals[r * k + j].to_acc(), dv[r * k + j].to_acc());
-                // a value that is not positive (ReLU off, or NaN) passes no gradient
-                if v.partial_cmp(&zero) != Some(std::cmp::Ordering::Greater) {
-                    continue;
-                }
-                let lat = idx[r * k + j] as usize;
-                db[lat] = db[lat] + g;
-                for c in 0..dm {
-                    dx[r * dm + c] = dx[r * dm + c] + g * wh[lat * dm + c].to_acc();
-                    dw[lat * dm + c] = dw[lat * dm + c] + g * xh[r * dm + c].to_acc();
-                }
-            }
-        }
+        // a value that is not positive (ReLU off, or NaN) passes no gradient
+        let dpre: Vec<E::Acc> = vals
+            .iter()
+            .zip(&dv)
+            .map(|(v, g)| if v.to_acc() > zero { g.to_acc() } else { zero })
+            .collect();
+        let isa = crate::cpu::Isa::active();
+        let dx = flat::gather_rows(isa, shape, k, idx, &dpre, &wh);
+        let (dw, db) = flat::scatter_rows(isa, shape, k, idx, &dpre, &xh);
         let cast = |v: Vec<E::Acc>| -> Vec<E> { v.into_iter().map(E::from_acc).collect() };
         Ok((
             Tensor::from_vec(cast(dx), x.shape(), x.device())?,
-            Tensor::from_vec(cast(dw), w_enc.shape(), w_enc.device())?,
+            Tensor::from_vec(dw, w_enc.shape(), w_enc.device())?,
             Tensor::from_vec(cast(db), b_enc.shape(), b_enc.device())?,
         ))
     }
@@ -236,9 +227,8 @@ impl DecodeOp {
         Ok((E::to_cpu_storage_owned(x_hat), Shape::from((b, dm))))
     }
 
-    /// d_values[r, j] = d_xhat[r]·w_dec[idx], dw_dec[idx] += values[r, j]·d_xhat[r].
-    // the accumulator trait has `+` but not `+=`
-    #[allow(clippy::assign_op_pattern)]
+    /// d_values[r, j] = d_xhat[r]·w_dec[idx], dw_dec[idx] += values[r, j]·d_xhat[r]: the
+    /// fused `sae.backward`'s decoder part (SIMD, parallel over rows, then over latents).
     fn bwd_typed<E: CandleElement>(
         &self,
         values: &Tensor,
@@ -247,28 +237,17 @@ impl DecodeOp {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let (b, k) = values.dims2()?;
         let (l, dm) = w_dec.dims2()?;
+        let shape = SaeShape::new(b, dm, l);
         let (vh, wh) = (host_vec::<E>(values)?, host_vec::<E>(w_dec)?);
         let gh = host_vec::<E>(&d_xhat.to_dtype(values.dtype())?)?;
-        let zero = <E::Acc as crate::element::Accum>::ZERO;
-        let mut dv = vec![zero; b * k];
-        let mut dw = vec![zero; l * dm];
-        for r in 0..b {
-            for j in 0..k {
-                let lat = self.indices[r * k + j] as usize;
-                let v = vh[r * k + j].to_acc();
-                let mut acc = zero;
-                for c in 0..dm {
-                    let g = gh[r * dm + c].to_acc();
-                    acc = acc + g * wh[lat * dm + c].to_acc();
-                    dw[lat * dm + c] = dw[lat * dm + c] + v * g;
-                }
-                dv[r * k + j] = acc;
-            }
-        }
-        let cast = |v: Vec<E::Acc>| -> Vec<E> { v.into_iter().map(E::from_acc).collect() };
+        let isa = crate::cpu::Isa::active();
+        let dv = flat::selected_dots(isa, shape, k, &self.indices, &gh, &wh);
+        let coef: Vec<E::Acc> = vh.iter().map(|v| v.to_acc()).collect();
+        let (dw, _) = flat::scatter_rows(isa, shape, k, &self.indices, &coef, &gh);
+        let dv: Vec<E> = dv.into_iter().map(E::from_acc).collect();
         Ok((
-            Tensor::from_vec(cast(dv), values.shape(), values.device())?,
-            Tensor::from_vec(cast(dw), w_dec.shape(), w_dec.device())?,
+            Tensor::from_vec(dv, values.shape(), values.device())?,
+            Tensor::from_vec(dw, w_dec.shape(), w_dec.device())?,
         ))
     }
 }

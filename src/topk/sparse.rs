@@ -570,7 +570,7 @@ pub(crate) fn backward_impl<E: Element>(
         d_xhat,
     } = *inputs;
     check_backward(shape, k, inputs)?;
-    let (bx, lw) = shape.sizes()?;
+    let (_, lw) = shape.sizes()?;
     let SaeShape { batch, dm, latents } = shape;
     let zero = E::Acc::ZERO;
 
@@ -644,19 +644,7 @@ pub(crate) fn backward_impl<E: Element>(
         }
     }
 
-    // dx[b] = Σ_j dpre·w_enc[idx], in the accumulator type
-    let mut dx_acc = vec![zero; bx];
-    if dm > 0 {
-        dx_acc.par_chunks_mut(dm).enumerate().for_each(|(b, acc)| {
-            for j in 0..k {
-                let dp = dpre[b * k + j];
-                if dp != zero {
-                    let l = indices[b * k + j] as usize;
-                    dispatch(isa, Axpy(dp, &w_enc[l * dm..(l + 1) * dm], acc));
-                }
-            }
-        });
-    }
+    let dx_acc = gather_rows(isa, shape, k, indices, &dpre, w_enc);
 
     // db_dec = Σ_b (d_xhat[b] − dx[b]), column by column in row order
     let db_dec: Vec<E> = (0..dm)
@@ -676,6 +664,106 @@ pub(crate) fn backward_impl<E: Element>(
         db_enc,
         dx: dx_acc.into_iter().map(E::from_acc).collect(),
     })
+}
+
+/// out[b] = Σ_j coef[b, j]·w[indices[b, j]] (`[B, Dm]`, accumulator type), parallel over
+/// rows, the j in order; a zero coefficient adds nothing. Indices must lie in 0..L.
+pub(crate) fn gather_rows<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    k: usize,
+    indices: &[i32],
+    coef: &[E::Acc],
+    w: &[E],
+) -> Vec<E::Acc> {
+    let (batch, dm) = (shape.batch, shape.dm);
+    let zero = E::Acc::ZERO;
+    let mut out = vec![zero; batch * dm];
+    if dm > 0 {
+        out.par_chunks_mut(dm).enumerate().for_each(|(b, acc)| {
+            for j in 0..k {
+                let c = coef[b * k + j];
+                if c != zero {
+                    let l = indices[b * k + j] as usize;
+                    dispatch(isa, Axpy(c, &w[l * dm..(l + 1) * dm], acc));
+                }
+            }
+        });
+    }
+    out
+}
+
+/// The transpose of [`gather_rows`]: per latent l, `out[l] = Σ coef[b, j]·rows[b]` over the
+/// selections of l in row order (`[L, Dm]`, rounded to E), and `sums[l] = Σ coef[b, j]`
+/// (accumulator type); parallel over latents, so the result does not depend on the thread
+/// count. Indices must lie in 0..L.
+pub(crate) fn scatter_rows<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    k: usize,
+    indices: &[i32],
+    coef: &[E::Acc],
+    rows: &[E],
+) -> (Vec<E>, Vec<E::Acc>) {
+    let SaeShape { dm, latents, .. } = shape;
+    let zero = E::Acc::ZERO;
+    let (start, by_latent) = group_by_latent(indices, latents);
+    let mut out = vec![E::default(); latents * dm];
+    let mut sums = vec![zero; latents];
+    let sum_of = |picks: &[usize]| picks.iter().fold(zero, |s, &f| s + coef[f]);
+    if dm == 0 {
+        for (l, sum) in sums.iter_mut().enumerate() {
+            *sum = sum_of(&by_latent[start[l]..start[l + 1]]);
+        }
+        return (out, sums);
+    }
+    out.par_chunks_mut(dm)
+        .zip(sums.par_iter_mut())
+        .enumerate()
+        .with_min_len(64)
+        .for_each_init(
+            || vec![zero; dm],
+            |acc, (l, (row, sum))| {
+                let picks = &by_latent[start[l]..start[l + 1]];
+                if picks.is_empty() {
+                    return;
+                }
+                acc.fill(zero);
+                for &flat in picks {
+                    let b = flat / k;
+                    dispatch(isa, Axpy(coef[flat], &rows[b * dm..(b + 1) * dm], acc));
+                }
+                for (o, a) in row.iter_mut().zip(acc.iter()) {
+                    *o = E::from_acc(*a);
+                }
+                *sum = sum_of(picks);
+            },
+        );
+    (out, sums)
+}
+
+/// d[b, j] = g[b]·w[indices[b, j]] for every selection (`[B, k]`, accumulator type),
+/// parallel over rows. Indices must lie in 0..L.
+pub(crate) fn selected_dots<E: Element>(
+    isa: Isa,
+    shape: SaeShape,
+    k: usize,
+    indices: &[i32],
+    g: &[E],
+    w: &[E],
+) -> Vec<E::Acc> {
+    let dm = shape.dm;
+    let mut out = vec![E::Acc::ZERO; shape.batch * k];
+    if k > 0 {
+        out.par_chunks_mut(k).enumerate().for_each(|(b, row)| {
+            let gb = &g[b * dm..(b + 1) * dm];
+            for (j, o) in row.iter_mut().enumerate() {
+                let l = indices[b * k + j] as usize;
+                *o = dispatch(isa, Dot(gb, &w[l * dm..(l + 1) * dm]));
+            }
+        });
+    }
+    out
 }
 
 /// Every input of `sae.backward` checked: lengths, and every index in 0..L.
