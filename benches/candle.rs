@@ -3,7 +3,9 @@
 //!   written with candle-core's ops: max, sub, exp, sum, div), forward and forward + backward
 //!   (`Tensor::backward` of the sum of o);
 //! - the candle wrapper's overhead: the op on contiguous tensors against a direct call of
-//!   `neurokernels::attention::forward` on the same data as slices (goal ≤ 5%).
+//!   `neurokernels::attention::forward` on the same data as slices (goal ≤ 5%);
+//! - a top-k SAE step's gradients through candle's autograd against the slice API's encode,
+//!   decode and fused backward (B1024 Dm768 L16384 k32).
 //!
 //! ```text
 //! cargo bench --features candle --bench candle
@@ -99,5 +101,61 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// A top-k SAE training step's gradients (B1024 Dm768 L16384 k32, f32): through candle's
+/// autograd (`topk::encode` → `topk::decode` → Σ x̂·w → `backward()`) against the slice API
+/// (encode, decode, the fused `sae.backward`) on the same data: the wrappers' overhead on a
+/// step whose encoder GEMM dominates.
+fn bench_sae(c: &mut Criterion) {
+    use neurokernels::candle::topk;
+    use neurokernels::topk::{self as flat_topk, BackwardInputs, EncoderInputs, SaeShape};
+    let (b, dm, l, k) = (1024, 768, 16384, 32);
+    let (xd, wed, wdd) = (data(b * dm, 11), data(l * dm, 12), data(l * dm, 13));
+    let bed = vec![0.01f32; l];
+    let gd = data(b * dm, 14);
+    let dev = Device::Cpu;
+    let x = Tensor::from_slice(&xd, (b, dm), &dev).unwrap();
+    let w_enc = Var::from_tensor(&Tensor::from_slice(&wed, (l, dm), &dev).unwrap()).unwrap();
+    let b_enc = Var::from_tensor(&Tensor::from_slice(&bed, l, &dev).unwrap()).unwrap();
+    let w_dec = Var::from_tensor(&Tensor::from_slice(&wdd, (l, dm), &dev).unwrap()).unwrap();
+    let g = Tensor::from_slice(&gd, (b, dm), &dev).unwrap();
+    let mut group = c.benchmark_group("candle_sae_cpu/B1024_Dm768_L16384_k32");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(8))
+        .warm_up_time(Duration::from_secs(1));
+    group.bench_function("direct_step", |bench| {
+        let shape = SaeShape::new(b, dm, l);
+        let enc = EncoderInputs {
+            x: &xd,
+            w_enc: &wed,
+            b_enc: &bed,
+            b_dec: None,
+        };
+        bench.iter(|| {
+            let top = flat_topk::encode(shape, k, &enc).unwrap();
+            let x_hat = flat_topk::decode(shape, k, &top.indices, &top.values, &wdd, None).unwrap();
+            let inputs = BackwardInputs {
+                x: &xd,
+                w_enc: &wed,
+                b_enc: &bed,
+                b_dec: None,
+                w_dec: &wdd,
+                indices: &top.indices,
+                values: &top.values,
+                d_xhat: &gd,
+            };
+            black_box((x_hat, flat_topk::backward(shape, k, &inputs).unwrap()))
+        })
+    });
+    group.bench_function("neurokernels_candle_step", |bench| {
+        bench.iter(|| {
+            let (values, indices) = topk::encode(&x, &w_enc, &b_enc, k).unwrap();
+            let x_hat = topk::decode(&values, &indices, &w_dec).unwrap();
+            black_box((x_hat * &g).unwrap().sum_all().unwrap().backward().unwrap())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_sae);
 criterion_main!(benches);

@@ -142,6 +142,23 @@ pub(crate) fn cpu_slice<'a, T: WithDType>(
     }
 }
 
+/// Runs `f` on the row-major elements of a CPU tensor: borrowed from its storage when it is
+/// contiguous (no copy: a backward reads the weights in place), else a contiguous copy.
+pub(crate) fn with_host<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return f(&cpu.as_slice::<T>()?[start..end]);
+        }
+    }
+    f(&host_vec::<T>(t)?)
+}
+
 /// A contiguous CPU tensor's elements as a `Vec<T>` (any rank).
 pub(crate) fn host_vec<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()

@@ -33,7 +33,9 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use super::{CandleElement, check_float, check_like, cpu_slice, host_vec, with_dtype, wrap};
+use super::{
+    CandleElement, check_float, check_like, cpu_slice, host_vec, with_dtype, with_host, wrap,
+};
 use crate::topk::{self as flat, EncoderInputs, SaeShape};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
@@ -111,7 +113,6 @@ impl EncodeOp {
         let Some(idx) = guard.as_ref() else {
             candle_core::bail!("neurokernels {ENC}: the forward kept no selection");
         };
-        let (xh, wh) = (host_vec::<E>(x)?, host_vec::<E>(w_enc)?);
         let vals = host_vec::<E>(values)?;
         let dv = host_vec::<E>(&d_values.to_dtype(x.dtype())?)?;
         let zero = <E::Acc as crate::element::Accum>::ZERO;
@@ -122,8 +123,12 @@ impl EncodeOp {
             .map(|(v, g)| if v.to_acc() > zero { g.to_acc() } else { zero })
             .collect();
         let isa = crate::cpu::Isa::active();
-        let dx = flat::gather_rows(isa, shape, k, idx, &dpre, &wh);
-        let (dw, db) = flat::scatter_rows(isa, shape, k, idx, &dpre, &xh);
+        let dx = with_host::<E, _>(w_enc, |wh| {
+            Ok(flat::gather_rows(isa, shape, k, idx, &dpre, wh))
+        })?;
+        let (dw, db) = with_host::<E, _>(x, |xh| {
+            Ok(flat::scatter_rows(isa, shape, k, idx, &dpre, xh))
+        })?;
         let cast = |v: Vec<E::Acc>| -> Vec<E> { v.into_iter().map(E::from_acc).collect() };
         Ok((
             Tensor::from_vec(cast(dx), x.shape(), x.device())?,
@@ -238,10 +243,12 @@ impl DecodeOp {
         let (b, k) = values.dims2()?;
         let (l, dm) = w_dec.dims2()?;
         let shape = SaeShape::new(b, dm, l);
-        let (vh, wh) = (host_vec::<E>(values)?, host_vec::<E>(w_dec)?);
+        let vh = host_vec::<E>(values)?;
         let gh = host_vec::<E>(&d_xhat.to_dtype(values.dtype())?)?;
         let isa = crate::cpu::Isa::active();
-        let dv = flat::selected_dots(isa, shape, k, &self.indices, &gh, &wh);
+        let dv = with_host::<E, _>(w_dec, |wh| {
+            Ok(flat::selected_dots(isa, shape, k, &self.indices, &gh, wh))
+        })?;
         let coef: Vec<E::Acc> = vh.iter().map(|v| v.to_acc()).collect();
         let (dw, _) = flat::scatter_rows(isa, shape, k, &self.indices, &coef, &gh);
         let dv: Vec<E> = dv.into_iter().map(E::from_acc).collect();
