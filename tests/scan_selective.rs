@@ -215,6 +215,18 @@ fn results_do_not_depend_on_thread_count() {
         };
         let one = run(1);
         assert!(run(2) == one && run(3) == one, "{s:?}");
+        // the backward's sums over channel blocks, batch and time in a fixed order too (the
+        // first shape spans several channel blocks)
+        let back = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let p = SelectiveParams::new().delta_softplus(true);
+            pool.install(|| selective::selective_backward(&p, s, &inputs, &d.delta).unwrap())
+        };
+        let one = back(1);
+        assert!(back(2) == one && back(3) == one, "backward {s:?}");
     }
 }
 

@@ -8,8 +8,19 @@
 //! the chunk's states and decays (2·CHUNK·N·w accumulators, an L2-sized block), and walks
 //! its steps back:
 //! gx\[t\] = Cm\[t\]·dy'\[t\] + exp(dt\[t+1\]·A)·gx\[t+1\] with dy' = dy·silu(z) (dy without z).
-//! Two exponentials per (step, channel, state) against the forward's one; the bound is those
-//! and the reverse walk's loads, all from L1/L2.
+//! The walk takes four channel vectors at a time, so each state's dCm and dBm lane sums stay
+//! in registers across them (one load and store per state and four vectors, not per vector).
+//!
+//! Memory: a block's row segments of delta, u, dy and z are a whole row of D apart per step,
+//! a stride the hardware prefetchers do not follow, and each chunk's rows come from memory
+//! (twice: the forward pass, then the reverse one). So every step of a chunk prefetches the
+//! same step's rows of the chunk to be loaded next (the following one in the forward pass,
+//! the preceding one while re-running in the reverse pass), and the rows are read and the
+//! du, ddelta and dz rows written with vector loads and stores (widening and rounding per
+//! dtype). Before this the loads' cache misses were over half the kernel's time.
+//! Two exponentials per (step, channel, state) against the forward's one; what remains is
+//! those, the reverse walk's loads and stores (L1/L2), the input rows' memory traffic and
+//! the first-touch page faults of the fresh gradient outputs.
 //!
 //! Sums over channels (dBm, dCm) are taken per task (in lanes, channel vector by channel
 //! vector, then the lanes folded in a fixed order) and then over tasks in task order; sums
@@ -17,7 +28,7 @@
 //! do not depend on the thread count, so neither do the results.
 
 use super::{SelectiveInputs, SelectiveParams, SelectiveShape, softplus, vsoftplus};
-use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch};
+use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch, prefetch};
 use crate::element::{Accum, Element};
 use crate::error::Result;
 use crate::scan::check_len;
@@ -238,6 +249,23 @@ unsafe fn vsigmoid<S: Simd, A: Accum>(x: A::V<S>) -> A::V<S> {
 }
 
 impl<E: Element> BackwardBlock<'_, E> {
+    /// Asks for step `t`'s row segments of delta and u (with `full` also dy and z) ahead of
+    /// [`Self::load`]: the block's segments are a whole row of D apart per step, a stride the
+    /// hardware prefetchers do not follow, and the chunks are loaded from memory (twice: the
+    /// forward pass, then the reverse one).
+    #[inline(always)]
+    fn prefetch_step(&self, t: usize, full: bool) {
+        let row = (self.bi * self.shape.len + t) * self.shape.channels + self.d0;
+        prefetch(self.inputs.delta[row..].as_ptr(), self.w);
+        prefetch(self.inputs.u[row..].as_ptr(), self.w);
+        if full {
+            prefetch(self.dy[row..].as_ptr(), self.w);
+            if let Some(z) = self.inputs.z {
+                prefetch(z[row..].as_ptr(), self.w);
+            }
+        }
+    }
+
     /// Steps [t0, t0 + len) of the block into `rows`: dt, dt·u, Bm, and with `full` also
     /// the softplus slope, Cm, dy and z.
     #[inline(always)]
@@ -251,10 +279,36 @@ impl<E: Element> BackwardBlock<'_, E> {
     ) {
         let (inputs, (bi, d0, w)) = (self.inputs, (self.bi, self.d0, self.w));
         let (t_len, d, n) = (self.shape.len, self.shape.channels, self.shape.state);
+        let lanes = E::Acc::lanes::<S>();
+        // whole vectors of the block's channels, widened by vector loads; the rest one by one
+        let vw = w / lanes * lanes;
         for i in 0..len {
             let row = (bi * t_len + t0 + i) * d + d0;
             let at = i * wp;
-            for c in 0..w {
+            // SAFETY: c + lanes <= vw <= w: row + c + lanes <= B·T·D (the inputs' validated
+            // length), d0 + c + lanes <= D (delta_bias), at + c + lanes <= CHUNK·wp (rows).
+            unsafe {
+                let mut c = 0;
+                while c < vw {
+                    let mut v = E::vload::<S>(inputs.delta.as_ptr().add(row + c));
+                    if let Some(bias) = inputs.delta_bias {
+                        v = E::Acc::vadd::<S>(v, E::Acc::vload::<S>(bias.as_ptr().add(d0 + c)));
+                    }
+                    E::Acc::vstore::<S>(rows.pre.as_mut_ptr().add(at + c), v);
+                    let u = E::vload::<S>(inputs.u.as_ptr().add(row + c));
+                    E::Acc::vstore::<S>(rows.u.as_mut_ptr().add(at + c), u);
+                    if full {
+                        let g = E::vload::<S>(self.dy.as_ptr().add(row + c));
+                        E::Acc::vstore::<S>(rows.g.as_mut_ptr().add(at + c), g);
+                        if let Some(z) = inputs.z {
+                            let z = E::vload::<S>(z.as_ptr().add(row + c));
+                            E::Acc::vstore::<S>(rows.z.as_mut_ptr().add(at + c), z);
+                        }
+                    }
+                    c += lanes;
+                }
+            }
+            for c in vw..w {
                 let mut v = inputs.delta[row + c].to_acc();
                 if let Some(bias) = inputs.delta_bias {
                     v = v + bias[d0 + c];
@@ -263,11 +317,11 @@ impl<E: Element> BackwardBlock<'_, E> {
                 rows.u[at + c] = inputs.u[row + c].to_acc();
             }
             if full {
-                for c in 0..w {
+                for c in vw..w {
                     rows.g[at + c] = self.dy[row + c].to_acc();
                 }
                 if let Some(z) = inputs.z {
-                    for c in 0..w {
+                    for c in vw..w {
                         rows.z[at + c] = z[row + c].to_acc();
                     }
                 }
@@ -289,7 +343,6 @@ impl<E: Element> BackwardBlock<'_, E> {
                 rows.dt[i] = softplus(rows.pre[i]);
             }
         }
-        let lanes = E::Acc::lanes::<S>();
         let mut i = 0;
         // SAFETY: i + lanes <= m = len·wp (wp a multiple of lanes), within every buffer's
         // CHUNK·wp values.
@@ -487,6 +540,11 @@ impl<E: Element> SimdKernel for BackwardBlock<'_, E> {
             self.load::<S>(&mut rows, wp, t0, len, false);
             for i in 0..len {
                 let at = i * wp;
+                // the next chunk's rows, one step's per step; the last chunk's dy and z for
+                // the reverse pass, which starts there
+                if t0 + CHUNK + i < t_len {
+                    self.prefetch_step(t0 + CHUNK + i, t0 + CHUNK + i >= (chunks - 1) * CHUNK);
+                }
                 // SAFETY: the rows of step i < CHUNK and `x`, `a_t` of n·wp values (advance's
                 // contract); x updated in place.
                 unsafe {
@@ -517,6 +575,10 @@ impl<E: Element> SimdKernel for BackwardBlock<'_, E> {
             rows.states[..nw].copy_from_slice(&checkpoints[k * nw..(k + 1) * nw]);
             for i in 0..len {
                 let (at, st) = (i * wp, i * nw);
+                // the previous chunk's rows (every chunk but the last is CHUNK steps long)
+                if k > 0 {
+                    self.prefetch_step((k - 1) * CHUNK + i, true);
+                }
                 let states = rows.states.as_mut_ptr();
                 // SAFETY: step i < CHUNK: rows at i·wp, Bm/Cm at i·n, states i and i + 1 of
                 // CHUNK + 1 (disjoint), decays i of CHUNK, each of n·wp values.
@@ -537,29 +599,33 @@ impl<E: Element> SimdKernel for BackwardBlock<'_, E> {
                 let (at, st, t) = (i * wp, i * nw, t0 + i);
                 let mut c = 0;
                 while c < wp {
-                    // SAFETY: c + lanes <= wp; rows of step i at i·wp + c; states i and i + 1
-                    // and decays i at (i or i + 1)·nw + j·wp + c, within (CHUNK + 1)·nw;
-                    // gx, da, a of n·wp values; the lanes buffers hold 4·groups·lanes >=
-                    // n·lanes values; Bm, Cm of step i at i·n + j.
+                    let p = Walk {
+                        n,
+                        wp,
+                        c,
+                        at,
+                        st,
+                        i,
+                    };
+                    let (sums, step_sums, lane_sums) = (
+                        (&mut gx[..], &mut da[..]),
+                        (&mut ddskip[..], &mut dbias[..]),
+                        (&mut lanes_c[..], &mut lanes_b[..]),
+                    );
+                    // SAFETY: c + V·lanes <= wp (four vectors while they fit, then one);
+                    // rows of step i at i·wp + c; states i and i + 1 and decays i at (i or
+                    // i + 1)·nw + j·wp + c, within (CHUNK + 1)·nw; gx, da, a of n·wp values;
+                    // the lanes buffers hold 4·groups·lanes >= n·lanes values; Bm, Cm of
+                    // step i at i·n + j.
                     unsafe {
-                        self.walk::<S>(
-                            &mut rows,
-                            Walk {
-                                n,
-                                wp,
-                                c,
-                                at,
-                                st,
-                                i,
-                            },
-                            &a,
-                            &dskip,
-                            (&mut gx, &mut da),
-                            (&mut ddskip, &mut dbias),
-                            (&mut lanes_c, &mut lanes_b),
-                        );
+                        if c + 4 * lanes <= wp {
+                            self.walk::<S, 4>(&mut rows, p, &a, &dskip, sums, step_sums, lane_sums);
+                            c += 4 * lanes;
+                        } else {
+                            self.walk::<S, 1>(&mut rows, p, &a, &dskip, sums, step_sums, lane_sums);
+                            c += lanes;
+                        }
                     }
-                    c += lanes;
                 }
                 // the step's sums over channels: lanes folded four states at a time
                 for q in 0..groups {
@@ -587,14 +653,33 @@ impl<E: Element> SimdKernel for BackwardBlock<'_, E> {
                 lanes_c.fill(zero);
                 lanes_b.fill(zero);
             }
-            // this task's rows of du, ddelta and dz (see selective_backward_impl)
+            // this task's rows of du, ddelta and dz (see selective_backward_impl): whole
+            // vectors rounded by vector stores, the rest one by one
+            let vw = w / lanes * lanes;
             for i in 0..len {
                 let row = (bi * t_len + t0 + i) * d + d0;
-                for c in 0..w {
-                    let at = i * wp + c;
-                    // SAFETY: rows bi, channels [d0, d0 + w) of [B, T, D] outputs: this
-                    // task's own, disjoint from every other task's; row + c < B·T·D.
-                    unsafe {
+                // SAFETY: rows bi, channels [d0, d0 + w) of [B, T, D] outputs: this task's
+                // own, disjoint from every other task's; row + c (+ lanes for the vectors,
+                // c + lanes <= vw <= w) <= B·T·D; i·wp + c + lanes <= CHUNK·wp (rows).
+                unsafe {
+                    let mut c = 0;
+                    while c < vw {
+                        let at = i * wp + c;
+                        E::vstore::<S>(
+                            self.out.du.get().add(row + c),
+                            ld::<S, E::Acc>(&rows.du, at),
+                        );
+                        E::vstore::<S>(
+                            self.out.ddelta.get().add(row + c),
+                            ld::<S, E::Acc>(&rows.y, at),
+                        );
+                        if let Some(dz) = self.out.dz {
+                            E::vstore::<S>(dz.get().add(row + c), ld::<S, E::Acc>(&rows.dz, at));
+                        }
+                        c += lanes;
+                    }
+                    for c in vw..w {
+                        let at = i * wp + c;
                         *self.out.du.get().add(row + c) = E::from_acc(rows.du[at]);
                         *self.out.ddelta.get().add(row + c) = E::from_acc(rows.y[at]);
                         if let Some(dz) = self.out.dz {
@@ -687,15 +772,17 @@ impl<E: Element> BackwardBlock<'_, E> {
         }
     }
 
-    /// One reverse step for one channel vector: every state's gx = Cm·dy' + gx_next, its
-    /// contributions to dCm and dBm (lanes), dA, and the channel's du and ddelta (into the
-    /// `du` and `y` rows), dDskip and ddelta_bias; then gx_next = decay·gx.
+    /// One reverse step for V channel vectors from c: every state's gx = Cm·dy' + gx_next,
+    /// its contributions to dCm and dBm (lanes, held in registers across the V vectors and
+    /// added in channel order, as one vector at a time would), dA, and the channels' du and
+    /// ddelta (into the `du` and `y` rows), dDskip and ddelta_bias; then gx_next = decay·gx.
     ///
     /// # Safety
-    /// The CPU supports `S`; the indices of `p` are as in the caller's SAFETY comment.
+    /// The CPU supports `S`; c + V·lanes <= wp; the indices of `p` are as in the caller's
+    /// SAFETY comment.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn walk<S: Simd>(
+    unsafe fn walk<S: Simd, const V: usize>(
         &self,
         rows: &mut ChunkRows<E::Acc>,
         p: Walk,
@@ -705,7 +792,6 @@ impl<E: Element> BackwardBlock<'_, E> {
         (ddskip, dbias): (&mut [E::Acc], &mut [E::Acc]),
         (lanes_c, lanes_b): (&mut [E::Acc], &mut [E::Acc]),
     ) {
-        type V<E, S> = <<E as Element>::Acc as Accum>::V<S>;
         let Walk {
             n,
             wp,
@@ -718,57 +804,71 @@ impl<E: Element> BackwardBlock<'_, E> {
         // SAFETY: indices per this fn's contract.
         unsafe {
             let ld = ld::<S, E::Acc>;
-            let (g, dt) = (ld(&rows.g, at + c), ld(&rows.dt, at + c));
-            let (dtu, u) = (ld(&rows.dtu, at + c), ld(&rows.u, at + c));
-            let mut sb: V<E, S> = E::Acc::vsplat::<S>(E::Acc::ZERO);
-            let mut sa = sb;
+            let zero = E::Acc::vsplat::<S>(E::Acc::ZERO);
+            let (mut g, mut dt, mut dtu) = ([zero; V], [zero; V], [zero; V]);
+            for v in 0..V {
+                let k = at + c + v * lanes;
+                g[v] = ld(&rows.g, k);
+                dt[v] = ld(&rows.dt, k);
+                dtu[v] = ld(&rows.dtu, k);
+            }
+            let (mut sb, mut sa) = ([zero; V], [zero; V]);
             let (now, prev) = (
                 rows.states.as_ptr().add(st + n * wp),
                 rows.states.as_ptr().add(st),
             );
+            let dec = rows.decay.as_ptr().add(st);
             for j in 0..n {
-                let k = j * wp + c;
                 let (b_j, c_j) = (
                     E::Acc::vsplat::<S>(rows.bm[i * n + j]),
                     E::Acc::vsplat::<S>(rows.cm[i * n + j]),
                 );
-                let decay = ld(&rows.decay, st + k);
-                let gxv = E::Acc::vfma::<S>(c_j, g, ld(gx, k));
-                let lc = lanes_c.as_mut_ptr().add(j * lanes);
-                E::Acc::vstore::<S>(
-                    lc,
-                    E::Acc::vfma::<S>(g, E::Acc::vload::<S>(now.add(k)), E::Acc::vload::<S>(lc)),
+                let (lc, lb) = (
+                    lanes_c.as_mut_ptr().add(j * lanes),
+                    lanes_b.as_mut_ptr().add(j * lanes),
                 );
-                let lb = lanes_b.as_mut_ptr().add(j * lanes);
-                E::Acc::vstore::<S>(lb, E::Acc::vfma::<S>(gxv, dtu, E::Acc::vload::<S>(lb)));
-                sb = E::Acc::vfma::<S>(gxv, b_j, sb);
-                let through_decay = E::Acc::vmul::<S>(
-                    E::Acc::vmul::<S>(gxv, E::Acc::vload::<S>(prev.add(k))),
-                    decay,
-                );
-                sa = E::Acc::vfma::<S>(through_decay, ld(a, k), sa);
-                E::Acc::vstore::<S>(
-                    da.as_mut_ptr().add(k),
-                    E::Acc::vfma::<S>(through_decay, dt, ld(da, k)),
-                );
-                E::Acc::vstore::<S>(gx.as_mut_ptr().add(k), E::Acc::vmul::<S>(decay, gxv));
+                let (mut lcv, mut lbv) = (E::Acc::vload::<S>(lc), E::Acc::vload::<S>(lb));
+                for v in 0..V {
+                    let k = j * wp + c + v * lanes;
+                    let decay = E::Acc::vload::<S>(dec.add(k));
+                    let gxv = E::Acc::vfma::<S>(c_j, g[v], ld(gx, k));
+                    lcv = E::Acc::vfma::<S>(g[v], E::Acc::vload::<S>(now.add(k)), lcv);
+                    lbv = E::Acc::vfma::<S>(gxv, dtu[v], lbv);
+                    sb[v] = E::Acc::vfma::<S>(gxv, b_j, sb[v]);
+                    let through_decay = E::Acc::vmul::<S>(
+                        E::Acc::vmul::<S>(gxv, E::Acc::vload::<S>(prev.add(k))),
+                        decay,
+                    );
+                    sa[v] = E::Acc::vfma::<S>(through_decay, ld(a, k), sa[v]);
+                    E::Acc::vstore::<S>(
+                        da.as_mut_ptr().add(k),
+                        E::Acc::vfma::<S>(through_decay, dt[v], ld(da, k)),
+                    );
+                    E::Acc::vstore::<S>(gx.as_mut_ptr().add(k), E::Acc::vmul::<S>(decay, gxv));
+                }
+                E::Acc::vstore::<S>(lc, lcv);
+                E::Acc::vstore::<S>(lb, lbv);
             }
-            // du = dt·Σ gx·Bm + dy'·Dskip; ddt = u·Σ gx·Bm + Σ gx·x_prev·decay·A
-            let du = E::Acc::vfma::<S>(g, ld(dskip, c), E::Acc::vmul::<S>(dt, sb));
-            E::Acc::vstore::<S>(rows.du.as_mut_ptr().add(at + c), du);
-            let mut dd = E::Acc::vfma::<S>(u, sb, sa);
-            if self.params.delta_softplus {
-                dd = E::Acc::vmul::<S>(dd, ld(&rows.slope, at + c));
+            for v in 0..V {
+                let (cv, k) = (c + v * lanes, at + c + v * lanes);
+                let u = ld(&rows.u, k);
+                // du = dt·Σ gx·Bm + dy'·Dskip; ddt = u·Σ gx·Bm + Σ gx·x_prev·decay·A
+                let du = E::Acc::vfma::<S>(g[v], ld(dskip, cv), E::Acc::vmul::<S>(dt[v], sb[v]));
+                E::Acc::vstore::<S>(rows.du.as_mut_ptr().add(k), du);
+                let mut dd = E::Acc::vfma::<S>(u, sb[v], sa[v]);
+                if self.params.delta_softplus {
+                    dd = E::Acc::vmul::<S>(dd, ld(&rows.slope, k));
+                }
+                E::Acc::vstore::<S>(rows.y.as_mut_ptr().add(k), dd);
+                E::Acc::vstore::<S>(
+                    dbias.as_mut_ptr().add(cv),
+                    E::Acc::vadd::<S>(ld(dbias, cv), dd),
+                );
+                E::Acc::vstore::<S>(
+                    ddskip.as_mut_ptr().add(cv),
+                    E::Acc::vfma::<S>(g[v], u, ld(ddskip, cv)),
+                );
             }
-            E::Acc::vstore::<S>(rows.y.as_mut_ptr().add(at + c), dd);
-            E::Acc::vstore::<S>(
-                dbias.as_mut_ptr().add(c),
-                E::Acc::vadd::<S>(ld(dbias, c), dd),
-            );
-            E::Acc::vstore::<S>(
-                ddskip.as_mut_ptr().add(c),
-                E::Acc::vfma::<S>(g, u, ld(ddskip, c)),
-            );
         }
     }
 }
