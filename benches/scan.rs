@@ -231,6 +231,8 @@ fn bench_cpu_selective(c: &mut Criterion) {
     let (mut y, mut h_last) = (vec![0f32; seq], vec![0f32; b * d * n]);
     let dy = centered(data(seq, 18));
     let params = SelectiveParams::new().delta_softplus(true);
+    // the gradient buffers, allocated (and faulted in) once
+    let mut grads = selective::selective_backward(&params, shape, &inputs, &dy).unwrap();
     let mut group = c.benchmark_group("scan_selective_cpu/B2_T2048_D1536_N16");
     group
         .sample_size(10)
@@ -251,11 +253,30 @@ fn bench_cpu_selective(c: &mut Criterion) {
                 .unwrap()
             })
         });
-        // beside the forward, so the ratio shows in one run (issue 29: at most 3×)
+        // beside the forward, so the ratio shows in one run (issue 29: at most 3×); into
+        // reused buffers, as the forward writes y
         group.bench_function(BenchmarkId::new("backward_f32", isa.name()), |bench| {
             bench.iter(|| {
-                selective::selective_backward_on(isa, &params, shape, black_box(&inputs), &dy)
-                    .unwrap()
+                let grads = selective::SelectiveGradsMut {
+                    du: &mut grads.du,
+                    ddelta: &mut grads.ddelta,
+                    da: &mut grads.da,
+                    dbm: &mut grads.dbm,
+                    dcm: &mut grads.dcm,
+                    ddskip: grads.ddskip.as_deref_mut(),
+                    dz: grads.dz.as_deref_mut(),
+                    ddelta_bias: grads.ddelta_bias.as_deref_mut(),
+                    dh0: grads.dh0.as_deref_mut(),
+                };
+                selective::selective_backward_into_on(
+                    isa,
+                    &params,
+                    shape,
+                    black_box(&inputs),
+                    &dy,
+                    grads,
+                )
+                .unwrap()
             })
         });
     }

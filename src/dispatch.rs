@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::ridge::{self, BatchedShape, RidgeShape, Scores};
 use crate::scan::gla::{self, GlaGradsMut, GlaInputs, GlaParams, GlaShape};
 use crate::scan::selective::{
-    self, SelectiveGrads, SelectiveInputs, SelectiveParams, SelectiveShape,
+    self, SelectiveGradsMut, SelectiveInputs, SelectiveParams, SelectiveShape,
 };
 use crate::scan::{self, ScanParams, ScanShape, cpu as scan_cpu};
 use crate::topk::{self, BackwardInputs, Csr, EncoderInputs, MatchingPursuit, Metric};
@@ -81,11 +81,11 @@ kernels! {
             h_last: &mut [<Self as Element>::Acc]
         ) -> Result<()>
             => selective::selective_into_impl(isa, params, shape, inputs, y, h_last);
-        fn scan_selective_backward(
+        fn scan_selective_backward_into(
             isa: Isa, params: &SelectiveParams, shape: SelectiveShape, inputs: &SelectiveInputs<'_, Self>,
-            dy: &[Self]
-        ) -> Result<SelectiveGrads<Self>>
-            => selective::selective_backward_impl(isa, params, shape, inputs, dy);
+            dy: &[Self], grads: SelectiveGradsMut<'_, Self>
+        ) -> Result<()>
+            => selective::selective_backward_into_impl(isa, params, shape, inputs, dy, grads);
         fn scan_gla_into(
             isa: Isa, params: &GlaParams, shape: GlaShape, inputs: &GlaInputs<'_, Self>,
             o: &mut [Self], h_last: &mut [<Self as Element>::Acc]

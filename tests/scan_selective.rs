@@ -603,3 +603,93 @@ fn backward_every_isa_matches_f64() {
         }
     }
 }
+
+/// `selective_backward_into` writes the same bits as `selective_backward` into buffers full
+/// of garbage (every value overwritten, the sums started from zero), and refuses buffers of
+/// the wrong length or presence, naming them.
+#[test]
+fn backward_into_reused_buffers_matches_and_checks_them() {
+    let s = SelectiveShape::new(2, 37, 70, 8);
+    let d = data::<f32>(s, 12);
+    let inputs = SelectiveInputs {
+        u: &d.u,
+        delta: &d.delta,
+        a: &d.a,
+        bm: &d.bm,
+        cm: &d.cm,
+        dskip: Some(&d.dskip),
+        z: Some(&d.z),
+        delta_bias: Some(&d.bias),
+        h0: Some(&d.h0),
+    };
+    let params = SelectiveParams::new().delta_softplus(true);
+    let dy: Vec<f32> = d.u.iter().map(|v| 0.5 - v).collect();
+    let want = selective::selective_backward(&params, s, &inputs, &dy).unwrap();
+    let mut got = want.clone();
+    let garbage = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = 7.5);
+    for v in [
+        &mut got.du,
+        &mut got.ddelta,
+        &mut got.da,
+        &mut got.dbm,
+        &mut got.dcm,
+    ] {
+        garbage(v);
+    }
+    for v in [
+        &mut got.ddskip,
+        &mut got.dz,
+        &mut got.ddelta_bias,
+        &mut got.dh0,
+    ] {
+        garbage(v.as_mut().unwrap());
+    }
+    for _ in 0..2 {
+        let grads = selective::SelectiveGradsMut {
+            du: &mut got.du,
+            ddelta: &mut got.ddelta,
+            da: &mut got.da,
+            dbm: &mut got.dbm,
+            dcm: &mut got.dcm,
+            ddskip: got.ddskip.as_deref_mut(),
+            dz: got.dz.as_deref_mut(),
+            ddelta_bias: got.ddelta_bias.as_deref_mut(),
+            dh0: got.dh0.as_deref_mut(),
+        };
+        selective::selective_backward_into(&params, s, &inputs, &dy, grads).unwrap();
+        assert!(
+            got == want,
+            "into reused buffers differs from the allocating backward"
+        );
+    }
+    // a missing dz buffer (z is given), and a short dbm
+    let mut g = want.clone();
+    let grads = selective::SelectiveGradsMut {
+        du: &mut g.du,
+        ddelta: &mut g.ddelta,
+        da: &mut g.da,
+        dbm: &mut g.dbm,
+        dcm: &mut g.dcm,
+        ddskip: g.ddskip.as_deref_mut(),
+        dz: None,
+        ddelta_bias: g.ddelta_bias.as_deref_mut(),
+        dh0: g.dh0.as_deref_mut(),
+    };
+    let e = selective::selective_backward_into(&params, s, &inputs, &dy, grads).unwrap_err();
+    assert!(e.to_string().contains("`dz`"), "{e}");
+    let mut g = want.clone();
+    let short = g.dbm.len() - 1;
+    let grads = selective::SelectiveGradsMut {
+        du: &mut g.du,
+        ddelta: &mut g.ddelta,
+        da: &mut g.da,
+        dbm: &mut g.dbm[..short],
+        dcm: &mut g.dcm,
+        ddskip: g.ddskip.as_deref_mut(),
+        dz: g.dz.as_deref_mut(),
+        ddelta_bias: g.ddelta_bias.as_deref_mut(),
+        dh0: g.dh0.as_deref_mut(),
+    };
+    let e = selective::selective_backward_into(&params, s, &inputs, &dy, grads).unwrap_err();
+    assert!(e.to_string().contains("`dbm`"), "{e}");
+}

@@ -18,8 +18,11 @@ use crate::scan::check_len;
 use rayon::prelude::*;
 
 mod backward;
-pub(crate) use backward::selective_backward_impl;
-pub use backward::{SelectiveGrads, selective_backward, selective_backward_on};
+pub(crate) use backward::selective_backward_into_impl;
+pub use backward::{
+    SelectiveGrads, SelectiveGradsMut, selective_backward, selective_backward_into,
+    selective_backward_into_on, selective_backward_on,
+};
 
 /// Channels per task: wide row segments of u, delta, z and y per step keep the strided rows
 /// streaming (64 → 256 channels measured 64 → 52 ms at the bench size; 256 → 512, 2 KiB

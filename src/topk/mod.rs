@@ -59,7 +59,9 @@ mod sparse;
 pub(crate) use select::rows_impl;
 pub use select::{RowsParams, RowsShape, rows, rows_on};
 pub use sparse::{BackwardInputs, SaeGrads, backward, backward_on, decode, decode_on};
-pub(crate) use sparse::{backward_impl, decode_impl, gather_rows, scatter_rows, selected_dots};
+pub(crate) use sparse::{backward_impl, decode_impl};
+#[cfg(feature = "candle")]
+pub(crate) use sparse::{gather_rows, scatter_rows, selected_dots};
 
 use crate::cpu::Isa;
 use crate::element::{Accum, Element};

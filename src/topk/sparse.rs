@@ -697,6 +697,7 @@ pub(crate) fn gather_rows<E: Element>(
 /// selections of l in row order (`[L, Dm]`, rounded to E), and `sums[l] = Σ coef[b, j]`
 /// (accumulator type); parallel over latents, so the result does not depend on the thread
 /// count. Indices must lie in 0..L.
+#[cfg(feature = "candle")]
 pub(crate) fn scatter_rows<E: Element>(
     isa: Isa,
     shape: SaeShape,
@@ -744,6 +745,7 @@ pub(crate) fn scatter_rows<E: Element>(
 
 /// d[b, j] = g[b]·w[indices[b, j]] for every selection (`[B, k]`, accumulator type),
 /// parallel over rows. Indices must lie in 0..L.
+#[cfg(feature = "candle")]
 pub(crate) fn selected_dots<E: Element>(
     isa: Isa,
     shape: SaeShape,

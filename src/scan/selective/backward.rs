@@ -30,7 +30,7 @@
 use super::{SelectiveInputs, SelectiveParams, SelectiveShape, softplus, vsoftplus};
 use crate::cpu::{Isa, SendPtr, Simd, SimdKernel, dispatch, prefetch};
 use crate::element::{Accum, Element};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::scan::check_len;
 use rayon::prelude::*;
 
@@ -76,7 +76,7 @@ pub fn selective_backward<E: Element>(
     inputs: &SelectiveInputs<'_, E>,
     dy: &[E],
 ) -> Result<SelectiveGrads<E>> {
-    E::scan_selective_backward(Isa::active(), params, shape, inputs, dy)
+    selective_backward_on(Isa::active(), params, shape, inputs, dy)
 }
 
 /// [`selective_backward`] on a chosen instruction set.
@@ -88,7 +88,107 @@ pub fn selective_backward_on<E: Element>(
     inputs: &SelectiveInputs<'_, E>,
     dy: &[E],
 ) -> Result<SelectiveGrads<E>> {
-    E::scan_selective_backward(isa, params, shape, inputs, dy)
+    // validated before allocating (and again, cheaply, by the call below)
+    let sizes = inputs.validate(&shape)?;
+    let (b, t_len, d) = (shape.batch, shape.len, shape.channels);
+    check_len("dy", dy.len(), sizes.seq, &format!("[{b}, {t_len}, {d}]"))?;
+    let zero = <E::Acc as Accum>::ZERO;
+    let mut g = SelectiveGrads {
+        du: vec![E::default(); sizes.seq],
+        ddelta: vec![E::default(); sizes.seq],
+        da: vec![zero; sizes.a],
+        dbm: vec![E::default(); sizes.bc],
+        dcm: vec![E::default(); sizes.bc],
+        ddskip: inputs.dskip.map(|_| vec![zero; d]),
+        dz: inputs.z.map(|_| vec![E::default(); sizes.seq]),
+        ddelta_bias: inputs.delta_bias.map(|_| vec![zero; d]),
+        dh0: inputs.h0.map(|_| vec![zero; sizes.states]),
+    };
+    let out = SelectiveGradsMut {
+        du: &mut g.du,
+        ddelta: &mut g.ddelta,
+        da: &mut g.da,
+        dbm: &mut g.dbm,
+        dcm: &mut g.dcm,
+        ddskip: g.ddskip.as_deref_mut(),
+        dz: g.dz.as_deref_mut(),
+        ddelta_bias: g.ddelta_bias.as_deref_mut(),
+        dh0: g.dh0.as_deref_mut(),
+    };
+    E::scan_selective_backward_into(isa, params, shape, inputs, dy, out)?;
+    Ok(g)
+}
+
+/// The gradients of `scan.selective`, written into the caller's buffers by
+/// [`selective_backward_into`]; shapes as [`SelectiveGrads`]. Each optional buffer is given
+/// exactly when its input is (`ddskip` with `dskip`, `dz` with `z`, `ddelta_bias` with
+/// `delta_bias`, `dh0` with `h0`). Every value is overwritten.
+#[derive(Debug)]
+pub struct SelectiveGradsMut<'a, E: Element> {
+    /// `[B, T, D]`: the gradient of `u`.
+    pub du: &'a mut [E],
+    /// `[B, T, D]`: the gradient of `delta`.
+    pub ddelta: &'a mut [E],
+    /// `[D, N]`, accumulator type: the gradient of `a`.
+    pub da: &'a mut [E::Acc],
+    /// `[B, T, N]`: the gradient of `bm`.
+    pub dbm: &'a mut [E],
+    /// `[B, T, N]`: the gradient of `cm`.
+    pub dcm: &'a mut [E],
+    /// `[D]`, accumulator type: the gradient of `dskip`.
+    pub ddskip: Option<&'a mut [E::Acc]>,
+    /// `[B, T, D]`: the gradient of `z`.
+    pub dz: Option<&'a mut [E]>,
+    /// `[D]`, accumulator type: the gradient of `delta_bias`.
+    pub ddelta_bias: Option<&'a mut [E::Acc]>,
+    /// `[B, D, N]`, accumulator type: the gradient of `h0`.
+    pub dh0: Option<&'a mut [E::Acc]>,
+}
+
+/// [`selective_backward`] into the caller's buffers (no allocation of the gradients: a
+/// training loop reuses them, and their pages are not faulted in again each call).
+pub fn selective_backward_into<E: Element>(
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+    dy: &[E],
+    grads: SelectiveGradsMut<'_, E>,
+) -> Result<()> {
+    E::scan_selective_backward_into(Isa::active(), params, shape, inputs, dy, grads)
+}
+
+/// [`selective_backward_into`] on a chosen instruction set.
+#[doc(hidden)]
+pub fn selective_backward_into_on<E: Element>(
+    isa: Isa,
+    params: &SelectiveParams,
+    shape: SelectiveShape,
+    inputs: &SelectiveInputs<'_, E>,
+    dy: &[E],
+    grads: SelectiveGradsMut<'_, E>,
+) -> Result<()> {
+    E::scan_selective_backward_into(isa, params, shape, inputs, dy, grads)
+}
+
+/// `Err` naming `tensor` unless an optional gradient buffer is given exactly when its input
+/// is, with `len` values.
+fn check_optional<T>(
+    tensor: &str,
+    buf: &Option<&mut [T]>,
+    input_given: bool,
+    len: usize,
+    dims: &str,
+) -> Result<()> {
+    match (buf, input_given) {
+        (Some(x), true) => check_len(tensor, x.len(), len, dims),
+        (None, false) => Ok(()),
+        (Some(_), false) => Err(Error::shape(
+            tensor,
+            "absent (its input is not given)",
+            "a buffer",
+        )),
+        (None, true) => Err(Error::shape(tensor, format!("a buffer of {dims}"), "none")),
+    }
 }
 
 /// The outputs tasks write directly: rows `[B, T, D]` and `dh0 [B, D, N]`, each task its
@@ -118,40 +218,70 @@ struct Partials<A> {
     ddelta_bias: Vec<A>,
 }
 
-/// The CPU backward, validated (instantiated per dtype in [`crate::dispatch`]).
-pub(crate) fn selective_backward_impl<E: Element>(
+/// The CPU backward into the caller's buffers, validated (instantiated per dtype in
+/// [`crate::dispatch`]).
+pub(crate) fn selective_backward_into_impl<E: Element>(
     isa: Isa,
     params: &SelectiveParams,
     shape: SelectiveShape,
     inputs: &SelectiveInputs<'_, E>,
     dy: &[E],
-) -> Result<SelectiveGrads<E>> {
+    g: SelectiveGradsMut<'_, E>,
+) -> Result<()> {
     isa.check()?;
     let sizes = inputs.validate(&shape)?;
     let (b, t_len, d, n) = (shape.batch, shape.len, shape.channels, shape.state);
-    check_len("dy", dy.len(), sizes.seq, &format!("[{b}, {t_len}, {d}]"))?;
+    let seq_dims = format!("[{b}, {t_len}, {d}]");
+    check_len("dy", dy.len(), sizes.seq, &seq_dims)?;
+    let SelectiveGradsMut {
+        du,
+        ddelta,
+        da,
+        dbm: dbm_out,
+        dcm: dcm_out,
+        mut ddskip,
+        mut dz,
+        mut ddelta_bias,
+        mut dh0,
+    } = g;
+    check_len("du", du.len(), sizes.seq, &seq_dims)?;
+    check_len("ddelta", ddelta.len(), sizes.seq, &seq_dims)?;
+    check_len("da", da.len(), sizes.a, &format!("[{d}, {n}]"))?;
+    let bc_dims = format!("[{b}, {t_len}, {n}]");
+    check_len("dbm", dbm_out.len(), sizes.bc, &bc_dims)?;
+    check_len("dcm", dcm_out.len(), sizes.bc, &bc_dims)?;
+    let d_dims = format!("[{d}]");
+    check_optional("ddskip", &ddskip, inputs.dskip.is_some(), d, &d_dims)?;
+    check_optional("dz", &dz, inputs.z.is_some(), sizes.seq, &seq_dims)?;
+    check_optional(
+        "ddelta_bias",
+        &ddelta_bias,
+        inputs.delta_bias.is_some(),
+        d,
+        &d_dims,
+    )?;
+    let state_dims = format!("[{b}, {d}, {n}]");
+    check_optional("dh0", &dh0, inputs.h0.is_some(), sizes.states, &state_dims)?;
     let zero = <E::Acc as Accum>::ZERO;
-    let mut g = SelectiveGrads {
-        du: vec![E::default(); sizes.seq],
-        ddelta: vec![E::default(); sizes.seq],
-        da: vec![zero; sizes.a],
-        dbm: Vec::new(),
-        dcm: Vec::new(),
-        ddskip: inputs.dskip.map(|_| vec![zero; d]),
-        dz: inputs.z.map(|_| vec![E::default(); sizes.seq]),
-        ddelta_bias: inputs.delta_bias.map(|_| vec![zero; d]),
-        dh0: inputs.h0.map(|_| vec![zero; sizes.states]),
-    };
+    // the sums start from zero; the rows are every one written by the tasks below, or are
+    // zero when there is no step or no channel
+    da.fill(zero);
+    for v in [ddskip.as_deref_mut(), ddelta_bias.as_deref_mut()]
+        .into_iter()
+        .flatten()
+    {
+        v.fill(zero);
+    }
     let (mut dbm, mut dcm) = (vec![zero; sizes.bc], vec![zero; sizes.bc]);
     // no step or no channel: every gradient is zero (y is empty), and the batch is not
     // iterated (rule 4 of crate::error)
     if t_len > 0 && d > 0 {
         let blocks = d.div_ceil(BLOCK);
         let out = Outputs {
-            du: SendPtr(g.du.as_mut_ptr()),
-            ddelta: SendPtr(g.ddelta.as_mut_ptr()),
-            dz: g.dz.as_mut().map(|v| SendPtr(v.as_mut_ptr())),
-            dh0: g.dh0.as_mut().map(|v| SendPtr(v.as_mut_ptr())),
+            du: SendPtr(du.as_mut_ptr()),
+            ddelta: SendPtr(ddelta.as_mut_ptr()),
+            dz: dz.as_mut().map(|v| SendPtr(v.as_mut_ptr())),
+            dh0: dh0.as_mut().map(|v| SendPtr(v.as_mut_ptr())),
         };
         let tasks: Vec<(usize, usize)> = (0..b)
             .flat_map(|bi| (0..blocks).map(move |k| (bi, k * BLOCK)))
@@ -183,18 +313,31 @@ pub(crate) fn selective_backward_impl<E: Element>(
             add(&mut dbm[rows.clone()], &part.dbm);
             add(&mut dcm[rows], &part.dcm);
             let w = part.ddskip.len();
-            add(&mut g.da[d0 * n..(d0 + w) * n], &part.da);
-            if let Some(v) = &mut g.ddskip {
+            add(&mut da[d0 * n..(d0 + w) * n], &part.da);
+            if let Some(v) = ddskip.as_deref_mut() {
                 add(&mut v[d0..d0 + w], &part.ddskip);
             }
-            if let Some(v) = &mut g.ddelta_bias {
+            if let Some(v) = ddelta_bias.as_deref_mut() {
                 add(&mut v[d0..d0 + w], &part.ddelta_bias);
             }
         }
+    } else {
+        du.fill(E::default());
+        ddelta.fill(E::default());
+        if let Some(v) = dz.as_deref_mut() {
+            v.fill(E::default());
+        }
+        if let Some(v) = dh0.as_deref_mut() {
+            v.fill(zero);
+        }
     }
-    g.dbm = dbm.into_iter().map(E::from_acc).collect();
-    g.dcm = dcm.into_iter().map(E::from_acc).collect();
-    Ok(g)
+    for (to, from) in dbm_out.iter_mut().zip(dbm) {
+        *to = E::from_acc(from);
+    }
+    for (to, from) in dcm_out.iter_mut().zip(dcm) {
+        *to = E::from_acc(from);
+    }
+    Ok(())
 }
 
 /// One task: batch `bi`, channels [d0, d0 + w).
@@ -653,7 +796,7 @@ impl<E: Element> SimdKernel for BackwardBlock<'_, E> {
                 lanes_c.fill(zero);
                 lanes_b.fill(zero);
             }
-            // this task's rows of du, ddelta and dz (see selective_backward_impl): whole
+            // this task's rows of du, ddelta and dz (see selective_backward_into_impl): whole
             // vectors rounded by vector stores, the rest one by one
             let vw = w / lanes * lanes;
             for i in 0..len {
