@@ -324,10 +324,10 @@ pub(crate) fn selective_backward_into_impl<E: Element>(
     } else {
         du.fill(E::default());
         ddelta.fill(E::default());
-        if let Some(v) = dz.as_deref_mut() {
+        if let Some(v) = dz {
             v.fill(E::default());
         }
-        if let Some(v) = dh0.as_deref_mut() {
+        if let Some(v) = dh0 {
             v.fill(zero);
         }
     }
