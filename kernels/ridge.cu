@@ -435,6 +435,15 @@ __device__ void score_columns(const T* y_true, const T* y_pred, int n, long long
 // writes its columns' means there and reads them back after a barrier. A pass per mean, one
 // for sum a^2 and sum tot^2, and one per space for its two sums (tot recomputed: S^2 n work
 // per column, small against the products that made q).
+// The centered total prediction sum_s (q_s[at] - mean_s[c]) of one row and column.
+template <typename T>
+__device__ __forceinline__ double split_total(const T* q, const double* means, int spaces, long long plane,
+                                              long long at, int tb, int c) {
+  double tot = 0.0;
+  for (int s = 0; s < spaces; ++s) tot += (double)to_acc(q[s * plane + at]) - means[(long long)s * tb + c];
+  return tot;
+}
+
 template <typename T>
 __device__ void split_columns(const T* y, const T* q, int spaces, int n, int tb, double* means, T* r2, T* pearson) {
   __shared__ double part[2][CV_LANES][CV_COLS];
@@ -457,19 +466,12 @@ __device__ void split_columns(const T* y, const T* q, int spaces, int n, int tb,
     }
     __syncthreads();
   }
-  // the total prediction at row i, centered
-  auto total = [&](int i) {
-    double tot = 0.0;
-    for (int s = 0; s < spaces; ++s)
-      tot += (double)to_acc(q[s * plane + (long long)i * tb + c]) - means[(long long)s * tb + c];
-    return tot;
-  };
   double ss_a = 0.0, ss_tot = 0.0;
   const double mean_y = active ? means[(long long)spaces * tb + c] : 0.0;
   if (active)
     for (int i = ty; i < n; i += CV_LANES) {
       const double a = (double)to_acc(y[(long long)i * tb + c]) - mean_y;
-      const double tot = total(i);
+      const double tot = split_total(q, means, spaces, plane, (long long)i * tb + c, tb, c);
       ss_a += a * a;
       ss_tot += tot * tot;
     }
@@ -492,6 +494,10 @@ __device__ void split_columns(const T* y, const T* q, int spaces, int n, int tb,
   double sd_a = sqrt(ss_a / (double)n), sd_pred = sqrt(ss_tot / (double)n);
   if (sd_a == 0.0) sd_a = 1.0;
   if (sd_pred == 0.0) sd_pred = 1.0;
+  // the divisions once per column, out of the loop over spaces (within an ulp of the CPU's
+  // (2 inter - shared) / ss_a and inter / n / (sd_a sd_pred))
+  const double inv_ss_a = ss_a == 0.0 ? 0.0 : 1.0 / ss_a;
+  const double inv_n_sd = 1.0 / ((double)n * (sd_a * sd_pred));
   for (int s = 0; s < spaces; ++s) {
     double inter = 0.0, shared = 0.0;
     if (active) {
@@ -500,7 +506,7 @@ __device__ void split_columns(const T* y, const T* q, int spaces, int n, int tb,
         const double a = (double)to_acc(y[(long long)i * tb + c]) - mean_y;
         const double qs = (double)to_acc(q[s * plane + (long long)i * tb + c]) - mean_s;
         inter += a * qs;
-        shared += qs * total(i);
+        shared += qs * split_total(q, means, spaces, plane, (long long)i * tb + c, tb, c);
       }
     }
     part[0][ty][tx] = inter;
@@ -512,9 +518,9 @@ __device__ void split_columns(const T* y, const T* q, int spaces, int n, int tb,
         inter += part[0][l][tx];
         shared += part[1][l][tx];
       }
-      const double r = ss_a == 0.0 ? 0.0 : (2.0 * inter - shared) / ss_a;
+      const double r = (2.0 * inter - shared) * inv_ss_a;
       r2[(long long)s * tb + c] = from_acc<T>((typename Acc<T>::type)r);
-      pearson[(long long)s * tb + c] = from_acc<T>((typename Acc<T>::type)(inter / (double)n / (sd_a * sd_pred)));
+      pearson[(long long)s * tb + c] = from_acc<T>((typename Acc<T>::type)(inter * inv_n_sd));
     }
     __syncthreads();
   }
@@ -603,8 +609,10 @@ NK_RIDGE_ENTRY(double, f64, double, f64)
     score_columns<T>(y_true, y_pred, n, t, r2, pearson);                                             \
   }
 
+// Min one block per SM: without it ptxas caps the registers at 40 and spills around the
+// per-space loop's barriers (as for the solve kernels above).
 #define NK_RIDGE_SPLIT_ENTRY(T, NAME)                                                                      \
-  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_COLS * NK_RIDGE_CV_LANES)                      \
+  extern "C" __global__ void __launch_bounds__(NK_RIDGE_CV_COLS * NK_RIDGE_CV_LANES, 1)                   \
       ridge_split_scores_##NAME(const T* y, const T* q, int spaces, int n, int tb, double* means, T* r2, \
                                 T* pearson) {                                                            \
     split_columns<T>(y, q, spaces, n, tb, means, r2, pearson);                                            \
