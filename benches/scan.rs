@@ -257,24 +257,13 @@ fn bench_cpu_selective(c: &mut Criterion) {
         // reused buffers, as the forward writes y
         group.bench_function(BenchmarkId::new("backward_f32", isa.name()), |bench| {
             bench.iter(|| {
-                let grads = selective::SelectiveGradsMut {
-                    du: &mut grads.du,
-                    ddelta: &mut grads.ddelta,
-                    da: &mut grads.da,
-                    dbm: &mut grads.dbm,
-                    dcm: &mut grads.dcm,
-                    ddskip: grads.ddskip.as_deref_mut(),
-                    dz: grads.dz.as_deref_mut(),
-                    ddelta_bias: grads.ddelta_bias.as_deref_mut(),
-                    dh0: grads.dh0.as_deref_mut(),
-                };
                 selective::selective_backward_into_on(
                     isa,
                     &params,
                     shape,
                     black_box(&inputs),
                     &dy,
-                    grads,
+                    grads.as_mut(),
                 )
                 .unwrap()
             })

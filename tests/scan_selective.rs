@@ -645,18 +645,7 @@ fn backward_into_reused_buffers_matches_and_checks_them() {
         garbage(v.as_mut().unwrap());
     }
     for _ in 0..2 {
-        let grads = selective::SelectiveGradsMut {
-            du: &mut got.du,
-            ddelta: &mut got.ddelta,
-            da: &mut got.da,
-            dbm: &mut got.dbm,
-            dcm: &mut got.dcm,
-            ddskip: got.ddskip.as_deref_mut(),
-            dz: got.dz.as_deref_mut(),
-            ddelta_bias: got.ddelta_bias.as_deref_mut(),
-            dh0: got.dh0.as_deref_mut(),
-        };
-        selective::selective_backward_into(&params, s, &inputs, &dy, grads).unwrap();
+        selective::selective_backward_into(&params, s, &inputs, &dy, got.as_mut()).unwrap();
         assert!(
             got == want,
             "into reused buffers differs from the allocating backward"
@@ -665,31 +654,15 @@ fn backward_into_reused_buffers_matches_and_checks_them() {
     // a missing dz buffer (z is given), and a short dbm
     let mut g = want.clone();
     let grads = selective::SelectiveGradsMut {
-        du: &mut g.du,
-        ddelta: &mut g.ddelta,
-        da: &mut g.da,
-        dbm: &mut g.dbm,
-        dcm: &mut g.dcm,
-        ddskip: g.ddskip.as_deref_mut(),
         dz: None,
-        ddelta_bias: g.ddelta_bias.as_deref_mut(),
-        dh0: g.dh0.as_deref_mut(),
+        ..g.as_mut()
     };
     let e = selective::selective_backward_into(&params, s, &inputs, &dy, grads).unwrap_err();
     assert!(e.to_string().contains("`dz`"), "{e}");
     let mut g = want.clone();
-    let short = g.dbm.len() - 1;
-    let grads = selective::SelectiveGradsMut {
-        du: &mut g.du,
-        ddelta: &mut g.ddelta,
-        da: &mut g.da,
-        dbm: &mut g.dbm[..short],
-        dcm: &mut g.dcm,
-        ddskip: g.ddskip.as_deref_mut(),
-        dz: g.dz.as_deref_mut(),
-        ddelta_bias: g.ddelta_bias.as_deref_mut(),
-        dh0: g.dh0.as_deref_mut(),
-    };
+    let mut grads = g.as_mut();
+    let short = grads.dbm.len() - 1;
+    grads.dbm = &mut std::mem::take(&mut grads.dbm)[..short];
     let e = selective::selective_backward_into(&params, s, &inputs, &dy, grads).unwrap_err();
     assert!(e.to_string().contains("`dbm`"), "{e}");
 }

@@ -56,18 +56,8 @@ pub fn cv(
     check_cpu(OP, "x", x)?;
     check_like(OP, "y", y, x.dtype(), x.device(), "x")?;
     check_like(OP, "alphas", alphas, x.dtype(), x.device(), "x")?;
-    check_cpu(OP, "folds", folds)?;
-    if folds.dtype().is_float() {
-        candle_core::bail!(
-            "neurokernels {OP}: tensor `folds` has dtype {:?}, expected an integer dtype",
-            folds.dtype()
-        );
-    }
+    let folds = index_vec(OP, "folds", folds)?;
     let shape = RidgeShape::from_dims(x.dims(), y.dims()).map_err(wrap)?;
-    let folds: Vec<i32> = host_vec::<i64>(&folds.to_dtype(DType::I64)?)?
-        .into_iter()
-        .map(|f| i32::try_from(f).unwrap_or(-1))
-        .collect();
     let a = alphas.elem_count();
     let (p, t) = (shape.features, shape.targets);
     macro_rules! run {

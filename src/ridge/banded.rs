@@ -64,7 +64,7 @@
 
 use super::cv::{
     CvParams, HeldOut, RidgeReal, Scoring, cast, eigh, fold_rows, gather, held_out_batch,
-    mean_score, means, par, product, rows_of, usable_alpha, widen,
+    intercepts, mean_score, means, par, product, rows_of, usable_alpha, widen,
 };
 use super::{check_finite, check_len};
 use crate::error::{Error, Result};
@@ -775,15 +775,7 @@ fn refit<E: RidgeReal>(
             });
         }
     }
-    let intercept = (0..t)
-        .map(|c| match (&x_mean, &y_mean) {
-            (Some(xm), Some(ym)) => {
-                let dot: f64 = (0..p).map(|r| xm[r] * widen(w[r * t + c])).sum();
-                cast(ym[c] - dot)
-            }
-            _ => E::default(),
-        })
-        .collect();
+    let intercept = intercepts(x_mean.as_deref(), y_mean.as_deref(), &w, p, t);
     Ok((w, intercept))
 }
 

@@ -969,6 +969,40 @@ struct CvKernels {
 }
 
 impl CvKernels {
+    /// The refit's `z[i, c] *= 1 / (values[i] + alphas[from + c])` for z column-major
+    /// `[rank, k]` (each target's own alpha, f64 on the device).
+    fn scale_refit<E: CudaRidgeReal>(
+        &self,
+        stream: &Arc<CudaStream>,
+        z: &mut CudaSlice<E>,
+        values: &CudaSlice<f64>,
+        (alphas, from): (&CudaSlice<f64>, usize),
+        (rank, k): (usize, usize),
+    ) -> Result<()> {
+        if z.len() < rank * k || values.len() < rank || alphas.len() < from + k {
+            return Err(Error::Cuda(format!(
+                "internal: refit scaling of [{rank}, {k}] on buffers too small"
+            )));
+        }
+        let (ri, ki) = (int(rank, "x")?, int(k, "y")?);
+        let (zp, _g1) = write_ptr(z, stream);
+        let (vp, _g2) = read_ptr(values, stream);
+        let (ap, _g3) = read_ptr(alphas, stream);
+        let alphas_here = ap + (from * std::mem::size_of::<f64>()) as u64;
+        // SAFETY: z holds rank × k, values rank and alphas from + k values, checked above.
+        unsafe {
+            stream
+                .launch_builder(&self.scale_refit)
+                .arg(&zp)
+                .arg(&vp)
+                .arg(&alphas_here)
+                .arg(&ri)
+                .arg(&ki)
+                .launch(elementwise_config(rank * k))?;
+        }
+        Ok(())
+    }
+
     fn load<E: CudaElement>(device: &Device) -> Result<Self> {
         let f = |op: &str| device.function("ridge", &format!("ridge_cv_{op}_{}", E::SUFFIX));
         Ok(Self {
@@ -1430,24 +1464,8 @@ impl<E: CudaRidgeReal> CvRun<'_, E> {
                 &mut z,
                 rank,
             )?;
-            {
-                let (zp, _g1) = write_ptr(&mut z, stream);
-                let (vp, _g2) = read_ptr(&values, stream);
-                let (cp, _g3) = read_ptr(chosen, stream);
-                let chosen_here = cp + (t0 * std::mem::size_of::<f64>()) as u64;
-                let (ri, tbi) = (int(rank, "x")?, int(tb, "y")?);
-                // SAFETY: z holds rank × tb, values rank, chosen t ≥ t0 + tb values.
-                unsafe {
-                    stream
-                        .launch_builder(&self.kernels.scale_refit)
-                        .arg(&zp)
-                        .arg(&vp)
-                        .arg(&chosen_here)
-                        .arg(&ri)
-                        .arg(&tbi)
-                        .launch(elementwise_config(rank * tb))?;
-                }
-            }
+            self.kernels
+                .scale_refit(stream, &mut z, &values, (chosen, t0), (rank, tb))?;
             // row-major [p, tb] = column-major (tb × p) = Zᵀ · backᵀ
             let mut wb = stream.alloc_zeros::<E>(p * tb)?;
             la.gemm((true, true), (tb, p, rank), &z, rank, &back, p, &mut wb, tb)?;
@@ -1467,15 +1485,7 @@ impl<E: CudaRidgeReal> CvRun<'_, E> {
                 });
             }
         }
-        let intercept = (0..t)
-            .map(|c| match &x_mean {
-                Some(xm) => {
-                    let dot: f64 = (0..p).map(|r| xm[r] * w[r * t + c].to_f64()).sum();
-                    E::from_f64(y_mean[c] - dot)
-                }
-                None => E::default(),
-            })
-            .collect();
+        let intercept = super::cv::intercepts(x_mean.as_deref(), Some(&y_mean), &w, p, t);
         Ok((w, intercept))
     }
 }

@@ -412,6 +412,26 @@ pub(super) fn mean_score(sum: f64, folds: usize) -> f64 {
 }
 
 /// The rows of each fold, checked: ids 0..F−1, each present, F ≥ 2.
+/// The intercepts of a refit `w [p, t]` on centered data: mean(y) − mean(x)·w per target
+/// (summed in f64), or zeros when the data were not centered (no means).
+pub(super) fn intercepts<E: RidgeReal>(
+    x_mean: Option<&[f64]>,
+    y_mean: Option<&[f64]>,
+    w: &[E],
+    p: usize,
+    t: usize,
+) -> Vec<E> {
+    (0..t)
+        .map(|c| match (x_mean, y_mean) {
+            (Some(xm), Some(ym)) => {
+                let dot: f64 = (0..p).map(|r| xm[r] * widen(w[r * t + c])).sum();
+                cast(ym[c] - dot)
+            }
+            _ => E::default(),
+        })
+        .collect()
+}
+
 pub(super) fn fold_rows(folds: &[i32]) -> Result<Vec<Vec<usize>>> {
     if let Some(i) = folds.iter().position(|f| *f < 0) {
         return Err(Error::invalid(
@@ -968,14 +988,6 @@ fn refit<E: RidgeReal>(
             });
         }
     }
-    let intercept = (0..t)
-        .map(|c| match (&x_mean, &y_mean) {
-            (Some(xm), Some(ym)) => {
-                let dot: f64 = (0..p).map(|r| xm[r] * widen(w[r * t + c])).sum();
-                cast(ym[c] - dot)
-            }
-            _ => E::default(),
-        })
-        .collect();
+    let intercept = intercepts(x_mean.as_deref(), y_mean.as_deref(), &w, p, t);
     Ok((w, intercept))
 }

@@ -26,7 +26,7 @@ use crate::ridge::banded::{
     BandedFit, BandedInputs, BandedProgress, BandedShape, SplitScores, check_inputs, check_split,
     column_scales, select,
 };
-use crate::ridge::cv::{CvInputs, CvParams, means, rows_of};
+use crate::ridge::cv::{CvInputs, CvParams, intercepts, means, rows_of};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
@@ -381,7 +381,8 @@ impl<E: CudaRidgeReal> BandedRun<'_, E> {
         let center = self.cv.params.center;
         let all: Vec<usize> = (0..n).collect();
         let x_mean = center.then(|| means(self.inputs.x, p, &all));
-        let y_mean = center.then(|| means(self.inputs.y, t, &all));
+        // the targets' means as the device's split computes them, per part
+        let mut y_mean = vec![0.0f64; t];
         let shared = self.shared(&all, &[])?;
         // the dual form's back-map needs X itself: column-major Xᵀ (p × n)
         let xc = match &shared {
@@ -464,23 +465,9 @@ impl<E: CudaRidgeReal> BandedRun<'_, E> {
                     stream,
                     &part.iter().map(|j| best_alpha[*j]).collect::<Vec<_>>(),
                 )?;
-                {
-                    let (zp, _g1) = write_ptr(&mut z, stream);
-                    let (vp, _g2) = read_ptr(&values, stream);
-                    let (ap, _g3) = read_ptr(&alphas, stream);
-                    let (ri, ki) = (int(rank, "x")?, int(k, "y")?);
-                    // SAFETY: z holds rank × k, values rank and alphas k values.
-                    unsafe {
-                        stream
-                            .launch_builder(&self.cv.kernels.scale_refit)
-                            .arg(&zp)
-                            .arg(&vp)
-                            .arg(&ap)
-                            .arg(&ri)
-                            .arg(&ki)
-                            .launch(elementwise_config(rank * k))?;
-                    }
-                }
+                self.cv
+                    .kernels
+                    .scale_refit(stream, &mut z, &values, (&alphas, 0), (rank, k))?;
                 // row-major [p, k] = column-major (k × p) = Zᵀ · backᵀ
                 let mut wb = stream.alloc_zeros::<E>(p * k)?;
                 la.gemm((true, true), (k, p, rank), &z, rank, &back, p, &mut wb, k)?;
@@ -489,6 +476,10 @@ impl<E: CudaRidgeReal> BandedRun<'_, E> {
                     for (m, target) in part.iter().enumerate() {
                         w[r * t + target] = wb[r * k + m];
                     }
+                }
+                let part_means = stream.clone_dtoh(&split.train_mean)?;
+                for (m, target) in part.iter().enumerate() {
+                    y_mean[*target] = part_means[m];
                 }
             }
             if let Some(report) = progress {
@@ -500,15 +491,7 @@ impl<E: CudaRidgeReal> BandedRun<'_, E> {
                 });
             }
         }
-        let intercept = (0..t)
-            .map(|c| match (&x_mean, &y_mean) {
-                (Some(xm), Some(ym)) => {
-                    let dot: f64 = (0..p).map(|r| xm[r] * w[r * t + c].to_f64()).sum();
-                    E::from_f64(ym[c] - dot)
-                }
-                _ => E::default(),
-            })
-            .collect();
+        let intercept = intercepts(x_mean.as_deref(), Some(&y_mean), &w, p, t);
         Ok((w, intercept))
     }
 }

@@ -104,19 +104,26 @@ pub fn selective_backward_on<E: Element>(
         ddelta_bias: inputs.delta_bias.map(|_| vec![zero; d]),
         dh0: inputs.h0.map(|_| vec![zero; sizes.states]),
     };
-    let out = SelectiveGradsMut {
-        du: &mut g.du,
-        ddelta: &mut g.ddelta,
-        da: &mut g.da,
-        dbm: &mut g.dbm,
-        dcm: &mut g.dcm,
-        ddskip: g.ddskip.as_deref_mut(),
-        dz: g.dz.as_deref_mut(),
-        ddelta_bias: g.ddelta_bias.as_deref_mut(),
-        dh0: g.dh0.as_deref_mut(),
-    };
-    E::scan_selective_backward_into(isa, params, shape, inputs, dy, out)?;
+    E::scan_selective_backward_into(isa, params, shape, inputs, dy, g.as_mut())?;
     Ok(g)
+}
+
+impl<E: Element> SelectiveGrads<E> {
+    /// These gradients as the buffers of [`selective_backward_into`] (e.g. allocated once by
+    /// [`selective_backward`], then reused every step).
+    pub fn as_mut(&mut self) -> SelectiveGradsMut<'_, E> {
+        SelectiveGradsMut {
+            du: &mut self.du,
+            ddelta: &mut self.ddelta,
+            da: &mut self.da,
+            dbm: &mut self.dbm,
+            dcm: &mut self.dcm,
+            ddskip: self.ddskip.as_deref_mut(),
+            dz: self.dz.as_deref_mut(),
+            ddelta_bias: self.ddelta_bias.as_deref_mut(),
+            dh0: self.dh0.as_deref_mut(),
+        }
+    }
 }
 
 /// The gradients of `scan.selective`, written into the caller's buffers by
