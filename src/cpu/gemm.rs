@@ -34,6 +34,41 @@ trait RowsB<A: Accum>: Copy {
     unsafe fn at_col(self, col: usize) -> Self;
 }
 
+/// What a product's C starts from before A·B is added.
+#[derive(Clone, Copy)]
+enum Start<A> {
+    Zero,
+    /// C's own values.
+    C,
+    /// `from[i][j]·scale[j]` (`from` at row stride `stride`; may be C itself): a state
+    /// decayed per column and updated in one pass over it instead of two.
+    Scaled {
+        from: *const A,
+        stride: usize,
+        scale: *const A,
+    },
+}
+
+impl<A: Accum> Start<A> {
+    /// The same start moved by `rows` rows and `cols` columns (address arithmetic only:
+    /// reads happen in `tile`, within the product's bounds).
+    #[inline(always)]
+    fn offset(self, rows: usize, cols: usize) -> Self {
+        match self {
+            Self::Scaled {
+                from,
+                stride,
+                scale,
+            } => Self::Scaled {
+                from: from.wrapping_add(rows * stride + cols),
+                stride,
+                scale: scale.wrapping_add(cols),
+            },
+            other => other,
+        }
+    }
+}
+
 /// B stored in the accumulator type.
 #[derive(Clone, Copy)]
 struct Plain<A> {
@@ -116,7 +151,41 @@ pub(crate) unsafe fn gemm_acc<S: Simd, A: Accum>(
         stride: b_stride,
     };
     // SAFETY: this fn's contract is product's.
-    unsafe { product::<S, A, _>(m, n, k, a, b, c, c_stride, lower_triangular, true) }
+    unsafe { product::<S, A, _>(m, n, k, a, b, c, c_stride, lower_triangular, Start::C) }
+}
+
+/// C = from∘scale + A·B over `m × n` with inner dimension `k`, where row i of `from` (at
+/// `from_stride`) is multiplied element-wise by `scale` (n values): [`gemm_acc`] on a C
+/// first set to that, with the same bits, in one pass. `from` may be C itself (same
+/// stride): each value is read before its place is written.
+///
+/// # Safety
+/// As [`gemm_acc`] (not triangular); `from` is valid for reading m rows of n at
+/// `from_stride` and `scale` for n values, neither overlapping A or B.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_scaled_acc<S: Simd, A: Accum>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided<A>,
+    b: *const A,
+    b_stride: usize,
+    c: *mut A,
+    c_stride: usize,
+    (from, from_stride, scale): (*const A, usize, *const A),
+) {
+    let b = Plain {
+        ptr: b,
+        stride: b_stride,
+    };
+    let start = Start::Scaled {
+        from,
+        stride: from_stride,
+        scale,
+    };
+    // SAFETY: this fn's contract is product's.
+    unsafe { product::<S, A, _>(m, n, k, a, b, c, c_stride, false, start) }
 }
 
 /// [`gemm_acc`] with B stored as elements E (f16/bf16 widened as they are loaded; for f32
@@ -141,7 +210,7 @@ pub(crate) unsafe fn gemm_acc_widening<S: Simd, E: Element>(
         stride: b_stride,
     };
     // SAFETY: this fn's contract is product's.
-    unsafe { product::<S, E::Acc, _>(m, n, k, a, b, c, c_stride, false, true) }
+    unsafe { product::<S, E::Acc, _>(m, n, k, a, b, c, c_stride, false, Start::C) }
 }
 
 /// C = A·B over `m × n` with inner dimension `k`: [`gemm_acc`] into a C whose old values are
@@ -166,7 +235,7 @@ pub(crate) unsafe fn gemm_set<S: Simd, A: Accum>(
         stride: b_stride,
     };
     // SAFETY: this fn's contract is product's.
-    unsafe { product::<S, A, _>(m, n, k, a, b, c, c_stride, false, false) }
+    unsafe { product::<S, A, _>(m, n, k, a, b, c, c_stride, false, Start::Zero) }
 }
 
 /// The body of the three products.
@@ -184,7 +253,7 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
     c: *mut A,
     c_stride: usize,
     lower_triangular: bool,
-    accumulate: bool,
+    start: Start<A>,
 ) {
     let lanes = A::lanes::<S>();
     let inner = |row0: usize, rows: usize| {
@@ -203,6 +272,7 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
         let a_at = Strided { ptr: a_ptr, ..a };
         // SAFETY: as above.
         let c_at = unsafe { c.add(i * c_stride) };
+        let start_at = start.offset(i, 0);
         let mut j = 0;
         // 32 registers: 4-vector tiles, so a row strip reads B once per 4 vectors of C
         while S::WIDE_TILES && j + 4 * lanes <= n {
@@ -215,7 +285,7 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
                     a_at,
                     b.at_col(j),
                     (c_at.add(j), c_stride),
-                    accumulate,
+                    start_at.offset(0, j),
                 )
             };
             j += 4 * lanes;
@@ -229,7 +299,7 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
                     a_at,
                     b.at_col(j),
                     (c_at.add(j), c_stride),
-                    accumulate,
+                    start_at.offset(0, j),
                 )
             };
             j += 2 * lanes;
@@ -243,7 +313,7 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
                     a_at,
                     b.at_col(j),
                     (c_at.add(j), c_stride),
-                    accumulate,
+                    start_at.offset(0, j),
                 )
             };
             j += lanes;
@@ -255,7 +325,15 @@ unsafe fn product<S: Simd, A: Accum, B: RowsB<A>>(
                 // fn's contract.
                 unsafe {
                     let out = c_at.add(r * c_stride + col);
-                    let mut acc = if accumulate { *out } else { A::ZERO };
+                    let mut acc = match start_at {
+                        Start::Zero => A::ZERO,
+                        Start::C => *out,
+                        Start::Scaled {
+                            from,
+                            stride,
+                            scale,
+                        } => *from.add(r * stride + col) * *scale.add(col),
+                    };
                     for p in 0..kk {
                         let x = *a_at.ptr.add(r * a.row_stride + p * a.inner_stride);
                         acc = acc + x * b.get(p, col);
@@ -280,23 +358,23 @@ unsafe fn tile_rows<S: Simd, A: Accum, B: RowsB<A>, const NV: usize>(
     a: Strided<A>,
     b: B,
     c: (*mut A, usize),
-    accumulate: bool,
+    start: Start<A>,
 ) {
     // SAFETY: this fn's contract is tile's with MR = rows (the `_` arm is rows = 1).
     unsafe {
         match rows {
-            6 => tile::<S, A, B, 6, NV>(k, a, b, c, accumulate),
-            5 => tile::<S, A, B, 5, NV>(k, a, b, c, accumulate),
-            4 => tile::<S, A, B, 4, NV>(k, a, b, c, accumulate),
-            3 => tile::<S, A, B, 3, NV>(k, a, b, c, accumulate),
-            2 => tile::<S, A, B, 2, NV>(k, a, b, c, accumulate),
-            _ => tile::<S, A, B, 1, NV>(k, a, b, c, accumulate),
+            6 => tile::<S, A, B, 6, NV>(k, a, b, c, start),
+            5 => tile::<S, A, B, 5, NV>(k, a, b, c, start),
+            4 => tile::<S, A, B, 4, NV>(k, a, b, c, start),
+            3 => tile::<S, A, B, 3, NV>(k, a, b, c, start),
+            2 => tile::<S, A, B, 2, NV>(k, a, b, c, start),
+            _ => tile::<S, A, B, 1, NV>(k, a, b, c, start),
         }
     }
 }
 
 /// One register tile: MR rows × NV vectors of C over `k`, added to C's values with
-/// `accumulate`, else from zero. C is (pointer, row stride).
+/// its `start`. C is (pointer, row stride).
 ///
 /// # Safety
 /// The CPU supports `S`; A's MR rows × k, B's k rows × NV·lanes columns and C's MR rows ×
@@ -307,16 +385,32 @@ unsafe fn tile<S: Simd, A: Accum, B: RowsB<A>, const MR: usize, const NV: usize>
     a: Strided<A>,
     b: B,
     (c, c_stride): (*mut A, usize),
-    accumulate: bool,
+    start: Start<A>,
 ) {
     let lanes = A::lanes::<S>();
     // SAFETY: every access is r < MR, p < k, v < NV of the extents this fn's contract covers.
     unsafe {
         let mut acc = [[A::vsplat::<S>(A::ZERO); NV]; MR];
-        if accumulate {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = A::vload::<S>(c.add(r * c_stride + v * lanes));
+        match start {
+            Start::Zero => {}
+            Start::C => {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = A::vload::<S>(c.add(r * c_stride + v * lanes));
+                    }
+                }
+            }
+            Start::Scaled {
+                from,
+                stride,
+                scale,
+            } => {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (v, x) in row.iter_mut().enumerate() {
+                        let at = v * lanes;
+                        let y = A::vload::<S>(from.add(r * stride + at));
+                        *x = A::vmul::<S>(y, A::vload::<S>(scale.add(at)));
+                    }
                 }
             }
         }
@@ -478,5 +572,124 @@ mod tests {
                 }
             }
         }
+    }
+
+    struct Scaled<'a> {
+        m: usize,
+        n: usize,
+        k: usize,
+        in_place: bool,
+        a: &'a [f64],
+        b: &'a [f64],
+        from: &'a [f64],
+        scale: &'a [f64],
+        c: &'a mut [f64],
+    }
+
+    impl SimdKernel for Scaled<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run<S: Simd>(self) {
+            let a = Strided {
+                ptr: self.a.as_ptr(),
+                row_stride: self.k,
+                inner_stride: 1,
+            };
+            let c = self.c.as_mut_ptr();
+            let from = match self.in_place {
+                true => c.cast_const(),
+                false => self.from.as_ptr(),
+            };
+            // SAFETY: A m×k, B k×n, C and `from` m×n (stride n), scale n values, as built in
+            // the test; C overlaps only itself.
+            unsafe {
+                gemm_scaled_acc::<S, f64>(
+                    self.m,
+                    self.n,
+                    self.k,
+                    a,
+                    self.b.as_ptr(),
+                    self.n,
+                    c,
+                    self.n,
+                    (from, self.n, self.scale.as_ptr()),
+                )
+            }
+        }
+    }
+
+    /// gemm_scaled_acc: C = from∘scale + A·B on every ISA, `from` separate or C itself,
+    /// sizes around the tile edges, bit for bit the scaling pass followed by gemm_acc.
+    #[test]
+    fn scaled_start_is_scaling_then_product() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 11) as f64 / (1u64 << 53) as f64) - 0.5
+        };
+        for &(m, n, k) in &[(1, 1, 1), (7, 17, 9), (16, 64, 16), (64, 40, 5)] {
+            let a: Vec<f64> = (0..m * k).map(|_| next()).collect();
+            let b: Vec<f64> = (0..k * n).map(|_| next()).collect();
+            let from: Vec<f64> = (0..m * n).map(|_| next()).collect();
+            let scale: Vec<f64> = (0..n).map(|_| next()).collect();
+            for isa in Isa::available() {
+                // the scaling pass, then gemm_acc (Case's B and C are padded)
+                let scaled: Vec<f64> = (0..m * n).map(|i| from[i] * scale[i % n]).collect();
+                let mut c_pad = padded(&scaled, m, n, 1);
+                dispatch(
+                    isa,
+                    Case {
+                        m,
+                        n,
+                        k,
+                        transposed_a: false,
+                        lower: false,
+                        set: false,
+                        a: &a,
+                        b: &padded(&b, k, n, 3),
+                        c: &mut c_pad,
+                    },
+                );
+                let want = unpadded(&c_pad, m, n, 1);
+                for in_place in [false, true] {
+                    let mut c = match in_place {
+                        true => from.clone(),
+                        false => vec![f64::NAN; m * n],
+                    };
+                    dispatch(
+                        isa,
+                        Scaled {
+                            m,
+                            n,
+                            k,
+                            in_place,
+                            a: &a,
+                            b: &b,
+                            from: &from,
+                            scale: &scale,
+                            c: &mut c,
+                        },
+                    );
+                    assert_eq!(c, want, "{isa:?} m{m} n{n} k{k} in place {in_place}");
+                }
+            }
+        }
+    }
+
+    /// Rows of `n` values re-laid at a row stride of n + pad (the pad values NaN).
+    fn padded(x: &[f64], rows: usize, n: usize, pad: usize) -> Vec<f64> {
+        let mut out = vec![f64::NAN; rows * (n + pad)];
+        for (to, from) in out.chunks_exact_mut(n + pad).zip(x.chunks_exact(n)) {
+            to[..n].copy_from_slice(from);
+        }
+        out
+    }
+
+    fn unpadded(x: &[f64], rows: usize, n: usize, pad: usize) -> Vec<f64> {
+        (x.chunks_exact(n + pad).take(rows))
+            .flat_map(|r| r[..n].iter().copied())
+            .collect()
     }
 }

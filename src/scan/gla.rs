@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 mod chunked;
 mod chunked_backward;
-use chunked_backward::{ChunkedBackwardHead, GradPtrs};
+use chunked_backward::{ChunkedBackwardHeads, GradPtrs};
 
 /// Steps between stored states in the recurrent backward (a chunk of states stays in L2).
 const CHECKPOINT_STEPS: usize = 16;
@@ -308,31 +308,21 @@ pub(crate) fn gla_into_impl<E: Element>(
     let (op, hp) = (SendPtr(o.as_mut_ptr()), SendPtr(h_last.as_mut_ptr()));
     match params.form {
         GlaForm::Chunked => {
-            // groups of adjacent heads (see `chunked`): as many tasks as threads where the
-            // batch alone gives fewer
-            let groups = rayon::current_num_threads()
-                .div_ceil(b.max(1))
-                .clamp(1, h.max(1));
-            let per_group = h.div_ceil(groups).max(1);
-            (0..b * h.div_ceil(per_group))
-                .into_par_iter()
-                .for_each(|task| {
-                    let (bi, group) = (task / h.div_ceil(per_group), task % h.div_ceil(per_group));
-                    let heads = group * per_group..((group + 1) * per_group).min(h);
-                    // SAFETY: a task writes only its heads' rows of o and blocks of h_last.
-                    dispatch(
-                        isa,
-                        chunked::ChunkedHeads {
-                            shape,
-                            inputs,
-                            batch: bi,
-                            heads,
-                            scale,
-                            o: op,
-                            h_last: hp,
-                        },
-                    )
-                });
+            head_groups(b, h, 0).for_each(|(bi, heads)| {
+                // SAFETY: a task writes only its heads' rows of o and blocks of h_last.
+                dispatch(
+                    isa,
+                    chunked::ChunkedHeads {
+                        shape,
+                        inputs,
+                        batch: bi,
+                        heads,
+                        scale,
+                        o: op,
+                        h_last: hp,
+                    },
+                )
+            });
         }
         GlaForm::Recurrent => (0..b * h).into_par_iter().for_each(|bh| {
             // SAFETY: head bh writes only its own rows of o and its own block of h_last.
@@ -419,6 +409,27 @@ unsafe fn narrow<S: Simd, E: Element>(from: &[E::Acc], to: *mut E) {
             *to.add(c) = E::from_acc(*x);
         }
     }
+}
+
+/// The chunked forms' tasks: groups of adjacent heads of one batch row (see `chunked`), as
+/// many groups as threads where the batch alone gives fewer, each group's `bytes_per_head`
+/// (of per-task buffers) within 64 MiB where a head allows it. Yields (batch, heads).
+fn head_groups(
+    b: usize,
+    h: usize,
+    bytes_per_head: usize,
+) -> impl ParallelIterator<Item = (usize, std::ops::Range<usize>)> {
+    const GROUP_BYTES: usize = 64 << 20;
+    let groups = rayon::current_num_threads()
+        .div_ceil(b.max(1))
+        .clamp(1, h.max(1));
+    let fit = (GROUP_BYTES / bytes_per_head.max(1)).max(1);
+    let per_group = h.div_ceil(groups).clamp(1, fit);
+    let per_batch = h.div_ceil(per_group);
+    (0..b * per_batch).into_par_iter().map(move |task| {
+        let (bi, group) = (task / per_batch, task % per_batch);
+        (bi, group * per_group..((group + 1) * per_group).min(h))
+    })
 }
 
 /// e^x over a slice, vectorized (the same polynomial as the scalar `exp` of the tail).
@@ -824,15 +835,18 @@ pub(crate) fn gla_backward_into_impl<E: Element>(
             dg: SendPtr(dg.as_mut_ptr()),
             dh0: dh0.as_mut().map(|x| SendPtr(x.as_mut_ptr())),
         };
-        (0..b * h).into_par_iter().for_each(|bh| {
+        // the states of a group's heads are kept for the walk back: at most ~64 MiB a task
+        let per_head = t_len.div_ceil(chunked::CHUNK) * kd * vd * size_of::<E::Acc>();
+        head_groups(b, h, per_head).for_each(|(batch, heads)| {
             dispatch(
                 isa,
-                ChunkedBackwardHead {
+                ChunkedBackwardHeads {
                     shape,
                     inputs,
                     d_o,
                     dh_last,
-                    bh,
+                    batch,
+                    heads,
                     scale,
                     out,
                 },

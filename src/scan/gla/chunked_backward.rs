@@ -23,15 +23,19 @@
 //! pair by pair with e^{G[t] − G[τ]} instead (exact, slower, and only for such chunks), as the
 //! forward does.
 //!
-//! A task is one (batch, head): a forward pass stores Sᵀ at every chunk start (K·V values per
-//! chunk), then the chunks are walked backward. Each task writes only its own rows of the
-//! gradients, so the result does not depend on the thread count.
+//! A task is a group of adjacent heads of one batch row, as in the forward: a forward pass
+//! stores Sᵀ of every head at every chunk start (K·V values per head and chunk), then the
+//! chunks are walked backward, each chunk of every head in turn, so one head's rows are read
+//! right after its neighbour's on the same pages (one head per task walked every page of
+//! every tensor once per head: its page walks were a large part of the loads' misses). Each
+//! head's results depend only on its own rows, in a fixed order, so they do not depend on
+//! the grouping or the thread count.
 
 use super::chunked::{CHUNK, GATE_LIMIT};
 use super::{GlaInputs, GlaShape, exp_in_place, narrow, widen};
-use crate::cpu::gemm::{Strided, gemm_acc, gemm_set};
+use crate::cpu::gemm::{Strided, gemm_acc, gemm_scaled_acc, gemm_set};
 use crate::cpu::scratch::Scratch;
-use crate::cpu::{SendPtr, Simd, SimdKernel};
+use crate::cpu::{SendPtr, Simd, SimdKernel, prefetch};
 use crate::element::{Accum, Element};
 
 /// Where one task writes its gradients: its own rows of dq, dk, dg, dv (and block of dh0).
@@ -44,17 +48,18 @@ pub(super) struct GradPtrs<E: Element> {
     pub dh0: Option<SendPtr<E::Acc>>,
 }
 
-pub(super) struct ChunkedBackwardHead<'a, E: Element> {
+pub(super) struct ChunkedBackwardHeads<'a, E: Element> {
     pub shape: GlaShape,
     pub inputs: &'a GlaInputs<'a, E>,
     pub d_o: &'a [E],
     pub dh_last: Option<&'a [E::Acc]>,
-    pub bh: usize,
+    pub batch: usize,
+    pub heads: std::ops::Range<usize>,
     pub scale: E::Acc,
     pub out: GradPtrs<E>,
 }
 
-impl<E: Element> SimdKernel for ChunkedBackwardHead<'_, E> {
+impl<E: Element> SimdKernel for ChunkedBackwardHeads<'_, E> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
@@ -63,7 +68,8 @@ impl<E: Element> SimdKernel for ChunkedBackwardHead<'_, E> {
             inputs,
             d_o,
             dh_last,
-            bh,
+            batch,
+            heads,
             scale,
             out,
         } = self;
@@ -71,32 +77,49 @@ impl<E: Element> SimdKernel for ChunkedBackwardHead<'_, E> {
         let zero = <E::Acc as Accum>::ZERO;
         let size = kd * vd;
         let chunks = t_len.div_ceil(CHUNK);
+        let group = heads.len();
+        let bh = |i: usize| batch * shape.heads + heads.start + i;
         let mut w = Work::<E::Acc>::new(kd, vd);
 
-        // forward: Sᵀ (V×K) before every chunk
+        // forward: Sᵀ (V×K) of every head before every chunk, [chunk][head]
         // reused across calls (megabytes: a fresh mapping costs a page fault per 4 KiB); every
         // value is written below before it is read
-        let mut states = Scratch::take(chunks * size, zero);
-        match inputs.h0 {
-            Some(h0) => transpose(&h0[bh * size..(bh + 1) * size], kd, vd, &mut states[..size]),
-            None => states[..size].fill(zero),
-        }
-        for c in 0..chunks.saturating_sub(1) {
-            let (t0, n) = (c * CHUNK, CHUNK.min(t_len - c * CHUNK));
-            w.load::<S, E>(inputs, d_o, &shape, bh, t0, n, false);
-            w.gates::<S>(n, scale, false);
-            let (done, next) = states.split_at_mut((c + 1) * size);
-            let (s0, s1) = (&done[c * size..], &mut next[..size]);
-            // Sᵀ_end = Sᵀ0·diag(E_last) + vᵀ·k̃
-            for (to, from) in s1.chunks_exact_mut(kd).zip(s0.chunks_exact(kd)) {
-                for ((x, s), e) in to.iter_mut().zip(from).zip(&w.last) {
-                    *x = *s * *e;
-                }
+        let mut states = Scratch::take(chunks * group * size, zero);
+        for i in 0..group {
+            let at = &mut states[i * size..(i + 1) * size];
+            match inputs.h0 {
+                Some(h0) => transpose(&h0[bh(i) * size..(bh(i) + 1) * size], kd, vd, at),
+                None => at.fill(zero),
             }
+        }
+        // the units (chunk, head) in the order walked: one chunk of every head, then the next
+        let units = (0..chunks.saturating_sub(1)).flat_map(|c| (0..group).map(move |i| (c, i)));
+        let ahead_of = |c: usize, i: usize| match i + 1 < group {
+            true => Some((bh(i + 1), c * CHUNK)),
+            false => (c + 2 < chunks).then(|| (bh(0), (c + 1) * CHUNK)),
+        };
+        for (c, i) in units {
+            let (t0, n) = (c * CHUNK, CHUNK.min(t_len - c * CHUNK));
+            w.load::<S, E>(
+                inputs,
+                d_o,
+                &shape,
+                bh(i),
+                t0,
+                n,
+                false,
+                ahead_of(c, i),
+                None,
+            );
+            w.gates::<S>(n, scale, false);
+            let (done, next) = states.split_at_mut(((c + 1) * group + i) * size);
+            let (s0, s1) = (&done[(c * group + i) * size..][..size], &mut next[..size]);
+            // Sᵀ_end = Sᵀ0·diag(E_last) + vᵀ·k̃
             // SAFETY: vᵀ read through strides (V rows at stride 1, n inner at stride vd) of
-            // the n×V workspace, k̃ n rows of kd, s1 V rows of kd; s1 overlaps neither.
+            // the n×V workspace, k̃ n rows of kd, s0 and s1 V rows of kd, E_last kd values;
+            // s1 overlaps none of them.
             unsafe {
-                gemm_acc::<S, E::Acc>(
+                gemm_scaled_acc::<S, E::Acc>(
                     vd,
                     kd,
                     n,
@@ -109,54 +132,66 @@ impl<E: Element> SimdKernel for ChunkedBackwardHead<'_, E> {
                     kd,
                     s1.as_mut_ptr(),
                     kd,
-                    false,
+                    (s0.as_ptr(), kd, w.last.as_ptr()),
                 );
             }
         }
 
-        // backward: dSᵀ (V×K) from dh_last, walked back chunk by chunk
-        let mut ds_t = vec![zero; size];
+        // backward: dSᵀ (V×K) of every head from dh_last, walked back chunk by chunk
+        let mut ds = vec![zero; group * size];
         if let Some(x) = dh_last {
-            transpose(&x[bh * size..(bh + 1) * size], kd, vd, &mut ds_t);
+            for (i, ds_t) in ds.chunks_exact_mut(size).enumerate() {
+                transpose(&x[bh(i) * size..(bh(i) + 1) * size], kd, vd, ds_t);
+            }
         }
+        let ahead_of = |c: usize, i: usize| match (i + 1 < group, c.checked_sub(1)) {
+            (true, _) => Some((bh(i + 1), c * CHUNK, (c * group + i + 1) * size)),
+            (false, Some(p)) => Some((bh(0), p * CHUNK, p * group * size)),
+            (false, None) => None,
+        };
         for c in (0..chunks).rev() {
-            let (t0, n) = (c * CHUNK, CHUNK.min(t_len - c * CHUNK));
-            w.load::<S, E>(inputs, d_o, &shape, bh, t0, n, true);
-            let factored = w.gates::<S>(n, scale, true);
-            w.chunk::<S>(n, scale, factored, &states[c * size..(c + 1) * size], &ds_t);
-            // dSᵀ0 = dSᵀ·diag(E_last) + doᵀ·q̃
-            for r in ds_t.chunks_exact_mut(kd) {
-                for (x, e) in r.iter_mut().zip(&w.last) {
-                    *x = *e * *x;
+            for (i, ds_t) in ds.chunks_exact_mut(size).enumerate() {
+                let (t0, n) = (c * CHUNK, CHUNK.min(t_len - c * CHUNK));
+                let ahead = ahead_of(c, i);
+                let state = ahead.map(|(_, _, at)| &states[at..at + size]);
+                let rows = ahead.map(|(h, t, _)| (h, t));
+                w.load::<S, E>(inputs, d_o, &shape, bh(i), t0, n, true, rows, state);
+                let factored = w.gates::<S>(n, scale, true);
+                let s0 = &states[(c * group + i) * size..][..size];
+                w.chunk::<S>(n, scale, factored, s0, ds_t);
+                // dSᵀ0 = dSᵀ·diag(E_last) + doᵀ·q̃, in place
+                let ds_ptr = ds_t.as_mut_ptr();
+                // SAFETY: doᵀ (V rows at stride 1, n inner at stride vd), q̃ (n rows of kd)
+                // and E_last (kd values) read from the workspace; dSᵀ is its own V×K buffer,
+                // read as the start before each place is written.
+                unsafe {
+                    gemm_scaled_acc::<S, E::Acc>(
+                        vd,
+                        kd,
+                        n,
+                        Strided {
+                            ptr: w.d_o.as_ptr(),
+                            row_stride: 1,
+                            inner_stride: vd,
+                        },
+                        w.qt.as_ptr(),
+                        kd,
+                        ds_ptr,
+                        kd,
+                        (ds_ptr.cast_const(), kd, w.last.as_ptr()),
+                    );
                 }
+                w.store::<S, E>(&shape, bh(i), t0, n, out, rows);
             }
-            // SAFETY: doᵀ (V rows at stride 1, n inner at stride vd) and q̃ (n rows of kd) read
-            // from the workspace; dSᵀ is its own V×K buffer.
-            unsafe {
-                gemm_acc::<S, E::Acc>(
-                    vd,
-                    kd,
-                    n,
-                    Strided {
-                        ptr: w.d_o.as_ptr(),
-                        row_stride: 1,
-                        inner_stride: vd,
-                    },
-                    w.qt.as_ptr(),
-                    kd,
-                    ds_t.as_mut_ptr(),
-                    kd,
-                    false,
-                );
-            }
-            w.store::<S, E>(&shape, bh, t0, n, out);
         }
         if let Some(dh0) = out.dh0 {
-            let mut ds = vec![zero; size];
-            transpose(&ds_t, vd, kd, &mut ds);
-            for (i, x) in ds.iter().enumerate() {
-                // SAFETY: this task's own block [bh·K·V, (bh + 1)·K·V) of dh0.
-                unsafe { *dh0.get().add(bh * size + i) = *x };
+            let mut block = vec![zero; size];
+            for (i, ds_t) in ds.chunks_exact(size).enumerate() {
+                transpose(ds_t, vd, kd, &mut block);
+                for (j, x) in block.iter().enumerate() {
+                    // SAFETY: this task's own head's block [bh·K·V, (bh + 1)·K·V) of dh0.
+                    unsafe { *dh0.get().add(bh(i) * size + j) = *x };
+                }
             }
         }
     }
@@ -235,7 +270,10 @@ impl<A: Accum> Work<A> {
         }
     }
 
-    /// Rows t0..t0+n of one head: k, g, v, and with `all` also q and do.
+    /// Rows t0..t0+n of head `bh`: k, g, v, and with `all` also q and do. Meanwhile asks for
+    /// n rows of the unit loaded next (`ahead`: its head and first step) and for `state`,
+    /// the state it reads: the rows lie H·K values apart, a stride the hardware prefetchers
+    /// do not follow, and without the hint their misses were a fifth of the profile.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn load<S: Simd, E: Element<Acc = A>>(
@@ -247,11 +285,33 @@ impl<A: Accum> Work<A> {
         t0: usize,
         n: usize,
         all: bool,
+        ahead: Option<(usize, usize)>,
+        state: Option<&[A]>,
     ) {
         let (kd, vd) = (self.kd, self.vd);
-        let (bi, hi) = (bh / shape.heads, bh % shape.heads);
+        let row = |bh: usize, t: usize| {
+            let (bi, hi) = (bh / shape.heads, bh % shape.heads);
+            (bi * shape.len + t) * shape.heads + hi
+        };
+        let state_part = state.map_or(0, |s| s.len().div_ceil(n));
         for j in 0..n {
-            let base = (bi * shape.len + t0 + j) * shape.heads + hi;
+            // a few lines per row between the work (a burst of a chunk's lines measured
+            // slower in the forward: the misses queue up)
+            if let Some((next_bh, next_t0)) = ahead {
+                let base = row(next_bh, next_t0 + j);
+                prefetch(inputs.k[base * kd..].as_ptr(), kd);
+                prefetch(inputs.g[base * kd..].as_ptr(), kd);
+                prefetch(inputs.v[base * vd..].as_ptr(), vd);
+                if all {
+                    prefetch(inputs.q[base * kd..].as_ptr(), kd);
+                    prefetch(d_o[base * vd..].as_ptr(), vd);
+                }
+            }
+            if let Some(s) = state {
+                let from = (j * state_part).min(s.len());
+                prefetch(s[from..].as_ptr(), state_part.min(s.len() - from));
+            }
+            let base = row(bh, t0 + j);
             let (at_k, at_v) = (base * kd, base * vd);
             widen::<S, E>(&inputs.k[at_k..at_k + kd], &mut self.k[j * kd..][..kd]);
             widen::<S, E>(&inputs.g[at_k..at_k + kd], &mut self.g[j * kd..][..kd]);
@@ -283,26 +343,24 @@ impl<A: Accum> Work<A> {
         self.e[..kd].copy_from_slice(&self.suffix[..kd]);
         for t in 1..n {
             let (done, rest) = self.e.split_at_mut(t * kd);
-            let prev = &done[(t - 1) * kd..];
-            for ((p, x), eg) in rest[..kd].iter_mut().zip(prev).zip(&self.suffix[t * kd..]) {
-                *p = *x * *eg;
-            }
+            let (prev, eg) = (&done[(t - 1) * kd..], &self.suffix[t * kd..]);
+            map::<S, _, 2>(&mut rest[..kd], [prev, eg], |_, [x, eg]| mul::<S, A>(x, eg));
         }
         self.last.copy_from_slice(&self.e[(n - 1) * kd..nk]);
         // suffix[τ] = Π_{τ<u<n} e^{g[u]}, from the end, replacing e^{g} row by row
         let run = &mut self.run;
         run.fill(A::ONE);
         for t in (0..n).rev() {
-            let rows = self.suffix[t * kd..][..kd]
-                .iter_mut()
-                .zip(&mut self.kt[t * kd..][..kd])
-                .zip(&self.k[t * kd..][..kd]);
-            for (((s, kt), k), r) in rows.zip(run.iter_mut()) {
-                let eg = *s;
-                *s = *r;
-                *kt = *k * *r;
-                *r = *r * eg;
-            }
+            let rows = t * kd..(t + 1) * kd;
+            map::<S, _, 2>(
+                &mut self.kt[rows.clone()],
+                [&self.k[rows.clone()], run],
+                |_, [k, r]| mul::<S, A>(k, r),
+            );
+            // suffix[t] = run, run = run·e^{g[t]}
+            let suffix = &mut self.suffix[rows];
+            map::<S, _, 1>(suffix, [run], |eg, [r]| mul::<S, A>(r, eg));
+            suffix.swap_with_slice(run);
         }
         if all {
             for (c, col) in self.kt_t.chunks_exact_mut(CHUNK).enumerate() {
@@ -324,22 +382,19 @@ impl<A: Accum> Work<A> {
             count + u32::from(!((*p >= low) & (*p <= high)))
         });
         let inside = outside == 0;
-        for (x, (q, e)) in self.qt[..nk].iter_mut().zip(self.q.iter().zip(&self.e)) {
-            *x = scale * *q * *e;
-        }
+        let scale_v = splat::<S, A>(scale);
+        map::<S, _, 2>(&mut self.qt[..nk], [&self.q, &self.e], |_, [q, e]| {
+            mul::<S, A>(mul::<S, A>(scale_v, q), e)
+        });
         if inside {
             for (i, l) in self.inv_last.iter_mut().zip(&self.last) {
                 *i = A::ONE / *l;
             }
             for (ks, kt) in (self.ks[..nk].chunks_exact_mut(kd)).zip(self.kt.chunks_exact(kd)) {
-                for ((x, k), i) in ks.iter_mut().zip(kt).zip(&self.inv_last) {
-                    *x = *k * *i;
-                }
+                map::<S, _, 2>(ks, [kt, &self.inv_last], |_, [k, i]| mul::<S, A>(k, i));
             }
             for (qs, qt) in (self.qs[..nk].chunks_exact_mut(kd)).zip(self.qt.chunks_exact(kd)) {
-                for ((x, q), i) in qs.iter_mut().zip(qt).zip(&self.inv_last) {
-                    *x = *q * *i;
-                }
+                map::<S, _, 2>(qs, [qt, &self.inv_last], |_, [q, i]| mul::<S, A>(q, i));
             }
         }
         inside
@@ -349,7 +404,7 @@ impl<A: Accum> Work<A> {
     #[inline(always)]
     fn chunk<S: Simd>(&mut self, n: usize, scale: A, factored: bool, s0_t: &[A], ds_t: &[A]) {
         let (kd, vd) = (self.kd, self.vd);
-        let zero = A::ZERO;
+        let (zero, nk) = (A::ZERO, n * kd);
         self.attn.fill(zero);
         // SAFETY: do (n rows of vd) and vᵀ (vd rows of CHUNK, n used) are workspace buffers;
         // dA is CHUNK×CHUNK and overlaps neither.
@@ -463,31 +518,22 @@ impl<A: Accum> Work<A> {
                 );
             }
             // dq = scale·E∘(…); dk = suffix∘(dAᵀq̃∘e^{−G_last} + v·dSᵀ)
-            let nk = n * kd;
-            for (dq, e) in self.dq[..nk].iter_mut().zip(&self.e) {
-                *dq = scale * *e * *dq;
-            }
+            self.scale_dq::<S>(n, scale);
             let rows = (self.dk[..nk].chunks_exact_mut(kd))
                 .zip(self.dk_state.chunks_exact(kd))
                 .zip(self.suffix.chunks_exact(kd));
             for ((dk, dk_state), suffix) in rows {
-                let cols = dk.iter_mut().zip(dk_state).zip(suffix).zip(&self.inv_last);
-                for (((x, d), s), i) in cols {
-                    *x = *s * (*x * *i + *d);
-                }
+                map::<S, _, 3>(dk, [dk_state, suffix, &self.inv_last], |x, [d, s, i]| {
+                    mul::<S, A>(s, add::<S, A>(mul::<S, A>(x, i), d))
+                });
             }
         } else {
-            let nk = n * kd;
-            for (dq, e) in self.dq[..nk].iter_mut().zip(&self.e) {
-                *dq = scale * *e * *dq;
-            }
-            let rows = self.dk[..nk]
-                .iter_mut()
-                .zip(&self.suffix)
-                .zip(&self.dk_state);
-            for ((x, s), d) in rows {
-                *x = *s * *d;
-            }
+            self.scale_dq::<S>(n, scale);
+            map::<S, _, 2>(
+                &mut self.dk[..nk],
+                [&self.suffix, &self.dk_state],
+                |_, [s, d]| mul::<S, A>(s, d),
+            );
             self.pairwise(n, scale);
         }
         // SAFETY: as the products above; k̃ᵀ is K rows of CHUNK, dvᵀ V rows of CHUNK.
@@ -526,33 +572,38 @@ impl<A: Accum> Work<A> {
         // dg: from the end, Σ_{t>=τ} (q∘dq − k∘dk) on top of the G_last terms
         let acc = &mut self.run;
         acc.fill(zero);
+        let mul_add = |a: A::V<S>, [x, y]: [A::V<S>; 2]| add::<S, A>(a, mul::<S, A>(x, y));
         for (ds_row, s_row) in ds_t.chunks_exact(kd).zip(s0_t.chunks_exact(kd)) {
-            for ((a, d), s) in acc.iter_mut().zip(ds_row).zip(s_row) {
-                *a = *a + *d * *s;
-            }
+            map::<S, _, 2>(acc, [ds_row, s_row], mul_add);
         }
-        for (a, l) in acc.iter_mut().zip(&self.last) {
-            *a = *l * *a;
-        }
-        for (kt, d) in self.kt[..n * kd]
+        map::<S, _, 1>(acc, [&self.last], |a, [l]| mul::<S, A>(l, a));
+        for (kt, d) in self.kt[..nk]
             .chunks_exact(kd)
             .zip(self.dk_state.chunks_exact(kd))
         {
-            for ((a, x), y) in acc.iter_mut().zip(kt).zip(d) {
-                *a = *a + *x * *y;
-            }
+            map::<S, _, 2>(acc, [kt, d], mul_add);
         }
+        let minus = splat::<S, A>(A::ZERO - A::ONE);
         for t in (0..n).rev() {
-            let at = t * kd;
-            let cols = (acc.iter_mut())
-                .zip(&mut self.dg[at..at + kd])
-                .zip(self.q[at..at + kd].iter().zip(&self.dq[at..at + kd]))
-                .zip(self.k[at..at + kd].iter().zip(&self.dk[at..at + kd]));
-            for (((a, dg), (q, dq)), (k, dk)) in cols {
-                *a = *a + *q * *dq - *k * *dk;
-                *dg = *a;
-            }
+            let at = t * kd..(t + 1) * kd;
+            let (q, dq) = (&self.q[at.clone()], &self.dq[at.clone()]);
+            let (k, dk) = (&self.k[at.clone()], &self.dk[at.clone()]);
+            // a + q·dq − k·dk, as a + q·dq + (−k)·dk: the same rounding
+            map::<S, _, 4>(acc, [q, dq, k, dk], |a, [q, dq, k, dk]| {
+                let a = add::<S, A>(a, mul::<S, A>(q, dq));
+                add::<S, A>(a, mul::<S, A>(mul::<S, A>(minus, k), dk))
+            });
+            self.dg[at].copy_from_slice(acc);
         }
+    }
+
+    /// dq = scale·E∘dq over the chunk's n rows.
+    #[inline(always)]
+    fn scale_dq<S: Simd>(&mut self, n: usize, scale: A) {
+        let scale_v = splat::<S, A>(scale);
+        map::<S, _, 1>(&mut self.dq[..n * self.kd], [&self.e], |x, [e]| {
+            mul::<S, A>(mul::<S, A>(scale_v, e), x)
+        });
     }
 
     /// A and the dA terms of dq and dk pair by pair, with e^{G[t] − G[τ]} as e^{running sum
@@ -582,7 +633,10 @@ impl<A: Accum> Work<A> {
         }
     }
 
-    /// The chunk's gradient rows into the task's own rows of the outputs.
+    /// The chunk's gradient rows into the task's own rows of the outputs; meanwhile asks for
+    /// the output rows of the unit stored next (`ahead`: its head and first step), so its
+    /// stores do not wait on their lines (as `load` does for the inputs).
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn store<S: Simd, E: Element<Acc = A>>(
         &self,
@@ -591,11 +645,24 @@ impl<A: Accum> Work<A> {
         t0: usize,
         n: usize,
         out: GradPtrs<E>,
+        ahead: Option<(usize, usize)>,
     ) {
         let (kd, vd) = (self.kd, self.vd);
-        let (bi, hi) = (bh / shape.heads, bh % shape.heads);
+        let row = |bh: usize, t: usize| {
+            let (bi, hi) = (bh / shape.heads, bh % shape.heads);
+            (bi * shape.len + t) * shape.heads + hi
+        };
         for j in 0..n {
-            let base = (bi * shape.len + t0 + j) * shape.heads + hi;
+            if let Some((next_bh, next_t0)) = ahead {
+                let base = row(next_bh, next_t0 + j);
+                // a hint on addresses formed without dereferencing (see `prefetch`)
+                let at_k = |p: SendPtr<E>| p.get().wrapping_add(base * kd).cast_const();
+                prefetch(at_k(out.dq), kd);
+                prefetch(at_k(out.dk), kd);
+                prefetch(at_k(out.dg), kd);
+                prefetch(out.dv.get().wrapping_add(base * vd).cast_const(), vd);
+            }
+            let base = row(bh, t0 + j);
             let rk = j * kd..(j + 1) * kd;
             // SAFETY: row (bi, t0 + j, hi) of dq, dk, dg (kd values) and dv (vd values)
             // belongs to this task alone.
@@ -610,6 +677,68 @@ impl<A: Accum> Work<A> {
             }
         }
     }
+}
+
+/// `out[i] = f(out[i], xs[0][i], …)` over `out`, a vector at a time and the tail one value
+/// at a time with the same operations (IEEE, one rounding each: the same bits either way).
+/// Written out because the compiler left these loops over the workspace's fields scalar.
+/// The inputs must be at least as long as `out`.
+#[inline(always)]
+fn map<S: Simd, A: Accum, const N: usize>(
+    out: &mut [A],
+    xs: [&[A]; N],
+    f: impl Fn(A::V<S>, [A::V<S>; N]) -> A::V<S>,
+) {
+    const { assert!(N < 5, "map takes at most four inputs") };
+    let (len, lanes) = (out.len(), A::lanes::<S>());
+    let xs = xs.map(|x| &x[..len]);
+    let whole = len - len % lanes;
+    // SAFETY: c + lanes <= whole <= len, the length of `out` and of every input; the ISA is
+    // `S`, the caller's (inside `dispatch`).
+    unsafe {
+        for c in (0..whole).step_by(lanes) {
+            let args = xs.map(|x| A::vload::<S>(x.as_ptr().add(c)));
+            let at = out.as_mut_ptr().add(c);
+            A::vstore::<S>(at, f(A::vload::<S>(at), args));
+        }
+    }
+    // the tail through a lanes-wide buffer, so `f` is the only formula
+    if whole < len {
+        let mut buf = [[A::ZERO; MAX_LANES]; 5];
+        let tail = len - whole;
+        buf[0][..tail].copy_from_slice(&out[whole..]);
+        for (b, x) in buf[1..].iter_mut().zip(&xs) {
+            b[..tail].copy_from_slice(&x[whole..]);
+        }
+        // SAFETY: every buffer holds MAX_LANES >= lanes values.
+        unsafe {
+            let args: [A::V<S>; N] = std::array::from_fn(|i| A::vload::<S>(buf[i + 1].as_ptr()));
+            let r = f(A::vload::<S>(buf[0].as_ptr()), args);
+            A::vstore::<S>(buf[0].as_mut_ptr(), r);
+        }
+        out[whole..].copy_from_slice(&buf[0][..tail]);
+    }
+}
+
+/// The widest vector of any ISA, in values (f32 on AVX-512).
+const MAX_LANES: usize = 16;
+
+// The vector operations `map`'s closures use. SAFETY (each): only called inside `map`'s
+// closures, which run on the ISA `S` (the caller is inside `dispatch`).
+#[inline(always)]
+fn mul<S: Simd, A: Accum>(a: A::V<S>, b: A::V<S>) -> A::V<S> {
+    // SAFETY: see above.
+    unsafe { A::vmul::<S>(a, b) }
+}
+#[inline(always)]
+fn add<S: Simd, A: Accum>(a: A::V<S>, b: A::V<S>) -> A::V<S> {
+    // SAFETY: see above.
+    unsafe { A::vadd::<S>(a, b) }
+}
+#[inline(always)]
+fn splat<S: Simd, A: Accum>(x: A) -> A::V<S> {
+    // SAFETY: see above.
+    unsafe { A::vsplat::<S>(x) }
 }
 
 /// Zeros above the diagonal of the chunk's n×n block (a causal A or dA).
