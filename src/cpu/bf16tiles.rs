@@ -256,8 +256,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// The packed tile product equals the bf16-rounded product summed in f64 (to f32
-
     /// Packs rows and columns (sizes off every tile), checks the packers' norms, runs
     /// `product` (a 32 × 32 block: `a`, `b` the two tile rows / columns, `steps`, 4 KiB out
     /// in the AMX store layout) and checks it against the bf16-rounded product summed in f64
