@@ -907,6 +907,27 @@ mod tests {
         }
     }
 
+    /// AMX is preferred; the AVX512-BF16 back-end runs where AMX is absent, unless switched
+    /// off.
+    #[test]
+    fn the_switch_turns_the_bf16_screening_off() {
+        if amx::available() {
+            assert_eq!(Product::chosen(), Some(Product::Amx));
+            return;
+        }
+        if !dpbf16::available() {
+            eprintln!("no AVX512-BF16 here (or NEUROKERNELS_NO_BF16_SCREEN): not run");
+            assert_eq!(Product::chosen(), None);
+            return;
+        }
+        assert_eq!(Product::chosen(), Some(Product::Dpbf16));
+        crate::cpu::set_bf16_screen_enabled(false);
+        let off = Product::chosen();
+        crate::cpu::set_bf16_screen_enabled(true);
+        assert_eq!(off, None);
+        assert_eq!(Product::chosen(), Some(Product::Dpbf16));
+    }
+
     /// Unusable latents (a huge row) make the whole call go the plain way.
     #[test]
     fn huge_latents_are_not_screened() {
