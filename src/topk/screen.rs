@@ -907,6 +907,40 @@ mod tests {
         }
     }
 
+    /// A latent whose bf16 score errs by its whole bound (all residuals aligned) must stay a
+    /// candidate against latents its screened score trails: latent A (every weight `WORST`,
+    /// screened ~0.3 low against rows of ones) truly beats latents B and B' (weights 1, exact
+    /// in bf16, shifted to just below A), which the screening sees ~0.3 ahead. With a bound
+    /// even slightly short of A's error, B and B' would take A's place in the top k.
+    #[test]
+    fn a_latent_at_its_bound_stays_a_candidate() {
+        let (rows, dm, latents) = (64, 77, 1024);
+        let x = vec![1.0f32; rows * dm];
+        let mut w = data(latents * dm, 40, 0.01);
+        let (a, b, b2) = (10, 500, 1023);
+        w[a * dm..(a + 1) * dm].fill(WORST);
+        w[b * dm..(b + 1) * dm].fill(1.0);
+        w[b2 * dm..(b2 + 1) * dm].fill(1.0);
+        // the plain path's exact scores: s_A by the FMA chain, s_B = dm
+        let s_a = (0..dm).fold(0f32, |acc, _| 1f32.mul_add(WORST, acc));
+        let mut shift = vec![0f32; latents];
+        // v_B one ulp below v_A, v_B' two (exact differences: all lie in [64, 128))
+        shift[b] = s_a.next_down() - dm as f32;
+        shift[b2] = s_a.next_down().next_down() - dm as f32;
+        let v = |l: usize, s: f32| s.mul_add(1.0, shift[l]);
+        assert!(v(b2, dm as f32) < v(b, dm as f32) && v(b, dm as f32) < v(a, s_a));
+        let enc = Encoder {
+            shift: Some(&shift),
+            ..bare(&x, &w, rows, dm)
+        };
+        for product in products() {
+            for k in [1, 2, 3] {
+                let what = format!("{product:?} k={k}");
+                assert_eq!(assert_same(&enc, k, true, product, &what), 0, "{what}");
+            }
+        }
+    }
+
     /// AMX is preferred; the AVX512-BF16 back-end runs where AMX is absent, unless switched
     /// off.
     #[test]
