@@ -5,7 +5,8 @@
 //!
 //! `vdpbf16ps` treats bf16 denormal inputs as zero and flushes denormal results to zero,
 //! rounding to nearest even whatever MXCSR says — the same assumptions the screening's bound
-//! makes for AMX (see `topk::screen`).
+//! makes for AMX (see `topk::screen`). (Were denormal inputs kept instead, each would differ
+//! from the zero the bound assumes by under 2^-126, inside the bound's δ terms.)
 //!
 //! [`available`] checks the CPU once; `NEUROKERNELS_NO_BF16_SCREEN=1` or
 //! [`set_bf16_screen_enabled`]`(false)` turns this back-end off (results are the same either

@@ -17,18 +17,19 @@
 //! total order, so values, indices and ties equal the plain path's.
 //!
 //! The bound. With x̃, w̃ the bf16 values the tiles use (a bf16 denormal counts as zero, as
-//! AMX and `vdpbf16ps` both treat denormal inputs), s − Σ x̃_d w̃_d = Σ (x_d − x̃_d) w_d + Σ x̃_d (w_d − w̃_d) exactly, so by
-//! Cauchy–Schwarz it is at most ‖x − x̃‖‖w‖ + ‖x̃‖‖w − w̃‖, with ‖x̃‖ ≤ ‖x‖ + ‖x − x̃‖; the
-//! residual norms come out of the packing passes (for random data ~0.15% of the norms, where
-//! the worst case 2^-8 per element would give ~2.6× more). Products of bf16 are exact in
-//! f32; an f32 sum of n = Dm terms, in any order, errs by at most γ_n·Σ|terms|
-//! (γ_n ≈ n·2^-24) — once in the bf16 sum, once in the exact chain: 2.1·γ_n‖x‖‖w‖ for both.
-//! Norms are taken plus δ = 2^-50, whose products cover the absolute terms (flushed
-//! denormal products and partial sums, ≤ 2^-126 each) for Dm ≤ 2^16. Through v = fma(s, scale, shift),
-//! rounded once on each side: e = |scale|·(that)·(1 + 2^-19) + 2^-21·|ṽ| + 2^-100 (the last
-//! term covers denormal roundings; it is a normal f32, as a denormal operand would make every
-//! FMA of the epilogue take a microcode assist: 3× slower in all), with a further 2^-10 of
-//! margin on the latent constants.
+//! AMX and `vdpbf16ps` both treat denormal inputs), s − Σ x̃_d w̃_d = Σ (x_d − x̃_d) w_d +
+//! Σ x̃_d (w_d − w̃_d) exactly, so by Cauchy–Schwarz it is at most ‖x − x̃‖‖w‖ +
+//! ‖x̃‖‖w − w̃‖, with ‖x̃‖ ≤ ‖x‖ + ‖x − x̃‖; the residual norms come out of the packing
+//! passes (for random data ~0.15% of the norms, where the worst case 2^-8 per element would
+//! give ~2.6× more). Products of bf16 are exact in f32; an f32 sum of n = Dm terms, in any
+//! order, errs by at most γ_n·Σ|terms| (γ_n ≈ n·2^-24) — once in the bf16 sum, once in the
+//! exact chain: 2.1·γ_n‖x‖‖w‖ for both. Norms are taken plus δ = 2^-50, whose products cover
+//! the absolute terms (flushed denormal products and partial sums, ≤ 2^-126 each) for
+//! Dm ≤ 2^16. Through v = fma(s, scale, shift), rounded once on each side:
+//! e = |scale|·(that)·(1 + 2^-19) + 2^-21·|ṽ| + 2^-100 (the last term covers denormal
+//! roundings; it is a normal f32, as a denormal operand would make every FMA of the epilogue
+//! take a microcode assist: 3× slower in all), with a further 2^-10 of margin on the latent
+//! constants.
 //! Both back-ends meet these assumptions: their products of two bf16 are exact in f32 (8-bit
 //! significands), short of underflow, which they flush (< 2^-126 each, an absolute term);
 //! their sums round to nearest even (`vdpbf16ps` whatever MXCSR says; AMX always), at most
