@@ -5,7 +5,7 @@
 //! codebook.nearest at the encoder's sizes for reference.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use neurokernels::cpu::{Isa, set_amx_enabled, set_force_scalar};
+use neurokernels::cpu::{Isa, set_amx_enabled, set_bf16_screen_enabled, set_force_scalar};
 use neurokernels::topk::{
     self, BackwardInputs, EncoderInputs, Metric, RowsParams, RowsShape, SaeShape,
 };
@@ -82,12 +82,21 @@ fn bench_encode(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("f32", Isa::active().name()), |b| {
         b.iter(|| topk::encode(s, K, black_box(&inputs)).unwrap())
     });
-    // the plain AVX-512 path (same results): where AMX is present, the row above screens
-    // with AMX bf16 products and rescores exactly
-    group.bench_function(BenchmarkId::new("f32_no_amx", Isa::active().name()), |b| {
+    // the row above screens with bf16 products and rescores exactly where the CPU allows:
+    // AMX where present, else AVX512-BF16. The same with AMX off (AVX512-BF16 screening
+    // where present: on CPUs without AMX, the row above again)
+    group.bench_function(BenchmarkId::new("f32_dpbf16", Isa::active().name()), |b| {
         set_amx_enabled(false);
         b.iter(|| topk::encode(s, K, black_box(&inputs)).unwrap());
         set_amx_enabled(true);
+    });
+    // the plain AVX-512 path (same results): both screenings off
+    group.bench_function(BenchmarkId::new("f32_plain", Isa::active().name()), |b| {
+        set_amx_enabled(false);
+        set_bf16_screen_enabled(false);
+        b.iter(|| topk::encode(s, K, black_box(&inputs)).unwrap());
+        set_amx_enabled(true);
+        set_bf16_screen_enabled(true);
     });
     group.bench_function(
         BenchmarkId::new("f32_batch_topk", Isa::active().name()),

@@ -8,7 +8,11 @@
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16tiles;
 mod convert;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod dpbf16;
 pub(crate) mod gemm;
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -24,6 +28,14 @@ pub use convert::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 /// Process-wide switch for the AMX paths; there is no AMX off x86-64, so this does nothing.
 #[cfg(not(target_arch = "x86_64"))]
 pub fn set_amx_enabled(_on: bool) {}
+
+#[cfg(target_arch = "x86_64")]
+pub use dpbf16::set_bf16_screen_enabled;
+
+/// Process-wide switch for the AVX512-BF16 screening; there is no AVX512-BF16 off x86-64, so
+/// this does nothing.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn set_bf16_screen_enabled(_on: bool) {}
 
 use crate::error::{Error, Result};
 use half::{bf16, f16};
