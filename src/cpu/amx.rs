@@ -13,34 +13,25 @@
 //! intrinsics); the compiler never allocates tile registers itself, so the blocks name them
 //! directly. Operands are pre-packed 1 KiB tiles (`cpu::bf16tiles`).
 
+use super::Switch;
 use super::bf16tiles::TILE_ROWS;
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-static DISABLED: AtomicBool = AtomicBool::new(false);
+static DISABLED: Switch = Switch::new("NEUROKERNELS_NO_AMX");
 
 /// Process-wide switch for the AMX paths (on by default where the CPU and OS allow them).
 /// Off, the kernels take their AVX-512 paths, with the same results.
 pub fn set_amx_enabled(on: bool) {
-    DISABLED.store(!on, Ordering::Relaxed);
-}
-
-fn env_disables() -> bool {
-    static ENV: OnceLock<bool> = OnceLock::new();
-    *ENV.get_or_init(|| {
-        std::env::var("NEUROKERNELS_NO_AMX")
-            .map(|v| !v.is_empty() && v != "0")
-            .unwrap_or(false)
-    })
+    DISABLED.set(!on);
 }
 
 /// Whether AMX bf16 products can run here now: CPU support, the OS's permission, and not
 /// switched off.
 pub(crate) fn available() -> bool {
-    !DISABLED.load(Ordering::Relaxed) && !env_disables() && permitted()
+    !DISABLED.is_on() && permitted()
 }
 
 /// CPU support and the OS's permission (checked once), whatever the switch says.

@@ -12,32 +12,23 @@
 //! [`set_bf16_screen_enabled`]`(false)` turns this back-end off (results are the same either
 //! way; only the speed differs). AMX, where present, is preferred to it.
 
+use super::Switch;
 use super::bf16tiles::{TILE_DEPTH, TILE_ELEMS, TILE_ROWS};
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-static DISABLED: AtomicBool = AtomicBool::new(false);
+static DISABLED: Switch = Switch::new("NEUROKERNELS_NO_BF16_SCREEN");
 
 /// Process-wide switch for the AVX512-BF16 screening of the top-k encoders (on by default
 /// where the CPU has AVX512-BF16 and no usable AMX). Off, the encoders take their plain
 /// AVX-512 path, with the same results. Same effect as `NEUROKERNELS_NO_BF16_SCREEN=1`.
 pub fn set_bf16_screen_enabled(on: bool) {
-    DISABLED.store(!on, Ordering::Relaxed);
-}
-
-fn env_disables() -> bool {
-    static ENV: OnceLock<bool> = OnceLock::new();
-    *ENV.get_or_init(|| {
-        std::env::var("NEUROKERNELS_NO_BF16_SCREEN")
-            .map(|v| !v.is_empty() && v != "0")
-            .unwrap_or(false)
-    })
+    DISABLED.set(!on);
 }
 
 /// Whether the AVX512-BF16 products can run here now: CPU support and not switched off.
 pub(crate) fn available() -> bool {
-    !DISABLED.load(Ordering::Relaxed) && !env_disables() && supported()
+    !DISABLED.is_on() && supported()
 }
 
 /// CPU support (checked once), whatever the switch says: AVX-512F, AVX512-BW (the packers

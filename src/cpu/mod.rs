@@ -55,21 +55,44 @@ pub enum Isa {
     Neon,
 }
 
-static FORCE_SCALAR: AtomicBool = AtomicBool::new(false);
+static FORCE_SCALAR: Switch = Switch::new("NEUROKERNELS_FORCE_SCALAR");
 
 /// Process-wide switch: when on, [`Isa::active`] is [`Isa::Scalar`] whatever the CPU has.
 /// Same effect as the environment variable `NEUROKERNELS_FORCE_SCALAR=1`.
 pub fn set_force_scalar(on: bool) {
-    FORCE_SCALAR.store(on, Ordering::Relaxed);
+    FORCE_SCALAR.set(on);
 }
 
-fn env_forces_scalar() -> bool {
-    static ENV: OnceLock<bool> = OnceLock::new();
-    *ENV.get_or_init(|| {
-        std::env::var("NEUROKERNELS_FORCE_SCALAR")
-            .map(|v| !v.is_empty() && v != "0")
-            .unwrap_or(false)
-    })
+/// A process-wide flag turned on by its setter or by an environment variable (any value but
+/// empty or "0", read once): the crate's switches (forced scalar path, no AMX, no bf16
+/// screening) all work this way.
+pub(crate) struct Switch {
+    set: AtomicBool,
+    env: &'static str,
+    from_env: OnceLock<bool>,
+}
+
+impl Switch {
+    pub(crate) const fn new(env: &'static str) -> Self {
+        Self {
+            set: AtomicBool::new(false),
+            env,
+            from_env: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn set(&self, on: bool) {
+        self.set.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.set.load(Ordering::Relaxed)
+            || *self.from_env.get_or_init(|| {
+                std::env::var(self.env)
+                    .map(|v| !v.is_empty() && v != "0")
+                    .unwrap_or(false)
+            })
+    }
 }
 
 /// The largest CPU cache of this machine (the last level, shared), in bytes, as Linux's
@@ -115,7 +138,7 @@ impl Isa {
 
     /// The ISA kernels use: [`Isa::detected`], unless scalar is forced.
     pub fn active() -> Isa {
-        if FORCE_SCALAR.load(Ordering::Relaxed) || env_forces_scalar() {
+        if FORCE_SCALAR.is_on() {
             Isa::Scalar
         } else {
             Isa::detected()
